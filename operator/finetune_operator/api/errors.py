@@ -1,0 +1,113 @@
+"""Turns pydantic validation errors into one-line messages a user can act on.
+
+Each line names the field path as written in YAML (``spec.model.name``), quotes the bad value and says
+what would be accepted. The same text is printed by ``finetune validate``, put in the operator's
+``Validated=False`` condition and raised by the trainer, so a mistake reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from finetune_operator.api.catalog import suggest
+from finetune_operator.api.fields import quote
+
+_MISSING = object()
+
+
+def _path(loc: Sequence[int | str], extra: str | None = None) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] = f"{parts[-1]}[{item}]"
+        elif isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(item)
+    if extra:
+        parts.extend(extra.split("."))
+    return ".".join(parts) or "(document)"
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class that the location points into (to list the fields it accepts)."""
+    current: Any = root
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = next(
+            (f for name, f in current.model_fields.items() if item in (name, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X], list[X], dict[str, X], Annotated[X, ...] → X when X is a model."""
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        if get_origin(arg) is not None or get_args(arg):
+            inner = _unwrap(arg) if arg is not annotation else None
+            if inner is not None:
+                return inner
+    return None
+
+
+def _accepted_fields(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _message(root: type[BaseModel], error: Any) -> str:
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    kind: str = error["type"]
+    ctx: dict[str, Any] = error.get("ctx") or {}
+    value = error.get("input", _MISSING)
+
+    if kind == "finetune":
+        return f"{_path(loc, ctx.get('field'))}: {ctx['detail']}"
+    path = _path(loc)
+    if kind == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        name = str(loc[-1])
+        if parent is None:
+            return f"{path}: unknown field"
+        accepted = _accepted_fields(parent)
+        hint = suggest(name, accepted, n=1)
+        did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+        return f"{path}: unknown field {name!r}; {did_you_mean}accepted fields: {', '.join(accepted)}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    if kind == "literal_error":
+        return f"{path}: {quote(value)} is not accepted; expected one of {ctx.get('expected', '')}"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: {quote(value)} has the wrong form; expected a value matching {ctx.get('pattern')}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: expected an object (key: value mapping), got {quote(value)}"
+    if kind == "list_type":
+        return f"{path}: expected a list, got {quote(value)}"
+    # Bounds, types and lengths: pydantic's own text ("Input should be greater than 0") is precise.
+    shown = "" if value is _MISSING else f"{quote(value)}: "
+    text = str(error["msg"])
+    text = text[0].lower() + text[1:] if text else text
+    return f"{path}: {shown}{text.replace('input should', 'should')}"
+
+
+def format_errors(error: ValidationError, root: type[BaseModel], prefix: Sequence[str] = ()) -> list[str]:
+    """One actionable line per error, each starting with the field path."""
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        item = dict(item)
+        item["loc"] = (*prefix, *item["loc"])
+        message = _message(root, item)
+        if message not in lines:
+            lines.append(message)
+    return lines

@@ -1,0 +1,693 @@
+"""The FineTuneJob API, version v1alpha1: spec, status and the object itself, as pydantic v2 models.
+
+These models are the single source of truth: the CRD schema is generated from them (``crd.py``),
+``finetune validate`` and the operator validate with them, ``finetune explain`` reads their
+docstrings, and the trainer takes its configuration from them. Field docstrings are user-facing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from finetune_operator.api import catalog
+from finetune_operator.api.base import WireModel
+from finetune_operator.api.fields import (
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    ENV_NAME,
+    QUANTITY,
+    RAY_VERSION,
+    RESOURCE_NAME,
+    check_uri,
+    fail,
+    looks_like_secret,
+    quote,
+)
+from finetune_operator.api.versions import API_VERSION, KIND
+
+ShortStr = Annotated[str, Field(max_length=253)]
+UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
+Method = Literal["linear-probe", "partial", "full", "lp-ft"]
+Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
+ExportFormat = Literal["state_dict", "torchscript", "onnx"]
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelSpec(WireModel):
+    """Which torchvision classification model to fine-tune, and where its starting weights come from."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, examples=["resnet50", "vit_b_16"])]
+    """torchvision classification model name, as `torchvision.models.list_models()` spells it (`finetune models` lists them)."""
+
+    weights: Annotated[str | None, Field(max_length=128)] = None
+    """torchvision weights of that model: `DEFAULT`, `IMAGENET1K_V2` or `ResNet50_Weights.IMAGENET1K_V2`; null trains from random initialisation unless `weightsUri` is set."""
+
+    weights_uri: UriStr | None = None
+    """A state_dict or trainer checkpoint to start from (s3://, gs://, file://, pvc:// or a path): offline clusters, or chaining from an earlier job's `model.pt`. Excludes `weights`."""
+
+    num_classes: Annotated[int | None, Field(ge=2, le=100_000)] = None
+    """Number of output classes of the new head; inferred from the dataset when absent."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        names = catalog.model_names()
+        if value in names:
+            return value
+        hint = catalog.suggest(value, names)
+        did_you_mean = f"did you mean {' or '.join(repr(h) for h in hint)}? " if hint else ""
+        fail(
+            None,
+            f"{quote(value)} is not a torchvision classification model; {did_you_mean}"
+            f"`finetune models` lists all {len(names)} (e.g. resnet18, resnet50, efficientnet_b0, vit_b_16, convnext_tiny)",
+        )
+
+    @field_validator("weights_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value)
+
+    @model_validator(mode="after")
+    def _weights_of_model(self) -> ModelSpec:
+        if self.weights is not None and self.weights_uri is not None:
+            fail("weightsUri", "set either `weights` (torchvision) or `weightsUri` (a file of yours), not both")
+        info = catalog.load_catalog().get(self.name)
+        if info is None or self.weights is None:
+            return self
+        if info.resolve_weights(self.weights) is None:
+            if not info.weights:
+                fail("weights", f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri")
+            fail(
+                "weights",
+                f"{quote(self.weights)} is not a weight of {self.name}; accepted: {', '.join(info.weight_choices())}",
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------- dataset
+class FakeDataSpec(WireModel):
+    """Random images from torchvision `FakeData`, for tests and throughput benchmarks."""
+
+    samples: Annotated[int, Field(ge=2, le=10_000_000)] = 1024
+    """Number of training images; validation gets a quarter as many."""
+
+    classes: Annotated[int, Field(ge=2, le=100_000)] = 10
+    """Number of classes."""
+
+
+class DatasetSpec(WireModel):
+    """Where the images come from and how they are prepared."""
+
+    format: Literal["imagefolder", "digits", "fake"] = "imagefolder"
+    """`imagefolder`: one folder per class (torchvision ImageFolder). `digits`: scikit-learn's bundled 8×8 handwritten digits, upsampled (works offline). `fake`: torchvision FakeData."""
+
+    train_uri: UriStr | None = None
+    """Training images for `imagefolder`: s3://, gs://, file://, pvc://CLAIM/PATH or a path; object stores are downloaded once per node into `cacheDir`."""
+
+    validation_uri: UriStr | None = None
+    """Validation images (same layout and classes as `trainUri`). Excludes `validationSplit`."""
+
+    validation_split: Annotated[float | None, Field(gt=0, lt=1)] = None
+    """Fraction of the training images held out (stratified, by `seed`) when there is no `validationUri`; 0.2 when neither is given."""
+
+    classes: Annotated[list[Annotated[int, Field(ge=0, le=9)]] | None, Field(min_length=2, max_length=10)] = None
+    """`digits` only: the digit classes to use, e.g. [5, 6, 7, 8, 9]; labels are renumbered 0..n-1 in this order."""
+
+    max_per_class: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
+    """Cap on training images per class (few-shot transfer); the held-out validation set is not capped."""
+
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 224
+    """Side of the square image the model sees, in pixels."""
+
+    augmentation: Literal["none", "light", "standard", "trivialaugment"] = "standard"
+    """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
+
+    loader_workers: Annotated[int, Field(ge=0, le=64)] = 2
+    """DataLoader worker processes per training worker."""
+
+    cache_dir: UriStr | None = None
+    """Node-local directory for downloaded datasets and cached features; a temporary directory by default."""
+
+    fake: FakeDataSpec | None = None
+    """Options of the `fake` format."""
+
+    @field_validator("train_uri", "validation_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_uri(value)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            fail(None, f"{quote(value)} repeats a class; list each digit once")
+        return value
+
+    @model_validator(mode="after")
+    def _by_format(self) -> DatasetSpec:
+        if self.format == "imagefolder" and self.train_uri is None:
+            fail("trainUri", "is required for format 'imagefolder': the folder holding one sub-folder per class")
+        if self.format != "imagefolder":
+            for field, value in (("trainUri", self.train_uri), ("validationUri", self.validation_uri)):
+                if value is not None:
+                    fail(field, f"{quote(value)}: format {self.format!r} brings its own images; remove {field} or use format 'imagefolder'")
+        if self.classes is not None and self.format != "digits":
+            fail("classes", f"applies to format 'digits' only, not {self.format!r}")
+        if self.fake is not None and self.format != "fake":
+            fail("fake", f"applies to format 'fake' only, not {self.format!r}")
+        if self.validation_uri is not None and self.validation_split is not None:
+            fail("validationSplit", "set either `validationUri` or `validationSplit`, not both")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ strategy
+class StrategySpec(WireModel):
+    """What is trained: the head alone, the last blocks, everything, or the head first and then everything."""
+
+    method: Method = "lp-ft"
+    """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every parameter. `lp-ft`: `probeEpochs` of linear probe, then full fine-tuning with the backbone at a lower rate (Kumar et al., 2022)."""
+
+    unfreeze_blocks: Annotated[int | None, Field(ge=1, le=1000)] = None
+    """`partial` only: how many of the backbone's last blocks train besides the head."""
+
+    probe_epochs: Annotated[int | None, Field(ge=1, le=10_000)] = None
+    """`lp-ft` only: epochs of the linear-probe stage (default: a third of `epochs`, at least 1)."""
+
+    cache_features: bool = True
+    """Train a frozen-backbone stage on backbone features computed once (much faster); used only when the training augmentation is `none`."""
+
+    freeze_batch_norm: bool = True
+    """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
+
+    @model_validator(mode="after")
+    def _knobs(self) -> StrategySpec:
+        if self.method == "partial" and self.unfreeze_blocks is None:
+            fail("unfreezeBlocks", "is required for method 'partial': how many last blocks of the backbone to train")
+        if self.method != "partial" and self.unfreeze_blocks is not None:
+            fail("unfreezeBlocks", f"applies to method 'partial' only, not {self.method!r}")
+        if self.method != "lp-ft" and self.probe_epochs is not None:
+            fail("probeEpochs", f"applies to method 'lp-ft' only, not {self.method!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------- hyperparameters
+class EarlyStoppingSpec(WireModel):
+    """Stop when validation accuracy has not improved for `patience` epochs."""
+
+    patience: Annotated[int, Field(ge=1, le=10_000)] = 3
+    """Epochs without improvement before stopping."""
+
+    min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Smallest rise in validation accuracy that counts as an improvement."""
+
+
+class HyperparametersSpec(WireModel):
+    """Optimisation settings."""
+
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    """Total epochs, probe stage included."""
+
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+    """Global batch size, split evenly across `resources.workers` (must be divisible by it)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    """Learning rate of the new head (and of the whole model when nothing is frozen and no backbone rate is set)."""
+
+    backbone_learning_rate: Annotated[float | None, Field(gt=0, le=10)] = None
+    """Absolute learning rate of unfrozen backbone parameters. Excludes `backboneLrMultiplier`."""
+
+    backbone_lr_multiplier: Annotated[float | None, Field(gt=0, le=1)] = None
+    """Backbone rate as a fraction of `learningRate` (default 0.1 for `partial` and `lp-ft`, 1 for `full`)."""
+
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum (Nesterov); ignored by AdamW."""
+
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    """Weight decay (not applied to biases and normalisation parameters)."""
+
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+
+    warmup_epochs: Annotated[int, Field(ge=0, le=10_000)] = 0
+    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`)."""
+
+    step_size: Annotated[int | None, Field(ge=1, le=10_000)] = None
+    """`step` scheduler: epochs between decays (default: a third of the epochs)."""
+
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """`step` scheduler: decay factor."""
+
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Label smoothing of the cross-entropy loss."""
+
+    mixed_precision: Literal["bf16", "fp16", "no"] = "no"
+    """Automatic mixed precision on GPU (`bf16` on Ampere and newer); ignored on CPU."""
+
+    grad_clip_norm: Annotated[float | None, Field(gt=0, le=1e6)] = None
+    """Clip the global gradient norm to this value."""
+
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    """Seed for initialisation, splits, shuffling and augmentation."""
+
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop early when validation accuracy stalls."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HyperparametersSpec:
+        if self.backbone_learning_rate is not None and self.backbone_lr_multiplier is not None:
+            fail("backboneLrMultiplier", "set either `backboneLearningRate` or `backboneLrMultiplier`, not both")
+        if self.warmup_epochs >= self.epochs:
+            fail("warmupEpochs", f"{self.warmup_epochs} must be less than epochs ({self.epochs})")
+        if self.step_size is not None and self.scheduler != "step":
+            fail("stepSize", f"applies to scheduler 'step' only, not {self.scheduler!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- resources
+class Toleration(WireModel):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: ShortStr | None = None
+    """Taint key; empty with operator Exists tolerates everything."""
+
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value; `Exists` matches the key alone."""
+
+    value: ShortStr | None = None
+    """Taint value (with `Equal`)."""
+
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; all effects when empty."""
+
+    toleration_seconds: Annotated[int | None, Field(ge=0)] = None
+    """How long a `NoExecute` taint is tolerated."""
+
+
+class ResourcesSpec(WireModel):
+    """The Ray cluster's training workers."""
+
+    workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Data-parallel training workers (one Ray Train worker per pod)."""
+
+    gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
+    """Accelerators per worker; 0 trains on CPU."""
+
+    cpus_per_worker: Annotated[float, Field(gt=0, le=512)] = 2
+    """CPU cores per worker."""
+
+    memory_per_worker: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = "4Gi"
+    """Memory per worker as a Kubernetes quantity (e.g. 16Gi)."""
+
+    accelerator: Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME)] = "nvidia.com/gpu"
+    """Extended resource name of the accelerator requested with `gpusPerWorker`."""
+
+    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)] = Field(default_factory=dict)
+    """Node labels the worker pods must match, e.g. {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}."""
+
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    """Taints the worker pods tolerate (GPU nodes are usually tainted)."""
+
+
+# -------------------------------------------------------------------------------------------- output
+class OutputSpec(WireModel):
+    """Where checkpoints and artifacts go."""
+
+    uri: UriStr
+    """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be reachable from every Ray node (object store or shared volume)."""
+
+    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: ["state_dict"])
+    """Model formats to export: `state_dict` (model.pt), `torchscript` (model.torchscript.pt), `onnx` (model.onnx)."""
+
+    keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
+    """Checkpoints kept (the best by validation accuracy and the latest always survive)."""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value)
+
+    @field_validator("exports")
+    @classmethod
+    def _unique(cls, value: list[ExportFormat]) -> list[ExportFormat]:
+        if len(set(value)) != len(value):
+            fail(None, f"{quote(value)} repeats a format; list each once")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- runtime
+class EnvVar(WireModel):
+    """A literal environment variable. Credentials go through `envFrom` secret references, never here."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=ENV_NAME)]
+    """Variable name."""
+
+    value: Annotated[str, Field(max_length=32_768)] = ""
+    """Literal value."""
+
+    @model_validator(mode="after")
+    def _no_inline_secret(self) -> EnvVar:
+        if self.value and looks_like_secret(self.name):
+            fail(
+                "value",
+                f"{self.name} looks like a credential; never inline secrets: put it in a Secret and list it under runtime.envFrom",
+            )
+        return self
+
+
+class LocalObjectReference(WireModel):
+    """A reference to an object in the job's namespace."""
+
+    name: Name
+    """Name of the object."""
+
+
+class EnvFromSource(WireModel):
+    """Environment variables from a Secret or ConfigMap in the job's namespace."""
+
+    secret_ref: LocalObjectReference | None = None
+    """A Secret whose keys become environment variables (storage credentials)."""
+
+    config_map_ref: LocalObjectReference | None = None
+    """A ConfigMap whose keys become environment variables."""
+
+    prefix: Annotated[str | None, Field(max_length=253)] = None
+    """Prefix added to every variable name."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvFromSource:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            fail(None, "give exactly one of secretRef or configMapRef")
+        return self
+
+
+class RuntimeSpec(WireModel):
+    """The trainer's container and scheduling."""
+
+    image: Annotated[str | None, Field(max_length=512)] = None
+    """Trainer image (with torch, torchvision, Ray and this trainer); the operator's default when absent."""
+
+    ray_version: Annotated[str | None, Field(max_length=32, pattern=RAY_VERSION)] = None
+    """Ray version in the image (KubeRay's `rayVersion`); the operator's default when absent."""
+
+    env: Annotated[list[EnvVar], Field(max_length=128)] = Field(default_factory=list)
+    """Literal environment variables for the trainer."""
+
+    env_from: Annotated[list[EnvFromSource], Field(max_length=32)] = Field(default_factory=list)
+    """Secrets or ConfigMaps whose keys become environment variables (e.g. AWS_ACCESS_KEY_ID for s3://)."""
+
+    service_account_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
+    """Service account of the Ray pods; the operator's default when absent. The trainer reports progress with it."""
+
+    queue_name: Annotated[str | None, Field(max_length=63, pattern=DNS1123_LABEL)] = None
+    """Kueue LocalQueue: sets the `kueue.x-k8s.io/queue-name` label on the RayJob."""
+
+    priority_class_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
+    """PriorityClass of the Ray pods."""
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, value: list[EnvVar]) -> list[EnvVar]:
+        seen: set[str] = set()
+        for var in value:
+            if var.name in seen:
+                fail(None, f"{quote(var.name)} is set twice; set each variable once")
+            seen.add(var.name)
+        return value
+
+
+# ---------------------------------------------------------------------------------------- run policy
+class RunPolicySpec(WireModel):
+    """Retries, deadlines, clean-up and suspension."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 0
+    """Times the whole RayJob is retried after a failure (each retry resumes from the last checkpoint)."""
+
+    max_worker_failures: Annotated[int, Field(ge=0, le=1000)] = 0
+    """Worker failures Ray Train absorbs within one run by restarting from the last checkpoint."""
+
+    active_deadline_seconds: Annotated[int | None, Field(ge=1)] = None
+    """Wall-clock limit of the job, after which it fails."""
+
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
+    """Seconds the finished RayJob is kept before KubeRay deletes it (the FineTuneJob and artifacts stay)."""
+
+    suspend: bool = False
+    """Suspend the job (Ray cluster deleted); set back to false to resume from the last checkpoint. The only field that may change after creation."""
+
+
+# ---------------------------------------------------------------------------------------------- spec
+class FineTuneJobSpec(WireModel):
+    """The desired fine-tuning run."""
+
+    model: ModelSpec
+    """Backbone and starting weights."""
+
+    dataset: DatasetSpec
+    """Training and validation images."""
+
+    output: OutputSpec
+    """Where checkpoints and artifacts are written."""
+
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    """What trains, and in which stages."""
+
+    hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
+    """Optimisation settings."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Training workers and their pods."""
+
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    """Image, environment and scheduling."""
+
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    """Retries, deadlines, clean-up and suspension."""
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> FineTuneJobSpec:
+        hp, strategy = self.hyperparameters, self.strategy
+        workers = self.resources.workers
+        if hp.batch_size % workers:
+            fail(
+                "hyperparameters.batchSize",
+                f"{hp.batch_size} is not divisible by resources.workers ({workers}); "
+                f"use a multiple of {workers}, e.g. {max(workers, hp.batch_size - hp.batch_size % workers)}",
+            )
+        if strategy.method == "lp-ft":
+            if hp.epochs < 2:
+                fail("hyperparameters.epochs", f"{hp.epochs}: method 'lp-ft' needs at least 2 epochs (probe, then fine-tune)")
+            if strategy.probe_epochs is not None and strategy.probe_epochs >= hp.epochs:
+                fail("strategy.probeEpochs", f"{strategy.probe_epochs} must be less than hyperparameters.epochs ({hp.epochs})")
+        if strategy.method == "linear-probe" and (hp.backbone_learning_rate or hp.backbone_lr_multiplier):
+            field = "backboneLearningRate" if hp.backbone_learning_rate else "backboneLrMultiplier"
+            fail(f"hyperparameters.{field}", "has no effect with method 'linear-probe' (the backbone is frozen); remove it")
+        info = catalog.load_catalog().get(self.model.name)
+        if info is not None and info.weights:
+            min_h, min_w = info.weights[0].min_size
+            size = self.dataset.image_size
+            if info.fixed_input_size and size != min_h:
+                fail("dataset.imageSize", f"{size}: {self.model.name} only accepts {min_h}×{min_w} images; set imageSize: {min_h}")
+            if size < min_h or size < min_w:
+                fail("dataset.imageSize", f"{size} is below {self.model.name}'s minimum input of {min_h}×{min_w}; use at least {max(min_h, min_w)}")
+        if self.dataset.format == "digits" and self.model.num_classes is not None:
+            n = len(self.dataset.classes) if self.dataset.classes else 10
+            if self.model.num_classes != n:
+                fail("model.numClasses", f"{self.model.num_classes} does not match the {n} digit classes selected; remove it or set {n}")
+        if self.dataset.format == "fake" and self.model.num_classes is not None:
+            fake = self.dataset.fake or FakeDataSpec()
+            if self.model.num_classes != fake.classes:
+                fail("model.numClasses", f"{self.model.num_classes} does not match dataset.fake.classes ({fake.classes})")
+        return self
+
+    def probe_epochs(self) -> int:
+        """Epochs of the frozen-backbone stage (all of them for linear probe, none for full/partial)."""
+        method, epochs = self.strategy.method, self.hyperparameters.epochs
+        if method == "linear-probe":
+            return epochs
+        if method == "lp-ft":
+            return self.strategy.probe_epochs or max(1, epochs // 3)
+        return 0
+
+
+# -------------------------------------------------------------------------------------------- status
+class Condition(WireModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    """Validated, ClusterReady, Training, Succeeded, Failed or Suspended."""
+
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    """CamelCase reason for the last transition."""
+
+    message: Annotated[str, Field(max_length=32_768)] = ""
+    """Human-readable details."""
+
+    last_transition_time: str | None = None
+    """When the status last changed (RFC 3339)."""
+
+    observed_generation: Annotated[int | None, Field(ge=0)] = None
+    """The spec generation the condition was set from."""
+
+
+class Progress(WireModel):
+    """Where training is, written by the trainer's rank-0 worker."""
+
+    epoch: Annotated[int, Field(ge=0)] = 0
+    """Epochs completed."""
+
+    total_epochs: Annotated[int, Field(ge=0)] = 0
+    """Epochs planned."""
+
+    percent: Annotated[float, Field(ge=0, le=100)] = 0
+    """Completion in percent."""
+
+    stage: Stage = "starting"
+    """What the trainer is doing."""
+
+    updated_at: str | None = None
+    """When the trainer last reported (RFC 3339)."""
+
+
+class Metrics(WireModel):
+    """Latest and best metrics, written by the trainer."""
+
+    train_loss: float | None = None
+    """Training loss of the last epoch."""
+
+    val_loss: float | None = None
+    """Validation loss of the last epoch."""
+
+    val_accuracy: float | None = None
+    """Top-1 validation accuracy of the last epoch (0–1)."""
+
+    val_top5: float | None = None
+    """Top-5 validation accuracy of the last epoch (five classes or more)."""
+
+    best_val_accuracy: float | None = None
+    """Best top-1 validation accuracy so far."""
+
+    best_epoch: int | None = None
+    """Epoch of the best validation accuracy."""
+
+    images_per_second: float | None = None
+    """Training throughput of the last epoch, all workers together."""
+
+    epoch_seconds: float | None = None
+    """Wall time of the last epoch."""
+
+
+class Artifacts(WireModel):
+    """What the finished job produced."""
+
+    model_uri: str | None = None
+    """The fine-tuned state_dict (`model.pt`)."""
+
+    model_card_uri: str | None = None
+    """The model card (`model.json`): architecture, classes, transforms, metrics, checksums."""
+
+    checkpoint_uri: str | None = None
+    """The best checkpoint (model, optimizer, scheduler, epoch)."""
+
+    sha256: str | None = None
+    """SHA-256 of `model.pt`."""
+
+    exports: dict[str, str] = Field(default_factory=dict)
+    """Exported format → URI."""
+
+    class_names: list[str] = Field(default_factory=list)
+    """Class names in output-index order."""
+
+
+class FineTuneJobStatus(WireModel):
+    """Observed state. The operator owns phase and conditions; the trainer owns progress, metrics and artifacts."""
+
+    phase: Phase | None = None
+    """Pending, Provisioning, Running, Succeeded, Failed or Suspended."""
+
+    message: str | None = None
+    """Why the job is in its phase, for people."""
+
+    conditions: list[Condition] = Field(default_factory=list)
+    """Validated, ClusterReady, Training, Succeeded, Failed, Suspended."""
+
+    observed_generation: int | None = None
+    """The spec generation the operator last acted on."""
+
+    start_time: str | None = None
+    """When training started (RFC 3339)."""
+
+    completion_time: str | None = None
+    """When the job finished (RFC 3339)."""
+
+    progress: Progress | None = None
+    """Training progress."""
+
+    metrics: Metrics | None = None
+    """Training and validation metrics."""
+
+    artifacts: Artifacts | None = None
+    """Model files of the finished job."""
+
+    ray_job_name: str | None = None
+    """The KubeRay RayJob running this job."""
+
+    ray_cluster_name: str | None = None
+    """The Ray cluster KubeRay created for it."""
+
+    dashboard_url: str | None = Field(default=None, alias="dashboardURL")
+    """The Ray dashboard of that cluster."""
+
+    attempts: int | None = None
+    """Times the RayJob has been started (1 + retries)."""
+
+
+# -------------------------------------------------------------------------------------------- object
+class ObjectMeta(WireModel):
+    """The subset of Kubernetes ObjectMeta the API reads; other metadata is kept as is."""
+
+    model_config = {**WireModel.model_config, "extra": "allow"}
+
+    name: Name
+    """Name of the job, unique in its namespace."""
+
+    namespace: Annotated[str | None, Field(max_length=63, pattern=DNS1123_LABEL)] = None
+    """Namespace of the job."""
+
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(WireModel):
+    """Fine-tune a pretrained torchvision model on your images, data-parallel on a KubeRay cluster."""
+
+    api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
+    """finetune.dev/v1alpha1."""
+
+    kind: Literal["FineTuneJob"] = KIND
+    """FineTuneJob."""
+
+    metadata: ObjectMeta
+    """Standard object metadata."""
+
+    spec: FineTuneJobSpec
+    """The desired fine-tuning run."""
+
+    status: FineTuneJobStatus | None = None
+    """Observed state, written by the operator and the trainer."""
+
+    @classmethod
+    def parse(cls, document: Any) -> FineTuneJob:
+        """Validate a manifest (a dict from YAML/JSON or the API server)."""
+        return cls.model_validate(document)
