@@ -20,9 +20,7 @@ import torchvision
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-CATALOG_PATH = (
-    Path(__file__).resolve().parents[2] / "operator" / "finetune_operator" / "api" / "catalog.json"
-)
+CATALOG_PATH = Path(__file__).resolve().parents[2] / "operator" / "finetune_operator" / "api" / "catalog.json"
 
 # Families whose forward pass asserts one input size (the size their weights were trained at).
 _FIXED_INPUT_FAMILIES = frozenset({"vision_transformer", "maxvit"})
@@ -34,7 +32,7 @@ def _weights_entry(enum_cls: type[WeightsEnum], weights: WeightsEnum) -> dict[st
     metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
     return {
         "name": f"{enum_cls.__name__}.{weights.name}",
-        "default": enum_cls.DEFAULT is weights,  # type: ignore[attr-defined]
+        "default": enum_cls.DEFAULT is weights,
         "url": weights.url,
         "numParams": meta.get("num_params"),
         "gflops": meta.get("_ops"),

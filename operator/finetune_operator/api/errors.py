@@ -13,7 +13,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.catalog import suggest
-from finetune_operator.api.fields import quote
+from finetune_operator.api.fields import PATTERN_MEANINGS, quote
 
 _MISSING = object()
 
@@ -89,7 +89,10 @@ def _message(root: type[BaseModel], error: Any) -> str:
     if kind == "literal_error":
         return f"{path}: {quote(value)} is not accepted; expected one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
-        return f"{path}: {quote(value)} has the wrong form; expected a value matching {ctx.get('pattern')}"
+        pattern = str(ctx.get("pattern"))
+        return (
+            f"{path}: {quote(value)} has the wrong form; expected {PATTERN_MEANINGS.get(pattern, 'a value matching ' + pattern)}"
+        )
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{path}: expected an object (key: value mapping), got {quote(value)}"
     if kind == "list_type":
@@ -104,9 +107,8 @@ def _message(root: type[BaseModel], error: Any) -> str:
 def format_errors(error: ValidationError, root: type[BaseModel], prefix: Sequence[str] = ()) -> list[str]:
     """One actionable line per error, each starting with the field path."""
     lines: list[str] = []
-    for item in error.errors(include_url=False):
-        item = dict(item)
-        item["loc"] = (*prefix, *item["loc"])
+    for raw in error.errors(include_url=False):
+        item: dict[str, Any] = {**raw, "loc": (*prefix, *raw["loc"])}
         message = _message(root, item)
         if message not in lines:
             lines.append(message)

@@ -21,6 +21,15 @@ ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 RAY_VERSION = r"^[0-9]+\.[0-9]+\.[0-9]+$"
 # A qualified extended-resource name such as nvidia.com/gpu or amd.com/gpu.
 RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# What each pattern means, for error messages: a regex is no help to someone who wrote "4GB".
+PATTERN_MEANINGS = {
+    DNS1123_LABEL: "a DNS-1123 label: lower-case letters, digits and '-', at most 63 characters",
+    DNS1123_SUBDOMAIN: "a DNS-1123 name: lower-case letters, digits, '-' and '.'",
+    QUANTITY: "a Kubernetes quantity such as 4Gi, 512Mi or 16G",
+    ENV_NAME: "an environment variable name such as AWS_DEFAULT_REGION",
+    RAY_VERSION: "a Ray version such as 2.60.0",
+    RESOURCE_NAME: "an extended resource name such as nvidia.com/gpu",
+}
 _SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY)", re.I)
 
 _QUANTITY_FACTORS = {

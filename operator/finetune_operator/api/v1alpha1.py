@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
@@ -25,7 +25,7 @@ from finetune_operator.api.fields import (
     looks_like_secret,
     quote,
 )
-from finetune_operator.api.versions import API_VERSION, KIND
+from finetune_operator.api.versions import KIND
 
 ShortStr = Annotated[str, Field(max_length=253)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
@@ -80,7 +80,10 @@ class ModelSpec(WireModel):
             return self
         if info.resolve_weights(self.weights) is None:
             if not info.weights:
-                fail("weights", f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri")
+                fail(
+                    "weights",
+                    f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri",
+                )
             fail(
                 "weights",
                 f"{quote(self.weights)} is not a weight of {self.name}; accepted: {', '.join(info.weight_choices())}",
@@ -154,7 +157,10 @@ class DatasetSpec(WireModel):
         if self.format != "imagefolder":
             for field, value in (("trainUri", self.train_uri), ("validationUri", self.validation_uri)):
                 if value is not None:
-                    fail(field, f"{quote(value)}: format {self.format!r} brings its own images; remove {field} or use format 'imagefolder'")
+                    fail(
+                        field,
+                        f"{quote(value)}: format {self.format!r} brings its own images; remove {field} or use format 'imagefolder'",
+                    )
         if self.classes is not None and self.format != "digits":
             fail("classes", f"applies to format 'digits' only, not {self.format!r}")
         if self.fake is not None and self.format != "fake":
@@ -322,7 +328,7 @@ class OutputSpec(WireModel):
     uri: UriStr
     """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be reachable from every Ray node (object store or shared volume)."""
 
-    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: ["state_dict"])
+    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: list[ExportFormat](["state_dict"]))
     """Model formats to export: `state_dict` (model.pt), `torchscript` (model.torchscript.pt), `onnx` (model.onnx)."""
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
@@ -493,13 +499,21 @@ class FineTuneJobSpec(WireModel):
             min_h, min_w = info.weights[0].min_size
             size = self.dataset.image_size
             if info.fixed_input_size and size != min_h:
-                fail("dataset.imageSize", f"{size}: {self.model.name} only accepts {min_h}×{min_w} images; set imageSize: {min_h}")
+                fail(
+                    "dataset.imageSize", f"{size}: {self.model.name} only accepts {min_h}×{min_w} images; set imageSize: {min_h}"
+                )
             if size < min_h or size < min_w:
-                fail("dataset.imageSize", f"{size} is below {self.model.name}'s minimum input of {min_h}×{min_w}; use at least {max(min_h, min_w)}")
+                fail(
+                    "dataset.imageSize",
+                    f"{size} is below {self.model.name}'s minimum input of {min_h}×{min_w}; use at least {max(min_h, min_w)}",
+                )
         if self.dataset.format == "digits" and self.model.num_classes is not None:
             n = len(self.dataset.classes) if self.dataset.classes else 10
             if self.model.num_classes != n:
-                fail("model.numClasses", f"{self.model.num_classes} does not match the {n} digit classes selected; remove it or set {n}")
+                fail(
+                    "model.numClasses",
+                    f"{self.model.num_classes} does not match the {n} digit classes selected; remove it or set {n}",
+                )
         if self.dataset.format == "fake" and self.model.num_classes is not None:
             fake = self.dataset.fake or FakeDataSpec()
             if self.model.num_classes != fake.classes:
@@ -655,7 +669,7 @@ class FineTuneJobStatus(WireModel):
 class ObjectMeta(WireModel):
     """The subset of Kubernetes ObjectMeta the API reads; other metadata is kept as is."""
 
-    model_config = {**WireModel.model_config, "extra": "allow"}
+    model_config = ConfigDict(**{**WireModel.model_config, "extra": "allow"})
 
     name: Name
     """Name of the job, unique in its namespace."""
@@ -672,7 +686,7 @@ class ObjectMeta(WireModel):
 class FineTuneJob(WireModel):
     """Fine-tune a pretrained torchvision model on your images, data-parallel on a KubeRay cluster."""
 
-    api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
     """finetune.dev/v1alpha1."""
 
     kind: Literal["FineTuneJob"] = KIND

@@ -1,0 +1,178 @@
+"""The generated CRD: structural, accepted by Kubernetes' own schema, committed without drift, and its
+schema and CEL rules accept the examples and reject what they should."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import kubernetes_validate
+import pytest
+import yaml
+from finetune_operator.api import catalog
+from finetune_operator.api.crd import build_crd, render_crd_yaml
+
+from tests.support.schemas import REPO, crd_schema, strict_errors
+
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+
+
+def _schema() -> dict[str, Any]:
+    return crd_schema(build_crd(), "v1alpha1")
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(node, dict):
+        return []
+    found = [(path, node)]
+    for name, child in node.get("properties", {}).items():
+        found += _walk(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        found += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        found += _walk(node["additionalProperties"], f"{path}{{}}")
+    return found
+
+
+def test_schema_is_structural() -> None:
+    for path, node in _walk(_schema()):
+        assert not {"$ref", "title", "anyOf", "oneOf", "allOf", "$defs", "const"} & node.keys(), path
+        assert "type" in node, f"{path} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert isinstance(node.get(bound, True), bool), f"{path}.{bound} must be boolean"
+        if "default" in node:
+            assert node["type"] != "object" or node["default"] == {}, path
+
+
+def test_committed_crd_has_not_drifted() -> None:
+    committed = (REPO / "manifests" / "base" / "crd.yaml").read_text()
+    assert committed == render_crd_yaml(), "run `finetune crd > manifests/base/crd.yaml`"
+
+
+def test_crd_is_valid_for_kubernetes_1_35() -> None:
+    kubernetes_validate.validate(build_crd(), "1.35", strict=True)
+
+
+def test_crd_names_and_columns() -> None:
+    spec = build_crd()["spec"]
+    assert spec["names"]["shortNames"] == ["ftj"]
+    assert set(spec["names"]["categories"]) == {"all", "ml"}
+    version = spec["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Phase", "Model", "Progress", "Val-Acc", "Age"} <= columns
+
+
+def test_model_name_is_an_enum_of_the_catalogue() -> None:
+    enum = _schema()["properties"]["spec"]["properties"]["model"]["properties"]["name"]["enum"]
+    assert enum == catalog.model_names()
+    assert {"resnet50", "vit_b_16", "efficientnet_b0"} <= set(enum)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_validate_against_generated_schema(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    assert strict_errors(doc, _schema()) == []
+
+
+def test_schema_rejects_what_admission_should() -> None:
+    doc = yaml.safe_load((REPO / "manifests/examples/digits-cpu.yaml").read_text())
+    bad = copy.deepcopy(doc)
+    bad["spec"]["model"]["name"] = "resnet5"
+    bad["spec"]["hyperparameters"]["optimizer"] = "adam"
+    bad["spec"]["hyperparameters"]["learningRat"] = 1
+    errors = strict_errors(bad, _schema())
+    assert any(e.startswith("spec.model.name") for e in errors)
+    assert any(e.startswith("spec.hyperparameters.optimizer") for e in errors)
+    assert any(e.startswith("spec.hyperparameters.learningRat") for e in errors)
+
+
+# ------------------------------------------------------------------------------------------ CEL rules
+def _rules(schema: dict[str, Any]) -> list[str]:
+    return [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
+
+
+def _eval(rule: str, new: Any, old: Any | None = None) -> bool:
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    activation: dict[str, Any] = {"self": celpy.json_to_cel(new)}
+    if old is not None:
+        activation["oldSelf"] = celpy.json_to_cel(old)
+    return bool(program.evaluate(activation))
+
+
+def _spec_ok(new: dict[str, Any], old: dict[str, Any] | None = None) -> bool:
+    """Evaluate every CEL rule of spec and of its sections the way the API server would."""
+    spec_schema = _schema()["properties"]["spec"]
+    for rule in _rules(spec_schema):
+        if "oldSelf" in rule and old is None:
+            continue
+        if not _eval(rule, new, old):
+            return False
+    for name, section in spec_schema["properties"].items():
+        if name not in new:
+            continue
+        for rule in _rules(section):
+            if "oldSelf" in rule and (old is None or name not in old):
+                continue
+            if not _eval(rule, new[name], old.get(name) if old else None):
+                return False
+    return True
+
+
+BASE_SPEC: dict[str, Any] = yaml.safe_load((REPO / "manifests/examples/digits-cpu.yaml").read_text())["spec"]
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(BASE_SPEC)
+    for dotted, value in changes.items():
+        node = spec
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "accepted"),
+    [
+        (_with(), None, True),
+        (_with(hyperparameters__batchSize=63), None, False),
+        (_with(model__weights="DEFAULT", model__weightsUri="/m.pt"), None, False),
+        (_with(dataset__format="imagefolder"), None, False),
+        (_with(strategy__method="partial"), None, False),
+        (_with(dataset__validationUri="/v"), None, False),
+        (_with(), _with(), True),
+        (_with(runPolicy={"suspend": True}), _with(), True),
+        (_with(runPolicy={"suspend": True, "backoffLimit": 0}), _with(), True),
+        (_with(runPolicy={"backoffLimit": 3}), _with(), False),
+        (_with(hyperparameters__learningRate=0.1), _with(), False),
+        (_with(model__name="resnet50"), _with(), False),
+        (_with(runtime={"queueName": "q"}), _with(), False),
+    ],
+    ids=[
+        "valid",
+        "batch-not-divisible",
+        "weights-and-uri",
+        "imagefolder-without-train-uri",
+        "partial-without-blocks",
+        "validation-uri-and-split",
+        "unchanged-update",
+        "suspend-added",
+        "suspend-with-default-backoff",
+        "backoff-changed",
+        "learning-rate-changed",
+        "model-changed",
+        "runtime-section-added",
+    ],
+)
+def test_cel_rules(new: dict[str, Any], old: dict[str, Any] | None, accepted: bool) -> None:
+    assert _spec_ok(new, old) is accepted
+
+
+def test_generation_is_deterministic() -> None:
+    assert build_crd() == build_crd()

@@ -1,0 +1,92 @@
+"""The trainer's contract: what a RayJob entrypoint (or `finetune run`) hands the trainer.
+
+Pydantic only (no torch, no Ray) so that the operator imports it to render the RayJob's config and
+the trainer validates the very same object on start-up. It wraps the FineTuneJob spec with the
+facts the spec alone does not hold: the job's identity and where, on this node, the output lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from finetune_operator.api.base import WireModel
+from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+
+# Where the operator mounts a `pvc://CLAIM/PATH` output or dataset in every Ray pod.
+PVC_MOUNT_ROOT = "/mnt/finetune"
+
+Sink = Literal["console", "file", "kubernetes"]
+
+
+def pvc_mount_path(claim: str) -> str:
+    return f"{PVC_MOUNT_ROOT}/{claim}"
+
+
+def resolve_uri(uri: str) -> str:
+    """A spec URI as the trainer opens it: pvc://CLAIM/P → the mount path, file:///p → /p, others unchanged."""
+    scheme = uri_scheme(uri)
+    if scheme == "pvc":
+        claim, _, rest = uri[len("pvc://") :].partition("/")
+        return f"{pvc_mount_path(claim)}/{rest}".rstrip("/")
+    if scheme == "file":
+        return uri[len("file://") :]
+    return uri
+
+
+class TrainerConfig(WireModel):
+    """Everything one training run needs; serialised as JSON into the RayJob (a ConfigMap) or built locally."""
+
+    job_name: Annotated[str, Field(min_length=1, max_length=253)]
+    """The FineTuneJob's name: also the Ray Train run name, so a relaunch resumes its checkpoints."""
+
+    namespace: str | None = None
+    """The FineTuneJob's namespace (cluster mode)."""
+
+    job_uid: str | None = None
+    """The FineTuneJob's uid (cluster mode); recorded in the model card."""
+
+    spec: FineTuneJobSpec
+    """The validated job spec."""
+
+    output_root: Annotated[str, Field(min_length=1)]
+    """Resolved artifact root (local path, s3:// or gs://); the run writes under `<outputRoot>/<jobName>/`."""
+
+    sinks: list[Sink] = Field(default_factory=lambda: list[Sink](["console"]))
+    """Where progress goes: a console bar, a JSON status file, the FineTuneJob status (cluster mode)."""
+
+    status_file: str | None = None
+    """Path of the JSON status file when the `file` sink is on."""
+
+    @property
+    def run_dir(self) -> str:
+        """`<outputRoot>/<jobName>`: Ray Train's run directory and the artifact directory."""
+        return f"{self.output_root.rstrip('/')}/{self.job_name}"
+
+    def spec_fingerprint(self) -> str:
+        """Hash of what determines the training result; a checkpoint of another fingerprint is not resumed."""
+        spec = self.spec.model_dump(by_alias=True, mode="json", exclude={"run_policy", "runtime", "resources"})
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_job(
+        cls,
+        job: FineTuneJob,
+        *,
+        output_root: str | None = None,
+        sinks: list[Sink] | None = None,
+        status_file: str | None = None,
+    ) -> TrainerConfig:
+        return cls(
+            job_name=job.metadata.name,
+            namespace=job.metadata.namespace,
+            job_uid=job.metadata.uid,
+            spec=job.spec,
+            output_root=output_root or resolve_uri(job.spec.output.uri),
+            sinks=sinks or ["console"],
+            status_file=status_file,
+        )
