@@ -1,0 +1,296 @@
+"""`finetune predict`: artifacts of a tiny model in, top-k labels with probabilities out; tampered or
+missing files and unreadable images give one clear line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer import artifacts as art
+from finetune_trainer.artifacts import EvalResult, InputSpec
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.model import build_model
+from finetune_trainer.predict import image_transform, load_for_inference, predict_command
+
+CLASSES = ["cat", "dog", "hamster-long-name"]
+INPUT = InputSpec(
+    image_size=32,
+    resize_size=36,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bilinear",
+    grayscale_to_rgb=False,
+)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    root = tmp_path_factory.mktemp("out")
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
+            "output": {"uri": str(root)},
+        }
+    )
+    cfg = TrainerConfig(job_name="pets", spec=spec, output_root=str(root))
+    torch.manual_seed(0)
+    model = build_model("resnet18", None, len(CLASSES))
+    y = [0, 1, 2, 0]
+    art.write_artifacts(
+        cfg.run_dir,
+        model=model,
+        cfg=cfg,
+        class_names=CLASSES,
+        input_spec=INPUT,
+        evaluation=EvalResult(y, y, CLASSES),
+        best_val_accuracy=1.0,
+        best_epoch=1,
+        checkpoint_uri=None,
+    )
+    return Path(cfg.run_dir), model.eval()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = [folder / "photo.png", folder / "scan.jpg", folder / "icon.png"]
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8), "RGB").save(paths[0])
+    Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(paths[1])
+    Image.fromarray(rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), "RGBA").save(paths[2])
+    return paths
+
+
+def run(model: Path | str, paths: Sequence[Path | str], top_k: int = 3) -> int:
+    return predict_command(argparse.Namespace(model=str(model), images=[str(p) for p in paths], top_k=top_k))
+
+
+def parse(out: str) -> dict[str, list[tuple[str, float]]]:
+    """``path`` lines, each followed by ``  label  probability`` lines."""
+    result: dict[str, list[tuple[str, float]]] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("  "):
+            label, prob = line.strip().rsplit(maxsplit=1)
+            result[current].append((label, float(prob)))
+        else:
+            current = line
+            result[current] = []
+    return result
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 10])
+def test_prints_top_k_labels_with_sorted_probabilities(
+    model_dir: tuple[Path, nn.Module], images: list[Path], top_k: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(model_dir[0], images, top_k) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    predictions = parse(captured.out)
+    assert list(predictions) == [str(p) for p in images]  # in the order given
+    for top in predictions.values():
+        assert len(top) == min(top_k, len(CLASSES))
+        labels, probs = zip(*top, strict=True)
+        assert set(labels) <= set(CLASSES)
+        assert len(set(labels)) == len(labels)
+        assert list(probs) == sorted(probs, reverse=True)
+        assert all(0 <= p <= 1 for p in probs)
+        assert sum(probs) <= 1 + 1e-3  # printed with 4 decimals
+        if top_k >= len(CLASSES):
+            assert sum(probs) == pytest.approx(1, abs=1e-3)
+
+
+def test_probabilities_are_the_models(
+    model_dir: tuple[Path, nn.Module], images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, original = model_dir
+    loaded, transform, class_names = load_for_inference(str(directory))
+    assert class_names == CLASSES
+    assert not loaded.training
+    with Image.open(images[0]) as image:
+        x = transform(image).unsqueeze(0)
+    assert x.shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.softmax(original(x), dim=1)[0]
+        torch.testing.assert_close(torch.softmax(loaded(x), dim=1)[0], expected)
+    assert run(directory, [images[0]], 3) == 0
+    top = parse(capsys.readouterr().out)[str(images[0])]
+    assert top[0][0] == CLASSES[int(expected.argmax())]
+    assert top[0][1] == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "grey"),
+    [
+        ("RGB", (50, 40), False),
+        ("L", (30, 30), False),
+        ("RGBA", (24, 20), False),
+        ("P", (64, 32), False),
+        ("RGB", (40, 40), True),
+    ],
+)
+def test_image_transform_gives_normalised_rgb_of_the_card_size(mode: str, size: tuple[int, int], grey: bool) -> None:
+    spec = InputSpec(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", grey)
+    image = Image.new("RGB", size, (200, 30, 90)).convert(mode)
+    x = image_transform(spec)(image)
+    assert x.shape == (3, 32, 32)
+    assert x.dtype == torch.float32
+    assert -1 <= float(x.min()) <= float(x.max()) <= 1  # (v - 0.5) / 0.5 of values in [0, 1]
+    if grey or mode == "L":
+        assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+# ------------------------------------------------------------------------------------------ errors
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_tampered_model_is_refused(
+    model_dir: tuple[Path, nn.Module], images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "pets"
+    shutil.copytree(model_dir[0], copy)
+    data = bytearray((copy / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.pt").write_bytes(bytes(data))
+    assert run(copy, images[:1]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = one_error_line(captured.err)
+    assert re.fullmatch(
+        rf"error: {re.escape(str(copy / 'model.pt'))}: sha256 \w+… does not match the model card's \w+…; .*", line
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("no-card", "no model card; --model must be the artifact directory of a finished job"),
+        ("no-model", "model.pt: missing; the model card lists it"),
+        ("other-architecture", "cannot rebuild architecture 'not_a_model'"),
+    ],
+)
+def test_broken_artifact_directory(
+    model_dir: tuple[Path, nn.Module],
+    images: list[Path],
+    tmp_path: Path,
+    damage: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    copy = tmp_path / "pets"
+    shutil.copytree(model_dir[0], copy)
+    if damage == "no-card":
+        (copy / "model.json").unlink()
+    elif damage == "no-model":
+        (copy / "model.pt").unlink()
+    else:
+        card = (copy / "model.json").read_text().replace('"name": "resnet18"', '"name": "not_a_model"', 1)
+        (copy / "model.json").write_text(card)
+    assert run(copy, images[:1]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_unreadable_images_are_named_and_the_rest_predicted(
+    model_dir: tuple[Path, nn.Module], images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    missing = tmp_path / "missing.png"
+    assert run(model_dir[0], [images[0], missing, text, tmp_path, images[1]]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.splitlines() == [
+        f"error: {missing}: no such file",
+        f"error: {text}: not a readable image (UnidentifiedImageError: cannot identify image file {str(text)!r})",
+        f"error: {tmp_path}: is a directory, not an image",
+    ]
+    assert list(parse(captured.out)) == [str(images[0]), str(images[1])]
+
+
+def test_bad_top_k(model_dir: tuple[Path, nn.Module], images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(model_dir[0], images, top_k=0) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: --top-k 0: must be at least 1"
+
+
+def test_finetune_predict_cli(model_dir: tuple[Path, nn.Module], images: list[Path]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
+    command = [
+        sys.executable,
+        "-m",
+        "finetune_operator.cli",
+        "predict",
+        "--model",
+        str(model_dir[0]),
+        str(images[0]),
+        "--top-k",
+        "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    top = parse(done.stdout)[str(images[0])]
+    assert len(top) == 2
+    assert {label for label, _ in top} <= set(CLASSES)
+
+
+def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The remote branch (stage locally, upload, card last), against fsspec's in-memory filesystem."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    root = "memory://finetune-test-bucket/out"
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
+            "output": {"uri": "s3://finetune-test-bucket/out"},
+        }
+    )
+    # The spec accepts only real stores; the resolved root is where the trainer writes, here in memory.
+    cfg = TrainerConfig(job_name="remote", spec=spec, output_root=root)
+    try:
+        art.append_metrics(cfg.run_dir, art.EpochRecord(1, "fine-tune", 1.0, 1.1, 0.5, None, 10.0, 1.0, 1e-3))
+        art.append_metrics(cfg.run_dir, art.EpochRecord(1, "fine-tune", 0.9, 1.0, 0.6, None, 10.0, 1.0, 1e-3))
+        assert [r.val_accuracy for r in art.read_metrics(cfg.run_dir)] == [0.6]
+        y = [0, 1, 2]
+        artifacts = art.write_artifacts(
+            cfg.run_dir,
+            model=build_model("resnet18", None, 3),
+            cfg=cfg,
+            class_names=CLASSES,
+            input_spec=INPUT,
+            evaluation=EvalResult(y, y, CLASSES),
+            best_val_accuracy=0.6,
+            best_epoch=1,
+            checkpoint_uri=None,
+        )
+        assert artifacts.model_uri == f"{root}/remote/model.pt"
+        stored = sorted(p.rsplit("/", 1)[-1] for p in memory.ls("/finetune-test-bucket/out/remote", detail=False))
+        assert stored == sorted(
+            ["model.pt", "model.json", "metrics.jsonl", "evaluation.json", "confusion_matrix.png", "training_curves.png"]
+        )
+        card = art.load_model_card(cfg.run_dir)
+        assert card["files"]["model.pt"]["sha256"] == artifacts.sha256
+        assert card["metrics"]["final"]["valAccuracy"] == 0.6
+        assert run(cfg.run_dir, images[:1], 2) == 0
+        assert len(parse(capsys.readouterr().out)[str(images[0])]) == 2
+    finally:
+        if memory.exists("/finetune-test-bucket"):
+            memory.rm("/finetune-test-bucket", recursive=True)

@@ -1,0 +1,139 @@
+"""`finetune predict`: classify images with the artifact directory of a finished job.
+
+Everything needed comes from the model card (``model.json``): the architecture to rebuild, the class
+names in output order, and the evaluation transforms the model was validated with. ``model.pt`` is
+checked against the card's sha256 before it is unpickled, so a truncated or swapped file is reported as
+such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
+stderr and exit status 2; called by ``finetune_trainer.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from finetune_trainer import storage
+from finetune_trainer.artifacts import CARD_FILE, MODEL_FILE, ArtifactError, InputSpec, load_model_card
+
+__all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
+
+_BATCH = 32
+
+
+def image_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image of any mode → the normalised ``3×S×S`` tensor the model was validated on: the training
+    run's own evaluation transform (``data.eval_transform``), so that predict and validation cannot drift."""
+    from finetune_trainer.data import eval_transform
+
+    pipeline = eval_transform(spec)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        # RGB first: palette, RGBA and 16-bit files would otherwise reach Normalize with 1, 2 or 4 channels.
+        return cast(torch.Tensor, pipeline(image.convert("RGB")))
+
+    return transform
+
+
+def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
+    """``(model in eval mode on CPU, image transform, class names)`` from an artifact directory (a path or
+    an s3:// / gs:// URI). Raises ArtifactError when the card or ``model.pt`` is missing or does not match."""
+    from finetune_trainer.model import build_model
+
+    card = load_model_card(artifact_dir)
+    uri = storage.join(artifact_dir, MODEL_FILE)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
+    expected = card["files"][MODEL_FILE]["sha256"]
+    actual = storage.sha256_bytes(data)
+    if actual != expected:
+        raise ArtifactError(
+            f"{uri}: sha256 {actual[:12]}… does not match the model card's {expected[:12]}…; "
+            "the file was modified, truncated or comes from another run"
+        )
+    class_names = [str(c) for c in card["classNames"]]
+    name = card["architecture"]["name"]
+    try:
+        model = build_model(name, None, len(class_names))
+    except ValueError as e:
+        raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {name!r}: {e}") from None
+    try:
+        # weights_only: unpickling a model file must never run code.
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {first}") from None
+    spec = InputSpec.from_wire(card["input"])
+    try:
+        transform = image_transform(spec)
+    except ValueError as e:
+        raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: input spec {spec} is not usable: {e}") from None
+    return model.eval(), transform, class_names
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # PIL raises UnidentifiedImageError for non-images and OSError/SyntaxError for truncated ones.
+        raise ArtifactError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def predict(
+    model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], images: list[Image.Image], top_k: int
+) -> list[list[tuple[int, float]]]:
+    """For each image, the ``top_k`` (class index, probability) pairs, most probable first."""
+    results: list[list[tuple[int, float]]] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), _BATCH):
+            batch = torch.stack([transform(im) for im in images[start : start + _BATCH]])
+            probs = torch.softmax(model(batch).float(), dim=1)
+            values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            results += [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
+    return results
+
+
+def predict_command(args: argparse.Namespace | Any) -> int:
+    """``finetune predict --model DIR IMAGE... [--top-k K]``: per image, its name and then the top-k
+    ``label  probability`` lines. Images that cannot be read are reported and skipped; exit 2 if any."""
+    top_k: int = args.top_k
+    if top_k < 1:
+        print(f"error: --top-k {top_k}: must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        model, transform, class_names = load_for_inference(args.model)
+    except (ArtifactError, storage.StorageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(map(len, class_names))
+    failed = 0
+    # A chunk at a time: thousands of images on the command line must not all sit in memory at once.
+    for start in range(0, len(args.images), _BATCH):
+        readable: list[tuple[str, Image.Image]] = []
+        for path in args.images[start : start + _BATCH]:
+            try:
+                readable.append((path, _open_image(path)))
+            except ArtifactError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+        tops = predict(model, transform, [image for _, image in readable], top_k)
+        for (path, _), top in zip(readable, tops, strict=True):
+            print(path)
+            for index, prob in top:
+                print(f"  {class_names[index]:<{width}}  {prob:.4f}")
+    return 2 if failed else 0

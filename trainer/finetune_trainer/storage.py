@@ -1,0 +1,156 @@
+"""Small file helpers for the trainer's outputs: a local path or an object-store URI (s3://, gs://).
+
+Local paths get atomic writes (a temporary file in the same directory, then ``os.replace``) so that a
+reader — `finetune predict`, a status watcher, a resumed run — never sees half a file. Object stores
+go through fsspec, imported only when a remote URI is actually used; their single-object PUTs are
+atomic already. Used by ``artifacts``, ``progress`` and ``predict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "StorageError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "is_remote",
+    "join",
+    "local_path",
+    "read_bytes",
+    "read_text",
+    "sha256_bytes",
+    "sha256_file",
+    "upload_file",
+    "write_bytes",
+    "write_text",
+]
+
+_CHUNK = 1 << 20
+
+
+class StorageError(OSError):
+    """A read or write that failed, with the URI it was about in the message (one line)."""
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``scheme://`` URIs other than ``file://``: those are opened through fsspec."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme != "file"
+
+
+def local_path(uri: str) -> Path:
+    """A local path or ``file://`` URI as a Path; a remote URI is a programming error here."""
+    if is_remote(uri):
+        raise ValueError(f"{uri} is not a local path")
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for paths and URIs alike (``os.path.join`` would mangle ``s3://``)."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; renamed over ``path`` when the block succeeds,
+    removed when it fails, so that readers see the old file or the new one, never a mix."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file must live in the target's directory: os.replace is atomic only within a filesystem.
+    # Named, not created (mkstemp would make it 0600): the writer creates it with the usual permissions.
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------- local or remote
+def _fs_open(uri: str, mode: str) -> Any:
+    try:
+        import fsspec
+    except ImportError:
+        raise StorageError(f"{uri}: object-store URIs need fsspec (and s3fs or gcsfs); install them") from None
+    return fsspec.open(uri, mode)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def read_bytes(uri: str) -> bytes:
+    """The content of a local file or an object; FileNotFoundError when it does not exist."""
+    if not is_remote(uri):
+        return local_path(uri).read_bytes()
+    try:
+        with _fs_open(uri, "rb") as f:
+            return bytes(f.read())
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # backends raise their own types (botocore, google.auth, ...)
+        raise StorageError(f"{uri}: cannot read: {_one_line(e)}") from e
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Replace the file or object at ``uri`` with ``data`` (atomically for local paths)."""
+    if not is_remote(uri):
+        atomic_write_bytes(local_path(uri), data)
+        return
+    try:
+        with _fs_open(uri, "wb") as f:
+            f.write(data)
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot write: {_one_line(e)}") from e
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(src: str | Path, uri: str) -> None:
+    """Copy the local file ``src`` to ``uri`` (a path or an object-store URI)."""
+    if not is_remote(uri):
+        with atomic_path(local_path(uri)) as tmp:
+            shutil.copyfile(src, tmp)
+        return
+    try:
+        with open(src, "rb") as fin, _fs_open(uri, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                fout.write(chunk)
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot upload {src}: {_one_line(e)}") from e
