@@ -1,0 +1,114 @@
+{{/*
+Names, labels and the RBAC rules shared by the templates. One template per object lives beside this file.
+*/}}
+
+{{/* The chart name, overridable. */}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: <release>-<chart>, or the release name alone when it already contains the
+chart name. Truncated to 63 characters because some names become DNS labels.
+*/}}
+{{- define "finetune-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. `component` is added by each template. */}}
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: finetune-operator
+{{- end }}
+
+{{/* Selector labels: immutable in a Deployment, so they never include the version. */}}
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image: a digest pins it; otherwise the tag, defaulting to the chart's appVersion. */}}
+{{- define "finetune-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The RayJobs' default trainer image: same release line as the operator unless overridden. */}}
+{{- define "finetune-operator.trainerImage" -}}
+{{- default (printf "ghcr.io/finetune-operator/trainer:%s" .Chart.AppVersion) .Values.settings.trainerImage }}
+{{- end }}
+
+{{/*
+The rules the operator needs in every namespace it watches, one rule per resource so that each verb can be
+traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcards anywhere.
+*/}}
+{{- define "finetune-operator.namespacedRules" -}}
+# FineTuneJobs: the objects it reconciles. No create/update/delete: users own them.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status subresource: the operator writes phase/conditions. It must also HOLD get+patch here because it grants
+# exactly that to each job's trainer Role, and RBAC forbids granting what one does not hold (escalation rule).
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch"]
+# Children carry ownerReferences with blockOwnerDeletion: true; clusters running the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) only allow that to whoever may update the
+# owner's finalizers. Adds no power: `patch` on finetunejobs already reaches metadata.finalizers.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+# The KubeRay RayJob that runs each FineTuneJob; watched to mirror its status back.
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The per-job ConfigMap holding the trainer's configuration.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+# The per-job trainer ServiceAccount.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create", "delete"]
+# The per-job Role (get/patch on that job's status only) and the RoleBinding giving it to the trainer.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["rolebindings"]
+  verbs: ["get", "create", "patch", "delete"]
+# Kubernetes Events on FineTuneJobs, posted by Kopf (core API) and by the operator (events.k8s.io).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,415 @@
+"""The Helm chart: lints strictly, renders schema-valid objects for every documented variant (``ci/*-values.yaml``),
+and renders what the operator needs and nothing more: the exact RBAC table, a pod meeting the "restricted" Pod
+Security profile, settings that the operator's own parser accepts, and the generated CRD byte for byte.
+
+helm-unittest style: each test renders (once per variant, cached in a module fixture) and asserts on objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator import __version__
+from finetune_operator.api import versions
+from finetune_operator.api.crd import build_crd
+from finetune_operator.settings import OperatorSettings
+from tests.support import k8s_tools
+from tests.support.k8s_tools import KOPF_CLUSTER_RULES, OPERATOR_RULES, of_kind, one, permission_table
+from tests.support.schemas import REPO
+
+CHART = REPO / "charts" / "finetune-operator"
+RELEASE, NAMESPACE = "ft", "finetune-system"
+FULLNAME = f"{RELEASE}-finetune-operator"
+VARIANT_FILES = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}
+VARIANTS = sorted(VARIANT_FILES)
+DEFAULTS: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+
+# What each variant renders, kind by kind: the documented switches and nothing else.
+BASE_KINDS = {
+    "CustomResourceDefinition": 1,
+    "ServiceAccount": 1,
+    "ClusterRole": 1,
+    "ClusterRoleBinding": 1,
+    "Deployment": 1,
+    "Service": 1,
+}
+NAMESPACED_KINDS = {k: v for k, v in BASE_KINDS.items() if not k.startswith("Cluster")} | {"Role": 2, "RoleBinding": 2}
+EXPECTED_KINDS = {
+    "default": BASE_KINDS,
+    "namespaced": NAMESPACED_KINDS,
+    "servicemonitor": BASE_KINDS | {"ServiceMonitor": 1},
+    "networkpolicy": BASE_KINDS | {"NetworkPolicy": 1},
+    "nocrds": {k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"},
+    "custom-image": BASE_KINDS,
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's values merge: maps merge key by key, everything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def values_of(variant: str) -> dict[str, Any]:
+    return _merge(DEFAULTS, yaml.safe_load(VARIANT_FILES[variant].read_text()) or {})
+
+
+@cache
+def _script(name: str) -> ModuleType:
+    """A module of scripts/ (not a package), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def renders() -> dict[str, list[dict[str, Any]]]:
+    """Every variant rendered once for the whole module; helm runs in parallel (each call is a separate process)."""
+
+    def render(path: Path) -> list[dict[str, Any]]:
+        return k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, values_files=[path])
+
+    with ThreadPoolExecutor() as pool:
+        return dict(zip(VARIANT_FILES, pool.map(render, VARIANT_FILES.values()), strict=True))
+
+
+def _pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return pod
+
+
+def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = _pod(objects)["containers"]
+    return container  # type: ignore[no-any-return]
+
+
+def test_every_documented_variant_has_expectations() -> None:
+    assert set(VARIANTS) == set(EXPECTED_KINDS), "add the new ci/*-values.yaml variant to EXPECTED_KINDS"
+
+
+# ---------------------------------------------------------------------------------------- lint, render
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_helm_lint_strict(variant: str) -> None:
+    result = k8s_tools.run("helm", "lint", "--strict", str(CHART), "--values", str(VARIANT_FILES[variant]), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_renders_expected_kinds(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    assert Counter(obj["kind"] for obj in renders[variant]) == Counter(EXPECTED_KINDS[variant])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_object_is_valid_for_kubernetes_1_35(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    validated = [obj["kind"] for obj in renders[variant] if k8s_tools.validate(obj)]
+    # ServiceMonitor is the Prometheus Operator's CRD, unknown to kubernetes-validate: only it may be skipped.
+    skipped = [obj["kind"] for obj in renders[variant] if obj["kind"] not in validated]
+    assert set(skipped) <= {"ServiceMonitor"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_namespaced_objects_are_in_the_release_namespace(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    watched = set(values_of(variant)["watchNamespaces"])
+    for obj in renders[variant]:
+        namespace = obj["metadata"].get("namespace")
+        if obj["kind"] in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+            assert namespace is None, obj["kind"]
+        elif obj["kind"] in ("Role", "RoleBinding"):
+            assert namespace in watched
+        else:
+            assert namespace == NAMESPACE, f"{obj['kind']} {obj['metadata']['name']}"
+
+
+# ------------------------------------------------------------------------------------- pod security
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pod_meets_restricted_profile(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    deployment = one(renders[variant], "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations")
+    assert k8s_tools.restricted_violations(_pod(renders[variant]), annotations) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_container_is_hardened_beyond_the_profile(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    pod, container = _pod(renders[variant]), _container(renders[variant])
+    sc = container["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}, "drop ALL and add nothing"
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsUser"] != 0 and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    assert not any(pod.get(field) for field in ("hostNetwork", "hostPID", "hostIPC"))
+
+
+GOOD_POD: dict[str, Any] = {
+    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+    "containers": [
+        {
+            "name": "c",
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            "ports": [{"containerPort": 8080}],
+        }
+    ],
+    "volumes": [{"name": "tmp", "emptyDir": {}}],
+}
+
+
+def _bad(path: str, value: Any) -> dict[str, Any]:
+    pod = copy.deepcopy(GOOD_POD)
+    *parents, last = path.split(".")
+    node: Any = pod
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[last] = value
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        pytest.param(GOOD_POD, None, id="ok"),
+        pytest.param(_bad("hostNetwork", True), "hostNetwork", id="hostNetwork"),
+        pytest.param(_bad("hostPID", True), "hostPID", id="hostPID"),
+        pytest.param(_bad("volumes", [{"name": "h", "hostPath": {"path": "/"}}]), "hostPath", id="hostPath-volume"),
+        pytest.param(_bad("volumes", [{"name": "n", "nfs": {"server": "s", "path": "/"}}]), "not allowed", id="nfs-volume"),
+        pytest.param(_bad("containers.0.securityContext.privileged", True), "privileged", id="container.privileged"),
+        pytest.param(
+            _bad("containers.0.securityContext.allowPrivilegeEscalation", True),
+            "allowPrivilegeEscalation",
+            id="container.allowPrivilegeEscalation",
+        ),
+        pytest.param(
+            _bad("containers.0.securityContext.capabilities", {"drop": ["NET_RAW"]}),
+            "drop must include ALL",
+            id="drop-without-ALL",
+        ),
+        pytest.param(
+            _bad("containers.0.securityContext.capabilities", {"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+            "capabilities.add",
+            id="add-SYS_ADMIN",
+        ),
+        pytest.param(_bad("containers.0.securityContext.runAsNonRoot", False), "runAsNonRoot", id="container.runAsNonRoot"),
+        pytest.param(_bad("securityContext.runAsNonRoot", None), "runAsNonRoot", id="pod-runAsNonRoot-missing"),
+        pytest.param(_bad("containers.0.securityContext.runAsUser", 0), "runAsUser", id="container.runAsUser"),
+        pytest.param(_bad("securityContext.seccompProfile", {"type": "Unconfined"}), "seccompProfile", id="seccomp-unconfined"),
+        pytest.param(_bad("securityContext.seccompProfile", None), "seccompProfile", id="seccomp-missing"),
+        pytest.param(_bad("containers.0.ports", [{"containerPort": 80, "hostPort": 80}]), "hostPort", id="hostPort"),
+        pytest.param(_bad("containers.0.securityContext.procMount", "Unmasked"), "procMount", id="container.procMount"),
+        pytest.param(_bad("securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]), "sysctl", id="sysctls"),
+        pytest.param(_bad("securityContext.seLinuxOptions", {"type": "spc_t"}), "seLinuxOptions", id="seLinuxOptions"),
+    ],
+)
+def test_restricted_checker_flags_each_rule(pod: dict[str, Any], expected: str | None) -> None:
+    violations = k8s_tools.restricted_violations(pod)
+    if expected is None:
+        assert violations == []
+    else:
+        assert any(expected in v for v in violations), violations
+
+
+# --------------------------------------------------------------------------------------- deployment
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deployment_shape(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    values = values_of(variant)
+    deployment = one(renders[variant], "Deployment")
+    pod, container = _pod(renders[variant]), _container(renders[variant])
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": values["metrics"]["port"], "healthz": 8081}  # 8081: the image's --liveness URL
+    assert container["resources"] == values["resources"]
+    assert pod["serviceAccountName"] == FULLNAME
+    assert pod.get("imagePullSecrets", []) == values["imagePullSecrets"]
+    tag = values["image"]["tag"] or __version__
+    assert container["image"] == f"{values['image']['repository']}:{tag}"
+    namespaces = values["watchNamespaces"]
+    assert container["args"] == ([f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"])
+
+
+def test_image_digest_pins_the_image() -> None:
+    digest = "sha256:" + "ab" * 32
+    objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=[f"image.digest={digest}"])
+    assert _container(objects)["image"] == f"{versions.OPERATOR_IMAGE_REPOSITORY}@{digest}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    values = values_of(variant)
+    settings = values["settings"]
+    env = k8s_tools.container_env(_container(renders[variant]))
+    assert env == {
+        "FINETUNE_OPERATOR_NAMESPACES": ",".join(values["watchNamespaces"]),
+        "FINETUNE_OPERATOR_TRAINER_IMAGE": settings["trainerImage"] or versions.DEFAULT_TRAINER_IMAGE,
+        "FINETUNE_OPERATOR_RAY_VERSION": settings["rayVersion"],
+        "FINETUNE_OPERATOR_MAX_WORKERS": str(settings["maxWorkers"]),
+        "FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER": str(settings["maxGpusPerWorker"]),
+        "FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS": str(settings["defaultTtlSeconds"]),
+        "FINETUNE_OPERATOR_STATUS_THROTTLE_SECONDS": str(settings["statusThrottleSeconds"]),
+        "FINETUNE_OPERATOR_HEAD_CPU": str(settings["headCpu"]),
+        "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],
+        "FINETUNE_OPERATOR_METRICS_PORT": str(values["metrics"]["port"]),
+        "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
+    }
+    # The operator's own parser accepts every rendered value and reads back what values.yaml says.
+    parsed = OperatorSettings.from_env(env)
+    assert parsed.namespaces == tuple(values["watchNamespaces"])
+    assert parsed.max_workers == settings["maxWorkers"]
+    assert parsed.status_throttle_seconds == float(settings["statusThrottleSeconds"])
+    assert parsed.log_level == settings["logLevel"]
+
+
+def test_every_operator_setting_is_in_the_chart(renders: dict[str, list[dict[str, Any]]]) -> None:
+    env = k8s_tools.container_env(_container(renders["default"]))
+    assert set(env) == set(OperatorSettings().to_env()), "mirror each OperatorSettings field in values.yaml"
+    assert OperatorSettings.from_env(env) == OperatorSettings(), "values.yaml defaults differ from the operator's"
+
+
+def test_chart_versions_agree_with_the_package() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__
+    assert DEFAULTS["image"]["repository"] == versions.OPERATOR_IMAGE_REPOSITORY
+    assert DEFAULTS["settings"]["rayVersion"] == versions.RAY_VERSION
+    assert "dependencies" not in chart, "a dependency breaks offline `helm lint`/`template`; see Chart.yaml"
+
+
+def test_default_images(renders: dict[str, list[dict[str, Any]]]) -> None:
+    container = _container(renders["default"])
+    assert container["image"] == versions.DEFAULT_OPERATOR_IMAGE
+    assert k8s_tools.container_env(container)["FINETUNE_OPERATOR_TRAINER_IMAGE"] == versions.DEFAULT_TRAINER_IMAGE
+
+
+# --------------------------------------------------------------------------------------------- RBAC
+def _roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] in ("Role", "ClusterRole")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rbac_has_no_wildcards(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    for role in _roles(renders[variant]):
+        assert k8s_tools.wildcards(role) == [], role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rbac_is_exactly_what_the_operator_uses(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    objects = renders[variant]
+    namespaces = values_of(variant)["watchNamespaces"]
+    subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    if namespaces:
+        assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+        assert sorted(r["metadata"]["namespace"] for r in of_kind(objects, "Role")) == sorted(namespaces)
+        assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == sorted(namespaces)
+        for role in of_kind(objects, "Role"):
+            assert permission_table(role) == OPERATOR_RULES
+        for binding in of_kind(objects, "RoleBinding"):
+            assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}
+            assert binding["subjects"] == subject
+    else:
+        assert permission_table(one(objects, "ClusterRole")) == OPERATOR_RULES | KOPF_CLUSTER_RULES
+        binding = one(objects, "ClusterRoleBinding")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
+        assert binding["subjects"] == subject
+
+
+def test_operator_holds_what_it_grants_to_trainers() -> None:
+    """RBAC's escalation rule: a per-job Role may only grant what the operator itself holds."""
+    from finetune_operator.rayjob import TRAINER_VERBS
+
+    assert set(TRAINER_VERBS) <= OPERATOR_RULES[(versions.GROUP, f"{versions.PLURAL}/status")]
+
+
+def test_rbac_create_false_renders_no_rbac() -> None:
+    objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=["rbac.create=false"])
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {obj["kind"] for obj in objects}
+
+
+# ------------------------------------------------------------------------------------- selectors
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    objects = renders[variant]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(objects, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": values_of(variant)["metrics"]["port"], "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    for monitor in of_kind(objects, "ServiceMonitor"):
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    for policy in of_kind(objects, "NetworkPolicy"):
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert ingress_ports == {"metrics", "healthz"}
+
+
+# ---------------------------------------------------------------------------------- values schema
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("imagee.tag=1.0", "additional properties 'imagee' not allowed"),
+        ("image.tagg=1.0", "additional properties 'tagg' not allowed"),
+        ("settings.maxWorker=8", "additional properties 'maxWorker' not allowed"),
+        ("metrics.serviceMonitor.enable=true", "additional properties 'enable' not allowed"),
+        ("settings.logLevel=VERBOSE", "logLevel"),
+        ("settings.maxWorkers=0", "maxWorkers"),
+        ("settings.headMemory=lots", "headMemory"),
+        ("watchNamespaces={Team_A}", "watchNamespaces"),
+        ("crds.enabled=yes", "enabled"),
+    ],
+)
+def test_values_schema_rejects(override: str, message: str) -> None:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", override]
+    result = k8s_tools.run("helm", *args, check=False)
+    assert result.returncode != 0, f"--set {override} was accepted"
+    assert message in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------------------------- CRD
+def test_chart_crd_spec_is_the_generated_one(renders: dict[str, list[dict[str, Any]]]) -> None:
+    crd = one(renders["default"], "CustomResourceDefinition")
+    generated = build_crd()
+    assert crd["spec"] == generated["spec"]
+    assert crd["metadata"]["name"] == generated["metadata"]["name"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+def test_chart_crd_template_copies_manifest_byte_for_byte() -> None:
+    sync = _script("sync_crd")
+    template = (CHART / "templates" / "crd.yaml").read_text()
+    manifest = (REPO / "manifests" / "base" / "crd.yaml").read_text()
+    assert template.removesuffix(sync.CHART_FOOTER).endswith(sync.spec_block(manifest))
+    assert sync.main(["--check"]) == 0, "run python scripts/sync_crd.py"
+
+
+# ------------------------------------------------------------------------------------------ README
+def test_every_value_is_documented() -> None:
+    readme = _script("chart_readme")
+    assert readme.undocumented((CHART / "values.yaml").read_text()) == []
+
+
+def test_readme_is_generated_from_values() -> None:
+    assert _script("chart_readme").main(["--check"]) == 0, "run python scripts/chart_readme.py"
+
+
+def test_readme_parser_reads_helm_docs_comments() -> None:
+    readme = _script("chart_readme")
+    text = "# -- first\n# continued\na:\n  # -- nested\n  b: 1\n  c: 2\n\n# plain comment\nd: []\n"
+    parsed = [(e.path, e.description) for e in readme.parse_values(text)]
+    assert parsed == [("a", "first continued"), ("a.b", "nested"), ("a.c", None), ("d", None)]
