@@ -47,6 +47,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    # Imported here: the other subcommands must not pay for (or need) the operator's modules.
+    from finetune_operator.api.validate import ManifestError
+    from finetune_operator.rayjob import InvalidJobError
+    from finetune_operator.render import render_objects, to_json, to_yaml
+    from finetune_operator.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_env()
+        objects = render_objects(_read(args.job), args.job, settings, namespace=args.namespace)
+    except OSError as exc:
+        print(f"{args.job}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ManifestError, InvalidJobError) as exc:
+        print(
+            f"{getattr(exc, 'label', args.job)}: invalid ({len(exc.lines)} error{'s' if len(exc.lines) > 1 else ''})",
+            file=sys.stderr,
+        )
+        for line in exc.lines:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    sys.stdout.write(to_json(objects) if args.output == "json" else to_yaml(objects))
+    return 0
+
+
 def cmd_crd(args: argparse.Namespace) -> int:
     sys.stdout.write(render_crd_yaml())
     return 0
@@ -107,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML files, several documents each allowed; - reads stdin")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the invalid documents")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "render", help="print the RayJob, ConfigMap, ServiceAccount, Role and RoleBinding the operator would create"
+    )
+    p.add_argument("job", metavar="JOB.yaml", help="one FineTuneJob manifest; - reads stdin")
+    p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="output format (default: yaml)")
+    p.add_argument("-n", "--namespace", help="namespace when the manifest names none (default: default)")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=cmd_crd)

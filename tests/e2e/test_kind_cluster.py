@@ -58,7 +58,7 @@ def installed(kubeconfig: str) -> Iterator[None]:
             "--set",
             "image.tag=e2e",
             "--set",
-            "trainer.image=ghcr.io/finetune-operator/trainer:e2e",
+            "settings.trainerImage=ghcr.io/finetune-operator/trainer:e2e",
             "--wait",
         ],
         check=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ _BLOCK_CONTAINERS: Final = ("features", "layers", "trunk_output", "encoder.layer
 # so it joins that layer's block instead of being a block nobody would unfreeze on its own.
 _NORM_TYPES: Final = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
+# GoogLeNet's and Inception v3's auxiliary classifiers: training-time extra losses, dropped here.
+_AUX_HEADS: Final = ("aux1", "aux2", "AuxLogits")
+
 _CHECKPOINT_KEYS: Final = ("model", "state_dict", "model_state_dict")
 # DistributedDataParallel and torch.compile wrap the model and prefix every key of its state_dict.
 _WRAPPER_PREFIXES: Final = ("module.", "_orig_mod.")
@@ -84,13 +88,18 @@ def resolve_weights(name: str, weights: str | None) -> WeightsEnum | None:
 
 
 def _builder_kwargs(name: str, init: bool) -> dict[str, Any]:
-    """Extra builder arguments: GoogLeNet and Inception v3 are built without their auxiliary heads,
-    which only a two-term loss would use, so that a train-mode forward returns a plain tensor."""
+    """Builder arguments for GoogLeNet and Inception v3 without torchvision weights."""
     if name not in ("googlenet", "inception_v3"):
         return {}
-    # Passing init_weights also silences their FutureWarning about the default changing; skipping the
-    # init is only right when every weight is about to be overwritten anyway.
-    return {"aux_logits": False, "init_weights": init}
+    return {
+        # Their aux heads only serve a multi-term loss; without them a train-mode forward is a tensor.
+        "aux_logits": False,
+        # All their torchvision weights, hence the files of jobs chained from them, expect the input
+        # re-normalisation that the builder turns on with weights; a random start learns either way.
+        "transform_input": True,
+        # Passing it silences their FutureWarning; skipping init only when every weight gets loaded.
+        "init_weights": init,
+    }
 
 
 def build_model(name: str, weights: str | None, num_classes: int, weights_uri: str | None = None) -> nn.Module:
@@ -102,16 +111,16 @@ def build_model(name: str, weights: str | None, num_classes: int, weights_uri: s
         raise ValueError("set either weights (torchvision) or weights_uri (a file), not both")
     if weights_uri is None:
         resolved = resolve_weights(name, weights)
-        # The head is swapped after loading: passing num_classes together with weights makes
-        # torchvision refuse (its weights have a 1000-class head).
-        # With weights, the builders insist on building the aux heads they load; replace_head drops them.
+        # The head is swapped after loading: torchvision refuses num_classes together with weights.
+        # With weights, the GoogLeNet/Inception builders insist on building the aux heads they load;
+        # replace_head drops them.
         kwargs = _builder_kwargs(name, init=True) if resolved is None else {}
         model = cast(nn.Module, models.get_model(name, weights=resolved, **kwargs))
         return replace_head(model, num_classes)
     state = load_state_dict_file(weights_uri)
     model = cast(nn.Module, models.get_model(name, weights=None, **_builder_kwargs(name, init=False)))
     replace_head(model, num_classes)
-    load_weights(model, state, source=weights_uri)
+    load_weights(model, state, source=weights_uri, arch=name)
     return model
 
 
@@ -146,6 +155,17 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def _load_failure(e: BaseException) -> str:
+    # torch's weights_only errors are paragraphs of advice about trusting the file; say what it holds.
+    text = str(e)
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return f"it pickles a {pickled.group(1)} (save model.state_dict(), or a dict of tensors, plain values and state_dicts)"
+    if text.startswith("Weights only load failed"):
+        return "not a torch.save file, or it holds more than tensors and plain values"
+    return _one_line(e)[:200]
+
+
 def load_state_dict_file(uri: str) -> dict[str, Tensor]:
     """The state_dict in a file (a path, file://, or s3:// / gs:// through fsspec) holding either a plain
     state_dict or a trainer checkpoint with it under ``model``; wrapper prefixes (``module.``) removed."""
@@ -154,7 +174,7 @@ def load_state_dict_file(uri: str) -> dict[str, Tensor]:
         # weights_only: a checkpoint from elsewhere must not be able to run code when unpickled.
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"weights_uri {uri}: not a PyTorch state_dict or checkpoint ({_one_line(e)})") from None
+        raise WeightsError(f"weights_uri {uri}: not a PyTorch state_dict or checkpoint: {_load_failure(e)}") from None
     if isinstance(obj, Mapping):
         inner = next((obj[k] for k in _CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)), obj)
         if inner and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inner.items()):
@@ -180,14 +200,14 @@ def _sample(keys: Sequence[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "state_dict") -> bool:
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "state_dict", arch: str | None = None) -> bool:
     """Load ``state`` into ``model``: every backbone tensor must be there with its shape (else
     WeightsError naming ``source``); the head's only if its shapes match, as when chaining jobs with the
-    same classes. Keys of sub-modules the model dropped (auxiliary heads) are ignored. Returns whether
-    the head was loaded."""
+    same classes. Keys of sub-modules the model dropped (auxiliary heads) are ignored. ``arch`` names
+    the model in errors. Returns whether the head was loaded."""
     target = model.state_dict()
     heads = tuple(f"{h}." for h in head_module_names(model))
-    dropped = tuple(f"{n}." for n, m in model._modules.items() if m is None) or ("\0",)
+    dropped = tuple(f"{n}." for n in _AUX_HEADS if getattr(model, n, None) is None)
     state = {k: v for k, v in state.items() if not k.startswith(dropped)}
 
     def is_head(key: str) -> bool:
@@ -208,7 +228,7 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "s
             f"wrong shape {_sample(reshaped, 2)}" if reshaped else "",
         ]
         raise WeightsError(
-            f"weights_uri {source} does not fit {type(model).__name__} (another architecture?): "
+            f"weights_uri {source} does not fit {arch or type(model).__name__} (another architecture?): "
             + "; ".join(p for p in problems if p)
         )
     head_keys = [k for k in target if is_head(k)]
@@ -224,7 +244,7 @@ def _drop_aux_heads(model: nn.Module) -> None:
     # GoogLeNet and Inception v3 return (logits, aux...) in train mode while they have auxiliary heads.
     if isinstance(model, models.GoogLeNet | models.Inception3) and model.aux_logits:
         model.aux_logits = False
-        for name in ("aux1", "aux2", "AuxLogits"):
+        for name in _AUX_HEADS:
             if hasattr(model, name):
                 setattr(model, name, None)
 
@@ -245,19 +265,19 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     _drop_aux_heads(model)
     for name in head_module_names(model):
         old = model.get_submodule(name)
-        factory = {"device": old.weight.device, "dtype": old.weight.dtype}
         new: nn.Module
         if isinstance(old, nn.Linear):
-            new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, **factory)
+            new = nn.Linear(old.in_features, num_classes, old.bias is not None, old.weight.device, old.weight.dtype)
         elif isinstance(old, nn.Conv2d):
             new = nn.Conv2d(
                 old.in_channels,
                 num_classes,
-                kernel_size=old.kernel_size,
-                stride=old.stride,
-                padding=old.padding,
+                cast(tuple[int, int], old.kernel_size),
+                cast(tuple[int, int], old.stride),
+                cast("str | tuple[int, int]", old.padding),
                 bias=old.bias is not None,
-                **factory,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
             )
         else:
             raise TypeError(f"cannot replace head {name} of type {type(old).__name__}")
