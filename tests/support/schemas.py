@@ -28,7 +28,8 @@ def crd_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 def load_crd_schema(path: Path, version: str) -> dict[str, Any]:
-    return crd_schema(yaml.safe_load(path.read_text()), version)
+    # The C loader: KubeRay's CRDs are large (4 s with the pure-Python loader, 0.4 s with this one).
+    return crd_schema(yaml.load(path.read_text(), Loader=yaml.CSafeLoader), version)
 
 
 def kuberay_schema(plural: str = "rayjobs") -> dict[str, Any]:

@@ -442,7 +442,7 @@ class RunPolicySpec(WireModel):
     """Wall-clock limit of the job, after which it fails."""
 
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
-    """Seconds the finished RayJob is kept before KubeRay deletes it (the FineTuneJob and artifacts stay)."""
+    """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay)."""
 
     suspend: bool = False
     """Suspend the job (Ray cluster deleted); set back to false to resume from the last checkpoint. The only field that may change after creation."""

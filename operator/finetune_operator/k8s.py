@@ -1,0 +1,154 @@
+"""The operator's Kubernetes API calls: create-or-get children, read and patch RayJobs and FineTuneJob status.
+
+A thin synchronous layer over the official client (Kopf runs sync handlers in its thread pool), speaking
+plain dicts. Every failure is raised as ``ApiFailure`` naming the object (``kind namespace/name``) and
+chained to the client's exception; ``kopf_error`` turns it into what Kopf should do: retry later
+(``TemporaryError`` with a delay) or give up (``PermanentError``) for requests that can never succeed.
+
+Custom resources are patched with ``application/merge-patch+json``: the client's default for a dict
+body is a strategic merge patch, which the API server refuses (415) for custom resources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import kopf
+import kubernetes.client
+import kubernetes.config
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.api.versions import GROUP, PLURAL, VERSION
+
+MERGE_PATCH: Final = "application/merge-patch+json"
+TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead connection
+_CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
+_RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
+_CUSTOM: Final = {"RayJob": ("ray.io", "v1", "rayjobs"), "FineTuneJob": (GROUP, VERSION, PLURAL)}
+
+
+class ApiFailure(Exception):
+    """A Kubernetes API request failed; ``status`` is the HTTP status (None: no answer at all)."""
+
+    def __init__(self, what: str, status: int | None, detail: str) -> None:
+        super().__init__(f"{what}: {detail}")
+        self.status = status
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return f"HTTP {exc.status} {exc.reason}" + (f": {message}" if message else "")
+    return f"API server unreachable: {exc}"
+
+
+def kopf_error(exc: ApiFailure) -> kopf.TemporaryError | kopf.PermanentError:
+    """What Kopf should do about a failed request: 400/404/422 never get better by retrying; the rest may."""
+    if exc.status in (400, 422):
+        return kopf.PermanentError(str(exc))
+    delay = 30.0 if exc.status in (401, 403) else 10.0  # RBAC is fixed by people, slowly
+    return kopf.TemporaryError(str(exc), delay=delay)
+
+
+def load_client() -> kubernetes.client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (``KUBECONFIG``) for development."""
+    configuration = kubernetes.client.Configuration()
+    config: Any = kubernetes.config  # untyped functions
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        # KUBECONFIG is read now, not when the kubernetes package was imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration=configuration)
+
+
+class Kube:
+    """The calls the handlers make; one instance per operator (its client pools connections)."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, _request_timeout=TIMEOUT, **kwargs)
+        except ApiException as exc:
+            raise ApiFailure(what, exc.status, _detail(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiFailure(what, None, _detail(exc)) from exc
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        client: Any = self.client  # sanitize_for_serialization is untyped
+        plain = client.sanitize_for_serialization(obj)
+        return dict(plain) if isinstance(plain, Mapping) else {}
+
+    # ---- any child kind
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        kind, meta = obj["kind"], obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        what = f"create {kind} {ns}/{name}"
+        if kind in _CORE:
+            return self._plain(self._call(what, getattr(self.core, f"create_namespaced_{_CORE[kind]}"), ns, obj))
+        if kind in _RBAC:
+            return self._plain(self._call(what, getattr(self.rbac, f"create_namespaced_{_RBAC[kind]}"), ns, obj))
+        group, version, plural = _CUSTOM[kind]
+        return dict(self._call(what, self.custom.create_namespaced_custom_object, group, version, ns, plural, obj))
+
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        what = f"read {kind} {namespace}/{name}"
+        try:
+            if kind in _CORE:
+                return self._plain(self._call(what, getattr(self.core, f"read_namespaced_{_CORE[kind]}"), name, namespace))
+            if kind in _RBAC:
+                return self._plain(self._call(what, getattr(self.rbac, f"read_namespaced_{_RBAC[kind]}"), name, namespace))
+            group, version, plural = _CUSTOM[kind]
+            return dict(self._call(what, self.custom.get_namespaced_custom_object, group, version, namespace, plural, name))
+        except ApiFailure as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
+        """(object, created?): an existing object of that name (HTTP 409) is read back (if asked), never duplicated."""
+        try:
+            return self.create(obj), True
+        except ApiFailure as exc:
+            if exc.status != 409:
+                raise
+        if not read_back:
+            return None, False
+        meta = obj["metadata"]
+        existing = self.read(obj["kind"], meta["namespace"], meta["name"])
+        if existing is None:  # deleted between our create and read: let Kopf retry
+            raise ApiFailure(
+                f"create {obj['kind']} {meta['namespace']}/{meta['name']}", 409, "conflicts with an object being deleted"
+            )
+        return existing, False
+
+    # ---- custom resources
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch a custom resource's main resource (spec, metadata)."""
+        group, version, plural = _CUSTOM[kind]
+        fn = self.custom.patch_namespaced_custom_object
+        what = f"patch {kind} {namespace}/{name}"
+        return dict(self._call(what, fn, group, version, namespace, plural, name, dict(patch), _content_type=MERGE_PATCH))
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch ``status`` through the status subresource (``None`` values delete keys)."""
+        group, version, plural = _CUSTOM[kind]
+        fn = self.custom.patch_namespaced_custom_object_status
+        what = f"patch {kind} {namespace}/{name} status"
+        body = {"status": dict(status)}
+        return dict(self._call(what, fn, group, version, namespace, plural, name, body, _content_type=MERGE_PATCH))

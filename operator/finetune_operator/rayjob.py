@@ -1,0 +1,288 @@
+"""FineTuneJob → the Kubernetes objects that run it: RayJob, trainer ConfigMap, ServiceAccount, Role, RoleBinding.
+
+Pure: plain dicts out, no API calls, so the create handler, ``finetune render`` and the golden tests
+share one function (``build_children``) and a reviewer sees exactly what the operator would apply.
+
+Choices that are not obvious from the output:
+- The trainer's configuration travels as a ConfigMap (``trainer.json``) mounted at ``/etc/finetune``,
+  not on the entrypoint command line: no quoting problems and no size limit on the entrypoint.
+- The Ray head runs the driver only (``num-cpus: "0"``); training lands on the single worker group,
+  sized exactly (``replicas = minReplicas = maxReplicas``, no autoscaling) with Guaranteed resources.
+- Worker scheduling (``nodeSelector``, ``tolerations``) applies to workers only: the head needs no GPU node.
+- ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
+  read-only unless the claim holds the output or the cache.
+- Owner references are set here from the job's uid (when it has one), so the golden files show them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from finetune_operator import naming
+from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, ObjectMeta
+from finetune_operator.api.validate import validate_spec
+from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL
+from finetune_operator.settings import OperatorSettings
+from finetune_trainer.config import TrainerConfig, pvc_mount_path
+
+CONFIG_DIR: Final = "/etc/finetune"
+CONFIG_KEY: Final = "trainer.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+ENTRYPOINT: Final = f"python -m finetune_trainer --config {CONFIG_PATH}"
+WORKER_GROUP: Final = "workers"
+ENV_JOB_NAME: Final = "FINETUNE_JOB_NAME"
+ENV_JOB_NAMESPACE: Final = "FINETUNE_JOB_NAMESPACE"
+ENV_CONFIG: Final = "FINETUNE_CONFIG"
+ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
+TRAINER_VERBS: Final = ("get", "patch")
+
+
+class InvalidJobError(ValueError):
+    """The job cannot be rendered; ``lines`` are the field-path messages ``finetune validate`` prints."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class Children:
+    """Everything one FineTuneJob needs, in the order it is created (the RayJob last: its needs exist first)."""
+
+    rayjob: dict[str, Any]
+    config_map: dict[str, Any]
+    role: dict[str, Any]
+    role_binding: dict[str, Any]
+    service_account: dict[str, Any] | None = None
+
+    def all(self) -> list[dict[str, Any]]:
+        head = [self.service_account] if self.service_account else []
+        return [*head, self.role, self.role_binding, self.config_map, self.rayjob]
+
+
+def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """Limits this operator enforces on top of the API's own validation (its ``FINETUNE_OPERATOR_MAX_*``)."""
+    errors = []
+    res = spec.resources
+    if res.workers > settings.max_workers:
+        errors.append(
+            f"spec.resources.workers: {res.workers} exceeds this operator's limit of {settings.max_workers} "
+            "(FINETUNE_OPERATOR_MAX_WORKERS); ask for fewer workers"
+        )
+    if res.gpus_per_worker > settings.max_gpus_per_worker:
+        errors.append(
+            f"spec.resources.gpusPerWorker: {res.gpus_per_worker} exceeds this operator's limit of "
+            f"{settings.max_gpus_per_worker} (FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER)"
+        )
+    return errors
+
+
+def check_spec(spec: Any, settings: OperatorSettings) -> tuple[FineTuneJobSpec | None, list[str]]:
+    """``validate_spec`` plus the operator's limits: the whole admission decision of the create handler."""
+    model, errors = validate_spec(spec)
+    if model is None:
+        return None, errors
+    errors = policy_errors(model, settings)
+    return (None, errors) if errors else (model, [])
+
+
+def job_from_body(body: Mapping[str, Any], settings: OperatorSettings) -> FineTuneJob:
+    """The typed job from an API object (extra metadata such as managedFields is ignored)."""
+    meta = body.get("metadata") or {}
+    spec, errors = check_spec(body.get("spec"), settings)
+    if spec is None:
+        raise InvalidJobError(errors)
+    return FineTuneJob(
+        metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")),
+        spec=spec,
+    )
+
+
+def build_children(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings) -> Children:
+    """All child objects of ``job`` (a model, or an API body validated here). Requires a namespace."""
+    if not isinstance(job, FineTuneJob):
+        job = job_from_body(job, settings)
+    meta = job.metadata
+    if not meta.namespace:
+        raise ValueError(f"{KIND} {meta.name} has no namespace; children are namespaced")
+    runtime = job.spec.runtime
+    sa_name = runtime.service_account_name or naming.service_account_name(meta.name)
+    service_account = None if runtime.service_account_name else _object("v1", "ServiceAccount", sa_name, job)
+    role = _object("rbac.authorization.k8s.io/v1", "Role", naming.role_name(meta.name), job)
+    role["rules"] = [
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [meta.name], "verbs": list(TRAINER_VERBS)}
+    ]
+    binding = _object("rbac.authorization.k8s.io/v1", "RoleBinding", naming.role_name(meta.name), job)
+    binding["roleRef"] = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    binding["subjects"] = [{"kind": "ServiceAccount", "name": sa_name, "namespace": meta.namespace}]
+    config_map = _object("v1", "ConfigMap", naming.config_map_name(meta.name), job)
+    config_map["data"] = {CONFIG_KEY: render_trainer_config(job)}
+    return Children(
+        rayjob=build_rayjob(job, settings, service_account=sa_name, config_map=config_map["metadata"]["name"]),
+        config_map=config_map,
+        role=role,
+        role_binding=binding,
+        service_account=service_account,
+    )
+
+
+def render_trainer_config(job: FineTuneJob) -> str:
+    """The ``trainer.json`` the entrypoint reads: the spec plus identity, with the Kubernetes progress sink on."""
+    config = TrainerConfig.from_job(job, sinks=["console", "kubernetes"])
+    return json.dumps(config.model_dump(by_alias=True, mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
+
+
+def job_labels(job: FineTuneJob) -> dict[str, str]:
+    labels = {naming.LABEL_JOB: naming.label_value(job.metadata.name), naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+    if job.metadata.uid:
+        labels[naming.LABEL_JOB_UID] = job.metadata.uid
+    return labels
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _object(api_version: str, kind: str, name: str, job: FineTuneJob) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": job_labels(job)}
+    if job.metadata.uid:
+        metadata["ownerReferences"] = [owner_reference(job)]
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata}
+
+
+def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_account: str, config_map: str) -> dict[str, Any]:
+    """The KubeRay v1 RayJob (validated against KubeRay v1.7.0's CRD schema by the tests)."""
+    spec, policy = job.spec, job.spec.run_policy
+    rayjob = _object("ray.io/v1", "RayJob", naming.rayjob_name(job.metadata.name), job)
+    if spec.runtime.queue_name:
+        rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] = spec.runtime.queue_name
+    # The CRD defaults ttlSecondsAfterFinished only when runPolicy is present; the operator's default covers the rest.
+    ttl = (
+        policy.ttl_seconds_after_finished
+        if "ttl_seconds_after_finished" in policy.model_fields_set
+        else settings.default_ttl_seconds
+    )
+    body: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": "K8sJobMode",
+        # KubeRay refuses to suspend a RayJob that does not shut down, and the TTL needs it too.
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ttl,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend,
+    }
+    if policy.active_deadline_seconds is not None:
+        body["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    body["rayClusterSpec"] = {
+        "rayVersion": spec.runtime.ray_version or settings.ray_version,
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            # No CPUs for Ray on the head: Ray Train workers land on the worker group only.
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": _pod_template(job, settings, "head", service_account, config_map),
+        },
+        "workerGroupSpecs": [_worker_group(job, settings, service_account, config_map)],
+    }
+    rayjob["spec"] = body
+    return rayjob
+
+
+def _worker_group(job: FineTuneJob, settings: OperatorSettings, service_account: str, config_map: str) -> dict[str, Any]:
+    res = job.spec.resources
+    start: dict[str, str] = {}
+    if res.gpus_per_worker:
+        # KubeRay infers num-gpus only for names ending in "gpu"; the trainer asks Ray for "GPU" whatever the vendor.
+        start["num-gpus"] = str(res.gpus_per_worker)
+    return {
+        "groupName": WORKER_GROUP,
+        "replicas": res.workers,
+        "minReplicas": res.workers,
+        "maxReplicas": res.workers,
+        "rayStartParams": start,
+        "template": _pod_template(job, settings, "worker", service_account, config_map),
+    }
+
+
+def _cpu(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+
+
+def _pod_template(
+    job: FineTuneJob, settings: OperatorSettings, role: str, service_account: str, config_map: str
+) -> dict[str, Any]:
+    spec = job.spec
+    runtime, res = spec.runtime, spec.resources
+    if role == "head":
+        resources: dict[str, Any] = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    else:
+        resources = {"cpu": _cpu(res.cpus_per_worker), "memory": res.memory_per_worker}
+        if res.gpus_per_worker:
+            resources[res.accelerator] = res.gpus_per_worker
+    mounts = [{"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "trainer-config", "configMap": {"name": config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+        # PyTorch DataLoader workers and Ray's object store need more than the default 64Mi of /dev/shm.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    for claim, read_only in pvc_claims(spec).items():
+        volume = naming.pvc_volume_name(claim)
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": volume, "mountPath": pvc_mount_path(claim), "readOnly": read_only})
+    container: dict[str, Any] = {
+        "name": f"ray-{role}",
+        "image": runtime.image or settings.trainer_image,
+        "resources": {"limits": dict(resources), "requests": dict(resources)},
+        "env": [*(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
+        "volumeMounts": mounts,
+    }
+    if runtime.env_from:
+        container["envFrom"] = [e.to_wire() for e in runtime.env_from]
+    if role == "head":
+        container["ports"] = [
+            {"containerPort": 6379, "name": "gcs-server"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": 10001, "name": "client"},
+        ]
+    pod: dict[str, Any] = {"serviceAccountName": service_account, "containers": [container], "volumes": volumes}
+    if runtime.priority_class_name:
+        pod["priorityClassName"] = runtime.priority_class_name
+    if role == "worker" and res.node_selector:
+        pod["nodeSelector"] = dict(res.node_selector)
+    if role == "worker" and res.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in res.tolerations]
+    return {"metadata": {"labels": job_labels(job)}, "spec": pod}
+
+
+def _operator_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Identity and reporting settings for the trainer's Kubernetes sink (after the user's, so they win)."""
+    return [
+        {"name": ENV_JOB_NAME, "value": job.metadata.name},
+        # The downward API cannot disagree with where the pod actually runs.
+        {"name": ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_CONFIG, "value": CONFIG_PATH},
+        {"name": ENV_THROTTLE, "value": f"{settings.status_throttle_seconds:g}"},
+    ]
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Claims named by ``pvc://`` URIs → read-only? (False when the job writes there: output or cache)."""
+    written = [spec.output.uri, spec.dataset.cache_dir]
+    read = [spec.dataset.train_uri, spec.dataset.validation_uri, spec.model.weights_uri]
+    claims: dict[str, bool] = {}
+    for uri, read_only in [*((u, False) for u in written), *((u, True) for u in read)]:
+        if uri is None or uri_scheme(uri) != "pvc":
+            continue
+        claim = uri[len("pvc://") :].split("/", 1)[0]
+        claims[claim] = claims.get(claim, True) and read_only
+    return dict(sorted(claims.items()))

@@ -1,0 +1,379 @@
+"""The pure RayJob builder: golden files per example, KubeRay v1.7.0 schema (+ no prunable field), RBAC, names.
+
+Regenerate the golden files after an intended change with ``UPDATE_GOLDEN=1 pytest tests/unit/test_rayjob.py``
+and review the diff: it is what every cluster running the operator will see.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator import naming
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.api.validate import load_job
+from finetune_operator.rayjob import CONFIG_PATH, ENTRYPOINT, InvalidJobError, build_children, check_spec, job_from_body
+from finetune_operator.render import render_objects, to_yaml
+from finetune_operator.settings import OperatorSettings
+from finetune_trainer.config import PVC_MOUNT_ROOT, TrainerConfig
+from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
+
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+GOLDEN = Path(__file__).parent / "golden"
+SETTINGS = OperatorSettings()
+# The same schema as tests.support.schemas.kuberay_schema(), parsed with libyaml: 0.4 s instead of 4 s.
+RAYJOB_SCHEMA = crd_schema(yaml.load((KUBERAY_SCHEMAS / "ray.io_rayjobs.yaml").read_text(), Loader=yaml.CSafeLoader), "v1")
+
+
+def example_job(path: Path) -> FineTuneJob:
+    job = load_job(path.read_text(), str(path))
+    job.metadata.namespace = job.metadata.namespace or "default"
+    # A fixed uid per name so the golden files show the owner references the operator sets.
+    job.metadata.uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"finetune.dev/{job.metadata.name}"))
+    return job
+
+
+def body(name: str = "job", namespace: str = "team", uid: str = "u-1", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"name": "resnet18"},
+        "dataset": {"format": "digits"},
+        "output": {"uri": "s3://bucket/runs"},
+    }
+    for key, value in spec.items():
+        base[key] = {**base.get(key, {}), **value}
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "generation": 1},
+        "spec": base,
+    }
+
+
+def containers(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    return [c for pod in pods for c in pod["containers"]]
+
+
+def worker_pod(rayjob: dict[str, Any]) -> dict[str, Any]:
+    groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert len(groups) == 1
+    pod: dict[str, Any] = groups[0]["template"]["spec"]
+    return pod
+
+
+# ------------------------------------------------------------------------------------------- golden
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_golden(path: Path) -> None:
+    rendered = to_yaml(build_children(example_job(path), SETTINGS).all())
+    golden = GOLDEN / f"{path.stem}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(rendered)
+    assert golden.exists(), f"no golden file {golden}; run UPDATE_GOLDEN=1 pytest {__file__}"
+    assert rendered == golden.read_text(), f"{golden.name} drifted; review, then UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+def test_every_golden_file_has_an_example() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.yaml")} == {p.stem for p in EXAMPLES}
+
+
+# ------------------------------------------------------------------------------------------- schema
+EDGE_CASES: dict[str, dict[str, Any]] = {
+    "pvc-output": body(output={"uri": "pvc://models/finetune"}),
+    "pvc-everywhere": body(
+        model={"name": "resnet18", "weightsUri": "pvc://weights/resnet18.pt"},
+        dataset={
+            "format": "imagefolder",
+            "trainUri": "pvc://data/train",
+            "validationUri": "pvc://data/val",
+            "cacheDir": "pvc://scratch/c",
+        },
+        output={"uri": "pvc://models/out"},
+    ),
+    "queue": body(runtime={"queueName": "gpu-queue", "priorityClassName": "batch"}),
+    "service-account": body(runtime={"serviceAccountName": "ml-runner"}),
+    "gpu-tolerations": body(
+        resources={
+            "workers": 4,
+            "gpusPerWorker": 2,
+            "cpusPerWorker": 1.5,
+            "memoryPerWorker": "30Gi",
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}],
+        },
+        hyperparameters={"batchSize": 64},
+    ),
+    "amd": body(resources={"gpusPerWorker": 1, "accelerator": "amd.com/gpu"}),
+    "suspended-with-deadline": body(
+        runPolicy={"suspend": True, "activeDeadlineSeconds": 600, "backoffLimit": 3, "ttlSecondsAfterFinished": 0}
+    ),
+    "env": body(
+        runtime={
+            "env": [{"name": "A", "value": "1"}],
+            "envFrom": [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "cfg"}, "prefix": "X_"}],
+            "image": "registry.local/trainer:dev",
+            "rayVersion": "2.50.1",
+        }
+    ),
+    "long-name": body(name="a" * 253),
+    "dotted-name": body(name="9.lives.of-a.cat"),
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_validate_against_kuberay_schema(path: Path) -> None:
+    rayjob = build_children(example_job(path), SETTINGS).rayjob
+    assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=str)
+def test_edge_cases_validate_against_kuberay_schema(case: str) -> None:
+    rayjob = build_children(EDGE_CASES[case], SETTINGS).rayjob
+    assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
+
+
+def test_schema_check_catches_a_misspelt_field() -> None:
+    rayjob = copy.deepcopy(build_children(body(), SETTINGS).rayjob)
+    rayjob["spec"]["shutdownAfterJobFinish"] = rayjob["spec"].pop("shutdownAfterJobFinishes")
+    assert strict_errors(rayjob, RAYJOB_SCHEMA) == [
+        "spec.shutdownAfterJobFinish: field not declared in the schema (would be pruned)"
+    ]
+
+
+# --------------------------------------------------------------------------------------- the RayJob
+def test_rayjob_spec_from_run_policy() -> None:
+    spec = build_children(EDGE_CASES["suspended-with-deadline"], SETTINGS).rayjob["spec"]
+    assert spec["entrypoint"] == ENTRYPOINT == f"python -m finetune_trainer --config {CONFIG_PATH}"
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert (spec["suspend"], spec["activeDeadlineSeconds"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (
+        True,
+        600,
+        3,
+        0,
+    )
+
+
+def test_ttl_defaults_to_the_operator_setting_only_when_unset() -> None:
+    settings = OperatorSettings(default_ttl_seconds=60)
+    assert build_children(body(), settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 60
+    assert "activeDeadlineSeconds" not in build_children(body(), settings).rayjob["spec"]
+    given = body(runPolicy={"ttlSecondsAfterFinished": 3600})
+    assert build_children(given, settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_head_runs_no_training_and_workers_are_sized_exactly() -> None:
+    rayjob = build_children(EDGE_CASES["gpu-tolerations"], OperatorSettings(head_cpu="500m", head_memory="3Gi")).rayjob
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "500m", "memory": "3Gi"}
+    assert "nodeSelector" not in head["template"]["spec"] and "tolerations" not in head["template"]["spec"]
+    group = cluster["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    assert group["rayStartParams"] == {"num-gpus": "2"}
+    pod = worker_pod(rayjob)
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"] == resources["requests"] == {"cpu": "1500m", "memory": "30Gi", "nvidia.com/gpu": 2}
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}
+    ]
+    assert cluster["rayVersion"] == SETTINGS.ray_version and cluster["enableInTreeAutoscaling"] is False
+
+
+def test_cpu_job_requests_no_accelerator() -> None:
+    rayjob = build_children(body(), SETTINGS).rayjob
+    assert worker_pod(rayjob)["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
+    assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == {}
+
+
+def test_other_accelerators_use_their_resource_name() -> None:
+    limits = worker_pod(build_children(EDGE_CASES["amd"], SETTINGS).rayjob)["containers"][0]["resources"]["limits"]
+    assert limits["amd.com/gpu"] == 1 and "nvidia.com/gpu" not in limits
+
+
+def test_image_env_and_secrets_reach_every_ray_container() -> None:
+    rayjob = build_children(EDGE_CASES["env"], SETTINGS).rayjob
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.50.1"
+    for container in containers(rayjob):
+        assert container["image"] == "registry.local/trainer:dev"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["A"] == {"name": "A", "value": "1"}
+        assert env["FINETUNE_JOB_NAME"]["value"] == "job"
+        assert env["FINETUNE_JOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["FINETUNE_STATUS_THROTTLE_SECONDS"]["value"] == "10"
+        assert container["envFrom"] == [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "cfg"}, "prefix": "X_"}]
+
+
+def test_default_image_and_throttle_come_from_settings() -> None:
+    settings = OperatorSettings(trainer_image="example.com/t:1", status_throttle_seconds=2.5)
+    for container in containers(build_children(body(), settings).rayjob):
+        assert container["image"] == "example.com/t:1"
+        assert {"name": "FINETUNE_STATUS_THROTTLE_SECONDS", "value": "2.5"} in container["env"]
+
+
+def test_config_map_holds_the_trainer_config_mounted_everywhere() -> None:
+    children = build_children(body(name="cfg-job"), SETTINGS)
+    data = children.config_map["data"]["trainer.json"]
+    config = TrainerConfig.model_validate_json(data)
+    assert (config.job_name, config.namespace, config.job_uid) == ("cfg-job", "team", "u-1")
+    assert config.sinks == ["console", "kubernetes"]
+    assert config.output_root == "s3://bucket/runs"
+    for pod in _pods(children.rayjob):
+        volume = next(v for v in pod["volumes"] if v["name"] == "trainer-config")
+        assert volume["configMap"]["name"] == children.config_map["metadata"]["name"]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "trainer-config")
+        assert mount == {"name": "trainer-config", "mountPath": "/etc/finetune", "readOnly": True}
+
+
+def _pods(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+
+
+def test_pvc_uris_are_mounted_read_only_unless_written() -> None:
+    children = build_children(EDGE_CASES["pvc-everywhere"], SETTINGS)
+    for pod in _pods(children.rayjob):
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert claims == {"data": True, "models": False, "scratch": False, "weights": True}
+        mounts = {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts[f"{PVC_MOUNT_ROOT}/models"] is False and mounts[f"{PVC_MOUNT_ROOT}/data"] is True
+    config = json.loads(children.config_map["data"]["trainer.json"])
+    assert config["outputRoot"] == f"{PVC_MOUNT_ROOT}/models/out"
+
+
+def test_kueue_label_only_with_a_queue() -> None:
+    assert build_children(EDGE_CASES["queue"], SETTINGS).rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "gpu-queue"
+    assert naming.LABEL_KUEUE_QUEUE not in build_children(body(), SETTINGS).rayjob["metadata"]["labels"]
+    pod = worker_pod(build_children(EDGE_CASES["queue"], SETTINGS).rayjob)
+    assert pod["priorityClassName"] == "batch"
+
+
+# ------------------------------------------------------------------------------- ownership and RBAC
+def test_every_child_is_labelled_and_owned() -> None:
+    children = build_children(body(name="owned", uid="uid-42"), SETTINGS).all()
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "team"
+        assert (
+            meta["labels"].items()
+            >= {
+                "finetune.dev/job": "owned",
+                "finetune.dev/job-uid": "uid-42",
+                "app.kubernetes.io/managed-by": "finetune-operator",
+            }.items()
+        )
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "owned",
+                "uid": "uid-42",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
+    children = build_children(body(name="narrow"), SETTINGS)
+    assert children.role["rules"] == [
+        {
+            "apiGroups": ["finetune.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["narrow"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert children.role_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": children.role["metadata"]["name"],
+    }
+    assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "narrow-trainer", "namespace": "team"}]
+    assert children.service_account is not None and children.service_account["metadata"]["name"] == "narrow-trainer"
+    for pod in _pods(children.rayjob):
+        assert pod["serviceAccountName"] == "narrow-trainer"
+
+
+def test_given_service_account_is_bound_not_created() -> None:
+    children = build_children(EDGE_CASES["service-account"], SETTINGS)
+    assert children.service_account is None
+    assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-runner", "namespace": "team"}]
+    for pod in _pods(children.rayjob):
+        assert pod["serviceAccountName"] == "ml-runner"
+
+
+# --------------------------------------------------------------------------------------------- names
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "digits-cpu", "9.lives.of-a.cat", "a" * 253, "x" * 36 + "-y" * 100, "a-" * 126 + "b", "0" * 63]
+)
+def test_rayjob_name_is_a_short_stable_dns1035_label(name: str) -> None:
+    result = naming.rayjob_name(name)
+    assert len(result) <= 47 and DNS1035.match(result), result
+    assert result == naming.rayjob_name(name)  # deterministic: what makes create idempotent
+
+
+def test_rayjob_names_stay_distinct_when_cut() -> None:
+    a, b = naming.rayjob_name("a" * 253), naming.rayjob_name("a" * 252)
+    assert a != b and len(a) == len(b) == 47
+    assert naming.rayjob_name("digits-cpu").startswith("ftj-digits-cpu-")
+
+
+def test_long_job_name_gives_valid_child_names_and_labels() -> None:
+    children = build_children(EDGE_CASES["long-name"], SETTINGS)
+    for child in children.all():
+        name = child["metadata"]["name"]
+        assert len(name) <= 253 and DNS1123.match(name), name
+        value = child["metadata"]["labels"]["finetune.dev/job"]
+        assert len(value) <= 63
+    assert children.role["rules"][0]["resourceNames"] == ["a" * 253]  # RBAC names the job in full
+    assert len(naming.pvc_volume_name("c" * 253)) <= 63
+
+
+# --------------------------------------------------------------------------------------- validation
+def test_invalid_spec_raises_with_validate_lines() -> None:
+    bad = body(model={"name": "resnet5"})
+    with pytest.raises(InvalidJobError) as info:
+        job_from_body(bad, SETTINGS)
+    assert info.value.lines[0].startswith("spec.model.name: 'resnet5' is not a torchvision classification model")
+
+
+def test_operator_limits_are_validation_errors() -> None:
+    settings = OperatorSettings(max_workers=2, max_gpus_per_worker=1)
+    spec, errors = check_spec(body(resources={"workers": 4, "gpusPerWorker": 2})["spec"], settings)
+    assert spec is None
+    assert [e.split(":")[0] for e in errors] == ["spec.resources.workers", "spec.resources.gpusPerWorker"]
+    assert "FINETUNE_OPERATOR_MAX_WORKERS" in errors[0]
+
+
+def test_render_matches_the_builder_without_owner_references() -> None:
+    path = REPO / "manifests" / "examples" / "digits-cpu.yaml"
+    objects = render_objects(path.read_text(), str(path), SETTINGS, namespace="ns1")
+    assert [o["metadata"]["namespace"] for o in objects] == ["ns1"] * 5
+    assert all("ownerReferences" not in o["metadata"] for o in objects)
+    job = load_job(path.read_text(), str(path))
+    job.metadata.namespace = "ns1"
+    assert objects == build_children(job, SETTINGS).all()
+    rendered = yaml.safe_load_all(to_yaml(objects))
+    assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]

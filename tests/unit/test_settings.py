@@ -1,0 +1,84 @@
+"""``FINETUNE_OPERATOR_*`` parsing: defaults, every variable, and errors that name the variable."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from typing import Any
+
+import pytest
+
+from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE, RAY_VERSION
+from finetune_operator.settings import OperatorSettings, SettingsError, env_name
+
+
+def test_defaults() -> None:
+    s = OperatorSettings.from_env({})
+    assert s == OperatorSettings()
+    assert (s.namespaces, s.trainer_image, s.ray_version) == ((), DEFAULT_TRAINER_IMAGE, RAY_VERSION)
+    assert (s.max_workers, s.max_gpus_per_worker, s.default_ttl_seconds) == (64, 8, 3600)
+    assert (s.status_throttle_seconds, s.head_cpu, s.head_memory, s.metrics_port, s.log_level) == (10, "1", "2Gi", 8080, "INFO")
+
+
+def test_every_attribute_is_a_documented_variable() -> None:
+    text = inspect.getsource(OperatorSettings)
+    for field in fields(OperatorSettings):
+        assert f"``{env_name(field.name)}``" in text, f"{field.name} is not documented with its variable"
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "attribute", "expected"),
+    [
+        ("NAMESPACES", "ml-team, research ,ml-team", "namespaces", ("ml-team", "research")),
+        ("NAMESPACES", " ", "namespaces", ()),
+        ("TRAINER_IMAGE", "registry.local/trainer:2", "trainer_image", "registry.local/trainer:2"),
+        ("RAY_VERSION", "2.50.1", "ray_version", "2.50.1"),
+        ("MAX_WORKERS", "8", "max_workers", 8),
+        ("MAX_GPUS_PER_WORKER", "0", "max_gpus_per_worker", 0),
+        ("DEFAULT_TTL_SECONDS", "0", "default_ttl_seconds", 0),
+        ("STATUS_THROTTLE_SECONDS", "2.5", "status_throttle_seconds", 2.5),
+        ("HEAD_CPU", "500m", "head_cpu", "500m"),
+        ("HEAD_CPU", "2", "head_cpu", "2"),
+        ("HEAD_MEMORY", "4Gi", "head_memory", "4Gi"),
+        ("METRICS_PORT", "0", "metrics_port", 0),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ],
+)
+def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
+    settings = OperatorSettings.from_env({f"FINETUNE_OPERATOR_{variable}": raw})
+    assert getattr(settings, attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "accepted"),
+    [
+        ("NAMESPACES", "ML_Team", "namespace names"),
+        ("TRAINER_IMAGE", "has space:1", "container image"),
+        ("RAY_VERSION", "2.60", "Ray version"),
+        ("MAX_WORKERS", "many", "integer from 1 to 1024"),
+        ("MAX_WORKERS", "0", "integer from 1 to 1024"),
+        ("MAX_GPUS_PER_WORKER", "-1", "integer from 0 to 16"),
+        ("DEFAULT_TTL_SECONDS", "1h", "integer"),
+        ("STATUS_THROTTLE_SECONDS", "-3", "seconds"),
+        ("HEAD_CPU", "1 core", "CPU quantity"),
+        ("HEAD_MEMORY", "2GB", "memory quantity"),
+        ("METRICS_PORT", "70000", "integer from 0 to 65535"),
+        ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env({f"FINETUNE_OPERATOR_{variable}": raw})
+    message = str(info.value)
+    assert message.startswith(f"FINETUNE_OPERATOR_{variable}={raw!r} is not accepted")
+    assert accepted in message
+
+
+def test_round_trip_through_env() -> None:
+    settings = OperatorSettings(namespaces=("a", "b"), max_workers=3, status_throttle_seconds=1.5, log_level="DEBUG")
+    assert OperatorSettings.from_env(settings.to_env()) == settings
+    assert settings.log_level_number == 10
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert OperatorSettings.from_env({"FINETUNE_OPERATOR": "x", "OTHER": "1"}) == OperatorSettings()
