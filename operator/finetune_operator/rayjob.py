@@ -64,9 +64,38 @@ class Children:
         return [*head, self.role, self.role_binding, self.config_map, self.rayjob]
 
 
-def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
-    """Limits this operator enforces on top of the API's own validation (its ``FINETUNE_OPERATOR_MAX_*``)."""
+def cluster_errors(spec: FineTuneJobSpec) -> list[str]:
+    """What is valid for `finetune run` on a laptop but cannot work in Ray pods.
+
+    The output must outlive the Ray cluster and be shared by all its pods (Ray Train writes checkpoints
+    from every worker), so it must be an object store or a PVC. Inputs may be absolute paths baked into
+    the image, but a relative path means nothing in a pod.
+    """
     errors = []
+    output = spec.output.uri
+    if uri_scheme(output) not in ("s3", "gs", "pvc"):
+        errors.append(
+            f"spec.output.uri: {output!r} is not shared by the Ray pods nor kept after the cluster is deleted; "
+            "on a cluster use s3://BUCKET/PATH, gs://BUCKET/PATH or pvc://CLAIM/PATH"
+        )
+    inputs = {
+        "spec.model.weightsUri": spec.model.weights_uri,
+        "spec.dataset.trainUri": spec.dataset.train_uri,
+        "spec.dataset.validationUri": spec.dataset.validation_uri,
+        "spec.dataset.cacheDir": spec.dataset.cache_dir,
+    }
+    for field, uri in inputs.items():
+        if uri is not None and uri_scheme(uri) is None and not uri.startswith("/"):
+            errors.append(
+                f"spec.{field.split('.', 1)[1]}: {uri!r} is a relative path, which means nothing in a Ray pod; "
+                "use pvc://CLAIM/PATH, s3://, gs:// or an absolute path inside the trainer image"
+            )
+    return errors
+
+
+def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """What this operator enforces on top of the API's own validation: cluster-only rules and its limits."""
+    errors = cluster_errors(spec)
     res = spec.resources
     if res.workers > settings.max_workers:
         errors.append(
@@ -106,6 +135,8 @@ def build_children(job: FineTuneJob | Mapping[str, Any], settings: OperatorSetti
     """All child objects of ``job`` (a model, or an API body validated here). Requires a namespace."""
     if not isinstance(job, FineTuneJob):
         job = job_from_body(job, settings)
+    elif errors := policy_errors(job.spec, settings):
+        raise InvalidJobError(errors)
     meta = job.metadata
     if not meta.namespace:
         raise ValueError(f"{KIND} {meta.name} has no namespace; children are namespaced")

@@ -87,11 +87,10 @@ def test_digits_job_succeeds_on_kind(kubeconfig: str, installed: None, tmp_path:
     pvc = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "e2e-store", "namespace": NAMESPACE},
+        "metadata": {"name": "finetune-runs", "namespace": NAMESPACE},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     _kubectl(kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump(pvc))
-    job["spec"]["output"]["uri"] = "pvc://e2e-store/runs"
     job["spec"]["runtime"] = {"image": "ghcr.io/finetune-operator/trainer:e2e"}
     _kubectl(kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump(job))
     _kubectl(kubeconfig, "-n", NAMESPACE, "wait", "--for=condition=Succeeded", "ftj/digits-cpu", "--timeout=1200s", timeout=1260)

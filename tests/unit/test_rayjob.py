@@ -26,7 +26,10 @@ from finetune_operator.settings import OperatorSettings
 from finetune_trainer.config import PVC_MOUNT_ROOT, TrainerConfig
 from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
 
-EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+ALL_EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+# The demo's jobs write to ./runs and chain through it: `finetune run` only, refused by the operator.
+LOCAL_ONLY = {"digits-source", "digits-transfer"}
+EXAMPLES = [p for p in ALL_EXAMPLES if p.stem not in LOCAL_ONLY]
 GOLDEN = Path(__file__).parent / "golden"
 SETTINGS = OperatorSettings()
 # The same schema as tests.support.schemas.kuberay_schema(), parsed with libyaml: 0.4 s instead of 4 s.
@@ -84,6 +87,34 @@ def test_golden(path: Path) -> None:
 
 def test_every_golden_file_has_an_example() -> None:
     assert {p.stem for p in GOLDEN.glob("*.yaml")} == {p.stem for p in EXAMPLES}
+
+
+@pytest.mark.parametrize("stem", sorted(LOCAL_ONLY))
+def test_local_only_examples_are_refused_with_the_reason(stem: str) -> None:
+    with pytest.raises(InvalidJobError) as err:
+        build_children(example_job(REPO / "manifests" / "examples" / f"{stem}.yaml"), SETTINGS)
+    assert any(line.startswith("spec.output.uri: 'runs' is not shared by the Ray pods") for line in err.value.lines)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "fragment"),
+    [
+        ({"output": {"uri": "runs"}}, "spec.output.uri", "pvc://CLAIM/PATH"),
+        ({"output": {"uri": "/mnt/out"}}, "spec.output.uri", "not shared by the Ray pods"),
+        ({"output": {"uri": "file:///mnt/out"}}, "spec.output.uri", "s3://BUCKET/PATH"),
+        ({"model": {"name": "resnet18", "weightsUri": "runs/a/model.pt"}}, "spec.model.weightsUri", "relative path"),
+        ({"dataset": {"format": "imagefolder", "trainUri": "data/train"}}, "spec.dataset.trainUri", "relative path"),
+    ],
+)
+def test_cluster_only_rules(spec: dict[str, Any], field: str, fragment: str) -> None:
+    with pytest.raises(InvalidJobError) as err:
+        build_children(body(**spec), SETTINGS)
+    assert any(line.startswith(f"{field}: ") and fragment in line for line in err.value.lines), err.value.lines
+
+
+def test_absolute_input_paths_are_allowed_on_a_cluster() -> None:
+    spec = body(dataset={"format": "imagefolder", "trainUri": "/data/train"}, model={"name": "resnet18", "weightsUri": "/w.pt"})
+    assert build_children(spec, SETTINGS).rayjob["kind"] == "RayJob"
 
 
 # ------------------------------------------------------------------------------------------- schema
