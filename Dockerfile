@@ -56,11 +56,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The image's own non-root user (uid 1000) owns its Python environment, so installs need no root.
 USER ray
 WORKDIR /home/ray
-# One resolver run with torch, torchvision and Ray pinned beside the `[trainer]` extra: nothing can move them,
+# One resolver run with torch, torchvision and Ray pinned beside the `[trainer,cloud]` extras (cloud: s3fs and
+# gcsfs for s3:// and gs:// datasets, weights and outputs): nothing can move them,
 # and ray[train] resolves to the image's own Ray.
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     pip install \
       "torch==${TORCH_VERSION}" \
       "torchvision==${TORCHVISION_VERSION}" \
       "ray[train]==${RAY_VERSION}" \
-      "$(echo /dist/finetune_operator-*.whl)[trainer]"
+      "$(echo /dist/finetune_operator-*.whl)[trainer,cloud]"

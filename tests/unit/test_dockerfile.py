@@ -189,7 +189,7 @@ def test_trainer_installs_the_pinned_versions() -> None:
     assert f"torch=={versions.TORCH_VERSION}" in run
     assert f"torchvision=={versions.TORCHVISION_VERSION}" in run
     assert f"ray[train]=={versions.RAY_VERSION}" in run
-    assert "[trainer]" in run
+    assert "[trainer,cloud]" in run
     for pin in (
         f"torch=={versions.TORCH_VERSION}",
         f"torchvision=={versions.TORCHVISION_VERSION}",
