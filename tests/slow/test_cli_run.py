@@ -1,0 +1,66 @@
+"""`finetune run JOB.yaml` as a new user runs it: a subprocess that starts its own Ray, trains, writes the
+artifacts and a JSON status file, and prints a one-line summary; a bad weights file fails in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+pytestmark = pytest.mark.slow
+
+JOB = """
+apiVersion: finetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: tiny}
+spec:
+  model: {name: resnet18}
+  dataset: {format: digits, classes: [0, 1, 2], maxPerClass: 10, imageSize: 32, augmentation: none, loaderWorkers: 0}
+  strategy: {method: lp-ft, probeEpochs: 1}
+  hyperparameters: {epochs: 2, batchSize: 8}
+  resources: {workers: 1, cpusPerWorker: 1}
+  output: {uri: runs, exports: [state_dict, torchscript]}
+"""
+
+
+def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_operator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=540
+    )
+
+
+def test_finetune_run_trains_a_job_end_to_end(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text(JOB)
+
+    out = finetune("run", "job.yaml", "--json-status", "status.json", cwd=tmp_path)
+
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    summary = out.stdout.strip().splitlines()[-1]
+    assert summary.startswith("tiny: val accuracy ") and f"artifacts in {tmp_path}/runs/tiny" in summary
+    # The console sink's per-epoch line, once (Ray forwards worker output to the driver's stdout or stderr).
+    assert (out.stdout + out.stderr).count("epoch 2/2  fine-tune") == 1
+    run_dir = tmp_path / "runs" / "tiny"
+    for name in ("model.pt", "model.torchscript.pt", "model.json", "metrics.jsonl", "training_curves.png"):
+        assert (run_dir / name).is_file(), name
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    assert status["progress"]["epoch"] == 2
+    assert status["artifacts"]["modelUri"].endswith("runs/tiny/model.pt")
+
+
+def test_finetune_run_reports_weights_of_another_architecture(tmp_path: Path) -> None:
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=3).state_dict(), tmp_path / "other.pt")
+    (tmp_path / "job.yaml").write_text(JOB.replace("model: {name: resnet18}", "model: {name: resnet18, weightsUri: other.pt}"))
+
+    out = finetune("run", "job.yaml", cwd=tmp_path)
+
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: weights_uri {tmp_path}/other.pt does not fit resnet18 (another architecture?)")
+    assert "Traceback" not in out.stderr.split("error: ")[-1]

@@ -1,0 +1,85 @@
+"""Losing a worker node mid-training: with `maxWorkerFailures` ≥ 1, Ray Train restarts the worker group
+from the last checkpoint once a node is back, and the run completes with every epoch recorded once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from finetune_trainer import driver
+from finetune_trainer.artifacts import read_metrics
+from finetune_trainer.checkpoint import checkpoint_dir_name
+from tests.slow.conftest import MakeConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head without CPUs (so no training worker lands there) and two one-CPU worker nodes."""
+    import ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _wait_for(path: Path, done: threading.Event) -> None:
+    # Not a timing assertion: a bounded wait for the first registered checkpoint to exist.
+    deadline = time.monotonic() + 300
+    while not path.exists() and not done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_run_recovers_from_a_lost_node(cluster: Cluster, make_config: MakeConfig) -> None:
+    epochs = 10
+    cfg = driver.absolute_output(
+        make_config(
+            "node-loss",
+            dataset={"classes": None, "maxPerClass": 40},
+            hyperparameters={"epochs": epochs},
+            resources={"workers": 2, "cpusPerWorker": 1},
+            runPolicy={"maxWorkerFailures": 2},
+        )
+    )
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def fit() -> None:
+        try:
+            outcome["result"] = driver.build_trainer(cfg, local=True).fit()
+        except BaseException as e:  # handed to the main thread's assertions
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    # add_node must run in the main thread, so fit() runs beside it.
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    _wait_for(Path(cfg.run_dir) / checkpoint_dir_name(2), done)
+    assert not done.is_set(), f"training ended before a node could be removed: {outcome}"
+    victim = next(node for node in cluster.worker_nodes)
+    cluster.remove_node(victim)
+    cluster.add_node(num_cpus=1)
+    thread.join(timeout=600)
+
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.metrics["epoch"] == epochs
+    assert result.metrics["world_size"] == 2
+    # The attempt that finished started from a checkpoint, not from scratch.
+    assert result.metrics["resumed_from"] >= 1
+    assert [r.epoch for r in read_metrics(cfg.run_dir)] == list(range(1, epochs + 1))
+    assert (Path(cfg.run_dir) / "model.json").exists()

@@ -1,0 +1,50 @@
+"""A run that fails after epoch k resumes at epoch k+1 when the same job is launched again, keeping its
+best metric and every finished epoch; a checkpoint of another spec is refused, not resumed."""
+
+from __future__ import annotations
+
+import pytest
+from ray.train import TrainingFailedError
+
+from finetune_trainer import driver
+from finetune_trainer.artifacts import read_metrics
+from finetune_trainer.checkpoint import read_checkpoint
+from finetune_trainer.errors import TrainerError
+from tests.slow.conftest import MakeConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+def test_relaunch_continues_after_the_last_checkpoint(make_config: MakeConfig) -> None:
+    cfg = driver.absolute_output(make_config("resume", hyperparameters={"epochs": 4}))
+
+    with pytest.raises(TrainingFailedError, match="injected failure after epoch 2"):
+        driver.build_trainer(cfg, fail_after_epoch=2, local=True).fit()
+    before = read_metrics(cfg.run_dir)
+    assert [r.epoch for r in before] == [1, 2]
+
+    result = driver.build_trainer(cfg, local=True).fit()
+
+    assert result.metrics is not None
+    assert result.metrics["resumed_from"] == 2
+    after = read_metrics(cfg.run_dir)
+    assert [r.epoch for r in after] == [1, 2, 3, 4]
+    # Epochs 1 and 2 were not trained again: their records are untouched, timings included.
+    assert after[:2] == before
+    assert result.checkpoint is not None
+    state = read_checkpoint(result.checkpoint.path, cfg.spec_fingerprint(), cfg.run_dir)["train_state"]
+    assert state.epoch == 4
+    # The best metric carried over the restart: it is the best of all four epochs, not of the last two.
+    best = max(after, key=lambda r: r.val_accuracy)
+    assert (state.best_val_accuracy, state.best_epoch) == (best.val_accuracy, best.epoch)
+    assert result.metrics["best_val_accuracy"] == best.val_accuracy
+
+
+def test_a_checkpoint_of_another_spec_is_refused(make_config: MakeConfig) -> None:
+    cfg = make_config("changed", hyperparameters={"epochs": 1})
+    driver.run(cfg, local=True)
+    changed = make_config("changed", hyperparameters={"epochs": 1, "learningRate": 0.01})
+
+    with pytest.raises(TrainerError, match="holds checkpoints of a different spec") as raised:
+        driver.run(changed, local=True)
+    assert "\n" not in str(raised.value)

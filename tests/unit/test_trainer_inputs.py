@@ -1,0 +1,286 @@
+"""The trainer's inputs without Ray: datasets and their splits, transforms, and bad input that must fail
+with one clear line naming the path or field (missing path, empty class folder, corrupt image,
+validation classes, class count, weights of another architecture), plus the local-mode job loading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_operator.api.validate import ManifestError
+from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
+from finetune_trainer.errors import TrainerError, find_user_error, one_line
+from finetune_trainer.local import local_job
+from finetune_trainer.model import WeightsError, build_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(tmp_path: Path, dataset: dict[str, Any], model: dict[str, Any] | None = None) -> TrainerConfig:
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": model or {"name": "resnet18"},
+            "dataset": {"imageSize": 32, "augmentation": "none", "loaderWorkers": 0, **dataset},
+            "output": {"uri": str(tmp_path / "runs")},
+        }
+    )
+    return TrainerConfig(job_name="job", spec=spec, output_root=str(tmp_path / "runs"))
+
+
+def image_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (size, size), (40 * i % 255, 100, 200)).save(root / name / f"{i}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------------------- digits
+def test_digits_subset_is_renumbered_capped_and_stratified(tmp_path: Path) -> None:
+    cfg = config(tmp_path, {"format": "digits", "classes": [7, 3], "maxPerClass": 5, "validationSplit": 0.25})
+    train, val, names, spec = build_datasets(cfg)
+
+    assert names == ["7", "3"]
+    train_labels = [train[i][1] for i in range(len(train))]  # type: ignore[arg-type]
+    val_labels = [val[i][1] for i in range(len(val))]  # type: ignore[arg-type]
+    assert sorted(train_labels) == [0] * 5 + [1] * 5  # maxPerClass caps training only
+    assert 40 <= val_labels.count(0) <= 50 and 40 <= val_labels.count(1) <= 50  # ~25% of ~180 each, uncapped
+    image, _ = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert spec.grayscale_to_rgb and spec.image_size == 32
+
+
+def test_digits_split_depends_on_the_seed_only(tmp_path: Path) -> None:
+    def first_images(seed: int) -> torch.Tensor:
+        cfg = config(tmp_path, {"format": "digits", "classes": [0, 1], "maxPerClass": 3})
+        cfg.spec.hyperparameters.seed = seed
+        train, _, _, _ = build_datasets(cfg)
+        return torch.stack([train[i][0] for i in range(len(train))])  # type: ignore[arg-type]
+
+    assert torch.equal(first_images(0), first_images(0))
+    assert not torch.equal(first_images(0), first_images(1))
+
+
+def test_fake_dataset_has_the_requested_classes(tmp_path: Path) -> None:
+    train, val, names, _ = build_datasets(config(tmp_path, {"format": "fake", "fake": {"samples": 20, "classes": 4}}))
+    assert (len(train), len(val), names) == (20, 5, ["class_0", "class_1", "class_2", "class_3"])  # type: ignore[arg-type]
+
+
+def test_eval_preset_comes_from_the_named_weights(tmp_path: Path) -> None:
+    cfg = config(tmp_path, {"format": "fake", "imageSize": 224}, model={"name": "resnet50", "weights": "IMAGENET1K_V2"})
+    spec = build_input_spec(cfg)
+    assert (spec.image_size, spec.resize_size, spec.interpolation) == (224, 232, "bilinear")
+    assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+# -------------------------------------------------------------------------------------- imagefolder
+def test_image_folder_split_keeps_every_class(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "train", {"cat": 10, "dog": 10})
+    train, val, names, _ = build_datasets(config(tmp_path, {"trainUri": str(root), "validationSplit": 0.2}))
+    assert names == ["cat", "dog"]
+    assert (len(train), len(val)) == (16, 4)  # type: ignore[arg-type]
+    assert sorted(val[i][1] for i in range(4)) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dataset", "model", "expected"),
+    [
+        pytest.param({}, {"trainUri": "{tmp}/nope"}, None, r"dataset\.trainUri: .*/nope: no such directory", id="missing-path"),
+        pytest.param(
+            {"train/a": 3, "train/b": 0},
+            {"trainUri": "{tmp}/train"},
+            None,
+            r"class folder .*/train/b holds no images",
+            id="empty-class",
+        ),
+        pytest.param(
+            {"train/a": 3, "train/b": 3, "val/a": 2, "val/c": 2},
+            {"trainUri": "{tmp}/train", "validationUri": "{tmp}/val"},
+            None,
+            r"dataset\.validationUri: .*missing \['b'\], extra \['c'\]",
+            id="validation-classes",
+        ),
+        pytest.param(
+            {"train/a": 3, "train/b": 3},
+            {"trainUri": "{tmp}/train"},
+            {"name": "resnet18", "numClasses": 5},
+            r"model\.numClasses: 5 does not match the 2 classes found in dataset\.trainUri \(a, b\)",
+            id="class-count",
+        ),
+    ],
+)
+def test_bad_image_folders_fail_with_one_line(
+    tmp_path: Path, layout: dict[str, int], dataset: dict[str, str], model: dict[str, Any] | None, expected: str
+) -> None:
+    for folder, n in layout.items():
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / folder / f"{i}.png")
+    cfg = config(tmp_path, {k: v.format(tmp=tmp_path) for k, v in dataset.items()}, model)
+
+    for check in (build_datasets, check_dataset):  # in the workers, and before Ray starts
+        with pytest.raises(TrainerError, match=expected) as raised:
+            check(cfg)
+        assert "\n" not in str(raised.value)
+
+
+def test_corrupt_image_names_the_file_even_from_a_loader_process(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "train", {"a": 4, "b": 4})
+    (root / "b" / "broken.png").write_bytes(b"not a png at all")
+    train, val, _, _ = build_datasets(config(tmp_path, {"trainUri": str(root), "validationSplit": 0.25}))
+
+    with pytest.raises(TrainerError) as raised:  # wherever the split put it
+        list(DataLoader(ConcatDataset([train, val]), batch_size=4, num_workers=1))
+    # The DataLoader re-raises with the worker's traceback in the message; the CLI shows the one line.
+    assert one_line(str(raised.value)).startswith(f"dataset: cannot read image {root / 'b' / 'broken.png'}")
+
+
+# ------------------------------------------------------------------------------------------ weights
+def test_weights_of_another_architecture_fail_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+
+    with pytest.raises(
+        WeightsError, match=rf"weights_uri {path} does not fit mobilenet_v3_small \(another architecture\?\)"
+    ) as raised:
+        build_model("mobilenet_v3_small", None, 3, weights_uri=str(path))
+    assert str(find_user_error(raised.value)) == str(raised.value)  # reported like a TrainerError
+
+
+def test_user_errors_are_found_inside_ray_train_failures() -> None:
+    from ray.train import WorkerGroupError
+
+    inner = TrainerError("dataset.trainUri: /data: no such directory")
+    wrapped = WorkerGroupError("rank 0 failed", {1: RuntimeError("collateral"), 0: inner})
+    found = find_user_error(wrapped)
+    assert found is not None and str(found) == "dataset.trainUri: /data: no such directory"
+    assert find_user_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+def test_checkpoint_of_another_spec_is_refused(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = TrainState(epoch=3, stage="probe", best_val_accuracy=0.5, best_epoch=2)
+    write_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        state=state,
+        fingerprint="aaaa",
+    )
+
+    assert read_checkpoint(tmp_path, "aaaa", "runs/x")["train_state"] == state
+    with pytest.raises(TrainerError, match=r"runs/x holds checkpoints of a different spec \(fingerprint aaaa, this job bbbb\)"):
+        read_checkpoint(tmp_path, "bbbb", "runs/x")
+
+
+def test_best_metric_and_patience() -> None:
+    state = TrainState()
+    for epoch, acc in enumerate([0.5, 0.6, 0.6, 0.605, 0.4], start=1):
+        state.observe(epoch, acc, min_delta=0.01)
+    assert (state.best_val_accuracy, state.best_epoch) == (0.605, 4)
+    assert state.bad_epochs == 3  # 0.6, 0.605 (< min_delta better), 0.4
+
+
+# --------------------------------------------------------------------------------------- local mode
+JOB = """
+apiVersion: finetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: local}
+spec:
+  model: {name: resnet18, weightsUri: runs/src/model.pt}
+  dataset: {format: digits}
+  hyperparameters: {batchSize: 6}
+  output: {uri: OUT}
+"""
+
+
+def test_local_job_applies_overrides_and_absolute_paths(tmp_path: Path) -> None:
+    job = local_job(JOB.replace("OUT", "runs"), "job.yaml", workers=3, cwd=tmp_path)
+    assert job.spec.resources.workers == 3
+    assert job.spec.output.uri == str(tmp_path / "runs")
+    assert job.spec.model.weights_uri == str(tmp_path / "runs/src/model.pt")
+
+
+def test_local_job_revalidates_the_overrides(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as raised:
+        local_job(JOB.replace("OUT", "runs"), "job.yaml", workers=4, cwd=tmp_path)
+    assert any("batchSize: 6 is not divisible by resources.workers (4)" in line for line in raised.value.lines)
+
+
+def test_local_job_refuses_pvc(tmp_path: Path) -> None:
+    with pytest.raises(TrainerError, match=r"spec\.output\.uri: pvc://claim/out: .*--output DIR"):
+        local_job(JOB.replace("OUT", "pvc://claim/out"), "job.yaml", cwd=tmp_path)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_operator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_finetune_run_reports_a_missing_dataset_in_one_line(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: bad}\n"
+        "spec: {model: {name: resnet18}, dataset: {trainUri: data/missing}, output: {uri: runs}}\n"
+    )
+    out = run_cli("run", str(job), cwd=tmp_path)
+
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"error: dataset.trainUri: {tmp_path}/data/missing: no such directory"
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_finetune_run_rejects_an_invalid_manifest_with_exit_1(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("OUT", "runs").replace("resnet18", "resnet5"))
+    out = run_cli("run", str(job), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "spec.model.name" in out.stderr and "resnet5" in out.stderr
+
+
+def test_trainer_entrypoint_rejects_a_bad_config(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "--config", '{"jobName": "x"}'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --config: not a valid trainer config:")
+    assert "Traceback" not in out.stderr
+
+
+def test_object_store_prefix_is_downloaded_once_into_the_cache(tmp_path: Path) -> None:
+    import fsspec
+
+    from finetune_trainer.data import fetch_to_cache
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/bucket/train/cat/0.png": b"a", "/bucket/train/dog/0.png": b"b"})
+    uri = "memory://bucket/train"
+
+    first = fetch_to_cache(uri, str(tmp_path))
+    assert sorted(p.relative_to(first).as_posix() for p in Path(first).rglob("*.png")) == ["cat/0.png", "dog/0.png"]
+    fs.rm("/bucket/train/dog/0.png")
+    assert fetch_to_cache(uri, str(tmp_path)) == first  # the marker says done: not fetched again
+    assert (Path(first) / "dog" / "0.png").exists()
+    with pytest.raises(TrainerError, match="memory://bucket/nothing"):
+        fetch_to_cache("memory://bucket/nothing", str(tmp_path))

@@ -1,0 +1,392 @@
+"""Datasets and transforms of a run: ``build_datasets(cfg) -> (train, val, class_names, input_spec)``.
+
+Three formats, as ``spec.dataset.format`` names them: ``imagefolder`` (a local folder, or an s3:// /
+gs:// prefix downloaded once per node into the cache dir), ``digits`` (scikit-learn's bundled 8×8
+handwritten digits, upsampled: real data that needs no network) and ``fake`` (torchvision FakeData).
+Training transforms come from the ``augmentation`` preset, evaluation transforms from the named
+weights' preset (resize, crop, mean, std, interpolation from the catalogue) as torchvision's
+``weights.transforms()`` would build them. Bad input fails with a ``TrainerError`` naming the path or
+field; corrupt images are reported when first read, naming the file.
+
+``cache_features`` computes a frozen backbone's features once for the linear-probe fast path. Called
+by every Ray Train worker (``loop``) and, for the cheap layout checks, by ``finetune run`` before it
+starts Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import datasets, tv_tensors
+from torchvision.transforms import v2 as T
+
+from finetune_operator.api import catalog
+from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
+from finetune_trainer.artifacts import InputSpec
+from finetune_trainer.config import TrainerConfig, resolve_uri
+from finetune_trainer.errors import TrainerError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DigitsDataset",
+    "build_datasets",
+    "build_input_spec",
+    "cache_features",
+    "check_dataset",
+    "eval_transform",
+    "fetch_to_cache",
+    "load_image",
+    "train_transform",
+]
+
+# torchvision's ImageNet statistics: the normalisation of every catalogue weight, and the default
+# when no weights are named, so that a model trained here from scratch chains into a later job.
+IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
+IMAGENET_STD: Final = (0.229, 0.224, 0.225)
+DEFAULT_VALIDATION_SPLIT: Final = 0.2
+IMG_EXTENSIONS: Final = datasets.folder.IMG_EXTENSIONS
+_OBJECT_STORES: Final = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
+LabelledDataset = Dataset[tuple[Tensor, int]]
+
+
+# ------------------------------------------------------------------------------------------ transforms
+def build_input_spec(cfg: TrainerConfig) -> InputSpec:
+    """What the model sees: the named weights' preset scaled to ``imageSize``, else a plain resize with
+    ImageNet statistics. Recorded in the model card so that ``finetune predict`` prepares images alike."""
+    spec = cfg.spec
+    size = spec.dataset.image_size
+    grey = spec.dataset.format == "digits"
+    info = catalog.load_catalog().get(spec.model.name)
+    weights = info.resolve_weights(spec.model.weights) if info is not None and spec.model.weights else None
+    if weights is None or not weights.crop_size or not weights.resize_size:
+        return InputSpec(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", grey)
+    # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
+    resize = round(size * weights.resize_size[0] / weights.crop_size[0])
+    return InputSpec(size, resize, tuple(weights.mean), tuple(weights.std), weights.interpolation, grey)
+
+
+def _mode(name: str) -> T.InterpolationMode:
+    try:
+        return T.InterpolationMode(name.lower())
+    except ValueError:
+        return T.InterpolationMode.BILINEAR
+
+
+def _finish(spec: InputSpec) -> list[Any]:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(list(spec.mean), list(spec.std))]
+
+
+def _start(spec: InputSpec) -> list[Any]:
+    # Grey digits become three identical channels: every torchvision model expects RGB.
+    return [T.ToImage(), *([T.Grayscale(num_output_channels=3)] if spec.grayscale_to_rgb else [])]
+
+
+def _resize(spec: InputSpec) -> list[Any]:
+    mode = _mode(spec.interpolation)
+    return [T.Resize(spec.resize_size, interpolation=mode, antialias=True), T.CenterCrop(spec.image_size)]
+
+
+def eval_transform(spec: InputSpec, *, resized: bool = False) -> T.Compose:
+    """Resize, centre-crop, normalise: torchvision's ``ImageClassification`` preset. ``resized``: the
+    images were resized and cropped ahead (digits, all at once), only the per-image rest remains."""
+    return T.Compose([*_start(spec), *([] if resized else _resize(spec)), *_finish(spec)])
+
+
+def train_transform(spec: InputSpec, augmentation: str, *, resized: bool = False) -> T.Compose:
+    """The training preset: ``none`` is the evaluation transform (so frozen features can be cached),
+    ``light`` a small affine jitter, ``standard`` random-resized crop + flip, ``trivialaugment`` adds
+    TrivialAugmentWide (torchvision's classification reference recipe)."""
+    if augmentation == "none":
+        return eval_transform(spec, resized=resized)
+    mode = _mode(spec.interpolation)
+    if augmentation == "light":
+        middle: list[Any] = [
+            *([] if resized else _resize(spec)),
+            T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=mode),
+        ]
+    else:
+        middle = [T.RandomResizedCrop(spec.image_size, interpolation=mode, antialias=True), T.RandomHorizontalFlip()]
+        if augmentation == "trivialaugment":
+            middle.append(T.TrivialAugmentWide(interpolation=mode))
+    return T.Compose([*_start(spec), *middle, *_finish(spec)])
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def _split(labels: Sequence[int], fraction: float, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """Stratified (train, validation) indices: every class keeps its share in both."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    try:
+        train, val = train_test_split(indices, test_size=fraction, stratify=np.asarray(labels), random_state=seed)
+    except ValueError as e:
+        raise TrainerError(
+            f"dataset.validationSplit: cannot hold out {fraction:g} of {what} per class ({e}); add images or give validationUri"
+        ) from None
+    return sorted(int(i) for i in train), sorted(int(i) for i in val)
+
+
+def _cap_per_class(indices: Sequence[int], labels: Sequence[int], cap: int | None, seed: int) -> list[int]:
+    """At most ``cap`` training indices per class, a seeded random choice (few-shot transfer)."""
+    if cap is None:
+        return list(indices)
+    order = np.random.default_rng(seed).permutation(len(indices))
+    kept: dict[int, int] = {}
+    chosen: list[int] = []
+    for i in order:
+        index = indices[int(i)]
+        label = labels[index]
+        if kept.get(label, 0) < cap:
+            kept[label] = kept.get(label, 0) + 1
+            chosen.append(index)
+    return sorted(chosen)
+
+
+def _check_num_classes(ds: DatasetSpec, num_classes: int | None, names: Sequence[str], where: str) -> None:
+    if num_classes is not None and num_classes != len(names):
+        shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        raise TrainerError(
+            f"model.numClasses: {num_classes} does not match the {len(names)} classes found in {where} ({shown}); "
+            f"remove it or set {len(names)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- digits
+class DigitsDataset(Dataset[tuple[Tensor, int]]):
+    """scikit-learn's digits as uint8 1×S×S images (0–16 scaled to 0–255, upsampled once to the input
+    size), labels renumbered; ``transform`` does the per-image rest (augmentation, RGB, normalisation)."""
+
+    def __init__(self, images: Tensor, labels: list[int], transform: Callable[[Any], Tensor]) -> None:
+        self.images = images
+        self.targets = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
+
+
+def _digits(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+    from sklearn.datasets import load_digits
+
+    ds = cfg.spec.dataset
+    bunch = load_digits()
+    chosen = list(ds.classes) if ds.classes else list(range(10))
+    renumber = {digit: i for i, digit in enumerate(chosen)}
+    keep = [i for i, t in enumerate(bunch.target) if int(t) in renumber]
+    labels = [renumber[int(bunch.target[i])] for i in keep]
+    images = torch.from_numpy((bunch.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    # Upsample all images in one batched call: per-image resizing cost more than training a small model.
+    images = T.Compose(_resize(spec))(images)
+    seed = cfg.spec.hyperparameters.seed
+    train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, "the digits")
+    train_idx = _cap_per_class(train_idx, labels, ds.max_per_class, seed)
+    names = [str(d) for d in chosen]
+
+    def part(idx: list[int], transform: Callable[[Any], Tensor]) -> DigitsDataset:
+        return DigitsDataset(images[idx], [labels[i] for i in idx], transform)
+
+    train = part(train_idx, train_transform(spec, ds.augmentation, resized=True))
+    return train, part(val_idx, eval_transform(spec, resized=True)), names
+
+
+# ------------------------------------------------------------------------------------------------ fake
+def _fake(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+    ds = cfg.spec.dataset
+    fake = ds.fake or FakeDataSpec()
+    size = (3, spec.image_size, spec.image_size)
+    seed = cfg.spec.hyperparameters.seed
+    # Distinct offsets keep validation images different from training ones.
+    train = datasets.FakeData(fake.samples, size, fake.classes, train_transform(spec, ds.augmentation), random_offset=seed)
+    val_n = max(fake.classes, fake.samples // 4)
+    val = datasets.FakeData(val_n, size, fake.classes, eval_transform(spec), random_offset=seed + fake.samples)
+    names = [f"class_{i}" for i in range(fake.classes)]
+    return train, val, names
+
+
+# ----------------------------------------------------------------------------------------- imagefolder
+def load_image(path: str) -> Image.Image:
+    """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
+
+
+def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
+    """The local copy of an object-store prefix, downloaded once per node: workers on one node take a
+    file lock, the first downloads, the others find the completion marker and reuse the copy."""
+    root = Path(resolve_uri(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "finetune-cache") / "datasets"
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            try:
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(uri)
+                fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+            except FileNotFoundError:
+                raise TrainerError(f"dataset: {uri}: no such prefix") from None
+            except ImportError as e:
+                raise TrainerError(f"dataset: {uri}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
+            except Exception as e:  # each backend raises its own (botocore, google.auth, ...)
+                raise TrainerError(f"dataset: {uri}: download failed: {type(e).__name__}: {e}") from e
+            done.touch()
+    return str(target)
+
+
+def _local_root(uri: str, cache_dir: str | None) -> str:
+    return fetch_to_cache(uri, cache_dir) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
+
+
+def _class_folders(field: str, uri: str, root: str) -> list[str]:
+    """The class folder names under ``root``, sorted as ImageFolder sorts them; each must hold an image."""
+    path = Path(root)
+    if not path.exists():
+        raise TrainerError(f"dataset.{field}: {uri}: no such directory")
+    if not path.is_dir():
+        raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
+    for name in classes:
+        if not _has_image(path / name):
+            raise TrainerError(
+                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); add some or remove it"
+            )
+    return classes
+
+
+def _same_classes(train: list[str], val: list[str]) -> None:
+    if val != train:
+        missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise TrainerError(
+            f"dataset.validationUri: its classes differ from dataset.trainUri's: "
+            f"missing {missing or 'none'}, extra {extra or 'none'}; both need the same class folders"
+        )
+
+
+def _has_image(folder: Path) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+    ds = cfg.spec.dataset
+    assert ds.train_uri is not None  # the API requires trainUri for imagefolder
+    root = _local_root(ds.train_uri, ds.cache_dir)
+    classes = _class_folders("trainUri", ds.train_uri, root)
+    _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
+    full = datasets.ImageFolder(root, transform=train_transform(spec, ds.augmentation), loader=load_image)
+    seed = cfg.spec.hyperparameters.seed
+    labels = list(full.targets)
+    if ds.validation_uri is not None:
+        val_root = _local_root(ds.validation_uri, ds.cache_dir)
+        val_classes = _class_folders("validationUri", ds.validation_uri, val_root)
+        _same_classes(classes, val_classes)
+        train_idx = _cap_per_class(range(len(labels)), labels, ds.max_per_class, seed)
+        val: LabelledDataset = datasets.ImageFolder(val_root, transform=eval_transform(spec), loader=load_image)
+    else:
+        train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, ds.train_uri)
+        train_idx = _cap_per_class(train_idx, labels, ds.max_per_class, seed)
+        # One folder scan serves both: the validation view differs only in its transform.
+        evaluated = copy.copy(full)
+        evaluated.transform = eval_transform(spec)
+        val = Subset(evaluated, val_idx)
+    return Subset(full, train_idx), val, classes
+
+
+def check_dataset(cfg: TrainerConfig) -> None:
+    """The cheap layout checks (paths exist, class folders hold images, classes agree), for ``finetune
+    run`` to fail in a second instead of after Ray has started. Object stores are left to the workers."""
+    ds = cfg.spec.dataset
+    if ds.format != "imagefolder" or ds.train_uri is None or uri_scheme(ds.train_uri) in _OBJECT_STORES:
+        return
+    classes = _class_folders("trainUri", ds.train_uri, resolve_uri(ds.train_uri))
+    _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
+    if ds.validation_uri is not None and uri_scheme(ds.validation_uri) not in _OBJECT_STORES:
+        val_classes = _class_folders("validationUri", ds.validation_uri, resolve_uri(ds.validation_uri))
+        _same_classes(classes, val_classes)
+
+
+# ------------------------------------------------------------------------------------- feature cache
+@torch.no_grad()
+def _features(
+    extractor: nn.Module, ds: LabelledDataset, device: torch.device, batch_size: int, loader_workers: int
+) -> LabelledDataset:
+    """Features of every image of ``ds`` in dataset order, on every worker: each computes a strided
+    share (padded to equal length, as collectives need) and all-gather puts them back together."""
+    n = len(ds)  # type: ignore[arg-type]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    share = -(-n // world)
+    idx = list(range(rank, n, world))
+    idx += [idx[-1] if idx else 0] * (share - len(idx))
+    loader: DataLoader[tuple[Tensor, int]] = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers)
+    parts, labels = [], []
+    for images, targets in loader:
+        parts.append(extractor(images.to(device)).float())
+        labels.append(targets.to(device))
+    feats, targets_all = torch.cat(parts), torch.cat(labels)
+    if world > 1:
+        gathered = [torch.empty_like(feats) for _ in range(world)]
+        gathered_labels = [torch.empty_like(targets_all) for _ in range(world)]
+        dist.all_gather(gathered, feats)
+        dist.all_gather(gathered_labels, targets_all)
+        # Worker r holds images r, r+world, …: interleave the shares back into dataset order.
+        feats = torch.stack(gathered, dim=1).flatten(0, 1)[:n]
+        targets_all = torch.stack(gathered_labels, dim=1).flatten(0, 1)[:n]
+    return cast(LabelledDataset, TensorDataset(feats.cpu(), targets_all.cpu()))
+
+
+def cache_features(
+    extractor: nn.Module, train: LabelledDataset, val: LabelledDataset, device: torch.device, batch_size: int, loader_workers: int
+) -> tuple[LabelledDataset, LabelledDataset]:
+    """Frozen-backbone features of the training and validation images, computed once in eval mode:
+    a linear probe then trains on tensors instead of running the backbone every epoch. Held in memory
+    (float32, images × feature size)."""
+    extractor.eval()
+    return (
+        _features(extractor, train, device, batch_size, loader_workers),
+        _features(extractor, val, device, batch_size, loader_workers),
+    )
+
+
+# --------------------------------------------------------------------------------------------- the API
+def build_datasets(cfg: TrainerConfig) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
+    """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``."""
+    spec = build_input_spec(cfg)
+    fmt = cfg.spec.dataset.format
+    if fmt == "digits":
+        train, val, names = _digits(cfg, spec)
+    elif fmt == "fake":
+        train, val, names = _fake(cfg, spec)
+    else:
+        train, val, names = _image_folders(cfg, spec)
+    if len(train) < 2:  # type: ignore[arg-type]
+        raise TrainerError(f"dataset: only {len(train)} training image(s) after the split and maxPerClass; need at least 2")  # type: ignore[arg-type]
+    return train, val, names, spec

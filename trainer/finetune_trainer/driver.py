@@ -1,0 +1,147 @@
+"""Runs one FineTuneJob on the connected Ray cluster: ``run(cfg) -> RunResult``.
+
+Builds the ``TorchTrainer`` from the spec (workers and their resources, checkpoints kept, worker
+failures absorbed) with ``RunConfig(name=<job name>, storage_path=<output root>)``. That pair is the
+run's identity in Ray Train 2.60 (Train V2): the controller finds the run's checkpoint-manager snapshot
+under ``<storage_path>/<name>`` and hands its latest checkpoint to the workers'
+``ray.train.get_checkpoint()``, so any relaunch of the same job — a RayJob retry, a suspended job
+resumed, ``finetune run`` again — continues where the last one stopped. The caller connects to Ray
+(``local.py`` starts an embedded one, ``__main__`` joins the RayJob's cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+# The V2 classes by their defining modules (the very objects ``ray.train`` exports when Train V2 is on,
+# the 2.60 default): type checkers otherwise see the V1 classes behind ``ray.train``'s conditional import.
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+from finetune_trainer import storage
+from finetune_trainer.artifacts import EpochRecord, read_metrics
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.errors import TrainerError, find_user_error
+from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
+
+__all__ = ["RunResult", "absolute_output", "build_trainer", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run reached, read back from its ``metrics.jsonl`` (every epoch, resumed ones too)."""
+
+    job_name: str
+    run_dir: str
+    epochs: list[EpochRecord]
+    val_accuracy: float | None
+    best_val_accuracy: float | None
+    best_epoch: int | None
+    model_card: str
+
+    @property
+    def last_epoch(self) -> int:
+        return self.epochs[-1].epoch if self.epochs else 0
+
+
+def absolute_output(cfg: TrainerConfig) -> TrainerConfig:
+    """``cfg`` with a local ``output_root`` made absolute: Ray Train refuses relative storage paths."""
+    if storage.is_remote(cfg.output_root):
+        return cfg
+    return cfg.model_copy(update={"output_root": str(storage.local_path(cfg.output_root).resolve())})
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of the training workers.
+
+    - Ray Train V2 patches print() in its workers to go through logging, whose console handler repeats
+      what the patched print already wrote: every console-sink line would appear twice.
+    - OpenMP threads that wait passively instead of spinning: on a shared or CPU-limited node (a
+      laptop running other things, a pod under a CFS quota) spinning intra-op threads made training
+      ten times slower in our measurements; an explicit OMP_WAIT_POLICY of the caller wins."""
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+class _LocalTorchTrainer(TorchTrainer):
+    """A TorchTrainer without the placement-group cleaner, for an embedded Ray that dies with this
+    process anyway. The cleaner asks the state API (the dashboard, not installed locally) whether the
+    controller lives, and logs a warning every few seconds when it cannot tell."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
+def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` (whose output root must be absolute or remote). ``local``: an
+    embedded Ray (``finetune run``): no placement-group cleaner, and Ray Train's own INFO lines (every
+    report, every checkpoint) kept off the console, where the progress sink already speaks.
+
+    ``fail_after_epoch`` is a test hook, not part of the spec: every worker raises once, right after
+    reporting that epoch, to exercise resumption."""
+    spec = cfg.spec
+    res = spec.resources
+    loop_config: dict[str, Any] = {"trainer": cfg.model_dump(mode="json", by_alias=True), QUIET_KEY: local}
+    if fail_after_epoch is not None:
+        loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
+    resources = {"CPU": float(res.cpus_per_worker), **({"GPU": float(res.gpus_per_worker)} if res.gpus_per_worker else {})}
+    trainer_cls = _LocalTorchTrainer if local else TorchTrainer
+    return trainer_cls(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.job_name,
+            storage_path=cfg.output_root,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.output.keep_checkpoints,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=spec.run_policy.max_worker_failures),
+            worker_runtime_env={"env_vars": worker_env()},
+            logging_config=LoggingConfig(log_level="WARNING" if local else "INFO"),
+        ),
+    )
+
+
+def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> RunResult:
+    """Train ``cfg`` to the end (resuming its last checkpoint if there is one) and write its artifacts.
+
+    Raises TrainerError, one line, when the job's inputs are at fault (a worker's TrainerError or
+    WeightsError, dug out of Ray Train's WorkerGroupError); other failures propagate as Ray raised them."""
+    cfg = absolute_output(cfg)
+    trainer = build_trainer(cfg, fail_after_epoch=fail_after_epoch, local=local)
+    try:
+        trainer.fit()
+    except Exception as e:
+        user_error = find_user_error(e)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    return read_result(cfg)
+
+
+def read_result(cfg: TrainerConfig) -> RunResult:
+    records = read_metrics(cfg.run_dir)
+    best = max(records, key=lambda r: r.val_accuracy, default=None)
+    card = storage.join(cfg.run_dir, "model.json")
+    if not storage.is_remote(card) and not Path(card).exists():
+        raise TrainerError(f"output: training finished but {card} was not written")
+    return RunResult(
+        job_name=cfg.job_name,
+        run_dir=cfg.run_dir,
+        epochs=records,
+        val_accuracy=records[-1].val_accuracy if records else None,
+        best_val_accuracy=best.val_accuracy if best else None,
+        best_epoch=best.epoch if best else None,
+        model_card=card,
+    )

@@ -1,0 +1,55 @@
+"""User errors of a training run, and how they reach a person as one line.
+
+A ``TrainerError`` says what is wrong with the job's inputs (a missing dataset path, an empty class
+folder, a corrupt image, a weights file of another architecture): the CLI prints ``error: <message>``
+and exits 2 instead of a traceback. Raised in a Ray Train worker, it travels back wrapped (by the
+DataLoader's worker re-raise, by Ray's task error, by Train's ``WorkerGroupError``);
+``find_user_error`` digs it out again on the driver.
+"""
+
+from __future__ import annotations
+
+import re
+
+from finetune_trainer.model import WeightsError
+
+__all__ = ["TrainerError", "find_user_error", "one_line"]
+
+# How a TrainerError (or a WeightsError) appears inside a wrapped, multi-line message: the last line
+# of a traceback, "finetune_trainer.errors.TrainerError: dataset.trainUri: …".
+_INNER = re.compile(r"^(?:[\w.]*\.)?(?:TrainerError|WeightsError): (.+)$", re.MULTILINE)
+
+
+class TrainerError(Exception):
+    """A problem with the job's inputs, stated in one line that names the path or field at fault."""
+
+
+def one_line(message: str) -> str:
+    """The innermost user-facing line of ``message``: wrapped tracebacks keep the original error last."""
+    found = _INNER.findall(message)
+    if found:
+        return str(found[-1]).strip()
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else message
+
+
+def find_user_error(exc: BaseException) -> TrainerError | None:
+    """The TrainerError (or WeightsError) behind ``exc``: itself, one it was raised from, or one a Ray
+    Train ``WorkerGroupError`` collected from its workers; None when the failure is not the user's."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, TrainerError | WeightsError):
+            return TrainerError(one_line(str(current)))
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            # Rank order, so that the message is the same on every run.
+            stack.extend(failures[rank] for rank in sorted(failures, reverse=True) if isinstance(failures[rank], BaseException))
+        for inner in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+    return None

@@ -1,0 +1,159 @@
+"""``finetune run JOB.yaml``: one FineTuneJob on this machine, on an embedded local Ray.
+
+The same YAML and the same trainer as on a cluster; what differs is only here: the manifest is read
+from a file and validated (with ``--workers``/``--output`` applied), relative paths are taken from the
+current directory, ``pvc://`` is refused (there is no volume to mount), and Ray is started in-process,
+sized to the job and the machine. Exit status: 0 done, 1 invalid manifest, 2 a user error
+(``error: <one line>``), anything else a bug with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.api.validate import ManifestError, load_job, validate_document
+from finetune_trainer.config import TrainerConfig, resolve_uri
+from finetune_trainer.errors import TrainerError
+
+__all__ = ["local_job", "run_command", "start_ray"]
+
+# Spec fields holding a path or URI, as (section, field) of spec, by their wire names.
+_URI_FIELDS = (
+    ("model", "weightsUri"),
+    ("dataset", "trainUri"),
+    ("dataset", "validationUri"),
+    ("dataset", "cacheDir"),
+    ("output", "uri"),
+)
+
+
+def _print_manifest_error(e: ManifestError) -> None:
+    print(f"{e.label}: invalid ({len(e.lines)} error{'s' if len(e.lines) > 1 else ''})", file=sys.stderr)
+    for line in e.lines:
+        print(f"  {line}", file=sys.stderr)
+
+
+def local_job(
+    text: str, source: str, *, workers: int | None = None, output: str | None = None, cwd: Path | None = None
+) -> FineTuneJob:
+    """The job in ``text`` with the command-line overrides applied and validated again (batch size
+    must still divide by the workers), local relative paths made absolute against ``cwd``; raises
+    ManifestError (invalid) or TrainerError (valid but not runnable here)."""
+    job = load_job(text, source)
+    doc: dict[str, Any] = job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    spec = doc["spec"]
+    if workers is not None:
+        spec.setdefault("resources", {})["workers"] = workers
+    if output is not None:
+        spec["output"]["uri"] = output
+    base = cwd or Path.cwd()
+    for section, field in _URI_FIELDS:
+        value = spec.get(section, {}).get(field)
+        if value is None:
+            continue
+        if uri_scheme(value) == "pvc":
+            hint = " (pass --output DIR)" if section == "output" else ""
+            raise TrainerError(f"spec.{section}.{field}: {value}: pvc:// volumes exist only in a cluster; use a local path{hint}")
+        if uri_scheme(value) in (None, "file"):
+            spec[section][field] = str((base / resolve_uri(value)).expanduser().resolve())
+    result = validate_document(doc, source)
+    if not result.ok or result.job is None:
+        raise ManifestError(result.label, result.errors)
+    return result.job
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _preflight(cfg: TrainerConfig) -> None:
+    """Checks that take a second here rather than a Ray start-up there; the workers repeat them."""
+    from finetune_trainer.data import check_dataset
+
+    check_dataset(cfg)
+    uri = cfg.spec.model.weights_uri
+    if uri is not None and uri_scheme(uri) in (None, "file") and not Path(resolve_uri(uri)).is_file():
+        raise TrainerError(f"model.weightsUri: {uri}: no such file")
+    gpus = cfg.spec.resources.workers * cfg.spec.resources.gpus_per_worker
+    if gpus:
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise TrainerError(
+                f"resources.gpusPerWorker: the job needs {gpus} GPU(s), this machine has {torch.cuda.device_count()}; set gpusPerWorker: 0"
+            )
+
+
+def start_ray(cfg: TrainerConfig) -> bool:
+    """Start an embedded Ray sized to the job (its workers must fit, or Train would wait for them
+    forever) and to the machine; False if Ray was already running (a test, a notebook)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    res = cfg.spec.resources
+    # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
+    cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
+    ray.init(
+        num_cpus=cpus,
+        num_gpus=res.workers * res.gpus_per_worker or None,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def _summary(result: Any) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    best = f"best {pct(result.best_val_accuracy)}" + (f" at epoch {result.best_epoch}" if result.best_epoch else "")
+    return f"{result.job_name}: val accuracy {pct(result.val_accuracy)} ({best}) after {result.last_epoch} epochs; artifacts in {result.run_dir}"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``finetune run``: exit 0 done, 1 invalid manifest, 2 user error."""
+    try:
+        text = sys.stdin.read() if args.job == "-" else Path(args.job).read_text()
+    except OSError as e:
+        print(f"error: {args.job}: cannot read: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        job = local_job(text, args.job, workers=args.workers, output=args.output)
+        status_file = str(Path(args.json_status).resolve()) if args.json_status else None
+        cfg = TrainerConfig.from_job(job, sinks=["console", "file"] if status_file else ["console"], status_file=status_file)
+        _preflight(cfg)
+    except ManifestError as e:
+        _print_manifest_error(e)
+        return 1
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _train(cfg)
+
+
+def _train(cfg: TrainerConfig) -> int:
+    import ray
+
+    from finetune_trainer import driver
+
+    started = start_ray(cfg)
+    try:
+        result = driver.run(cfg, local=True)
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    print(_summary(result))
+    return 0

@@ -1,0 +1,574 @@
+"""The per-worker training loop that Ray Train runs on every worker: ``train_loop_per_worker(config)``.
+
+Shape of torchvision's classification reference (``build_datasets`` → ``build_model`` →
+``train_one_epoch`` / ``evaluate`` per epoch), run data-parallel through ``ray.train.torch``:
+``prepare_model`` (DDP, gloo on CPU) and ``prepare_data_loader`` around our own seeded
+``DistributedSampler``. A job is a plan of stages (``plan_stages``): one for ``linear-probe``,
+``partial`` and ``full``; two for ``lp-ft`` (the head alone, then everything with the backbone at a
+lower rate, with a fresh optimizer and schedule). A frozen-backbone stage without random augmentation
+trains the head on backbone features computed once (``data.cache_features``).
+
+Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
+appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
+Train hands back. At the end rank 0 evaluates on the validation set and writes the artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
+from finetune_trainer.artifacts import EpochRecord, EvalResult, append_metrics, write_artifacts
+from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
+from finetune_trainer.config import TrainerConfig, resolve_uri
+from finetune_trainer.data import build_datasets, cache_features
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.model import ParamGroups, apply_strategy, build_model, set_train_mode, split_for_feature_cache
+from finetune_trainer.progress import ProgressSink, build_sinks, utc_now
+
+__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Stage", "evaluate", "plan_stages", "train_loop_per_worker", "train_one_epoch"]
+
+log = logging.getLogger(__name__)
+
+FAIL_AFTER_EPOCH_KEY: Final = "_fail_after_epoch"
+"""Test hook (not part of the spec): raise right after epoch N has been reported, once."""
+QUIET_KEY: Final = "quiet"
+"""Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
+
+Labelled = Dataset[tuple[Tensor, int]]
+
+
+# ------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Stage:
+    """Epochs ``first``..``last`` (1-based, inclusive) trained with ``method`` (model.py's names)."""
+
+    name: Literal["probe", "fine-tune"]
+    method: str
+    first: int
+    last: int
+
+    @property
+    def epochs(self) -> int:
+        return self.last - self.first + 1
+
+
+def plan_stages(spec: FineTuneJobSpec) -> list[Stage]:
+    epochs, method = spec.hyperparameters.epochs, spec.strategy.method
+    if method == "linear-probe":
+        return [Stage("probe", "linear-probe", 1, epochs)]
+    if method == "lp-ft":
+        probe = spec.probe_epochs()
+        return [Stage("probe", "lp-ft-probe", 1, probe), Stage("fine-tune", "lp-ft-finetune", probe + 1, epochs)]
+    return [Stage("fine-tune", method, 1, epochs)]
+
+
+def uses_feature_cache(spec: FineTuneJobSpec, stage: Stage) -> bool:
+    """A frozen backbone sees the same images every epoch only without random augmentation."""
+    return stage.name == "probe" and spec.strategy.cache_features and spec.dataset.augmentation == "none"
+
+
+# ---------------------------------------------------------------------------------- optimisation
+def backbone_lr(spec: FineTuneJobSpec, stage: Stage) -> float:
+    hp = spec.hyperparameters
+    if hp.backbone_learning_rate is not None:
+        return hp.backbone_learning_rate
+    default = 1.0 if stage.method == "full" else 0.1
+    return hp.learning_rate * (hp.backbone_lr_multiplier if hp.backbone_lr_multiplier is not None else default)
+
+
+def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) -> torch.optim.Optimizer:
+    """Head and backbone at their own rates; no weight decay on biases and normalisation weights."""
+    hp = spec.hyperparameters
+    param_groups: list[dict[str, Any]] = []
+    for name, params, lr in (("head", groups.head, hp.learning_rate), ("backbone", groups.backbone, backbone_lr(spec, stage))):
+        for suffix, chosen, decay in (
+            ("", [p for p in params if p.ndim > 1], hp.weight_decay),
+            ("_no_decay", [p for p in params if p.ndim <= 1], 0.0),
+        ):
+            if chosen:
+                param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0)
+    return torch.optim.AdamW(param_groups, lr=hp.learning_rate)
+
+
+@dataclass
+class Schedule:
+    """Learning-rate factor per optimizer step: linear warm-up from 1%, then cosine, step or flat.
+    A callable object rather than a closure so that LambdaLR's state_dict keeps its numbers."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+    step_every: int
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / self.warmup_steps
+        after = step - self.warmup_steps
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, after / max(1, self.total_steps - self.warmup_steps))))
+        if self.kind == "step":
+            return float(self.gamma ** (after // self.step_every))
+        return 1.0
+
+
+def build_scheduler(
+    spec: FineTuneJobSpec, stage: Stage, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    hp = spec.hyperparameters
+    step_epochs = hp.step_size or max(1, stage.epochs // 3)
+    schedule = Schedule(
+        kind=hp.scheduler,
+        warmup_steps=min(hp.warmup_epochs, stage.epochs - 1) * steps_per_epoch,
+        total_steps=stage.epochs * steps_per_epoch,
+        step_every=step_epochs * steps_per_epoch,
+        gamma=hp.gamma,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ------------------------------------------------------------------------------------- one epoch
+@dataclass
+class Precision:
+    """AMP settings: autocast only on CUDA (bf16/fp16), a live GradScaler only for fp16."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def build_precision(spec: FineTuneJobSpec, device: torch.device) -> Precision:
+    mode = spec.hyperparameters.mixed_precision
+    dtype = None
+    if device.type == "cuda" and mode != "no":
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return Precision(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return [float(v) for v in tensor.tolist()]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    grad_clip_norm: float | None,
+    frozen_bn: bool,
+) -> tuple[float, int]:
+    """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean."""
+    set_train_mode(model, frozen_bn=frozen_bn)
+    loss_sum, seen = 0.0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for images, targets in loader:
+        images, targets = images.to(precision.device, non_blocking=True), targets.to(precision.device, non_blocking=True)
+        with precision.autocast():
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        if grad_clip_norm is not None:
+            precision.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(targets)
+        seen += len(targets)
+    return loss_sum, seen
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    accuracy: float
+    top5: float | None
+    count: int
+    y_true: list[int]
+    y_pred: list[int]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader[Any], criterion: nn.Module, precision: Precision, num_classes: int, reduce: bool = True
+) -> EvalStats:
+    """Top-1, top-5 (five classes or more) and loss; summed across workers when ``reduce``."""
+    model.eval()
+    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    k = min(5, num_classes)
+    for images, targets in loader:
+        images, targets = images.to(precision.device), targets.to(precision.device)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(criterion(logits, targets)) * len(targets)
+        top = logits.topk(k, dim=1).indices
+        correct1 += float((top[:, 0] == targets).sum())
+        correct5 += float((top == targets[:, None]).any(dim=1).sum())
+        count += len(targets)
+        y_true += targets.tolist()
+        y_pred += top[:, 0].tolist()
+    if reduce:
+        loss_sum, correct1, correct5, total = _all_reduce([loss_sum, correct1, correct5, float(count)], precision.device)
+        count = int(total)
+    n = max(count, 1)
+    return EvalStats(loss_sum / n, correct1 / n, correct5 / n if num_classes >= 5 else None, count, y_true, y_pred)
+
+
+# --------------------------------------------------------------------------------------- loaders
+@dataclass
+class Shards:
+    """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
+    images or their cached features are iterated) and a strided, unpadded validation shard."""
+
+    train: DataLoader[Any]
+    sampler: DistributedSampler[Any]
+    val: DataLoader[Any]
+
+
+def _workers() -> tuple[int, int]:
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def build_loaders(spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None) -> Shards:
+    rank, world = _workers()
+    per_worker = max(1, spec.hyperparameters.batch_size // world)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train, num_replicas=world, rank=rank, shuffle=True, seed=spec.hyperparameters.seed
+    )
+    # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.
+    drop_last = len(sampler) % per_worker == 1
+    if len(sampler) // per_worker == 0 and drop_last:
+        raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")  # type: ignore[arg-type]
+    workers = spec.dataset.loader_workers if loader_workers is None else loader_workers
+    common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+    train_loader: DataLoader[Any] = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
+    # prepare_data_loader keeps our sampler (it adds one only when there is none) and moves batches to the device.
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    # Validation: every image exactly once across workers (a DistributedSampler would pad with repeats).
+    val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
+    val_loader: DataLoader[Any] = DataLoader(val_shard, batch_size=per_worker * 2, shuffle=False, **common)
+    return Shards(train_loader, sampler, val_loader)
+
+
+# ----------------------------------------------------------------------------------------- the run
+@dataclass
+class Worker:
+    """What one worker holds for the whole run."""
+
+    cfg: TrainerConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    class_names: list[str]
+    precision: Precision
+    criterion: nn.Module
+    sinks: ProgressSink | None
+    fail_after: int | None
+    resumed_from: int = 0
+    """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
+
+    @property
+    def spec(self) -> FineTuneJobSpec:
+        return self.cfg.spec
+
+
+def _set_threads(cfg: TrainerConfig) -> None:
+    """One intra-op thread per CPU the worker reserved, never more than its share of this node: two
+    workers of two threads on a two-core machine run at a third of the speed of one."""
+    ctx = ray.train.get_context()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, ctx.get_local_world_size()))
+    torch.set_num_threads(max(1, min(int(cfg.spec.resources.cpus_per_worker), share)))
+
+
+def _quiet_ray_train() -> None:
+    # Ray 2.60 logs every report through a logger named after its source file rather than under
+    # "ray.train", so RunConfig's LoggingConfig does not reach it.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _weights_uri(cfg: TrainerConfig) -> str | None:
+    uri = cfg.spec.model.weights_uri
+    return None if uri is None else resolve_uri(uri)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
+    cfg = TrainerConfig.model_validate(config["trainer"])
+    if config.get(QUIET_KEY):
+        _quiet_ray_train()
+    rank, world = _workers()
+    _set_threads(cfg)
+    _seed(cfg.spec.hyperparameters.seed)
+    sinks = build_sinks(cfg) if rank == 0 else None
+    if sinks is not None:
+        sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
+    try:
+        train, val, class_names, input_spec = build_datasets(cfg)
+        spec = cfg.spec.model
+        model = build_model(spec.name, spec.weights, len(class_names), weights_uri=_weights_uri(cfg))
+        device = ray.train.torch.get_device()
+        worker = Worker(
+            cfg=cfg,
+            rank=rank,
+            world=world,
+            device=device,
+            model=model.to(device),
+            class_names=class_names,
+            precision=build_precision(cfg.spec, device),
+            criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
+            sinks=sinks,
+            fail_after=config.get(FAIL_AFTER_EPOCH_KEY),
+        )
+        state, resumed = _resume(worker)
+        worker.resumed_from = state.epoch
+        _run_stages(worker, train, val, state, resumed)
+        if rank == 0:
+            _finish(worker, val, state, input_spec)
+    except TrainerError as e:
+        # User errors fail the same way on every retry; say so where people look, then let Ray fail the run.
+        if sinks is not None:
+            sinks.finish(error=str(e))
+        raise
+
+
+def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
+    """The state of the last registered checkpoint (model weights restored), or a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState(), None
+    with checkpoint.as_directory() as directory:
+        data = read_checkpoint(directory, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)
+    worker.model.load_state_dict(data["model"])
+    state: TrainState = data["train_state"]
+    log.info("resuming %s after epoch %d (%s stage)", worker.cfg.job_name, state.epoch, state.stage)
+    return state, data
+
+
+def _run_stages(worker: Worker, train: Labelled, val: Labelled, state: TrainState, resumed: dict[str, Any] | None) -> None:
+    for stage in plan_stages(worker.spec):
+        if state.stopped_early or state.epoch >= stage.last:
+            continue
+        # Optimizer and schedule carry over only within the stage the checkpoint was written in.
+        carried = resumed if resumed is not None and state.stage == stage.name and state.epoch >= stage.first else None
+        _run_stage(worker, stage, train, val, state, carried)
+
+
+def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -> tuple[nn.Module, nn.Module, Shards]:
+    """(module to train, module to evaluate, loaders) for ``stage``: the whole model on images, or the
+    head alone on cached backbone features."""
+    spec = worker.spec
+    groups_model = worker.model
+    if uses_feature_cache(spec, stage):
+        if worker.sinks is not None:
+            worker.sinks.update(
+                Progress(
+                    epoch=stage.first - 1,
+                    total_epochs=spec.hyperparameters.epochs,
+                    stage="caching-features",
+                    updated_at=utc_now(),
+                )
+            )
+        features, head = split_for_feature_cache(worker.model)
+        cached_train, cached_val = cache_features(
+            features, train, val, worker.device, spec.hyperparameters.batch_size, spec.dataset.loader_workers
+        )
+        # Features are tensors in memory: loader processes would only add start-up and copying.
+        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0)
+        return _wrap(head), head, shards
+    return _wrap(groups_model), groups_model, build_loaders(spec, train, val)
+
+
+def _wrap(module: nn.Module) -> nn.Module:
+    """DDP around ``module`` (a no-op with one worker); rebuilt per stage because DDP hooks only the
+    parameters that require grad when it is constructed."""
+    return ray.train.torch.prepare_model(module)
+
+
+def _run_stage(
+    worker: Worker, stage: Stage, train: Labelled, val: Labelled, state: TrainState, carried: dict[str, Any] | None
+) -> None:
+    spec, hp = worker.spec, worker.spec.hyperparameters
+    groups = apply_strategy(worker.model, stage.method, spec.strategy.unfreeze_blocks, spec.strategy.freeze_batch_norm)
+    trained, evaluated, shards = _stage_model(worker, stage, train, val)
+    optimizer = build_optimizer(spec, stage, groups)
+    scheduler = build_scheduler(spec, stage, optimizer, len(shards.train))
+    if carried is not None:
+        optimizer.load_state_dict(carried["optimizer"])
+        scheduler.load_state_dict(carried["scheduler"])
+        worker.precision.scaler.load_state_dict(carried["scaler"])
+    for epoch in range(max(stage.first, state.epoch + 1), stage.last + 1):
+        shards.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        loss_sum, seen = train_one_epoch(
+            trained,
+            shards.train,
+            worker.criterion,
+            optimizer,
+            scheduler,
+            worker.precision,
+            hp.grad_clip_norm,
+            spec.strategy.freeze_batch_norm,
+        )
+        train_seconds = time.perf_counter() - started
+        loss_sum, seen_all = _all_reduce([loss_sum, float(seen)], worker.device)
+        stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
+        state.stage = stage.name
+        state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
+        record = EpochRecord(
+            epoch=epoch,
+            stage=stage.name,
+            train_loss=loss_sum / max(seen_all, 1),
+            val_loss=stats.loss,
+            val_accuracy=stats.accuracy,
+            val_top5=stats.top5,
+            images_per_second=seen_all / max(train_seconds, 1e-9),
+            epoch_seconds=time.perf_counter() - started,
+            lr=float(optimizer.param_groups[0]["lr"]),
+        )
+        if hp.early_stopping is not None and state.bad_epochs >= hp.early_stopping.patience:
+            state.stopped_early = True
+        # Facts about this attempt for Ray's result (tests and logs), not for metrics.jsonl.
+        attempt = {
+            "world_size": worker.world,
+            "val_images": stats.count,
+            "resumed_from": worker.resumed_from,
+            "cached_features": uses_feature_cache(spec, stage),
+        }
+        _report(worker, record, state, optimizer, scheduler, attempt)
+        if worker.fail_after == epoch:
+            raise RuntimeError(f"injected failure after epoch {epoch} (test hook {FAIL_AFTER_EPOCH_KEY})")
+        if state.stopped_early:
+            log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, state.bad_epochs)
+            return
+
+
+def _report(
+    worker: Worker,
+    record: EpochRecord,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    attempt: dict[str, Any],
+) -> None:
+    """Every worker reports (a barrier); rank 0 adds the checkpoint, metrics.jsonl and progress."""
+    metrics: dict[str, Any] = {k: v for k, v in vars(record).items() if v is not None} | {
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
+        **attempt,
+    }
+    name = checkpoint_dir_name(record.epoch)
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint_dir_name=name)
+        return
+    append_metrics(worker.cfg.run_dir, record)
+    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
+        write_checkpoint(
+            directory,
+            model=worker.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=worker.precision.scaler,
+            state=state,
+            fingerprint=worker.cfg.spec_fingerprint(),
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    if worker.sinks is not None:
+        total = worker.spec.hyperparameters.epochs
+        worker.sinks.update(
+            Progress(
+                epoch=record.epoch,
+                total_epochs=total,
+                percent=round(100 * record.epoch / total, 2),
+                stage=record.stage,
+                updated_at=utc_now(),
+            ),
+            Metrics(
+                train_loss=record.train_loss,
+                val_loss=record.val_loss,
+                val_accuracy=record.val_accuracy,
+                val_top5=record.val_top5,
+                best_val_accuracy=state.best_val_accuracy,
+                best_epoch=state.best_epoch,
+                images_per_second=record.images_per_second,
+                epoch_seconds=record.epoch_seconds,
+            ),
+        )
+
+
+def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: Any) -> None:
+    """Rank 0: evaluate the final model on the whole validation set, write the artifacts, close the sinks."""
+    spec = worker.spec
+    total = spec.hyperparameters.epochs
+    if worker.sinks is not None:
+        worker.sinks.update(
+            Progress(
+                epoch=state.epoch,
+                total_epochs=total,
+                percent=100.0 if state.epoch >= total else round(100 * state.epoch / total, 2),
+                stage="evaluate",
+                updated_at=utc_now(),
+            )
+        )
+    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size), shuffle=False)
+    stats = evaluate(worker.model, loader, worker.criterion, worker.precision, len(worker.class_names), reduce=False)
+    best = state.best_epoch
+    checkpoint_uri = f"{worker.cfg.run_dir}/{checkpoint_dir_name(best)}" if best is not None else None
+    if worker.sinks is not None:
+        worker.sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=100.0, stage="export", updated_at=utc_now()))
+    artifacts = write_artifacts(
+        worker.cfg.run_dir,
+        model=worker.model,
+        cfg=worker.cfg,
+        class_names=worker.class_names,
+        input_spec=input_spec,
+        evaluation=EvalResult(y_true=stats.y_true, y_pred=stats.y_pred, class_names=worker.class_names),
+        best_val_accuracy=state.best_val_accuracy,
+        best_epoch=best,
+        checkpoint_uri=checkpoint_uri,
+    )
+    if worker.sinks is not None:
+        worker.sinks.finish(artifacts)
