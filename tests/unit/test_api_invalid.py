@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from finetune_operator.api.validate import validate_document
 
 BASE: dict[str, Any] = {

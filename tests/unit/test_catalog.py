@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from finetune_operator.api import catalog
 from finetune_operator.api.versions import TORCHVISION_VERSION
 

@@ -11,9 +11,9 @@ import celpy
 import kubernetes_validate
 import pytest
 import yaml
+
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import build_crd, render_crd_yaml
-
 from tests.support.schemas import REPO, crd_schema, strict_errors
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))

@@ -328,7 +328,9 @@ class OutputSpec(WireModel):
     uri: UriStr
     """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be reachable from every Ray node (object store or shared volume)."""
 
-    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: list[ExportFormat](["state_dict"]))
+    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: list[ExportFormat](["state_dict"])
+    )
     """Model formats to export: `state_dict` (model.pt), `torchscript` (model.torchscript.pt), `onnx` (model.onnx)."""
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
