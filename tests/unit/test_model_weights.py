@@ -153,14 +153,16 @@ def _half(sd: dict[str, Tensor]) -> Any:
 
 
 @pytest.mark.parametrize("wrap", [_plain, _checkpoint, _ddp, _ddp_checkpoint, _compiled, _half])
-@pytest.mark.parametrize(("source_classes", "head_loaded"), [(5, False), (3, True)])
+@pytest.mark.parametrize(
+    ("source_classes", "keep_head", "head_loaded"), [(5, False, False), (3, False, False), (5, True, False), (3, True, True)]
+)
 def test_resnet18_file_loads_into_a_new_head(
-    tmp_path: Path, wrap: Callable[[dict[str, Tensor]], Any], source_classes: int, head_loaded: bool
+    tmp_path: Path, wrap: Callable[[dict[str, Tensor]], Any], source_classes: int, keep_head: bool, head_loaded: bool
 ) -> None:
     source = _trained("resnet18", source_classes).state_dict()
     path = tmp_path / "model.pt"
     torch.save(wrap(source), path)
-    model = build_model("resnet18", None, 3, weights_uri=str(path))
+    model = build_model("resnet18", None, 3, weights_uri=str(path), keep_head=keep_head)
     assert torch.allclose(model.state_dict()[BACKBONE_KEY], source[BACKBONE_KEY].float(), atol=1e-3)
     assert torch.equal(model.state_dict()["bn1.running_mean"].half(), source["bn1.running_mean"].half())
     fc = model.get_submodule("fc")

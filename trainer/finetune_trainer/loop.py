@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
-from finetune_trainer.artifacts import EpochRecord, EvalResult, append_metrics, write_artifacts
+from finetune_trainer import storage
+from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, append_metrics, load_model_card, write_artifacts
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.config import TrainerConfig, resolve_uri
 from finetune_trainer.data import build_datasets, cache_features
@@ -335,6 +336,21 @@ def _weights_uri(cfg: TrainerConfig) -> str | None:
     return None if uri is None else resolve_uri(uri)
 
 
+def _same_classes_as_source(weights_uri: str | None, class_names: list[str]) -> bool:
+    """Whether the weights file is an earlier job's model.pt trained on exactly these classes, in order.
+
+    Only then is its head a meaningful start; its model card (model.json beside it) says so. A bare
+    state_dict says nothing about its classes, so it gets a new head.
+    """
+    if weights_uri is None:
+        return False
+    try:
+        card = load_model_card(storage.parent(weights_uri))
+    except ArtifactError:
+        return False
+    return bool(card.get("classNames") == class_names)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
     cfg = TrainerConfig.model_validate(config["trainer"])
@@ -349,7 +365,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         train, val, class_names, input_spec = build_datasets(cfg)
         spec = cfg.spec.model
-        model = build_model(spec.name, spec.weights, len(class_names), weights_uri=_weights_uri(cfg))
+        uri = _weights_uri(cfg)
+        model = build_model(
+            spec.name, spec.weights, len(class_names), weights_uri=uri, keep_head=_same_classes_as_source(uri, class_names)
+        )
         device = ray.train.torch.get_device()
         worker = Worker(
             cfg=cfg,

@@ -102,9 +102,15 @@ def _builder_kwargs(name: str, init: bool) -> dict[str, Any]:
     }
 
 
-def build_model(name: str, weights: str | None, num_classes: int, weights_uri: str | None = None) -> nn.Module:
+def build_model(
+    name: str, weights: str | None, num_classes: int, weights_uri: str | None = None, *, keep_head: bool = False
+) -> nn.Module:
     """torchvision model ``name`` with its starting weights (torchvision ``weights`` or a file at
-    ``weights_uri``, not both; neither: random) and a new, randomly initialised ``num_classes`` head."""
+    ``weights_uri``, not both; neither: random) and a new, randomly initialised ``num_classes`` head.
+
+    ``keep_head``: also load the file's head when its shape fits, for a caller that knows the file was
+    trained on the very same classes (continued training). Otherwise a head of the same shape but other
+    classes (digits 0-4 → digits 5-9) would start from a meaningless class mapping."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, not {num_classes}")
     if weights is not None and weights_uri is not None:
@@ -120,7 +126,7 @@ def build_model(name: str, weights: str | None, num_classes: int, weights_uri: s
     state = load_state_dict_file(weights_uri)
     model = cast(nn.Module, models.get_model(name, weights=None, **_builder_kwargs(name, init=False)))
     replace_head(model, num_classes)
-    load_weights(model, state, source=weights_uri, arch=name)
+    load_weights(model, state, source=weights_uri, arch=name, load_head=keep_head)
     return model
 
 
@@ -200,10 +206,12 @@ def _sample(keys: Sequence[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "state_dict", arch: str | None = None) -> bool:
+def load_weights(
+    model: nn.Module, state: Mapping[str, Tensor], source: str = "state_dict", arch: str | None = None, *, load_head: bool = True
+) -> bool:
     """Load ``state`` into ``model``: every backbone tensor must be there with its shape (else
-    WeightsError naming ``source``); the head's only if its shapes match, as when chaining jobs with the
-    same classes. Keys of sub-modules the model dropped (auxiliary heads) are ignored. ``arch`` names
+    WeightsError naming ``source``); the head's only if ``load_head`` and its shapes match, as when
+    chaining jobs with the same classes. Keys of sub-modules the model dropped (auxiliary heads) are ignored. ``arch`` names
     the model in errors. Returns whether the head was loaded."""
     target = model.state_dict()
     heads = tuple(f"{h}." for h in head_module_names(model))
@@ -232,7 +240,7 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "s
             + "; ".join(p for p in problems if p)
         )
     head_keys = [k for k in target if is_head(k)]
-    load_head = all(k in state and state[k].shape == target[k].shape for k in head_keys)
+    load_head = load_head and all(k in state and state[k].shape == target[k].shape for k in head_keys)
     chosen = {k: v for k, v in state.items() if load_head or not is_head(k)}
     model.load_state_dict(chosen, strict=False)
     log.info("loaded %d tensors from %s (head %s)", len(chosen), source, "loaded" if load_head else "new: its shape differs")

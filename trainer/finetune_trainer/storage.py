@@ -58,6 +58,12 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (a path or an object-store URI)."""
+    head, sep, _ = uri.rstrip("/").rpartition("/")
+    return head if sep and head and not head.endswith(":/") else "."
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
