@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from finetune_trainer.artifacts import InputSpec
 from finetune_trainer.loop import _same_classes_as_source
 
 
 def _artifact_dir(tmp_path: Path, class_names: list[str] | None) -> Path:
     (tmp_path / "model.pt").write_bytes(b"weights")
     if class_names is not None:
-        card = {"architecture": {"name": "resnet18"}, "classNames": class_names, "input": {}, "files": {}}
+        spec = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", True)
+        card = {
+            "architecture": {"name": "resnet18"},
+            "classNames": class_names,
+            "input": spec.to_wire(),
+            "files": {"model.pt": {"sha256": "0" * 64, "bytes": 7}},
+        }
         (tmp_path / "model.json").write_text(json.dumps(card))
     return tmp_path / "model.pt"
 
