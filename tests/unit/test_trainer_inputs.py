@@ -4,6 +4,7 @@ validation classes, class count, weights of another architecture), plus the loca
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_operator.api.validate import ManifestError
+from finetune_operator.api.validate import ManifestError, load_job
 from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
@@ -284,3 +285,17 @@ def test_object_store_prefix_is_downloaded_once_into_the_cache(tmp_path: Path) -
     assert (Path(first) / "dog" / "0.png").exists()
     with pytest.raises(TrainerError, match="memory://bucket/nothing"):
         fetch_to_cache("memory://bucket/nothing", str(tmp_path))
+
+
+def test_missing_exporter_fails_before_training(tmp_path: Path) -> None:
+    """onnx is not installed here: the run must stop before Ray starts training, naming the field."""
+    if importlib.util.find_spec("onnx") is not None:
+        pytest.skip("onnx is installed: the export would succeed")
+    from finetune_trainer import driver
+
+    job = load_job((REPO / "manifests/examples/digits-source.yaml").read_text(), "digits-source.yaml")
+    job.spec.output.exports = ["state_dict", "onnx"]
+    cfg = TrainerConfig.from_job(job, output_root=str(tmp_path))
+    with pytest.raises(TrainerError, match=r"^output.exports: .*onnx"):
+        driver.run(cfg)
+    assert not (tmp_path / "digits-source").exists()

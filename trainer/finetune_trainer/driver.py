@@ -25,7 +25,7 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConf
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_trainer import storage
-from finetune_trainer.artifacts import EpochRecord, read_metrics
+from finetune_trainer.artifacts import ArtifactError, EpochRecord, check_exports, read_metrics
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.errors import TrainerError, find_user_error
 from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
@@ -119,6 +119,11 @@ def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool 
     Raises TrainerError, one line, when the job's inputs are at fault (a worker's TrainerError or
     WeightsError, dug out of Ray Train's WorkerGroupError); other failures propagate as Ray raised them."""
     cfg = absolute_output(cfg)
+    try:
+        # Before any training: a missing exporter found after hours of GPU time loses the run's model.
+        check_exports(list(cfg.spec.output.exports))
+    except ArtifactError as e:
+        raise TrainerError(f"output.exports: {e}") from None
     trainer = build_trainer(cfg, fail_after_epoch=fail_after_epoch, local=local)
     try:
         trainer.fit()
