@@ -221,6 +221,10 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
         parent = ctx.kube.read(KIND, ns, owner["name"])
         if parent is None or parent["metadata"].get("uid") != owner.get("uid") or parent["metadata"].get("deletionTimestamp"):
             return  # the job is gone or going: its children go too
+        if not (parent.get("status") or {}).get("rayJobName"):
+            # The create handler is still on it and mirrors the RayJob itself when done; writing
+            # Provisioning from here too would race it and announce the same transition twice.
+            return
         if type == "DELETED":
             _rayjob_gone(ctx, parent)
         else:

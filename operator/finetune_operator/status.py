@@ -29,6 +29,7 @@ Succeeded and Failed are final: once there, later RayJob changes (TTL clean-up) 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -76,6 +77,24 @@ def rfc3339(now: datetime) -> str:
     return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MAX_DETAIL = 1000
+
+
+def failure_detail(message: str) -> str:
+    """The part of KubeRay's failure message a person needs, on one short line.
+
+    KubeRay copies the tail of the Ray job's log into ``message`` (tracebacks, ANSI colours, up to
+    ~20,000 characters). The trainer reports user errors as one ``error: …`` line: when there is one,
+    that line is the whole story; otherwise the message's first line, shortened.
+    """
+    text = _ANSI.sub("", message)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    chosen = errors[-1] if errors else (lines[0] if lines else "")
+    return chosen if len(chosen) <= MAX_DETAIL else chosen[: MAX_DETAIL - 3] + "..."
+
+
 def verdict(rayjob_status: Mapping[str, Any] | None, *, suspend: bool = False, rayjob_suspend: bool | None = None) -> Verdict:
     """The phase and reasons for one RayJob status (see the table in the module docstring).
 
@@ -87,7 +106,7 @@ def verdict(rayjob_status: Mapping[str, Any] | None, *, suspend: bool = False, r
     deployment = str(st.get("jobDeploymentStatus") or "")
     job = str(st.get("jobStatus") or "")
     reason = str(st.get("reason") or "")
-    ray_message = str(st.get("message") or "")
+    ray_message = failure_detail(str(st.get("message") or ""))
 
     def with_detail(text: str) -> str:
         return f"{text}: {ray_message}" if ray_message else text

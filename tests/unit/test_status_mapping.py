@@ -13,6 +13,7 @@ from finetune_operator.status import (
     DEPLOYMENT_STATUSES,
     JOB_STATUSES,
     failed_status,
+    failure_detail,
     map_status,
     phase_event,
     provisioning_status,
@@ -233,3 +234,23 @@ def test_phase_events() -> None:
     assert phase_event("Running", "Running", "x") is None
     assert phase_event(None, "Provisioning", "created") == ("Normal", "PhaseProvisioning", "New → Provisioning: created")
     assert phase_event("Running", "Failed", "boom") == ("Warning", "PhaseFailed", "Running → Failed: boom")
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("", ""),
+        ("DeadlineExceeded", "DeadlineExceeded"),
+        (
+            "Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+            "\x1b[36m(RayTrainWorker pid=12)\x1b[0m loading\nTraceback (most recent call last):\n  File x\n"
+            "error: model.weightsUri: /w.pt: no such file\n",
+            "error: model.weightsUri: /w.pt: no such file",
+        ),
+        ("\x1b[31mboom\x1b[0m\nmore", "boom"),
+        ("x" * 5000, "x" * 997 + "..."),
+    ],
+    ids=["empty", "reason-only", "trainer-error-line", "ansi", "long"],
+)
+def test_failure_detail(message: str, expected: str) -> None:
+    assert failure_detail(message) == expected

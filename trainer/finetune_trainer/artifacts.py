@@ -450,12 +450,13 @@ def write_artifacts(
                 (staging / name).replace(target / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    public = cfg.public_uri
     return Artifacts(
-        model_uri=storage.join(run_dir, MODEL_FILE),
-        model_card_uri=storage.join(run_dir, CARD_FILE),
-        checkpoint_uri=checkpoint_uri,
+        model_uri=public(storage.join(run_dir, MODEL_FILE)),
+        model_card_uri=public(storage.join(run_dir, CARD_FILE)),
+        checkpoint_uri=public(checkpoint_uri),
         sha256=card["files"][MODEL_FILE]["sha256"],
-        exports={fmt: storage.join(run_dir, name) for fmt, name in card["exports"].items()},
+        exports={fmt: str(public(storage.join(run_dir, name))) for fmt, name in card["exports"].items()},
         class_names=list(class_names),
     )
 

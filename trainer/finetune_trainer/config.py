@@ -67,6 +67,17 @@ class TrainerConfig(WireModel):
         """`<outputRoot>/<jobName>`: Ray Train's run directory and the artifact directory."""
         return f"{self.output_root.rstrip('/')}/{self.job_name}"
 
+    def public_uri(self, path: str | None) -> str | None:
+        """A path the trainer wrote, as the user named its place: ``/mnt/finetune/models/x`` → ``pvc://models/x``.
+
+        Status and model card are read outside the pod, where the mount path means nothing.
+        """
+        spec_uri = self.spec.output.uri.rstrip("/")
+        root = resolve_uri(spec_uri).rstrip("/")
+        if path is None or root == spec_uri or not (path == root or path.startswith(root + "/")):
+            return path
+        return spec_uri + path[len(root) :]
+
     def spec_fingerprint(self) -> str:
         """Hash of what determines the training result; a checkpoint of another fingerprint is not resumed."""
         spec = self.spec.model_dump(by_alias=True, mode="json", exclude={"run_policy", "runtime", "resources"})
