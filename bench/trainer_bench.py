@@ -785,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"   final val accuracy cached {acc['cached']} vs uncached {acc['uncached']} (FakeData: chance level)")
     print(
         "threads: plain 2 / torchrun 1 per rank / trainer cpusPerWorker 2 (1 worker), 1 (2 workers); OMP_WAIT_POLICY: "
-        "trainer workers PASSIVE (driver.worker_env), baselines PyTorch's default (unset) except row 1c; "
+        "trainer workers as driver.worker_env leaves them (the caller's, else unset), baselines PyTorch's default (unset) except row 1c; "
         f"niceness: baselines {args.baseline_nice}, Ray train workers {res.details.get('one_worker_nice')} (1 worker), "
         f"{res.details.get('two_worker_nice')} (2 workers)"
     )

@@ -100,6 +100,9 @@ def start_ray(cfg: TrainerConfig) -> bool:
     if ray.is_initialized():
         return False
     res = cfg.spec.resources
+    # Ray Train's controller collects reports every 2 s and a worker holds only one pending report, so
+    # any epoch shorter than that (a cached-feature linear probe: ~0.1 s) waited ~2 s in report().
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
     cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
     ray.init(
