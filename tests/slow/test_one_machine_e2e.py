@@ -148,6 +148,8 @@ def test_a_failing_trainer_fails_the_job_with_its_message(emu: KubeEmulator, tmp
     assert (rayjob["status"]["jobDeploymentStatus"], rayjob["status"]["reason"]) == ("Failed", "AppFailed")
     failed = condition(status, "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "AppFailed")
-    assert "exit code 2" in failed["message"] and "/nonexistent/resnet18.pt: no such file" in failed["message"]
+    # The trainer's one-line error, not KubeRay's copy of the whole log tail.
+    assert "error: " in failed["message"] and "/nonexistent/resnet18.pt: no such file" in failed["message"]
+    assert "\n" not in failed["message"] and "Traceback" not in failed["message"]
     assert condition(status, "Succeeded")["status"] == "False"
     assert "artifacts" not in status
