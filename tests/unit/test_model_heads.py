@@ -3,7 +3,6 @@ classification model (random weights, tiny inputs), plus the strategy knobs on o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -58,14 +57,7 @@ def _input_size(name: str) -> int:
     return int(BUILD_KWARGS.get(name, {}).get("image_size", INPUT_SIZE.get(name, 32)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a busy machine their spin-waits made
-    this module several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=[_case(n) for n in ALL_MODELS])
