@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import attrs
 import jsonpatch
@@ -856,22 +856,12 @@ class ObjectStore:
         HTTP. An ``AssertionError`` or a 404 ``ApiError`` from it counts as "not yet".
         """
         deadline = time.monotonic() + timeout
-        last: object = None
         while True:
             with self._lock:
                 seen = self._generation
-            try:
-                value = predicate()
-            except AssertionError as e:
-                last = e
-            except ApiError as e:
-                if e.code != 404:
-                    raise
-                last = e
-            else:
-                if value:
-                    return value
-                last = value
+            done, last = _attempt(predicate)
+            if done:
+                return cast(T, last)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{message or 'condition'} not met within {timeout} s; last result: {last!r}")
@@ -1285,6 +1275,22 @@ class EmulatorHandler(kmock.KubernetesEmulator):
 # Polling
 
 
+def _attempt(predicate: Callable[[], object]) -> tuple[bool, object]:
+    """One evaluation: (True, value) when truthy; else (False, the value or the "not yet" error).
+
+    An ``AssertionError`` or a 404 ``ApiError`` means "not yet"; any other error propagates.
+    """
+    try:
+        value = predicate()
+    except AssertionError as e:
+        return False, e
+    except ApiError as e:
+        if e.code != 404:
+            raise
+        return False, e
+    return bool(value), value
+
+
 def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, *, interval: float = 0.02, message: str = "") -> T:
     """Poll ``predicate`` until it returns a truthy value and return that value.
 
@@ -1292,20 +1298,10 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, *, interv
     counts as "not yet". On timeout, raises ``TimeoutError`` with the last result or error.
     """
     deadline = time.monotonic() + timeout
-    last: object = None
     while True:
-        try:
-            value = predicate()
-        except AssertionError as e:
-            last = e
-        except ApiError as e:
-            if e.code != 404:
-                raise
-            last = e
-        else:
-            if value:
-                return value
-            last = value
+        done, last = _attempt(predicate)
+        if done:
+            return cast(T, last)
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{message or 'condition'} not met within {timeout} s; last result: {last!r}")
         time.sleep(interval)
