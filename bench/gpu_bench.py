@@ -152,8 +152,8 @@ def job_document(w: Workload, out: str) -> dict[str, Any]:
 
 def _config(w: Workload, out: str) -> Any:
     _use_repo_sources()
+    from finetune_operator.api.contract import TrainerConfig
     from finetune_operator.api.v1alpha1 import FineTuneJob
-    from finetune_trainer.config import TrainerConfig
 
     return TrainerConfig.from_job(FineTuneJob.parse(job_document(w, out)), sinks=["console"])
 

@@ -515,8 +515,8 @@ def check_same_inputs(w: Workload) -> None:
     import torch
     import torchvision
 
+    from finetune_operator.api.contract import TrainerConfig
     from finetune_operator.api.v1alpha1 import FineTuneJob
-    from finetune_trainer.config import TrainerConfig
     from finetune_trainer.data import build_datasets
     from finetune_trainer.model import build_model
 

@@ -37,15 +37,16 @@ import argparse
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Final, cast
 
 import kopf
 
 from finetune_operator import metrics, naming
+from finetune_operator.api import timestamps
 from finetune_operator.api.v1alpha1 import FineTuneJob, ObjectMeta
 from finetune_operator.api.versions import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.k8s import ApiFailure, Kube, kopf_error, load_client
+from finetune_operator.k8s import ApiFailure, Kube
+from finetune_operator.kubeclient import load_client
 from finetune_operator.rayjob import build_children, check_spec
 from finetune_operator.settings import OperatorSettings, SettingsError
 from finetune_operator.status import TERMINAL_PHASES, failed_status, map_status, phase_event, provisioning_status
@@ -74,10 +75,6 @@ def _ctx(memo: Any) -> Context:
     return ctx
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str, str | None]:
     meta = obj["metadata"]
     return meta["namespace"], meta["name"], meta.get("uid")
@@ -88,6 +85,14 @@ def _event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> Non
         kopf.event(kopf.Body(cast(kopf.RawBody, dict(obj))), type=type_, reason=reason, message=message[:EVENT_MESSAGE_MAX])
     except LookupError:  # called outside a running operator (tests, scripts): Kopf has no event queue
         log.info("event %s %s on %s: %s", type_, reason, obj["metadata"].get("name"), message)
+
+
+def kopf_error(exc: ApiFailure) -> kopf.TemporaryError | kopf.PermanentError:
+    """What Kopf should do about a failed request: 400/404/422 never get better by retrying; the rest may."""
+    if exc.status in (400, 422):
+        return kopf.PermanentError(str(exc))
+    delay = 30.0 if exc.status in (401, 403) else 10.0  # RBAC is fixed by people, slowly
+    return kopf.TemporaryError(str(exc), delay=delay)
 
 
 @kopf.on.startup()
@@ -141,7 +146,9 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
         if spec is None:
             _write_status(
-                ctx, job_body, failed_status("InvalidSpec", errors, job_body["metadata"].get("generation"), _now(), status)
+                ctx,
+                job_body,
+                failed_status("InvalidSpec", errors, job_body["metadata"].get("generation"), timestamps.now(), status),
             )
             _event(job_body, "Warning", "InvalidSpec", "; ".join(errors))
             raise kopf.PermanentError(f"{KIND} {ns}/{name} is invalid: " + "; ".join(errors))
@@ -149,7 +156,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rayjob, created = _ensure_children(ctx, job, known=bool(status.get("rayJobName")))
         if created:
             _event(job_body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
-        first = provisioning_status(rayjob["metadata"]["name"], job_body["metadata"].get("generation"), _now(), status)
+        first = provisioning_status(rayjob["metadata"]["name"], job_body["metadata"].get("generation"), timestamps.now(), status)
         _sync(ctx, job_body, rayjob, first)
     except ApiFailure as exc:
         raise kopf_error(exc) from exc
@@ -303,7 +310,7 @@ def _sync(ctx: Context, parent: dict[str, Any], rayjob: Mapping[str, Any], first
         rayjob.get("status"),
         merged,
         parent["metadata"].get("generation"),
-        _now(),
+        timestamps.now(),
         suspend=bool(run_policy.get("suspend")),
         rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
     )

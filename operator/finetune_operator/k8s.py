@@ -2,8 +2,7 @@
 
 A thin synchronous layer over the official client (Kopf runs sync handlers in its thread pool), speaking
 plain dicts. Every failure is raised as ``ApiFailure`` naming the object (``kind namespace/name``) and
-chained to the client's exception; ``kopf_error`` turns it into what Kopf should do: retry later
-(``TemporaryError`` with a delay) or give up (``PermanentError``) for requests that can never succeed.
+chained to the client's exception; the handlers decide what Kopf should do about it.
 
 Custom resources are patched with ``application/merge-patch+json``: the client's default for a dict
 body is a strategic merge patch, which the API server refuses (415) for custom resources.
@@ -12,13 +11,10 @@ body is a strategic merge patch, which the API server refuses (415) for custom r
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-import kopf
 import kubernetes.client
-import kubernetes.config
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
@@ -47,26 +43,6 @@ def _detail(exc: BaseException) -> str:
             message = None
         return f"HTTP {exc.status} {exc.reason}" + (f": {message}" if message else "")
     return f"API server unreachable: {exc}"
-
-
-def kopf_error(exc: ApiFailure) -> kopf.TemporaryError | kopf.PermanentError:
-    """What Kopf should do about a failed request: 400/404/422 never get better by retrying; the rest may."""
-    if exc.status in (400, 422):
-        return kopf.PermanentError(str(exc))
-    delay = 30.0 if exc.status in (401, 403) else 10.0  # RBAC is fixed by people, slowly
-    return kopf.TemporaryError(str(exc), delay=delay)
-
-
-def load_client() -> kubernetes.client.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig (``KUBECONFIG``) for development."""
-    configuration = kubernetes.client.Configuration()
-    config: Any = kubernetes.config  # untyped functions
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        # KUBECONFIG is read now, not when the kubernetes package was imported.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    return kubernetes.client.ApiClient(configuration=configuration)
 
 
 class Kube:

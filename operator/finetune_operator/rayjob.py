@@ -22,22 +22,25 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from finetune_operator import naming
+from finetune_operator.api.contract import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    CONFIG_PATH,
+    ENTRYPOINT,
+    ENV_CONFIG,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_THROTTLE,
+    TrainerConfig,
+    pvc_mount_path,
+)
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, ObjectMeta
 from finetune_operator.api.validate import validate_spec
 from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL
 from finetune_operator.settings import OperatorSettings
-from finetune_trainer.config import TrainerConfig, pvc_mount_path
 
-CONFIG_DIR: Final = "/etc/finetune"
-CONFIG_KEY: Final = "trainer.json"
-CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
-ENTRYPOINT: Final = f"python -m finetune_trainer --config {CONFIG_PATH}"
 WORKER_GROUP: Final = "workers"
-ENV_JOB_NAME: Final = "FINETUNE_JOB_NAME"
-ENV_JOB_NAMESPACE: Final = "FINETUNE_JOB_NAMESPACE"
-ENV_CONFIG: Final = "FINETUNE_CONFIG"
-ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
 TRAINER_VERBS: Final = ("get", "patch")
 
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Final
+
+from finetune_operator.api.timestamps import rfc3339
 
 TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed"})
 CONDITION_TYPES: Final = ("Validated", "ClusterReady", "Training", "Succeeded", "Failed", "Suspended")
@@ -71,10 +73,6 @@ class Verdict:
     message: str
     cluster_ready: bool
     training: bool
-
-
-def rfc3339(now: datetime) -> str:
-    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -23,11 +23,11 @@ import yaml
 
 import finetune_operator.handlers as handlers
 from finetune_operator import metrics, naming
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_operator.api.validate import validate_spec
 from finetune_operator.k8s import Kube
 from finetune_operator.settings import OperatorSettings
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.support.kopf_runner import KopfRunner
 from tests.support.kube_emulator import KubeEmulator, wait_for

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.config import TrainerConfig
 
 # resnet18 at 32×32 on three digit classes, 30 training images each: a couple of seconds per epoch.
 BASE_SPEC: dict[str, Any] = {

@@ -38,7 +38,7 @@ paths on a shared machine: every ``volumeMount`` of the head and worker containe
 RWX claim), an ``emptyDir`` to a private directory. Pod paths under a mount are rewritten to their
 directory here in the entrypoint's arguments, in environment values, and in string values of mounted
 ``.json`` files. That last rewrite is the one place the stand-in reaches into content: the operator
-resolves ``pvc://CLAIM/P`` into ``outputRoot: /mnt/finetune/CLAIM/P`` (``finetune_trainer.config.PVC_MOUNT_ROOT``)
+resolves ``pvc://CLAIM/P`` into ``outputRoot: /mnt/finetune/CLAIM/P`` (``finetune_operator.api.contract.PVC_MOUNT_ROOT``)
 when it renders ``trainer.json``, so no environment variable could redirect it later; rewriting a
 resolved pod path in the mounted file is what a bind mount would have done, with the trainer untouched.
 What the trainer reports back (``status.artifacts`` URIs) therefore names paths on this machine;

@@ -19,11 +19,11 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
 from finetune_trainer import artifacts as art
 from finetune_trainer import storage
 from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, InputSpec
-from finetune_trainer.config import TrainerConfig
 
 CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(

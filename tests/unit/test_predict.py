@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
 from finetune_trainer.artifacts import EvalResult, InputSpec
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.model import build_model
 from finetune_trainer.predict import image_transform, load_for_inference, predict_command
 

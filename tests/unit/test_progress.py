@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api.contract import Sink, TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import progress as progress_mod
-from finetune_trainer.config import Sink, TrainerConfig
 from finetune_trainer.progress import ConsoleSink, JsonFileSink, MultiSink, build_sinks, format_epoch_line
 
 

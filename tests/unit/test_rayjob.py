@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 from finetune_operator import naming
+from finetune_operator.api.contract import PVC_MOUNT_ROOT, TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import load_job
 from finetune_operator.rayjob import CONFIG_PATH, ENTRYPOINT, InvalidJobError, build_children, check_spec, job_from_body
 from finetune_operator.render import render_objects, to_yaml
 from finetune_operator.settings import OperatorSettings
-from finetune_trainer.config import PVC_MOUNT_ROOT, TrainerConfig
 from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
 
 ALL_EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))

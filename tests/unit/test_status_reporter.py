@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.support.kube_emulator import KubeEmulator
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.config import TrainerConfig, resolve_uri
 
 
 def _cfg(output_uri: str) -> TrainerConfig:

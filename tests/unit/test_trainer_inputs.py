@@ -16,10 +16,10 @@ import torchvision
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.validate import ManifestError, load_job
 from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
 from finetune_trainer.errors import TrainerError, find_user_error, one_line
 from finetune_trainer.local import local_job

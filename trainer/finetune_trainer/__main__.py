@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.errors import format_errors
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.errors import TrainerError
 
 

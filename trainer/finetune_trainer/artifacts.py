@@ -28,7 +28,6 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
@@ -38,9 +37,10 @@ from torch import nn
 
 import finetune_operator
 from finetune_operator.api import catalog
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Artifacts
 from finetune_trainer import storage
-from finetune_trainer.config import TrainerConfig
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 
 __all__ = [
@@ -370,7 +370,7 @@ def _stage(
     info = catalog.load_catalog().get(cfg.spec.model.name)
     card: dict[str, Any] = {
         "schemaVersion": CARD_SCHEMA_VERSION,
-        "createdAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "createdAt": utc_now(),
         "job": {"name": cfg.job_name, "namespace": cfg.namespace, "uid": cfg.job_uid},
         "architecture": {
             "name": cfg.spec.model.name,

@@ -34,10 +34,10 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2 as T
 
 from finetune_operator.api import catalog
+from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
 from finetune_trainer.artifacts import InputSpec
-from finetune_trainer.config import TrainerConfig, resolve_uri
 from finetune_trainer.errors import TrainerError
 
 __all__ = [

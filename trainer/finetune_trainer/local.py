@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, load_job, validate_document
-from finetune_trainer.config import TrainerConfig, resolve_uri
 from finetune_trainer.errors import TrainerError
 
 __all__ = ["local_job", "run_command", "start_ray"]

@@ -15,12 +15,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any, Protocol, TextIO
 
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_trainer import storage
-from finetune_trainer.config import TrainerConfig
 
 __all__ = ["ConsoleSink", "JsonFileSink", "MultiSink", "ProgressSink", "build_sinks", "format_epoch_line", "utc_now"]
 
@@ -36,11 +36,6 @@ class ProgressSink(Protocol):
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None: ...
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None: ...
-
-
-def utc_now() -> str:
-    """The current time as RFC 3339 in UTC, as Kubernetes writes timestamps."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _pct(value: float | None) -> str:

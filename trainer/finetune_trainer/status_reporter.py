@@ -22,24 +22,19 @@ from pathlib import Path
 from typing import Any, Final
 
 import kubernetes.client
-import kubernetes.config
 
+from finetune_operator.api.contract import ENV_JOB_NAMESPACE, ENV_THROTTLE, TrainerConfig
+from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_operator.api.versions import GROUP, PLURAL, VERSION
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.kubeclient import load_client
 
 log = logging.getLogger(__name__)
 
-ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
-ENV_NAMESPACE: Final = "FINETUNE_JOB_NAMESPACE"
 DEFAULT_THROTTLE: Final = 10.0
 TIMEOUT: Final = (3.0, 10.0)  # connect, read: a stuck API server must not stall an epoch for long
 MERGE_PATCH: Final = "application/merge-patch+json"
 _SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _throttle_from_env() -> float:
@@ -49,18 +44,6 @@ def _throttle_from_env() -> float:
     except ValueError:
         log.warning("%s=%r is not a number of seconds; using %s", ENV_THROTTLE, raw, DEFAULT_THROTTLE)
         return DEFAULT_THROTTLE
-
-
-def _client() -> kubernetes.client.ApiClient:
-    configuration = kubernetes.client.Configuration()
-    config: Any = kubernetes.config  # untyped functions
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        # KUBECONFIG is read now, not when the kubernetes package was imported.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    configuration.retries = 0  # urllib3 would retry with back-off inside our patch; the next update retries
-    return kubernetes.client.ApiClient(configuration=configuration)
 
 
 class KubernetesStatusSink:
@@ -75,7 +58,7 @@ class KubernetesStatusSink:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = cfg.job_name
-        self.namespace = cfg.namespace or os.environ.get(ENV_NAMESPACE) or self._pod_namespace()
+        self.namespace = cfg.namespace or os.environ.get(ENV_JOB_NAMESPACE) or self._pod_namespace()
         self.throttle = _throttle_from_env() if throttle_seconds is None else throttle_seconds
         self._clock = clock
         self._last_sent: float | None = None
@@ -84,7 +67,7 @@ class KubernetesStatusSink:
         self.sent = 0  # patches the API server accepted
         self._api: kubernetes.client.CustomObjectsApi | None = None
         try:
-            self._api = kubernetes.client.CustomObjectsApi(api_client or _client())
+            self._api = kubernetes.client.CustomObjectsApi(api_client or load_client(retries=0))
         except Exception as exc:  # no credentials: report nothing, train anyway
             log.warning("no Kubernetes credentials (%s); FineTuneJob %s will not show progress", exc, self.where)
 
@@ -103,7 +86,7 @@ class KubernetesStatusSink:
 
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
         if progress.updated_at is None:
-            progress = progress.model_copy(update={"updated_at": _utc_now()})
+            progress = progress.model_copy(update={"updated_at": utc_now()})
         self._pending["progress"] = progress.to_wire()
         if metrics is not None:
             self._pending["metrics"] = metrics.to_wire()
@@ -114,7 +97,7 @@ class KubernetesStatusSink:
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         if error is None:
             done = self._pending.get("progress") or {}
-            self._pending["progress"] = {**done, "stage": "done", "percent": 100.0, "updatedAt": _utc_now()}
+            self._pending["progress"] = {**done, "stage": "done", "percent": 100.0, "updatedAt": utc_now()}
         if artifacts is not None:
             self._pending["artifacts"] = artifacts.to_wire()
         # The operator reports the failure (phase, conditions) from the RayJob; we only flush what we know.

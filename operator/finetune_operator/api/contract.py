@@ -1,15 +1,17 @@
-"""The trainer's contract: what a RayJob entrypoint (or `finetune run`) hands the trainer.
+"""The contract between the operator and the trainer: what a RayJob entrypoint (or `finetune run`) hands it.
 
-Pydantic only (no torch, no Ray) so that the operator imports it to render the RayJob's config and
-the trainer validates the very same object on start-up. It wraps the FineTuneJob spec with the
-facts the spec alone does not hold: the job's identity and where, on this node, the output lives.
+Pydantic only (no torch, no Ray) and part of the API layer, so that the operator renders the RayJob's
+config from it and the trainer validates the very same object on start-up without either package
+importing the other. It wraps the FineTuneJob spec with the facts the spec alone does not hold (the
+job's identity and where, on this node, the output lives) and defines once the names both sides use:
+the config file's place in the pod and the environment variables the operator sets for the trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
@@ -18,7 +20,19 @@ from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 
 # Where the operator mounts a `pvc://CLAIM/PATH` output or dataset in every Ray pod.
-PVC_MOUNT_ROOT = "/mnt/finetune"
+PVC_MOUNT_ROOT: Final = "/mnt/finetune"
+
+# Where the operator mounts the trainer's config (a ConfigMap key) and the entrypoint that reads it.
+CONFIG_DIR: Final = "/etc/finetune"
+CONFIG_KEY: Final = "trainer.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+ENTRYPOINT: Final = f"python -m finetune_trainer --config {CONFIG_PATH}"
+
+# Environment variables the operator sets in every Ray pod for the trainer's Kubernetes status sink.
+ENV_JOB_NAME: Final = "FINETUNE_JOB_NAME"
+ENV_JOB_NAMESPACE: Final = "FINETUNE_JOB_NAMESPACE"
+ENV_CONFIG: Final = "FINETUNE_CONFIG"
+ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
 
 Sink = Literal["console", "file", "kubernetes"]
 
