@@ -15,8 +15,8 @@ import jsonschema
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-KUBERAY_SCHEMAS = SHARED / "schemas" / "kuberay-v1.7.0"
+# Vendored with their source, version and licence (tests/data/kuberay-v1.7.0/README.md).
+KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay-v1.7.0"
 
 
 def crd_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
