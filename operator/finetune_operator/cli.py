@@ -49,8 +49,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     # Imported here: the other subcommands must not pay for (or need) the operator's modules.
+    from finetune_operator.admission import AdmissionError
     from finetune_operator.api.validate import ManifestError
-    from finetune_operator.rayjob import InvalidJobError
     from finetune_operator.render import render_objects, to_json, to_yaml
     from finetune_operator.settings import OperatorSettings, SettingsError
 
@@ -63,7 +63,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ManifestError, InvalidJobError) as exc:
+    except (ManifestError, AdmissionError) as exc:
         print(
             f"{getattr(exc, 'label', args.job)}: invalid ({len(exc.lines)} error{'s' if len(exc.lines) > 1 else ''})",
             file=sys.stderr,

@@ -18,21 +18,14 @@ import kubernetes.client
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.api.versions import GROUP, PLURAL, VERSION
+from finetune_operator.api.versions import GROUP, KIND, PLURAL, RAYJOB_GROUP, RAYJOB_KIND, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
+from finetune_operator.failures import ApiFailure
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead connection
 _CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
 _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
-_CUSTOM: Final = {"RayJob": ("ray.io", "v1", "rayjobs"), "FineTuneJob": (GROUP, VERSION, PLURAL)}
-
-
-class ApiFailure(Exception):
-    """A Kubernetes API request failed; ``status`` is the HTTP status (None: no answer at all)."""
-
-    def __init__(self, what: str, status: int | None, detail: str) -> None:
-        super().__init__(f"{what}: {detail}")
-        self.status = status
+_CUSTOM: Final = {RAYJOB_KIND: (RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL), KIND: (GROUP, VERSION, PLURAL)}
 
 
 def _detail(exc: BaseException) -> str:

@@ -17,11 +17,11 @@ Choices that are not obvious from the output:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from finetune_operator import naming
+from finetune_operator.admission import AdmittedJob
 from finetune_operator.api.contract import (
     CONFIG_DIR,
     CONFIG_KEY,
@@ -35,21 +35,12 @@ from finetune_operator.api.contract import (
     pvc_mount_path,
 )
 from finetune_operator.api.fields import uri_scheme
-from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, ObjectMeta
-from finetune_operator.api.validate import validate_spec
-from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL
+from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, RAYJOB_API_VERSION, RAYJOB_KIND
 from finetune_operator.settings import OperatorSettings
 
 WORKER_GROUP: Final = "workers"
 TRAINER_VERBS: Final = ("get", "patch")
-
-
-class InvalidJobError(ValueError):
-    """The job cannot be rendered; ``lines`` are the field-path messages ``finetune validate`` prints."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("; ".join(lines))
-        self.lines = lines
 
 
 @dataclass(frozen=True)
@@ -67,79 +58,9 @@ class Children:
         return [*head, self.role, self.role_binding, self.config_map, self.rayjob]
 
 
-def cluster_errors(spec: FineTuneJobSpec) -> list[str]:
-    """What is valid for `finetune run` on a laptop but cannot work in Ray pods.
-
-    The output must outlive the Ray cluster and be shared by all its pods (Ray Train writes checkpoints
-    from every worker), so it must be an object store or a PVC. Inputs may be absolute paths baked into
-    the image, but a relative path means nothing in a pod.
-    """
-    errors = []
-    output = spec.output.uri
-    if uri_scheme(output) not in ("s3", "gs", "pvc"):
-        errors.append(
-            f"spec.output.uri: {output!r} is not shared by the Ray pods nor kept after the cluster is deleted; "
-            "on a cluster use s3://BUCKET/PATH, gs://BUCKET/PATH or pvc://CLAIM/PATH"
-        )
-    inputs = {
-        "spec.model.weightsUri": spec.model.weights_uri,
-        "spec.dataset.trainUri": spec.dataset.train_uri,
-        "spec.dataset.validationUri": spec.dataset.validation_uri,
-        "spec.dataset.cacheDir": spec.dataset.cache_dir,
-    }
-    for field, uri in inputs.items():
-        if uri is not None and uri_scheme(uri) is None and not uri.startswith("/"):
-            errors.append(
-                f"spec.{field.split('.', 1)[1]}: {uri!r} is a relative path, which means nothing in a Ray pod; "
-                "use pvc://CLAIM/PATH, s3://, gs:// or an absolute path inside the trainer image"
-            )
-    return errors
-
-
-def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
-    """What this operator enforces on top of the API's own validation: cluster-only rules and its limits."""
-    errors = cluster_errors(spec)
-    res = spec.resources
-    if res.workers > settings.max_workers:
-        errors.append(
-            f"spec.resources.workers: {res.workers} exceeds this operator's limit of {settings.max_workers} "
-            "(FINETUNE_OPERATOR_MAX_WORKERS); ask for fewer workers"
-        )
-    if res.gpus_per_worker > settings.max_gpus_per_worker:
-        errors.append(
-            f"spec.resources.gpusPerWorker: {res.gpus_per_worker} exceeds this operator's limit of "
-            f"{settings.max_gpus_per_worker} (FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER)"
-        )
-    return errors
-
-
-def check_spec(spec: Any, settings: OperatorSettings) -> tuple[FineTuneJobSpec | None, list[str]]:
-    """``validate_spec`` plus the operator's limits: the whole admission decision of the create handler."""
-    model, errors = validate_spec(spec)
-    if model is None:
-        return None, errors
-    errors = policy_errors(model, settings)
-    return (None, errors) if errors else (model, [])
-
-
-def job_from_body(body: Mapping[str, Any], settings: OperatorSettings) -> FineTuneJob:
-    """The typed job from an API object (extra metadata such as managedFields is ignored)."""
-    meta = body.get("metadata") or {}
-    spec, errors = check_spec(body.get("spec"), settings)
-    if spec is None:
-        raise InvalidJobError(errors)
-    return FineTuneJob(
-        metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")),
-        spec=spec,
-    )
-
-
-def build_children(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings) -> Children:
-    """All child objects of ``job`` (a model, or an API body validated here). Requires a namespace."""
-    if not isinstance(job, FineTuneJob):
-        job = job_from_body(job, settings)
-    elif errors := policy_errors(job.spec, settings):
-        raise InvalidJobError(errors)
+def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Children:
+    """All child objects of an admitted job (``admission.admit``). Requires a namespace."""
+    job = admitted.job
     meta = job.metadata
     if not meta.namespace:
         raise ValueError(f"{KIND} {meta.name} has no namespace; children are namespaced")
@@ -198,7 +119,7 @@ def _object(api_version: str, kind: str, name: str, job: FineTuneJob) -> dict[st
 def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_account: str, config_map: str) -> dict[str, Any]:
     """The KubeRay v1 RayJob (validated against KubeRay v1.7.0's CRD schema by the tests)."""
     spec, policy = job.spec, job.spec.run_policy
-    rayjob = _object("ray.io/v1", "RayJob", naming.rayjob_name(job.metadata.name), job)
+    rayjob = _object(RAYJOB_API_VERSION, RAYJOB_KIND, naming.rayjob_name(job.metadata.name), job)
     if spec.runtime.queue_name:
         rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] = spec.runtime.queue_name
     # The CRD defaults ttlSecondsAfterFinished only when runPolicy is present; the operator's default covers the rest.

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api.validate import ManifestError, load_job
-from finetune_operator.rayjob import InvalidJobError, build_children, job_from_body
+from finetune_operator.admission import admit
+from finetune_operator.api.validate import load_job
+from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
 
 DEFAULT_NAMESPACE = "default"
@@ -36,11 +37,10 @@ _BlockDumper.add_representer(str, _str)
 
 
 def render_objects(text: str, source: str, settings: OperatorSettings, namespace: str | None = None) -> list[dict[str, Any]]:
-    """Children of the one FineTuneJob in ``text``; raises ManifestError or InvalidJobError when it is invalid."""
+    """Children of the one FineTuneJob in ``text``; raises ManifestError or AdmissionError when it is invalid."""
     job = load_job(text, source)
-    body = job.model_dump(by_alias=True, mode="json", exclude_none=True)
-    body["metadata"]["namespace"] = job.metadata.namespace or namespace or DEFAULT_NAMESPACE
-    return build_children(job_from_body(body, settings), settings).all()
+    job.metadata.namespace = job.metadata.namespace or namespace or DEFAULT_NAMESPACE
+    return build_children(admit(job, settings), settings).all()
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
@@ -52,7 +52,3 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
 
 def to_json(objects: list[dict[str, Any]]) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2) + "\n"
-
-
-def errors_of(exc: ManifestError | InvalidJobError) -> list[str]:
-    return list(exc.lines)

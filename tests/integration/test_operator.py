@@ -27,6 +27,7 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_operator.api.validate import validate_spec
 from finetune_operator.k8s import Kube
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.support.kopf_runner import KopfRunner
@@ -61,8 +62,7 @@ def emu() -> Iterator[KubeEmulator]:
 
 
 def start_operator(emu: KubeEmulator) -> KopfRunner:
-    context = handlers.Context(settings=SETTINGS, kube=Kube(emu.kubernetes_client()))
-    return KopfRunner(emu, memo=kopf.Memo(ctx=context)).start()
+    return KopfRunner(emu, memo=kopf.Memo(settings=SETTINGS, kube=Kube(emu.kubernetes_client()))).start()
 
 
 def settle(emu: KubeEmulator, quiet: float = 0.3, timeout: float = 10.0) -> None:
@@ -371,7 +371,7 @@ def test_resync_timer_heals_missed_events(emu: KubeEmulator) -> None:
         runner.wait_for(lambda: "rayJobName" in status_of(emu, "healed"))
     finally:
         stop_operator(emu, runner)
-    memo = kopf.Memo(ctx=handlers.Context(settings=SETTINGS, kube=Kube(emu.kubernetes_client())))
+    memo = kopf.Memo(ctx=Reconciler(Kube(emu.kubernetes_client()), SETTINGS))
 
     timer: Any = handlers.resync  # Kopf types the decorated function as its own callback protocol
 

@@ -21,7 +21,6 @@ import kopf
 import pytest
 import yaml
 
-import finetune_operator.handlers as handlers
 from finetune_operator import naming
 from finetune_operator.k8s import Kube
 from finetune_operator.settings import OperatorSettings
@@ -78,7 +77,7 @@ def run_to_the_end(emu: KubeEmulator, tmp_path: Path, body: dict[str, Any], phas
     and ``events`` must have been posted."""
     # Throttle 0: the trainer patches its status after every epoch, so each report is seen on the job.
     settings = OperatorSettings(metrics_port=0, status_throttle_seconds=0)
-    memo = kopf.Memo(ctx=handlers.Context(settings=settings, kube=Kube(emu.kubernetes_client())))
+    memo = kopf.Memo(settings=settings, kube=Kube(emu.kubernetes_client()))
     name, rayjob_name = body["metadata"]["name"], naming.rayjob_name(body["metadata"]["name"])
     with (
         KopfRunner(emu, memo=memo) as operator,

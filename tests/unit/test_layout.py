@@ -90,7 +90,7 @@ def test_nothing_reads_outside_the_repository() -> None:
     ("relative", "text", "bad"),
     [
         # Spelt in two pieces so that a plain grep for such references (the before-stop hook) does not flag this file.
-        ("tests/support/x.py", "SHARED = REPO" + '.parent / ' + '"shared"', True),
+        ("tests/support/x.py", "SHARED = REPO" + ".parent / " + '"shared"', True),
         ("tests/support/x.py", 'p = Path("..' + '/shared/schemas/a.yaml")', True),
         ("tests/support/x.py", "REPO = Path(__file__).resolve().parents[2]", False),
         ("tests/support/x.py", "REPO = Path(__file__).resolve().parents[3]", True),

@@ -18,10 +18,11 @@ import pytest
 import yaml
 
 from finetune_operator import naming
-from finetune_operator.api.contract import PVC_MOUNT_ROOT, TrainerConfig
+from finetune_operator.admission import AdmissionError, admit
+from finetune_operator.api.contract import CONFIG_PATH, ENTRYPOINT, PVC_MOUNT_ROOT, TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import load_job
-from finetune_operator.rayjob import CONFIG_PATH, ENTRYPOINT, InvalidJobError, build_children, check_spec, job_from_body
+from finetune_operator.rayjob import Children, build_children
 from finetune_operator.render import render_objects, to_yaml
 from finetune_operator.settings import OperatorSettings
 from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
@@ -60,6 +61,11 @@ def body(name: str = "job", namespace: str = "team", uid: str = "u-1", **spec: A
     }
 
 
+def children_of(job: FineTuneJob | dict[str, Any], settings: OperatorSettings = SETTINGS) -> Children:
+    """What the operator builds for ``job``: admitted first, as it always is."""
+    return build_children(admit(job, settings), settings)
+
+
 def containers(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
     cluster = rayjob["spec"]["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
@@ -76,7 +82,7 @@ def worker_pod(rayjob: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- golden
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_golden(path: Path) -> None:
-    rendered = to_yaml(build_children(example_job(path), SETTINGS).all())
+    rendered = to_yaml(children_of(example_job(path), SETTINGS).all())
     golden = GOLDEN / f"{path.stem}.yaml"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
@@ -91,8 +97,8 @@ def test_every_golden_file_has_an_example() -> None:
 
 @pytest.mark.parametrize("stem", sorted(LOCAL_ONLY))
 def test_local_only_examples_are_refused_with_the_reason(stem: str) -> None:
-    with pytest.raises(InvalidJobError) as err:
-        build_children(example_job(REPO / "manifests" / "examples" / f"{stem}.yaml"), SETTINGS)
+    with pytest.raises(AdmissionError) as err:
+        children_of(example_job(REPO / "manifests" / "examples" / f"{stem}.yaml"), SETTINGS)
     assert any(line.startswith("spec.output.uri: 'runs' is not shared by the Ray pods") for line in err.value.lines)
 
 
@@ -107,14 +113,14 @@ def test_local_only_examples_are_refused_with_the_reason(stem: str) -> None:
     ],
 )
 def test_cluster_only_rules(spec: dict[str, Any], field: str, fragment: str) -> None:
-    with pytest.raises(InvalidJobError) as err:
-        build_children(body(**spec), SETTINGS)
+    with pytest.raises(AdmissionError) as err:
+        children_of(body(**spec), SETTINGS)
     assert any(line.startswith(f"{field}: ") and fragment in line for line in err.value.lines), err.value.lines
 
 
 def test_absolute_input_paths_are_allowed_on_a_cluster() -> None:
     spec = body(dataset={"format": "imagefolder", "trainUri": "/data/train"}, model={"name": "resnet18", "weightsUri": "/w.pt"})
-    assert build_children(spec, SETTINGS).rayjob["kind"] == "RayJob"
+    assert children_of(spec, SETTINGS).rayjob["kind"] == "RayJob"
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -162,18 +168,18 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_validate_against_kuberay_schema(path: Path) -> None:
-    rayjob = build_children(example_job(path), SETTINGS).rayjob
+    rayjob = children_of(example_job(path), SETTINGS).rayjob
     assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
 
 
 @pytest.mark.parametrize("case", EDGE_CASES, ids=str)
 def test_edge_cases_validate_against_kuberay_schema(case: str) -> None:
-    rayjob = build_children(EDGE_CASES[case], SETTINGS).rayjob
+    rayjob = children_of(EDGE_CASES[case], SETTINGS).rayjob
     assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
 
 
 def test_schema_check_catches_a_misspelt_field() -> None:
-    rayjob = copy.deepcopy(build_children(body(), SETTINGS).rayjob)
+    rayjob = copy.deepcopy(children_of(body(), SETTINGS).rayjob)
     rayjob["spec"]["shutdownAfterJobFinish"] = rayjob["spec"].pop("shutdownAfterJobFinishes")
     assert strict_errors(rayjob, RAYJOB_SCHEMA) == [
         "spec.shutdownAfterJobFinish: field not declared in the schema (would be pruned)"
@@ -182,7 +188,7 @@ def test_schema_check_catches_a_misspelt_field() -> None:
 
 # --------------------------------------------------------------------------------------- the RayJob
 def test_rayjob_spec_from_run_policy() -> None:
-    spec = build_children(EDGE_CASES["suspended-with-deadline"], SETTINGS).rayjob["spec"]
+    spec = children_of(EDGE_CASES["suspended-with-deadline"], SETTINGS).rayjob["spec"]
     assert spec["entrypoint"] == ENTRYPOINT == f"python -m finetune_trainer --config {CONFIG_PATH}"
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
@@ -196,14 +202,14 @@ def test_rayjob_spec_from_run_policy() -> None:
 
 def test_ttl_defaults_to_the_operator_setting_only_when_unset() -> None:
     settings = OperatorSettings(default_ttl_seconds=60)
-    assert build_children(body(), settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 60
-    assert "activeDeadlineSeconds" not in build_children(body(), settings).rayjob["spec"]
+    assert children_of(body(), settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 60
+    assert "activeDeadlineSeconds" not in children_of(body(), settings).rayjob["spec"]
     given = body(runPolicy={"ttlSecondsAfterFinished": 3600})
-    assert build_children(given, settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert children_of(given, settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 3600
 
 
 def test_head_runs_no_training_and_workers_are_sized_exactly() -> None:
-    rayjob = build_children(EDGE_CASES["gpu-tolerations"], OperatorSettings(head_cpu="500m", head_memory="3Gi")).rayjob
+    rayjob = children_of(EDGE_CASES["gpu-tolerations"], OperatorSettings(head_cpu="500m", head_memory="3Gi")).rayjob
     cluster = rayjob["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
@@ -223,18 +229,18 @@ def test_head_runs_no_training_and_workers_are_sized_exactly() -> None:
 
 
 def test_cpu_job_requests_no_accelerator() -> None:
-    rayjob = build_children(body(), SETTINGS).rayjob
+    rayjob = children_of(body(), SETTINGS).rayjob
     assert worker_pod(rayjob)["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
     assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == {}
 
 
 def test_other_accelerators_use_their_resource_name() -> None:
-    limits = worker_pod(build_children(EDGE_CASES["amd"], SETTINGS).rayjob)["containers"][0]["resources"]["limits"]
+    limits = worker_pod(children_of(EDGE_CASES["amd"], SETTINGS).rayjob)["containers"][0]["resources"]["limits"]
     assert limits["amd.com/gpu"] == 1 and "nvidia.com/gpu" not in limits
 
 
 def test_image_env_and_secrets_reach_every_ray_container() -> None:
-    rayjob = build_children(EDGE_CASES["env"], SETTINGS).rayjob
+    rayjob = children_of(EDGE_CASES["env"], SETTINGS).rayjob
     assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.50.1"
     for container in containers(rayjob):
         assert container["image"] == "registry.local/trainer:dev"
@@ -248,13 +254,13 @@ def test_image_env_and_secrets_reach_every_ray_container() -> None:
 
 def test_default_image_and_throttle_come_from_settings() -> None:
     settings = OperatorSettings(trainer_image="example.com/t:1", status_throttle_seconds=2.5)
-    for container in containers(build_children(body(), settings).rayjob):
+    for container in containers(children_of(body(), settings).rayjob):
         assert container["image"] == "example.com/t:1"
         assert {"name": "FINETUNE_STATUS_THROTTLE_SECONDS", "value": "2.5"} in container["env"]
 
 
 def test_config_map_holds_the_trainer_config_mounted_everywhere() -> None:
-    children = build_children(body(name="cfg-job"), SETTINGS)
+    children = children_of(body(name="cfg-job"), SETTINGS)
     data = children.config_map["data"]["trainer.json"]
     config = TrainerConfig.model_validate_json(data)
     assert (config.job_name, config.namespace, config.job_uid) == ("cfg-job", "team", "u-1")
@@ -273,7 +279,7 @@ def _pods(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_pvc_uris_are_mounted_read_only_unless_written() -> None:
-    children = build_children(EDGE_CASES["pvc-everywhere"], SETTINGS)
+    children = children_of(EDGE_CASES["pvc-everywhere"], SETTINGS)
     for pod in _pods(children.rayjob):
         claims = {
             v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
@@ -288,15 +294,15 @@ def test_pvc_uris_are_mounted_read_only_unless_written() -> None:
 
 
 def test_kueue_label_only_with_a_queue() -> None:
-    assert build_children(EDGE_CASES["queue"], SETTINGS).rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "gpu-queue"
-    assert naming.LABEL_KUEUE_QUEUE not in build_children(body(), SETTINGS).rayjob["metadata"]["labels"]
-    pod = worker_pod(build_children(EDGE_CASES["queue"], SETTINGS).rayjob)
+    assert children_of(EDGE_CASES["queue"], SETTINGS).rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "gpu-queue"
+    assert naming.LABEL_KUEUE_QUEUE not in children_of(body(), SETTINGS).rayjob["metadata"]["labels"]
+    pod = worker_pod(children_of(EDGE_CASES["queue"], SETTINGS).rayjob)
     assert pod["priorityClassName"] == "batch"
 
 
 # ------------------------------------------------------------------------------- ownership and RBAC
 def test_every_child_is_labelled_and_owned() -> None:
-    children = build_children(body(name="owned", uid="uid-42"), SETTINGS).all()
+    children = children_of(body(name="owned", uid="uid-42"), SETTINGS).all()
     assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
     for child in children:
         meta = child["metadata"]
@@ -322,7 +328,7 @@ def test_every_child_is_labelled_and_owned() -> None:
 
 
 def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
-    children = build_children(body(name="narrow"), SETTINGS)
+    children = children_of(body(name="narrow"), SETTINGS)
     assert children.role["rules"] == [
         {
             "apiGroups": ["finetune.dev"],
@@ -343,7 +349,7 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
 
 
 def test_given_service_account_is_bound_not_created() -> None:
-    children = build_children(EDGE_CASES["service-account"], SETTINGS)
+    children = children_of(EDGE_CASES["service-account"], SETTINGS)
     assert children.service_account is None
     assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "RayJob"]
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-runner", "namespace": "team"}]
@@ -372,7 +378,7 @@ def test_rayjob_names_stay_distinct_when_cut() -> None:
 
 
 def test_long_job_name_gives_valid_child_names_and_labels() -> None:
-    children = build_children(EDGE_CASES["long-name"], SETTINGS)
+    children = children_of(EDGE_CASES["long-name"], SETTINGS)
     for child in children.all():
         name = child["metadata"]["name"]
         assert len(name) <= 253 and DNS1123.match(name), name
@@ -385,15 +391,16 @@ def test_long_job_name_gives_valid_child_names_and_labels() -> None:
 # --------------------------------------------------------------------------------------- validation
 def test_invalid_spec_raises_with_validate_lines() -> None:
     bad = body(model={"name": "resnet5"})
-    with pytest.raises(InvalidJobError) as info:
-        job_from_body(bad, SETTINGS)
+    with pytest.raises(AdmissionError) as info:
+        admit(bad, SETTINGS)
     assert info.value.lines[0].startswith("spec.model.name: 'resnet5' is not a torchvision classification model")
 
 
 def test_operator_limits_are_validation_errors() -> None:
     settings = OperatorSettings(max_workers=2, max_gpus_per_worker=1)
-    spec, errors = check_spec(body(resources={"workers": 4, "gpusPerWorker": 2})["spec"], settings)
-    assert spec is None
+    with pytest.raises(AdmissionError) as info:
+        admit(body(resources={"workers": 4, "gpusPerWorker": 2}), settings)
+    errors = info.value.lines
     assert [e.split(":")[0] for e in errors] == ["spec.resources.workers", "spec.resources.gpusPerWorker"]
     assert "FINETUNE_OPERATOR_MAX_WORKERS" in errors[0]
 
@@ -405,6 +412,24 @@ def test_render_matches_the_builder_without_owner_references() -> None:
     assert all("ownerReferences" not in o["metadata"] for o in objects)
     job = load_job(path.read_text(), str(path))
     job.metadata.namespace = "ns1"
-    assert objects == build_children(job, SETTINGS).all()
+    assert objects == children_of(job, SETTINGS).all()
     rendered = yaml.safe_load_all(to_yaml(objects))
     assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+
+
+def test_build_children_takes_only_an_admitted_job() -> None:
+    """The builder has no validation of its own: the type says the job went through ``admit``."""
+    with pytest.raises(AttributeError):
+        build_children(body(), SETTINGS)  # type: ignore[arg-type]
+
+
+def test_admission_reports_every_mistake_at_once() -> None:
+    settings = OperatorSettings(max_workers=1)
+    bad = body(output={"uri": "runs"}, resources={"workers": 2}, model={"name": "resnet18", "weightsUri": "w.pt"})
+    with pytest.raises(AdmissionError) as info:
+        admit(bad, settings)
+    assert [line.split(":")[0] for line in info.value.lines] == [
+        "spec.output.uri",
+        "spec.model.weightsUri",
+        "spec.resources.workers",
+    ]

@@ -19,6 +19,13 @@ SINGULAR: Final = "finetunejob"
 SHORT_NAMES: Final = ("ftj",)
 CATEGORIES: Final = ("all", "ml")
 
+# KubeRay's RayJob, the one child kind that is not ours (KubeRay v1 API, served since KubeRay 1.0).
+RAYJOB_GROUP: Final = "ray.io"
+RAYJOB_VERSION: Final = "v1"
+RAYJOB_API_VERSION: Final = f"{RAYJOB_GROUP}/{RAYJOB_VERSION}"
+RAYJOB_KIND: Final = "RayJob"
+RAYJOB_PLURAL: Final = "rayjobs"
+
 RAY_VERSION: Final = "2.60.0"
 KUBERAY_VERSION: Final = "v1.7.0"
 TORCH_VERSION: Final = "2.14.1"

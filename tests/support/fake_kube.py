@@ -1,0 +1,89 @@
+"""An in-memory stand-in for ``finetune_operator.k8s.Kube``: the reconcile rules' unit tests run against it.
+
+It keeps objects by (kind, namespace, name), answers a second create with HTTP 409 as the API server does,
+merge-patches (``None`` deletes a key), records every call, and raises an injected ``ApiFailure`` for a
+chosen (verb, kind). It proves the rules; the emulator (integration tier) proves the HTTP conversation.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+from finetune_operator.failures import ApiFailure
+
+Key = tuple[str, str, str]
+
+
+def merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch."""
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str]] = []  # (verb, kind, name)
+        self.faults: dict[tuple[str, str], ApiFailure] = {}
+        self._uids = itertools.count(1)
+
+    # ---- test helpers
+    def put(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Store ``obj`` as if someone else had created it (a uid is added when missing)."""
+        stored = copy.deepcopy(dict(obj))
+        stored["metadata"].setdefault("uid", f"fake-uid-{next(self._uids)}")
+        meta = stored["metadata"]
+        self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
+        return stored
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, namespace, name))
+
+    def count(self, verb: str, kind: str | None = None) -> int:
+        return sum(1 for v, k, _ in self.calls if v == verb and (kind is None or k == kind))
+
+    def _call(self, verb: str, kind: str, name: str) -> None:
+        self.calls.append((verb, kind, name))
+        fault = self.faults.get((verb, kind))
+        if fault is not None:
+            raise fault
+
+    # ---- the KubeApi protocol
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self._call("read", kind, name)
+        found = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
+        meta = obj["metadata"]
+        self._call("create", obj["kind"], meta["name"])
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        if key in self.objects:
+            return (copy.deepcopy(self.objects[key]), False) if read_back else (None, False)
+        return copy.deepcopy(self.put(obj)), True
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        self._call("patch", kind, name)
+        key = (kind, namespace, name)
+        if key not in self.objects:
+            raise ApiFailure(f"patch {kind} {namespace}/{name}", 404, "HTTP 404 Not Found")
+        self.objects[key] = merge(self.objects[key], patch)
+        return copy.deepcopy(self.objects[key])
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        self._call("patch_status", kind, name)
+        key = (kind, namespace, name)
+        if key not in self.objects:
+            raise ApiFailure(f"patch {kind} {namespace}/{name} status", 404, "HTTP 404 Not Found")
+        self.objects[key] = merge(self.objects[key], {"status": dict(status)})
+        return copy.deepcopy(self.objects[key])
