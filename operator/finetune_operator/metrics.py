@@ -17,7 +17,9 @@ from typing import Any, Final, TypeVar, cast
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-PHASES: Final = ("Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended")
+from finetune_operator.api.v1alpha1 import Phase
+
+PHASES: Final = tuple(phase.value for phase in Phase)
 F = TypeVar("F", bound=Callable[..., Any])
 
 REGISTRY = CollectorRegistry(auto_describe=True)

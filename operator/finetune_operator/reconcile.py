@@ -35,11 +35,12 @@ from typing import Any, Protocol
 from finetune_operator import metrics, naming
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
+from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import GROUP, KIND, RAYJOB_KIND
 from finetune_operator.failures import Refused, Retry
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import TERMINAL_PHASES, failed_status, map_status, phase_event, provisioning_status
+from finetune_operator.status import failed_status, map_status, phase_event, provisioning_status
 
 log = logging.getLogger(__name__)
 

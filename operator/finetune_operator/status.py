@@ -36,8 +36,8 @@ from datetime import datetime
 from typing import Any, Final
 
 from finetune_operator.api.timestamps import rfc3339
+from finetune_operator.api.v1alpha1 import TERMINAL_PHASES, Phase
 
-TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed"})
 CONDITION_TYPES: Final = ("Validated", "ClusterReady", "Training", "Succeeded", "Failed", "Suspended")
 DEPLOYMENT_STATUSES: Final = (
     "",
@@ -68,7 +68,7 @@ _FAILURE_TEXT: Final = {
 class Verdict:
     """What the RayJob says, in FineTuneJob terms: the phase, why, and the condition statuses."""
 
-    phase: str
+    phase: Phase
     reason: str
     message: str
     cluster_ready: bool
@@ -112,43 +112,45 @@ def verdict(rayjob_status: Mapping[str, Any] | None, *, suspend: bool = False, r
     if deployment == "Failed" or deployment == "ValidationFailed":
         why = "RayJobValidationFailed" if deployment == "ValidationFailed" else (reason or "RayJobFailed")
         text = _FAILURE_TEXT.get(reason, "the RayJob failed")
-        return Verdict("Failed", why, with_detail(text), False, False)
+        return Verdict(Phase.FAILED, why, with_detail(text), False, False)
     if deployment == "Complete":
         if job == "SUCCEEDED":
-            return Verdict("Succeeded", "JobSucceeded", "training finished and the model was exported", False, False)
+            return Verdict(Phase.SUCCEEDED, "JobSucceeded", "training finished and the model was exported", False, False)
         if job == "STOPPED":
-            return Verdict("Failed", "Stopped", with_detail("the Ray job was stopped before it finished"), False, False)
+            return Verdict(Phase.FAILED, "Stopped", with_detail("the Ray job was stopped before it finished"), False, False)
         why = reason or ("AppFailed" if job == "FAILED" else "JobNotSucceeded")
-        return Verdict("Failed", why, with_detail(f"the RayJob completed with Ray job status {job or 'unknown'}"), False, False)
+        return Verdict(
+            Phase.FAILED, why, with_detail(f"the RayJob completed with Ray job status {job or 'unknown'}"), False, False
+        )
     if deployment in ("Suspending", "Suspended"):
         if suspend:
             return Verdict(
-                "Suspended", "Suspended", "suspended by runPolicy.suspend; resumes from the last checkpoint", False, False
+                Phase.SUSPENDED, "Suspended", "suspended by runPolicy.suspend; resumes from the last checkpoint", False, False
             )
         if rayjob_suspend is False:
-            return Verdict("Provisioning", "Resuming", "resuming: KubeRay recreates the Ray cluster", False, False)
+            return Verdict(Phase.PROVISIONING, "Resuming", "resuming: KubeRay recreates the Ray cluster", False, False)
         return Verdict(
-            "Pending", "Queued", "the RayJob is suspended by its queue (e.g. Kueue) until it is admitted", False, False
+            Phase.PENDING, "Queued", "the RayJob is suspended by its queue (e.g. Kueue) until it is admitted", False, False
         )
     if deployment == "Retrying":
         failed = int(st.get("failed") or 0)
-        return Verdict("Provisioning", "Retrying", f"attempt {failed} failed; KubeRay is starting another", False, False)
+        return Verdict(Phase.PROVISIONING, "Retrying", f"attempt {failed} failed; KubeRay is starting another", False, False)
     if deployment == "Running":
         if job == "RUNNING":
-            return Verdict("Running", "JobRunning", "training on the Ray cluster", True, True)
+            return Verdict(Phase.RUNNING, "JobRunning", "training on the Ray cluster", True, True)
         if job in _JOB_TERMINAL:
             # Ray is done but KubeRay has not yet completed the RayJob (it waits for the submitter).
             return Verdict(
-                "Running", "JobFinishing", f"the Ray job is {job}; waiting for KubeRay to complete the RayJob", True, False
+                Phase.RUNNING, "JobFinishing", f"the Ray job is {job}; waiting for KubeRay to complete the RayJob", True, False
             )
-        return Verdict("Provisioning", "JobPending", "the Ray cluster is ready; the trainer is starting", True, False)
+        return Verdict(Phase.PROVISIONING, "JobPending", "the Ray cluster is ready; the trainer is starting", True, False)
     if deployment == "Waiting":
         return Verdict(
-            "Provisioning", "WaitingForSubmission", "the Ray cluster is ready; waiting for the job submission", True, False
+            Phase.PROVISIONING, "WaitingForSubmission", "the Ray cluster is ready; waiting for the job submission", True, False
         )
     if deployment == "Initializing":
-        return Verdict("Provisioning", "ClusterStarting", "KubeRay is creating the Ray cluster", False, False)
-    return Verdict("Provisioning", "RayJobCreated", "waiting for KubeRay to pick up the RayJob", False, False)
+        return Verdict(Phase.PROVISIONING, "ClusterStarting", "KubeRay is creating the Ray cluster", False, False)
+    return Verdict(Phase.PROVISIONING, "RayJobCreated", "waiting for KubeRay to pick up the RayJob", False, False)
 
 
 def set_condition(
@@ -204,9 +206,9 @@ def map_status(
         "Validated": (True, "SpecValid", "the spec is valid"),
         "ClusterReady": (v.cluster_ready, v.reason, v.message),
         "Training": (v.training, v.reason, v.message),
-        "Succeeded": (v.phase == "Succeeded", v.reason, v.message),
-        "Failed": (v.phase == "Failed", v.reason, v.message),
-        "Suspended": (v.phase == "Suspended", v.reason, v.message),
+        "Succeeded": (v.phase is Phase.SUCCEEDED, v.reason, v.message),
+        "Failed": (v.phase is Phase.FAILED, v.reason, v.message),
+        "Suspended": (v.phase is Phase.SUSPENDED, v.reason, v.message),
     }
     for type_, (status, reason, message) in flags.items():
         if type_ == "Validated" and any(c.get("type") == "Validated" and c.get("status") == "True" for c in conditions):
@@ -214,7 +216,7 @@ def map_status(
         conditions = set_condition(conditions, type_, status, reason, message, stamp, generation)
 
     wanted: dict[str, Any] = {
-        "phase": v.phase,
+        "phase": v.phase.value,
         "message": v.message,
         "conditions": conditions,
         "rayClusterName": st.get("rayClusterName") or None,
@@ -245,7 +247,7 @@ def phase_event(old: str | None, new: str | None, message: str) -> tuple[str, st
     """(type, reason, message) of the Event announcing a phase change, or None when it did not change."""
     if new is None or new == old:
         return None
-    kind = "Warning" if new == "Failed" else "Normal"
+    kind = "Warning" if new == Phase.FAILED.value else "Normal"
     return kind, f"Phase{new}", f"{old or 'New'} → {new}: {message}"
 
 
@@ -259,7 +261,7 @@ def failed_status(
     conditions = set_condition(conditions, "Validated", False, reason, message, stamp, generation)
     conditions = set_condition(conditions, "Failed", True, reason, message, stamp, generation)
     return {
-        "phase": "Failed",
+        "phase": Phase.FAILED.value,
         "message": message,
         "conditions": conditions,
         "observedGeneration": generation,
@@ -277,6 +279,6 @@ def provisioning_status(
     conditions = set_condition(conditions, "Validated", True, "SpecValid", "the spec is valid", stamp, generation)
     patch: dict[str, Any] = {"rayJobName": rayjob_name, "observedGeneration": generation, "conditions": conditions}
     if not cur.get("phase"):
-        patch["phase"] = "Provisioning"
+        patch["phase"] = Phase.PROVISIONING.value
         patch["message"] = "the RayJob was created; waiting for KubeRay"
     return {k: v for k, v in patch.items() if cur.get(k) != v}

@@ -192,6 +192,7 @@ def test_rayjob_changes_are_mirrored(kube: FakeKube, rec: Reconciler, rayjob_sta
     rayjob = kube.patch_status("RayJob", "team", naming.rayjob_name("job"), rayjob_status)
     rec.rayjob_changed("MODIFIED", rayjob)
     assert status(kube)["phase"] == phase
+    assert type(status(kube)["phase"]) is str  # a plain string on the wire, never the Phase enum itself
 
 
 def test_a_finished_job_never_moves_again(kube: FakeKube, rec: Reconciler) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TextIO
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Phase, Progress
 from finetune_trainer import storage
 
 __all__ = ["ConsoleSink", "JsonFileSink", "MultiSink", "ProgressSink", "build_sinks", "format_epoch_line", "utc_now"]
@@ -139,12 +139,12 @@ class JsonFileSink:
         self._progress: Progress | None = None
         self._metrics: Metrics | None = None
 
-    def _write(self, phase: str, artifacts: Artifacts | None = None, error: str | None = None) -> None:
+    def _write(self, phase: Phase, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         def wire(obj: Progress | Metrics | Artifacts | None) -> dict[str, Any] | None:
             return None if obj is None else obj.model_dump(by_alias=True, mode="json")
 
         doc = {
-            "phase": phase,
+            "phase": phase.value,
             "progress": wire(self._progress),
             "metrics": wire(self._metrics),
             "artifacts": wire(artifacts),
@@ -159,12 +159,12 @@ class JsonFileSink:
         # An update without metrics (a stage change) keeps the last epoch's metrics visible.
         if metrics is not None:
             self._metrics = metrics
-        self._write("Running")
+        self._write(Phase.RUNNING)
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         if self._progress is not None and error is None:
             self._progress = self._progress.model_copy(update={"stage": "done", "percent": 100.0, "updated_at": utc_now()})
-        self._write("Failed" if error is not None else "Succeeded", artifacts, error)
+        self._write(Phase.FAILED if error is not None else Phase.SUCCEEDED, artifacts, error)
 
 
 # ------------------------------------------------------------------------------------------ fan-out

@@ -7,7 +7,8 @@ docstrings, and the trainer takes its configuration from them. Field docstrings 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from enum import Enum
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -31,9 +32,23 @@ ShortStr = Annotated[str, Field(max_length=253)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
-Phase = Literal["Pending", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
 ExportFormat = Literal["state_dict", "torchscript", "onnx"]
+
+
+class Phase(str, Enum):
+    # No docstring on purpose: pydantic would copy it into the CRD schema as the field's description.
+    # A str Enum, so that a phase compares equal to the plain string a status dict holds ("Running").
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
+"""Phases a job never leaves."""
 
 
 # --------------------------------------------------------------------------------------------- model
