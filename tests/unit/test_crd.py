@@ -4,6 +4,7 @@ schema and CEL rules accept the examples and reject what they should."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import celpy
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import build_crd, render_crd_yaml
+from finetune_operator.api.v1alpha1 import DatasetSpec, FineTuneJobSpec, HyperparametersSpec, ResourcesSpec, StrategySpec
 from tests.support.schemas import REPO, crd_schema, strict_errors
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
@@ -176,3 +179,64 @@ def test_cel_rules(new: dict[str, Any], old: dict[str, Any] | None, accepted: bo
 
 def test_generation_is_deterministic() -> None:
     assert build_crd() == build_crd()
+
+
+# -------------------------------------------------- CEL and pydantic agree (defaults read from the models)
+def _pydantic_ok(spec: dict[str, Any]) -> bool:
+    try:
+        FineTuneJobSpec.model_validate(spec)
+    except ValidationError:
+        return False
+    return True
+
+
+def _minimal(**sections: Any) -> dict[str, Any]:
+    """A spec with only what the case names: every other field takes its default, on both sides."""
+    spec: dict[str, Any] = {"model": {"name": "resnet18"}, "dataset": {"format": "digits"}, "output": {"uri": "s3://b/o"}}
+    for name, value in sections.items():
+        spec[name] = value
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "accepted"),
+    [
+        (_minimal(), True),
+        (_minimal(resources={"workers": 4}), True),  # default batch size divisible by 4
+        (_minimal(resources={"workers": 3}), False),  # default batch size not divisible by 3
+        (_minimal(resources={"workers": 3}, hyperparameters={"batchSize": 63}), True),
+        (_minimal(hyperparameters={"batchSize": 63}), True),  # default single worker
+        (_minimal(hyperparameters={"batchSize": 63}, resources={"workers": 2}), False),
+        (_minimal(dataset={}), False),  # default format imagefolder needs trainUri
+        (_minimal(dataset={"trainUri": "s3://b/train"}), True),
+        (_minimal(dataset={"format": "digits", "validationUri": "/v", "validationSplit": 0.2}), False),
+        (_minimal(strategy={}), True),  # default method (lp-ft) needs no unfreezeBlocks
+        (_minimal(strategy={"method": "partial"}), False),
+        (_minimal(strategy={"method": "partial", "unfreezeBlocks": 1}), True),
+        (_minimal(model={"name": "resnet18", "weights": "DEFAULT", "weightsUri": "/m.pt"}), False),
+    ],
+    ids=lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v),
+)
+def test_cel_rules_and_pydantic_agree(spec: dict[str, Any], accepted: bool) -> None:
+    """The CEL rules the API server runs at `kubectl apply` and pydantic judge these specs alike.
+
+    Cases where a default decides (no batchSize, no format, no method) catch a CEL rule that repeats a
+    default the model has since changed.
+    """
+    assert (_pydantic_ok(spec), _spec_ok(spec)) == (accepted, accepted)
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "wire"),
+    [
+        (HyperparametersSpec, "batch_size", "self.hyperparameters.batchSize"),
+        (ResourcesSpec, "workers", "self.resources.workers"),
+        (DatasetSpec, "format", "self.format"),
+        (StrategySpec, "method", "self.method"),
+    ],
+)
+def test_cel_rules_carry_the_model_defaults(model: type[BaseModel], field: str, wire: str) -> None:
+    default = model.model_fields[field].default
+    literal = f"'{default}'" if isinstance(default, str) else str(default)
+    rules = json.dumps(_schema()["properties"]["spec"])
+    assert f"{wire} : {literal})" in rules

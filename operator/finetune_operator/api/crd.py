@@ -18,7 +18,17 @@ from typing import Any
 import yaml
 
 from finetune_operator.api import catalog, versions
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec, FineTuneJobStatus, RunPolicySpec
+from pydantic import BaseModel
+
+from finetune_operator.api.v1alpha1 import (
+    DatasetSpec,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    HyperparametersSpec,
+    ResourcesSpec,
+    RunPolicySpec,
+    StrategySpec,
+)
 
 _DROP = {"title", "examples", "$defs"}
 IMMUTABLE_MESSAGE = "is immutable after creation; only spec.runPolicy.suspend may change"
@@ -78,19 +88,34 @@ def _structural(node: Any) -> Any:
     return out
 
 
+def _literal(value: Any) -> str:
+    """A Python default as a CEL literal."""
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _cel_value(root: str, path: list[str], default: Any) -> str:
     """A CEL expression for a field that may be absent: ``(has(a.b) && has(a.b.c) ? a.b.c : default)``."""
     guards = [f"has({root}.{'.'.join(path[: i + 1])})" for i in range(len(path))]
-    literal = (
-        "'" + default + "'" if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else repr(default)
-    )
-    return f"({' && '.join(guards)} ? {root}.{'.'.join(path)} : {literal})"
+    return f"({' && '.join(guards)} ? {root}.{'.'.join(path)} : {_literal(default)})"
+
+
+def _default(model: type[BaseModel], field: str) -> Any:
+    """The pydantic default of ``model.field``: the CEL rules read it from here, never repeat it."""
+    return model.model_fields[field].default
+
+
+def _wire(model: type[BaseModel], field: str) -> str:
+    return model.model_fields[field].alias or field
 
 
 def _spec_rules() -> list[dict[str, str]]:
     """Cross-field rules checked at admission (the pydantic validators check them too, with more context)."""
-    batch = _cel_value("self", ["hyperparameters", "batchSize"], 64)
-    workers = _cel_value("self", ["resources", "workers"], 1)
+    batch = _cel_value(
+        "self", ["hyperparameters", _wire(HyperparametersSpec, "batch_size")], _default(HyperparametersSpec, "batch_size")
+    )
+    workers = _cel_value("self", ["resources", _wire(ResourcesSpec, "workers")], _default(ResourcesSpec, "workers"))
     optional_sections = [
         name for name, field in FineTuneJobSpec.model_fields.items() if not field.is_required() and name != "run_policy"
     ]
@@ -123,11 +148,13 @@ def _default_or_sentinel(default: Any) -> Any:
     return -1 if default is None else default
 
 
+_FORMAT = _cel_value("self", [_wire(DatasetSpec, "format")], _default(DatasetSpec, "format"))
+_METHOD = _cel_value("self", [_wire(StrategySpec, "method")], _default(StrategySpec, "method"))
 _SECTION_RULES: dict[str, list[dict[str, str]]] = {
     "model": [{"rule": "!(has(self.weights) && has(self.weightsUri))", "message": "set either weights or weightsUri, not both"}],
     "dataset": [
         {
-            "rule": "(has(self.format) ? self.format : 'imagefolder') != 'imagefolder' || has(self.trainUri)",
+            "rule": f"{_FORMAT} != 'imagefolder' || has(self.trainUri)",
             "message": "trainUri is required for format imagefolder",
         },
         {
@@ -137,7 +164,7 @@ _SECTION_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "strategy": [
         {
-            "rule": "(has(self.method) ? self.method : 'lp-ft') != 'partial' || has(self.unfreezeBlocks)",
+            "rule": f"{_METHOD} != 'partial' || has(self.unfreezeBlocks)",
             "message": "unfreezeBlocks is required for method partial",
         }
     ],
