@@ -504,7 +504,8 @@ def print_table(rows: list[Row]) -> str:
         per_rep = "-" if not r.ratios else f"{min(r.ratios):.2f}–{max(r.ratios):.2f}"
         target = "-" if r.target is None else f"≥ {r.target:g}×"
         lines.append(
-            f"| {r.name} | {spread(r.trainer)} {r.unit} | {spread(r.baseline)} {r.unit} | {ratio} | {per_rep} | {target} | {r.met} |"
+            f"| {r.name} | {spread(r.trainer)} {r.unit} | {spread(r.baseline)} {r.unit} | "
+            f"{ratio} | {per_rep} | {target} | {r.met} |"
         )
     return "\n".join(lines)
 
@@ -571,7 +572,8 @@ def measure_one_worker(w: Workload, reps: int, workdir: Path, env: dict[str, str
         plain_runs.append(p)
         passive_runs.append(q)
         log(
-            f"  trainer {trainer_train_rate(t):.0f} img/s, plain {plain_train_rate(p):.0f} img/s, plain PASSIVE {plain_train_rate(q):.0f} img/s"
+            f"  trainer {trainer_train_rate(t):.0f} img/s, plain {plain_train_rate(p):.0f} img/s, "
+            f"plain PASSIVE {plain_train_rate(q):.0f} img/s"
         )
     walls = [statistics.median(trainer_epoch_walls(t)) for t in trainer_runs]
     res.rows.append(
@@ -688,7 +690,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+        f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -762,10 +765,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["bench_seconds"] = round(time.time() - started)
     print()
     print(
-        f"# trainer benchmark, {info['date']}: {info['machine']}; python {info['python']}, torch {info['torch']}, ray {info['ray']}"
+        f"# trainer benchmark, {info['date']}: {info['machine']}; python "
+        f"{info['python']}, torch {info['torch']}, ray {info['ray']}"
     )
     print(
-        f"# resnet18 {w.image_size}×{w.image_size}, FakeData {w.samples} train / {w.val_samples} val images, batch {w.batch_size}, "
+        f"# resnet18 {w.image_size}×{w.image_size}, FakeData {w.samples} train / "
+        f"{w.val_samples} val images, batch {w.batch_size}, "
         f"AdamW, loaderWorkers 0; {args.reps} repetitions; median [min–max]"
     )
     print()
@@ -785,12 +790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"   final val accuracy cached {acc['cached']} vs uncached {acc['uncached']} (FakeData: chance level)")
     print(
         "threads: plain 2 / torchrun 1 per rank / trainer cpusPerWorker 2 (1 worker), 1 (2 workers); OMP_WAIT_POLICY: "
-        "trainer workers as driver.worker_env leaves them (the caller's, else unset), baselines PyTorch's default (unset) except row 1c; "
+        "trainer workers as driver.worker_env leaves them (the caller's, else unset), "
+        "baselines PyTorch's default (unset) except row 1c; "
         f"niceness: baselines {args.baseline_nice}, Ray train workers {res.details.get('one_worker_nice')} (1 worker), "
         f"{res.details.get('two_worker_nice')} (2 workers)"
     )
     print(
-        f"load average at start {info['load_average_at_start']}, at end {info['load_average_at_end']}; bench took {info['bench_seconds']} s"
+        f"load average at start {info['load_average_at_start']}, at end "
+        f"{info['load_average_at_end']}; bench took {info['bench_seconds']} s"
     )
     if args.json:
         doc = {

@@ -429,7 +429,8 @@ def _apply_patch(spec: ResourceSpec, name: str, obj: Body, patch: Any, content_t
             raise ApiError(
                 415,
                 "UnsupportedMediaType",
-                f"the body of the request was in an unknown format - accepted media types include: {JSON_PATCH}, {MERGE_PATCH}, {APPLY_PATCH}",
+                "the body of the request was in an unknown format - accepted media types include: "
+                f"{JSON_PATCH}, {MERGE_PATCH}, {APPLY_PATCH}",
             )
         if not isinstance(patch, Mapping):
             raise _bad_request("a merge patch must be a JSON object")
@@ -654,7 +655,8 @@ class ObjectStore:
                     spec,
                     str(name),
                     "metadata.name",
-                    "Invalid value: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+                    "Invalid value: a lowercase RFC 1123 subdomain must consist of "
+                    "lower case alphanumeric characters, '-' or '.'",
                 )
             key = (ns, name)
             if key in self._objects[spec.key]:

@@ -134,7 +134,8 @@ def _cpus(quantity: Any) -> int:
 
 
 def _exited(proc: subprocess.Popen[Any]) -> bool:
-    """Whether ``proc`` has exited, WITHOUT reaping it: an unreaped leader keeps its pid, the id of its group and session, ours."""
+    """Whether ``proc`` has exited, WITHOUT reaping it: an unreaped leader keeps its pid, the id of its group
+    and session, ours."""
     if proc.returncode is not None:
         return True
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None

@@ -229,7 +229,8 @@ def _save_pickle(path: Path) -> None:
         (_save_wider_resnet, r"does not fit resnet18 .*unexpected layer1\.2\.conv1\.weight"),
         (
             _save_module,
-            r"not a PyTorch state_dict or checkpoint: it pickles a torchvision\.models\.resnet\.ResNet \(save model\.state_dict\(\)",
+            r"not a PyTorch state_dict or checkpoint: it pickles a torchvision\.models\.resnet\.ResNet "
+            r"\(save model\.state_dict\(\)",
         ),
         (_save_garbage, "not a PyTorch state_dict or checkpoint"),
         (_save_list, "holds a list, not a state_dict"),

@@ -81,6 +81,8 @@ def _structural(node: Any) -> Any:
             out[key] = True
         elif key == "default" and value is None:
             continue
+        elif key == "description" and isinstance(value, str):
+            out[key] = " ".join(value.split())  # docstrings wrapped at the line length read as one line
         else:
             out[key] = _structural(value)
     if "properties" in out:
@@ -240,7 +242,8 @@ def build_crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "FineTuneJob fine-tunes a pretrained torchvision model on your images, data-parallel on a KubeRay cluster.",
+                            "description": "FineTuneJob fine-tunes a pretrained torchvision model on your images, "
+                            "data-parallel on a KubeRay cluster.",
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},

@@ -59,10 +59,12 @@ class ModelSpec(WireModel):
     """torchvision classification model name, as `torchvision.models.list_models()` spells it (`finetune models` lists them)."""
 
     weights: Annotated[str | None, Field(max_length=128)] = None
-    """torchvision weights of that model: `DEFAULT`, `IMAGENET1K_V2` or `ResNet50_Weights.IMAGENET1K_V2`; null trains from random initialisation unless `weightsUri` is set."""
+    """torchvision weights of that model: `DEFAULT`, `IMAGENET1K_V2` or `ResNet50_Weights.IMAGENET1K_V2`; null trains from random
+    initialisation unless `weightsUri` is set."""
 
     weights_uri: UriStr | None = None
-    """A state_dict or trainer checkpoint to start from (s3://, gs://, file://, pvc:// or a path): offline clusters, or chaining from an earlier job's `model.pt`. Excludes `weights`."""
+    """A state_dict or trainer checkpoint to start from (s3://, gs://, file://, pvc:// or a path): offline clusters, or chaining
+    from an earlier job's `model.pt`. Excludes `weights`."""
 
     num_classes: Annotated[int | None, Field(ge=2, le=100_000)] = None
     """Number of output classes of the new head; inferred from the dataset when absent."""
@@ -121,16 +123,19 @@ class DatasetSpec(WireModel):
     """Where the images come from and how they are prepared."""
 
     format: Literal["imagefolder", "digits", "fake"] = "imagefolder"
-    """`imagefolder`: one folder per class (torchvision ImageFolder). `digits`: scikit-learn's bundled 8×8 handwritten digits, upsampled (works offline). `fake`: torchvision FakeData."""
+    """`imagefolder`: one folder per class (torchvision ImageFolder). `digits`: scikit-learn's bundled 8×8 handwritten digits,
+    upsampled (works offline). `fake`: torchvision FakeData."""
 
     train_uri: UriStr | None = None
-    """Training images for `imagefolder`: s3://, gs://, file://, pvc://CLAIM/PATH or a path; object stores are downloaded once per node into `cacheDir`."""
+    """Training images for `imagefolder`: s3://, gs://, file://, pvc://CLAIM/PATH or a path; object stores are downloaded once per
+    node into `cacheDir`."""
 
     validation_uri: UriStr | None = None
     """Validation images (same layout and classes as `trainUri`). Excludes `validationSplit`."""
 
     validation_split: Annotated[float | None, Field(gt=0, lt=1)] = None
-    """Fraction of the training images held out (stratified, by `seed`) when there is no `validationUri`; 0.2 when neither is given."""
+    """Fraction of the training images held out (stratified, by `seed`) when there is no `validationUri`; 0.2 when neither is
+    given. """
 
     classes: Annotated[list[Annotated[int, Field(ge=0, le=9)]] | None, Field(min_length=2, max_length=10)] = None
     """`digits` only: the digit classes to use, e.g. [5, 6, 7, 8, 9]; labels are renumbered 0..n-1 in this order."""
@@ -142,7 +147,8 @@ class DatasetSpec(WireModel):
     """Side of the square image the model sees, in pixels."""
 
     augmentation: Literal["none", "light", "standard", "trivialaugment"] = "standard"
-    """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
+    """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random
+    resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
 
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 2
     """DataLoader worker processes per training worker."""
@@ -174,7 +180,8 @@ class DatasetSpec(WireModel):
                 if value is not None:
                     fail(
                         field,
-                        f"{quote(value)}: format {self.format!r} brings its own images; remove {field} or use format 'imagefolder'",
+                        f"{quote(value)}: format {self.format!r} brings its own images; "
+                        f"remove {field} or use format 'imagefolder'",
                     )
         if self.classes is not None and self.format != "digits":
             fail("classes", f"applies to format 'digits' only, not {self.format!r}")
@@ -190,7 +197,9 @@ class StrategySpec(WireModel):
     """What is trained: the head alone, the last blocks, everything, or the head first and then everything."""
 
     method: Method = "lp-ft"
-    """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every parameter. `lp-ft`: `probeEpochs` of linear probe, then full fine-tuning with the backbone at a lower rate (Kumar et al., 2022)."""
+    """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every
+    parameter. `lp-ft`: `probeEpochs` of linear probe, then full fine-tuning with the backbone at a lower rate
+    (Kumar et al., 2022)."""
 
     unfreeze_blocks: Annotated[int | None, Field(ge=1, le=1000)] = None
     """`partial` only: how many of the backbone's last blocks train besides the head."""
@@ -199,7 +208,8 @@ class StrategySpec(WireModel):
     """`lp-ft` only: epochs of the linear-probe stage (default: a third of `epochs`, at least 1)."""
 
     cache_features: bool = True
-    """Train a frozen-backbone stage on backbone features computed once (much faster); used only when the training augmentation is `none`."""
+    """Train a frozen-backbone stage on backbone features computed once (much faster); used only when the training augmentation is
+    `none`."""
 
     freeze_batch_norm: bool = True
     """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
@@ -341,7 +351,8 @@ class OutputSpec(WireModel):
     """Where checkpoints and artifacts go."""
 
     uri: UriStr
-    """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be reachable from every Ray node (object store or shared volume)."""
+    """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be
+    reachable from every Ray node (object store or shared volume)."""
 
     exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(
         default_factory=lambda: list[ExportFormat](["state_dict"])
@@ -379,7 +390,8 @@ class EnvVar(WireModel):
         if self.value and looks_like_secret(self.name):
             fail(
                 "value",
-                f"{self.name} looks like a credential; never inline secrets: put it in a Secret and list it under runtime.envFrom",
+                f"{self.name} looks like a credential; never inline secrets: "
+                "put it in a Secret and list it under runtime.envFrom",
             )
         return self
 
@@ -462,7 +474,8 @@ class RunPolicySpec(WireModel):
     """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay)."""
 
     suspend: bool = False
-    """Suspend the job (Ray cluster deleted); set back to false to resume from the last checkpoint. The only field that may change after creation."""
+    """Suspend the job (Ray cluster deleted); set back to false to resume from the last checkpoint. The only field that may change
+    after creation."""
 
 
 # ---------------------------------------------------------------------------------------------- spec
