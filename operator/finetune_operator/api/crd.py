@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-
-from finetune_operator.api import catalog, versions
 from pydantic import BaseModel
 
+from finetune_operator.api import catalog, versions
 from finetune_operator.api.v1alpha1 import (
     DatasetSpec,
     FineTuneJobSpec,
