@@ -16,7 +16,6 @@ import pytest
 
 from finetune_operator.api.contract import Sink, TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
-from finetune_trainer import progress as progress_mod
 from finetune_trainer.progress import ConsoleSink, JsonFileSink, MultiSink, build_sinks, format_epoch_line
 
 
@@ -256,8 +255,3 @@ def test_build_sinks_uses_the_kubernetes_sink_when_available(tmp_path: Path, mon
     (sink,) = built.sinks
     assert isinstance(sink, FakeKubernetesSink)
     assert sink.cfg is cfg
-
-
-def test_utc_now_is_rfc3339() -> None:
-    assert progress_mod.utc_now().endswith("Z")
-    assert len(progress_mod.utc_now()) == len("2026-01-02T03:04:05Z")
