@@ -89,10 +89,13 @@ def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str
     return errors
 
 
-def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings) -> AdmittedJob:
+def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, judged: bool = False) -> AdmittedJob:
     """The whole admission decision for an API object (validated here) or an already validated model.
 
     Raises ``AdmissionError`` with every mistake. Extra metadata such as managedFields is ignored.
+    ``judged``: the operator admitted this job before (its ``Validated`` condition is True). It is never
+    judged again: the operator's own rules and limits may have changed since (a restart with a lower
+    ``maxWorkers``), and a running job must not fail over them, so only the typed model is built.
     """
     if isinstance(job, FineTuneJob):
         model = job
@@ -104,6 +107,6 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings) -> A
         model = FineTuneJob(
             metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")), spec=spec
         )
-    if errors := policy_errors(model.spec, settings):
+    if not judged and (errors := policy_errors(model.spec, settings)):
         raise AdmissionError(errors)
     return AdmittedJob(model)

@@ -11,7 +11,8 @@ The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINE
 Each handler hands its event to ``reconcile.Reconciler`` (the rules live there, unit-tested without Kopf)
 and translates the outcome into Kopf's words: ``failures.Refused`` → ``kopf.PermanentError``;
 ``failures.Retry`` and API failures that may heal → ``kopf.TemporaryError`` with a delay.
-FineTuneJob deleted: the children go with their owner references; the finalizer only forgets metrics.
+FineTuneJob deleted: the children go with their owner references. The operator puts no finalizer on jobs, so
+deleting a job or its namespace never waits for the operator.
 
 Handlers return None: Kopf writes nothing into the status (its progress lives in ``finetune.dev/*``
 annotations, since the structural schema would prune ``status.kopf``); status is written by merge
@@ -29,8 +30,9 @@ from typing import Any, Final, cast
 import kopf
 
 from finetune_operator import metrics, naming
+from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import GROUP, PLURAL, RAYJOB_GROUP, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
-from finetune_operator.failures import ApiFailure, Refused, Retry
+from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
 from finetune_operator.reconcile import Reconciler, log_event
@@ -57,25 +59,25 @@ def _kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -
         log_event(obj, type_, reason, message)
 
 
-def kopf_error(exc: ApiFailure) -> kopf.TemporaryError | kopf.PermanentError:
-    """What Kopf should do about a failed request: 400/422 never get better by retrying; the rest may."""
-    if exc.status in (400, 422):
-        return kopf.PermanentError(str(exc))
-    delay = 30.0 if exc.status in (401, 403) else 10.0  # RBAC is fixed by people, slowly
-    return kopf.TemporaryError(str(exc), delay=delay)
-
-
 @contextmanager
-def _kopf_outcomes() -> Iterator[None]:
-    """The reconcile outcomes in Kopf's words (see the module docstring)."""
+def _kopf_outcomes(retry: int) -> Iterator[None]:
+    """The reconcile outcomes in Kopf's words (see the module docstring); ``retry`` is Kopf's retry count,
+    so that the delay grows (``failures.retry_delay``) and honours a server's Retry-After."""
     try:
         yield
     except Refused as exc:
         raise kopf.PermanentError(str(exc)) from exc
-    except Retry as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
     except ApiFailure as exc:
-        raise kopf_error(exc) from exc
+        if exc.status in (400, 422):  # never gets better by retrying
+            raise kopf.PermanentError(str(exc)) from exc
+        raise kopf.TemporaryError(str(exc), delay=retry_delay(retry, exc)) from exc
+    except Retry as exc:
+        raise kopf.TemporaryError(str(exc), delay=retry_delay(retry, exc)) from exc
+
+
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    """Timers stop once a job is Succeeded or Failed: nothing about it changes any more."""
+    return status.get("phase") not in TERMINAL_PHASES
 
 
 @kopf.on.startup()
@@ -90,6 +92,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         reconciler = Reconciler(memo.get("kube") or Kube(load_client()), operator, emit=_kopf_event)
         memo["ctx"] = reconciler
     logging.getLogger("finetune_operator").setLevel(reconciler.settings.log_level_number)
+    # No handler needs a finalizer; naming Kopf's lets it remove the one that earlier versions added.
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -115,32 +118,35 @@ def jobs_probe(**_: Any) -> int:
 @kopf.on.resume(*FTJ)
 @kopf.on.create(*FTJ)
 @metrics.instrumented("reconcile")
-def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Admit, create the children if missing, report Provisioning (or mirror the RayJob after a restart)."""
-    with _kopf_outcomes():
+def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    """Admit, create the children if missing, report Provisioning (or converge after a restart)."""
+    with _kopf_outcomes(retry):
         _reconciler(memo).reconcile(body)
 
 
 @kopf.on.field(*FTJ, field="spec.runPolicy.suspend")
 @metrics.instrumented("suspend")
-def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
+def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Suspend or resume the RayJob."""
-    with _kopf_outcomes():
+    with _kopf_outcomes(retry):
         _reconciler(memo).suspend_changed(body, bool(new))
 
 
-@kopf.timer(*FTJ, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+@kopf.timer(*FTJ, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=_unfinished)
 @metrics.instrumented("resync")
-def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Safety net for lost watch events: mirror the RayJob again, or recreate it if it is gone."""
-    with _kopf_outcomes():
+def resync(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
+    """Safety net for lost watch events: check every child, mirror the RayJob again."""
+    with _kopf_outcomes(retry):
         _reconciler(memo).resync(body)
 
 
-@kopf.on.delete(*FTJ)
-def forget(meta: kopf.Meta, **_: Any) -> None:
-    """Children are deleted by the garbage collector through their owner references; only metrics remain."""
-    metrics.forget(meta.uid)
+@kopf.on.event(*FTJ)
+def forget(type: str | None, meta: kopf.Meta, **_: Any) -> None:
+    """A deleted job leaves the metrics. Deliberately not an on.delete handler: that would put a finalizer on
+    every job, and deleting jobs (or their namespace) would then hang whenever the operator is down. The
+    children need no clean-up of ours: the garbage collector deletes them through their owner references."""
+    if type == "DELETED":
+        metrics.forget(meta.uid)
 
 
 @kopf.on.event(

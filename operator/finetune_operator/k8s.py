@@ -28,6 +28,16 @@ _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
 _CUSTOM: Final = {RAYJOB_KIND: (RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL), KIND: (GROUP, VERSION, PLURAL)}
 
 
+def _retry_after(exc: ApiException) -> float | None:
+    """The seconds a 429/503 asked us to wait (``Retry-After``, in seconds; an HTTP date is ignored)."""
+    headers: Any = exc.headers or {}
+    raw = headers.get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
 def _detail(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         try:
@@ -48,12 +58,14 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        verb, kind = what.split()[:2]  # "create RayJob ns/name"
         try:
             return fn(*args, _request_timeout=TIMEOUT, **kwargs)
         except ApiException as exc:
-            raise ApiFailure(what, exc.status, _detail(exc)) from exc
+            retry_after = _retry_after(exc)
+            raise ApiFailure(what, exc.status, _detail(exc), kind=kind, verb=verb, retry_after=retry_after) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ApiFailure(what, None, _detail(exc)) from exc
+            raise ApiFailure(what, None, _detail(exc), kind=kind, verb=verb) from exc
 
     def _plain(self, obj: Any) -> dict[str, Any]:
         client: Any = self.client  # sanitize_for_serialization is untyped
@@ -101,7 +113,11 @@ class Kube:
         existing = self.read(obj["kind"], meta["namespace"], meta["name"])
         if existing is None:  # deleted between our create and read: let Kopf retry
             raise ApiFailure(
-                f"create {obj['kind']} {meta['namespace']}/{meta['name']}", 409, "conflicts with an object being deleted"
+                f"create {obj['kind']} {meta['namespace']}/{meta['name']}",
+                409,
+                "conflicts with an object being deleted",
+                kind=obj["kind"],
+                verb="create",
             )
         return existing, False
 
@@ -114,10 +130,18 @@ class Kube:
         what = f"patch {kind} {namespace}/{name}"
         return dict(self._call(what, fn, group, version, namespace, plural, name, dict(patch), _content_type=MERGE_PATCH))
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge-patch ``status`` through the status subresource (``None`` values delete keys)."""
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
+        """Merge-patch ``status`` through the status subresource (``None`` values delete keys).
+
+        ``resource_version``: a precondition (HTTP 409 when the object changed since it was read), so that a
+        decision taken on a stale read can never overwrite a newer status (e.g. turn Succeeded back to Running).
+        """
         group, version, plural = _CUSTOM[kind]
         fn = self.custom.patch_namespaced_custom_object_status
         what = f"patch {kind} {namespace}/{name} status"
-        body = {"status": dict(status)}
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return dict(self._call(what, fn, group, version, namespace, plural, name, body, _content_type=MERGE_PATCH))

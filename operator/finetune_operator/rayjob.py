@@ -33,6 +33,7 @@ from finetune_operator.api.contract import (
     ENV_THROTTLE,
     TrainerConfig,
     pvc_mount_path,
+    resolve_uri,
 )
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
@@ -86,8 +87,14 @@ def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Childre
 
 
 def render_trainer_config(job: FineTuneJob) -> str:
-    """The ``trainer.json`` the entrypoint reads: the spec plus identity, with the Kubernetes progress sink on."""
-    config = TrainerConfig.from_job(job, sinks=["console", "kubernetes"])
+    """The ``trainer.json`` the entrypoint reads: the spec plus identity, with the Kubernetes progress sink on.
+
+    The run directory is ``<output.uri>/<namespace>/<job name>/``: two tenants writing to one bucket under the
+    same job name must never resume each other's run. Re-creating a job in its namespace under its name
+    with the same spec still resumes its checkpoints (the run is named after the job).
+    """
+    output_root = f"{resolve_uri(job.spec.output.uri).rstrip('/')}/{job.metadata.namespace}"
+    config = TrainerConfig.from_job(job, output_root=output_root, sinks=["console", "kubernetes"])
     return json.dumps(config.model_dump(by_alias=True, mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
 
 

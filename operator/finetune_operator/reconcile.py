@@ -28,24 +28,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from finetune_operator import metrics, naming
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
-from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
-from finetune_operator.api.versions import GROUP, KIND, RAYJOB_KIND
-from finetune_operator.failures import Refused, Retry
+from finetune_operator.api.versions import KIND, RAYJOB_KIND
+from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
+from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import failed_status, map_status, phase_event, provisioning_status
+from finetune_operator.status import blocked_status, failed_status, map_status, phase_event, provisioning_status
 
 log = logging.getLogger(__name__)
 
 EVENT_MESSAGE_MAX = 1000
-OWNED_RETRY_SECONDS = 5.0
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """``emit(object, type, reason, message)``: records a Kubernetes Event about ``object``."""
@@ -60,77 +58,14 @@ class KubeApi(Protocol):
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]: ...
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]: ...
 
 
 def log_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """The event sink outside a running operator (scripts, tests): a log line."""
     log.info("event %s %s on %s: %s", type_, reason, (obj.get("metadata") or {}).get("name"), message)
-
-
-@dataclass(frozen=True)
-class ParentJob:
-    """The view of a FineTuneJob body that the rules read (the body itself is kept for Events)."""
-
-    body: dict[str, Any]
-
-    @classmethod
-    def of(cls, body: Mapping[str, Any]) -> ParentJob:
-        return cls({key: body[key] for key in body})  # a Kopf body view → the plain dict it wraps
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = self.body["metadata"]
-        return meta
-
-    @property
-    def namespace(self) -> str:
-        return str(self.meta["namespace"])
-
-    @property
-    def name(self) -> str:
-        return str(self.meta["name"])
-
-    @property
-    def uid(self) -> str | None:
-        return self.meta.get("uid")
-
-    @property
-    def generation(self) -> int | None:
-        return self.meta.get("generation")
-
-    @property
-    def deleting(self) -> bool:
-        return bool(self.meta.get("deletionTimestamp"))
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return dict(self.body.get("status") or {})
-
-    @property
-    def phase(self) -> str | None:
-        return self.status.get("phase")
-
-    @property
-    def finished(self) -> bool:
-        return self.phase in TERMINAL_PHASES
-
-    @property
-    def rayjob_name(self) -> str | None:
-        """The RayJob recorded in status: set once the children exist."""
-        return self.status.get("rayJobName")
-
-    @property
-    def suspend(self) -> bool:
-        return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-
-
-def controller_of(obj: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The FineTuneJob owner reference marked ``controller`` on ``obj``, if any."""
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
-            return dict(ref)
-    return None
 
 
 class Reconciler:
@@ -151,18 +86,18 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------- job events
     def reconcile(self, body: Mapping[str, Any]) -> None:
-        """Admit, create the children if missing, report Provisioning (or mirror the RayJob after a restart)."""
+        """Admit, create the children if missing, report Provisioning (or converge after a restart)."""
         parent = ParentJob.of(body)
         if parent.finished:
             metrics.record_phase(parent.uid, parent.phase)
             return
         try:
-            admitted = admit(parent.body, self.settings)
+            admitted = admit(parent.body, self.settings, judged=parent.validated)
         except AdmissionError as exc:
             self._write_status(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
             self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
             raise Refused(f"{KIND} {parent.namespace}/{parent.name} is invalid: " + "; ".join(exc.lines)) from exc
-        rayjob, created = self.ensure_children(admitted, known=bool(parent.rayjob_name))
+        rayjob, created = self._ensure(parent, admitted, fresh=not parent.rayjob_name)
         if created:
             self._emit(parent.body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
         first = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
@@ -183,23 +118,25 @@ class Reconciler:
         self._emit(parent.body, "Normal", reason, f"{verb}: RayJob {rayjob_name} spec.suspend={str(wanted).lower()}")
 
     def resync(self, body: Mapping[str, Any]) -> None:
-        """Safety net for lost watch events: mirror the RayJob again, or recreate it if it is gone."""
+        """Safety net for lost watch events: check every child (recreating what is gone), mirror the RayJob."""
         parent = ParentJob.of(body)
-        if parent.finished or not parent.rayjob_name:
+        if parent.finished or parent.deleting or not parent.rayjob_name:
             return
-        rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name)
-        if rayjob is None:
-            self.recreate_if_gone(parent)
-        else:
-            self.mirror(parent, rayjob)
+        self.converge(parent)
 
     # ---------------------------------------------------------------------------- RayJob events
     def rayjob_changed(self, event_type: str | None, rayjob: Mapping[str, Any]) -> None:
-        """Mirror a RayJob's status into its FineTuneJob; recreate it when deleted under a live job."""
+        """Mirror a RayJob's status into its FineTuneJob; recreate it when deleted under a live job.
+
+        Only the RayJob the job's status names, labelled with the job's uid and controlled by it, speaks for
+        the job: a renamed copy (``kubectl get -o yaml``, rename, apply) keeps the owner reference and labels
+        but not the name, and must never turn the job Failed.
+        """
         owner = controller_of(rayjob)
         if owner is None:
             return
-        body = self.kube.read(KIND, rayjob["metadata"]["namespace"], owner["name"])
+        meta = rayjob["metadata"]
+        body = self.kube.read(KIND, meta["namespace"], owner["name"])
         if body is None:
             return
         parent = ParentJob.of(body)
@@ -209,50 +146,25 @@ class Reconciler:
             # The create handler is still on it and mirrors the RayJob itself when done; writing
             # Provisioning from here too would race it and announce the same transition twice.
             return
+        if meta.get("name") != parent.rayjob_name or (meta.get("labels") or {}).get(naming.LABEL_JOB_UID) != parent.uid:
+            log.warning("ignoring RayJob %s/%s: not the RayJob of %s %s", meta["namespace"], meta.get("name"), KIND, parent.name)
+            return
         if event_type == "DELETED":
-            self.recreate_if_gone(parent)
+            self.converge(parent)
         else:
             self.mirror(parent, rayjob)
 
     # ------------------------------------------------------------------------------------ rules
-    def ensure_children(self, admitted: AdmittedJob, *, known: bool = False) -> tuple[dict[str, Any], bool]:
-        """Create what is missing, in dependency order; (the RayJob, whether it was created now).
-
-        ``known``: the job was handled before (a restart), so look for its RayJob first: it is created last,
-        so when it exists the rest does too, and one GET replaces five conflicting POSTs per job.
-        """
-        children = build_children(admitted, self.settings)
-        meta = children.rayjob["metadata"]
-        rayjob = self.kube.read(RAYJOB_KIND, meta["namespace"], meta["name"]) if known else None
-        created = False
-        if rayjob is None:
-            for obj in children.all():
-                is_rayjob = obj is children.rayjob
-                existing, made = self.kube.create_or_get(obj, read_back=is_rayjob)
-                if is_rayjob and existing is not None:
-                    rayjob, created = existing, made
-        if rayjob is None:  # create_or_get reads the RayJob back or raises
-            raise Retry(f"RayJob {meta['namespace']}/{meta['name']} could not be read back", OWNED_RETRY_SECONDS)
-        if not created:
-            owner = controller_of(rayjob)
-            if owner is not None and owner.get("uid") != admitted.metadata.uid:
-                what = f"RayJob {meta['namespace']}/{meta['name']}"
-                raise Retry(f"{what} still belongs to a deleted {KIND}", OWNED_RETRY_SECONDS)
-            wanted, actual = admitted.spec.run_policy.suspend, bool((rayjob.get("spec") or {}).get("suspend"))
-            # With a Kueue queue, Kueue suspends the RayJob until admission: never un-suspend it behind its back.
-            if wanted != actual and (wanted or not admitted.spec.runtime.queue_name):
-                rayjob = self.kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
-        return rayjob, created
-
-    def recreate_if_gone(self, parent: ParentJob) -> None:
-        """The RayJob of a live job vanished: recreate it (see the module docstring for why)."""
+    def converge(self, parent: ParentJob) -> None:
+        """Check every child of an admitted, live job: recreate what is gone (a deleted RayJob included, see the
+        module docstring), refuse what is not ours, then mirror the RayJob."""
         if parent.finished or not parent.rayjob_name:
             return
         try:
-            admitted = admit(parent.body, self.settings)
+            admitted = admit(parent.body, self.settings, judged=True)
         except AdmissionError:
-            return
-        rayjob, created = self.ensure_children(admitted)
+            return  # cannot happen for a job admitted before, unless the API changed under it
+        rayjob, created = self._ensure(parent, admitted, fresh=False)
         if created:
             message = (
                 f"RayJob {rayjob['metadata']['name']} was deleted while the job was {parent.phase}; "
@@ -261,25 +173,100 @@ class Reconciler:
             self._emit(parent.body, "Warning", "RayJobRecreated", message)
         self.mirror(parent, rayjob)
 
-    def mirror(self, parent: ParentJob, rayjob: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
-        """Write ``first`` plus whatever the RayJob's status changes, in one status patch."""
-        patch = dict(first or {})
-        mirrored = map_status(
-            rayjob.get("status"),
-            {**parent.status, **patch},
-            parent.generation,
-            self.clock(),
-            suspend=parent.suspend,
-            rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
+    def ensure_children(self, admitted: AdmittedJob, *, fresh: bool = True) -> tuple[dict[str, Any], bool]:
+        """Every child exists and is this job's; (the RayJob, whether it was created now).
+
+        ``fresh``: a job seen for the first time, so create first (a 409 reads the object back); otherwise
+        (restart, resync) read first and create only what is missing, so a healthy job costs GETs, not POSTs.
+        An existing child must be controlled by this job's uid (``ownership.check_owner``), or nothing goes on.
+        """
+        children = build_children(admitted, self.settings)
+        rayjob: dict[str, Any] | None = None
+        created = False
+        for obj in children.all():
+            meta = obj["metadata"]
+            existing = None if fresh else self.kube.read(obj["kind"], meta["namespace"], meta["name"])
+            made = False
+            if existing is None:
+                existing, made = self.kube.create_or_get(obj)
+            if existing is None:  # create_or_get reads back or raises; keep mypy and a broken fake honest
+                raise Retry(f"{obj['kind']} {meta['namespace']}/{meta['name']} could not be read back", OWNED_RETRY_SECONDS)
+            if not made:
+                check_owner(existing, admitted)
+            if obj is children.rayjob:
+                rayjob, created = existing, made
+        assert rayjob is not None  # the RayJob is always among the children
+        if not created:
+            rayjob = self._align_suspend(admitted, rayjob)
+        return rayjob, created
+
+    def _align_suspend(self, admitted: AdmittedJob, rayjob: dict[str, Any]) -> dict[str, Any]:
+        """The RayJob's ``spec.suspend`` follows the job's, except that Kueue alone un-suspends a queued RayJob."""
+        wanted, actual = admitted.spec.run_policy.suspend, bool((rayjob.get("spec") or {}).get("suspend"))
+        if wanted == actual or (not wanted and admitted.spec.runtime.queue_name):
+            return rayjob
+        meta = rayjob["metadata"]
+        return self.kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
+
+    def _ensure(self, parent: ParentJob, admitted: AdmittedJob, *, fresh: bool) -> tuple[dict[str, Any], bool]:
+        """``ensure_children``, with what people must know written into the job's status."""
+        try:
+            return self.ensure_children(admitted, fresh=fresh)
+        except Conflict as exc:
+            self._give_up(parent, exc.reason, str(exc))
+            raise AssertionError("unreachable") from exc  # _give_up raises
+        except ApiFailure as exc:
+            verdict = api_failure_verdict(exc)
+            if verdict is None:
+                raise
+            reason, message, permanent = verdict
+            if permanent:
+                self._give_up(parent, reason, message)
+            self._write_status(parent, blocked_status(reason, message, parent.generation, self.clock(), parent.status))
+            raise
+
+    def _give_up(self, parent: ParentJob, reason: str, message: str) -> None:
+        """Fail a valid job that can never start as it is; raises ``Refused``."""
+        self._write_status(
+            parent, failed_status(reason, [message], parent.generation, self.clock(), parent.status, invalid=False)
         )
-        self._write_status(parent, {**patch, **mirrored})
+        self._emit(parent.body, "Warning", reason, message)
+        raise Refused(f"{KIND} {parent.namespace}/{parent.name}: {message}")
+
+    def mirror(self, parent: ParentJob, rayjob: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
+        """Write ``first`` plus whatever the RayJob's status changes, in one status patch.
+
+        The patch carries the job's resourceVersion as a precondition; on 409 the job is read again and the
+        decision taken anew once, so that two writers racing (an event and the timer) never undo each other.
+        """
+        for attempt in range(2):
+            patch = dict(first or {})
+            mirrored = map_status(
+                rayjob.get("status"),
+                {**parent.status, **patch},
+                parent.generation,
+                self.clock(),
+                suspend=parent.suspend,
+                rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
+            )
+            try:
+                self._write_status(parent, {**patch, **mirrored})
+                return
+            except ApiFailure as exc:
+                if exc.status != 409 or attempt:
+                    raise
+            fresh = self.kube.read(KIND, parent.namespace, parent.name)
+            if fresh is None or fresh["metadata"].get("uid") != parent.uid:
+                return
+            parent = ParentJob.of(fresh)
 
     def _write_status(self, parent: ParentJob, patch: Mapping[str, Any]) -> None:
         current = parent.status
         if not patch:
             metrics.record_phase(parent.uid, current.get("phase"))
             return
-        self.kube.patch_status(KIND, parent.namespace, parent.name, patch)
+        version = parent.meta.get("resourceVersion")
+        self.kube.patch_status(KIND, parent.namespace, parent.name, patch, resource_version=version)
         old, new = current.get("phase"), patch.get("phase", current.get("phase"))
         announced = phase_event(old, new, str(patch.get("message") or current.get("message") or ""))
         if announced is not None:
@@ -290,4 +277,4 @@ class Reconciler:
         self.emit(obj, type_, reason, message[:EVENT_MESSAGE_MAX])
 
 
-__all__ = ["EventSink", "KubeApi", "ParentJob", "Reconciler", "controller_of", "log_event"]
+__all__ = ["EventSink", "KubeApi", "Reconciler", "log_event"]

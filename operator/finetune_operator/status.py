@@ -252,13 +252,21 @@ def phase_event(old: str | None, new: str | None, message: str) -> tuple[str, st
 
 
 def failed_status(
-    reason: str, lines: list[str], generation: int | None, now: datetime, current: Mapping[str, Any] | None
+    reason: str,
+    lines: list[str],
+    generation: int | None,
+    now: datetime,
+    current: Mapping[str, Any] | None,
+    *,
+    invalid: bool = True,
 ) -> dict[str, Any]:
-    """The status of a job refused before any RayJob exists (invalid spec): Failed, Validated=False."""
+    """The status of a job the operator gives up on before it runs: Failed, and ``Validated=False`` when
+    ``invalid`` (a bad spec); a valid job blocked for good (a name collision, a rejected child) keeps it."""
     stamp = rfc3339(now)
     message = "; ".join(lines)
     conditions: list[dict[str, Any]] = [dict(c) for c in (current or {}).get("conditions") or []]
-    conditions = set_condition(conditions, "Validated", False, reason, message, stamp, generation)
+    if invalid:
+        conditions = set_condition(conditions, "Validated", False, reason, message, stamp, generation)
     conditions = set_condition(conditions, "Failed", True, reason, message, stamp, generation)
     return {
         "phase": Phase.FAILED.value,
@@ -267,6 +275,19 @@ def failed_status(
         "observedGeneration": generation,
         "completionTime": (current or {}).get("completionTime") or stamp,
     }
+
+
+def blocked_status(
+    reason: str, message: str, generation: int | None, now: datetime, current: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A job the operator cannot start yet, for a reason people must fix (KubeRay missing, RBAC, a policy):
+    Pending, with ``ClusterReady=False`` saying why. It moves on by itself once the cause is gone."""
+    cur = current or {}
+    stamp = rfc3339(now)
+    conditions: list[dict[str, Any]] = [dict(c) for c in cur.get("conditions") or []]
+    conditions = set_condition(conditions, "ClusterReady", False, reason, message, stamp, generation)
+    patch: dict[str, Any] = {"phase": Phase.PENDING.value, "message": message, "conditions": conditions}
+    return {k: v for k, v in patch.items() if cur.get(k) != v}
 
 
 def provisioning_status(

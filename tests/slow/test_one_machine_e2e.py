@@ -121,11 +121,12 @@ def test_digits_job_trains_end_to_end(emu: KubeEmulator, tmp_path: Path) -> None
     accuracy = status["metrics"]["valAccuracy"]
     assert 0.0 <= accuracy <= 1.0
     artifacts = status["artifacts"]
-    run_dir = tmp_path / "pvc" / "runs" / "e2e" / NAME  # pvc://runs/e2e + the job name, on the claim's directory
+    # pvc://runs/e2e + the namespace + the job name, on the claim's directory
+    run_dir = tmp_path / "pvc" / "runs" / "e2e" / NAMESPACE / NAME
     model = Path(artifacts["modelUri"])
     assert model == run_dir / "model.pt" and model.is_file()
     assert artifacts["sha256"] == sha256(model)
-    assert kuberay.pod_path(NAMESPACE, rayjob_name, str(model)) == f"/mnt/finetune/runs/e2e/{NAME}/model.pt"
+    assert kuberay.pod_path(NAMESPACE, rayjob_name, str(model)) == f"/mnt/finetune/runs/e2e/{NAMESPACE}/{NAME}/model.pt"
     card = json.loads(Path(artifacts["modelCardUri"]).read_text())
     assert card["files"]["model.pt"]["sha256"] == artifacts["sha256"]
     assert card["job"] == {

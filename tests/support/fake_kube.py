@@ -36,12 +36,14 @@ class FakeKube:
         self.calls: list[tuple[str, str, str]] = []  # (verb, kind, name)
         self.faults: dict[tuple[str, str], ApiFailure] = {}
         self._uids = itertools.count(1)
+        self._versions = itertools.count(1)
 
     # ---- test helpers
     def put(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Store ``obj`` as if someone else had created it (a uid is added when missing)."""
         stored = copy.deepcopy(dict(obj))
         stored["metadata"].setdefault("uid", f"fake-uid-{next(self._uids)}")
+        stored["metadata"]["resourceVersion"] = str(next(self._versions))
         meta = stored["metadata"]
         self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
         return stored
@@ -77,13 +79,22 @@ class FakeKube:
         key = (kind, namespace, name)
         if key not in self.objects:
             raise ApiFailure(f"patch {kind} {namespace}/{name}", 404, "HTTP 404 Not Found")
-        self.objects[key] = merge(self.objects[key], patch)
-        return copy.deepcopy(self.objects[key])
+        return self._write(key, patch)
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
         self._call("patch_status", kind, name)
         key = (kind, namespace, name)
         if key not in self.objects:
             raise ApiFailure(f"patch {kind} {namespace}/{name} status", 404, "HTTP 404 Not Found")
-        self.objects[key] = merge(self.objects[key], {"status": dict(status)})
-        return copy.deepcopy(self.objects[key])
+        if resource_version is not None and resource_version != self.objects[key]["metadata"]["resourceVersion"]:
+            what = f"patch {kind} {namespace}/{name} status"
+            raise ApiFailure(what, 409, "HTTP 409 Conflict: the object has been modified", kind=kind, verb="patch")
+        return self._write(key, {"status": dict(status)})
+
+    def _write(self, key: Key, patch: Mapping[str, Any]) -> dict[str, Any]:
+        updated = merge(copy.deepcopy(self.objects[key]), patch)  # never mutate what a caller may still hold
+        updated["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[key] = updated
+        return copy.deepcopy(updated)

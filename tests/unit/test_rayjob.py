@@ -265,7 +265,8 @@ def test_config_map_holds_the_trainer_config_mounted_everywhere() -> None:
     config = TrainerConfig.model_validate_json(data)
     assert (config.job_name, config.namespace, config.job_uid) == ("cfg-job", "team", "u-1")
     assert config.sinks == ["console", "kubernetes"]
-    assert config.output_root == "s3://bucket/runs"
+    assert config.output_root == "s3://bucket/runs/team"  # <output.uri>/<namespace>: tenants never share a run
+    assert config.run_dir == "s3://bucket/runs/team/cfg-job"
     for pod in _pods(children.rayjob):
         volume = next(v for v in pod["volumes"] if v["name"] == "trainer-config")
         assert volume["configMap"]["name"] == children.config_map["metadata"]["name"]
@@ -290,7 +291,7 @@ def test_pvc_uris_are_mounted_read_only_unless_written() -> None:
         mounts = {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}
         assert mounts[f"{PVC_MOUNT_ROOT}/models"] is False and mounts[f"{PVC_MOUNT_ROOT}/data"] is True
     config = json.loads(children.config_map["data"]["trainer.json"])
-    assert config["outputRoot"] == f"{PVC_MOUNT_ROOT}/models/out"
+    assert config["outputRoot"] == f"{PVC_MOUNT_ROOT}/models/out/team"
 
 
 def test_kueue_label_only_with_a_queue() -> None:
@@ -375,6 +376,22 @@ def test_rayjob_names_stay_distinct_when_cut() -> None:
     a, b = naming.rayjob_name("a" * 253), naming.rayjob_name("a" * 252)
     assert a != b and len(a) == len(b) == 47
     assert naming.rayjob_name("digits-cpu").startswith("ftj-digits-cpu-")
+
+
+@pytest.mark.parametrize(
+    ("stem", "count"),
+    [
+        ("resnet50-imagenet-lr-sweep-experiment-", 100_000),  # differ only past the cut: the hash alone separates them
+        ("x" * 240 + "-", 1_000),  # child names cut at 253 characters too
+    ],
+)
+def test_a_big_sweep_of_names_that_differ_past_the_cut_never_collides(stem: str, count: int) -> None:
+    """Issue: ``...-experiment-00407`` and ``...-00432`` once mapped to one RayJob (5 hex characters)."""
+    names = [f"{stem}{i:05d}" for i in range(count)]
+    assert len({naming.rayjob_name(n) for n in names}) == count
+    if len(stem) > 200:
+        assert len({naming.config_map_name(n) for n in names}) == count
+    assert naming.rayjob_name(f"{stem}00407") != naming.rayjob_name(f"{stem}00432")
 
 
 def test_long_job_name_gives_valid_child_names_and_labels() -> None:

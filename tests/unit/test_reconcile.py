@@ -6,6 +6,7 @@ The same flows run against the HTTP emulator and Kopf in tests/integration/test_
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,8 +14,10 @@ import pytest
 
 from finetune_operator import naming
 from finetune_operator.admission import admit
-from finetune_operator.failures import ApiFailure, Refused, Retry
-from finetune_operator.reconcile import ParentJob, Reconciler, controller_of
+from finetune_operator.failures import RETRY_CAP_SECONDS, ApiFailure, Refused, Retry, retry_delay
+from finetune_operator.ownership import ParentJob, controller_of
+from finetune_operator.rayjob import build_children
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
 from tests.support.fake_kube import FakeKube
 
@@ -267,3 +270,215 @@ def test_parent_job_view_reads_a_plain_body() -> None:
     view = ParentJob.of({**job(runPolicy={"suspend": True}), "status": {"phase": "Running", "rayJobName": "r"}})
     assert (view.namespace, view.name, view.uid, view.generation) == ("team", "job", "uid-1", 1)
     assert (view.phase, view.rayjob_name, view.suspend, view.finished, view.deleting) == ("Running", "r", True, False, False)
+
+
+# ------------------------------------------------------------------ issue 10: a busy, shared cluster
+def test_a_renamed_copy_of_the_rayjob_cannot_drive_the_job(kube: FakeKube, rec: Reconciler) -> None:
+    """`kubectl get rayjob -o yaml`, rename, apply, mark Failed: the job follows only its own RayJob."""
+    rec.reconcile(created(kube, job()))
+    real = rayjob_of(kube)
+    copy_meta = {**real["metadata"], "name": "ftj-copy", "uid": "copy-uid"}
+    copy = kube.put({**real, "metadata": copy_meta, "status": {"jobDeploymentStatus": "Failed", "reason": "AppFailed"}})
+    rec.rayjob_changed("MODIFIED", copy)
+    rec.rayjob_changed("DELETED", copy)
+    assert status(kube)["phase"] == "Provisioning"
+    rec.rayjob_changed(
+        "MODIFIED", kube.patch_status("RayJob", "team", real["metadata"]["name"], {"jobDeploymentStatus": "Failed"})
+    )
+    assert status(kube)["phase"] == "Failed"
+
+
+def test_a_rayjob_without_the_jobs_uid_label_cannot_drive_the_job(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    real = rayjob_of(kube)
+    labels = {k: v for k, v in real["metadata"]["labels"].items() if k != naming.LABEL_JOB_UID}
+    rec.rayjob_changed(
+        "MODIFIED", {**real, "metadata": {**real["metadata"], "labels": labels}, "status": {"jobDeploymentStatus": "Failed"}}
+    )
+    assert status(kube)["phase"] == "Provisioning"
+
+
+@pytest.mark.parametrize("kind", KINDS_IN_ORDER)
+def test_a_child_left_by_a_deleted_namesake_is_waited_for_then_replaced(kube: FakeKube, rec: Reconciler, kind: str) -> None:
+    """Delete + re-create of a job (GitOps, `kubectl replace --force`) while the garbage collector lags."""
+    Reconciler(kube, SETTINGS, clock=lambda: NOW).reconcile(created(kube, job(uid="old-uid")))
+    kube.objects.pop(("FineTuneJob", "team", "job"))
+    for key in [k for k in kube.objects if k[0] != kind]:
+        kube.objects.pop(key)  # the collector got the others already: only `kind` lingers
+    new = created(kube, job(uid="new-uid", hyperparameters={"learningRate": 0.5}))
+    with pytest.raises(Retry, match=f"{kind} team/.* still belongs to a deleted FineTuneJob"):
+        rec.reconcile(new)
+    # The old job's create, plus the new job's attempt when the RayJob is what lingers (it comes last).
+    assert kube.count("create", "RayJob") == (2 if kind == "RayJob" else 1)
+    kube.objects.pop(next(k for k in kube.objects if k[0] == kind))  # the collector catches up
+    rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    children = [o for o in kube.objects.values() if o["kind"] != "FineTuneJob"]
+    assert {(controller_of(o) or {}).get("uid") for o in children} == {"new-uid"}
+    config = kube.get("ConfigMap", "team", naming.config_map_name("job"))
+    assert config is not None and '"learningRate": 0.5' in config["data"]["trainer.json"]
+
+
+@pytest.mark.parametrize(
+    ("owner", "reason"),
+    [
+        (None, "ChildConflict"),
+        (
+            {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "other", "uid": "u-9", "controller": True},
+            "NameCollision",
+        ),
+    ],
+)
+def test_a_child_name_taken_by_something_else_fails_the_job_with_the_reason(
+    kube: FakeKube, events: Events, rec: Reconciler, owner: dict[str, Any] | None, reason: str
+) -> None:
+    meta: dict[str, Any] = {"name": naming.config_map_name("job"), "namespace": "team"}
+    if owner:
+        meta["ownerReferences"] = [owner]
+    kube.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"trainer.json": "{}"}})
+    with pytest.raises(Refused, match="belongs to FineTuneJob 'other'" if owner else "no FineTuneJob controls it"):
+        rec.reconcile(created(kube, job()))
+    st = status(kube)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert (st["phase"], failed["status"], failed["reason"]) == ("Failed", "True", reason)
+    assert "ConfigMap team/job-trainer-config" in failed["message"]
+    assert not any(c["type"] == "Validated" and c["status"] == "False" for c in st["conditions"])
+    assert kube.count("create", "RayJob") == 0
+    assert reason in events.reasons
+
+
+def test_resync_checks_every_child_and_recreates_what_is_gone(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    kube.objects.pop(("ConfigMap", "team", naming.config_map_name("job")))
+    kube.calls.clear()
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert kube.get("ConfigMap", "team", naming.config_map_name("job")) is not None
+    assert sorted(k for v, k, _ in kube.calls if v == "read") == sorted(["FineTuneJob", *KINDS_IN_ORDER][1:])
+    assert kube.count("create") == 1
+
+
+def test_a_healthy_resync_costs_reads_only(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    kube.calls.clear()
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert {verb for verb, _, _ in kube.calls} == {"read"}
+    assert len(kube.calls) == len(KINDS_IN_ORDER)
+
+
+def test_a_running_job_is_not_judged_again_under_stricter_settings(kube: FakeKube) -> None:
+    """Issue 9, item 4: a restart with a lower maxWorkers must not fail a job that is already running."""
+    Reconciler(kube, SETTINGS, clock=lambda: NOW).reconcile(created(kube, job(resources={"workers": 4})))
+    stricter = Reconciler(kube, OperatorSettings(metrics_port=0, max_workers=2), clock=lambda: NOW)
+    stricter.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]  # on.resume after the restart
+    stricter.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert status(kube)["phase"] == "Provisioning"
+    with pytest.raises(Refused):  # a new job is judged by the new limits
+        stricter.reconcile(created(kube, job(name="new", uid="uid-2", resources={"workers": 4})))
+
+
+# -------------------------------------------------------------------------------------- API faults
+def _failure(status_code: int, kind: str, detail: str, verb: str = "create") -> ApiFailure:
+    return ApiFailure(f"{verb} {kind} team/x", status_code, detail, kind=kind, verb=verb)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "detail", "phase", "reason", "refused"),
+    [
+        (
+            404,
+            "RayJob",
+            "HTTP 404 Not Found: the server could not find the requested resource",
+            "Pending",
+            "KubeRayNotInstalled",
+            False,
+        ),
+        (
+            403,
+            "Role",
+            'HTTP 403 Forbidden: roles.rbac.authorization.k8s.io is forbidden: User "x" cannot create',
+            "Pending",
+            "Forbidden",
+            False,
+        ),
+        (
+            403,
+            "RayJob",
+            'HTTP 403 Forbidden: admission webhook "validate.kyverno.svc" denied the request: no GPUs',
+            "Pending",
+            "RejectedByPolicy",
+            False,
+        ),
+        (422, "RayJob", "HTTP 422 Unprocessable Entity: spec.rayClusterSpec: Invalid value", "Failed", "RejectedByAPI", True),
+        (400, "ConfigMap", "HTTP 400 Bad Request: bad body", "Failed", "RejectedByAPI", True),
+        (500, "RayJob", "HTTP 500 Internal Server Error", None, None, False),
+        (429, "RayJob", "HTTP 429 Too Many Requests", None, None, False),
+    ],
+)
+def test_api_faults_on_create_say_what_is_wrong(
+    kube: FakeKube, rec: Reconciler, code: int, kind: str, detail: str, phase: str | None, reason: str | None, refused: bool
+) -> None:
+    kube.faults[("create", kind)] = _failure(code, kind, detail)
+    with pytest.raises(Refused if refused else ApiFailure):
+        rec.reconcile(created(kube, job()))
+    st = status(kube)
+    assert st.get("phase") == phase
+    if reason is not None:
+        condition = next(c for c in st["conditions"] if c["reason"] == reason)
+        assert condition["type"] == ("Failed" if refused else "ClusterReady")
+        assert detail.split(": ", 1)[-1][:20] in condition["message"]
+    del kube.faults[("create", kind)]
+    if not refused:  # the cause is fixed: the next retry goes on by itself
+        rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+        assert status(kube)["phase"] == "Provisioning"
+        ready = next(c for c in status(kube)["conditions"] if c["type"] == "ClusterReady")
+        assert ready["reason"] != reason
+
+
+@pytest.mark.parametrize(
+    ("attempt", "failure", "expected"),
+    [
+        (0, Retry("x", 5.0), 5.0),
+        (3, Retry("x", 5.0), 40.0),
+        (20, Retry("x", 5.0), RETRY_CAP_SECONDS),
+        (0, _failure(500, "RayJob", "boom"), 10.0),
+        (2, _failure(500, "RayJob", "boom"), 40.0),
+        (0, _failure(403, "Role", "forbidden"), 30.0),
+        (1, _failure(404, "RayJob", "not found"), 60.0),
+        (50, _failure(403, "Role", "forbidden"), RETRY_CAP_SECONDS),
+    ],
+)
+def test_retry_delays_grow_to_a_cap(attempt: int, failure: BaseException, expected: float) -> None:
+    assert retry_delay(attempt, failure) == expected
+
+
+def test_retry_after_from_a_429_is_honoured() -> None:
+    throttled = ApiFailure("create RayJob team/x", 429, "HTTP 429", kind="RayJob", verb="create", retry_after=120.0)
+    assert retry_delay(0, throttled) == 120.0
+    assert retry_delay(5, throttled) == 320.0  # our own backoff, when longer, still wins
+    assert retry_delay(0, ApiFailure("x y z", 429, "HTTP 429", retry_after=1e9)) == RETRY_CAP_SECONDS
+
+
+def test_a_stale_decision_never_overwrites_a_newer_status(kube: FakeKube, rec: Reconciler) -> None:
+    """Two writers race: one saw Running, the job has meanwhile Succeeded; the stale one must not win."""
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    stale_parent = ParentJob.of(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    running = kube.patch_status("RayJob", "team", name, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    rec.rayjob_changed(
+        "MODIFIED", kube.patch_status("RayJob", "team", name, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+    )
+    assert status(kube)["phase"] == "Succeeded"
+    rec.mirror(stale_parent, running)  # decided on a read from before the success
+    assert status(kube)["phase"] == "Succeeded"
+    assert kube.count("patch_status", "FineTuneJob") >= 3  # the stale write was tried, refused (409) and re-decided
+
+
+def test_the_run_directory_is_unique_per_namespace(kube: FakeKube) -> None:
+    """Two tenants, one bucket, one job name: different run directories, so neither resumes the other."""
+    roots = []
+    for namespace in ("team-a", "team-b"):
+        body = job()
+        body["metadata"]["namespace"] = namespace
+        children = build_children(admit(body, SETTINGS), SETTINGS)
+        config = json.loads(children.config_map["data"]["trainer.json"])
+        roots.append(f"{config['outputRoot']}/{config['jobName']}")
+    assert roots == ["s3://b/runs/team-a/job", "s3://b/runs/team-b/job"]

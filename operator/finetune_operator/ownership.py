@@ -1,0 +1,111 @@
+"""Who a FineTuneJob is and what it owns: the typed view of a job body and the ownership rule for its children.
+
+Pure (plain dicts in, typed answers out); ``reconcile`` applies these rules, the unit tests table them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator.admission import AdmittedJob
+from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
+from finetune_operator.api.versions import GROUP, KIND
+from finetune_operator.failures import Conflict, Retry
+
+OWNED_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ParentJob:
+    """The view of a FineTuneJob body that the rules read (the body itself is kept for Events)."""
+
+    body: dict[str, Any]
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ParentJob:
+        return cls({key: body[key] for key in body})  # a Kopf body view → the plain dict it wraps
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = self.body["metadata"]
+        return meta
+
+    @property
+    def namespace(self) -> str:
+        return str(self.meta["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["name"])
+
+    @property
+    def uid(self) -> str | None:
+        return self.meta.get("uid")
+
+    @property
+    def generation(self) -> int | None:
+        return self.meta.get("generation")
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.meta.get("deletionTimestamp"))
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.body.get("status") or {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    @property
+    def rayjob_name(self) -> str | None:
+        """The RayJob recorded in status: set once the children exist."""
+        return self.status.get("rayJobName")
+
+    @property
+    def validated(self) -> bool:
+        """Admitted before (``Validated=True``): a job the operator accepted is never judged again."""
+        return any(c.get("type") == "Validated" and c.get("status") == "True" for c in self.status.get("conditions") or [])
+
+    @property
+    def suspend(self) -> bool:
+        return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
+
+def controller_of(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The FineTuneJob owner reference marked ``controller`` on ``obj``, if any."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+            return dict(ref)
+    return None
+
+
+def check_owner(existing: Mapping[str, Any], admitted: AdmittedJob) -> None:
+    """An existing child is ours only when this job's uid controls it; what else it can be decides what to do.
+
+    A 409 means "read it back and check", never "done": an earlier job of the same name (deleted, its
+    children waiting for the garbage collector) → ``Retry``; another job whose name maps to the same
+    child name → ``Conflict(NameCollision)``; an object no FineTuneJob controls → ``Conflict(ChildConflict)``.
+    """
+    meta = existing["metadata"]
+    owner = controller_of(existing)
+    if owner is not None and owner.get("uid") == admitted.metadata.uid:
+        return
+    what = f"{existing.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+    if owner is not None and owner.get("name") == admitted.metadata.name:
+        raise Retry(
+            f"{what} still belongs to a deleted {KIND} of the same name; waiting for the garbage collector", OWNED_RETRY_SECONDS
+        )
+    if owner is not None:
+        raise Conflict(
+            "NameCollision",
+            f"{what} belongs to {KIND} {owner.get('name')!r}: both job names map to this child's name; rename this job",
+        )
+    raise Conflict("ChildConflict", f"{what} exists and no {KIND} controls it; delete it or rename this job")
