@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, cast
@@ -30,7 +31,6 @@ from typing import Any, Final, cast
 import kopf
 
 from finetune_operator import metrics, naming
-from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import GROUP, PLURAL, RAYJOB_GROUP, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
@@ -75,11 +75,6 @@ def _kopf_outcomes(retry: int) -> Iterator[None]:
         raise kopf.TemporaryError(str(exc), delay=retry_delay(retry, exc)) from exc
 
 
-def _unfinished(status: kopf.Status, **_: Any) -> bool:
-    """Timers stop once a job is Succeeded or Failed: nothing about it changes any more."""
-    return status.get("phase") not in TERMINAL_PHASES
-
-
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Kopf's settings and our reconciler, from the memo (tests, scripts) or the environment and kubeconfig."""
@@ -117,9 +112,15 @@ def jobs_probe(**_: Any) -> int:
 
 @kopf.on.resume(*FTJ)
 @kopf.on.create(*FTJ)
+@kopf.on.update(*FTJ)
 @metrics.instrumented("reconcile")
 def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    """Admit, create the children if missing, report Provisioning (or converge after a restart)."""
+    """Admit, create the children if missing, report Provisioning (or converge after a restart).
+
+    Also on update (only ``runPolicy.suspend`` may change, the CEL rules hold the rest): Kopf decides
+    "created" or "updated" from its diff-base annotation, which a delete + re-create under one name can
+    leave behind from the old job, and an unfinished creation must not be dropped for that.
+    """
     with _kopf_outcomes(retry):
         _reconciler(memo).reconcile(body)
 
@@ -132,12 +133,30 @@ def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, retry: int, **_:
         _reconciler(memo).suspend_changed(body, bool(new))
 
 
-@kopf.timer(*FTJ, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=_unfinished)
-@metrics.instrumented("resync")
-def resync(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
-    """Safety net for lost watch events: check every child, mirror the RayJob again."""
-    with _kopf_outcomes(retry):
-        _reconciler(memo).resync(body)
+@kopf.on.startup()
+def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    """The safety net for lost watch events: every ``RESYNC_SECONDS`` each live job's children are checked and
+    its RayJob mirrored again (``Reconciler.resync_all``). A thread of our own, not a Kopf timer: Kopf puts a
+    finalizer on every object with a timer, and deleting a job must never wait for the operator."""
+    reconciler, stop = _reconciler(memo), threading.Event()
+    resync = metrics.instrumented("resync")(reconciler.resync_all)
+
+    def loop() -> None:
+        while not stop.wait(RESYNC_SECONDS):
+            try:
+                resync(reconciler.settings.namespaces)
+            except Exception:  # a LIST that failed: log it, try again next round
+                log.exception("resync round failed")
+
+    memo["resync_stop"] = stop
+    threading.Thread(target=loop, name="finetune-resync", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    stop = memo.get("resync_stop")
+    if isinstance(stop, threading.Event):
+        stop.set()
 
 
 @kopf.on.event(*FTJ)
@@ -162,7 +181,7 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
     try:
         _reconciler(memo).rayjob_changed(type, rayjob)
     except (ApiFailure, Retry) as exc:
-        # Kopf does not retry event handlers; the resync timer will.
+        # Kopf does not retry event handlers; the resync round will.
         logger.warning("could not mirror RayJob %s (retried within %ds): %s", rayjob["metadata"].get("name"), RESYNC_SECONDS, exc)
 
 

@@ -100,6 +100,16 @@ class Kube:
                 return None
             raise
 
+    def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every FineTuneJob in ``namespace`` (None: all namespaces), one LIST request."""
+        group, version, plural = _CUSTOM[KIND]
+        if namespace is None:
+            found = self._call(f"list {KIND} (all namespaces)", self.custom.list_cluster_custom_object, group, version, plural)
+        else:
+            fn = self.custom.list_namespaced_custom_object
+            found = self._call(f"list {KIND} {namespace}/*", fn, group, version, namespace, plural)
+        return [dict(item) for item in found.get("items") or []]
+
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         """(object, created?): an existing object of that name (HTTP 409) is read back (if asked), never duplicated."""
         try:

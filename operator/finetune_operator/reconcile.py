@@ -54,6 +54,8 @@ class KubeApi(Protocol):
 
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]: ...
+
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]: ...
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
@@ -97,11 +99,22 @@ class Reconciler:
             self._write_status(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
             self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
             raise Refused(f"{KIND} {parent.namespace}/{parent.name} is invalid: " + "; ".join(exc.lines)) from exc
+        if not self._still_there(parent):
+            return
         rayjob, created = self._ensure(parent, admitted, fresh=not parent.rayjob_name)
         if created:
             self._emit(parent.body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
-        first = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
-        self.mirror(parent, rayjob, first)
+        self.mirror(parent, rayjob, record=True)
+
+    def _still_there(self, parent: ParentJob) -> bool:
+        """Whether the job still exists as this uid and is not being deleted.
+
+        Checked by the create/resume handler before anything else: Kopf can hand it the last body of a job
+        deleted meanwhile (the DELETED event of a job it had not finished with looks like a creation when no
+        finalizer holds the job), and children must never be created for a job that is gone.
+        """
+        current = self.kube.read(KIND, parent.namespace, parent.name)
+        return current is not None and current["metadata"].get("uid") == parent.uid and not ParentJob.of(current).deleting
 
     def suspend_changed(self, body: Mapping[str, Any], wanted: bool) -> None:
         """Suspend or resume the RayJob (idempotent; a missing RayJob is reconcile's or resync's business)."""
@@ -120,9 +133,30 @@ class Reconciler:
     def resync(self, body: Mapping[str, Any]) -> None:
         """Safety net for lost watch events: check every child (recreating what is gone), mirror the RayJob."""
         parent = ParentJob.of(body)
-        if parent.finished or parent.deleting or not parent.rayjob_name:
+        if parent.finished or parent.deleting:
+            return
+        if not parent.rayjob_name:  # never got its children (a handler Kopf dropped, a failure): start it now
+            self.reconcile(body)
             return
         self.converge(parent)
+
+    def resync_all(self, namespaces: tuple[str, ...] = ()) -> int:
+        """``resync`` every job in ``namespaces`` (empty: all), one LIST each; the jobs it could not resync.
+
+        The operator's safety net, run every minute by a thread of its own rather than a Kopf timer: Kopf puts
+        a finalizer on every object that has a timer, and deleting a job must never wait for the operator.
+        One job's failure is logged and never stops the others.
+        """
+        failed = 0
+        for namespace in namespaces or (None,):
+            for body in self.kube.list_jobs(namespace):
+                try:
+                    self.resync(body)
+                except (ApiFailure, Retry, Refused) as exc:
+                    failed += 1
+                    meta = body.get("metadata") or {}
+                    log.warning("resync of %s %s/%s failed: %s", KIND, meta.get("namespace"), meta.get("name"), exc)
+        return failed
 
     # ---------------------------------------------------------------------------- RayJob events
     def rayjob_changed(self, event_type: str | None, rayjob: Mapping[str, Any]) -> None:
@@ -142,17 +176,17 @@ class Reconciler:
         parent = ParentJob.of(body)
         if parent.uid != owner.get("uid") or parent.deleting:
             return  # the job is gone or going: its children go too
-        if not parent.rayjob_name:
-            # The create handler is still on it and mirrors the RayJob itself when done; writing
-            # Provisioning from here too would race it and announce the same transition twice.
-            return
-        if meta.get("name") != parent.rayjob_name or (meta.get("labels") or {}).get(naming.LABEL_JOB_UID) != parent.uid:
+        expected = parent.rayjob_name or naming.rayjob_name(parent.name)
+        if meta.get("name") != expected or (meta.get("labels") or {}).get(naming.LABEL_JOB_UID) != parent.uid:
             log.warning("ignoring RayJob %s/%s: not the RayJob of %s %s", meta["namespace"], meta.get("name"), KIND, parent.name)
             return
         if event_type == "DELETED":
             self.converge(parent)
-        else:
-            self.mirror(parent, rayjob)
+            return
+        # Before the create handler has recorded the RayJob, its first status may already be here: mirror
+        # it now with the name, or it is lost until the next resync. The status precondition settles the
+        # race with the handler's own write (the loser re-reads and announces nothing twice).
+        self.mirror(parent, rayjob, record=True)
 
     # ------------------------------------------------------------------------------------ rules
     def converge(self, parent: ParentJob) -> None:
@@ -233,14 +267,17 @@ class Reconciler:
         self._emit(parent.body, "Warning", reason, message)
         raise Refused(f"{KIND} {parent.namespace}/{parent.name}: {message}")
 
-    def mirror(self, parent: ParentJob, rayjob: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
-        """Write ``first`` plus whatever the RayJob's status changes, in one status patch.
+    def mirror(self, parent: ParentJob, rayjob: Mapping[str, Any], *, record: bool = False) -> None:
+        """Bring the job's status in line with the RayJob's, in one status patch; ``record``: also record the
+        RayJob's name (and Provisioning, Validated) when the job has no ``rayJobName`` yet.
 
         The patch carries the job's resourceVersion as a precondition; on 409 the job is read again and the
-        decision taken anew once, so that two writers racing (an event and the timer) never undo each other.
+        decision taken anew once, so that two writers racing (an event and a handler) never undo each other.
         """
         for attempt in range(2):
-            patch = dict(first or {})
+            patch: dict[str, Any] = {}
+            if record and not parent.rayjob_name:
+                patch = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
             mirrored = map_status(
                 rayjob.get("status"),
                 {**parent.status, **patch},

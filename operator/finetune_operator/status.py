@@ -267,6 +267,8 @@ def failed_status(
     conditions: list[dict[str, Any]] = [dict(c) for c in (current or {}).get("conditions") or []]
     if invalid:
         conditions = set_condition(conditions, "Validated", False, reason, message, stamp, generation)
+    else:
+        conditions = set_condition(conditions, "Validated", True, "SpecValid", "the spec is valid", stamp, generation)
     conditions = set_condition(conditions, "Failed", True, reason, message, stamp, generation)
     return {
         "phase": Phase.FAILED.value,

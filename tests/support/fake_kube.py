@@ -66,6 +66,11 @@ class FakeKube:
         found = self.objects.get((kind, namespace, name))
         return copy.deepcopy(found) if found is not None else None
 
+    def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        self._call("list", "FineTuneJob", namespace or "*")
+        found = [o for (kind, ns, _), o in self.objects.items() if kind == "FineTuneJob" and namespace in (None, ns)]
+        return copy.deepcopy(found)
+
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         meta = obj["metadata"]
         self._call("create", obj["kind"], meta["name"])

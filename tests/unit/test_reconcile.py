@@ -226,11 +226,19 @@ def test_events_of_a_rayjob_whose_owner_is_gone_or_another_uid_are_ignored(kube:
     assert status(kube) == before
 
 
-def test_a_rayjob_event_before_the_create_handler_finished_writes_nothing(kube: FakeKube, rec: Reconciler) -> None:
+def test_a_rayjob_status_that_beats_the_create_handler_is_not_lost(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """KubeRay reports Running before the handler recorded the RayJob: mirrored at once, announced once."""
     body = created(kube, job())
-    Reconciler(kube, SETTINGS, clock=lambda: NOW).ensure_children(admit(body, SETTINGS))
-    rec.rayjob_changed("ADDED", rayjob_of(kube))
-    assert status(kube) == {}
+    handler = Reconciler(kube, SETTINGS, emit=events, clock=lambda: NOW)
+    handler.ensure_children(admit(body, SETTINGS))  # the handler has created the children, not yet written status
+    running = kube.patch_status(
+        "RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    )
+    rec.rayjob_changed("MODIFIED", running)
+    assert (status(kube)["phase"], status(kube)["rayJobName"]) == ("Running", naming.rayjob_name("job"))
+    handler.mirror(ParentJob.of(body), running, record=True)  # the handler's own write, on its stale body: 409, re-read
+    assert status(kube)["phase"] == "Running"
+    assert events.reasons.count("PhaseRunning") == 1
 
 
 # ------------------------------------------------------------------------------- recreate / resync
@@ -341,7 +349,7 @@ def test_a_child_name_taken_by_something_else_fails_the_job_with_the_reason(
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert (st["phase"], failed["status"], failed["reason"]) == ("Failed", "True", reason)
     assert "ConfigMap team/job-trainer-config" in failed["message"]
-    assert not any(c["type"] == "Validated" and c["status"] == "False" for c in st["conditions"])
+    assert next(c for c in st["conditions"] if c["type"] == "Validated")["status"] == "True"  # the spec is fine
     assert kube.count("create", "RayJob") == 0
     assert reason in events.reasons
 
@@ -482,3 +490,25 @@ def test_the_run_directory_is_unique_per_namespace(kube: FakeKube) -> None:
         config = json.loads(children.config_map["data"]["trainer.json"])
         roots.append(f"{config['outputRoot']}/{config['jobName']}")
     assert roots == ["s3://b/runs/team-a/job", "s3://b/runs/team-b/job"]
+
+
+@pytest.mark.parametrize("what", ["deleted", "replaced", "deleting"])
+def test_no_children_for_a_job_that_is_gone(kube: FakeKube, rec: Reconciler, what: str) -> None:
+    """Kopf can call the create handler with the last body of a job deleted meanwhile: create nothing."""
+    body = created(kube, job())
+    if what == "deleted":
+        kube.objects.pop(("FineTuneJob", "team", "job"))
+    elif what == "replaced":
+        kube.put(job(uid="another-uid"))
+    else:
+        kube.objects[("FineTuneJob", "team", "job")]["metadata"]["deletionTimestamp"] = "2026-11-30T12:00:00Z"
+    rec.reconcile(body)
+    assert kube.count("create") == 0 and kube.count("patch_status") == 0
+
+
+def test_resync_starts_a_job_that_never_got_its_children(kube: FakeKube, rec: Reconciler) -> None:
+    """The safety net covers a creation Kopf dropped (or one that failed): the resync round starts it."""
+    created(kube, job())
+    assert rec.resync_all() == 0
+    assert status(kube)["phase"] == "Provisioning"
+    assert kube.count("create", "RayJob") == 1
