@@ -316,6 +316,31 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
     ("deadline-zero", {"spec.runPolicy.activeDeadlineSeconds": 0}, "spec.runPolicy.activeDeadlineSeconds", ["0"]),
     ("suspend-string", {"spec.runPolicy.suspend": "maybe"}, "spec.runPolicy.suspend", ["'maybe'", "boolean"]),
     ("spec-typo", {"spec.hyperparams": {"epochs": 3}}, "spec.hyperparams", ["unknown field", "did you mean 'hyperparameters'"]),
+    # snake_case keys: Python would take them by name, but the CRD declares only camelCase and the API server prunes them.
+    (
+        "snake-case-field",
+        {"spec.hyperparameters.learning_rate": 0.05},
+        "spec.hyperparameters.learning_rate",
+        ["unknown field 'learning_rate'", "write it as 'learningRate'"],
+    ),
+    (
+        "snake-case-resources",
+        {"spec.resources.gpus_per_worker": 1},
+        "spec.resources.gpus_per_worker",
+        ["'gpus_per_worker'", "write it as 'gpusPerWorker'"],
+    ),
+    (
+        "snake-case-section",
+        {"spec.run_policy": {"suspend": True}},
+        "spec.run_policy",
+        ["'run_policy'", "write it as 'runPolicy'"],
+    ),
+    (
+        "snake-case-nested",
+        {"spec.runtime.envFrom": [{"secret_ref": {"name": "s3"}}]},
+        "spec.runtime.envFrom[0].secret_ref",
+        ["'secret_ref'", "write it as 'secretRef'"],
+    ),
     ("spec-not-object", {"spec": "train please"}, "spec", ["'train please'"]),
     ("metadata-bad-name", {"metadata.name": "My_Job"}, "metadata.name", ["'My_Job'", "DNS-1123"]),
     ("kind-wrong", {"kind": "TrainingJob"}, "kind", ["'TrainingJob'", "'FineTuneJob'"]),

@@ -62,12 +62,19 @@ def _unwrap(annotation: Any) -> Any:
     return None
 
 
+def _wire_name(model: type[BaseModel], name: str) -> str | None:
+    """The camelCase alias of a field written by its Python name (``learning_rate`` → ``learningRate``)."""
+    field = model.model_fields.get(name)
+    return field.alias if field is not None and field.alias not in (None, name) else None
+
+
 def _accepted_fields(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _message(root: type[BaseModel], error: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(error["loc"])
+def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> str:
+    within: tuple[int | str, ...] = tuple(error["loc"])  # relative to root: what _model_at walks
+    loc = (*prefix, *within)
     kind: str = error["type"]
     ctx: dict[str, Any] = error.get("ctx") or {}
     value = error.get("input", _MISSING)
@@ -76,11 +83,15 @@ def _message(root: type[BaseModel], error: Any) -> str:
         return f"{_path(loc, ctx.get('field'))}: {ctx['detail']}"
     path = _path(loc)
     if kind == "extra_forbidden":
-        parent = _model_at(root, loc[:-1])
-        name = str(loc[-1])
+        parent = _model_at(root, within[:-1])
+        name = str(within[-1])
         if parent is None:
             return f"{path}: unknown field"
         accepted = _accepted_fields(parent)
+        wire = _wire_name(parent, name)
+        if wire is not None:
+            # populate-by-name would take it in Python, but the CRD declares only the camelCase key: the API server prunes it.
+            return f"{path}: unknown field {name!r}; write it as {wire!r} (manifests use the camelCase field names)"
         hint = suggest(name, accepted, n=1)
         did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
         return f"{path}: unknown field {name!r}; {did_you_mean}accepted fields: {', '.join(accepted)}"
@@ -108,8 +119,7 @@ def format_errors(error: ValidationError, root: type[BaseModel], prefix: Sequenc
     """One actionable line per error, each starting with the field path."""
     lines: list[str] = []
     for raw in error.errors(include_url=False):
-        item: dict[str, Any] = {**raw, "loc": (*prefix, *raw["loc"])}
-        message = _message(root, item)
+        message = _message(root, raw, prefix)
         if message not in lines:
             lines.append(message)
     return lines
