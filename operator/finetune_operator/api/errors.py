@@ -18,18 +18,49 @@ from finetune_operator.api.fields import PATTERN_MEANINGS, quote
 _MISSING = object()
 
 
-def _path(loc: Sequence[int | str], extra: str | None = None) -> str:
+def _path(loc: Sequence[int | str], extra: str | None = None, map_keys: frozenset[int] = frozenset()) -> str:
     parts: list[str] = []
-    for item in loc:
+    for position, item in enumerate(loc):
         if isinstance(item, int) and parts:
             parts[-1] = f"{parts[-1]}[{item}]"
         elif isinstance(item, int):
             parts.append(f"[{item}]")
+        elif position in map_keys and parts:
+            # A map key such as nvidia.com/gpu.product: its dots must not read as nesting.
+            parts[-1] = f"{parts[-1]}[{quote(item, 64)}]"
         else:
             parts.append(item)
     if extra:
         parts.extend(extra.split("."))
     return ".".join(parts) or "(document)"
+
+
+def _field(model: type[BaseModel], item: str) -> Any:
+    return next((f for name, f in model.model_fields.items() if item in (name, f.alias)), None)
+
+
+def _is_map(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(_is_map(arg) for arg in get_args(annotation))
+
+
+def _map_keys(root: type[BaseModel], loc: Sequence[int | str], offset: int) -> frozenset[int]:
+    """Positions in ``loc`` (shifted by ``offset``) that are keys of a map field, such as nodeSelector's."""
+    keys: set[int] = set()
+    current: Any = root
+    key_next = False
+    for position, item in enumerate(loc):
+        if isinstance(item, int):
+            continue
+        if key_next:
+            keys.add(position + offset)
+            key_next = False
+            continue
+        field = _field(current, item) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            break
+        key_next = _is_map(field.annotation)
+        current = _unwrap(field.annotation)
+    return frozenset(keys)
 
 
 def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
@@ -40,10 +71,7 @@ def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
-        field = next(
-            (f for name, f in current.model_fields.items() if item in (name, f.alias)),
-            None,
-        )
+        field = _field(current, item)
         if field is None:
             return None
         current = _unwrap(field.annotation)
@@ -79,9 +107,13 @@ def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> s
     ctx: dict[str, Any] = error.get("ctx") or {}
     value = error.get("input", _MISSING)
 
+    subject = ""
+    if loc and loc[-1] == "[key]":  # pydantic's marker for a bad map key: report it on the map, naming the key
+        loc, within, subject = loc[:-2], within[:-2], "key "
+    map_keys = _map_keys(root, within, len(prefix))
     if kind == "finetune":
-        return f"{_path(loc, ctx.get('field'))}: {ctx['detail']}"
-    path = _path(loc)
+        return f"{_path(loc, ctx.get('field'), map_keys)}: {subject}{ctx['detail']}"
+    path = _path(loc, map_keys=map_keys)
     if kind == "extra_forbidden":
         parent = _model_at(root, within[:-1])
         name = str(within[-1])
@@ -101,15 +133,14 @@ def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> s
         return f"{path}: {quote(value)} is not accepted; expected one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
         pattern = str(ctx.get("pattern"))
-        return (
-            f"{path}: {quote(value)} has the wrong form; expected {PATTERN_MEANINGS.get(pattern, 'a value matching ' + pattern)}"
-        )
+        meaning = PATTERN_MEANINGS.get(pattern, "a value matching " + pattern)
+        return f"{path}: {subject}{quote(value)} has the wrong form; expected {meaning}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{path}: expected an object (key: value mapping), got {quote(value)}"
     if kind == "list_type":
         return f"{path}: expected a list, got {quote(value)}"
     # Bounds, types and lengths: pydantic's own text ("Input should be greater than 0") is precise.
-    shown = "" if value is _MISSING else f"{quote(value)}: "
+    shown = "" if value is _MISSING else f"{subject}{quote(value)}: "
     text = str(error["msg"])
     text = text[0].lower() + text[1:] if text else text
     return f"{path}: {shown}{text.replace('input should', 'should')}"

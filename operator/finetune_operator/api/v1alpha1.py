@@ -10,25 +10,40 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import (
+    C_IDENTIFIER,
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
     ENV_NAME,
+    EXTENDED_RESOURCE,
+    IMAGE_REFERENCE,
+    LABEL_VALUE,
+    QUALIFIED_NAME,
     QUANTITY,
     RAY_VERSION,
-    RESOURCE_NAME,
+    Problems,
+    check_extended_resource,
+    check_qualified_name,
     check_uri,
     fail,
     looks_like_secret,
     quote,
+    uri_scheme,
 )
 from finetune_operator.api.versions import KIND
 
+INT32_MAX: Final = 2**31 - 1
+"""KubeRay's and Kubernetes' int32 fields (activeDeadlineSeconds) overflow above this."""
+INT64_MAX: Final = 2**63 - 1
+
 ShortStr = Annotated[str, Field(max_length=253)]
+# Label keys and values, as Kubernetes checks them (the prefix length is checked in code: a pattern cannot count it).
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME), AfterValidator(check_qualified_name)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
@@ -154,7 +169,8 @@ class DatasetSpec(WireModel):
     """DataLoader worker processes per training worker."""
 
     cache_dir: UriStr | None = None
-    """Node-local directory for downloaded datasets and cached features; a temporary directory by default."""
+    """Node-local directory for downloaded datasets and cached features (a path, file:// or pvc://CLAIM/PATH); a temporary
+    directory by default."""
 
     fake: FakeDataSpec | None = None
     """Options of the `fake` format."""
@@ -163,6 +179,15 @@ class DatasetSpec(WireModel):
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if uri_scheme(check_uri(value)) in ("s3", "gs"):
+            fail(None, f"{quote(value)}: the cache is a directory on the node; give a path, file:///PATH or pvc://CLAIM/PATH")
+        return value
 
     @field_validator("classes")
     @classmethod
@@ -305,20 +330,39 @@ class HyperparametersSpec(WireModel):
 class Toleration(WireModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: ShortStr | None = None
-    """Taint key; empty with operator Exists tolerates everything."""
+    key: LabelKey | None = None
+    """Taint key, a label key such as `nvidia.com/gpu`; absent with operator `Exists` tolerates every taint."""
 
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Equal` matches key and value; `Exists` matches the key alone."""
 
-    value: ShortStr | None = None
-    """Taint value (with `Equal`)."""
+    value: LabelValue | None = None
+    """Taint value (with `Equal`), a label value."""
 
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to tolerate; all effects when empty."""
 
-    toleration_seconds: Annotated[int | None, Field(ge=0)] = None
-    """How long a `NoExecute` taint is tolerated."""
+    toleration_seconds: Annotated[int | None, Field(ge=0, le=INT64_MAX)] = None
+    """How long a `NoExecute` taint is tolerated (effect `NoExecute` only)."""
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks(self) -> Toleration:
+        problems = Problems()
+        if self.key is None and self.operator != "Exists":
+            default = "" if "operator" in self.model_fields_set else " (the default)"
+            problems.add(
+                "operator", f"{self.operator!r}{default} needs a key; without a key use operator 'Exists' (tolerates every taint)"
+            )
+        if self.operator == "Exists" and self.value:
+            problems.add("value", f"{quote(self.value)}: operator 'Exists' matches the key alone; remove the value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            problems.add(
+                "tolerationSeconds",
+                f"{self.toleration_seconds}: applies to effect 'NoExecute' only (effect is {quote(self.effect)}); "
+                "set effect: NoExecute or remove tolerationSeconds",
+            )
+        problems.raise_any(self)
+        return self
 
 
 class ResourcesSpec(WireModel):
@@ -336,11 +380,18 @@ class ResourcesSpec(WireModel):
     memory_per_worker: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = "4Gi"
     """Memory per worker as a Kubernetes quantity (e.g. 16Gi)."""
 
-    accelerator: Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME)] = "nvidia.com/gpu"
-    """Extended resource name of the accelerator requested with `gpusPerWorker`."""
+    accelerator: Annotated[str, Field(max_length=317, pattern=EXTENDED_RESOURCE)] = "nvidia.com/gpu"
+    """Extended resource name of the accelerator requested with `gpusPerWorker`: a device plugin's domain-qualified name such
+    as `nvidia.com/gpu` or `amd.com/gpu` (never cpu, memory or another standard resource)."""
 
-    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)] = Field(default_factory=dict)
-    """Node labels the worker pods must match, e.g. {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}."""
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] = Field(default_factory=dict)
+    """Node labels the worker pods must match (Kubernetes label keys and values), e.g.
+    {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}."""
+
+    @field_validator("accelerator")
+    @classmethod
+    def _extended(cls, value: str) -> str:
+        return check_extended_resource(value)
 
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Taints the worker pods tolerate (GPU nodes are usually tainted)."""
@@ -380,7 +431,7 @@ class EnvVar(WireModel):
     """A literal environment variable. Credentials go through `envFrom` secret references, never here."""
 
     name: Annotated[str, Field(min_length=1, max_length=253, pattern=ENV_NAME)]
-    """Variable name."""
+    """Variable name, as Kubernetes accepts it: letters, digits, `_`, `-` and `.`, not starting with a digit or `..`."""
 
     value: Annotated[str, Field(max_length=32_768)] = ""
     """Literal value."""
@@ -412,8 +463,8 @@ class EnvFromSource(WireModel):
     config_map_ref: LocalObjectReference | None = None
     """A ConfigMap whose keys become environment variables."""
 
-    prefix: Annotated[str | None, Field(max_length=253)] = None
-    """Prefix added to every variable name."""
+    prefix: Annotated[str | None, Field(max_length=253, pattern=C_IDENTIFIER)] = None
+    """Prefix added to every variable name: a C identifier such as `S3_`."""
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvFromSource:
@@ -425,8 +476,9 @@ class EnvFromSource(WireModel):
 class RuntimeSpec(WireModel):
     """The trainer's container and scheduling."""
 
-    image: Annotated[str | None, Field(max_length=512)] = None
-    """Trainer image (with torch, torchvision, Ray and this trainer); the operator's default when absent."""
+    image: Annotated[str | None, Field(min_length=1, max_length=512, pattern=IMAGE_REFERENCE)] = None
+    """Trainer image reference such as `ghcr.io/acme/trainer:1.2` (with torch, torchvision, Ray and this trainer); the operator's
+    default when absent."""
 
     ray_version: Annotated[str | None, Field(max_length=32, pattern=RAY_VERSION)] = None
     """Ray version in the image (KubeRay's `rayVersion`); the operator's default when absent."""
@@ -467,8 +519,8 @@ class RunPolicySpec(WireModel):
     max_worker_failures: Annotated[int, Field(ge=0, le=1000)] = 0
     """Worker failures Ray Train absorbs within one run by restarting from the last checkpoint."""
 
-    active_deadline_seconds: Annotated[int | None, Field(ge=1)] = None
-    """Wall-clock limit of the job, after which it fails."""
+    active_deadline_seconds: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    """Wall-clock limit of the job in seconds, after which it fails (KubeRay's int32: at most 2147483647)."""
 
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
     """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay)."""
@@ -709,8 +761,8 @@ class ObjectMeta(WireModel):
 
     uid: str | None = None
     generation: int | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
 
 
 class FineTuneJob(WireModel):
