@@ -118,6 +118,25 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "spec.dataset.imageSize",
         ["32", "75"],
     ),
+    # The size follows the chosen weights, not the model's first weights.
+    (
+        "image-size-vit-swag-e2e",
+        {"spec.model.name": "vit_b_16", "spec.model.weights": "IMAGENET1K_SWAG_E2E_V1", "spec.dataset.imageSize": 224},
+        "spec.dataset.imageSize",
+        ["224", "IMAGENET1K_SWAG_E2E_V1", "set imageSize: 384"],
+    ),
+    (
+        "image-size-vit-default-weights",
+        {"spec.model.name": "vit_h_14", "spec.model.weights": "DEFAULT", "spec.dataset.imageSize": 224},
+        "spec.dataset.imageSize",
+        ["224", "IMAGENET1K_SWAG_E2E_V1", "set imageSize: 518"],
+    ),
+    (
+        "image-size-vit-no-weights",
+        {"spec.model.name": "vit_h_14", "spec.dataset.imageSize": 518},
+        "spec.dataset.imageSize",
+        ["518", "without torchvision weights", "set imageSize: 224"],
+    ),
     (
         "augmentation-unknown",
         {"spec.dataset.augmentation": "heavy"},

@@ -159,7 +159,8 @@ class DatasetSpec(WireModel):
     """Cap on training images per class (few-shot transfer); the held-out validation set is not capped."""
 
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224
-    """Side of the square image the model sees, in pixels."""
+    """Side of the square image the model sees, in pixels. Fixed-input models take exactly their weights' size (`finetune models`,
+    INPUT), e.g. 384 for vit_b_16 with IMAGENET1K_SWAG_E2E_V1 and 224 without torchvision weights."""
 
     augmentation: Literal["none", "light", "standard", "trivialaugment"] = "standard"
     """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random
@@ -577,17 +578,18 @@ class FineTuneJobSpec(WireModel):
             field = "backboneLearningRate" if hp.backbone_learning_rate else "backboneLrMultiplier"
             fail(f"hyperparameters.{field}", "has no effect with method 'linear-probe' (the backbone is frozen); remove it")
         info = catalog.load_catalog().get(self.model.name)
-        if info is not None and info.weights:
-            min_h, min_w = info.weights[0].min_size
-            size = self.dataset.image_size
-            if info.fixed_input_size and size != min_h:
-                fail(
-                    "dataset.imageSize", f"{size}: {self.model.name} only accepts {min_h}×{min_w} images; set imageSize: {min_h}"
-                )
+        if info is not None:
+            # The size follows the weights chosen: torchvision builds vit_b_16 for 384 with IMAGENET1K_SWAG_E2E_V1.
+            weights = info.resolve_weights(self.model.weights) if self.model.weights else None
+            built = f"{self.model.name} with {weights.name}" if weights else f"{self.model.name} without torchvision weights"
+            size, fixed = self.dataset.image_size, info.fixed_size(weights)
+            min_h, min_w = info.min_size(weights)
+            if fixed is not None and size != fixed:
+                fail("dataset.imageSize", f"{size}: {built} takes {fixed}×{fixed} images only; set imageSize: {fixed}")
             if size < min_h or size < min_w:
                 fail(
                     "dataset.imageSize",
-                    f"{size} is below {self.model.name}'s minimum input of {min_h}×{min_w}; use at least {max(min_h, min_w)}",
+                    f"{size} is below the minimum input of {built} ({min_h}×{min_w}); use at least {max(min_h, min_w)}",
                 )
         if self.dataset.format == "digits" and self.model.num_classes is not None:
             n = len(self.dataset.classes) if self.dataset.classes else 10
