@@ -11,26 +11,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from finetune_operator import __version__
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import render_crd_yaml
 from finetune_operator.api.explain import UnknownFieldError, explain
-from finetune_operator.api.validate import iter_documents
-
-
-def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    return Path(path).read_text()
+from finetune_operator.api.validate import iter_documents, read_manifest
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
-            text = _read(path)
+            text = read_manifest(path)
         except OSError as exc:
             print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
             failed += 1
@@ -50,13 +43,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     # Imported here: the other subcommands must not pay for (or need) the operator's modules.
     from finetune_operator.admission import AdmissionError
-    from finetune_operator.api.validate import ManifestError
+    from finetune_operator.api.validate import ManifestError, decode_manifest
     from finetune_operator.render import render_objects, to_json, to_yaml
     from finetune_operator.settings import OperatorSettings, SettingsError
 
     try:
         settings = OperatorSettings.from_env()
-        objects = render_objects(_read(args.job), args.job, settings, namespace=args.namespace)
+        text = decode_manifest(read_manifest(args.job), args.job)
+        objects = render_objects(text, args.job, settings, namespace=args.namespace)
     except OSError as exc:
         print(f"{args.job}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1

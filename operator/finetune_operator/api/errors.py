@@ -29,7 +29,7 @@ def _path(loc: Sequence[int | str], extra: str | None = None, map_keys: frozense
             # A map key such as nvidia.com/gpu.product: its dots must not read as nesting.
             parts[-1] = f"{parts[-1]}[{quote(item, 64)}]"
         else:
-            parts.append(item)
+            parts.append(item if len(item) <= 64 else item[:61] + "...")
     if extra:
         parts.extend(extra.split("."))
     return ".".join(parts) or "(document)"
@@ -116,7 +116,7 @@ def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> s
     path = _path(loc, map_keys=map_keys)
     if kind == "extra_forbidden":
         parent = _model_at(root, within[:-1])
-        name = str(within[-1])
+        name = str(within[-1])[:200]  # a hostile key may be a megabyte long: neither quoted nor matched whole
         if parent is None:
             return f"{path}: unknown field"
         accepted = _accepted_fields(parent)
@@ -126,7 +126,7 @@ def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> s
             return f"{path}: unknown field {name!r}; write it as {wire!r} (manifests use the camelCase field names)"
         hint = suggest(name, accepted, n=1)
         did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-        return f"{path}: unknown field {name!r}; {did_you_mean}accepted fields: {', '.join(accepted)}"
+        return f"{path}: unknown field {quote(name, 64)}; {did_you_mean}accepted fields: {', '.join(accepted)}"
     if kind == "missing":
         return f"{path}: required field is missing"
     if kind == "literal_error":

@@ -8,6 +8,7 @@ report the exact path (``spec.dataset.trainUri``) instead of the enclosing objec
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -115,9 +116,28 @@ class Problems:
 
 
 def quote(value: object, limit: int = 80) -> str:
-    """A value as the user wrote it, shortened: 'resnet5', 7, [1, 2]."""
-    text = repr(value) if isinstance(value, str) else _plain(value)
+    """A value as the user wrote it, shortened: 'resnet5', 7, [1, 2].
+
+    Bounded before it is built: a megabyte string is cut before repr, a deep or long list is drawn a few
+    items and levels deep, and a huge integer is described, never converted (Python refuses 4,300+ digits).
+    """
+    text = repr(value[: limit + 1]) if isinstance(value, str) else _plain(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Shortened(reprlib.Repr):
+    """reprlib's bounded repr, with integers too long to print described instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 4, 6
+        self.maxstring = self.maxother = 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        return _integer(x)
+
+
+_SHORTENED = _Shortened()
 
 
 def _plain(value: object) -> str:
@@ -125,7 +145,11 @@ def _plain(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    return _integer(value) if isinstance(value, int) else _SHORTENED.repr(value)
+
+
+def _integer(value: int) -> str:
+    return repr(value) if value.bit_length() <= 256 else f"<an integer of {value.bit_length()} bits>"
 
 
 def uri_scheme(uri: str) -> str | None:
