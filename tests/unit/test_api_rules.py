@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from finetune_operator.admission import AdmissionError, admit
 from finetune_operator.api import catalog
-from finetune_operator.api.validate import validate_spec
+from finetune_operator.api.validate import validate_document, validate_spec
+from finetune_operator.settings import OperatorSettings
 
 
 def _spec(model: dict[str, Any], image_size: int) -> dict[str, Any]:
@@ -50,3 +52,95 @@ def test_every_fixed_input_weights_accepts_its_own_size_only(name: str, weights:
     assert validate_spec(_spec({"name": name, "weights": weights}, size))[1] == []
     other = 224 if size != 224 else 384
     assert validate_spec(_spec({"name": name, "weights": weights}, other))[1] != []
+
+
+# ------------------------------------------------------------------------------- every mistake, one pass
+def _paths(lines: list[str]) -> list[str]:
+    return sorted(line.split(": ", 1)[0] for line in lines)
+
+
+BASE_SPEC: dict[str, Any] = {
+    "model": {"name": "resnet18"},
+    "dataset": {"format": "digits", "imageSize": 32},
+    "output": {"uri": "runs"},
+}
+
+
+@pytest.mark.parametrize(
+    ("sections", "paths"),
+    [
+        pytest.param(
+            {"dataset": {"format": "fake", "imageSize": 32, "trainUri": "/t", "validationUri": "/v", "classes": [1, 2]}},
+            ["spec.dataset.classes", "spec.dataset.trainUri", "spec.dataset.validationUri"],
+            id="one-section-three-rules",
+        ),
+        pytest.param(
+            {
+                "hyperparameters": {"batchSize": 10, "epochs": 1, "stepSize": 2},
+                "resources": {"workers": 3},
+                "model": {"name": "vit_b_16", "weights": "IMAGENET1K_SWAG_E2E_V1"},
+                "dataset": {"format": "digits", "imageSize": 224},
+            },
+            [
+                "spec.dataset.imageSize",
+                "spec.hyperparameters.batchSize",
+                "spec.hyperparameters.epochs",
+                "spec.hyperparameters.stepSize",
+            ],
+            id="section-rule-and-three-cross-section-rules",
+        ),
+        pytest.param(
+            {"runtime": {"image": "a b"}, "hyperparameters": {"batchSize": 10}, "resources": {"workers": 3}},
+            ["spec.hyperparameters.batchSize", "spec.runtime.image"],
+            id="field-error-elsewhere-does-not-hide-a-cross-section-rule",
+        ),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 10, "warmupEpochs": 20}, "resources": {"workers": 3}},
+            ["spec.hyperparameters.batchSize", "spec.hyperparameters.warmupEpochs"],
+            id="section-rule-failure-does-not-hide-a-cross-section-rule",
+        ),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 10, "learningRate": -1}, "resources": {"workers": 3}},
+            ["spec.hyperparameters.learningRate"],
+            id="a-section-whose-fields-fail-is-not-judged-further",
+        ),
+        pytest.param(
+            {
+                "strategy": {"method": "linear-probe"},
+                "hyperparameters": {"backboneLearningRate": 0.1, "backboneLrMultiplier": 0.1},
+            },
+            [
+                "spec.hyperparameters.backboneLearningRate",
+                "spec.hyperparameters.backboneLrMultiplier",
+                "spec.hyperparameters.backboneLrMultiplier",
+            ],
+            id="both-backbone-rates-with-linear-probe",
+        ),
+        pytest.param(
+            {"resources": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x", "tolerationSeconds": 5}]}},
+            ["spec.resources.tolerations[0].tolerationSeconds", "spec.resources.tolerations[0].value"],
+            id="toleration-rules-together",
+        ),
+    ],
+)
+def test_every_mistake_is_reported_in_one_pass(sections: dict[str, Any], paths: list[str]) -> None:
+    spec, errors = validate_spec({**BASE_SPEC, **sections})
+    assert spec is None
+    assert _paths(errors) == sorted(paths), errors
+
+
+def test_document_reports_api_version_with_the_spec_mistakes() -> None:
+    doc = {"apiVersion": "finetune.dev/v1", "kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": {**BASE_SPEC, "x": 1}}
+    assert _paths(validate_document(doc).errors) == ["apiVersion", "spec.x"]
+
+
+def test_another_kind_of_object_is_not_judged_as_a_job() -> None:
+    doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "b"}}
+    assert _paths(validate_document(doc).errors) == ["apiVersion", "kind"]
+
+
+def test_admit_reports_policy_errors_with_validation_errors() -> None:
+    spec = {**BASE_SPEC, "hyperparameters": {"learningRate": -1}, "resources": {"workers": 100, "gpusPerWorker": 1}}
+    with pytest.raises(AdmissionError) as info:
+        admit({"metadata": {"name": "j"}, "spec": spec}, OperatorSettings(max_workers=8))
+    assert _paths(info.value.lines) == ["spec.hyperparameters.learningRate", "spec.output.uri", "spec.resources.workers"]

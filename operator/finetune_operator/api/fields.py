@@ -11,8 +11,8 @@ import re
 import reprlib
 from typing import Any, NoReturn
 
-from pydantic import ValidationError
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ValidationError, ValidationInfo
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 URI_SCHEMES = ("s3://", "gs://", "file://", "pvc://")
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -88,6 +88,16 @@ def fail(field: str | None, message: str, **ctx: Any) -> NoReturn:
     raise PydanticCustomError("finetune", "{detail}", context)
 
 
+FIELDS_ONLY = "finetune.dev/fields-only"
+"""Validation context key: check the fields alone, skip the models' cross-field rules (see ``fields_only``)."""
+
+
+def fields_only(info: ValidationInfo) -> bool:
+    """Whether this validation asked for the fields alone: how ``v1alpha1.parse_sections`` reads a section whose own
+    cross-field rules fail, so that the rules between sections can judge its values in the same pass."""
+    return isinstance(info.context, dict) and bool(info.context.get(FIELDS_ONLY))
+
+
 class Problems:
     """The cross-field problems of one model, collected so that a user sees all of them in one pass, not one per fix."""
 
@@ -98,13 +108,15 @@ class Problems:
         """Record a problem; ``field`` (camelCase, dotted) is appended to the model's location, as with ``fail``."""
         self.items.append((field, message))
 
-    def raise_any(self, model: object) -> None:
-        """Raise every recorded problem at once (a validator's ValidationError joins the enclosing model's errors)."""
+    def raise_any(self, model: object, also: ValidationError | None = None) -> None:
+        """Raise every recorded problem at once, after the errors of ``also`` (a validator's ValidationError joins the
+        enclosing model's errors); return when there is none."""
         if not self.items:
             return
-        if len(self.items) == 1:
+        if len(self.items) == 1 and also is None:
             fail(*self.items[0])
-        details = [
+        details = [_carried(error) for error in also.errors()] if also is not None else []
+        details += [
             InitErrorDetails(
                 type=PydanticCustomError("finetune", "{detail}", {"detail": message, **({"field": field} if field else {})}),
                 loc=(),
@@ -113,6 +125,12 @@ class Problems:
             for field, message in self.items
         ]
         raise ValidationError.from_exception_data(type(model).__name__, details)
+
+
+def _carried(error: ErrorDetails) -> InitErrorDetails:
+    """An error re-raised as it was: same type, location, input, context and message."""
+    context = {**error.get("ctx", {}), "message": error["msg"]}
+    return InitErrorDetails(type=PydanticCustomError(error["type"], "{message}", context), loc=error["loc"], input=error["input"])
 
 
 def quote(value: object, limit: int = 80) -> str:

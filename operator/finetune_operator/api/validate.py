@@ -36,6 +36,8 @@ class DocumentResult:
     name: str | None
     job: FineTuneJob | None = None
     errors: list[str] = field(default_factory=list)
+    document: Any = None
+    """The parsed document (None when the file could not be parsed), for checks beyond the API's own."""
 
     @property
     def ok(self) -> bool:
@@ -62,18 +64,19 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
         return DocumentResult(source, index, None, errors=[f"(document): expected a {KIND} object, got {quote(document)}"])
     meta = document.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
-    result = DocumentResult(source, index, name)
+    result = DocumentResult(source, index, name, document=document)
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if kind != KIND:
         result.errors.append(f"kind: {quote(kind)} is not accepted; expected {KIND!r}")
     if api_version != API_VERSION:
         result.errors.append(f"apiVersion: {quote(api_version)} is not accepted; expected {API_VERSION!r}")
-    if result.errors:
-        return result
+    if kind != KIND:
+        return result  # another kind of object: its fields are not a FineTuneJob's mistakes
     try:
         result.job = FineTuneJob.model_validate(document)
     except ValidationError as exc:
-        result.errors = format_errors(exc, FineTuneJob)
+        # With the apiVersion line above (pydantic's own words for it are dropped): every mistake in one pass.
+        result.errors += [line for line in format_errors(exc, FineTuneJob) if not line.startswith("apiVersion: ")]
     return result
 
 
