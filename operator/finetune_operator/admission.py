@@ -1,11 +1,13 @@
 """The admission decision for a FineTuneJob, made once: ``admit(job, settings) -> AdmittedJob`` or ``AdmissionError``.
 
 Pure (pydantic and the operator's settings, no Kubernetes client). The create handler calls it on first
-reconcile, ``finetune render`` before building, and the builders (``rayjob.build_children``) accept only
-its result, so nothing reaches the cluster without the same verdict. The decision is the API's own
+reconcile, ``finetune render`` before building, ``finetune validate --cluster`` to give the same verdict
+before anything is applied, and the builders (``rayjob.build_children``) accept only its result, so nothing
+reaches the cluster without the same verdict. The decision is the API's own
 validation (``api.validate``, the words ``finetune validate`` prints) plus what this operator adds on a
 cluster: outputs the Ray pods can share, no relative input paths, and its limits (``maxWorkers``, GPUs).
-Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once.
+Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once: when
+the spec is invalid, the operator's rules still judge the sections that parsed.
 """
 
 from __future__ import annotations
