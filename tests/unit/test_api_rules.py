@@ -117,6 +117,11 @@ BASE_SPEC: dict[str, Any] = {
             id="both-backbone-rates-with-linear-probe",
         ),
         pytest.param(
+            {"model": {"name": "vit_b_16", "weights": "IMAGENET1K_SWAG"}, "dataset": {"format": "digits", "imageSize": 384}},
+            ["spec.model.weights"],
+            id="unknown-weights-judge-no-image-size",
+        ),
+        pytest.param(
             {"resources": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x", "tolerationSeconds": 5}]}},
             ["spec.resources.tolerations[0].tolerationSeconds", "spec.resources.tolerations[0].value"],
             id="toleration-rules-together",

@@ -685,9 +685,9 @@ def _method_problems(strategy: StrategySpec, hp: HyperparametersSpec, problems: 
 def _input_problems(model: ModelSpec, dataset: DatasetSpec, problems: Problems) -> None:
     """The image size the model is built for, and the classes the dataset brings."""
     info = catalog.load_catalog().get(model.name)
-    if info is not None:
+    weights = info.resolve_weights(model.weights) if info is not None and model.weights else None
+    if info is not None and (weights is not None or model.weights is None):  # unknown weights: ModelSpec says so
         # The size follows the weights chosen: torchvision builds vit_b_16 for 384 with IMAGENET1K_SWAG_E2E_V1.
-        weights = info.resolve_weights(model.weights) if model.weights else None
         built = f"{model.name} with {weights.name}" if weights else f"{model.name} without torchvision weights"
         size, fixed = dataset.image_size, info.fixed_size(weights)
         min_h, min_w = info.min_size(weights)
