@@ -336,7 +336,7 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "toleration-key",
         {"spec.resources.tolerations": [{"key": "gpu/", "operator": "Exists"}]},
         "spec.resources.tolerations[0].key",
-        ["'gpu/'", "label key"],
+        ["'gpu/'", "taint key such as nvidia.com/gpu"],
     ),
     (
         "toleration-value",

@@ -149,3 +149,30 @@ def test_admit_reports_policy_errors_with_validation_errors() -> None:
     with pytest.raises(AdmissionError) as info:
         admit({"metadata": {"name": "j"}, "spec": spec}, OperatorSettings(max_workers=8))
     assert _paths(info.value.lines) == ["spec.hyperparameters.learningRate", "spec.output.uri", "spec.resources.workers"]
+
+
+# ------------------------------------------------------------ Kubernetes syntax: what must stay accepted
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ("resources", {"accelerator": "amd.com/gpu"}),
+        ("resources", {"accelerator": "gpu.intel.com/i915"}),
+        ("resources", {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "gpu": ""}}),
+        ("resources", {"tolerations": [{"key": "", "operator": "Exists"}, {"operator": "Exists", "effect": "NoSchedule"}]}),
+        ("resources", {"tolerations": [{"key": "nvidia.com/gpu", "effect": "NoExecute", "tolerationSeconds": 60}]}),
+        ("runtime", {"env": [{"name": "my.setting-1", "value": "x"}, {"name": ".hidden", "value": "y"}, {"name": "_X"}]}),
+        ("runtime", {"envFrom": [{"configMapRef": {"name": "c"}, "prefix": "_S3_"}]}),
+        ("runtime", {"image": "trainer"}),
+        ("runtime", {"image": "localhost:5000/team/trainer:v1.2.3-rc_1"}),
+        ("runtime", {"image": "ghcr.io/acme/trainer@sha256:" + "a" * 64}),
+        ("runtime", {"image": "Registry.Example.com/a__b/c-d.e:latest"}),
+        ("runPolicy", {"activeDeadlineSeconds": 2**31 - 1}),
+        ("output", {"uri": "pvc://models/runs/..hidden/x"}),
+        ("output", {"uri": "file:///tmp/../runs"}),
+        ("output", {"uri": "../runs"}),
+        ("dataset", {"format": "digits", "imageSize": 32, "cacheDir": "pvc://cache/datasets"}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_kubernetes_syntax_accepts_what_kubernetes_accepts(section: str, value: dict[str, Any]) -> None:
+    assert validate_spec({**BASE_SPEC, section: value})[1] == []

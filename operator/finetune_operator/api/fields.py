@@ -31,6 +31,8 @@ C_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 RAY_VERSION = r"^[0-9]+\.[0-9]+\.[0-9]+$"
 # A qualified name (label and taint keys): an optional DNS-1123 prefix (at most 253, checked in code) and '/', a name ≤ 63.
 QUALIFIED_NAME = rf"^({_SUBDOMAIN}/)?{_NAME63}$"
+# A taint key: a qualified name, or empty (a toleration with operator Exists and no key tolerates every taint).
+TAINT_KEY = rf"^(({_SUBDOMAIN}/)?{_NAME63})?$"
 # A label value (node selectors, toleration values): empty, or at most 63 characters.
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 # An extended resource such as nvidia.com/gpu: the domain is required, which leaves out cpu, memory, ephemeral-storage,
@@ -53,6 +55,8 @@ PATTERN_MEANINGS = {
     C_IDENTIFIER: "a C identifier such as S3_ (letters, digits and '_', not starting with a digit)",
     RAY_VERSION: "a Ray version such as 2.60.0",
     QUALIFIED_NAME: "a Kubernetes label key such as gpu or nvidia.com/gpu.product: an optional DNS prefix and '/', "
+    "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    TAINT_KEY: "a taint key such as nvidia.com/gpu: an optional DNS prefix and '/', "
     "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
     LABEL_VALUE: "a Kubernetes label value: empty, or at most 63 letters, digits, '-', '_' or '.', "
     "starting and ending with a letter or digit",

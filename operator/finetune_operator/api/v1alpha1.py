@@ -35,6 +35,7 @@ from finetune_operator.api.fields import (
     QUALIFIED_NAME,
     QUANTITY,
     RAY_VERSION,
+    TAINT_KEY,
     Problems,
     check_extended_resource,
     check_qualified_name,
@@ -55,6 +56,7 @@ ShortStr = Annotated[str, Field(max_length=253)]
 # Label keys and values, as Kubernetes checks them (the prefix length is checked in code: a pattern cannot count it).
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME), AfterValidator(check_qualified_name)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+TaintKey = Annotated[str, Field(max_length=317, pattern=TAINT_KEY), AfterValidator(check_qualified_name)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
@@ -356,8 +358,8 @@ class HyperparametersSpec(WireModel):
 class Toleration(WireModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: LabelKey | None = None
-    """Taint key, a label key such as `nvidia.com/gpu`; absent with operator `Exists` tolerates every taint."""
+    key: TaintKey | None = None
+    """Taint key, a label key such as `nvidia.com/gpu`; absent (or empty) with operator `Exists` tolerates every taint."""
 
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Equal` matches key and value; `Exists` matches the key alone."""
@@ -376,7 +378,7 @@ class Toleration(WireModel):
         if fields_only(info):
             return self
         problems = Problems()
-        if self.key is None and self.operator != "Exists":
+        if not self.key and self.operator != "Exists":
             default = "" if "operator" in self.model_fields_set else " (the default)"
             problems.add(
                 "operator", f"{self.operator!r}{default} needs a key; without a key use operator 'Exists' (tolerates every taint)"
