@@ -1,11 +1,13 @@
 """The admission decision for a FineTuneJob, made once: ``admit(job, settings) -> AdmittedJob`` or ``AdmissionError``.
 
 Pure (pydantic and the operator's settings, no Kubernetes client). The create handler calls it on first
-reconcile, ``finetune render`` before building, and the builders (``rayjob.build_children``) accept only
-its result, so nothing reaches the cluster without the same verdict. The decision is the API's own
+reconcile, ``finetune render`` before building, ``finetune validate --cluster`` to give the same verdict
+before anything is applied, and the builders (``rayjob.build_children``) accept only its result, so nothing
+reaches the cluster without the same verdict. The decision is the API's own
 validation (``api.validate``, the words ``finetune validate`` prints) plus what this operator adds on a
 cluster: outputs the Ray pods can share, no relative input paths, and its limits (``maxWorkers``, GPUs).
-Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once.
+Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once: when
+the spec is invalid, the operator's rules still judge the sections that parsed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api.fields import uri_scheme
-from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, ObjectMeta
+from finetune_operator.api.base import WireModel
+from finetune_operator.api.fields import quote, uri_scheme
+from finetune_operator.api.v1alpha1 import (
+    DatasetSpec,
+    FineTuneJob,
+    FineTuneJobSpec,
+    ModelSpec,
+    ObjectMeta,
+    OutputSpec,
+    ResourcesSpec,
+    parse_sections,
+)
 from finetune_operator.api.validate import validate_spec
 from finetune_operator.settings import OperatorSettings
 
@@ -43,39 +55,82 @@ class AdmittedJob:
         return self.job.metadata
 
 
-def cluster_errors(spec: FineTuneJobSpec) -> list[str]:
-    """What is valid for `finetune run` on a laptop but cannot work in Ray pods.
+@dataclass(frozen=True)
+class ClusterProblem:
+    """Something valid for `finetune run` on a laptop that cannot work in Ray pods."""
+
+    field: str
+    value: str
+    problem: str
+    why: str
+    fix: str
+
+    @property
+    def line(self) -> str:
+        """The one-line error (field path, quoted value, what is accepted)."""
+        return f"{self.field}: {quote(self.value)} {self.problem}{self.why}; {self.fix}"
+
+    @property
+    def note(self) -> str:
+        """The short form ``finetune validate`` adds to a job it finds valid for local runs only."""
+        return f"{self.field} {quote(self.value)} {self.problem}"
+
+
+def cluster_problems(spec: FineTuneJobSpec | Mapping[str, WireModel]) -> list[ClusterProblem]:
+    """What is valid for `finetune run` on a laptop but cannot work in Ray pods, for a spec or the sections of one
+    that parsed (``v1alpha1.parse_sections``).
 
     The output must outlive the Ray cluster and be shared by all its pods (Ray Train writes checkpoints
     from every worker), so it must be an object store or a PVC. Inputs may be absolute paths baked into
     the image, but a relative path means nothing in a pod.
     """
-    errors = []
-    output = spec.output.uri
-    if uri_scheme(output) not in ("s3", "gs", "pvc"):
-        errors.append(
-            f"spec.output.uri: {output!r} is not shared by the Ray pods nor kept after the cluster is deleted; "
-            "on a cluster use s3://BUCKET/PATH, gs://BUCKET/PATH or pvc://CLAIM/PATH"
+    sections = spec.sections() if isinstance(spec, FineTuneJobSpec) else spec
+    output, model, dataset = sections.get("output"), sections.get("model"), sections.get("dataset")
+    problems = []
+    if isinstance(output, OutputSpec) and uri_scheme(output.uri) not in ("s3", "gs", "pvc"):
+        problems.append(
+            ClusterProblem(
+                "spec.output.uri",
+                output.uri,
+                "is not shared by the Ray pods",
+                " nor kept after the cluster is deleted",
+                "on a cluster use s3://BUCKET/PATH, gs://BUCKET/PATH or pvc://CLAIM/PATH",
+            )
         )
     inputs = {
-        "spec.model.weightsUri": spec.model.weights_uri,
-        "spec.dataset.trainUri": spec.dataset.train_uri,
-        "spec.dataset.validationUri": spec.dataset.validation_uri,
-        "spec.dataset.cacheDir": spec.dataset.cache_dir,
+        "spec.model.weightsUri": model.weights_uri if isinstance(model, ModelSpec) else None,
+        "spec.dataset.trainUri": dataset.train_uri if isinstance(dataset, DatasetSpec) else None,
+        "spec.dataset.validationUri": dataset.validation_uri if isinstance(dataset, DatasetSpec) else None,
+        "spec.dataset.cacheDir": dataset.cache_dir if isinstance(dataset, DatasetSpec) else None,
     }
     for field, uri in inputs.items():
         if uri is not None and uri_scheme(uri) is None and not uri.startswith("/"):
-            errors.append(
-                f"{field}: {uri!r} is a relative path, which means nothing in a Ray pod; "
-                "use pvc://CLAIM/PATH, s3://, gs:// or an absolute path inside the trainer image"
+            problems.append(
+                ClusterProblem(
+                    field,
+                    uri,
+                    "is a relative path",
+                    ", which means nothing in a Ray pod",
+                    "use pvc://CLAIM/PATH, s3://, gs:// or an absolute path inside the trainer image",
+                )
             )
-    return errors
+    return problems
 
 
-def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
-    """What this operator enforces on top of the API's own validation: cluster-only rules and its limits."""
+def cluster_errors(spec: FineTuneJobSpec | Mapping[str, WireModel]) -> list[str]:
+    """``cluster_problems`` as error lines."""
+    return [problem.line for problem in cluster_problems(spec)]
+
+
+def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: OperatorSettings) -> list[str]:
+    """What this operator enforces on top of the API's own validation: cluster-only rules and its limits.
+
+    Takes a spec, or the sections of an invalid one that parsed, so that a refusal lists these too.
+    """
     errors = cluster_errors(spec)
-    res = spec.resources
+    res = spec.resources if isinstance(spec, FineTuneJobSpec) else spec.get("resources")
+    if not isinstance(res, ResourcesSpec):
+        return errors
     if res.workers > settings.max_workers:
         errors.append(
             f"spec.resources.workers: {res.workers} exceeds this operator's limit of {settings.max_workers} "
@@ -103,7 +158,9 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, j
         meta = job.get("metadata") or {}
         spec, errors = validate_spec(job.get("spec"))
         if spec is None:
-            raise AdmissionError(errors)
+            # The operator's own rules on the sections that did parse: every mistake in one refusal.
+            extra = policy_errors(parse_sections(job.get("spec")), settings)
+            raise AdmissionError(errors + [line for line in extra if line not in errors])
         model = FineTuneJob(
             metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")), spec=spec
         )

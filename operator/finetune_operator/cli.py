@@ -11,52 +11,69 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from finetune_operator import __version__
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import render_crd_yaml
 from finetune_operator.api.explain import UnknownFieldError, explain
-from finetune_operator.api.validate import iter_documents
-
-
-def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    return Path(path).read_text()
+from finetune_operator.api.validate import iter_documents, read_manifest
+from finetune_operator.api.versions import KIND
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    # Imported here, like cmd_render: the operator's rules are pydantic-only, but the other subcommands need none of them.
+    from finetune_operator.admission import AdmissionError, admit, cluster_problems, policy_errors
+    from finetune_operator.api.v1alpha1 import parse_sections
+    from finetune_operator.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_env() if args.cluster else None
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for path in args.files:
         try:
-            text = _read(path)
+            data = read_manifest(path)
         except OSError as exc:
             print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
             failed += 1
             continue
-        for result in iter_documents(text, path):
-            if result.ok:
-                if not args.quiet:
-                    print(f"{result.label}: valid")
-                continue
-            failed += 1
-            print(f"{result.label}: invalid ({len(result.errors)} error{'s' if len(result.errors) > 1 else ''})")
-            for line in result.errors:
-                print(f"  {line}")
+        for result in iter_documents(data, path):
+            errors = list(result.errors)
+            if settings is not None and result.job is not None:
+                try:
+                    admit(result.job, settings)
+                except AdmissionError as exc:
+                    errors += exc.lines
+            elif settings is not None and isinstance(result.document, dict) and result.document.get("kind") == KIND:
+                # Invalid already: add the operator's rules for the sections that parsed, so one run shows everything.
+                errors += [
+                    line for line in policy_errors(parse_sections(result.document.get("spec")), settings) if line not in errors
+                ]
+            if errors:
+                failed += 1
+                print(f"{result.label}: invalid ({len(errors)} error{'s' if len(errors) > 1 else ''})")
+                for line in errors:
+                    print(f"  {line}")
+            elif not args.quiet:
+                local = [] if settings is not None or result.job is None else cluster_problems(result.job.spec)
+                notes = "".join(f"{p.note}; " for p in local)
+                print(f"{result.label}: valid" + (f" (local only: {notes}see --cluster)" if local else ""))
     return 1 if failed else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     # Imported here: the other subcommands must not pay for (or need) the operator's modules.
     from finetune_operator.admission import AdmissionError
-    from finetune_operator.api.validate import ManifestError
+    from finetune_operator.api.validate import ManifestError, decode_manifest
     from finetune_operator.render import render_objects, to_json, to_yaml
     from finetune_operator.settings import OperatorSettings, SettingsError
 
     try:
         settings = OperatorSettings.from_env()
-        objects = render_objects(_read(args.job), args.job, settings, namespace=args.namespace)
+        text = decode_manifest(read_manifest(args.job), args.job)
+        objects = render_objects(text, args.job, settings, namespace=args.namespace)
     except OSError as exc:
         print(f"{args.job}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -134,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate FineTuneJob manifests (exit 1 if any is invalid)")
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML files, several documents each allowed; - reads stdin")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the invalid documents")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also apply the operator's rules (outputs the Ray pods share, no relative paths, its FINETUNE_OPERATOR_* limits)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

@@ -41,7 +41,9 @@ def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
 
 def test_schema_is_structural() -> None:
     for path, node in _walk(_schema()):
-        assert not {"$ref", "title", "anyOf", "oneOf", "allOf", "$defs", "const"} & node.keys(), path
+        assert (
+            not {"$ref", "title", "anyOf", "oneOf", "allOf", "$defs", "const", "patternProperties", "propertyNames"} & node.keys()
+        ), path
         assert "type" in node, f"{path} has no type"
         assert not ("properties" in node and "additionalProperties" in node), path
         for bound in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -91,6 +93,30 @@ def test_schema_rejects_what_admission_should() -> None:
     assert any(e.startswith("spec.model.name") for e in errors)
     assert any(e.startswith("spec.hyperparameters.optimizer") for e in errors)
     assert any(e.startswith("spec.hyperparameters.learningRat") for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "path"),
+    [
+        ("resources", {"accelerator": "memory"}, "spec.resources.accelerator"),
+        ("resources", {"nodeSelector": {"gpu": "A100 80GB"}}, "spec.resources.nodeSelector.gpu"),
+        ("resources", {"tolerations": [{"key": "gpu", "value": "a b"}]}, "spec.resources.tolerations.0.value"),
+        ("resources", {"tolerations": [{"key": "gpu/", "operator": "Exists"}]}, "spec.resources.tolerations.0.key"),
+        ("runtime", {"image": ""}, "spec.runtime.image"),
+        ("runtime", {"image": "my trainer:1"}, "spec.runtime.image"),
+        ("runtime", {"env": [{"name": "..HOME"}]}, "spec.runtime.env.0.name"),
+        ("runtime", {"envFrom": [{"secretRef": {"name": "s"}, "prefix": "s3-"}]}, "spec.runtime.envFrom.0.prefix"),
+        ("runPolicy", {"activeDeadlineSeconds": 2**31}, "spec.runPolicy.activeDeadlineSeconds"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_schema_and_pydantic_refuse_kubernetes_syntax(section: str, value: dict[str, Any], path: str) -> None:
+    """What a schema can say (pattern, length, maximum) is in the CRD too: `kubectl apply` refuses it like `finetune validate`."""
+    doc = yaml.safe_load((REPO / "manifests/examples/digits-cpu.yaml").read_text())
+    doc["spec"][section] = value
+    assert any(e.startswith(f"{path}:") for e in strict_errors(doc, _schema())), strict_errors(doc, _schema())
+    with pytest.raises(ValidationError):
+        FineTuneJobSpec.model_validate(doc["spec"])
 
 
 # ------------------------------------------------------------------------------------------ CEL rules

@@ -145,7 +145,7 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
             "cpusPerWorker": 1.5,
             "memoryPerWorker": "30Gi",
             "nodeSelector": {"gpu": "a100"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}],
         },
         hyperparameters={"batchSize": 64},
     ),
@@ -222,9 +222,7 @@ def test_head_runs_no_training_and_workers_are_sized_exactly() -> None:
     resources = pod["containers"][0]["resources"]
     assert resources["limits"] == resources["requests"] == {"cpu": "1500m", "memory": "30Gi", "nvidia.com/gpu": 2}
     assert pod["nodeSelector"] == {"gpu": "a100"}
-    assert pod["tolerations"] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}
-    ]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]
     assert cluster["rayVersion"] == SETTINGS.ray_version and cluster["enableInTreeAutoscaling"] is False
 
 

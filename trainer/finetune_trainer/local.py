@@ -20,7 +20,7 @@ from typing import Any
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
-from finetune_operator.api.validate import ManifestError, load_job, validate_document
+from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
 from finetune_trainer.errors import TrainerError
 
 __all__ = ["local_job", "run_command", "start_ray"]
@@ -126,12 +126,12 @@ def _summary(result: Any) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """``finetune run``: exit 0 done, 1 invalid manifest, 2 user error."""
     try:
-        text = sys.stdin.read() if args.job == "-" else Path(args.job).read_text()
+        data = read_manifest(args.job)
     except OSError as e:
         print(f"error: {args.job}: cannot read: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        job = local_job(text, args.job, workers=args.workers, output=args.output)
+        job = local_job(decode_manifest(data, args.job), args.job, workers=args.workers, output=args.output)
         status_file = str(Path(args.json_status).resolve()) if args.json_status else None
         cfg = TrainerConfig.from_job(job, sinks=["console", "file"] if status_file else ["console"], status_file=status_file)
         _preflight(cfg)

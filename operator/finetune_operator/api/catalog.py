@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Final
+
+# torchvision's fixed-input builders (VisionTransformer, MaxVit) build for 224×224 images when given no weights, and for
+# their weights' min_size when given some (`_ovewrite_named_param(kwargs, "image_size", weights.meta["min_size"][0])`).
+UNWEIGHTED_INPUT_SIZE: Final = 224
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,18 @@ class ModelInfo:
 
     def weight_choices(self) -> list[str]:
         return ["DEFAULT", *(w.name for w in self.weights)]
+
+    def fixed_size(self, weights: WeightsInfo | None) -> int | None:
+        """The only image side the model accepts when built with ``weights`` (None: any size above ``min_size``)."""
+        if not self.fixed_input_size:
+            return None
+        return weights.min_size[0] if weights is not None else UNWEIGHTED_INPUT_SIZE
+
+    def min_size(self, weights: WeightsInfo | None) -> tuple[int, int]:
+        """The smallest input (height, width) with ``weights``; without, the architecture's (the least of its weights')."""
+        if weights is not None:
+            return weights.min_size
+        return min((w.min_size for w in self.weights), default=(1, 1))
 
 
 def _weights(raw: dict[str, Any]) -> WeightsInfo:

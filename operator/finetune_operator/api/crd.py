@@ -29,7 +29,8 @@ from finetune_operator.api.v1alpha1 import (
     StrategySpec,
 )
 
-_DROP = {"title", "examples", "$defs"}
+# propertyNames (the length bounds of constrained map keys) has no structural form either: pydantic checks keys.
+_DROP = {"title", "examples", "$defs", "propertyNames"}
 IMMUTABLE_MESSAGE = "is immutable after creation; only spec.runPolicy.suspend may change"
 
 
@@ -73,6 +74,11 @@ def _structural(node: Any) -> Any:
             if value is False or "properties" in node:
                 continue  # unknown fields are pruned by the structural schema anyway
             out[key] = _structural(value)
+        elif key == "patternProperties":
+            # pydantic's form of a map whose keys have a pattern (nodeSelector's label keys). A structural schema has no
+            # key constraints: the values' schema becomes additionalProperties, and pydantic alone checks the keys.
+            (values,) = value.values()
+            out["additionalProperties"] = _structural(values)
         elif key == "const":
             out["enum"] = [value]
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):

@@ -18,18 +18,49 @@ from finetune_operator.api.fields import PATTERN_MEANINGS, quote
 _MISSING = object()
 
 
-def _path(loc: Sequence[int | str], extra: str | None = None) -> str:
+def _path(loc: Sequence[int | str], extra: str | None = None, map_keys: frozenset[int] = frozenset()) -> str:
     parts: list[str] = []
-    for item in loc:
+    for position, item in enumerate(loc):
         if isinstance(item, int) and parts:
             parts[-1] = f"{parts[-1]}[{item}]"
         elif isinstance(item, int):
             parts.append(f"[{item}]")
+        elif position in map_keys and parts:
+            # A map key such as nvidia.com/gpu.product: its dots must not read as nesting.
+            parts[-1] = f"{parts[-1]}[{quote(item, 64)}]"
         else:
-            parts.append(item)
+            parts.append(item if len(item) <= 64 else item[:61] + "...")
     if extra:
         parts.extend(extra.split("."))
     return ".".join(parts) or "(document)"
+
+
+def _field(model: type[BaseModel], item: str) -> Any:
+    return next((f for name, f in model.model_fields.items() if item in (name, f.alias)), None)
+
+
+def _is_map(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(_is_map(arg) for arg in get_args(annotation))
+
+
+def _map_keys(root: type[BaseModel], loc: Sequence[int | str], offset: int) -> frozenset[int]:
+    """Positions in ``loc`` (shifted by ``offset``) that are keys of a map field, such as nodeSelector's."""
+    keys: set[int] = set()
+    current: Any = root
+    key_next = False
+    for position, item in enumerate(loc):
+        if isinstance(item, int):
+            continue
+        if key_next:
+            keys.add(position + offset)
+            key_next = False
+            continue
+        field = _field(current, item) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            break
+        key_next = _is_map(field.annotation)
+        current = _unwrap(field.annotation)
+    return frozenset(keys)
 
 
 def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
@@ -40,10 +71,7 @@ def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
-        field = next(
-            (f for name, f in current.model_fields.items() if item in (name, f.alias)),
-            None,
-        )
+        field = _field(current, item)
         if field is None:
             return None
         current = _unwrap(field.annotation)
@@ -62,43 +90,57 @@ def _unwrap(annotation: Any) -> Any:
     return None
 
 
+def _wire_name(model: type[BaseModel], name: str) -> str | None:
+    """The camelCase alias of a field written by its Python name (``learning_rate`` → ``learningRate``)."""
+    field = model.model_fields.get(name)
+    return field.alias if field is not None and field.alias not in (None, name) else None
+
+
 def _accepted_fields(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _message(root: type[BaseModel], error: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(error["loc"])
+def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> str:
+    within: tuple[int | str, ...] = tuple(error["loc"])  # relative to root: what _model_at walks
+    loc = (*prefix, *within)
     kind: str = error["type"]
     ctx: dict[str, Any] = error.get("ctx") or {}
     value = error.get("input", _MISSING)
 
+    subject = ""
+    if loc and loc[-1] == "[key]":  # pydantic's marker for a bad map key: report it on the map, naming the key
+        loc, within, subject = loc[:-2], within[:-2], "key "
+    map_keys = _map_keys(root, within, len(prefix))
     if kind == "finetune":
-        return f"{_path(loc, ctx.get('field'))}: {ctx['detail']}"
-    path = _path(loc)
+        return f"{_path(loc, ctx.get('field'), map_keys)}: {subject}{ctx['detail']}"
+    path = _path(loc, map_keys=map_keys)
     if kind == "extra_forbidden":
-        parent = _model_at(root, loc[:-1])
-        name = str(loc[-1])
+        parent = _model_at(root, within[:-1])
+        name = str(within[-1])[:200]  # a hostile key may be a megabyte long: neither quoted nor matched whole
         if parent is None:
             return f"{path}: unknown field"
         accepted = _accepted_fields(parent)
+        wire = _wire_name(parent, name)
+        if wire is not None:
+            # populate-by-name would take it in Python, but the CRD declares only the camelCase key: the API server prunes it.
+            return f"{path}: unknown field {name!r}; write it as {wire!r} (manifests use the camelCase field names)"
         hint = suggest(name, accepted, n=1)
         did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-        return f"{path}: unknown field {name!r}; {did_you_mean}accepted fields: {', '.join(accepted)}"
+        return f"{path}: unknown field {quote(name, 64)}; {did_you_mean}accepted fields: {', '.join(accepted)}"
     if kind == "missing":
         return f"{path}: required field is missing"
     if kind == "literal_error":
         return f"{path}: {quote(value)} is not accepted; expected one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
         pattern = str(ctx.get("pattern"))
-        return (
-            f"{path}: {quote(value)} has the wrong form; expected {PATTERN_MEANINGS.get(pattern, 'a value matching ' + pattern)}"
-        )
+        meaning = PATTERN_MEANINGS.get(pattern, "a value matching " + pattern)
+        return f"{path}: {subject}{quote(value)} has the wrong form; expected {meaning}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{path}: expected an object (key: value mapping), got {quote(value)}"
     if kind == "list_type":
         return f"{path}: expected a list, got {quote(value)}"
     # Bounds, types and lengths: pydantic's own text ("Input should be greater than 0") is precise.
-    shown = "" if value is _MISSING else f"{quote(value)}: "
+    shown = "" if value is _MISSING else f"{subject}{quote(value)}: "
     text = str(error["msg"])
     text = text[0].lower() + text[1:] if text else text
     return f"{path}: {shown}{text.replace('input should', 'should')}"
@@ -108,8 +150,7 @@ def format_errors(error: ValidationError, root: type[BaseModel], prefix: Sequenc
     """One actionable line per error, each starting with the field path."""
     lines: list[str] = []
     for raw in error.errors(include_url=False):
-        item: dict[str, Any] = {**raw, "loc": (*prefix, *raw["loc"])}
-        message = _message(root, item)
+        message = _message(root, raw, prefix)
         if message not in lines:
             lines.append(message)
     return lines

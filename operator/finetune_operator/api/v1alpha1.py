@@ -10,25 +10,53 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import (
+    C_IDENTIFIER,
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
     ENV_NAME,
+    EXTENDED_RESOURCE,
+    FIELDS_ONLY,
+    IMAGE_REFERENCE,
+    LABEL_VALUE,
+    QUALIFIED_NAME,
     QUANTITY,
     RAY_VERSION,
-    RESOURCE_NAME,
+    TAINT_KEY,
+    Problems,
+    check_extended_resource,
+    check_qualified_name,
     check_uri,
     fail,
+    fields_only,
     looks_like_secret,
     quote,
+    uri_scheme,
 )
 from finetune_operator.api.versions import KIND
 
+INT32_MAX: Final = 2**31 - 1
+"""KubeRay's and Kubernetes' int32 fields (activeDeadlineSeconds) overflow above this."""
+INT64_MAX: Final = 2**63 - 1
+
 ShortStr = Annotated[str, Field(max_length=253)]
+# Label keys and values, as Kubernetes checks them (the prefix length is checked in code: a pattern cannot count it).
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME), AfterValidator(check_qualified_name)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+TaintKey = Annotated[str, Field(max_length=317, pattern=TAINT_KEY), AfterValidator(check_qualified_name)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
@@ -89,22 +117,21 @@ class ModelSpec(WireModel):
         return None if value is None else check_uri(value)
 
     @model_validator(mode="after")
-    def _weights_of_model(self) -> ModelSpec:
-        if self.weights is not None and self.weights_uri is not None:
-            fail("weightsUri", "set either `weights` (torchvision) or `weightsUri` (a file of yours), not both")
-        info = catalog.load_catalog().get(self.name)
-        if info is None or self.weights is None:
+    def _weights_of_model(self, info: ValidationInfo) -> ModelSpec:
+        if fields_only(info):
             return self
-        if info.resolve_weights(self.weights) is None:
-            if not info.weights:
-                fail(
-                    "weights",
-                    f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri",
-                )
-            fail(
+        problems = Problems()
+        if self.weights is not None and self.weights_uri is not None:
+            problems.add("weightsUri", "set either `weights` (torchvision) or `weightsUri` (a file of yours), not both")
+        entry = catalog.load_catalog().get(self.name)
+        if entry is not None and self.weights is not None and entry.resolve_weights(self.weights) is None:
+            problems.add(
                 "weights",
-                f"{quote(self.weights)} is not a weight of {self.name}; accepted: {', '.join(info.weight_choices())}",
+                f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri"
+                if not entry.weights
+                else f"{quote(self.weights)} is not a weight of {self.name}; accepted: {', '.join(entry.weight_choices())}",
             )
+        problems.raise_any(self)
         return self
 
 
@@ -144,7 +171,8 @@ class DatasetSpec(WireModel):
     """Cap on training images per class (few-shot transfer); the held-out validation set is not capped."""
 
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224
-    """Side of the square image the model sees, in pixels."""
+    """Side of the square image the model sees, in pixels. Fixed-input models take exactly their weights' size (`finetune models`,
+    INPUT), e.g. 384 for vit_b_16 with IMAGENET1K_SWAG_E2E_V1 and 224 without torchvision weights."""
 
     augmentation: Literal["none", "light", "standard", "trivialaugment"] = "standard"
     """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random
@@ -154,7 +182,8 @@ class DatasetSpec(WireModel):
     """DataLoader worker processes per training worker."""
 
     cache_dir: UriStr | None = None
-    """Node-local directory for downloaded datasets and cached features; a temporary directory by default."""
+    """Node-local directory for downloaded datasets and cached features (a path, file:// or pvc://CLAIM/PATH); a temporary
+    directory by default."""
 
     fake: FakeDataSpec | None = None
     """Options of the `fake` format."""
@@ -164,6 +193,15 @@ class DatasetSpec(WireModel):
     def _uri(cls, value: str | None) -> str | None:
         return None if value is None else check_uri(value)
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _directory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if uri_scheme(check_uri(value)) in ("s3", "gs"):
+            fail(None, f"{quote(value)}: the cache is a directory on the node; give a path, file:///PATH or pvc://CLAIM/PATH")
+        return value
+
     @field_validator("classes")
     @classmethod
     def _unique(cls, value: list[int] | None) -> list[int] | None:
@@ -172,23 +210,27 @@ class DatasetSpec(WireModel):
         return value
 
     @model_validator(mode="after")
-    def _by_format(self) -> DatasetSpec:
+    def _by_format(self, info: ValidationInfo) -> DatasetSpec:
+        if fields_only(info):
+            return self
+        problems = Problems()
         if self.format == "imagefolder" and self.train_uri is None:
-            fail("trainUri", "is required for format 'imagefolder': the folder holding one sub-folder per class")
+            problems.add("trainUri", "is required for format 'imagefolder': the folder holding one sub-folder per class")
         if self.format != "imagefolder":
             for field, value in (("trainUri", self.train_uri), ("validationUri", self.validation_uri)):
                 if value is not None:
-                    fail(
+                    problems.add(
                         field,
                         f"{quote(value)}: format {self.format!r} brings its own images; "
                         f"remove {field} or use format 'imagefolder'",
                     )
         if self.classes is not None and self.format != "digits":
-            fail("classes", f"applies to format 'digits' only, not {self.format!r}")
+            problems.add("classes", f"{quote(self.classes)}: applies to format 'digits' only, not {self.format!r}")
         if self.fake is not None and self.format != "fake":
-            fail("fake", f"applies to format 'fake' only, not {self.format!r}")
+            problems.add("fake", f"applies to format 'fake' only, not {self.format!r}")
         if self.validation_uri is not None and self.validation_split is not None:
-            fail("validationSplit", "set either `validationUri` or `validationSplit`, not both")
+            problems.add("validationSplit", f"{self.validation_split}: set either `validationUri` or `validationSplit`, not both")
+        problems.raise_any(self)
         return self
 
 
@@ -215,13 +257,17 @@ class StrategySpec(WireModel):
     """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
 
     @model_validator(mode="after")
-    def _knobs(self) -> StrategySpec:
+    def _knobs(self, info: ValidationInfo) -> StrategySpec:
+        if fields_only(info):
+            return self
+        problems = Problems()
         if self.method == "partial" and self.unfreeze_blocks is None:
-            fail("unfreezeBlocks", "is required for method 'partial': how many last blocks of the backbone to train")
+            problems.add("unfreezeBlocks", "is required for method 'partial': how many last blocks of the backbone to train")
         if self.method != "partial" and self.unfreeze_blocks is not None:
-            fail("unfreezeBlocks", f"applies to method 'partial' only, not {self.method!r}")
+            problems.add("unfreezeBlocks", f"{self.unfreeze_blocks}: applies to method 'partial' only, not {self.method!r}")
         if self.method != "lp-ft" and self.probe_epochs is not None:
-            fail("probeEpochs", f"applies to method 'lp-ft' only, not {self.method!r}")
+            problems.add("probeEpochs", f"{self.probe_epochs}: applies to method 'lp-ft' only, not {self.method!r}")
+        problems.raise_any(self)
         return self
 
 
@@ -291,13 +337,20 @@ class HyperparametersSpec(WireModel):
     """Stop early when validation accuracy stalls."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> HyperparametersSpec:
+    def _consistent(self, info: ValidationInfo) -> HyperparametersSpec:
+        if fields_only(info):
+            return self
+        problems = Problems()
         if self.backbone_learning_rate is not None and self.backbone_lr_multiplier is not None:
-            fail("backboneLrMultiplier", "set either `backboneLearningRate` or `backboneLrMultiplier`, not both")
+            problems.add(
+                "backboneLrMultiplier",
+                f"{self.backbone_lr_multiplier}: set either `backboneLearningRate` or `backboneLrMultiplier`, not both",
+            )
         if self.warmup_epochs >= self.epochs:
-            fail("warmupEpochs", f"{self.warmup_epochs} must be less than epochs ({self.epochs})")
+            problems.add("warmupEpochs", f"{self.warmup_epochs} must be less than epochs ({self.epochs})")
         if self.step_size is not None and self.scheduler != "step":
-            fail("stepSize", f"applies to scheduler 'step' only, not {self.scheduler!r}")
+            problems.add("stepSize", f"{self.step_size}: applies to scheduler 'step' only, not {self.scheduler!r}")
+        problems.raise_any(self)
         return self
 
 
@@ -305,20 +358,41 @@ class HyperparametersSpec(WireModel):
 class Toleration(WireModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: ShortStr | None = None
-    """Taint key; empty with operator Exists tolerates everything."""
+    key: TaintKey | None = None
+    """Taint key, a label key such as `nvidia.com/gpu`; absent (or empty) with operator `Exists` tolerates every taint."""
 
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Equal` matches key and value; `Exists` matches the key alone."""
 
-    value: ShortStr | None = None
-    """Taint value (with `Equal`)."""
+    value: LabelValue | None = None
+    """Taint value (with `Equal`), a label value."""
 
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to tolerate; all effects when empty."""
 
-    toleration_seconds: Annotated[int | None, Field(ge=0)] = None
-    """How long a `NoExecute` taint is tolerated."""
+    toleration_seconds: Annotated[int | None, Field(ge=0, le=INT64_MAX)] = None
+    """How long a `NoExecute` taint is tolerated (effect `NoExecute` only)."""
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks(self, info: ValidationInfo) -> Toleration:
+        if fields_only(info):
+            return self
+        problems = Problems()
+        if not self.key and self.operator != "Exists":
+            default = "" if "operator" in self.model_fields_set else " (the default)"
+            problems.add(
+                "operator", f"{self.operator!r}{default} needs a key; without a key use operator 'Exists' (tolerates every taint)"
+            )
+        if self.operator == "Exists" and self.value:
+            problems.add("value", f"{quote(self.value)}: operator 'Exists' matches the key alone; remove the value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            problems.add(
+                "tolerationSeconds",
+                f"{self.toleration_seconds}: applies to effect 'NoExecute' only (effect is {quote(self.effect)}); "
+                "set effect: NoExecute or remove tolerationSeconds",
+            )
+        problems.raise_any(self)
+        return self
 
 
 class ResourcesSpec(WireModel):
@@ -336,11 +410,18 @@ class ResourcesSpec(WireModel):
     memory_per_worker: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = "4Gi"
     """Memory per worker as a Kubernetes quantity (e.g. 16Gi)."""
 
-    accelerator: Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME)] = "nvidia.com/gpu"
-    """Extended resource name of the accelerator requested with `gpusPerWorker`."""
+    accelerator: Annotated[str, Field(max_length=317, pattern=EXTENDED_RESOURCE)] = "nvidia.com/gpu"
+    """Extended resource name of the accelerator requested with `gpusPerWorker`: a device plugin's domain-qualified name such
+    as `nvidia.com/gpu` or `amd.com/gpu` (never cpu, memory or another standard resource)."""
 
-    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)] = Field(default_factory=dict)
-    """Node labels the worker pods must match, e.g. {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}."""
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] = Field(default_factory=dict)
+    """Node labels the worker pods must match (Kubernetes label keys and values), e.g.
+    {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}."""
+
+    @field_validator("accelerator")
+    @classmethod
+    def _extended(cls, value: str) -> str:
+        return check_extended_resource(value)
 
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Taints the worker pods tolerate (GPU nodes are usually tainted)."""
@@ -380,7 +461,7 @@ class EnvVar(WireModel):
     """A literal environment variable. Credentials go through `envFrom` secret references, never here."""
 
     name: Annotated[str, Field(min_length=1, max_length=253, pattern=ENV_NAME)]
-    """Variable name."""
+    """Variable name, as Kubernetes accepts it: letters, digits, `_`, `-` and `.`, not starting with a digit or `..`."""
 
     value: Annotated[str, Field(max_length=32_768)] = ""
     """Literal value."""
@@ -412,8 +493,8 @@ class EnvFromSource(WireModel):
     config_map_ref: LocalObjectReference | None = None
     """A ConfigMap whose keys become environment variables."""
 
-    prefix: Annotated[str | None, Field(max_length=253)] = None
-    """Prefix added to every variable name."""
+    prefix: Annotated[str | None, Field(max_length=253, pattern=C_IDENTIFIER)] = None
+    """Prefix added to every variable name: a C identifier such as `S3_`."""
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvFromSource:
@@ -425,8 +506,9 @@ class EnvFromSource(WireModel):
 class RuntimeSpec(WireModel):
     """The trainer's container and scheduling."""
 
-    image: Annotated[str | None, Field(max_length=512)] = None
-    """Trainer image (with torch, torchvision, Ray and this trainer); the operator's default when absent."""
+    image: Annotated[str | None, Field(min_length=1, max_length=512, pattern=IMAGE_REFERENCE)] = None
+    """Trainer image reference such as `ghcr.io/acme/trainer:1.2` (with torch, torchvision, Ray and this trainer); the operator's
+    default when absent."""
 
     ray_version: Annotated[str | None, Field(max_length=32, pattern=RAY_VERSION)] = None
     """Ray version in the image (KubeRay's `rayVersion`); the operator's default when absent."""
@@ -467,8 +549,8 @@ class RunPolicySpec(WireModel):
     max_worker_failures: Annotated[int, Field(ge=0, le=1000)] = 0
     """Worker failures Ray Train absorbs within one run by restarting from the last checkpoint."""
 
-    active_deadline_seconds: Annotated[int | None, Field(ge=1)] = None
-    """Wall-clock limit of the job, after which it fails."""
+    active_deadline_seconds: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    """Wall-clock limit of the job in seconds, after which it fails (KubeRay's int32: at most 2147483647)."""
 
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
     """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay)."""
@@ -506,49 +588,23 @@ class FineTuneJobSpec(WireModel):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     """Retries, deadlines, clean-up and suspension."""
 
-    @model_validator(mode="after")
-    def _cross_section(self) -> FineTuneJobSpec:
-        hp, strategy = self.hyperparameters, self.strategy
-        workers = self.resources.workers
-        if hp.batch_size % workers:
-            fail(
-                "hyperparameters.batchSize",
-                f"{hp.batch_size} is not divisible by resources.workers ({workers}); "
-                f"use a multiple of {workers}, e.g. {max(workers, hp.batch_size - hp.batch_size % workers)}",
-            )
-        if strategy.method == "lp-ft":
-            if hp.epochs < 2:
-                fail("hyperparameters.epochs", f"{hp.epochs}: method 'lp-ft' needs at least 2 epochs (probe, then fine-tune)")
-            if strategy.probe_epochs is not None and strategy.probe_epochs >= hp.epochs:
-                fail("strategy.probeEpochs", f"{strategy.probe_epochs} must be less than hyperparameters.epochs ({hp.epochs})")
-        if strategy.method == "linear-probe" and (hp.backbone_learning_rate or hp.backbone_lr_multiplier):
-            field = "backboneLearningRate" if hp.backbone_learning_rate else "backboneLrMultiplier"
-            fail(f"hyperparameters.{field}", "has no effect with method 'linear-probe' (the backbone is frozen); remove it")
-        info = catalog.load_catalog().get(self.model.name)
-        if info is not None and info.weights:
-            min_h, min_w = info.weights[0].min_size
-            size = self.dataset.image_size
-            if info.fixed_input_size and size != min_h:
-                fail(
-                    "dataset.imageSize", f"{size}: {self.model.name} only accepts {min_h}×{min_w} images; set imageSize: {min_h}"
-                )
-            if size < min_h or size < min_w:
-                fail(
-                    "dataset.imageSize",
-                    f"{size} is below {self.model.name}'s minimum input of {min_h}×{min_w}; use at least {max(min_h, min_w)}",
-                )
-        if self.dataset.format == "digits" and self.model.num_classes is not None:
-            n = len(self.dataset.classes) if self.dataset.classes else 10
-            if self.model.num_classes != n:
-                fail(
-                    "model.numClasses",
-                    f"{self.model.num_classes} does not match the {n} digit classes selected; remove it or set {n}",
-                )
-        if self.dataset.format == "fake" and self.model.num_classes is not None:
-            fake = self.dataset.fake or FakeDataSpec()
-            if self.model.num_classes != fake.classes:
-                fail("model.numClasses", f"{self.model.num_classes} does not match dataset.fake.classes ({fake.classes})")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]) -> FineTuneJobSpec:
+        """Field errors and every cross-section problem together: when a section is wrong, the rules between the
+        sections that are right still run, so that one pass shows every mistake."""
+        try:
+            spec = handler(data)
+        except ValidationError as exc:
+            sections = parse_sections(data)
+            cross_section_problems(sections).raise_any(data, also=exc)
+            raise
+        cross_section_problems(spec.sections()).raise_any(spec)
+        return spec
+
+    def sections(self) -> dict[str, WireModel]:
+        """The spec's sections by wire name (what ``parse_sections`` returns when all of them parse)."""
+        return {(field.alias or name): getattr(self, name) for name, field in type(self).model_fields.items()}
 
     def probe_epochs(self) -> int:
         """Epochs of the frozen-backbone stage (all of them for linear probe, none for full/partial)."""
@@ -558,6 +614,104 @@ class FineTuneJobSpec(WireModel):
         if method == "lp-ft":
             return self.strategy.probe_epochs or max(1, epochs // 3)
         return 0
+
+
+def parse_sections(data: Any) -> dict[str, WireModel]:
+    """The sections of a raw spec that are valid on their own, by wire name; an absent optional section is its default.
+
+    What the spec-level rules (``cross_section_problems``) and the operator's policy can still judge when the spec as a
+    whole is invalid.
+    """
+    if isinstance(data, FineTuneJobSpec):
+        return data.sections()
+    if not isinstance(data, dict):
+        return {}
+    parsed: dict[str, WireModel] = {}
+    for name, field in FineTuneJobSpec.model_fields.items():
+        wire, section = field.alias or name, _section_type(field.annotation)
+        raw = data.get(wire)
+        if isinstance(raw, section):
+            parsed[wire] = raw
+            continue
+        if raw is None and field.is_required():
+            continue
+        try:
+            # Fields only: a section whose own cross-field rules fail still has values the rules between sections can judge.
+            parsed[wire] = section() if raw is None else section.model_validate(raw, context={FIELDS_ONLY: True})
+        except ValidationError:
+            continue
+    return parsed
+
+
+def _section_type(annotation: Any) -> type[WireModel]:
+    assert isinstance(annotation, type) and issubclass(annotation, WireModel), annotation
+    return annotation
+
+
+def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
+    """Every rule between spec sections whose sections parsed (each rule needs its two sections, nothing more)."""
+    problems = Problems()
+    model, dataset, strategy = sections.get("model"), sections.get("dataset"), sections.get("strategy")
+    hp, resources = sections.get("hyperparameters"), sections.get("resources")
+    if isinstance(hp, HyperparametersSpec) and isinstance(resources, ResourcesSpec) and hp.batch_size % resources.workers:
+        workers = resources.workers
+        problems.add(
+            "hyperparameters.batchSize",
+            f"{hp.batch_size} is not divisible by resources.workers ({workers}); "
+            f"use a multiple of {workers}, e.g. {max(workers, hp.batch_size - hp.batch_size % workers)}",
+        )
+    if isinstance(hp, HyperparametersSpec) and isinstance(strategy, StrategySpec):
+        _method_problems(strategy, hp, problems)
+    if isinstance(model, ModelSpec) and isinstance(dataset, DatasetSpec):
+        _input_problems(model, dataset, problems)
+    return problems
+
+
+def _method_problems(strategy: StrategySpec, hp: HyperparametersSpec, problems: Problems) -> None:
+    if strategy.method == "lp-ft" and hp.epochs < 2:
+        problems.add("hyperparameters.epochs", f"{hp.epochs}: method 'lp-ft' needs at least 2 epochs (probe, then fine-tune)")
+    if strategy.method == "lp-ft" and strategy.probe_epochs is not None and strategy.probe_epochs >= hp.epochs >= 2:
+        problems.add("strategy.probeEpochs", f"{strategy.probe_epochs} must be less than hyperparameters.epochs ({hp.epochs})")
+    if strategy.method == "linear-probe":
+        for field, value in (
+            ("backboneLearningRate", hp.backbone_learning_rate),
+            ("backboneLrMultiplier", hp.backbone_lr_multiplier),
+        ):
+            if value:
+                problems.add(
+                    f"hyperparameters.{field}",
+                    f"{value}: has no effect with method 'linear-probe' (the backbone is frozen); remove it",
+                )
+
+
+def _input_problems(model: ModelSpec, dataset: DatasetSpec, problems: Problems) -> None:
+    """The image size the model is built for, and the classes the dataset brings."""
+    info = catalog.load_catalog().get(model.name)
+    weights = info.resolve_weights(model.weights) if info is not None and model.weights else None
+    if info is not None and (weights is not None or model.weights is None):  # unknown weights: ModelSpec says so
+        # The size follows the weights chosen: torchvision builds vit_b_16 for 384 with IMAGENET1K_SWAG_E2E_V1.
+        built = f"{model.name} with {weights.name}" if weights else f"{model.name} without torchvision weights"
+        size, fixed = dataset.image_size, info.fixed_size(weights)
+        min_h, min_w = info.min_size(weights)
+        if fixed is not None and size != fixed:
+            problems.add("dataset.imageSize", f"{size}: {built} takes {fixed}×{fixed} images only; set imageSize: {fixed}")
+        elif size < min_h or size < min_w:
+            problems.add(
+                "dataset.imageSize",
+                f"{size} is below the minimum input of {built} ({min_h}×{min_w}); use at least {max(min_h, min_w)}",
+            )
+    if model.num_classes is None:
+        return
+    if dataset.format == "digits":
+        n = len(dataset.classes) if dataset.classes else 10
+        if model.num_classes != n:
+            problems.add(
+                "model.numClasses", f"{model.num_classes} does not match the {n} digit classes selected; remove it or set {n}"
+            )
+    if dataset.format == "fake":
+        fake = dataset.fake or FakeDataSpec()
+        if model.num_classes != fake.classes:
+            problems.add("model.numClasses", f"{model.num_classes} does not match dataset.fake.classes ({fake.classes})")
 
 
 # -------------------------------------------------------------------------------------------- status
@@ -709,8 +863,8 @@ class ObjectMeta(WireModel):
 
     uid: str | None = None
     generation: int | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
 
 
 class FineTuneJob(WireModel):

@@ -1,0 +1,89 @@
+"""`finetune validate` and `finetune validate --cluster`: a job the operator would refuse is not called plainly valid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.schemas import REPO
+
+LOCAL = REPO / "manifests/examples/digits-source.yaml"  # output: runs (a local directory)
+SHARED = REPO / "manifests/examples/digits-cpu.yaml"  # output on a PVC
+
+
+def finetune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_OPERATOR_")} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_operator.cli", *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
+def _job(tmp_path: Path, **spec: Any) -> str:
+    doc = yaml.safe_load(SHARED.read_text())
+    doc["spec"].update(spec)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_plain_validate_says_when_a_job_is_local_only() -> None:
+    out = finetune("validate", str(LOCAL), str(SHARED))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        f"{LOCAL} (FineTuneJob/digits-source): valid (local only: spec.output.uri 'runs' is not shared by the Ray pods; "
+        "see --cluster)",
+        f"{SHARED} (FineTuneJob/digits-cpu): valid",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "env", "lines"),
+    [
+        pytest.param(
+            {"output": {"uri": "runs"}},
+            {},
+            [
+                "spec.output.uri: 'runs' is not shared by the Ray pods nor kept after the cluster is deleted; on a cluster use s3://"
+            ],
+            id="output-not-shared",
+        ),
+        pytest.param(
+            {"resources": {"workers": 4}, "hyperparameters": {"batchSize": 64}},
+            {"FINETUNE_OPERATOR_MAX_WORKERS": "2"},
+            ["spec.resources.workers: 4 exceeds this operator's limit of 2 (FINETUNE_OPERATOR_MAX_WORKERS)"],
+            id="operator-limit-from-the-environment",
+        ),
+        pytest.param(
+            {"output": {"uri": "runs"}, "hyperparameters": {"learningRate": -1}},
+            {},
+            ["spec.hyperparameters.learningRate: -1: should be greater than 0", "spec.output.uri: 'runs' is not shared"],
+            id="validation-and-policy-together",
+        ),
+    ],
+)
+def test_cluster_applies_the_operators_rules(tmp_path: Path, spec: dict[str, Any], env: dict[str, str], lines: list[str]) -> None:
+    path = _job(tmp_path, **spec)
+    out = finetune("validate", "--cluster", path, env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    printed = out.stdout.splitlines()
+    assert printed[0] == f"{path} (FineTuneJob/digits-cpu): invalid ({len(lines)} error{'s' if len(lines) > 1 else ''})"
+    assert len(printed) == 1 + len(lines)
+    for fragment in lines:
+        assert any(line.startswith(f"  {fragment}") for line in printed[1:]), (fragment, printed)
+
+
+def test_cluster_accepts_a_job_the_operator_accepts() -> None:
+    out = finetune("validate", "--cluster", str(SHARED))
+    assert out.returncode == 0 and out.stdout == f"{SHARED} (FineTuneJob/digits-cpu): valid\n"
+
+
+def test_cluster_with_a_bad_operator_setting_is_a_usage_error() -> None:
+    out = finetune("validate", "--cluster", str(SHARED), env={"FINETUNE_OPERATOR_MAX_WORKERS": "many"})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: FINETUNE_OPERATOR_MAX_WORKERS='many'") and out.stderr.count("\n") == 1
