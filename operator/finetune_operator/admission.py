@@ -159,7 +159,7 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, j
         spec, errors = validate_spec(job.get("spec"))
         if spec is None:
             # The operator's own rules on the sections that did parse: every mistake in one refusal.
-            extra = policy_errors(parse_sections(job.get("spec")), settings)
+            extra = [] if judged else policy_errors(parse_sections(job.get("spec")), settings)
             raise AdmissionError(errors + [line for line in extra if line not in errors])
         model = FineTuneJob(
             metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")), spec=spec

@@ -96,6 +96,10 @@ class Reconciler:
         try:
             admitted = admit(parent.body, self.settings, judged=parent.validated)
         except AdmissionError as exc:
+            if parent.validated:  # admitted before, by an operator with laxer rules: follow it, never fail it
+                self._emit(parent.body, "Warning", "NoLongerValid", "; ".join(exc.lines))
+                self._follow(parent)
+                return
             self._write_status(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
             self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
             raise Refused(f"{KIND} {parent.namespace}/{parent.name} is invalid: " + "; ".join(exc.lines)) from exc
@@ -197,7 +201,8 @@ class Reconciler:
         try:
             admitted = admit(parent.body, self.settings, judged=True)
         except AdmissionError:
-            return  # cannot happen for a job admitted before, unless the API changed under it
+            self._follow(parent)  # the API's rules grew stricter since it was admitted: keep mirroring its RayJob
+            return
         rayjob, created = self._ensure(parent, admitted, fresh=False)
         if created:
             message = (
@@ -206,6 +211,12 @@ class Reconciler:
             )
             self._emit(parent.body, "Warning", "RayJobRecreated", message)
         self.mirror(parent, rayjob)
+
+    def _follow(self, parent: ParentJob) -> None:
+        """Mirror the RayJob of a job that this operator's rules can no longer build (never re-judged, see
+        ``admission.admit``): it runs to its end as it was admitted; only its children are not re-checked."""
+        if parent.rayjob_name and (rayjob := self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name)):
+            self.mirror(parent, rayjob)
 
     def ensure_children(self, admitted: AdmittedJob, *, fresh: bool = True) -> tuple[dict[str, Any], bool]:
         """Every child exists and is this job's; (the RayJob, whether it was created now).

@@ -345,10 +345,11 @@ def test_entrypoint_runs_with_kubeconfig_liveness_and_metrics(emu: KubeEmulator,
 
         def scraped() -> str | None:
             text = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-            return text if text and 'finetune_operator_jobs{phase="Provisioning"} 1.0' in text else None
+            # The RayJob's first event may report Provisioning before the create handler returns: wait for both.
+            reconciled = 'finetune_operator_handler_duration_seconds_count{handler="reconcile"} 1.0'
+            return text if text and 'finetune_operator_jobs{phase="Provisioning"} 1.0' in text and reconciled in text else None
 
-        text = wait_for(scraped, timeout=10)
-        assert 'finetune_operator_handler_duration_seconds_count{handler="reconcile"} 1.0' in text
+        wait_for(scraped, timeout=10)  # fails with a TimeoutError naming the condition
     finally:
         settle(emu)
         proc.terminate()

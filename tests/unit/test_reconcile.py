@@ -512,3 +512,17 @@ def test_resync_starts_a_job_that_never_got_its_children(kube: FakeKube, rec: Re
     assert rec.resync_all() == 0
     assert status(kube)["phase"] == "Provisioning"
     assert kube.count("create", "RayJob") == 1
+
+
+def test_a_running_job_that_newer_rules_refuse_is_followed_not_failed(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """An operator upgrade with stricter validation: a job admitted earlier runs to its end."""
+    rec.reconcile(created(kube, job()))
+    stored = kube.objects[("FineTuneJob", "team", "job")]
+    stored["spec"]["model"]["name"] = "resnet5"  # what the new rules refuse (the API server kept the old spec)
+    kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]  # on.resume after the upgrade
+    assert status(kube)["phase"] == "Running"
+    assert "NoLongerValid" in events.reasons
+    kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert status(kube)["phase"] == "Succeeded"
