@@ -23,7 +23,8 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
 from finetune_trainer import artifacts as art
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, InputSpec
+from finetune_trainer.artifacts import EpochRecord, EvalResult, InputSpec
+from finetune_trainer.errors import ArtifactError
 
 CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(

@@ -41,13 +41,13 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Artifacts
 from finetune_trainer import storage
+from finetune_trainer.errors import ArtifactError
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 
 __all__ = [
     "CARD_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
-    "ArtifactError",
     "EpochRecord",
     "EvalResult",
     "InputSpec",
@@ -70,10 +70,6 @@ CONFUSION_PNG: Final = "confusion_matrix.png"
 CURVES_PNG: Final = "training_curves.png"
 EXPORT_FILES: Final = {"state_dict": MODEL_FILE, "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 CARD_SCHEMA_VERSION: Final = 1
-
-
-class ArtifactError(ValueError):
-    """Artifacts that cannot be written or read as asked; the message is one line, fit for a job status."""
 
 
 # ---------------------------------------------------------------------------------------- records

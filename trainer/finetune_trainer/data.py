@@ -38,7 +38,7 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
 from finetune_trainer.artifacts import InputSpec
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import TrainerError, exception_line
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -253,7 +253,7 @@ def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
             except ImportError as e:
                 raise TrainerError(f"dataset: {uri}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
             except Exception as e:  # each backend raises its own (botocore, google.auth, ...)
-                raise TrainerError(f"dataset: {uri}: download failed: {type(e).__name__}: {e}") from e
+                raise TrainerError(f"dataset: {uri}: download failed: {exception_line(e)}") from e
             done.touch()
     return str(target)
 

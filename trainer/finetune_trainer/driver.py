@@ -26,8 +26,8 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, check_exports, read_metrics
-from finetune_trainer.errors import TrainerError, find_user_error
+from finetune_trainer.artifacts import EpochRecord, check_exports, read_metrics
+from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
 
 __all__ = ["RunResult", "absolute_output", "build_trainer", "run"]

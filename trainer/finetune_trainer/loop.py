@@ -37,10 +37,10 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, append_metrics, load_model_card, write_artifacts
+from finetune_trainer.artifacts import EpochRecord, EvalResult, append_metrics, load_model_card, write_artifacts
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.model import ParamGroups, apply_strategy, build_model, set_train_mode, split_for_feature_cache
 from finetune_trainer.progress import ProgressSink, build_sinks
 

@@ -16,7 +16,6 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
 import torch
@@ -24,12 +23,14 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
+from finetune_trainer import storage
+from finetune_trainer.errors import WeightsError, exception_line
+
 __all__ = [
     "METHODS",
     "BlockGroup",
     "Method",
     "ParamGroups",
-    "WeightsError",
     "apply_strategy",
     "backbone_block_names",
     "backbone_blocks",
@@ -63,11 +64,6 @@ _AUX_HEADS: Final = ("aux1", "aux2", "AuxLogits")
 _CHECKPOINT_KEYS: Final = ("model", "state_dict", "model_state_dict")
 # DistributedDataParallel and torch.compile wrap the model and prefix every key of its state_dict.
 _WRAPPER_PREFIXES: Final = ("module.", "_orig_mod.")
-
-
-class WeightsError(ValueError):
-    """Starting weights that cannot be used: an unknown weights name, or a weights file that is
-    missing, unreadable, or of another architecture. The message is one line, fit for a job status."""
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -131,34 +127,18 @@ def build_model(
 
 
 # ---------------------------------------------------------------------------------------- weights file
-def _read_bytes(uri: str) -> bytes:
+def _read_weights(uri: str) -> bytes:
     if uri.startswith("pvc://"):
         raise WeightsError(f"weights_uri {uri}: pvc:// is mounted into the trainer pod; pass the mounted path instead")
-    local = uri.removeprefix("file://") if uri.startswith("file://") else None
-    if local is not None or "://" not in uri:
-        path = Path(local if local is not None else uri).expanduser()
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise WeightsError(f"weights_uri {uri}: no such file ({path})") from None
-        except OSError as e:
-            raise WeightsError(f"weights_uri {uri}: cannot read {path}: {e.strerror or e}") from None
     try:
-        import fsspec
-    except ImportError:
-        raise WeightsError(f"weights_uri {uri}: reading remote files needs fsspec (and s3fs or gcsfs); install them") from None
-    try:
-        with fsspec.open(uri, "rb") as f:
-            return cast(bytes, f.read())
+        return storage.read_bytes(uri)
     except FileNotFoundError:
-        raise WeightsError(f"weights_uri {uri}: no such file") from None
-    except Exception as e:  # fsspec backends raise their own types (botocore, google.auth, ImportError, ...)
-        raise WeightsError(f"weights_uri {uri}: cannot read: {_one_line(e)}") from e
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        where = "" if storage.is_remote(uri) else f" ({storage.local_path(uri)})"
+        raise WeightsError(f"weights_uri {uri}: no such file{where}") from None
+    except storage.StorageError as e:  # an object store that failed; the message starts with the URI
+        raise WeightsError(f"weights_uri {e}") from e
+    except OSError as e:
+        raise WeightsError(f"weights_uri {uri}: cannot read {storage.local_path(uri)}: {e.strerror or e}") from None
 
 
 def _load_failure(e: BaseException) -> str:
@@ -169,13 +149,13 @@ def _load_failure(e: BaseException) -> str:
         return f"it pickles a {pickled.group(1)} (save model.state_dict(), or a dict of tensors, plain values and state_dicts)"
     if text.startswith("Weights only load failed"):
         return "not a torch.save file, or it holds more than tensors and plain values"
-    return _one_line(e)[:200]
+    return exception_line(e)[:200]
 
 
 def load_state_dict_file(uri: str) -> dict[str, Tensor]:
     """The state_dict in a file (a path, file://, or s3:// / gs:// through fsspec) holding either a plain
     state_dict or a trainer checkpoint with it under ``model``; wrapper prefixes (``module.``) removed."""
-    data = _read_bytes(uri)
+    data = _read_weights(uri)
     try:
         # weights_only: a checkpoint from elsewhere must not be able to run code when unpickled.
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from finetune_trainer import storage
-from finetune_trainer.artifacts import CARD_FILE, MODEL_FILE, ArtifactError, InputSpec, load_model_card
+from finetune_trainer.artifacts import CARD_FILE, MODEL_FILE, InputSpec, load_model_card
+from finetune_trainer.errors import ArtifactError, exception_line
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
 
@@ -70,8 +71,7 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {first}") from None
+        raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {exception_line(e)}") from None
     spec = InputSpec.from_wire(card["input"])
     try:
         transform = image_transform(spec)
@@ -91,7 +91,7 @@ def _open_image(path: str) -> Image.Image:
         raise ArtifactError(f"{path}: is a directory, not an image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         # PIL raises UnidentifiedImageError for non-images and OSError/SyntaxError for truncated ones.
-        raise ArtifactError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"{path}: not a readable image ({exception_line(e)})") from None
 
 
 def predict(
