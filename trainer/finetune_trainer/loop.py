@@ -43,6 +43,7 @@ from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.model import ParamGroups, apply_strategy, build_model, set_train_mode, split_for_feature_cache
 from finetune_trainer.progress import ProgressSink, build_sinks
+from finetune_trainer.ray_compat import quiet_train_reports
 
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Stage", "evaluate", "plan_stages", "train_loop_per_worker", "train_one_epoch"]
 
@@ -318,14 +319,6 @@ def _set_threads(cfg: TrainerConfig) -> None:
     torch.set_num_threads(max(1, min(int(cfg.spec.resources.cpus_per_worker), share)))
 
 
-def _quiet_ray_train() -> None:
-    # Ray 2.60 logs every report through a logger named after its source file rather than under
-    # "ray.train", so RunConfig's LoggingConfig does not reach it.
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -356,7 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
-        _quiet_ray_train()
+        quiet_train_reports()
     rank, world = _workers()
     _set_threads(cfg)
     _seed(cfg.spec.hyperparameters.seed)
