@@ -192,7 +192,8 @@ def trainer_inprocess(w: Workload) -> None:
 
     from finetune_trainer import loop
     from finetune_trainer.data import build_datasets
-    from finetune_trainer.model import apply_strategy, build_model
+    from finetune_trainer.model import build_model
+    from finetune_trainer.strategy import apply_strategy
 
     # Nothing is written in-process (no checkpoints, no artifacts): the output root is never used.
     cfg = _config(w, tempfile.gettempdir())

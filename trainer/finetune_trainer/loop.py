@@ -41,9 +41,10 @@ from finetune_trainer.artifacts import EpochRecord, EvalResult, append_metrics, 
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.errors import ArtifactError, TrainerError
-from finetune_trainer.model import ParamGroups, apply_strategy, build_model, set_train_mode, split_for_feature_cache
+from finetune_trainer.model import build_model
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.strategy import ParamGroups, apply_strategy, set_train_mode, split_for_feature_cache
 
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Stage", "evaluate", "plan_stages", "train_loop_per_worker", "train_one_epoch"]
 
