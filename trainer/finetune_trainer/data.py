@@ -37,8 +37,8 @@ from finetune_operator.api import catalog
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
-from finetune_trainer.artifacts import InputSpec
 from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.inputs import InputSpec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -75,10 +75,24 @@ def build_input_spec(cfg: TrainerConfig) -> InputSpec:
     info = catalog.load_catalog().get(spec.model.name)
     weights = info.resolve_weights(spec.model.weights) if info is not None and spec.model.weights else None
     if weights is None or not weights.crop_size or not weights.resize_size:
-        return InputSpec(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", grey)
+        return InputSpec(
+            image_size=size,
+            resize_size=size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            interpolation="bilinear",
+            grayscale_to_rgb=grey,
+        )
     # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
     resize = round(size * weights.resize_size[0] / weights.crop_size[0])
-    return InputSpec(size, resize, tuple(weights.mean), tuple(weights.std), weights.interpolation, grey)
+    return InputSpec(
+        image_size=size,
+        resize_size=resize,
+        mean=tuple(weights.mean),
+        std=tuple(weights.std),
+        interpolation=weights.interpolation,
+        grayscale_to_rgb=grey,
+    )
 
 
 def _mode(name: str) -> T.InterpolationMode:

@@ -24,9 +24,11 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.artifacts import EpochRecord, check_exports, read_metrics
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
+from finetune_trainer.exports import check_exports
 from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
+from finetune_trainer.metrics_log import EpochRecord, read_metrics
+from finetune_trainer.model_card import CARD_FILE
 from finetune_trainer.ray_compat import LocalTorchTrainer
 
 __all__ = ["RunResult", "absolute_output", "build_trainer", "run"]
@@ -130,7 +132,7 @@ def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool 
 def read_result(cfg: TrainerConfig) -> RunResult:
     records = read_metrics(cfg.run_dir)
     best = max(records, key=lambda r: r.val_accuracy, default=None)
-    card = storage.join(cfg.run_dir, "model.json")
+    card = storage.join(cfg.run_dir, CARD_FILE)
     if not storage.is_remote(card) and not Path(card).exists():
         raise TrainerError(f"output: training finished but {card} was not written")
     return RunResult(

@@ -31,12 +31,16 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
-from finetune_trainer.artifacts import EpochRecord, EvalResult, append_metrics, load_model_card, write_artifacts
+from finetune_trainer.artifacts import write_artifacts
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, seed_everything, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
+from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
@@ -141,7 +145,7 @@ def _same_classes_as_source(weights_uri: str | None, class_names: list[str]) -> 
         card = load_model_card(storage.parent(weights_uri))
     except ArtifactError:
         return False
-    return bool(card.get("classNames") == class_names)
+    return card.class_names == class_names
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -351,7 +355,7 @@ def _report(
         )
 
 
-def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: Any) -> None:
+def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: InputSpec) -> None:
     """Rank 0: evaluate the final model on the whole validation set, write the artifacts, close the sinks."""
     spec = worker.spec
     total = spec.hyperparameters.epochs

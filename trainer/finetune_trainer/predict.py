@@ -20,8 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from finetune_trainer import storage
-from finetune_trainer.artifacts import CARD_FILE, MODEL_FILE, InputSpec, load_model_card
 from finetune_trainer.errors import ArtifactError, exception_line
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
 
@@ -53,15 +54,15 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
-    expected = card["files"][MODEL_FILE]["sha256"]
+    expected = card.files[MODEL_FILE].sha256
     actual = storage.sha256_bytes(data)
     if actual != expected:
         raise ArtifactError(
             f"{uri}: sha256 {actual[:12]}… does not match the model card's {expected[:12]}…; "
             "the file was modified, truncated or comes from another run"
         )
-    class_names = [str(c) for c in card["classNames"]]
-    name = card["architecture"]["name"]
+    class_names = card.class_names
+    name = card.architecture.name
     try:
         model = build_model(name, None, len(class_names))
     except ValueError as e:
@@ -72,7 +73,7 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
         model.load_state_dict(state)
     except Exception as e:
         raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {exception_line(e)}") from None
-    spec = InputSpec.from_wire(card["input"])
+    spec = card.input
     try:
         transform = image_transform(spec)
     except ValueError as e:
