@@ -74,25 +74,13 @@ def build_input_spec(cfg: TrainerConfig) -> InputSpec:
     grey = spec.dataset.format == "digits"
     info = catalog.load_catalog().get(spec.model.name)
     weights = info.resolve_weights(spec.model.weights) if info is not None and spec.model.weights else None
-    if weights is None or not weights.crop_size or not weights.resize_size:
-        return InputSpec(
-            image_size=size,
-            resize_size=size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            interpolation="bilinear",
-            grayscale_to_rgb=grey,
-        )
-    # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
-    resize = round(size * weights.resize_size[0] / weights.crop_size[0])
-    return InputSpec(
-        image_size=size,
-        resize_size=resize,
-        mean=tuple(weights.mean),
-        std=tuple(weights.std),
-        interpolation=weights.interpolation,
-        grayscale_to_rgb=grey,
-    )
+    if weights is not None and weights.crop_size and weights.resize_size:
+        # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
+        resize = round(size * weights.resize_size[0] / weights.crop_size[0])
+        mean, std, mode = tuple(weights.mean), tuple(weights.std), weights.interpolation
+    else:
+        resize, mean, std, mode = size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    return InputSpec(image_size=size, resize_size=resize, mean=mean, std=std, interpolation=mode, grayscale_to_rgb=grey)
 
 
 def _mode(name: str) -> T.InterpolationMode:
