@@ -59,7 +59,7 @@ from finetune_trainer.model_card import (
 )
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 
-__all__ = ["EVALUATION_FILE", "unwrap_model", "write_artifacts"]
+__all__ = ["unwrap_model", "write_artifacts"]
 
 EVALUATION_FILE: Final = "evaluation.json"
 CONFUSION_PNG: Final = "confusion_matrix.png"

@@ -28,6 +28,7 @@ __all__ = [
     "BestEpoch",
     "CardEvaluation",
     "CardMetrics",
+    "CardPart",
     "FileEntry",
     "JobRef",
     "ModelCard",
