@@ -11,7 +11,7 @@ the training pass:
   default without Ray, e.g. on a lent GPU machine whose image has no Ray) runs, in this process, the
   pieces ``train_loop_per_worker`` runs for one worker: ``build_datasets``, ``build_model``,
   ``apply_strategy``, ``build_precision``, ``build_optimizer``, ``build_scheduler`` and
-  ``loop.train_one_epoch``, around a DataLoader built as ``loop.build_loaders`` builds it; what Ray adds
+  ``engine.train_one_epoch``, around a DataLoader built as ``loop.build_loaders`` builds it; what Ray adds
   (its DataLoader wrapper, the worker process, reports and checkpoints between epochs) is left out.
   The trainer has no channels_last option, so its side trains in the default (NCHW) memory format.
 - **plain, channels_last**: a hand-written loop, model and batches in ``torch.channels_last``, the
@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,19 +101,6 @@ def _use_repo_sources() -> None:
         path = str(REPO / sub)
         if path not in sys.path:
             sys.path.insert(0, path)
-
-
-def _stub_ray() -> None:
-    """Let ``finetune_trainer.loop`` import without Ray: it imports ``ray.train`` at module level but the
-    functions used in-process (``train_one_epoch``, ``build_optimizer``, ...) never touch it."""
-    if _importable("ray"):
-        return
-    ray = types.ModuleType("ray")
-    train = types.ModuleType("ray.train")
-    torch_mod = types.ModuleType("ray.train.torch")
-    ray.train = train  # type: ignore[attr-defined]
-    train.torch = torch_mod  # type: ignore[attr-defined]
-    sys.modules.update({"ray": ray, "ray.train": train, "ray.train.torch": torch_mod})
 
 
 def job_document(w: Workload, out: str) -> dict[str, Any]:
@@ -186,23 +172,25 @@ def trainer_ray(w: Workload) -> None:
 def trainer_inprocess(w: Workload) -> None:
     """The per-worker pieces of ``train_loop_per_worker`` for one worker, without Ray."""
     _use_repo_sources()
-    _stub_ray()
     from torch import nn
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from finetune_trainer import loop
+    # The per-worker pieces import no Ray (engine, optim and stages are torch-only or pure).
+    from finetune_trainer import engine, optim
     from finetune_trainer.data import build_datasets
-    from finetune_trainer.model import apply_strategy, build_model
+    from finetune_trainer.model import build_model
+    from finetune_trainer.stages import plan_stages
+    from finetune_trainer.strategy import apply_strategy
 
     # Nothing is written in-process (no checkpoints, no artifacts): the output root is never used.
     cfg = _config(w, tempfile.gettempdir())
     spec, hp = cfg.spec, cfg.spec.hyperparameters
-    loop._seed(hp.seed)
+    engine.seed_everything(hp.seed)
     train, _val, names, _ = build_datasets(cfg)
     device = _device()
     model = build_model(spec.model.name, spec.model.weights, len(names)).to(device)
-    precision = loop.build_precision(spec, device)
-    (stage,) = loop.plan_stages(spec)
+    precision = engine.build_precision(spec, device)
+    (stage,) = plan_stages(spec)
     groups = apply_strategy(model, stage.method, spec.strategy.unfreeze_blocks, spec.strategy.freeze_batch_norm)
     # As loop.build_loaders builds it for world size 1 (its Ray wrapper only moves batches to the device,
     # which train_one_epoch does as well).
@@ -217,15 +205,15 @@ def trainer_inprocess(w: Workload) -> None:
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
     )
-    optimizer = loop.build_optimizer(spec, stage, groups)
-    scheduler = loop.build_scheduler(spec, stage, optimizer, len(loader))
+    optimizer = optim.build_optimizer(spec, stage, groups)
+    scheduler = optim.build_scheduler(spec, stage, optimizer, len(loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     rates, seconds = [], []
     for epoch in range(1, hp.epochs + 1):
         sampler.set_epoch(epoch)
         _sync()
         started = time.perf_counter()
-        _, seen = loop.train_one_epoch(
+        _, seen = engine.train_one_epoch(
             model, loader, criterion, optimizer, scheduler, precision, hp.grad_clip_norm, spec.strategy.freeze_batch_norm
         )
         _sync()

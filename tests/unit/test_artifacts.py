@@ -23,7 +23,13 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
 from finetune_trainer import artifacts as art
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, InputSpec
+from finetune_trainer.errors import ArtifactError
+from finetune_trainer.evaluation import EvalResult, evaluation_report
+from finetune_trainer.exports import check_exports
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metrics
+from finetune_trainer.model_card import MODEL_FILE, FileEntry, load_model_card
+from finetune_trainer.plots import plot_training_curves
 
 CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(
@@ -73,7 +79,7 @@ EVAL = EvalResult(y_true=[0, 0, 0, 1, 1, 2, 2, 2], y_pred=[0, 0, 1, 1, 1, 2, 0, 
 def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainerConfig, nn.Module, Artifacts]:
     cfg = make_config(tmp_path_factory.mktemp("out"))
     for n, (stage, acc) in enumerate([("probe", 0.5), ("probe", 0.6), ("fine-tune", 0.8), ("fine-tune", 0.75)], 1):
-        art.append_metrics(cfg.run_dir, record(n, stage, acc))
+        append_metrics(cfg.run_dir, record(n, stage, acc))
     model = tiny_model()
     # Wrapped as a distributed run hands it over: the artifacts must hold the plain model's keys.
     artifacts = art.write_artifacts(
@@ -95,7 +101,9 @@ def run_dir(written: tuple[TrainerConfig, nn.Module, Artifacts]) -> Path:
 
 
 def card_of(written: tuple[TrainerConfig, nn.Module, Artifacts]) -> dict[str, Any]:
-    return art.load_model_card(written[0].run_dir)
+    """model.json as JSON: what other tools read, so the wire format is asserted on it."""
+    card: dict[str, Any] = json.loads((run_dir(written) / "model.json").read_text())
+    return card
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -161,7 +169,7 @@ def test_model_card_content(written: tuple[TrainerConfig, nn.Module, Artifacts])
     }
     assert card["weights"] == {"source": "none"}
     assert (card["numClasses"], card["classNames"]) == (3, CLASSES)
-    assert InputSpec.from_wire(card["input"]) == INPUT
+    assert InputSpec.model_validate(card["input"]) == INPUT
     assert card["job"] == {"name": "digits-demo", "namespace": "ml", "uid": "uid-123"}
     assert card["metrics"]["final"] == record(4, "fine-tune", 0.75).to_wire()
     assert card["metrics"]["best"] == {"valAccuracy": 0.8, "epoch": 3}
@@ -175,9 +183,79 @@ def test_model_card_content(written: tuple[TrainerConfig, nn.Module, Artifacts])
     assert card["createdAt"].endswith("Z")
 
 
+def test_model_card_keys_in_order(written: tuple[TrainerConfig, nn.Module, Artifacts]) -> None:
+    card = card_of(written)
+    assert list(card) == [
+        "schemaVersion",
+        "createdAt",
+        "job",
+        "architecture",
+        "weights",
+        "numClasses",
+        "classNames",
+        "input",
+        "metrics",
+        "evaluation",
+        "exports",
+        "spec",
+        "versions",
+        "files",
+    ]
+    assert card["schemaVersion"] == 1
+    assert card["input"] == {
+        "imageSize": 32,
+        "resizeSize": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bilinear",
+        "grayscaleToRgb": True,
+        "channels": 3,
+        "layout": "NCHW",
+        "valueRange": [0, 1],
+    }
+    assert list(card["metrics"]) == ["final", "best", "epochs"]
+    assert list(card["evaluation"]) == [
+        "accuracy",
+        "macroPrecision",
+        "macroRecall",
+        "macroF1",
+        "weightedF1",
+        "numSamples",
+        "report",
+    ]
+
+
+def test_model_card_loads_typed_and_writes_back_the_same_text(written: tuple[TrainerConfig, nn.Module, Artifacts]) -> None:
+    cfg, _, artifacts = written
+    card = load_model_card(cfg.run_dir)
+    assert card.architecture.name == "resnet18"
+    assert card.architecture.class_name == "ResNet"
+    assert card.class_names == CLASSES
+    assert card.input == INPUT
+    assert card.files[MODEL_FILE] == FileEntry(sha256=artifacts.sha256, size=(run_dir(written) / MODEL_FILE).stat().st_size)
+    assert card.metrics is not None and card.metrics.final == record(4, "fine-tune", 0.75)
+    assert card.to_json() == (run_dir(written) / "model.json").read_text()
+
+
+def test_model_card_of_a_newer_trainer_loads(tmp_path: Path) -> None:
+    """Keys this version does not know, at the top and inside parts, are ignored, not refused."""
+    card: dict[str, Any] = {
+        "schemaVersion": 2,
+        "architecture": {"name": "resnet18", "quantized": False},
+        "classNames": ["a", "b"],
+        "input": {**INPUT.to_wire(), "channelsLast": True},
+        "files": {"model.pt": {"sha256": "0" * 64, "bytes": 7, "storageClass": "cold"}},
+        "signature": "…",
+    }
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    loaded = load_model_card(str(tmp_path))
+    assert (loaded.schema_version, loaded.class_names, loaded.input) == (2, ["a", "b"], INPUT)
+    assert loaded.files["model.pt"].size == 7
+
+
 def test_evaluation_json_is_the_report(written: tuple[TrainerConfig, nn.Module, Artifacts]) -> None:
     report = json.loads((run_dir(written) / "evaluation.json").read_text())
-    assert report == json.loads(json.dumps(art.evaluation_report(EVAL)))
+    assert report == json.loads(json.dumps(evaluation_report(EVAL)))
 
 
 @pytest.mark.parametrize("name", ["confusion_matrix.png", "training_curves.png"])
@@ -204,7 +282,7 @@ def test_plots_are_real_pngs(written: tuple[TrainerConfig, nn.Module, Artifacts]
     ],
 )
 def test_weights_source_in_card(tmp_path: Path, weights: dict[str, str], expected: dict[str, str]) -> None:
-    assert art._weights_source(make_config(tmp_path, model=weights)) == expected
+    assert art._weights_source(make_config(tmp_path, model=weights)).to_wire() == expected
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -238,8 +316,8 @@ def test_onnx_missing_is_a_clear_error_even_where_onnx_is_installed(monkeypatch:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
     with pytest.raises(ArtifactError, match="install it"):
-        art.check_exports(["state_dict", "onnx"])
-    art.check_exports(["state_dict", "torchscript"])
+        check_exports(["state_dict", "onnx"])
+    check_exports(["state_dict", "torchscript"])
 
 
 def test_class_names_must_fit_the_model(tmp_path: Path) -> None:
@@ -260,23 +338,58 @@ def test_class_names_must_fit_the_model(tmp_path: Path) -> None:
     assert not (Path(cfg.run_dir) / "model.pt").exists()  # staged files are not published
 
 
+# The least a card must hold: what predict and head reuse read.
+CARD: dict[str, Any] = {
+    "architecture": {"name": "resnet18"},
+    "classNames": ["a", "b"],
+    "input": INPUT.to_wire(),
+    "files": {"model.pt": {"sha256": "0" * 64, "bytes": 7}},
+}
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         (None, "no model card; --model must be the artifact directory"),
         ("{not json", "not valid JSON"),
         ("[1, 2]", "not a model card (a JSON list"),
-        ('{"architecture": {}, "classNames": [], "input": {}, "files": {}}', "missing architecture.name, files.model.pt"),
-        ('{"classNames": []}', "missing architecture, input, files"),
-        ('{"architecture": {"name": "x"}, "classNames": [], "input": {}, "files": {"model.pt": {}}}', "bad input spec"),
+        (
+            '{"architecture": {}, "classNames": [], "input": {}, "files": {}}',
+            "not a model card: missing architecture.name, input.imageSize, input.resizeSize, input.mean, input.std, "
+            "input.interpolation, input.grayscaleToRgb; files: no entry for model.pt",
+        ),
+        ('{"classNames": []}', "not a model card: missing architecture, input, files"),
+        (
+            '{"architecture": {"name": "x"}, "classNames": [], "input": {}, "files": {"model.pt": {}}}',
+            "missing input.imageSize, input.resizeSize, input.mean, input.std, input.interpolation, input.grayscaleToRgb, "
+            "files.model.pt.sha256, files.model.pt.bytes",
+        ),
+        (
+            json.dumps({**CARD, "classNames": "abc", "architecture": {"name": 7}}),
+            "not a model card: architecture.name: Input should be a valid string; classNames: Input should be a valid list",
+        ),
+        (json.dumps({**CARD, "input": {**CARD["input"], "mean": "grey"}}), "input.mean: Input should be a valid tuple"),
+        (json.dumps({**CARD, "weights": {"source": "hub"}}), "weights: Input tag 'hub' found using 'source' does not match"),
+        (
+            json.dumps({**CARD, "metrics": {"final": {"stage": "probe"}, "best": {}, "epochs": 1}}),
+            "metrics.final: not an epoch record (KeyError: 'epoch')",
+        ),
     ],
 )
 def test_load_model_card_errors(tmp_path: Path, content: str | None, message: str) -> None:
     if content is not None:
         (tmp_path / "model.json").write_text(content)
     with pytest.raises(ArtifactError, match=re.escape(message)) as info:
-        art.load_model_card(str(tmp_path))
+        load_model_card(str(tmp_path))
     assert str(tmp_path / "model.json") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_least_card_loads(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text(json.dumps(CARD))
+    card = load_model_card(str(tmp_path))
+    assert (card.architecture.name, card.class_names, card.input) == ("resnet18", ["a", "b"], INPUT)
+    assert (card.metrics, card.weights, card.versions) == (None, None, None)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -292,15 +405,15 @@ def test_load_model_card_errors(tmp_path: Path, content: str | None, message: st
 def test_append_metrics_is_idempotent_per_epoch(tmp_path: Path, epochs: list[int], expected: list[tuple[int, int]]) -> None:
     run = str(tmp_path / "job")
     for i, epoch in enumerate(epochs):
-        art.append_metrics(run, record(epoch, lr=float(i)))  # lr tells the attempts apart
-    assert [(r.epoch, int(r.lr)) for r in art.read_metrics(run)] == expected
+        append_metrics(run, record(epoch, lr=float(i)))  # lr tells the attempts apart
+    assert [(r.epoch, int(r.lr)) for r in read_metrics(run)] == expected
     lines = (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(expected)
 
 
 def test_metrics_round_trip_with_nan_as_null(tmp_path: Path) -> None:
     run = str(tmp_path)
-    art.append_metrics(run, record(1, "probe", val_top5=0.9, train_loss=math.nan))
+    append_metrics(run, record(1, "probe", val_top5=0.9, train_loss=math.nan))
     raw = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert raw["trainLoss"] is None  # strict JSON
     assert set(raw) == {
@@ -314,16 +427,16 @@ def test_metrics_round_trip_with_nan_as_null(tmp_path: Path) -> None:
         "epochSeconds",
         "lr",
     }
-    (back,) = art.read_metrics(run)
+    (back,) = read_metrics(run)
     assert math.isnan(back.train_loss)
     assert replace(back, train_loss=0.0) == record(1, "probe", val_top5=0.9, train_loss=0.0)
 
 
 def test_read_metrics(tmp_path: Path) -> None:
-    assert art.read_metrics(str(tmp_path)) == []
+    assert read_metrics(str(tmp_path)) == []
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "stage": "probe"}\n\n{"oops": 1}\n')
     with pytest.raises(ArtifactError, match=r"metrics\.jsonl line 3: not an epoch record"):
-        art.read_metrics(str(tmp_path))
+        read_metrics(str(tmp_path))
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -332,7 +445,7 @@ def test_evaluation_report_hand_computed() -> None:
     #   class 0: TP 2, FP 0, FN 1 → P 1,   R 2/3, F1 2·(2/3)/(5/3) = 0.8
     #   class 1: TP 1, FP 1, FN 1 → P 1/2, R 1/2, F1 1/2
     #   class 2: TP 1, FP 1, FN 0 → P 1/2, R 1,   F1 2/3
-    report = art.evaluation_report(EvalResult([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"]))
+    report = evaluation_report(EvalResult([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"]))
     assert report["accuracy"] == pytest.approx(4 / 6)
     assert report["numSamples"] == 6
     expected = [("a", 1.0, 2 / 3, 0.8, 3), ("b", 0.5, 0.5, 0.5, 2), ("c", 0.5, 1.0, 2 / 3, 1)]
@@ -350,7 +463,7 @@ def test_evaluation_report_hand_computed() -> None:
 
 def test_evaluation_report_class_never_predicted_or_absent() -> None:
     # Class "c" is never predicted (precision 0, not NaN); class "d" never occurs (support 0).
-    report = art.evaluation_report(EvalResult([0, 1, 2, 2], [0, 1, 0, 1], ["a", "b", "c", "d"]))
+    report = evaluation_report(EvalResult([0, 1, 2, 2], [0, 1, 0, 1], ["a", "b", "c", "d"]))
     c, d = report["classes"][2], report["classes"][3]
     assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)
     assert (d["precision"], d["recall"], d["f1"], d["support"]) == (0.0, 0.0, 0.0, 0)
@@ -365,7 +478,7 @@ def test_evaluation_report_class_never_predicted_or_absent() -> None:
 )
 def test_evaluation_report_rejects_bad_labels(y_true: list[int], y_pred: list[int], message: str) -> None:
     with pytest.raises(ArtifactError, match=message):
-        art.evaluation_report(EvalResult(y_true, y_pred, ["a", "b", "c"]))
+        evaluation_report(EvalResult(y_true, y_pred, ["a", "b", "c"]))
 
 
 @pytest.mark.parametrize(
@@ -380,6 +493,6 @@ def test_evaluation_report_rejects_bad_labels(y_true: list[int], y_pred: list[in
 )
 def test_training_curves_draw_any_history(tmp_path: Path, records: list[EpochRecord]) -> None:
     path = tmp_path / "curves.png"
-    art.plot_training_curves(records, str(path))
+    plot_training_curves(records, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert path.stat().st_size > 5_000

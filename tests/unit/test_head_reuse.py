@@ -7,14 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from finetune_trainer.artifacts import InputSpec
+from finetune_trainer.inputs import InputSpec
 from finetune_trainer.loop import _same_classes_as_source
 
 
 def _artifact_dir(tmp_path: Path, class_names: list[str] | None) -> Path:
     (tmp_path / "model.pt").write_bytes(b"weights")
     if class_names is not None:
-        spec = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", True)
+        spec = InputSpec(
+            image_size=32,
+            resize_size=32,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            interpolation="bilinear",
+            grayscale_to_rgb=True,
+        )
         card = {
             "architecture": {"name": "resnet18"},
             "classNames": class_names,

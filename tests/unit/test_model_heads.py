@@ -11,14 +11,13 @@ import torchvision
 from torch import nn
 from torchvision import models
 
-from finetune_trainer.model import (
+from finetune_trainer.model import head_module_names, replace_head
+from finetune_trainer.strategy import (
     METHODS,
     ParamGroups,
     apply_strategy,
     backbone_block_names,
     backbone_blocks,
-    head_module_names,
-    replace_head,
     set_train_mode,
     split_for_feature_cache,
 )

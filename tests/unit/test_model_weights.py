@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
+from finetune_trainer.errors import WeightsError
 from finetune_trainer.model import (
-    WeightsError,
     build_model,
     head_module_names,
     load_state_dict_file,

@@ -21,8 +21,11 @@ from torch import nn
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
-from finetune_trainer.artifacts import EvalResult, InputSpec
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metrics
 from finetune_trainer.model import build_model
+from finetune_trainer.model_card import load_model_card
 from finetune_trainer.predict import image_transform, load_for_inference, predict_command
 
 CLASSES = ["cat", "dog", "hamster-long-name"]
@@ -145,7 +148,9 @@ def test_probabilities_are_the_models(
     ],
 )
 def test_image_transform_gives_normalised_rgb_of_the_card_size(mode: str, size: tuple[int, int], grey: bool) -> None:
-    spec = InputSpec(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", grey)
+    spec = InputSpec(
+        image_size=32, resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", grayscale_to_rgb=grey
+    )
     image = Image.new("RGB", size, (200, 30, 90)).convert(mode)
     x = image_transform(spec)(image)
     assert x.shape == (3, 32, 32)
@@ -266,9 +271,9 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
     # The spec accepts only real stores; the resolved root is where the trainer writes, here in memory.
     cfg = TrainerConfig(job_name="remote", spec=spec, output_root=root)
     try:
-        art.append_metrics(cfg.run_dir, art.EpochRecord(1, "fine-tune", 1.0, 1.1, 0.5, None, 10.0, 1.0, 1e-3))
-        art.append_metrics(cfg.run_dir, art.EpochRecord(1, "fine-tune", 0.9, 1.0, 0.6, None, 10.0, 1.0, 1e-3))
-        assert [r.val_accuracy for r in art.read_metrics(cfg.run_dir)] == [0.6]
+        append_metrics(cfg.run_dir, EpochRecord(1, "fine-tune", 1.0, 1.1, 0.5, None, 10.0, 1.0, 1e-3))
+        append_metrics(cfg.run_dir, EpochRecord(1, "fine-tune", 0.9, 1.0, 0.6, None, 10.0, 1.0, 1e-3))
+        assert [r.val_accuracy for r in read_metrics(cfg.run_dir)] == [0.6]
         y = [0, 1, 2]
         artifacts = art.write_artifacts(
             cfg.run_dir,
@@ -286,9 +291,10 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
         assert stored == sorted(
             ["model.pt", "model.json", "metrics.jsonl", "evaluation.json", "confusion_matrix.png", "training_curves.png"]
         )
-        card = art.load_model_card(cfg.run_dir)
-        assert card["files"]["model.pt"]["sha256"] == artifacts.sha256
-        assert card["metrics"]["final"]["valAccuracy"] == 0.6
+        card = load_model_card(cfg.run_dir)
+        assert card.files["model.pt"].sha256 == artifacts.sha256
+        assert card.metrics is not None and card.metrics.final is not None
+        assert card.metrics.final.val_accuracy == 0.6
         assert run(cfg.run_dir, images[:1], 2) == 0
         assert len(parse(capsys.readouterr().out)[str(images[0])]) == 2
     finally:

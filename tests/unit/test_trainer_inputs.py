@@ -21,9 +21,9 @@ from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.validate import ManifestError, load_job
 from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
-from finetune_trainer.errors import TrainerError, find_user_error, one_line
+from finetune_trainer.errors import TrainerError, WeightsError, exception_line, find_user_error, one_line
 from finetune_trainer.local import local_job
-from finetune_trainer.model import WeightsError, build_model
+from finetune_trainer.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,6 +167,19 @@ def test_user_errors_are_found_inside_ray_train_failures() -> None:
     found = find_user_error(wrapped)
     assert found is not None and str(found) == "dataset.trainUri: /data: no such directory"
     assert find_user_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (ValueError("bad value\n  advice that goes on\n  and on"), "ValueError: bad value"),
+        (OSError("  padded  "), "OSError: padded"),
+        (RuntimeError(), "RuntimeError"),
+        (KeyError("model"), "KeyError: 'model'"),
+    ],
+)
+def test_exception_line(error: BaseException, line: str) -> None:
+    assert exception_line(error) == line
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

@@ -37,8 +37,8 @@ from finetune_operator.api import catalog
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
-from finetune_trainer.artifacts import InputSpec
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.inputs import InputSpec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -74,11 +74,13 @@ def build_input_spec(cfg: TrainerConfig) -> InputSpec:
     grey = spec.dataset.format == "digits"
     info = catalog.load_catalog().get(spec.model.name)
     weights = info.resolve_weights(spec.model.weights) if info is not None and spec.model.weights else None
-    if weights is None or not weights.crop_size or not weights.resize_size:
-        return InputSpec(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", grey)
-    # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
-    resize = round(size * weights.resize_size[0] / weights.crop_size[0])
-    return InputSpec(size, resize, tuple(weights.mean), tuple(weights.std), weights.interpolation, grey)
+    if weights is not None and weights.crop_size and weights.resize_size:
+        # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
+        resize = round(size * weights.resize_size[0] / weights.crop_size[0])
+        mean, std, mode = tuple(weights.mean), tuple(weights.std), weights.interpolation
+    else:
+        resize, mean, std, mode = size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    return InputSpec(image_size=size, resize_size=resize, mean=mean, std=std, interpolation=mode, grayscale_to_rgb=grey)
 
 
 def _mode(name: str) -> T.InterpolationMode:
@@ -253,7 +255,7 @@ def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
             except ImportError as e:
                 raise TrainerError(f"dataset: {uri}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
             except Exception as e:  # each backend raises its own (botocore, google.auth, ...)
-                raise TrainerError(f"dataset: {uri}: download failed: {type(e).__name__}: {e}") from e
+                raise TrainerError(f"dataset: {uri}: download failed: {exception_line(e)}") from e
             done.touch()
     return str(target)
 

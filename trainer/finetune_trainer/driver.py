@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
 # The V2 classes by their defining modules (the very objects ``ray.train`` exports when Train V2 is on,
 # the 2.60 default): type checkers otherwise see the V1 classes behind ``ray.train``'s conditional import.
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -26,9 +24,12 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, check_exports, read_metrics
-from finetune_trainer.errors import TrainerError, find_user_error
+from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
+from finetune_trainer.exports import check_exports
 from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
+from finetune_trainer.metrics_log import EpochRecord, read_metrics
+from finetune_trainer.model_card import CARD_FILE
+from finetune_trainer.ray_compat import LocalTorchTrainer
 
 __all__ = ["RunResult", "absolute_output", "build_trainer", "run"]
 
@@ -73,16 +74,6 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-class _LocalTorchTrainer(TorchTrainer):
-    """A TorchTrainer without the placement-group cleaner, for an embedded Ray that dies with this
-    process anyway. The cleaner asks the state API (the dashboard, not installed locally) whether the
-    controller lives, and logs a warning every few seconds when it cannot tell."""
-
-    def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
-
-
 def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` (whose output root must be absolute or remote). ``local``: an
     embedded Ray (``finetune run``): no placement-group cleaner, and Ray Train's own INFO lines (every
@@ -96,7 +87,7 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     if fail_after_epoch is not None:
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
     resources = {"CPU": float(res.cpus_per_worker), **({"GPU": float(res.gpus_per_worker)} if res.gpus_per_worker else {})}
-    trainer_cls = _LocalTorchTrainer if local else TorchTrainer
+    trainer_cls = LocalTorchTrainer if local else TorchTrainer
     return trainer_cls(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -141,7 +132,7 @@ def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool 
 def read_result(cfg: TrainerConfig) -> RunResult:
     records = read_metrics(cfg.run_dir)
     best = max(records, key=lambda r: r.val_accuracy, default=None)
-    card = storage.join(cfg.run_dir, "model.json")
+    card = storage.join(cfg.run_dir, CARD_FILE)
     if not storage.is_remote(card) and not Path(card).exists():
         raise TrainerError(f"output: training finished but {card} was not written")
     return RunResult(

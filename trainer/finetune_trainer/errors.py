@@ -1,19 +1,19 @@
 """User errors of a training run, and how they reach a person as one line.
 
 A ``TrainerError`` says what is wrong with the job's inputs (a missing dataset path, an empty class
-folder, a corrupt image, a weights file of another architecture): the CLI prints ``error: <message>``
-and exits 2 instead of a traceback. Raised in a Ray Train worker, it travels back wrapped (by the
-DataLoader's worker re-raise, by Ray's task error, by Train's ``WorkerGroupError``);
-``find_user_error`` digs it out again on the driver.
+folder, a corrupt image); a ``WeightsError`` what is wrong with its starting weights (an unknown
+weights name, a weights file of another architecture); an ``ArtifactError`` what is wrong with the
+artifacts being written or read back. The CLI prints ``error: <message>`` and exits 2 instead of a
+traceback. Raised in a Ray Train worker, the error travels back wrapped (by the DataLoader's worker
+re-raise, by Ray's task error, by Train's ``WorkerGroupError``); ``find_user_error`` digs it out again
+on the driver. Imports nothing of the trainer: every other module may raise these.
 """
 
 from __future__ import annotations
 
 import re
 
-from finetune_trainer.model import WeightsError
-
-__all__ = ["TrainerError", "find_user_error", "one_line"]
+__all__ = ["ArtifactError", "TrainerError", "WeightsError", "exception_line", "find_user_error", "one_line"]
 
 # How a TrainerError (or a WeightsError) appears inside a wrapped, multi-line message: the last line
 # of a traceback, "finetune_trainer.errors.TrainerError: dataset.trainUri: …".
@@ -22,6 +22,22 @@ _INNER = re.compile(r"^(?:[\w.]*\.)?(?:TrainerError|WeightsError): (.+)$", re.MU
 
 class TrainerError(Exception):
     """A problem with the job's inputs, stated in one line that names the path or field at fault."""
+
+
+class WeightsError(ValueError):
+    """Starting weights that cannot be used: an unknown weights name, or a weights file that is
+    missing, unreadable, or of another architecture. The message is one line, fit for a job status."""
+
+
+class ArtifactError(ValueError):
+    """Artifacts that cannot be written or read as asked; the message is one line, fit for a job status."""
+
+
+def exception_line(e: BaseException) -> str:
+    """``e`` as one line, ``TypeName: first line of its message``, for wrapping a foreign error
+    (fsspec backends, torch.load) into one of ours without its multi-line advice."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def one_line(message: str) -> str:

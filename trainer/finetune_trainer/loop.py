@@ -1,12 +1,11 @@
-"""The per-worker training loop that Ray Train runs on every worker: ``train_loop_per_worker(config)``.
+"""The Ray Train glue that runs a job on every worker: ``train_loop_per_worker(config)``.
 
 Shape of torchvision's classification reference (``build_datasets`` → ``build_model`` →
-``train_one_epoch`` / ``evaluate`` per epoch), run data-parallel through ``ray.train.torch``:
-``prepare_model`` (DDP, gloo on CPU) and ``prepare_data_loader`` around our own seeded
-``DistributedSampler``. A job is a plan of stages (``plan_stages``): one for ``linear-probe``,
-``partial`` and ``full``; two for ``lp-ft`` (the head alone, then everything with the backbone at a
-lower rate, with a fresh optimizer and schedule). A frozen-backbone stage without random augmentation
-trains the head on backbone features computed once (``data.cache_features``).
+``engine.train_one_epoch`` / ``engine.evaluate`` per epoch), run data-parallel through
+``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and ``prepare_data_loader`` around our own
+seeded ``DistributedSampler`` (``build_loaders``). The job runs as the stages ``stages.plan_stages``
+lays out, each with a fresh optimizer and schedule (``optim``); a frozen-backbone stage without random
+augmentation trains the head on backbone features computed once (``data.cache_features``).
 
 Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
 appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
@@ -16,20 +15,15 @@ Train hands back. At the end rank 0 evaluates on the validation set and writes t
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
@@ -37,14 +31,23 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
-from finetune_trainer.artifacts import ArtifactError, EpochRecord, EvalResult, append_metrics, load_model_card, write_artifacts
+from finetune_trainer.artifacts import write_artifacts
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.errors import TrainerError
-from finetune_trainer.model import ParamGroups, apply_strategy, build_model, set_train_mode, split_for_feature_cache
+from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, seed_everything, train_one_epoch
+from finetune_trainer.errors import ArtifactError, TrainerError
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord, append_metrics
+from finetune_trainer.model import build_model
+from finetune_trainer.model_card import load_model_card
+from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
+from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
+from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 
-__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Stage", "evaluate", "plan_stages", "train_loop_per_worker", "train_one_epoch"]
+__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Shards", "build_loaders", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -54,199 +57,6 @@ QUIET_KEY: Final = "quiet"
 """Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
 
 Labelled = Dataset[tuple[Tensor, int]]
-
-
-# ------------------------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class Stage:
-    """Epochs ``first``..``last`` (1-based, inclusive) trained with ``method`` (model.py's names)."""
-
-    name: Literal["probe", "fine-tune"]
-    method: str
-    first: int
-    last: int
-
-    @property
-    def epochs(self) -> int:
-        return self.last - self.first + 1
-
-
-def plan_stages(spec: FineTuneJobSpec) -> list[Stage]:
-    epochs, method = spec.hyperparameters.epochs, spec.strategy.method
-    if method == "linear-probe":
-        return [Stage("probe", "linear-probe", 1, epochs)]
-    if method == "lp-ft":
-        probe = spec.probe_epochs()
-        return [Stage("probe", "lp-ft-probe", 1, probe), Stage("fine-tune", "lp-ft-finetune", probe + 1, epochs)]
-    return [Stage("fine-tune", method, 1, epochs)]
-
-
-def uses_feature_cache(spec: FineTuneJobSpec, stage: Stage) -> bool:
-    """A frozen backbone sees the same images every epoch only without random augmentation."""
-    return stage.name == "probe" and spec.strategy.cache_features and spec.dataset.augmentation == "none"
-
-
-# ---------------------------------------------------------------------------------- optimisation
-def backbone_lr(spec: FineTuneJobSpec, stage: Stage) -> float:
-    hp = spec.hyperparameters
-    if hp.backbone_learning_rate is not None:
-        return hp.backbone_learning_rate
-    default = 1.0 if stage.method == "full" else 0.1
-    return hp.learning_rate * (hp.backbone_lr_multiplier if hp.backbone_lr_multiplier is not None else default)
-
-
-def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) -> torch.optim.Optimizer:
-    """Head and backbone at their own rates; no weight decay on biases and normalisation weights."""
-    hp = spec.hyperparameters
-    param_groups: list[dict[str, Any]] = []
-    for name, params, lr in (("head", groups.head, hp.learning_rate), ("backbone", groups.backbone, backbone_lr(spec, stage))):
-        for suffix, chosen, decay in (
-            ("", [p for p in params if p.ndim > 1], hp.weight_decay),
-            ("_no_decay", [p for p in params if p.ndim <= 1], 0.0),
-        ):
-            if chosen:
-                param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0)
-    return torch.optim.AdamW(param_groups, lr=hp.learning_rate)
-
-
-@dataclass
-class Schedule:
-    """Learning-rate factor per optimizer step: linear warm-up from 1%, then cosine, step or flat.
-    A callable object rather than a closure so that LambdaLR's state_dict keeps its numbers."""
-
-    kind: str
-    warmup_steps: int
-    total_steps: int
-    step_every: int
-    gamma: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return 0.01 + 0.99 * step / self.warmup_steps
-        after = step - self.warmup_steps
-        if self.kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, after / max(1, self.total_steps - self.warmup_steps))))
-        if self.kind == "step":
-            return float(self.gamma ** (after // self.step_every))
-        return 1.0
-
-
-def build_scheduler(
-    spec: FineTuneJobSpec, stage: Stage, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    hp = spec.hyperparameters
-    step_epochs = hp.step_size or max(1, stage.epochs // 3)
-    schedule = Schedule(
-        kind=hp.scheduler,
-        warmup_steps=min(hp.warmup_epochs, stage.epochs - 1) * steps_per_epoch,
-        total_steps=stage.epochs * steps_per_epoch,
-        step_every=step_epochs * steps_per_epoch,
-        gamma=hp.gamma,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-# ------------------------------------------------------------------------------------- one epoch
-@dataclass
-class Precision:
-    """AMP settings: autocast only on CUDA (bf16/fp16), a live GradScaler only for fp16."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def build_precision(spec: FineTuneJobSpec, device: torch.device) -> Precision:
-    mode = spec.hyperparameters.mixed_precision
-    dtype = None
-    if device.type == "cuda" and mode != "no":
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return Precision(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return [float(v) for v in tensor.tolist()]
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader[Any],
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: Precision,
-    grad_clip_norm: float | None,
-    frozen_bn: bool,
-) -> tuple[float, int]:
-    """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean."""
-    set_train_mode(model, frozen_bn=frozen_bn)
-    loss_sum, seen = 0.0, 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    for images, targets in loader:
-        images, targets = images.to(precision.device, non_blocking=True), targets.to(precision.device, non_blocking=True)
-        with precision.autocast():
-            loss = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        if grad_clip_norm is not None:
-            precision.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(params, grad_clip_norm)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        scheduler.step()
-        loss_sum += float(loss.detach()) * len(targets)
-        seen += len(targets)
-    return loss_sum, seen
-
-
-@dataclass
-class EvalStats:
-    loss: float
-    accuracy: float
-    top5: float | None
-    count: int
-    y_true: list[int]
-    y_pred: list[int]
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DataLoader[Any], criterion: nn.Module, precision: Precision, num_classes: int, reduce: bool = True
-) -> EvalStats:
-    """Top-1, top-5 (five classes or more) and loss; summed across workers when ``reduce``."""
-    model.eval()
-    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
-    y_true: list[int] = []
-    y_pred: list[int] = []
-    k = min(5, num_classes)
-    for images, targets in loader:
-        images, targets = images.to(precision.device), targets.to(precision.device)
-        with precision.autocast():
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += float(criterion(logits, targets)) * len(targets)
-        top = logits.topk(k, dim=1).indices
-        correct1 += float((top[:, 0] == targets).sum())
-        correct5 += float((top == targets[:, None]).any(dim=1).sum())
-        count += len(targets)
-        y_true += targets.tolist()
-        y_pred += top[:, 0].tolist()
-    if reduce:
-        loss_sum, correct1, correct5, total = _all_reduce([loss_sum, correct1, correct5, float(count)], precision.device)
-        count = int(total)
-    n = max(count, 1)
-    return EvalStats(loss_sum / n, correct1 / n, correct5 / n if num_classes >= 5 else None, count, y_true, y_pred)
 
 
 # --------------------------------------------------------------------------------------- loaders
@@ -318,20 +128,6 @@ def _set_threads(cfg: TrainerConfig) -> None:
     torch.set_num_threads(max(1, min(int(cfg.spec.resources.cpus_per_worker), share)))
 
 
-def _quiet_ray_train() -> None:
-    # Ray 2.60 logs every report through a logger named after its source file rather than under
-    # "ray.train", so RunConfig's LoggingConfig does not reach it.
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _weights_uri(cfg: TrainerConfig) -> str | None:
     uri = cfg.spec.model.weights_uri
     return None if uri is None else resolve_uri(uri)
@@ -349,17 +145,17 @@ def _same_classes_as_source(weights_uri: str | None, class_names: list[str]) -> 
         card = load_model_card(storage.parent(weights_uri))
     except ArtifactError:
         return False
-    return bool(card.get("classNames") == class_names)
+    return card.class_names == class_names
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
-        _quiet_ray_train()
+        quiet_train_reports()
     rank, world = _workers()
     _set_threads(cfg)
-    _seed(cfg.spec.hyperparameters.seed)
+    seed_everything(cfg.spec.hyperparameters.seed)
     sinks = build_sinks(cfg) if rank == 0 else None
     if sinks is not None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
@@ -474,7 +270,7 @@ def _run_stage(
             spec.strategy.freeze_batch_norm,
         )
         train_seconds = time.perf_counter() - started
-        loss_sum, seen_all = _all_reduce([loss_sum, float(seen)], worker.device)
+        loss_sum, seen_all = all_reduce([loss_sum, float(seen)], worker.device)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
         state.stage = stage.name
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
@@ -559,7 +355,7 @@ def _report(
         )
 
 
-def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: Any) -> None:
+def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: InputSpec) -> None:
     """Rank 0: evaluate the final model on the whole validation set, write the artifacts, close the sinks."""
     spec = worker.spec
     total = spec.hyperparameters.epochs

@@ -1,6 +1,6 @@
 """Drawings of a run, for people: training curves per epoch and the validation confusion matrix.
 
-Pure functions of the records ``artifacts`` keeps (metrics.jsonl, the evaluation); they use a bare
+Pure functions of the records a run keeps (``metrics_log``, ``evaluation``); they use a bare
 matplotlib Figure with its own Agg canvas, never pyplot's global state, so they are safe in any thread
 and any Ray worker.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-if TYPE_CHECKING:
-    from finetune_trainer.artifacts import EpochRecord, EvalResult
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.metrics_log import EpochRecord
 
 __all__ = ["plot_confusion_matrix", "plot_training_curves"]
 

@@ -20,7 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from finetune_trainer import storage
-from finetune_trainer.artifacts import CARD_FILE, MODEL_FILE, ArtifactError, InputSpec, load_model_card
+from finetune_trainer.errors import ArtifactError, exception_line
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
 
@@ -52,15 +54,15 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
-    expected = card["files"][MODEL_FILE]["sha256"]
+    expected = card.files[MODEL_FILE].sha256
     actual = storage.sha256_bytes(data)
     if actual != expected:
         raise ArtifactError(
             f"{uri}: sha256 {actual[:12]}… does not match the model card's {expected[:12]}…; "
             "the file was modified, truncated or comes from another run"
         )
-    class_names = [str(c) for c in card["classNames"]]
-    name = card["architecture"]["name"]
+    class_names = card.class_names
+    name = card.architecture.name
     try:
         model = build_model(name, None, len(class_names))
     except ValueError as e:
@@ -70,9 +72,8 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {first}") from None
-    spec = InputSpec.from_wire(card["input"])
+        raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {exception_line(e)}") from None
+    spec = card.input
     try:
         transform = image_transform(spec)
     except ValueError as e:
@@ -91,7 +92,7 @@ def _open_image(path: str) -> Image.Image:
         raise ArtifactError(f"{path}: is a directory, not an image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         # PIL raises UnidentifiedImageError for non-images and OSError/SyntaxError for truncated ones.
-        raise ArtifactError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"{path}: not a readable image ({exception_line(e)})") from None
 
 
 def predict(

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer.errors import exception_line
+
 __all__ = [
     "StorageError",
     "atomic_path",
@@ -24,6 +26,7 @@ __all__ = [
     "is_remote",
     "join",
     "local_path",
+    "parent",
     "read_bytes",
     "read_text",
     "sha256_bytes",
@@ -110,11 +113,6 @@ def _fs_open(uri: str, mode: str) -> Any:
     return fsspec.open(uri, mode)
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def read_bytes(uri: str) -> bytes:
     """The content of a local file or an object; FileNotFoundError when it does not exist."""
     if not is_remote(uri):
@@ -125,7 +123,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise
     except Exception as e:  # backends raise their own types (botocore, google.auth, ...)
-        raise StorageError(f"{uri}: cannot read: {_one_line(e)}") from e
+        raise StorageError(f"{uri}: cannot read: {exception_line(e)}") from e
 
 
 def read_text(uri: str) -> str:
@@ -141,7 +139,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with _fs_open(uri, "wb") as f:
             f.write(data)
     except Exception as e:
-        raise StorageError(f"{uri}: cannot write: {_one_line(e)}") from e
+        raise StorageError(f"{uri}: cannot write: {exception_line(e)}") from e
 
 
 def write_text(uri: str, text: str) -> None:
@@ -159,4 +157,4 @@ def upload_file(src: str | Path, uri: str) -> None:
             while chunk := fin.read(_CHUNK):
                 fout.write(chunk)
     except Exception as e:
-        raise StorageError(f"{uri}: cannot upload {src}: {_one_line(e)}") from e
+        raise StorageError(f"{uri}: cannot upload {src}: {exception_line(e)}") from e

@@ -1,0 +1,203 @@
+"""Optimisation of a stage: the learning-rate schedule, the backbone's rate, and the parameter groups
+(no weight decay on biases and normalisation weights). Tiny modules, no Ray."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler
+from finetune_trainer.stages import Stage, plan_stages
+from finetune_trainer.strategy import ParamGroups
+
+
+def make_spec(method: str = "full", epochs: int = 6, **hp: Any) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake", "imageSize": 32},
+            "output": {"uri": "/tmp/out"},
+            "strategy": {"method": method, **({"unfreezeBlocks": 1} if method == "partial" else {})},
+            "hyperparameters": {"epochs": epochs, **hp},
+        }
+    )
+
+
+def last_stage(spec: FineTuneJobSpec) -> Stage:
+    return plan_stages(spec)[-1]
+
+
+# ------------------------------------------------------------------------------------------ schedule
+COSINE = Schedule("cosine", warmup_steps=10, total_steps=110, step_every=1, gamma=0.1)
+STEP = Schedule("step", warmup_steps=0, total_steps=100, step_every=10, gamma=0.1)
+FLAT = Schedule("none", warmup_steps=4, total_steps=100, step_every=1, gamma=0.1)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "factor"),
+    [
+        # linear warm-up from 1% of the rate
+        (COSINE, 0, 0.01),
+        (COSINE, 5, 0.01 + 0.99 * 0.5),
+        (COSINE, 9, 0.01 + 0.99 * 0.9),
+        # then a cosine from the full rate down to zero at the end, and zero after it
+        (COSINE, 10, 1.0),
+        (COSINE, 60, 0.5),
+        (COSINE, 35, 0.5 * (1 + math.cos(math.pi / 4))),
+        (COSINE, 110, 0.0),
+        (COSINE, 500, 0.0),
+        # step decay: gamma per step_every steps
+        (STEP, 0, 1.0),
+        (STEP, 9, 1.0),
+        (STEP, 10, 0.1),
+        (STEP, 25, 0.01),
+        (Schedule("step", 0, 100, step_every=5, gamma=0.5), 15, 0.125),
+        (Schedule("step", 3, 100, step_every=5, gamma=0.5), 8, 0.5),  # decays count from the warm-up's end
+        # flat after the warm-up
+        (FLAT, 0, 0.01),
+        (FLAT, 2, 0.01 + 0.99 * 0.5),
+        (FLAT, 4, 1.0),
+        (FLAT, 1000, 1.0),
+    ],
+)
+def test_schedule(schedule: Schedule, step: int, factor: float) -> None:
+    assert schedule(step) == pytest.approx(factor, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("hp", "steps_per_epoch", "expected"),
+    [
+        # 4 epochs of 5 steps, one epoch of warm-up, cosine over the other 15 steps
+        ({"scheduler": "cosine", "warmupEpochs": 1}, 5, Schedule("cosine", 5, 20, 5, 0.1)),
+        ({"scheduler": "cosine", "warmupEpochs": 3}, 5, Schedule("cosine", 15, 20, 5, 0.1)),
+        # step decay every third of the stage by default, else every stepSize epochs
+        ({"scheduler": "step"}, 3, Schedule("step", 0, 12, 3, 0.1)),
+        ({"scheduler": "step", "stepSize": 2, "gamma": 0.5}, 3, Schedule("step", 0, 12, 6, 0.5)),
+        ({"scheduler": "none"}, 7, Schedule("none", 0, 28, 7, 0.1)),
+    ],
+)
+def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Schedule) -> None:
+    spec = make_spec("full", 4, **hp)
+    param = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.SGD([param], lr=0.5)
+    scheduler = build_scheduler(spec, last_stage(spec), optimizer, steps_per_epoch)
+    assert scheduler.lr_lambdas == [expected]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * expected(0))  # the first step's rate is set at once
+
+
+@pytest.mark.parametrize(
+    ("warmup", "probe_schedule", "finetune_schedule"),
+    [
+        (1, Schedule("cosine", 2, 6, 2, 0.1), Schedule("cosine", 2, 14, 4, 0.1)),
+        # 5 warm-up epochs do not fit the 3-epoch probe: capped at all but its last epoch
+        (5, Schedule("cosine", 4, 6, 2, 0.1), Schedule("cosine", 10, 14, 4, 0.1)),
+    ],
+)
+def test_lp_ft_schedules_each_stage_on_its_own(warmup: int, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
+    spec = make_spec("lp-ft", 10, warmupEpochs=warmup)  # probe epochs 1-3, fine-tune 4-10, 2 steps each
+    probe, finetune = plan_stages(spec)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert build_scheduler(spec, probe, optimizer, 2).lr_lambdas == [probe_schedule]
+    assert build_scheduler(spec, finetune, optimizer, 2).lr_lambdas == [finetune_schedule]
+
+
+# ----------------------------------------------------------------------------------- backbone rate
+@pytest.mark.parametrize(
+    ("method", "hp", "expected"),
+    [
+        ("full", {"learningRate": 0.01}, 0.01),  # nothing frozen: the same rate everywhere
+        ("partial", {"learningRate": 0.01}, 0.001),  # a tenth by default
+        ("lp-ft", {"learningRate": 0.01}, 0.001),
+        ("full", {"learningRate": 0.01, "backboneLrMultiplier": 0.5}, 0.005),
+        ("lp-ft", {"learningRate": 0.01, "backboneLrMultiplier": 0.25}, 0.0025),
+        ("partial", {"learningRate": 0.01, "backboneLearningRate": 0.02}, 0.02),  # absolute wins
+    ],
+)
+def test_backbone_lr(method: str, hp: dict[str, Any], expected: float) -> None:
+    spec = make_spec(method, 6, **hp)
+    assert backbone_lr(spec, last_stage(spec)) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------ param groups
+class Tiny(nn.Module):
+    """A conv + BatchNorm backbone and a linear head: weights, biases and norm weights of both kinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+
+def _groups(model: Tiny, backbone: bool) -> ParamGroups:
+    params = dict(model.named_parameters())
+    return ParamGroups(
+        head=[params["fc.weight"], params["fc.bias"]],
+        backbone=[p for name, p in params.items() if not name.startswith("fc.")] if backbone else [],
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "hp", "kind", "expected"),
+    [
+        (
+            "full",
+            {"optimizer": "adamw", "learningRate": 1e-3, "weightDecay": 0.05},
+            torch.optim.AdamW,
+            [
+                ("head", 1e-3, 0.05, ["fc.weight"]),
+                ("head_no_decay", 1e-3, 0.0, ["fc.bias"]),
+                ("backbone", 1e-3, 0.05, ["conv.weight"]),
+                ("backbone_no_decay", 1e-3, 0.0, ["conv.bias", "bn.weight", "bn.bias"]),
+            ],
+        ),
+        (
+            "partial",
+            {"optimizer": "sgd", "learningRate": 0.1, "weightDecay": 1e-4},
+            torch.optim.SGD,
+            [
+                ("head", 0.1, 1e-4, ["fc.weight"]),
+                ("head_no_decay", 0.1, 0.0, ["fc.bias"]),
+                ("backbone", 0.01, 1e-4, ["conv.weight"]),
+                ("backbone_no_decay", 0.01, 0.0, ["conv.bias", "bn.weight", "bn.bias"]),
+            ],
+        ),
+        (
+            "lp-ft",
+            {"optimizer": "sgd", "learningRate": 0.1, "backboneLearningRate": 0.003, "weightDecay": 0.0},
+            torch.optim.SGD,
+            [
+                ("head", 0.1, 0.0, ["fc.weight"]),
+                ("head_no_decay", 0.1, 0.0, ["fc.bias"]),
+                ("backbone", 0.003, 0.0, ["conv.weight"]),
+                ("backbone_no_decay", 0.003, 0.0, ["conv.bias", "bn.weight", "bn.bias"]),
+            ],
+        ),
+        (
+            "linear-probe",  # a frozen backbone: no backbone groups at all
+            {"optimizer": "adamw", "learningRate": 0.02, "weightDecay": 1e-4},
+            torch.optim.AdamW,
+            [("head", 0.02, 1e-4, ["fc.weight"]), ("head_no_decay", 0.02, 0.0, ["fc.bias"])],
+        ),
+    ],
+)
+def test_param_groups(method: str, hp: dict[str, Any], kind: type, expected: list[tuple[str, float, float, list[str]]]) -> None:
+    spec = make_spec(method, 6, **hp)
+    model = Tiny()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(spec, last_stage(spec), _groups(model, backbone=method != "linear-probe"))
+    assert type(optimizer) is kind
+    got = [(g["name"], g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups]
+    assert got == [(n, pytest.approx(lr), pytest.approx(wd), params) for n, lr, wd, params in expected]
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, True), (0.5, True), (0.0, False)])
+def test_sgd_is_nesterov_when_it_has_momentum(momentum: float, nesterov: bool) -> None:
+    spec = make_spec("full", 6, optimizer="sgd", momentum=momentum)
+    optimizer = build_optimizer(spec, last_stage(spec), _groups(Tiny(), backbone=True))
+    assert {(g["momentum"], g["nesterov"]) for g in optimizer.param_groups} == {(momentum, nesterov)}

@@ -1,0 +1,110 @@
+"""Ray Train's private surface that ``ray_compat`` relies on is still where it was, and nothing else in
+the trainer reaches for it. Imports Ray, never starts it."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import ray
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+
+TRAINER = Path(__file__).resolve().parents[2] / "trainer" / "finetune_trainer"
+PRIVATE = "ray.train.v2._internal"
+
+
+def _moved(what: str) -> str:
+    return f"Ray {ray.__version__}: {what}; update finetune_trainer/ray_compat.py for this Ray version"
+
+
+def _ray_compat() -> ModuleType:
+    try:
+        from finetune_trainer import ray_compat
+    except ImportError as e:
+        pytest.fail(_moved(f"a private module ray_compat imports has moved ({e})"))
+    return ray_compat
+
+
+def _cleaner_is_a_class() -> bool:
+    return isinstance(_ray_compat().PlacementGroupCleanerCallback, type)
+
+
+def _torch_trainer_builds_its_callbacks_privately() -> bool:
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+    return callable(getattr(TorchTrainer, "_create_default_callbacks", None))
+
+
+def _report_logger_is_named_after_its_file() -> bool:
+    from ray.train.v2._internal.execution import context
+
+    logger = getattr(context, "logger", None)
+    return isinstance(logger, logging.Logger) and logger.name == context.__file__
+
+
+@pytest.mark.parametrize(
+    ("check", "what"),
+    [
+        (_cleaner_is_a_class, "PlacementGroupCleanerCallback is no longer a class"),
+        (_torch_trainer_builds_its_callbacks_privately, "TorchTrainer._create_default_callbacks is gone"),
+        (_report_logger_is_named_after_its_file, "the per-report logger is no longer named after context.py"),
+    ],
+)
+def test_private_surface_is_where_ray_compat_expects_it(check: Callable[[], bool], what: str) -> None:
+    assert check(), _moved(what)
+
+
+def _config(tmp_path: Path) -> TrainerConfig:
+    spec = FineTuneJobSpec.model_validate(
+        {"model": {"name": "resnet18"}, "dataset": {"format": "fake", "imageSize": 32}, "output": {"uri": str(tmp_path)}}
+    )
+    return TrainerConfig(job_name="compat", spec=spec, output_root=str(tmp_path), sinks=["console"])
+
+
+@pytest.mark.parametrize(("local", "has_cleaner"), [(False, True), (True, False)])
+def test_only_the_local_trainer_leaves_the_cleaner_out(tmp_path: Path, local: bool, has_cleaner: bool) -> None:
+    from finetune_trainer.driver import build_trainer
+
+    ray_compat = _ray_compat()
+    callbacks = build_trainer(_config(tmp_path), local=local)._create_default_callbacks()
+    found = any(isinstance(c, ray_compat.PlacementGroupCleanerCallback) for c in callbacks)
+    # A TorchTrainer without the cleaner means Ray stopped adding it: the override is dead weight.
+    assert found is has_cleaner, _moved(f"TorchTrainer's default callbacks {[type(c).__name__ for c in callbacks]}")
+    assert not ray.is_initialized()
+
+
+def test_quieting_reaches_the_report_logger() -> None:
+    from ray.train.v2._internal.execution import context
+
+    logger = logging.getLogger(context.__file__)
+    level = logger.level
+    try:
+        _ray_compat().quiet_train_reports()
+        assert not context.logger.isEnabledFor(logging.INFO), _moved("quiet_train_reports no longer silences the report logger")
+    finally:
+        logger.setLevel(level)
+
+
+def _private_imports(path: Path) -> list[str]:
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found += [f"{path.name}:{node.lineno}: {name}" for name in names if name == PRIVATE or name.startswith(f"{PRIVATE}.")]
+    return found
+
+
+def test_only_ray_compat_imports_ray_private_modules() -> None:
+    offenders = [hit for path in sorted(TRAINER.glob("*.py")) if path.name != "ray_compat.py" for hit in _private_imports(path)]
+    assert offenders == [], f"import these through finetune_trainer.ray_compat instead: {offenders}"
+    assert _private_imports(TRAINER / "ray_compat.py"), "the guard above must see ray_compat's own private imports"

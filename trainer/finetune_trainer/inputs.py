@@ -1,0 +1,35 @@
+"""How images must be prepared for a trained model: ``InputSpec``.
+
+Built by ``data.build_input_spec`` from the job's weights preset and image size, used by the transforms
+in ``data``, recorded as the ``input`` part of the model card, and read back from it by ``predict``
+so that inference prepares images exactly as validation did.
+"""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict
+
+from finetune_operator.api.base import WireModel
+
+__all__ = ["InputSpec"]
+
+
+class InputSpec(WireModel):
+    """Resize the short side to ``resize_size``, centre-crop ``image_size``, scale to [0, 1], normalise
+    with ``mean``/``std``; grayscale data is replicated to RGB. The tensor the model takes is then
+    ``channels``×S×S in ``layout``, its values in ``value_range`` before normalisation."""
+
+    # Read back from model cards that a newer trainer may have written with more keys: ignore what this
+    # version does not know rather than refuse the card (WireModel forbids unknown keys in manifests).
+    model_config = ConfigDict(extra="ignore")
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    grayscale_to_rgb: bool
+    # The same for every torchvision classifier; recorded for consumers other than `finetune predict`.
+    channels: int = 3
+    layout: str = "NCHW"
+    value_range: tuple[int, int] = (0, 1)

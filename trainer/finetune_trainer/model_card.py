@@ -1,0 +1,214 @@
+"""The model card, ``model.json``: what a trained model is, how to feed it, how good it is, checksums.
+
+``ModelCard`` is typed (pydantic, camelCase on the wire like the API): ``artifacts`` builds and writes
+it last, so its presence means the artifact directory is complete; ``load_model_card`` reads it back,
+validated, for ``finetune predict`` and for reusing a head when a job starts from an earlier job's
+``model.pt``. A card that does not validate is an ``ArtifactError`` naming the file and the fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
+
+from finetune_operator.api.base import WireModel
+from finetune_trainer import storage
+from finetune_trainer.errors import ArtifactError, exception_line
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord
+
+__all__ = [
+    "CARD_FILE",
+    "CARD_SCHEMA_VERSION",
+    "MODEL_FILE",
+    "Architecture",
+    "BestEpoch",
+    "CardEvaluation",
+    "CardMetrics",
+    "CardPart",
+    "FileEntry",
+    "JobRef",
+    "ModelCard",
+    "NoWeights",
+    "TorchvisionWeights",
+    "UriWeights",
+    "Versions",
+    "WeightsSource",
+    "load_model_card",
+]
+
+CARD_FILE: Final = "model.json"
+MODEL_FILE: Final = "model.pt"
+"""The fine-tuned state_dict: the one file every card lists."""
+CARD_SCHEMA_VERSION: Final = 1
+_SHOWN_PROBLEMS: Final = 6
+
+
+class CardPart(WireModel):
+    """A part of the card. A card written by a newer trainer may carry keys this version does not know:
+    they are ignored rather than refused (WireModel forbids them, which suits manifests, not files that
+    outlive the trainer version that wrote them), so that an older `finetune predict` still serves it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class JobRef(CardPart):
+    name: str
+    namespace: str | None
+    uid: str | None
+
+
+class Architecture(CardPart):
+    name: str
+    """The torchvision model name, enough to rebuild it (``torchvision.models.get_model``)."""
+    family: str | None = None
+    class_name: str | None = Field(None, alias="class")
+    parameters: int | None = None
+
+
+class NoWeights(CardPart):
+    source: Literal["none"] = "none"
+
+
+class UriWeights(CardPart):
+    source: Literal["uri"] = "uri"
+    uri: str
+
+
+class TorchvisionWeights(CardPart):
+    source: Literal["torchvision"] = "torchvision"
+    name: str
+    """The weights enum member it resolved to, e.g. ``ResNet18_Weights.IMAGENET1K_V1``."""
+    requested: str
+    """As the spec named them, e.g. ``DEFAULT``."""
+
+
+WeightsSource = Annotated[NoWeights | UriWeights | TorchvisionWeights, Field(discriminator="source")]
+
+
+def _epoch_record(value: Any) -> EpochRecord:
+    if isinstance(value, EpochRecord):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "epoch_record", "expected an epoch record (an object), not {kind}", {"kind": type(value).__name__}
+        )
+    try:
+        return EpochRecord.from_wire(value)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PydanticCustomError("epoch_record", "not an epoch record ({error})", {"error": exception_line(e)}) from None
+
+
+# A line of metrics.jsonl, in metrics.jsonl's own wire form (EpochRecord.to_wire / from_wire).
+WireEpochRecord = Annotated[EpochRecord, PlainValidator(_epoch_record), PlainSerializer(EpochRecord.to_wire)]
+
+
+class BestEpoch(CardPart):
+    val_accuracy: float | None
+    epoch: int | None
+
+
+class CardMetrics(CardPart):
+    final: WireEpochRecord | None
+    """The last epoch's line of metrics.jsonl."""
+    best: BestEpoch
+    epochs: int
+
+
+class CardEvaluation(CardPart):
+    """The headline numbers of ``evaluation.json`` (named by ``report``)."""
+
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    weighted_f1: float
+    num_samples: int
+    report: str
+
+
+class Versions(CardPart):
+    python: str
+    torch: str
+    torchvision: str | None
+    ray: str | None
+    finetune_operator: str
+
+
+class FileEntry(CardPart):
+    sha256: str
+    size: int = Field(alias="bytes")
+
+
+def _lists_the_model(files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+    if MODEL_FILE not in files:
+        raise PydanticCustomError("model_file", "no entry for {name}", {"name": MODEL_FILE})
+    return files
+
+
+class ModelCard(CardPart):
+    """The card. What ``predict`` and head reuse need is required (architecture, classes, input, files
+    with ``model.pt``); the rest is optional on read, so that a hand-written card loads as it always did.
+    The trainer writes every part."""
+
+    schema_version: int = CARD_SCHEMA_VERSION
+    created_at: str | None = None
+    job: JobRef | None = None
+    architecture: Architecture
+    weights: WeightsSource | None = None
+    num_classes: int | None = None
+    class_names: list[str]
+    """In output order: index i of the logits is ``class_names[i]``."""
+    input: InputSpec
+    metrics: CardMetrics | None = None
+    evaluation: CardEvaluation | None = None
+    exports: dict[str, str] = Field(default_factory=dict)
+    """Export format → file name in the artifact directory."""
+    spec: dict[str, Any] | None = None
+    """The job's spec as the API writes it (kept as plain JSON, so a card of another API version loads)."""
+    versions: Versions | None = None
+    files: Annotated[dict[str, FileEntry], AfterValidator(_lists_the_model)]
+    """Every file of the artifact directory but the card itself, with its checksum and size."""
+
+    def to_json(self) -> str:
+        """The card as written to ``model.json``: every key, unset ones as null (unlike ``to_wire``)."""
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=2) + "\n"
+
+
+def _problems(error: ValidationError) -> str:
+    """One line for a validation error: the missing fields together, then each other problem."""
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        return ".".join(map(str, loc)) or "the card"
+
+    errors = error.errors()
+    missing = [where(e["loc"]) for e in errors if e["type"] == "missing"]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + [
+        f"{where(e['loc'])}: {e['msg']}" for e in errors if e["type"] != "missing"
+    ]
+    more = f"; … ({len(problems)} problems in all)" if len(problems) > _SHOWN_PROBLEMS else ""
+    return "; ".join(problems[:_SHOWN_PROBLEMS]) + more
+
+
+def load_model_card(artifact_dir: str) -> ModelCard:
+    """The model card of an artifact directory (path or URI), validated."""
+    uri = storage.join(artifact_dir, CARD_FILE)
+    try:
+        raw = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{uri}: no model card; --model must be the artifact directory of a finished job (<output.uri>/<job name>)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{uri}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{uri}: not a model card (a JSON {type(raw).__name__}, expected an object)")
+    try:
+        return ModelCard.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{uri}: not a model card: {_problems(e)}") from None

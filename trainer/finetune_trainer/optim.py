@@ -1,0 +1,87 @@
+"""Optimisation of one stage: ``build_optimizer`` (parameter groups) and ``build_scheduler`` (``Schedule``).
+
+The head trains at ``learningRate``, the unfrozen backbone at its own rate (``backbone_lr``); biases and
+normalisation weights (one-dimensional parameters) get no weight decay, as in torchvision's
+classification reference. The learning rate warms up linearly from 1% over ``warmupEpochs``, then
+follows a cosine to zero, a step decay or stays flat; it is stepped per optimizer step. Each stage of
+``lp-ft`` gets a fresh optimizer and schedule. Torch only; called by the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.stages import Stage
+from finetune_trainer.strategy import ParamGroups
+
+__all__ = ["Schedule", "backbone_lr", "build_optimizer", "build_scheduler"]
+
+
+def backbone_lr(spec: FineTuneJobSpec, stage: Stage) -> float:
+    """The backbone's rate: ``backboneLearningRate``, else ``learningRate`` × ``backboneLrMultiplier``
+    (default 1 for ``full``, 0.1 otherwise)."""
+    hp = spec.hyperparameters
+    if hp.backbone_learning_rate is not None:
+        return hp.backbone_learning_rate
+    default = 1.0 if stage.method == "full" else 0.1
+    return hp.learning_rate * (hp.backbone_lr_multiplier if hp.backbone_lr_multiplier is not None else default)
+
+
+def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) -> torch.optim.Optimizer:
+    """Head and backbone at their own rates; no weight decay on biases and normalisation weights."""
+    hp = spec.hyperparameters
+    param_groups: list[dict[str, Any]] = []
+    for name, params, lr in (("head", groups.head, hp.learning_rate), ("backbone", groups.backbone, backbone_lr(spec, stage))):
+        for suffix, chosen, decay in (
+            ("", [p for p in params if p.ndim > 1], hp.weight_decay),
+            ("_no_decay", [p for p in params if p.ndim <= 1], 0.0),
+        ):
+            if chosen:
+                param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0)
+    return torch.optim.AdamW(param_groups, lr=hp.learning_rate)
+
+
+@dataclass
+class Schedule:
+    """Learning-rate factor per optimizer step: linear warm-up from 1%, then cosine, step or flat.
+    A callable object rather than a closure so that LambdaLR's state_dict keeps its numbers."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+    step_every: int
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / self.warmup_steps
+        after = step - self.warmup_steps
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, after / max(1, self.total_steps - self.warmup_steps))))
+        if self.kind == "step":
+            return float(self.gamma ** (after // self.step_every))
+        return 1.0
+
+
+def build_scheduler(
+    spec: FineTuneJobSpec, stage: Stage, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's ``Schedule`` in steps: warm-up of ``warmupEpochs`` (at most all but the stage's last
+    epoch), step decay every ``stepSize`` epochs (default a third of the stage)."""
+    hp = spec.hyperparameters
+    step_epochs = hp.step_size or max(1, stage.epochs // 3)
+    schedule = Schedule(
+        kind=hp.scheduler,
+        warmup_steps=min(hp.warmup_epochs, stage.epochs - 1) * steps_per_epoch,
+        total_steps=stage.epochs * steps_per_epoch,
+        step_every=step_epochs * steps_per_epoch,
+        gamma=hp.gamma,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
