@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"{result.job_name}: val accuracy {result.val_accuracy}, best {result.best_val_accuracy} (epoch {result.best_epoch}); artifacts in {result.run_dir}"
+        f"{result.job_name}: val accuracy {result.val_accuracy}, best {result.best_val_accuracy} "
+        f"(epoch {result.best_epoch}); artifacts in {result.run_dir}"
     )
     return 0
 

@@ -277,7 +277,8 @@ def _class_folders(field: str, uri: str, root: str) -> list[str]:
     for name in classes:
         if not _has_image(path / name):
             raise TrainerError(
-                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); add some or remove it"
+                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                "add some or remove it"
             )
     return classes
 

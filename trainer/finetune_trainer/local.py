@@ -88,7 +88,8 @@ def _preflight(cfg: TrainerConfig) -> None:
 
         if torch.cuda.device_count() < gpus:
             raise TrainerError(
-                f"resources.gpusPerWorker: the job needs {gpus} GPU(s), this machine has {torch.cuda.device_count()}; set gpusPerWorker: 0"
+                f"resources.gpusPerWorker: the job needs {gpus} GPU(s), this machine has {torch.cuda.device_count()}; "
+                "set gpusPerWorker: 0"
             )
 
 
@@ -120,7 +121,8 @@ def _summary(result: Any) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     best = f"best {pct(result.best_val_accuracy)}" + (f" at epoch {result.best_epoch}" if result.best_epoch else "")
-    return f"{result.job_name}: val accuracy {pct(result.val_accuracy)} ({best}) after {result.last_epoch} epochs; artifacts in {result.run_dir}"
+    accuracy = pct(result.val_accuracy)
+    return f"{result.job_name}: val accuracy {accuracy} ({best}) after {result.last_epoch} epochs; artifacts in {result.run_dir}"
 
 
 def run_command(args: argparse.Namespace) -> int:

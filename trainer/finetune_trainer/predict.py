@@ -85,7 +85,8 @@ def _open_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            loaded: Image.Image = image  # Pillow's context manager is typed loosely
+            return loaded
     except FileNotFoundError:
         raise ArtifactError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -179,7 +179,8 @@ def apply_strategy(
         )
     if (method == "partial") != (unfreeze_blocks is not None):
         raise ValueError(
-            f"unfreeze_blocks is required for method 'partial' and only for it (method {method!r}, unfreeze_blocks {unfreeze_blocks})"
+            f"unfreeze_blocks is required for method 'partial' and only for it "
+            f"(method {method!r}, unfreeze_blocks {unfreeze_blocks})"
         )
     head = _head_params(model)
     if method in ("full", "lp-ft-finetune"):
