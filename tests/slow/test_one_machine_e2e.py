@@ -21,6 +21,9 @@ import kopf
 import pytest
 import yaml
 
+# Registers the operator's Kopf handlers in Kopf's default registry, which KopfRunner runs: without it this module
+# passed only in a session where another test module had imported them first.
+import finetune_operator.handlers  # noqa: F401
 from finetune_operator import naming
 from finetune_operator.k8s import Kube
 from finetune_operator.settings import OperatorSettings
