@@ -85,30 +85,30 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The KubeRay RayJob that runs each FineTuneJob; watched to mirror its status back.
+# Every child below is created with an ownerReference to its FineTuneJob: under OwnerReferencesPermissionEnforcement
+# that needs `delete` on the child, though the operator never deletes one (the garbage collector does). Children
+# are created once and never read or changed again, except the RayJob (read back, mirrored, `spec.suspend` patched).
+# The KubeRay RayJob that runs each FineTuneJob; watched to mirror its status back, patched to (un)suspend.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The per-job ConfigMap holding the trainer's configuration.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["create", "delete"]
 # The per-job trainer ServiceAccount.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create", "delete"]
 # The per-job Role (get/patch on that job's status only) and the RoleBinding giving it to the trainer.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["create", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
-  verbs: ["get", "create", "patch", "delete"]
-# Kubernetes Events on FineTuneJobs, posted by Kopf (core API) and by the operator (events.k8s.io).
+  verbs: ["create", "delete"]
+# Kubernetes Events on FineTuneJobs, posted (never updated) by Kopf through the core API.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
