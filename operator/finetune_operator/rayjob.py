@@ -12,6 +12,10 @@ Choices that are not obvious from the output:
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
+- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile; ``security``
+  says how and why. Only the
+  workers mount a ServiceAccount token: rank 0 of Ray Train, on a worker, patches the job's status; the
+  driver on the head and the submitter never call the API server.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from finetune_operator import naming
+from finetune_operator import naming, security
 from finetune_operator.admission import AdmittedJob
 from finetune_operator.api.contract import (
     CONFIG_DIR,
@@ -139,6 +143,8 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
     }
     if policy.active_deadline_seconds is not None:
         body["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    image = spec.runtime.image or settings.trainer_image
+    body["submitterPodTemplate"] = security.submitter_template(job_labels(job), image, service_account, settings)
     body["rayClusterSpec"] = {
         "rayVersion": spec.runtime.ray_version or settings.ray_version,
         "enableInTreeAutoscaling": False,
@@ -200,6 +206,7 @@ def _pod_template(
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "env": [*(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
         "volumeMounts": mounts,
+        "securityContext": security.container_security_context(),
     }
     if runtime.env_from:
         container["envFrom"] = [e.to_wire() for e in runtime.env_from]
@@ -209,7 +216,14 @@ def _pod_template(
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 10001, "name": "client"},
         ]
-    pod: dict[str, Any] = {"serviceAccountName": service_account, "containers": [container], "volumes": volumes}
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        # Rank 0 of Ray Train runs on a worker and patches the job's status; nothing on the head calls the API.
+        "automountServiceAccountToken": role == "worker",
+        "securityContext": security.pod_security_context(settings),
+        "containers": [container],
+        "volumes": volumes,
+    }
     if runtime.priority_class_name:
         pod["priorityClassName"] = runtime.priority_class_name
     if role == "worker" and res.node_selector:

@@ -68,6 +68,12 @@ class OperatorSettings:
     log_level: str = "INFO"
     """``FINETUNE_OPERATOR_LOG_LEVEL``: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
+    trainer_uid: int = 1000
+    """``FINETUNE_OPERATOR_TRAINER_UID``: numeric user of the Ray pods (``ray`` in rayproject/ray images); never 0."""
+
+    trainer_gid: int = 100
+    """``FINETUNE_OPERATOR_TRAINER_GID``: primary group and fsGroup of the Ray pods (``users`` in rayproject/ray)."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Read every ``FINETUNE_OPERATOR_*`` variable; unset or empty ones keep their defaults."""
@@ -166,4 +172,6 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "head_memory": _pattern(QUANTITY, "a memory quantity such as 2Gi or 512Mi"),
     "metrics_port": _integer(0, 65_535),
     "log_level": _log_level,
+    "trainer_uid": _integer(1, 2_147_483_647),
+    "trainer_gid": _integer(0, 2_147_483_647),
 }

@@ -202,6 +202,8 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],
         "FINETUNE_OPERATOR_METRICS_PORT": str(values["metrics"]["port"]),
         "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
+        "FINETUNE_OPERATOR_TRAINER_UID": str(settings["trainerUid"]),
+        "FINETUNE_OPERATOR_TRAINER_GID": str(settings["trainerGid"]),
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -307,6 +309,7 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("settings.headMemory=lots", "headMemory"),
         ("watchNamespaces={Team_A}", "watchNamespaces"),
         ("crds.enabled=yes", "enabled"),
+        ("settings.trainerUid=0", "trainerUid"),
     ],
 )
 def test_values_schema_rejects(override: str, message: str) -> None:

@@ -1,4 +1,6 @@
-"""The pure RayJob builder: golden files per example, KubeRay v1.7.0 schema (+ no prunable field), RBAC, names.
+"""The pure RayJob builder: golden files per example, KubeRay v1.7.0 schema (+ no prunable field), every pod of
+every job under the "restricted" Pod Security profile, RBAC, names. (tests/unit/test_isolation.py: the rest of
+the isolation: submitter pod, ServiceAccount tokens, Ray token auth, the NetworkPolicy.)
 
 Regenerate the golden files after an intended change with ``UPDATE_GOLDEN=1 pytest tests/unit/test_rayjob.py``
 and review the diff: it is what every cluster running the operator will see.
@@ -25,6 +27,7 @@ from finetune_operator.api.validate import load_job
 from finetune_operator.rayjob import Children, build_children
 from finetune_operator.render import render_objects, to_yaml
 from finetune_operator.settings import OperatorSettings
+from tests.support.pod_security import template_violations
 from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
 
 ALL_EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
@@ -176,6 +179,35 @@ def test_examples_validate_against_kuberay_schema(path: Path) -> None:
 def test_edge_cases_validate_against_kuberay_schema(case: str) -> None:
     rayjob = children_of(EDGE_CASES[case], SETTINGS).rayjob
     assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
+
+
+def pod_templates(rayjob: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod template of a RayJob by role: head, each worker group, and KubeRay's submitter."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    groups = {f"worker:{g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]}
+    return {"head": cluster["headGroupSpec"]["template"], **groups, "submitter": spec["submitterPodTemplate"]}
+
+
+ALL_JOBS: list[Any] = [
+    *(pytest.param(path, id=f"example:{path.stem}") for path in EXAMPLES),
+    *(pytest.param(case, id=f"edge:{case}") for case in EDGE_CASES),
+]
+
+
+@pytest.mark.parametrize("job", ALL_JOBS)
+def test_every_pod_meets_the_restricted_profile(job: Path | str) -> None:
+    """What a namespace enforcing Pod Security "restricted" admits: else the RayJob hangs in Provisioning."""
+    rayjob = children_of(example_job(job) if isinstance(job, Path) else EDGE_CASES[job], SETTINGS).rayjob
+    templates = pod_templates(rayjob)
+    assert list(templates) == ["head", "worker:workers", "submitter"]
+    for role, template in templates.items():
+        assert template_violations(template) == [], role
+        # KubeRay adds a wait-gcs-ready init container with a copy of the Ray container's securityContext
+        # (common/pod.go): the pod must still pass with it.
+        ray = template["spec"]["containers"][0]
+        init = {"name": "wait-gcs-ready", "image": ray["image"], "securityContext": copy.deepcopy(ray["securityContext"])}
+        assert template_violations({"spec": {**template["spec"], "initContainers": [init]}}) == [], role
 
 
 def test_schema_check_catches_a_misspelt_field() -> None:
@@ -344,8 +376,8 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
     }
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "narrow-trainer", "namespace": "team"}]
     assert children.service_account is not None and children.service_account["metadata"]["name"] == "narrow-trainer"
-    for pod in _pods(children.rayjob):
-        assert pod["serviceAccountName"] == "narrow-trainer"
+    for template in pod_templates(children.rayjob).values():
+        assert template["spec"]["serviceAccountName"] == "narrow-trainer"
 
 
 def test_given_service_account_is_bound_not_created() -> None:
@@ -353,8 +385,8 @@ def test_given_service_account_is_bound_not_created() -> None:
     assert children.service_account is None
     assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "RayJob"]
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-runner", "namespace": "team"}]
-    for pod in _pods(children.rayjob):
-        assert pod["serviceAccountName"] == "ml-runner"
+    for template in pod_templates(children.rayjob).values():
+        assert template["spec"]["serviceAccountName"] == "ml-runner"
 
 
 # --------------------------------------------------------------------------------------------- names

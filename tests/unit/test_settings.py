@@ -18,6 +18,8 @@ def test_defaults() -> None:
     assert (s.namespaces, s.trainer_image, s.ray_version) == ((), DEFAULT_TRAINER_IMAGE, RAY_VERSION)
     assert (s.max_workers, s.max_gpus_per_worker, s.default_ttl_seconds) == (64, 8, 3600)
     assert (s.status_throttle_seconds, s.head_cpu, s.head_memory, s.metrics_port, s.log_level) == (10, "1", "2Gi", 8080, "INFO")
+    # Secure by default: the trainer image's own user.
+    assert (s.trainer_uid, s.trainer_gid) == (1000, 100)
 
 
 def test_every_attribute_is_a_documented_variable() -> None:
@@ -42,6 +44,8 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("HEAD_MEMORY", "4Gi", "head_memory", "4Gi"),
         ("METRICS_PORT", "0", "metrics_port", 0),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("TRAINER_UID", "1000680000", "trainer_uid", 1000680000),
+        ("TRAINER_GID", "0", "trainer_gid", 0),
     ],
 )
 def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -64,6 +68,8 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         ("HEAD_MEMORY", "2GB", "memory quantity"),
         ("METRICS_PORT", "70000", "integer from 0 to 65535"),
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+        ("TRAINER_UID", "0", "integer from 1"),
+        ("TRAINER_GID", "-1", "integer from 0"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
