@@ -4,7 +4,8 @@ Pure (pydantic and the operator's settings, no Kubernetes client). The create ha
 reconcile, ``finetune render`` before building, and the builders (``rayjob.build_children``) accept only
 its result, so nothing reaches the cluster without the same verdict. The decision is the API's own
 validation (``api.validate``, the words ``finetune validate`` prints) plus what this operator adds on a
-cluster: outputs the Ray pods can share, no relative input paths, and its limits (``maxWorkers``, GPUs).
+cluster: outputs the Ray pods can share, no relative input paths, its limits (``maxWorkers``, GPUs), and,
+while Ray token authentication is on, a Ray that has it and no ``env`` that would override KubeRay's token.
 Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once.
 """
 
@@ -17,7 +18,11 @@ from typing import Any
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, ObjectMeta
 from finetune_operator.api.validate import validate_spec
-from finetune_operator.settings import OperatorSettings
+from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSettings, env_name, ray_version_at_least
+
+# KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN only where the container's env has no such name (common/pod.go,
+# SetContainerTokenAuthEnvVars): a user's entry would switch authentication off or replace the token.
+RAY_AUTH_ENV_PREFIX = "RAY_AUTH_"
 
 
 class AdmissionError(ValueError):
@@ -86,6 +91,26 @@ def policy_errors(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str
             f"spec.resources.gpusPerWorker: {res.gpus_per_worker} exceeds this operator's limit of "
             f"{settings.max_gpus_per_worker} (FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER)"
         )
+    if settings.ray_token_auth:
+        errors += ray_auth_errors(spec)
+    return errors
+
+
+def ray_auth_errors(spec: FineTuneJobSpec) -> list[str]:
+    """What would leave the Ray cluster without token authentication, which this operator turns on."""
+    errors = []
+    version = spec.runtime.ray_version
+    if version is not None and not ray_version_at_least(version, RAY_TOKEN_AUTH_MIN_VERSION):
+        errors.append(
+            f"spec.runtime.rayVersion: {version!r} has no Ray token authentication, which this operator requires "
+            f"({env_name('ray_auth_mode')}=token); use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
+        )
+    for index, item in enumerate(spec.runtime.env):
+        if item.name.startswith(RAY_AUTH_ENV_PREFIX):
+            errors.append(
+                f"spec.runtime.env[{index}].name: {item.name!r} is set by KubeRay for Ray token authentication "
+                f"({env_name('ray_auth_mode')}=token); remove it"
+            )
     return errors
 
 

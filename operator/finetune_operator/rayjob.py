@@ -12,8 +12,8 @@ Choices that are not obvious from the output:
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
-- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile; ``security``
-  says how and why. Only the
+- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile and Ray demands a
+  token (``authOptions``); ``security`` says how and why. Only the
   workers mount a ServiceAccount token: rank 0 of Ray Train, on a worker, patches the job's status; the
   driver on the head and the submitter never call the API server.
 """
@@ -147,6 +147,7 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
     body["submitterPodTemplate"] = security.submitter_template(job_labels(job), image, service_account, settings)
     body["rayClusterSpec"] = {
         "rayVersion": spec.runtime.ray_version or settings.ray_version,
+        "authOptions": security.auth_options(settings),
         "enableInTreeAutoscaling": False,
         "headGroupSpec": {
             # No CPUs for Ray on the head: Ray Train workers land on the worker group only.

@@ -1,7 +1,8 @@
-"""What keeps a job's Ray pods to themselves: restricted securityContexts and KubeRay's submitter pod.
+"""What keeps a job's Ray pods to themselves: restricted securityContexts, KubeRay's submitter pod and Ray token
+authentication.
 
 Pure builders (plain dicts, no API calls) that ``rayjob.build_children`` assembles; settings say the user and
-group IDs.
+group IDs and whether Ray demands a token.
 
 What KubeRay v1.7.0 does with these (ray-operator/controllers/ray/…), and why they look as they do:
 - ``rayjob_controller.go`` (``getSubmitterTemplate``, ``configureSubmitterContainer``): a given
@@ -12,6 +13,12 @@ What KubeRay v1.7.0 does with these (ray-operator/controllers/ray/…), and why 
   carries them: the trainer image, KubeRay's default resources, and ``Never`` (a Job's pods must not be ``Always``).
 - ``common/pod.go``: the ``wait-gcs-ready`` init container KubeRay adds copies the Ray container's
   securityContext, so the container-level context is restricted on its own.
+- ``raycluster_controller.go`` (``reconcileAuthSecret``) and ``common/pod.go`` (``SetContainerTokenAuthEnvVars``):
+  with ``authOptions.mode: token`` KubeRay generates a random token per RayCluster in a Secret and sets
+  ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (from that Secret) on the head, the workers, their
+  ``wait-gcs-ready`` containers and the submitter; its own dashboard client sends it too. Ray (≥ 2.52) then
+  demands the token on the dashboard, GCS and every other control-plane port. A user ``env`` entry of the same
+  name would win over KubeRay's, so admission refuses ``RAY_AUTH_*`` names while auth is on.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
 def container_security_context() -> dict[str, Any]:
     """The container half: no privilege escalation (the image's passwordless sudo stops working) and no capabilities."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def auth_options(settings: OperatorSettings) -> dict[str, str]:
+    """``rayClusterSpec.authOptions``: always explicit, so turning auth off reads as a decision in the RayJob."""
+    return {"mode": settings.ray_auth_mode}
 
 
 def submitter_template(labels: Mapping[str, str], image: str, service_account: str, settings: OperatorSettings) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from finetune_operator.api.fields import DNS1123_LABEL, QUANTITY, RAY_VERSION
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE
@@ -24,6 +24,9 @@ PREFIX = "FINETUNE_OPERATOR_"
 # CPU quantities also take millicores ("500m"), which the API's memory-oriented QUANTITY pattern does not.
 _CPU_QUANTITY = r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_AUTH_MODES = ("token", "disabled")
+RAY_TOKEN_AUTH_MIN_VERSION: Final = "2.52.0"
+"""The first Ray with token authentication (KubeRay v1.7.0 refuses ``authOptions.mode: token`` below it)."""
 T = TypeVar("T")
 
 
@@ -74,6 +77,19 @@ class OperatorSettings:
     trainer_gid: int = 100
     """``FINETUNE_OPERATOR_TRAINER_GID``: primary group and fsGroup of the Ray pods (``users`` in rayproject/ray)."""
 
+    ray_auth_mode: str = "token"
+    """``FINETUNE_OPERATOR_RAY_AUTH_MODE``: ``token`` (KubeRay generates a per-cluster token that every Ray port
+    demands) or ``disabled``, which is insecure: anyone who reaches a head can run code as the job."""
+
+    def __post_init__(self) -> None:
+        # Settings that parse one by one can still contradict each other: refuse to start rather than render
+        # RayJobs that KubeRay rejects.
+        if self.ray_auth_mode == "token" and not ray_version_at_least(self.ray_version, RAY_TOKEN_AUTH_MIN_VERSION):
+            raise SettingsError(
+                f"{env_name('ray_version')}={self.ray_version!r} has no Ray token authentication, which "
+                f"{env_name('ray_auth_mode')}=token needs; use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
+            )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Read every ``FINETUNE_OPERATOR_*`` variable; unset or empty ones keep their defaults."""
@@ -91,6 +107,10 @@ class OperatorSettings:
     def log_level_number(self) -> int:
         return int(logging.getLevelName(self.log_level))
 
+    @property
+    def ray_token_auth(self) -> bool:
+        return self.ray_auth_mode == "token"
+
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings (for documentation and tests)."""
         out: dict[str, str] = {}
@@ -102,6 +122,11 @@ class OperatorSettings:
 
 def env_name(attribute: str) -> str:
     return PREFIX + attribute.upper()
+
+
+def ray_version_at_least(version: str, minimum: str) -> bool:
+    """``version >= minimum`` for ``X.Y.Z`` Ray versions (both already match ``api.fields.RAY_VERSION``)."""
+    return tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
 
 
 def _bad(name: str, raw: str, accepted: str) -> SettingsError:
@@ -154,6 +179,15 @@ def _image(name: str, raw: str) -> str:
     return raw
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in choices:
+            raise _bad(name, raw, f"one of {', '.join(choices)}")
+        return raw.lower()
+
+    return parse
+
+
 def _log_level(name: str, raw: str) -> str:
     if raw.upper() not in _LOG_LEVELS:
         raise _bad(name, raw, f"one of {', '.join(_LOG_LEVELS)}")
@@ -174,4 +208,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "log_level": _log_level,
     "trainer_uid": _integer(1, 2_147_483_647),
     "trainer_gid": _integer(0, 2_147_483_647),
+    "ray_auth_mode": _choice(_AUTH_MODES),
 }

@@ -204,6 +204,7 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
         "FINETUNE_OPERATOR_TRAINER_UID": str(settings["trainerUid"]),
         "FINETUNE_OPERATOR_TRAINER_GID": str(settings["trainerGid"]),
+        "FINETUNE_OPERATOR_RAY_AUTH_MODE": settings["rayAuthMode"],
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -309,6 +310,7 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("settings.headMemory=lots", "headMemory"),
         ("watchNamespaces={Team_A}", "watchNamespaces"),
         ("crds.enabled=yes", "enabled"),
+        ("settings.rayAuthMode=off", "rayAuthMode"),
         ("settings.trainerUid=0", "trainerUid"),
     ],
 )

@@ -161,7 +161,7 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
             "env": [{"name": "A", "value": "1"}],
             "envFrom": [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "cfg"}, "prefix": "X_"}],
             "image": "registry.local/trainer:dev",
-            "rayVersion": "2.50.1",
+            "rayVersion": "2.52.0",
         }
     ),
     "long-name": body(name="a" * 253),
@@ -273,7 +273,7 @@ def test_other_accelerators_use_their_resource_name() -> None:
 
 def test_image_env_and_secrets_reach_every_ray_container() -> None:
     rayjob = children_of(EDGE_CASES["env"], SETTINGS).rayjob
-    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.50.1"
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.52.0"
     for container in containers(rayjob):
         assert container["image"] == "registry.local/trainer:dev"
         env = {e["name"]: e for e in container["env"]}

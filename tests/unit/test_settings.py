@@ -18,8 +18,8 @@ def test_defaults() -> None:
     assert (s.namespaces, s.trainer_image, s.ray_version) == ((), DEFAULT_TRAINER_IMAGE, RAY_VERSION)
     assert (s.max_workers, s.max_gpus_per_worker, s.default_ttl_seconds) == (64, 8, 3600)
     assert (s.status_throttle_seconds, s.head_cpu, s.head_memory, s.metrics_port, s.log_level) == (10, "1", "2Gi", 8080, "INFO")
-    # Secure by default: the trainer image's own user.
-    assert (s.trainer_uid, s.trainer_gid) == (1000, 100)
+    # Secure by default: the trainer image's own user, Ray token auth.
+    assert (s.trainer_uid, s.trainer_gid, s.ray_auth_mode) == (1000, 100, "token")
 
 
 def test_every_attribute_is_a_documented_variable() -> None:
@@ -34,7 +34,7 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("NAMESPACES", "ml-team, research ,ml-team", "namespaces", ("ml-team", "research")),
         ("NAMESPACES", " ", "namespaces", ()),
         ("TRAINER_IMAGE", "registry.local/trainer:2", "trainer_image", "registry.local/trainer:2"),
-        ("RAY_VERSION", "2.50.1", "ray_version", "2.50.1"),
+        ("RAY_VERSION", "2.55.1", "ray_version", "2.55.1"),
         ("MAX_WORKERS", "8", "max_workers", 8),
         ("MAX_GPUS_PER_WORKER", "0", "max_gpus_per_worker", 0),
         ("DEFAULT_TTL_SECONDS", "0", "default_ttl_seconds", 0),
@@ -46,6 +46,7 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("TRAINER_UID", "1000680000", "trainer_uid", 1000680000),
         ("TRAINER_GID", "0", "trainer_gid", 0),
+        ("RAY_AUTH_MODE", "Disabled", "ray_auth_mode", "disabled"),
     ],
 )
 def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -70,6 +71,7 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
         ("TRAINER_UID", "0", "integer from 1"),
         ("TRAINER_GID", "-1", "integer from 0"),
+        ("RAY_AUTH_MODE", "none", "one of token, disabled"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
@@ -78,6 +80,18 @@ def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) ->
     message = str(info.value)
     assert message.startswith(f"FINETUNE_OPERATOR_{variable}={raw!r} is not accepted")
     assert accepted in message
+
+
+def test_ray_token_auth_needs_a_ray_that_has_it() -> None:
+    """Each value parses, but together they would render RayJobs that KubeRay rejects: the operator does not start."""
+    env = {"FINETUNE_OPERATOR_RAY_VERSION": "2.51.0"}
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env(env)
+    assert str(info.value) == (
+        "FINETUNE_OPERATOR_RAY_VERSION='2.51.0' has no Ray token authentication, which "
+        "FINETUNE_OPERATOR_RAY_AUTH_MODE=token needs; use Ray 2.52.0 or later"
+    )
+    assert OperatorSettings.from_env({**env, "FINETUNE_OPERATOR_RAY_AUTH_MODE": "disabled"}).ray_token_auth is False
 
 
 def test_round_trip_through_env() -> None:
