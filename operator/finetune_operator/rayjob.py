@@ -1,4 +1,5 @@
-"""FineTuneJob → the Kubernetes objects that run it: RayJob, trainer ConfigMap, ServiceAccount, Role, RoleBinding.
+"""FineTuneJob → the Kubernetes objects that run it: RayJob, trainer ConfigMap, ServiceAccount, Role, RoleBinding,
+NetworkPolicy.
 
 Pure: plain dicts out, no API calls, so the create handler, ``finetune render`` and the golden tests
 share one function (``build_children``) and a reviewer sees exactly what the operator would apply.
@@ -12,8 +13,8 @@ Choices that are not obvious from the output:
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
-- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile and Ray demands a
-  token (``authOptions``); ``security`` says how and why. Only the
+- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile, Ray demands a
+  token (``authOptions``), and a NetworkPolicy keeps other pods out (``security`` says how and why). Only the
   workers mount a ServiceAccount token: rank 0 of Ray Train, on a worker, patches the job's status; the
   driver on the head and the submitter never call the API server.
 """
@@ -56,10 +57,13 @@ class Children:
     role: dict[str, Any]
     role_binding: dict[str, Any]
     service_account: dict[str, Any] | None = None
+    network_policy: dict[str, Any] | None = None
 
     def all(self) -> list[dict[str, Any]]:
         head = [self.service_account] if self.service_account else []
-        return [*head, self.role, self.role_binding, self.config_map, self.rayjob]
+        # The NetworkPolicy before the RayJob: no Ray pod ever runs unprotected.
+        isolation = [self.network_policy] if self.network_policy else []
+        return [*head, self.role, self.role_binding, self.config_map, *isolation, self.rayjob]
 
 
 def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Children:
@@ -80,12 +84,17 @@ def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Childre
     binding["subjects"] = [{"kind": "ServiceAccount", "name": sa_name, "namespace": meta.namespace}]
     config_map = _object("v1", "ConfigMap", naming.config_map_name(meta.name), job)
     config_map["data"] = {CONFIG_KEY: render_trainer_config(job)}
+    network_policy = None
+    if settings.job_network_policy:
+        network_policy = _object("networking.k8s.io/v1", "NetworkPolicy", security.network_policy_name(meta.name), job)
+        network_policy["spec"] = security.network_policy_spec(job_labels(job), settings)
     return Children(
         rayjob=build_rayjob(job, settings, service_account=sa_name, config_map=config_map["metadata"]["name"]),
         config_map=config_map,
         role=role,
         role_binding=binding,
         service_account=service_account,
+        network_policy=network_policy,
     )
 
 

@@ -219,7 +219,7 @@ class Reconciler:
         """Create what is missing, in dependency order; (the RayJob, whether it was created now).
 
         ``known``: the job was handled before (a restart), so look for its RayJob first: it is created last,
-        so when it exists the rest does too, and one GET replaces five conflicting POSTs per job.
+        so when it exists the rest does too, and one GET replaces a conflicting POST per child.
         """
         children = build_children(admitted, self.settings)
         meta = children.rayjob["metadata"]

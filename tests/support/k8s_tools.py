@@ -118,6 +118,7 @@ OPERATOR_RULES: Permissions = {
     ("", "serviceaccounts"): frozenset({"create", "delete"}),
     ("rbac.authorization.k8s.io", "roles"): frozenset({"create", "delete"}),
     ("rbac.authorization.k8s.io", "rolebindings"): frozenset({"create", "delete"}),
+    ("networking.k8s.io", "networkpolicies"): frozenset({"create", "delete"}),
     # Kopf posts Events through the core API and never patches them.
     ("", "events"): frozenset({"create"}),
 }

@@ -205,6 +205,11 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_TRAINER_UID": str(settings["trainerUid"]),
         "FINETUNE_OPERATOR_TRAINER_GID": str(settings["trainerGid"]),
         "FINETUNE_OPERATOR_RAY_AUTH_MODE": settings["rayAuthMode"],
+        "FINETUNE_OPERATOR_JOB_NETWORK_POLICY": str(settings["jobNetworkPolicy"]).lower(),
+        "FINETUNE_OPERATOR_KUBERAY_NAMESPACE": settings["kuberayNamespace"],
+        "FINETUNE_OPERATOR_KUBERAY_POD_LABELS": ",".join(settings["kuberayPodLabels"]),
+        "FINETUNE_OPERATOR_METRICS_SCRAPER_NAMESPACE": settings["metricsScraperNamespace"],
+        "FINETUNE_OPERATOR_METRICS_SCRAPER_POD_LABELS": ",".join(settings["metricsScraperPodLabels"]),
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -312,6 +317,9 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("crds.enabled=yes", "enabled"),
         ("settings.rayAuthMode=off", "rayAuthMode"),
         ("settings.trainerUid=0", "trainerUid"),
+        ("settings.jobNetworkPolicy=maybe", "jobNetworkPolicy"),
+        ("settings.kuberayPodLabels={app}", "kuberayPodLabels"),
+        ("settings.kuberayNamespace=Kube_Ray", "kuberayNamespace"),
     ],
 )
 def test_values_schema_rejects(override: str, message: str) -> None:

@@ -1,6 +1,6 @@
 """How a job's Ray cluster is kept to itself (``finetune_operator.security``): KubeRay's submitter pod, who mounts
-a ServiceAccount token, Ray token authentication and what admission refuses for it, and the settings that steer
-them. (Every pod passing the "restricted" profile: tests/unit/test_rayjob.py.)
+a ServiceAccount token, Ray token authentication and what admission refuses for it, the per-job NetworkPolicy,
+and the settings that steer them. (Every pod passing the "restricted" profile: tests/unit/test_rayjob.py.)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from finetune_operator.admission import AdmissionError, admit
 from finetune_operator.rayjob import Children, build_children, job_labels
 from finetune_operator.security import SUBMITTER_RESOURCES, container_security_context
 from finetune_operator.settings import OperatorSettings
+from tests.support import k8s_tools
 from tests.support.pod_security import template_violations
 from tests.support.schemas import REPO
 
@@ -127,3 +128,92 @@ def test_rays_with_token_auth_are_admitted(version: str) -> None:
     """Compared as numbers: "2.100.0" sorts before "2.52.0" as text."""
     cluster = children(manifest(rayVersion=version)).rayjob["spec"]["rayClusterSpec"]
     assert (cluster["rayVersion"], cluster["authOptions"]) == (version, {"mode": "token"})
+
+
+# ------------------------------------------------------------------------------------- NetworkPolicy
+def policy_of(body: dict[str, Any] | None = None, settings: OperatorSettings = SETTINGS) -> dict[str, Any]:
+    policy = children(body, settings).network_policy
+    assert policy is not None
+    return policy
+
+
+KUBERAY_ANYWHERE = {
+    "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}],
+    "ports": [{"protocol": "TCP", "port": 8265}],
+}
+
+
+def test_network_policy_admits_the_jobs_own_pods_and_kuberay_only() -> None:
+    policy = policy_of()
+    labels = {"finetune.dev/job": "iso", "finetune.dev/job-uid": "uid-9", "app.kubernetes.io/managed-by": "finetune-operator"}
+    assert policy["metadata"]["name"] == "iso-ray-ingress"
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": labels},
+        # Ingress only: egress stays open for object stores, registries and DNS.
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": labels}}]}, KUBERAY_ANYWHERE],
+    }
+    assert k8s_tools.validate(policy)
+
+
+@pytest.mark.parametrize("uid", ["uid-9", None])
+def test_network_policy_selects_every_pod_of_the_job_and_no_other_jobs(uid: str | None) -> None:
+    """Head, workers and submitter carry the labels the policy selects (and admits); a namesake's pods do not."""
+    built = children(manifest(uid=uid))
+    assert built.network_policy is not None
+    selector = built.network_policy["spec"]["podSelector"]["matchLabels"]
+    assert ("finetune.dev/job-uid" in selector) is (uid is not None)
+    for role, template in templates(built.rayjob).items():
+        assert template["metadata"]["labels"].items() >= selector.items(), role
+    other = templates(children(manifest(name="other")).rayjob)["head"]["metadata"]["labels"]
+    assert not other.items() >= selector.items()
+    if uid is not None:  # the same name, a later job: told apart by uid
+        namesake = templates(children(manifest(uid="uid-10")).rayjob)["head"]["metadata"]["labels"]
+        assert not namesake.items() >= selector.items()
+
+
+def test_network_policy_peers_come_from_settings() -> None:
+    settings = OperatorSettings(
+        kuberay_namespace="kuberay-system",
+        kuberay_pod_labels=("app.kubernetes.io/name=kuberay-operator", "app.kubernetes.io/instance=kuberay"),
+        metrics_scraper_namespace="monitoring",
+        metrics_scraper_pod_labels=("app.kubernetes.io/name=prometheus",),
+    )
+    policy = policy_of(settings=settings)
+    assert policy["spec"]["ingress"][1:] == [
+        {
+            "from": [
+                {
+                    # The API server sets this label to the namespace's name: a tenant cannot put it on theirs.
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                    "podSelector": {
+                        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay"}
+                    },
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": 8265}],
+        },
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": 8080}],
+        },
+    ]
+    assert k8s_tools.validate(policy)
+
+
+def test_a_scraper_namespace_alone_admits_its_every_pod() -> None:
+    rule = policy_of(settings=OperatorSettings(metrics_scraper_namespace="monitoring"))["spec"]["ingress"][2]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
+    ]
+
+
+def test_network_policy_can_be_turned_off() -> None:
+    built = children(settings=OperatorSettings(job_network_policy=False))
+    assert built.network_policy is None
+    assert "NetworkPolicy" not in [child["kind"] for child in built.all()]

@@ -335,7 +335,7 @@ def test_kueue_label_only_with_a_queue() -> None:
 # ------------------------------------------------------------------------------- ownership and RBAC
 def test_every_child_is_labelled_and_owned() -> None:
     children = children_of(body(name="owned", uid="uid-42"), SETTINGS).all()
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == "team"
@@ -383,7 +383,7 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
 def test_given_service_account_is_bound_not_created() -> None:
     children = children_of(EDGE_CASES["service-account"], SETTINGS)
     assert children.service_account is None
-    assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-runner", "namespace": "team"}]
     for template in pod_templates(children.rayjob).values():
         assert template["spec"]["serviceAccountName"] == "ml-runner"
@@ -440,13 +440,13 @@ def test_operator_limits_are_validation_errors() -> None:
 def test_render_matches_the_builder_without_owner_references() -> None:
     path = REPO / "manifests" / "examples" / "digits-cpu.yaml"
     objects = render_objects(path.read_text(), str(path), SETTINGS, namespace="ns1")
-    assert [o["metadata"]["namespace"] for o in objects] == ["ns1"] * 5
+    assert [o["metadata"]["namespace"] for o in objects] == ["ns1"] * 6
     assert all("ownerReferences" not in o["metadata"] for o in objects)
     job = load_job(path.read_text(), str(path))
     job.metadata.namespace = "ns1"
     assert objects == children_of(job, SETTINGS).all()
     rendered = yaml.safe_load_all(to_yaml(objects))
-    assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
 
 
 def test_build_children_takes_only_an_admitted_job() -> None:

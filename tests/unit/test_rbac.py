@@ -31,6 +31,7 @@ RESOURCES = {
     "Role": ("rbac.authorization.k8s.io", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
     "ConfigMap": ("", "configmaps"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "RayJob": (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL),
 }
 # Not calls of our code, each for a reason of its own.

@@ -18,8 +18,10 @@ def test_defaults() -> None:
     assert (s.namespaces, s.trainer_image, s.ray_version) == ((), DEFAULT_TRAINER_IMAGE, RAY_VERSION)
     assert (s.max_workers, s.max_gpus_per_worker, s.default_ttl_seconds) == (64, 8, 3600)
     assert (s.status_throttle_seconds, s.head_cpu, s.head_memory, s.metrics_port, s.log_level) == (10, "1", "2Gi", 8080, "INFO")
-    # Secure by default: the trainer image's own user, Ray token auth.
-    assert (s.trainer_uid, s.trainer_gid, s.ray_auth_mode) == (1000, 100, "token")
+    # Secure by default: the trainer image's own user, Ray token auth, a NetworkPolicy per job.
+    assert (s.trainer_uid, s.trainer_gid, s.ray_auth_mode, s.job_network_policy) == (1000, 100, "token", True)
+    assert (s.kuberay_namespace, s.kuberay_pod_labels) == ("", ("app.kubernetes.io/component=kuberay-operator",))
+    assert (s.metrics_scraper_namespace, s.metrics_scraper_pod_labels) == ("", ())
 
 
 def test_every_attribute_is_a_documented_variable() -> None:
@@ -47,6 +49,17 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("TRAINER_UID", "1000680000", "trainer_uid", 1000680000),
         ("TRAINER_GID", "0", "trainer_gid", 0),
         ("RAY_AUTH_MODE", "Disabled", "ray_auth_mode", "disabled"),
+        ("JOB_NETWORK_POLICY", "False", "job_network_policy", False),
+        ("JOB_NETWORK_POLICY", "true", "job_network_policy", True),
+        ("KUBERAY_NAMESPACE", "kuberay-system", "kuberay_namespace", "kuberay-system"),
+        (
+            "KUBERAY_POD_LABELS",
+            "app.kubernetes.io/name=kuberay-operator, app=kuberay,app=kuberay",
+            "kuberay_pod_labels",
+            ("app.kubernetes.io/name=kuberay-operator", "app=kuberay"),
+        ),
+        ("METRICS_SCRAPER_NAMESPACE", "monitoring", "metrics_scraper_namespace", "monitoring"),
+        ("METRICS_SCRAPER_POD_LABELS", "prometheus=main,empty=", "metrics_scraper_pod_labels", ("prometheus=main", "empty=")),
     ],
 )
 def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -72,6 +85,12 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         ("TRAINER_UID", "0", "integer from 1"),
         ("TRAINER_GID", "-1", "integer from 0"),
         ("RAY_AUTH_MODE", "none", "one of token, disabled"),
+        ("JOB_NETWORK_POLICY", "yes", "true or false"),
+        ("KUBERAY_NAMESPACE", "Kuberay", "namespace name"),
+        ("KUBERAY_POD_LABELS", "app", "key=value pod labels; 'app' is not one"),
+        ("KUBERAY_POD_LABELS", "a=b,bad key=x", "'bad key=x' is not one"),
+        ("METRICS_SCRAPER_POD_LABELS", "app=-x", "key=value pod labels"),
+        ("METRICS_SCRAPER_POD_LABELS", "example.com/a/b=x", "key=value pod labels"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
@@ -95,7 +114,15 @@ def test_ray_token_auth_needs_a_ray_that_has_it() -> None:
 
 
 def test_round_trip_through_env() -> None:
-    settings = OperatorSettings(namespaces=("a", "b"), max_workers=3, status_throttle_seconds=1.5, log_level="DEBUG")
+    settings = OperatorSettings(
+        namespaces=("a", "b"),
+        max_workers=3,
+        status_throttle_seconds=1.5,
+        log_level="DEBUG",
+        job_network_policy=False,
+        kuberay_pod_labels=("a=b", "c=d"),
+        metrics_scraper_namespace="mon",
+    )
     assert OperatorSettings.from_env(settings.to_env()) == settings
     assert settings.log_level_number == 10
 

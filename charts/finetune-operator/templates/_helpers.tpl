@@ -107,6 +107,10 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["create", "delete"]
+# The per-job NetworkPolicy admitting ingress to the Ray pods only from the job's own pods and KubeRay.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "delete"]
 # Kubernetes Events on FineTuneJobs, posted (never updated) by Kopf through the core API.
 - apiGroups: [""]
   resources: ["events"]
