@@ -17,6 +17,7 @@ Choices that are not obvious from the output:
   token (``authOptions``), and a NetworkPolicy keeps other pods out (``security`` says how and why). Only the
   workers mount a ServiceAccount token: rank 0 of Ray Train, on a worker, patches the job's status; the
   driver on the head and the submitter never call the API server.
+- The ConfigMap is immutable: the trainer's configuration is fixed at creation, like the RayJob's spec.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Childre
     binding["subjects"] = [{"kind": "ServiceAccount", "name": sa_name, "namespace": meta.namespace}]
     config_map = _object("v1", "ConfigMap", naming.config_map_name(meta.name), job)
     config_map["data"] = {CONFIG_KEY: render_trainer_config(job)}
+    config_map["immutable"] = True
     network_policy = None
     if settings.job_network_policy:
         network_policy = _object("networking.k8s.io/v1", "NetworkPolicy", security.network_policy_name(meta.name), job)

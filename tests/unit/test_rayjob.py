@@ -294,6 +294,7 @@ def test_default_image_and_throttle_come_from_settings() -> None:
 def test_config_map_holds_the_trainer_config_mounted_everywhere() -> None:
     children = children_of(body(name="cfg-job"), SETTINGS)
     data = children.config_map["data"]["trainer.json"]
+    assert children.config_map["immutable"] is True  # fixed at creation, like the RayJob it configures
     config = TrainerConfig.model_validate_json(data)
     assert (config.job_name, config.namespace, config.job_uid) == ("cfg-job", "team", "u-1")
     assert config.sinks == ["console", "kubernetes"]

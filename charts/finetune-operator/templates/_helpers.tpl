@@ -92,7 +92,7 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The per-job ConfigMap holding the trainer's configuration.
+# The per-job ConfigMap holding the trainer's configuration (immutable).
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "delete"]
