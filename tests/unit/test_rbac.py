@@ -94,7 +94,7 @@ def every_flow() -> RecordingKube:
 def called(kube: RecordingKube) -> Permissions:
     """The calls as RBAC sees them: (apiGroup, resource) → verbs."""
     table: dict[tuple[str, str], set[str]] = {}
-    verbs = {"read": "get", "create": "create", "patch": "patch"}
+    verbs = {"read": "get", "list": "list", "create": "create", "patch": "patch"}
     for verb, kind, _ in kube.calls:
         group, resource = RESOURCES[kind]
         if verb == "patch_status":
