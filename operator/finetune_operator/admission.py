@@ -5,7 +5,8 @@ reconcile, ``finetune render`` before building, ``finetune validate --cluster`` 
 before anything is applied, and the builders (``rayjob.build_children``) accept only its result, so nothing
 reaches the cluster without the same verdict. The decision is the API's own
 validation (``api.validate``, the words ``finetune validate`` prints) plus what this operator adds on a
-cluster: outputs the Ray pods can share, no relative input paths, and its limits (``maxWorkers``, GPUs).
+cluster: outputs the Ray pods can share, no relative input paths, its limits (``maxWorkers``, GPUs), and,
+while Ray token authentication is on, a Ray that has it and no ``env`` that would override KubeRay's token.
 Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once: when
 the spec is invalid, the operator's rules still judge the sections that parsed.
 """
@@ -26,10 +27,15 @@ from finetune_operator.api.v1alpha1 import (
     ObjectMeta,
     OutputSpec,
     ResourcesSpec,
+    RuntimeSpec,
     parse_sections,
 )
 from finetune_operator.api.validate import validate_spec
-from finetune_operator.settings import OperatorSettings
+from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSettings, env_name, ray_version_at_least
+
+# KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN only where the container's env has no such name (common/pod.go,
+# SetContainerTokenAuthEnvVars): a user's entry would switch authentication off or replace the token.
+RAY_AUTH_ENV_PREFIX = "RAY_AUTH_"
 
 
 class AdmissionError(ValueError):
@@ -129,18 +135,37 @@ def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: Ope
     """
     errors = cluster_errors(spec)
     res = spec.resources if isinstance(spec, FineTuneJobSpec) else spec.get("resources")
-    if not isinstance(res, ResourcesSpec):
-        return errors
-    if res.workers > settings.max_workers:
+    if isinstance(res, ResourcesSpec) and res.workers > settings.max_workers:
         errors.append(
             f"spec.resources.workers: {res.workers} exceeds this operator's limit of {settings.max_workers} "
             "(FINETUNE_OPERATOR_MAX_WORKERS); ask for fewer workers"
         )
-    if res.gpus_per_worker > settings.max_gpus_per_worker:
+    if isinstance(res, ResourcesSpec) and res.gpus_per_worker > settings.max_gpus_per_worker:
         errors.append(
             f"spec.resources.gpusPerWorker: {res.gpus_per_worker} exceeds this operator's limit of "
             f"{settings.max_gpus_per_worker} (FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER)"
         )
+    runtime = spec.runtime if isinstance(spec, FineTuneJobSpec) else spec.get("runtime")
+    if settings.ray_token_auth and isinstance(runtime, RuntimeSpec):
+        errors += ray_auth_errors(runtime)
+    return errors
+
+
+def ray_auth_errors(runtime: RuntimeSpec) -> list[str]:
+    """What would leave the Ray cluster without token authentication, which this operator turns on."""
+    errors = []
+    version = runtime.ray_version
+    if version is not None and not ray_version_at_least(version, RAY_TOKEN_AUTH_MIN_VERSION):
+        errors.append(
+            f"spec.runtime.rayVersion: {version!r} has no Ray token authentication, which this operator requires "
+            f"({env_name('ray_auth_mode')}=token); use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
+        )
+    for index, item in enumerate(runtime.env):
+        if item.name.startswith(RAY_AUTH_ENV_PREFIX):
+            errors.append(
+                f"spec.runtime.env[{index}].name: {item.name!r} is set by KubeRay for Ray token authentication "
+                f"({env_name('ray_auth_mode')}=token); remove it"
+            )
     return errors
 
 

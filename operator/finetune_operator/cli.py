@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
-        "render", help="print the RayJob, ConfigMap, ServiceAccount, Role and RoleBinding the operator would create"
+        "render",
+        help="print the RayJob, ConfigMap, ServiceAccount, Role, RoleBinding and NetworkPolicy the operator would create",
     )
     p.add_argument("job", metavar="JOB.yaml", help="one FineTuneJob manifest; - reads stdin")
     p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="output format (default: yaml)")

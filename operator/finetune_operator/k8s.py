@@ -25,6 +25,7 @@ MERGE_PATCH: Final = "application/merge-patch+json"
 TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead connection
 _CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
 _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
+_NETWORKING: Final = {"NetworkPolicy": "network_policy"}
 _CUSTOM: Final = {RAYJOB_KIND: (RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL), KIND: (GROUP, VERSION, PLURAL)}
 
 
@@ -55,6 +56,7 @@ class Kube:
         self.client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -82,6 +84,9 @@ class Kube:
             return self._plain(self._call(what, getattr(self.core, f"create_namespaced_{_CORE[kind]}"), ns, obj))
         if kind in _RBAC:
             return self._plain(self._call(what, getattr(self.rbac, f"create_namespaced_{_RBAC[kind]}"), ns, obj))
+        if kind in _NETWORKING:
+            fn = getattr(self.networking, f"create_namespaced_{_NETWORKING[kind]}")
+            return self._plain(self._call(what, fn, ns, obj))
         group, version, plural = _CUSTOM[kind]
         return dict(self._call(what, self.custom.create_namespaced_custom_object, group, version, ns, plural, obj))
 
@@ -93,6 +98,9 @@ class Kube:
                 return self._plain(self._call(what, getattr(self.core, f"read_namespaced_{_CORE[kind]}"), name, namespace))
             if kind in _RBAC:
                 return self._plain(self._call(what, getattr(self.rbac, f"read_namespaced_{_RBAC[kind]}"), name, namespace))
+            if kind in _NETWORKING:
+                fn = getattr(self.networking, f"read_namespaced_{_NETWORKING[kind]}")
+                return self._plain(self._call(what, fn, name, namespace))
             group, version, plural = _CUSTOM[kind]
             return dict(self._call(what, self.custom.get_namespaced_custom_object, group, version, namespace, plural, name))
         except ApiFailure as exc:

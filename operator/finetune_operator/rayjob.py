@@ -1,4 +1,5 @@
-"""FineTuneJob → the Kubernetes objects that run it: RayJob, trainer ConfigMap, ServiceAccount, Role, RoleBinding.
+"""FineTuneJob → the Kubernetes objects that run it: RayJob, trainer ConfigMap, ServiceAccount, Role, RoleBinding,
+NetworkPolicy.
 
 Pure: plain dicts out, no API calls, so the create handler, ``finetune render`` and the golden tests
 share one function (``build_children``) and a reviewer sees exactly what the operator would apply.
@@ -12,6 +13,11 @@ Choices that are not obvious from the output:
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
+- Every pod (head, workers, KubeRay's submitter) meets the "restricted" Pod Security profile, Ray demands a
+  token (``authOptions``), and a NetworkPolicy keeps other pods out (``security`` says how and why). Only the
+  workers mount a ServiceAccount token: rank 0 of Ray Train, on a worker, patches the job's status; the
+  driver on the head and the submitter never call the API server.
+- The ConfigMap is immutable: the trainer's configuration is fixed at creation, like the RayJob's spec.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from finetune_operator import naming
+from finetune_operator import naming, security
 from finetune_operator.admission import AdmittedJob
 from finetune_operator.api.contract import (
     CONFIG_DIR,
@@ -53,10 +59,13 @@ class Children:
     role: dict[str, Any]
     role_binding: dict[str, Any]
     service_account: dict[str, Any] | None = None
+    network_policy: dict[str, Any] | None = None
 
     def all(self) -> list[dict[str, Any]]:
         head = [self.service_account] if self.service_account else []
-        return [*head, self.role, self.role_binding, self.config_map, self.rayjob]
+        # The NetworkPolicy before the RayJob: no Ray pod ever runs unprotected.
+        isolation = [self.network_policy] if self.network_policy else []
+        return [*head, self.role, self.role_binding, self.config_map, *isolation, self.rayjob]
 
 
 def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Children:
@@ -77,12 +86,18 @@ def build_children(admitted: AdmittedJob, settings: OperatorSettings) -> Childre
     binding["subjects"] = [{"kind": "ServiceAccount", "name": sa_name, "namespace": meta.namespace}]
     config_map = _object("v1", "ConfigMap", naming.config_map_name(meta.name), job)
     config_map["data"] = {CONFIG_KEY: render_trainer_config(job)}
+    config_map["immutable"] = True
+    network_policy = None
+    if settings.job_network_policy:
+        network_policy = _object("networking.k8s.io/v1", "NetworkPolicy", security.network_policy_name(meta.name), job)
+        network_policy["spec"] = security.network_policy_spec(job_labels(job), settings)
     return Children(
         rayjob=build_rayjob(job, settings, service_account=sa_name, config_map=config_map["metadata"]["name"]),
         config_map=config_map,
         role=role,
         role_binding=binding,
         service_account=service_account,
+        network_policy=network_policy,
     )
 
 
@@ -146,8 +161,11 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
     }
     if policy.active_deadline_seconds is not None:
         body["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    image = spec.runtime.image or settings.trainer_image
+    body["submitterPodTemplate"] = security.submitter_template(job_labels(job), image, service_account, settings)
     body["rayClusterSpec"] = {
         "rayVersion": spec.runtime.ray_version or settings.ray_version,
+        "authOptions": security.auth_options(settings),
         "enableInTreeAutoscaling": False,
         "headGroupSpec": {
             # No CPUs for Ray on the head: Ray Train workers land on the worker group only.
@@ -207,6 +225,7 @@ def _pod_template(
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "env": [*(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
         "volumeMounts": mounts,
+        "securityContext": security.container_security_context(),
     }
     if runtime.env_from:
         container["envFrom"] = [e.to_wire() for e in runtime.env_from]
@@ -216,7 +235,14 @@ def _pod_template(
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 10001, "name": "client"},
         ]
-    pod: dict[str, Any] = {"serviceAccountName": service_account, "containers": [container], "volumes": volumes}
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        # Rank 0 of Ray Train runs on a worker and patches the job's status; nothing on the head calls the API.
+        "automountServiceAccountToken": role == "worker",
+        "securityContext": security.pod_security_context(settings),
+        "containers": [container],
+        "volumes": volumes,
+    }
     if runtime.priority_class_name:
         pod["priorityClassName"] = runtime.priority_class_name
     if role == "worker" and res.node_selector:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from finetune_operator.api.fields import DNS1123_LABEL, QUANTITY, RAY_VERSION
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE
@@ -24,6 +24,14 @@ PREFIX = "FINETUNE_OPERATOR_"
 # CPU quantities also take millicores ("500m"), which the API's memory-oriented QUANTITY pattern does not.
 _CPU_QUANTITY = r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_AUTH_MODES = ("token", "disabled")
+_BOOLEANS = {"true": True, "false": False}
+# Kubernetes label keys (optional DNS-1123 subdomain prefix, then a name) and values.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+RAY_TOKEN_AUTH_MIN_VERSION: Final = "2.52.0"
+"""The first Ray with token authentication (KubeRay v1.7.0 refuses ``authOptions.mode: token`` below it)."""
 T = TypeVar("T")
 
 
@@ -68,6 +76,44 @@ class OperatorSettings:
     log_level: str = "INFO"
     """``FINETUNE_OPERATOR_LOG_LEVEL``: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
+    trainer_uid: int = 1000
+    """``FINETUNE_OPERATOR_TRAINER_UID``: numeric user of the Ray pods (``ray`` in rayproject/ray images); never 0."""
+
+    trainer_gid: int = 100
+    """``FINETUNE_OPERATOR_TRAINER_GID``: primary group and fsGroup of the Ray pods (``users`` in rayproject/ray)."""
+
+    ray_auth_mode: str = "token"
+    """``FINETUNE_OPERATOR_RAY_AUTH_MODE``: ``token`` (KubeRay generates a per-cluster token that every Ray port
+    demands) or ``disabled``, which is insecure: anyone who reaches a head can run code as the job."""
+
+    job_network_policy: bool = True
+    """``FINETUNE_OPERATOR_JOB_NETWORK_POLICY``: give each job a NetworkPolicy admitting ingress to its Ray pods
+    only from its own pods, from KubeRay (dashboard port) and from the metrics scraper, when configured."""
+
+    kuberay_namespace: str = ""
+    """``FINETUNE_OPERATOR_KUBERAY_NAMESPACE``: namespace of the KubeRay operator, which polls each job's
+    dashboard; empty: the KubeRay pod labels are trusted in any namespace."""
+
+    kuberay_pod_labels: tuple[str, ...] = ("app.kubernetes.io/component=kuberay-operator",)
+    """``FINETUNE_OPERATOR_KUBERAY_POD_LABELS``: comma-separated ``key=value`` labels of the KubeRay operator pod
+    (the default is on the pod of both KubeRay's Helm chart and its kustomize manifests)."""
+
+    metrics_scraper_namespace: str = ""
+    """``FINETUNE_OPERATOR_METRICS_SCRAPER_NAMESPACE``: namespace of the Prometheus that scrapes Ray's metrics
+    port; with ``METRICS_SCRAPER_POD_LABELS`` empty too, no scraper is admitted."""
+
+    metrics_scraper_pod_labels: tuple[str, ...] = ()
+    """``FINETUNE_OPERATOR_METRICS_SCRAPER_POD_LABELS``: comma-separated ``key=value`` labels of the scraper pods."""
+
+    def __post_init__(self) -> None:
+        # Settings that parse one by one can still contradict each other: refuse to start rather than render
+        # RayJobs that KubeRay rejects.
+        if self.ray_auth_mode == "token" and not ray_version_at_least(self.ray_version, RAY_TOKEN_AUTH_MIN_VERSION):
+            raise SettingsError(
+                f"{env_name('ray_version')}={self.ray_version!r} has no Ray token authentication, which "
+                f"{env_name('ray_auth_mode')}=token needs; use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
+            )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Read every ``FINETUNE_OPERATOR_*`` variable; unset or empty ones keep their defaults."""
@@ -85,17 +131,34 @@ class OperatorSettings:
     def log_level_number(self) -> int:
         return int(logging.getLevelName(self.log_level))
 
+    @property
+    def ray_token_auth(self) -> bool:
+        return self.ray_auth_mode == "token"
+
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings (for documentation and tests)."""
         out: dict[str, str] = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            out[env_name(field.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
+            if isinstance(value, tuple):
+                out[env_name(field.name)] = ",".join(value)
+            else:
+                out[env_name(field.name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
 
 
 def env_name(attribute: str) -> str:
     return PREFIX + attribute.upper()
+
+
+def ray_version_at_least(version: str, minimum: str) -> bool:
+    """``version >= minimum`` for ``X.Y.Z`` Ray versions (both already match ``api.fields.RAY_VERSION``)."""
+    return tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
+
+
+def labels_of(items: tuple[str, ...]) -> dict[str, str]:
+    """``("k=v", ...)`` (a ``*_POD_LABELS`` setting) → the ``matchLabels`` mapping."""
+    return dict(item.split("=", 1) for item in items)
 
 
 def _bad(name: str, raw: str, accepted: str) -> SettingsError:
@@ -148,6 +211,37 @@ def _image(name: str, raw: str) -> str:
     return raw
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in choices:
+            raise _bad(name, raw, f"one of {', '.join(choices)}")
+        return raw.lower()
+
+    return parse
+
+
+def _boolean(name: str, raw: str) -> bool:
+    if raw.lower() not in _BOOLEANS:
+        raise _bad(name, raw, "true or false")
+    return _BOOLEANS[raw.lower()]
+
+
+def _namespace(name: str, raw: str) -> str:
+    if len(raw) > 63 or not re.match(DNS1123_LABEL, raw):
+        raise _bad(name, raw, "a namespace name (a DNS-1123 label)")
+    return raw
+
+
+def _labels(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    for item in items:
+        key, equals, value = item.partition("=")
+        prefix = key.rpartition("/")[0]
+        if not equals or len(prefix) > 253 or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise _bad(name, raw, f"comma-separated key=value pod labels; {item!r} is not one")
+    return items
+
+
 def _log_level(name: str, raw: str) -> str:
     if raw.upper() not in _LOG_LEVELS:
         raise _bad(name, raw, f"one of {', '.join(_LOG_LEVELS)}")
@@ -166,4 +260,12 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "head_memory": _pattern(QUANTITY, "a memory quantity such as 2Gi or 512Mi"),
     "metrics_port": _integer(0, 65_535),
     "log_level": _log_level,
+    "trainer_uid": _integer(1, 2_147_483_647),
+    "trainer_gid": _integer(0, 2_147_483_647),
+    "ray_auth_mode": _choice(_AUTH_MODES),
+    "job_network_policy": _boolean,
+    "kuberay_namespace": _namespace,
+    "kuberay_pod_labels": _labels,
+    "metrics_scraper_namespace": _namespace,
+    "metrics_scraper_pod_labels": _labels,
 }

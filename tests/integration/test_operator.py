@@ -43,6 +43,7 @@ CHILD_KINDS = (
     ("roles", "trainer-status"),
     ("rolebindings", "trainer-status"),
     ("configmaps", "trainer-config"),
+    ("networkpolicies", "ray-ingress"),
 )
 
 

@@ -21,6 +21,9 @@ import kopf
 import pytest
 import yaml
 
+# Registers the operator's Kopf handlers in Kopf's default registry, which KopfRunner runs: without it this module
+# passed only in a session where another test module had imported them first.
+import finetune_operator.handlers  # noqa: F401
 from finetune_operator import naming
 from finetune_operator.k8s import Kube
 from finetune_operator.settings import OperatorSettings
@@ -114,6 +117,10 @@ def test_digits_job_trains_end_to_end(emu: KubeEmulator, tmp_path: Path) -> None
     assert status["rayJobName"] == rayjob_name
     assert status["rayClusterName"] == rayjob["status"]["rayClusterName"]
     assert status["startTime"] and status["completionTime"] and status["attempts"] == 1
+    # Ray token authentication was on (the stand-in gave the node and the driver a token, as KubeRay does), and
+    # the trainer, driver and Ray Train workers alike, ran behind it without knowing.
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert kuberay.ray_auth_modes(NAMESPACE, rayjob_name) == ["token"]
 
     # The trainer's half: progress to the end, metrics, and artifacts that are on the claim as stated.
     assert status["progress"]["percent"] == 100.0 and status["progress"]["stage"] == "done"

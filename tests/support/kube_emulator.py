@@ -175,6 +175,7 @@ DEFAULT_RESOURCES: Final[tuple[ResourceSpec, ...]] = (
     ResourceSpec("", "v1", "serviceaccounts", "ServiceAccount", has_generation=False, short_names=frozenset({"sa"})),
     ResourceSpec("rbac.authorization.k8s.io", "v1", "roles", "Role", has_generation=False),
     ResourceSpec("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", has_generation=False),
+    ResourceSpec("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=frozenset({"netpol"})),
     CRDS,
     # Kopf itself needs no leases (it peers through KopfPeering objects, and tests run it standalone);
     # they are served for leader election or anything else in the operator that may want them.

@@ -46,9 +46,12 @@ What the trainer reports back (``status.artifacts`` URIs) therefore names paths 
 
 Environment: the container's ``env`` (``value``; ``valueFrom.fieldRef`` for ``metadata.namespace`` and
 ``metadata.name``, as the downward API), on top of this process's environment (the "image"), without
-in-cluster variables, plus ``KUBECONFIG`` of the emulator so that the trainer's status reporter reaches it, and
-``RAY_AUTH_MODE=disabled`` as in a pod without a token (Ray 2.60's ``ray start`` turns token auth on when
-``~/.ray/auth_token`` exists, as it may on a developer's machine).
+in-cluster variables, plus ``KUBECONFIG`` of the emulator so that the trainer's status reporter reaches it.
+Ray token authentication as KubeRay sets it up: with ``rayClusterSpec.authOptions.mode: token`` a random token
+per RayCluster in ``RAY_AUTH_TOKEN`` and ``RAY_AUTH_MODE=token`` for the Ray node and the entrypoint (a
+container ``env`` entry of the same name wins, as in KubeRay); otherwise ``RAY_AUTH_MODE=disabled`` as in a pod
+without a token (Ray 2.60's ``ray start`` turns token auth on when ``~/.ray/auth_token`` exists, as it may on a
+developer's machine).
 
 Not emulated (the real-cluster e2e tier covers KubeRay itself): pods, services and scheduling;
 ``envFrom``, ``secretKeyRef``/``configMapKeyRef`` and secret volumes (the RayJob then fails with a
@@ -240,6 +243,7 @@ class _Run:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.returncode: int | None = None
+        self.ray_auth_mode: str | None = None  # RAY_AUTH_MODE the Ray node and the entrypoint ran with
         self._ray: subprocess.Popen[bytes] | None = None
         self._entrypoint: subprocess.Popen[bytes] | None = None
         self._ray_temp: str | None = None
@@ -310,9 +314,11 @@ class _Run:
         worker_pod = groups[0]["template"] if groups else head_pod
         head_container = self._materialise(head_pod, "head", self.head_mounts)
         worker_container = self._materialise(worker_pod, "worker", self.worker_mounts)
-        head_env = self._env(head_container, self.head_mounts, f"{cluster_name}-head")
+        auth = _auth_env(cluster_spec)
+        head_env = self._env(head_container, self.head_mounts, f"{cluster_name}-head", auth)
         group_name = groups[0].get("groupName", "workers") if groups else "head"
-        worker_env = self._env(worker_container, self.worker_mounts, f"{cluster_name}-{group_name}-worker-0")
+        worker_env = self._env(worker_container, self.worker_mounts, f"{cluster_name}-{group_name}-worker-0", auth)
+        self.ray_auth_mode = worker_env["RAY_AUTH_MODE"]
 
         address = self._start_ray(cluster_spec, worker_env)
         self._check_alive()
@@ -460,15 +466,12 @@ class _Run:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(data[item["key"]])
 
-    def _env(self, container: Mapping[str, Any], mounts: _Mounts, pod_name: str) -> dict[str, str]:
+    def _env(self, container: Mapping[str, Any], mounts: _Mounts, pod_name: str, auth: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(self.standin.extra_env)
         env["KUBECONFIG"] = str(self.standin.kubeconfig)
         env["PYTHONUNBUFFERED"] = "1"
-        # A fresh pod has no ~/.ray/auth_token, so Ray runs without token auth (a RayCluster without
-        # authOptions). Here `ray start` would switch it on because a developer's home holds a token
-        # that the entrypoint's driver does not send: pin the pod's behaviour.
-        env["RAY_AUTH_MODE"] = "disabled"
+        env.update(auth)
         for item in container.get("env") or []:
             name = item["name"]
             if "value" in item:
@@ -546,6 +549,17 @@ class _Run:
             return (self.workdir / name).read_text(errors="replace")[-size:]
         except OSError:
             return ""
+
+
+def _auth_env(cluster_spec: Mapping[str, Any]) -> dict[str, str]:
+    """What KubeRay gives every Ray container for ``authOptions`` (common/pod.go SetContainerTokenAuthEnvVars).
+
+    Without token auth a fresh pod has no ~/.ray/auth_token, so Ray runs without it; here `ray start` would
+    switch it on because a developer's home may hold a token that the driver does not send: pin the pod's
+    behaviour with ``disabled``."""
+    if (cluster_spec.get("authOptions") or {}).get("mode") == "token":
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    return {"RAY_AUTH_MODE": "disabled"}
 
 
 class _Gone(Exception):
@@ -634,6 +648,10 @@ class KubeRayStandIn:
     def output(self, namespace: str, name: str) -> str:
         """The entrypoint's output (stdout and stderr) of every attempt of RayJob ``namespace/name``."""
         return "\n".join(run.output() for run in self.runs(namespace, name))
+
+    def ray_auth_modes(self, namespace: str, name: str) -> list[str | None]:
+        """``RAY_AUTH_MODE`` of each attempt of RayJob ``namespace/name``: ``token`` when Ray demanded the token."""
+        return [run.ray_auth_mode for run in self.runs(namespace, name)]
 
     def pod_path(self, namespace: str, name: str, local: str) -> str:
         """A path on this machine as the RayJob's head pod would have named it (``/mnt/finetune/...``)."""

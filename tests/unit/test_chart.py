@@ -26,6 +26,7 @@ from finetune_operator.api.crd import build_crd
 from finetune_operator.settings import OperatorSettings
 from tests.support import k8s_tools
 from tests.support.k8s_tools import KOPF_CLUSTER_RULES, OPERATOR_RULES, of_kind, one, permission_table
+from tests.support.pod_security import restricted_violations
 from tests.support.schemas import REPO
 
 CHART = REPO / "charts" / "finetune-operator"
@@ -141,7 +142,7 @@ def test_namespaced_objects_are_in_the_release_namespace(renders: dict[str, list
 def test_pod_meets_restricted_profile(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
     deployment = one(renders[variant], "Deployment")
     annotations = deployment["spec"]["template"]["metadata"].get("annotations")
-    assert k8s_tools.restricted_violations(_pod(renders[variant]), annotations) == []
+    assert restricted_violations(_pod(renders[variant]), annotations) == []
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -155,72 +156,6 @@ def test_container_is_hardened_beyond_the_profile(renders: dict[str, list[dict[s
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
     assert not any(pod.get(field) for field in ("hostNetwork", "hostPID", "hostIPC"))
-
-
-GOOD_POD: dict[str, Any] = {
-    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-    "containers": [
-        {
-            "name": "c",
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "ports": [{"containerPort": 8080}],
-        }
-    ],
-    "volumes": [{"name": "tmp", "emptyDir": {}}],
-}
-
-
-def _bad(path: str, value: Any) -> dict[str, Any]:
-    pod = copy.deepcopy(GOOD_POD)
-    *parents, last = path.split(".")
-    node: Any = pod
-    for key in parents:
-        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
-    node[last] = value
-    return pod
-
-
-@pytest.mark.parametrize(
-    ("pod", "expected"),
-    [
-        pytest.param(GOOD_POD, None, id="ok"),
-        pytest.param(_bad("hostNetwork", True), "hostNetwork", id="hostNetwork"),
-        pytest.param(_bad("hostPID", True), "hostPID", id="hostPID"),
-        pytest.param(_bad("volumes", [{"name": "h", "hostPath": {"path": "/"}}]), "hostPath", id="hostPath-volume"),
-        pytest.param(_bad("volumes", [{"name": "n", "nfs": {"server": "s", "path": "/"}}]), "not allowed", id="nfs-volume"),
-        pytest.param(_bad("containers.0.securityContext.privileged", True), "privileged", id="container.privileged"),
-        pytest.param(
-            _bad("containers.0.securityContext.allowPrivilegeEscalation", True),
-            "allowPrivilegeEscalation",
-            id="container.allowPrivilegeEscalation",
-        ),
-        pytest.param(
-            _bad("containers.0.securityContext.capabilities", {"drop": ["NET_RAW"]}),
-            "drop must include ALL",
-            id="drop-without-ALL",
-        ),
-        pytest.param(
-            _bad("containers.0.securityContext.capabilities", {"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
-            "capabilities.add",
-            id="add-SYS_ADMIN",
-        ),
-        pytest.param(_bad("containers.0.securityContext.runAsNonRoot", False), "runAsNonRoot", id="container.runAsNonRoot"),
-        pytest.param(_bad("securityContext.runAsNonRoot", None), "runAsNonRoot", id="pod-runAsNonRoot-missing"),
-        pytest.param(_bad("containers.0.securityContext.runAsUser", 0), "runAsUser", id="container.runAsUser"),
-        pytest.param(_bad("securityContext.seccompProfile", {"type": "Unconfined"}), "seccompProfile", id="seccomp-unconfined"),
-        pytest.param(_bad("securityContext.seccompProfile", None), "seccompProfile", id="seccomp-missing"),
-        pytest.param(_bad("containers.0.ports", [{"containerPort": 80, "hostPort": 80}]), "hostPort", id="hostPort"),
-        pytest.param(_bad("containers.0.securityContext.procMount", "Unmasked"), "procMount", id="container.procMount"),
-        pytest.param(_bad("securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]), "sysctl", id="sysctls"),
-        pytest.param(_bad("securityContext.seLinuxOptions", {"type": "spc_t"}), "seLinuxOptions", id="seLinuxOptions"),
-    ],
-)
-def test_restricted_checker_flags_each_rule(pod: dict[str, Any], expected: str | None) -> None:
-    violations = k8s_tools.restricted_violations(pod)
-    if expected is None:
-        assert violations == []
-    else:
-        assert any(expected in v for v in violations), violations
 
 
 # --------------------------------------------------------------------------------------- deployment
@@ -267,6 +202,14 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],
         "FINETUNE_OPERATOR_METRICS_PORT": str(values["metrics"]["port"]),
         "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
+        "FINETUNE_OPERATOR_TRAINER_UID": str(settings["trainerUid"]),
+        "FINETUNE_OPERATOR_TRAINER_GID": str(settings["trainerGid"]),
+        "FINETUNE_OPERATOR_RAY_AUTH_MODE": settings["rayAuthMode"],
+        "FINETUNE_OPERATOR_JOB_NETWORK_POLICY": str(settings["jobNetworkPolicy"]).lower(),
+        "FINETUNE_OPERATOR_KUBERAY_NAMESPACE": settings["kuberayNamespace"],
+        "FINETUNE_OPERATOR_KUBERAY_POD_LABELS": ",".join(settings["kuberayPodLabels"]),
+        "FINETUNE_OPERATOR_METRICS_SCRAPER_NAMESPACE": settings["metricsScraperNamespace"],
+        "FINETUNE_OPERATOR_METRICS_SCRAPER_POD_LABELS": ",".join(settings["metricsScraperPodLabels"]),
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -372,6 +315,11 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("settings.headMemory=lots", "headMemory"),
         ("watchNamespaces={Team_A}", "watchNamespaces"),
         ("crds.enabled=yes", "enabled"),
+        ("settings.rayAuthMode=off", "rayAuthMode"),
+        ("settings.trainerUid=0", "trainerUid"),
+        ("settings.jobNetworkPolicy=maybe", "jobNetworkPolicy"),
+        ("settings.kuberayPodLabels={app}", "kuberayPodLabels"),
+        ("settings.kuberayNamespace=Kube_Ray", "kuberayNamespace"),
     ],
 )
 def test_values_schema_rejects(override: str, message: str) -> None:

@@ -14,6 +14,7 @@ from finetune_operator.api.crd import build_crd
 from finetune_operator.settings import OperatorSettings
 from tests.support import k8s_tools
 from tests.support.k8s_tools import KOPF_CLUSTER_RULES, OPERATOR_RULES, of_kind, one, permission_table
+from tests.support.pod_security import restricted_violations
 from tests.support.schemas import REPO
 
 MANIFESTS = REPO / "manifests"
@@ -67,7 +68,7 @@ def test_crd_is_the_generated_one(renders: dict[str, list[dict[str, Any]]], targ
 @pytest.mark.parametrize("target", NAMES)
 def test_pod_meets_restricted_profile(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
     pod = one(renders[target], "Deployment")["spec"]["template"]["spec"]
-    assert k8s_tools.restricted_violations(pod) == []
+    assert restricted_violations(pod) == []
     namespace = one(renders[target], "Namespace")
     assert namespace["metadata"]["name"] == OPERATOR_NAMESPACE
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"

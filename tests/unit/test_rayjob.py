@@ -1,4 +1,6 @@
-"""The pure RayJob builder: golden files per example, KubeRay v1.7.0 schema (+ no prunable field), RBAC, names.
+"""The pure RayJob builder: golden files per example, KubeRay v1.7.0 schema (+ no prunable field), every pod of
+every job under the "restricted" Pod Security profile, RBAC, names. (tests/unit/test_isolation.py: the rest of
+the isolation: submitter pod, ServiceAccount tokens, Ray token auth, the NetworkPolicy.)
 
 Regenerate the golden files after an intended change with ``UPDATE_GOLDEN=1 pytest tests/unit/test_rayjob.py``
 and review the diff: it is what every cluster running the operator will see.
@@ -25,6 +27,7 @@ from finetune_operator.api.validate import load_job
 from finetune_operator.rayjob import Children, build_children
 from finetune_operator.render import render_objects, to_yaml
 from finetune_operator.settings import OperatorSettings
+from tests.support.pod_security import template_violations
 from tests.support.schemas import KUBERAY_SCHEMAS, REPO, crd_schema, strict_errors
 
 ALL_EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
@@ -158,7 +161,7 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
             "env": [{"name": "A", "value": "1"}],
             "envFrom": [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "cfg"}, "prefix": "X_"}],
             "image": "registry.local/trainer:dev",
-            "rayVersion": "2.50.1",
+            "rayVersion": "2.52.0",
         }
     ),
     "long-name": body(name="a" * 253),
@@ -176,6 +179,35 @@ def test_examples_validate_against_kuberay_schema(path: Path) -> None:
 def test_edge_cases_validate_against_kuberay_schema(case: str) -> None:
     rayjob = children_of(EDGE_CASES[case], SETTINGS).rayjob
     assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
+
+
+def pod_templates(rayjob: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod template of a RayJob by role: head, each worker group, and KubeRay's submitter."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    groups = {f"worker:{g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]}
+    return {"head": cluster["headGroupSpec"]["template"], **groups, "submitter": spec["submitterPodTemplate"]}
+
+
+ALL_JOBS: list[Any] = [
+    *(pytest.param(path, id=f"example:{path.stem}") for path in EXAMPLES),
+    *(pytest.param(case, id=f"edge:{case}") for case in EDGE_CASES),
+]
+
+
+@pytest.mark.parametrize("job", ALL_JOBS)
+def test_every_pod_meets_the_restricted_profile(job: Path | str) -> None:
+    """What a namespace enforcing Pod Security "restricted" admits: else the RayJob hangs in Provisioning."""
+    rayjob = children_of(example_job(job) if isinstance(job, Path) else EDGE_CASES[job], SETTINGS).rayjob
+    templates = pod_templates(rayjob)
+    assert list(templates) == ["head", "worker:workers", "submitter"]
+    for role, template in templates.items():
+        assert template_violations(template) == [], role
+        # KubeRay adds a wait-gcs-ready init container with a copy of the Ray container's securityContext
+        # (common/pod.go): the pod must still pass with it.
+        ray = template["spec"]["containers"][0]
+        init = {"name": "wait-gcs-ready", "image": ray["image"], "securityContext": copy.deepcopy(ray["securityContext"])}
+        assert template_violations({"spec": {**template["spec"], "initContainers": [init]}}) == [], role
 
 
 def test_schema_check_catches_a_misspelt_field() -> None:
@@ -239,7 +271,7 @@ def test_other_accelerators_use_their_resource_name() -> None:
 
 def test_image_env_and_secrets_reach_every_ray_container() -> None:
     rayjob = children_of(EDGE_CASES["env"], SETTINGS).rayjob
-    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.50.1"
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == "2.52.0"
     for container in containers(rayjob):
         assert container["image"] == "registry.local/trainer:dev"
         env = {e["name"]: e for e in container["env"]}
@@ -260,6 +292,7 @@ def test_default_image_and_throttle_come_from_settings() -> None:
 def test_config_map_holds_the_trainer_config_mounted_everywhere() -> None:
     children = children_of(body(name="cfg-job"), SETTINGS)
     data = children.config_map["data"]["trainer.json"]
+    assert children.config_map["immutable"] is True  # fixed at creation, like the RayJob it configures
     config = TrainerConfig.model_validate_json(data)
     assert (config.job_name, config.namespace, config.job_uid) == ("cfg-job", "team", "u-1")
     assert config.sinks == ["console", "kubernetes"]
@@ -302,7 +335,7 @@ def test_kueue_label_only_with_a_queue() -> None:
 # ------------------------------------------------------------------------------- ownership and RBAC
 def test_every_child_is_labelled_and_owned() -> None:
     children = children_of(body(name="owned", uid="uid-42"), SETTINGS).all()
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == "team"
@@ -343,17 +376,17 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
     }
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "narrow-trainer", "namespace": "team"}]
     assert children.service_account is not None and children.service_account["metadata"]["name"] == "narrow-trainer"
-    for pod in _pods(children.rayjob):
-        assert pod["serviceAccountName"] == "narrow-trainer"
+    for template in pod_templates(children.rayjob).values():
+        assert template["spec"]["serviceAccountName"] == "narrow-trainer"
 
 
 def test_given_service_account_is_bound_not_created() -> None:
     children = children_of(EDGE_CASES["service-account"], SETTINGS)
     assert children.service_account is None
-    assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [c["kind"] for c in children.all()] == ["Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
     assert children.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-runner", "namespace": "team"}]
-    for pod in _pods(children.rayjob):
-        assert pod["serviceAccountName"] == "ml-runner"
+    for template in pod_templates(children.rayjob).values():
+        assert template["spec"]["serviceAccountName"] == "ml-runner"
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -423,13 +456,13 @@ def test_operator_limits_are_validation_errors() -> None:
 def test_render_matches_the_builder_without_owner_references() -> None:
     path = REPO / "manifests" / "examples" / "digits-cpu.yaml"
     objects = render_objects(path.read_text(), str(path), SETTINGS, namespace="ns1")
-    assert [o["metadata"]["namespace"] for o in objects] == ["ns1"] * 5
+    assert [o["metadata"]["namespace"] for o in objects] == ["ns1"] * 6
     assert all("ownerReferences" not in o["metadata"] for o in objects)
     job = load_job(path.read_text(), str(path))
     job.metadata.namespace = "ns1"
     assert objects == children_of(job, SETTINGS).all()
     rendered = yaml.safe_load_all(to_yaml(objects))
-    assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+    assert [o["kind"] for o in rendered] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
 
 
 def test_build_children_takes_only_an_admitted_job() -> None:

@@ -23,7 +23,7 @@ from tests.support.fake_kube import FakeKube
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(metrics_port=0)
-KINDS_IN_ORDER = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayJob"]
+KINDS_IN_ORDER = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
 
 
 def job(name: str = "job", uid: str = "uid-1", **spec: Any) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def test_a_finished_job_is_left_alone(kube: FakeKube, rec: Reconciler, phase: st
     assert kube.calls == []
 
 
-def test_a_restart_reads_the_known_rayjob_instead_of_posting_five_creates(kube: FakeKube, rec: Reconciler) -> None:
+def test_a_restart_reads_the_known_rayjob_instead_of_posting_every_create(kube: FakeKube, rec: Reconciler) -> None:
     rec.reconcile(created(kube, job()))
     kube.calls.clear()
     rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]

@@ -18,6 +18,10 @@ def test_defaults() -> None:
     assert (s.namespaces, s.trainer_image, s.ray_version) == ((), DEFAULT_TRAINER_IMAGE, RAY_VERSION)
     assert (s.max_workers, s.max_gpus_per_worker, s.default_ttl_seconds) == (64, 8, 3600)
     assert (s.status_throttle_seconds, s.head_cpu, s.head_memory, s.metrics_port, s.log_level) == (10, "1", "2Gi", 8080, "INFO")
+    # Secure by default: the trainer image's own user, Ray token auth, a NetworkPolicy per job.
+    assert (s.trainer_uid, s.trainer_gid, s.ray_auth_mode, s.job_network_policy) == (1000, 100, "token", True)
+    assert (s.kuberay_namespace, s.kuberay_pod_labels) == ("", ("app.kubernetes.io/component=kuberay-operator",))
+    assert (s.metrics_scraper_namespace, s.metrics_scraper_pod_labels) == ("", ())
 
 
 def test_every_attribute_is_a_documented_variable() -> None:
@@ -32,7 +36,7 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("NAMESPACES", "ml-team, research ,ml-team", "namespaces", ("ml-team", "research")),
         ("NAMESPACES", " ", "namespaces", ()),
         ("TRAINER_IMAGE", "registry.local/trainer:2", "trainer_image", "registry.local/trainer:2"),
-        ("RAY_VERSION", "2.50.1", "ray_version", "2.50.1"),
+        ("RAY_VERSION", "2.55.1", "ray_version", "2.55.1"),
         ("MAX_WORKERS", "8", "max_workers", 8),
         ("MAX_GPUS_PER_WORKER", "0", "max_gpus_per_worker", 0),
         ("DEFAULT_TTL_SECONDS", "0", "default_ttl_seconds", 0),
@@ -42,6 +46,20 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ("HEAD_MEMORY", "4Gi", "head_memory", "4Gi"),
         ("METRICS_PORT", "0", "metrics_port", 0),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("TRAINER_UID", "1000680000", "trainer_uid", 1000680000),
+        ("TRAINER_GID", "0", "trainer_gid", 0),
+        ("RAY_AUTH_MODE", "Disabled", "ray_auth_mode", "disabled"),
+        ("JOB_NETWORK_POLICY", "False", "job_network_policy", False),
+        ("JOB_NETWORK_POLICY", "true", "job_network_policy", True),
+        ("KUBERAY_NAMESPACE", "kuberay-system", "kuberay_namespace", "kuberay-system"),
+        (
+            "KUBERAY_POD_LABELS",
+            "app.kubernetes.io/name=kuberay-operator, app=kuberay,app=kuberay",
+            "kuberay_pod_labels",
+            ("app.kubernetes.io/name=kuberay-operator", "app=kuberay"),
+        ),
+        ("METRICS_SCRAPER_NAMESPACE", "monitoring", "metrics_scraper_namespace", "monitoring"),
+        ("METRICS_SCRAPER_POD_LABELS", "prometheus=main,empty=", "metrics_scraper_pod_labels", ("prometheus=main", "empty=")),
     ],
 )
 def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -64,6 +82,15 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         ("HEAD_MEMORY", "2GB", "memory quantity"),
         ("METRICS_PORT", "70000", "integer from 0 to 65535"),
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+        ("TRAINER_UID", "0", "integer from 1"),
+        ("TRAINER_GID", "-1", "integer from 0"),
+        ("RAY_AUTH_MODE", "none", "one of token, disabled"),
+        ("JOB_NETWORK_POLICY", "yes", "true or false"),
+        ("KUBERAY_NAMESPACE", "Kuberay", "namespace name"),
+        ("KUBERAY_POD_LABELS", "app", "key=value pod labels; 'app' is not one"),
+        ("KUBERAY_POD_LABELS", "a=b,bad key=x", "'bad key=x' is not one"),
+        ("METRICS_SCRAPER_POD_LABELS", "app=-x", "key=value pod labels"),
+        ("METRICS_SCRAPER_POD_LABELS", "example.com/a/b=x", "key=value pod labels"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
@@ -74,8 +101,28 @@ def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) ->
     assert accepted in message
 
 
+def test_ray_token_auth_needs_a_ray_that_has_it() -> None:
+    """Each value parses, but together they would render RayJobs that KubeRay rejects: the operator does not start."""
+    env = {"FINETUNE_OPERATOR_RAY_VERSION": "2.51.0"}
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env(env)
+    assert str(info.value) == (
+        "FINETUNE_OPERATOR_RAY_VERSION='2.51.0' has no Ray token authentication, which "
+        "FINETUNE_OPERATOR_RAY_AUTH_MODE=token needs; use Ray 2.52.0 or later"
+    )
+    assert OperatorSettings.from_env({**env, "FINETUNE_OPERATOR_RAY_AUTH_MODE": "disabled"}).ray_token_auth is False
+
+
 def test_round_trip_through_env() -> None:
-    settings = OperatorSettings(namespaces=("a", "b"), max_workers=3, status_throttle_seconds=1.5, log_level="DEBUG")
+    settings = OperatorSettings(
+        namespaces=("a", "b"),
+        max_workers=3,
+        status_throttle_seconds=1.5,
+        log_level="DEBUG",
+        job_network_policy=False,
+        kuberay_pod_labels=("a=b", "c=d"),
+        metrics_scraper_namespace="mon",
+    )
     assert OperatorSettings.from_env(settings.to_env()) == settings
     assert settings.log_level_number == 10
 

@@ -85,14 +85,18 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The KubeRay RayJob that runs each FineTuneJob; watched to mirror its status back.
+# Every child below is created with an ownerReference to its FineTuneJob: under OwnerReferencesPermissionEnforcement
+# that needs `delete` on the child, though the operator never deletes one (the garbage collector does). Children
+# are created once and never changed, except the RayJob (mirrored, `spec.suspend` patched); every child is
+# read back on a conflict (whose is it?) and at every resync (recreate what is gone).
+# The KubeRay RayJob that runs each FineTuneJob; watched to mirror its status back, patched to (un)suspend.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The per-job ConfigMap holding the trainer's configuration.
+# The per-job ConfigMap holding the trainer's configuration (immutable).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "delete"]
 # The per-job trainer ServiceAccount.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
@@ -100,15 +104,16 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 # The per-job Role (get/patch on that job's status only) and the RoleBinding giving it to the trainer.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
-  verbs: ["get", "create", "patch", "delete"]
-# Kubernetes Events on FineTuneJobs, posted by Kopf (core API) and by the operator (events.k8s.io).
+  verbs: ["get", "create", "delete"]
+# The per-job NetworkPolicy admitting ingress to the Ray pods only from the job's own pods and KubeRay.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "delete"]
+# Kubernetes Events on FineTuneJobs, posted (never updated) by Kopf through the core API.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
