@@ -13,9 +13,10 @@ the spec is invalid, the operator's rules still judge the sections that parsed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import quote, uri_scheme
@@ -36,6 +37,28 @@ from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSetti
 # KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN only where the container's env has no such name (common/pod.go,
 # SetContainerTokenAuthEnvVars): a user's entry would switch authentication off or replace the token.
 RAY_AUTH_ENV_PREFIX = "RAY_AUTH_"
+
+
+MAX_SPEC_BYTES: Final = 128 * 1024
+"""The largest spec admitted, as compact JSON. Kopf keeps the last handled spec in an annotation (all annotations of an
+object share 256 KiB); the spec is copied into the trainer ConfigMap (at most 1 MiB) and, through ``runtime.env``, into
+each pod template of the RayJob (etcd takes about 1.5 MiB per object). 128 KiB keeps every one of them well inside its
+limit (tests/unit/test_rayjob.py renders a spec at the bound and measures)."""
+
+
+def size_errors(spec: Any) -> list[str]:
+    """A spec too big to store and render (see ``MAX_SPEC_BYTES``); measured before anything else is built."""
+    try:
+        size = len(json.dumps(spec, separators=(",", ":"), default=str).encode())
+    except (TypeError, ValueError, RecursionError):
+        return []  # not JSON at all: validation says what is wrong with it
+    if size <= MAX_SPEC_BYTES:
+        return []
+    return [
+        f"spec: {size // 1024} KiB of JSON exceeds the {MAX_SPEC_BYTES // 1024} KiB a FineTuneJob may hold "
+        "(it is copied into the RayJob's pods and the trainer's ConfigMap); move large values into a ConfigMap or Secret "
+        "and reference it with runtime.envFrom"
+    ]
 
 
 class AdmissionError(ValueError):
@@ -177,6 +200,11 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, j
     judged again: the operator's own rules and limits may have changed since (a restart with a lower
     ``maxWorkers``), and a running job must not fail over them, so only the typed model is built.
     """
+    raw_spec = (
+        job.spec.model_dump(by_alias=True, mode="json", exclude_none=True) if isinstance(job, FineTuneJob) else job.get("spec")
+    )
+    if too_big := size_errors(raw_spec):
+        raise AdmissionError(too_big)
     if isinstance(job, FineTuneJob):
         model = job
     else:

@@ -144,12 +144,10 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
     rayjob = _object(RAYJOB_API_VERSION, RAYJOB_KIND, naming.rayjob_name(job.metadata.name), job)
     if spec.runtime.queue_name:
         rayjob["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] = spec.runtime.queue_name
-    # The CRD defaults ttlSecondsAfterFinished only when runPolicy is present; the operator's default covers the rest.
-    ttl = (
-        policy.ttl_seconds_after_finished
-        if "ttl_seconds_after_finished" in policy.model_fields_set
-        else settings.default_ttl_seconds
-    )
+    # No default in the CRD: the platform's default applies whenever the job names no TTL, runPolicy given or not.
+    ttl = policy.ttl_seconds_after_finished
+    if ttl is None:
+        ttl = settings.default_ttl_seconds
     body: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",
@@ -161,6 +159,10 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
     }
     if policy.active_deadline_seconds is not None:
         body["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if settings.pre_running_deadline_seconds:
+        # A Ray cluster that never starts (quota, image pull, unschedulable GPUs) fails the job with KubeRay's
+        # PreRunningDeadlineExceeded instead of hanging in Provisioning for ever.
+        body["preRunningDeadlineSeconds"] = settings.pre_running_deadline_seconds
     image = spec.runtime.image or settings.trainer_image
     body["submitterPodTemplate"] = security.submitter_template(job_labels(job), image, service_account, settings)
     body["rayClusterSpec"] = {

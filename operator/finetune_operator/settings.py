@@ -61,6 +61,11 @@ class OperatorSettings:
     default_ttl_seconds: int = 3600
     """``FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS``: RayJob ``ttlSecondsAfterFinished`` when the job sets none."""
 
+    pre_running_deadline_seconds: int = 1800
+    """``FINETUNE_OPERATOR_PRE_RUNNING_DEADLINE_SECONDS``: RayJob ``preRunningDeadlineSeconds``: a job whose Ray cluster
+    has not started running by then fails (reason PreRunningDeadlineExceeded) instead of waiting for ever on quota, an
+    image pull or unschedulable GPUs; 0 waits for ever. 30 minutes leave room to pull a large GPU image."""
+
     status_throttle_seconds: float = 10.0
     """``FINETUNE_OPERATOR_STATUS_THROTTLE_SECONDS``: least interval between the trainer's status patches."""
 
@@ -255,6 +260,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_workers": _integer(1, 1024),
     "max_gpus_per_worker": _integer(0, 16),
     "default_ttl_seconds": _integer(0, 31_536_000),
+    "pre_running_deadline_seconds": _integer(0, 2_147_483_647),
     "status_throttle_seconds": _seconds,
     "head_cpu": _pattern(_CPU_QUANTITY, "a CPU quantity such as 1, 2.5 or 500m"),
     "head_memory": _pattern(QUANTITY, "a memory quantity such as 2Gi or 512Mi"),

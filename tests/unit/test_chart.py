@@ -197,6 +197,7 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_MAX_WORKERS": str(settings["maxWorkers"]),
         "FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER": str(settings["maxGpusPerWorker"]),
         "FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS": str(settings["defaultTtlSeconds"]),
+        "FINETUNE_OPERATOR_PRE_RUNNING_DEADLINE_SECONDS": str(settings["preRunningDeadlineSeconds"]),
         "FINETUNE_OPERATOR_STATUS_THROTTLE_SECONDS": str(settings["statusThrottleSeconds"]),
         "FINETUNE_OPERATOR_HEAD_CPU": str(settings["headCpu"]),
         "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from finetune_operator import naming
-from finetune_operator.admission import AdmissionError, admit
+from finetune_operator.admission import MAX_SPEC_BYTES, AdmissionError, admit
 from finetune_operator.api.contract import CONFIG_PATH, ENTRYPOINT, PVC_MOUNT_ROOT, TrainerConfig
+from finetune_operator.api.crd import build_crd
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import load_job
 from finetune_operator.rayjob import Children, build_children
@@ -238,6 +239,17 @@ def test_ttl_defaults_to_the_operator_setting_only_when_unset() -> None:
     assert "activeDeadlineSeconds" not in children_of(body(), settings).rayjob["spec"]
     given = body(runPolicy={"ttlSecondsAfterFinished": 3600})
     assert children_of(given, settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 3600
+    # A runPolicy without a TTL keeps the platform's default: the CRD must not default it (it used to, to 3600).
+    other_policy = body(runPolicy={"backoffLimit": 2})
+    assert children_of(other_policy, settings).rayjob["spec"]["ttlSecondsAfterFinished"] == 60
+    run_policy = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["runPolicy"]
+    assert "default" not in run_policy["properties"]["ttlSecondsAfterFinished"]
+
+
+@pytest.mark.parametrize(("deadline", "expected"), [(1800, 1800), (60, 60), (0, None)])
+def test_a_cluster_that_never_starts_fails_after_the_pre_running_deadline(deadline: int, expected: int | None) -> None:
+    spec = children_of(body(), OperatorSettings(pre_running_deadline_seconds=deadline)).rayjob["spec"]
+    assert spec.get("preRunningDeadlineSeconds") == expected
 
 
 def test_head_runs_no_training_and_workers_are_sized_exactly() -> None:
@@ -481,3 +493,26 @@ def test_admission_reports_every_mistake_at_once() -> None:
         "spec.model.weightsUri",
         "spec.resources.workers",
     ]
+
+
+# ------------------------------------------------------------------------------------------- sizes
+def _env_heavy(entries: int, length: int) -> dict[str, Any]:
+    return body(runtime={"env": [{"name": f"V{i}", "value": "x" * length} for i in range(entries)]})
+
+
+def test_a_spec_too_big_to_store_is_refused_at_admission() -> None:
+    """128 entries of 32 KiB pass the field limits, but would render a RayJob far beyond etcd's 1.5 MiB."""
+    with pytest.raises(AdmissionError) as info:
+        admit(_env_heavy(128, 32_768), SETTINGS)
+    assert len(info.value.lines) == 1
+    assert re.match(r"spec: 409\d KiB of JSON exceeds the 128 KiB a FineTuneJob may hold .*runtime.envFrom$", info.value.lines[0])
+
+
+def test_a_spec_at_the_bound_renders_within_every_limit() -> None:
+    job = _env_heavy(62, 2_000)
+    spec_bytes = len(json.dumps(job["spec"], separators=(",", ":")))
+    assert 120 * 1024 < spec_bytes <= MAX_SPEC_BYTES  # just under the bound
+    children = children_of(job)
+    assert len(json.dumps(children.rayjob).encode()) < 1_500_000  # etcd's request limit
+    assert len(json.dumps(children.config_map).encode()) < 1_048_576  # a ConfigMap's limit
+    assert spec_bytes < 256 * 1024  # Kopf's last-handled-configuration annotation

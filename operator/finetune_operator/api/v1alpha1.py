@@ -552,8 +552,9 @@ class RunPolicySpec(WireModel):
     active_deadline_seconds: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
     """Wall-clock limit of the job in seconds, after which it fails (KubeRay's int32: at most 2147483647)."""
 
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
-    """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay)."""
+    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, le=31_536_000)] = None
+    """Seconds KubeRay keeps the finished job's Ray cluster before deleting it (the FineTuneJob and artifacts stay); absent:
+    the platform's default (the operator's FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS, 3600 unless changed)."""
 
     suspend: bool = False
     """Suspend the job (Ray cluster deleted); set back to false to resume from the last checkpoint. The only field that may change
