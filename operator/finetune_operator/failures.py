@@ -68,6 +68,10 @@ def api_failure_verdict(exc: ApiFailure) -> tuple[str, str, bool] | None:
     the job fails. A 409, a 429 and server errors are the API's own trouble: back off without a word.
     """
     what = f"{exc.verb or 'call'} {exc.kind or 'object'}"
+    if exc.status in (403, 404) and ("is being terminated" in exc.detail or 'namespaces "' in exc.detail):
+        return None  # the namespace is going (or gone): nothing to tell anyone, its jobs go with it
+    if exc.status == 403 and "exceeded quota" in exc.detail:
+        return "QuotaExceeded", f"the namespace's ResourceQuota refused to {what}: {exc.detail}", False
     if exc.status == 404 and exc.kind == RAYJOB_KIND and exc.verb == "create":
         message = (
             f"KubeRay is not installed: the API server does not serve {RAYJOB_API_VERSION} {RAYJOB_PLURAL} "

@@ -22,6 +22,7 @@ patches on the status subresource.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -149,7 +150,10 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
                 log.exception("resync round failed")
 
     memo["resync_stop"] = stop
-    threading.Thread(target=loop, name="finetune-resync", daemon=True).start()
+    # Kopf's context (its settings, the event queue) lives in context variables: without a copy, Events posted
+    # from this thread (RayJobRecreated, phase changes it heals) would only be logged.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(loop,), name="finetune-resync", daemon=True).start()
 
 
 @kopf.on.cleanup()
@@ -180,8 +184,8 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
     rayjob = {key: body[key] for key in body}
     try:
         _reconciler(memo).rayjob_changed(type, rayjob)
-    except (ApiFailure, Retry) as exc:
-        # Kopf does not retry event handlers; the resync round will.
+    except (ApiFailure, Retry, Refused) as exc:
+        # Kopf does not retry event handlers; the resync round will (a refusal is in the job's status already).
         logger.warning("could not mirror RayJob %s (retried within %ds): %s", rayjob["metadata"].get("name"), RESYNC_SECONDS, exc)
 
 

@@ -125,14 +125,9 @@ class Reconciler:
         parent = ParentJob.of(body)
         if parent.finished:
             return
-        rayjob_name = naming.rayjob_name(parent.name)
-        rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, rayjob_name)
-        if rayjob is None or bool((rayjob.get("spec") or {}).get("suspend")) == wanted:
-            return
-        self.kube.patch(RAYJOB_KIND, parent.namespace, rayjob_name, {"spec": {"suspend": wanted}})
-        verb = "suspending" if wanted else "resuming from the last checkpoint"
-        reason = "Suspend" if wanted else "Resume"
-        self._emit(parent.body, "Normal", reason, f"{verb}: RayJob {rayjob_name} spec.suspend={str(wanted).lower()}")
+        rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name or naming.rayjob_name(parent.name))
+        if rayjob is not None:
+            self._align_suspend(parent.body, wanted, rayjob)
 
     def resync(self, body: Mapping[str, Any]) -> None:
         """Safety net for lost watch events: check every child (recreating what is gone), mirror the RayJob."""
@@ -153,12 +148,28 @@ class Reconciler:
         """
         failed = 0
         for namespace in namespaces or (None,):
-            for body in self.kube.list_jobs(namespace):
+            try:
+                listed = self.kube.list_jobs(namespace)
+            except ApiFailure as exc:  # one namespace refused (its Role gone, throttled): the others still get their round
+                log.warning("resync could not list %s in %s: %s", KIND, namespace or "all namespaces", exc)
+                failed += 1
+                if exc.status == 429:
+                    return failed
+                continue
+            for item in listed:
+                meta = item.get("metadata") or {}
                 try:
-                    self.resync(body)
-                except (ApiFailure, Retry, Refused) as exc:
+                    # The list may be a minute old by this job's turn: act on the job as it is now, or not at all.
+                    body = self.kube.read(KIND, meta.get("namespace", ""), meta.get("name", ""))
+                    if body is not None and body["metadata"].get("uid") == meta.get("uid"):
+                        self.resync(body)
+                except ApiFailure as exc:
                     failed += 1
-                    meta = body.get("metadata") or {}
+                    log.warning("resync of %s %s/%s failed: %s", KIND, meta.get("namespace"), meta.get("name"), exc)
+                    if exc.status == 429:  # the API server asks for less: end the round here
+                        return failed
+                except Exception as exc:  # one job's surprise never stops the others'
+                    failed += 1
                     log.warning("resync of %s %s/%s failed: %s", KIND, meta.get("namespace"), meta.get("name"), exc)
         return failed
 
@@ -185,7 +196,11 @@ class Reconciler:
             log.warning("ignoring RayJob %s/%s: not the RayJob of %s %s", meta["namespace"], meta.get("name"), KIND, parent.name)
             return
         if event_type == "DELETED":
-            self.converge(parent)
+            # Its last status first: a RayJob deleted after it finished (TTL, a tidy user) is not run again.
+            self.mirror(parent, rayjob)
+            after = self.kube.read(KIND, parent.namespace, parent.name)
+            if after is not None and after["metadata"].get("uid") == parent.uid:
+                self.converge(ParentJob.of(after))
             return
         # Before the create handler has recorded the RayJob, its first status may already be here: mirror
         # it now with the name, or it is lost until the next resync. The status precondition settles the
@@ -218,22 +233,38 @@ class Reconciler:
         if parent.rayjob_name and (rayjob := self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name)):
             self.mirror(parent, rayjob)
 
-    def ensure_children(self, admitted: AdmittedJob, *, fresh: bool = True) -> tuple[dict[str, Any], bool]:
+    def ensure_children(
+        self, admitted: AdmittedJob, *, fresh: bool = True, parent: ParentJob | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """Every child exists and is this job's; (the RayJob, whether it was created now).
 
         ``fresh``: a job seen for the first time, so create first (a 409 reads the object back); otherwise
         (restart, resync) read first and create only what is missing, so a healthy job costs GETs, not POSTs.
         An existing child must be controlled by this job's uid (``ownership.check_owner``), or nothing goes on.
+        A job that already has a RayJob keeps the name its status records (an older operator may have named it
+        differently), and gets no NetworkPolicy it was not started with: its running pods may not carry the
+        labels the policy admits.
         """
         children = build_children(admitted, self.settings)
+        if parent is not None and parent.rayjob_name:
+            children.rayjob["metadata"]["name"] = parent.rayjob_name
+        running = (
+            None if fresh else self.kube.read(RAYJOB_KIND, admitted.metadata.namespace or "", children.rayjob["metadata"]["name"])
+        )
         rayjob: dict[str, Any] | None = None
         created = False
         for obj in children.all():
             meta = obj["metadata"]
-            existing = None if fresh else self.kube.read(obj["kind"], meta["namespace"], meta["name"])
-            made = False
-            if existing is None:
-                existing, made = self.kube.create_or_get(obj)
+            existing: dict[str, Any] | None
+            if obj is children.rayjob and running is not None:
+                existing, made = running, False
+            else:
+                existing = None if fresh else self.kube.read(obj["kind"], meta["namespace"], meta["name"])
+                made = False
+                if existing is None and running is not None and obj is children.network_policy:
+                    continue
+                if existing is None:
+                    existing, made = self.kube.create_or_get(obj)
             if existing is None:  # create_or_get reads back or raises; keep mypy and a broken fake honest
                 raise Retry(f"{obj['kind']} {meta['namespace']}/{meta['name']} could not be read back", OWNED_RETRY_SECONDS)
             if not made:
@@ -242,22 +273,41 @@ class Reconciler:
                 rayjob, created = existing, made
         assert rayjob is not None  # the RayJob is always among the children
         if not created:
-            rayjob = self._align_suspend(admitted, rayjob)
+            about = parent.body if parent is not None else {"kind": KIND, "metadata": admitted.metadata.model_dump()}
+            rayjob = self._align_suspend(about, admitted.spec.run_policy.suspend, rayjob)
         return rayjob, created
 
-    def _align_suspend(self, admitted: AdmittedJob, rayjob: dict[str, Any]) -> dict[str, Any]:
-        """The RayJob's ``spec.suspend`` follows the job's, except that Kueue alone un-suspends a queued RayJob."""
-        wanted, actual = admitted.spec.run_policy.suspend, bool((rayjob.get("spec") or {}).get("suspend"))
-        if wanted == actual or (not wanted and admitted.spec.runtime.queue_name):
+    def _align_suspend(self, about: Mapping[str, Any], wanted: bool, rayjob: dict[str, Any]) -> dict[str, Any]:
+        """The RayJob's ``spec.suspend`` follows the job's, except that Kueue alone un-suspends a queued RayJob.
+
+        Queued means the RayJob carries Kueue's queue label (set from ``runtime.queueName``, or by Kueue's own
+        defaulting): the operator never lifts a suspension there, whoever asks; the user's suspend goes through.
+        """
+        actual = bool((rayjob.get("spec") or {}).get("suspend"))
+        queued = naming.LABEL_KUEUE_QUEUE in (rayjob["metadata"].get("labels") or {})
+        if wanted == actual or (not wanted and queued):
             return rayjob
         meta = rayjob["metadata"]
-        return self.kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
+        patched = self.kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
+        verb = "suspending" if wanted else "resuming from the last checkpoint"
+        reason = "Suspend" if wanted else "Resume"
+        self._emit(about, "Normal", reason, f"{verb}: RayJob {meta['name']} spec.suspend={str(wanted).lower()}")
+        return patched
 
     def _ensure(self, parent: ParentJob, admitted: AdmittedJob, *, fresh: bool) -> tuple[dict[str, Any], bool]:
-        """``ensure_children``, with what people must know written into the job's status."""
+        """``ensure_children``, with what people must know written into the job's status.
+
+        Before a job has its RayJob, a failure decides its phase (Pending while people fix RBAC or install
+        KubeRay, Failed when the API refuses it for good). A job whose RayJob exists keeps its phase whatever
+        a later check meets: a Warning Event says what is wrong and the next round tries again, so a running
+        job is never failed or sent back to Pending over a child.
+        """
         try:
-            return self.ensure_children(admitted, fresh=fresh)
+            return self.ensure_children(admitted, fresh=fresh, parent=parent)
         except Conflict as exc:
+            if parent.rayjob_name:
+                self._emit(parent.body, "Warning", exc.reason, str(exc))
+                raise Retry(str(exc), OWNED_RETRY_SECONDS) from exc
             self._give_up(parent, exc.reason, str(exc))
             raise AssertionError("unreachable") from exc  # _give_up raises
         except ApiFailure as exc:
@@ -265,6 +315,9 @@ class Reconciler:
             if verdict is None:
                 raise
             reason, message, permanent = verdict
+            if parent.rayjob_name:
+                self._emit(parent.body, "Warning", reason, message)
+                raise
             if permanent:
                 self._give_up(parent, reason, message)
             self._write_status(parent, blocked_status(reason, message, parent.generation, self.clock(), parent.status))
@@ -307,6 +360,10 @@ class Reconciler:
             if fresh is None or fresh["metadata"].get("uid") != parent.uid:
                 return
             parent = ParentJob.of(fresh)
+            # The RayJob may have moved on too: deciding on the old one could send the phase backwards.
+            current = self.kube.read(RAYJOB_KIND, parent.namespace, rayjob["metadata"]["name"])
+            if current is not None:
+                rayjob = current
 
     def _write_status(self, parent: ParentJob, patch: Mapping[str, Any]) -> None:
         current = parent.status

@@ -23,6 +23,7 @@ from tests.support.fake_kube import FakeKube
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(metrics_port=0)
+RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
 KINDS_IN_ORDER = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "RayJob"]
 
 
@@ -526,3 +527,158 @@ def test_a_running_job_that_newer_rules_refuse_is_followed_not_failed(kube: Fake
     kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
     rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
     assert status(kube)["phase"] == "Succeeded"
+
+
+# ------------------------------------------------------- found by an adversarial review of the above
+def _rayjob_named(kube: FakeKube, name: str) -> dict[str, Any] | None:
+    return kube.get("RayJob", "team", name)
+
+
+def test_an_upgrade_keeps_the_rayjob_an_older_operator_named(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """Names got a longer hash: a running job's RayJob keeps its old name, and no second one is started."""
+    rec.reconcile(created(kube, job()))
+    new_name = naming.rayjob_name("job")
+    old_name = "ftj-job-5e8c9"  # what the previous operator's 5-hex hash gave
+    rayjob = kube.objects.pop(("RayJob", "team", new_name))
+    kube.put(
+        {
+            **rayjob,
+            "metadata": {**rayjob["metadata"], "name": old_name},
+            "status": RUNNING,
+        }
+    )
+    kube.objects.pop(("NetworkPolicy", "team", next(k[2] for k in kube.objects if k[0] == "NetworkPolicy")))  # it had none
+    stored = kube.objects[("FineTuneJob", "team", "job")]
+    stored["status"] = {**stored["status"], "rayJobName": old_name, "phase": "Running"}
+    events.clear()
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]  # on.resume
+    assert _rayjob_named(kube, new_name) is None
+    assert status(kube)["phase"] == "Running"
+    assert not any(k[0] == "NetworkPolicy" for k in kube.objects)  # running pods may lack the labels it admits
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), True)  # type: ignore[arg-type]
+    assert _rayjob_named(kube, old_name)["spec"]["suspend"] is True  # type: ignore[index]
+    assert "RayJobCreated" not in events.reasons and "RayJobRecreated" not in events.reasons
+
+
+class StaleList(FakeKube):
+    """LIST answers with what the jobs were when the round began."""
+
+    snapshot: list[dict[str, Any]]
+
+    def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        return [dict(body) for body in self.snapshot]
+
+
+def test_resync_acts_on_the_job_as_it_is_now_not_as_listed() -> None:
+    kube = StaleList()
+    rec = Reconciler(kube, SETTINGS, clock=lambda: NOW)
+    rec.reconcile(created(kube, job(runPolicy={"suspend": True})))
+    kube.snapshot = [kube.get("FineTuneJob", "team", "job")]  # type: ignore[list-item]
+    # Meanwhile the user resumes the job, and the operator resumes its RayJob.
+    kube.objects[("FineTuneJob", "team", "job")]["spec"]["runPolicy"]["suspend"] = False
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), False)  # type: ignore[arg-type]
+    assert rec.resync_all() == 0
+    assert rayjob_of(kube)["spec"]["suspend"] is False  # not suspended again from the stale listing
+    # A job deleted after the LIST gets nothing recreated.
+    kube.objects = {k: v for k, v in kube.objects.items() if k[0] == "FineTuneJob"}
+    kube.objects.pop(("FineTuneJob", "team", "job"))
+    kube.calls.clear()
+    assert rec.resync_all() == 0
+    assert kube.count("create") == 0
+
+
+def test_a_failing_namespace_or_job_never_stops_the_round(kube: FakeKube, rec: Reconciler) -> None:
+    for name in ("a", "b"):
+        rec.reconcile(created(kube, job(name=name, uid=f"uid-{name}")))
+    kube.objects.pop(("ConfigMap", "team", naming.config_map_name("b")))
+    kube.faults[("read", "ServiceAccount")] = ApiFailure(
+        "read ServiceAccount team/a-trainer", 500, "HTTP 500", kind="ServiceAccount", verb="read"
+    )
+    assert rec.resync_all(("team",)) == 2  # both jobs' reads of their ServiceAccount fail ...
+    del kube.faults[("read", "ServiceAccount")]
+    kube.faults[("list", "FineTuneJob")] = ApiFailure(
+        "list FineTuneJob other/*", 403, "HTTP 403", kind="FineTuneJob", verb="list"
+    )
+    assert rec.resync_all(("other",)) == 1  # ... a namespace that refuses the LIST is counted and skipped
+    del kube.faults[("list", "FineTuneJob")]
+    assert rec.resync_all(("team",)) == 0
+    assert kube.get("ConfigMap", "team", naming.config_map_name("b")) is not None
+
+
+@pytest.mark.parametrize(
+    ("verb", "kind", "code", "detail"),
+    [
+        ("read", "NetworkPolicy", 403, "HTTP 403 Forbidden: networkpolicies is forbidden"),
+        ("create", "ConfigMap", 422, "HTTP 422: denied by ValidatingAdmissionPolicy"),
+    ],
+)
+def test_a_running_job_keeps_its_phase_whatever_a_later_check_meets(
+    kube: FakeKube, events: Events, rec: Reconciler, verb: str, kind: str, code: int, detail: str
+) -> None:
+    rec.reconcile(created(kube, job()))
+    rec.rayjob_changed(
+        "MODIFIED",
+        kube.patch_status("RayJob", "team", naming.rayjob_name("job"), RUNNING),
+    )
+    kube.objects.pop(("ConfigMap", "team", naming.config_map_name("job")))
+    kube.faults[(verb, kind)] = ApiFailure(f"{verb} {kind} team/x", code, detail, kind=kind, verb=verb)
+    events.clear()
+    with pytest.raises(ApiFailure):
+        rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert status(kube)["phase"] == "Running"
+    assert events and events[0][0] == "Warning"
+
+
+def test_a_conflict_found_under_a_running_job_is_reported_not_fatal(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    cm = kube.objects.pop(("ConfigMap", "team", naming.config_map_name("job")))
+    kube.put({**cm, "metadata": {"name": cm["metadata"]["name"], "namespace": "team"}})  # someone else's now
+    with pytest.raises(Retry):
+        rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert status(kube)["phase"] == "Provisioning"
+    assert "ChildConflict" in events.reasons
+
+
+def test_kueue_alone_lifts_a_queued_suspension(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
+    kube.objects[("RayJob", "team", naming.rayjob_name("job"))]["spec"]["suspend"] = True  # Kueue holds it
+    stored = kube.objects[("FineTuneJob", "team", "job")]
+    for wanted in (True, False):  # the user suspends, then resumes, while Kueue has not admitted the job
+        stored["spec"]["runPolicy"] = {"suspend": wanted}
+        rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]  # on.update runs first
+        rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), wanted)  # type: ignore[arg-type]
+        assert rayjob_of(kube)["spec"]["suspend"] is True
+    assert "Resume" not in events.reasons
+
+
+def test_suspend_and_resume_are_announced_once_in_handler_order(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    stored = kube.objects[("FineTuneJob", "team", "job")]
+    for wanted in (True, False):
+        stored["spec"]["runPolicy"] = {"suspend": wanted}
+        rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]  # on.update, then on.field
+        rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), wanted)  # type: ignore[arg-type]
+    assert [r for r in events.reasons if r in ("Suspend", "Resume")] == ["Suspend", "Resume"]
+
+
+def test_a_finished_rayjob_deleted_before_its_status_was_mirrored_is_not_run_again(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    finished = kube.patch_status("RayJob", "team", name, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+    kube.objects.pop(("RayJob", "team", name))  # the operator missed the Complete event; then the RayJob went
+    rec.rayjob_changed("DELETED", finished)
+    assert status(kube)["phase"] == "Succeeded"
+    assert kube.get("RayJob", "team", name) is None
+
+
+def test_a_retried_mirror_decides_on_the_current_rayjob(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """A stale RayJob (Initializing) must not send a Running job back to Provisioning after a 409."""
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    stale_parent = ParentJob.of(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    initializing = kube.patch_status("RayJob", "team", name, {"jobDeploymentStatus": "Initializing"})
+    rec.rayjob_changed("MODIFIED", kube.patch_status("RayJob", "team", name, RUNNING))
+    rec.mirror(stale_parent, initializing)
+    assert status(kube)["phase"] == "Running"
+    assert "PhaseProvisioning" not in events.reasons[events.reasons.index("PhaseRunning") :]
