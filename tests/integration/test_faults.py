@@ -33,12 +33,13 @@ from tests.support.kube_emulator import KubeEmulator
 pytestmark = pytest.mark.timeout(120)
 
 NS = "default"
-CHILDREN = ("serviceaccounts", "roles", "rolebindings", "configmaps", "rayjobs")
+CHILDREN = ("serviceaccounts", "roles", "rolebindings", "configmaps", "networkpolicies", "rayjobs")
 URLS = {
     "serviceaccounts": f"/api/v1/namespaces/{NS}/serviceaccounts",
     "configmaps": f"/api/v1/namespaces/{NS}/configmaps",
     "roles": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles",
     "rolebindings": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings",
+    "networkpolicies": f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies",
     "rayjobs": f"/apis/ray.io/v1/namespaces/{NS}/rayjobs",
 }
 
