@@ -23,11 +23,12 @@ patches on the status subresource.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, cast
@@ -109,9 +110,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 60
     if metrics.serve(reconciler.settings.metrics_port):
         log.info("serving Prometheus metrics on :%d/metrics", reconciler.settings.metrics_port)
-    if reconciler.settings.webhook_port:
-        settings.admission.server = _webhook_server(reconciler, memo)
-        settings.admission.managed = None  # the chart or kustomize installs the configuration, with our choices
+    # Kopf refuses to start with admission handlers and no server: turned off, the webhook gets one that never listens.
+    settings.admission.server = _webhook_server(reconciler, memo) if reconciler.settings.webhook_port else _listen_nowhere
+    settings.admission.managed = None  # the chart or kustomize installs the configuration, with our choices
+
+
+async def _listen_nowhere(fn: Any) -> AsyncIterator[Any]:
+    """The admission "server" when FINETUNE_OPERATOR_WEBHOOK_PORT is 0: it serves nothing until the operator stops."""
+    nothing: tuple[dict[str, Any], ...] = ()
+    await asyncio.Event().wait()
+    for config in nothing:  # an async generator that yields nothing, as Kopf's servers are generators
+        yield config
 
 
 def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServer:

@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 import finetune_operator.handlers  # noqa: F401  (importing it registers the operator's handlers with Kopf)
 from finetune_operator import naming
 from finetune_operator.admission import review
+from finetune_operator.failures import ApiFailure
 from finetune_operator.k8s import Kube
 from finetune_operator.settings import OperatorSettings
 from tests.support.kopf_runner import KopfRunner
@@ -264,3 +265,28 @@ def test_the_operators_own_certificate_is_trusted_through_the_configurations_ca_
         expected[0]["clientConfig"]["caBundle"] = stored["webhooks"][0]["clientConfig"]["caBundle"]
         assert stored["webhooks"] == expected
         assert emu.internal_errors == []
+
+
+def test_publishing_the_ca_names_what_is_missing_and_writes_only_changes() -> None:
+    kube_errors: list[str] = []
+    configuration = yaml.safe_load((REPO / "manifests" / "base" / "webhook.yaml").read_text())
+    with KubeEmulator([*DEFAULT_RESOURCES, WEBHOOK_CONFIGURATIONS]) as emu:
+        kube = Kube(emu.kubernetes_client())
+        for name, webhooks in (("absent", None), ("other", [{**configuration["webhooks"][0], "name": "other.example.com"}])):
+            if webhooks is not None:
+                emu.create({**configuration, "metadata": {"name": name}, "webhooks": webhooks})
+            with pytest.raises(ApiFailure) as info:
+                kube.set_webhook_ca_bundle(name, naming.WEBHOOK_NAME, b"CA")
+            assert info.value.status == 404
+            kube_errors.append(str(info.value))
+        assert kube_errors[1].endswith(
+            f"it has no webhook named '{naming.WEBHOOK_NAME}' (it has ['other.example.com']); "
+            "install the chart's or manifests/base's"
+        )
+        emu.create(configuration)
+        kube.set_webhook_ca_bundle("finetune-operator", naming.WEBHOOK_NAME, b"CA")
+        version = emu.get("validatingwebhookconfigurations", None, "finetune-operator")["metadata"]["resourceVersion"]
+        kube.set_webhook_ca_bundle("finetune-operator", naming.WEBHOOK_NAME, b"CA")
+        stored = emu.get("validatingwebhookconfigurations", None, "finetune-operator")
+        assert stored["metadata"]["resourceVersion"] == version, "an unchanged bundle is not written again"
+        assert stored["webhooks"][0]["clientConfig"]["caBundle"] == base64.b64encode(b"CA").decode()
