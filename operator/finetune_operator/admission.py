@@ -9,12 +9,16 @@ cluster: outputs the Ray pods can share, no relative input paths, its limits (``
 while Ray token authentication is on, a Ray that has it and no ``env`` that would override KubeRay's token.
 Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once: when
 the spec is invalid, the operator's rules still judge the sections that parsed.
+
+The admission webhook (``handlers.validate``, served by Kopf) asks ``review`` for its answer at ``kubectl
+apply``: on CREATE the same lines as ``finetune validate --cluster`` (``verdict``); on UPDATE, one line per
+changed field other than ``spec.runPolicy.suspend`` (``spec_changes``); ``denial`` is the message kubectl shows.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,10 +32,12 @@ from finetune_operator.api.v1alpha1 import (
     ObjectMeta,
     OutputSpec,
     ResourcesSpec,
+    RunPolicySpec,
     RuntimeSpec,
     parse_sections,
 )
-from finetune_operator.api.validate import validate_spec
+from finetune_operator.api.validate import DocumentResult, validate_document, validate_spec
+from finetune_operator.api.versions import KIND
 from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSettings, env_name, ray_version_at_least
 
 # KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN only where the container's env has no such name (common/pod.go,
@@ -220,3 +226,90 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, j
     if not judged and (errors := policy_errors(model.spec, settings)):
         raise AdmissionError(errors)
     return AdmittedJob(model)
+
+
+# ---------------------------------------------------------------------------------- the webhook's answer
+SUSPEND_ONLY: Final = (
+    "only spec.runPolicy.suspend may change after creation; delete the job and create it again to change anything else"
+)
+_ABSENT: Final = object()
+
+
+def verdict(result: DocumentResult, settings: OperatorSettings) -> list[str]:
+    """Every mistake of one validated document under this operator: the API's lines, then the operator's rules and limits.
+
+    What ``finetune validate --cluster`` prints for the document and what the admission webhook answers on CREATE.
+    """
+    errors = list(result.errors)
+    if result.job is not None:
+        try:
+            admit(result.job, settings)
+        except AdmissionError as exc:
+            errors += exc.lines
+    elif isinstance(result.document, dict) and result.document.get("kind") == KIND:
+        # Invalid already: the operator's rules on the sections that parsed, so that one answer shows everything.
+        errors += [line for line in policy_errors(parse_sections(result.document.get("spec")), settings) if line not in errors]
+    return errors
+
+
+def review(operation: str, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None, settings: OperatorSettings) -> list[str]:
+    """The admission webhook's decision on one request (``new`` and ``old`` as the API server sends them); [] allows it.
+
+    CREATE: the whole admission decision (``verdict``). UPDATE: only ``spec.runPolicy.suspend`` may change
+    (``spec_changes``); the job itself is not judged again, since it was admitted under the rules of its day, and a
+    label, an annotation or a suspension must never fail over newer limits. Anything else (DELETE) is allowed:
+    deleting a job never depends on the operator.
+    """
+    if operation == "CREATE":
+        return verdict(validate_document(dict(new or {})), settings)
+    if operation == "UPDATE":
+        return spec_changes((old or {}).get("spec"), (new or {}).get("spec"))
+    return []
+
+
+def spec_changes(old: Any, new: Any) -> list[str]:
+    """One line per field of a spec that changed, ``runPolicy.suspend`` aside; [] when nothing else did.
+
+    As in the CRD's CEL rules, ``runPolicy`` may be added to suspend a job, and a run-policy field spelled out
+    with its default value is no change.
+    """
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        old, new = _comparable(old), _comparable(new)
+    return [f"{path}: {change}; {SUSPEND_ONLY}" for path, change in _changes(old, new, "spec")]
+
+
+def denial(lines: list[str]) -> str:
+    """The webhook's refusal, one mistake a line; kubectl prints it after ``admission webhook "..." denied the request:``."""
+    return f"invalid {KIND} ({len(lines)} error{'s' if len(lines) > 1 else ''}):\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _comparable(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not isinstance(spec.get("runPolicy", {}), Mapping):
+        return spec
+    policy = {field.alias or name: field.default for name, field in RunPolicySpec.model_fields.items() if name != "suspend"}
+    policy |= {key: value for key, value in spec.get("runPolicy", {}).items() if key != "suspend"}
+    return {**spec, "runPolicy": policy}
+
+
+def _changes(old: Any, new: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, what happened) for each difference, in the new document's order."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in [*new, *(key for key in old if key not in new)]:
+            yield from _changes(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}.{key}")
+    elif old is _ABSENT:
+        yield path, f"{quote(new)} was added"
+    elif new is _ABSENT:
+        yield path, f"{quote(old)} was removed"
+    elif not _same(old, new):
+        yield path, f"changed from {quote(old)} to {quote(new)}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: unlike Python's, true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    return bool(a == b)

@@ -17,13 +17,11 @@ from finetune_operator.api import catalog
 from finetune_operator.api.crd import render_crd_yaml
 from finetune_operator.api.explain import UnknownFieldError, explain
 from finetune_operator.api.validate import iter_documents, read_manifest
-from finetune_operator.api.versions import KIND
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     # Imported here, like cmd_render: the operator's rules are pydantic-only, but the other subcommands need none of them.
-    from finetune_operator.admission import AdmissionError, admit, cluster_problems, policy_errors
-    from finetune_operator.api.v1alpha1 import parse_sections
+    from finetune_operator.admission import cluster_problems, verdict
     from finetune_operator.settings import OperatorSettings, SettingsError
 
     try:
@@ -40,17 +38,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         for result in iter_documents(data, path):
-            errors = list(result.errors)
-            if settings is not None and result.job is not None:
-                try:
-                    admit(result.job, settings)
-                except AdmissionError as exc:
-                    errors += exc.lines
-            elif settings is not None and isinstance(result.document, dict) and result.document.get("kind") == KIND:
-                # Invalid already: add the operator's rules for the sections that parsed, so one run shows everything.
-                errors += [
-                    line for line in policy_errors(parse_sections(result.document.get("spec")), settings) if line not in errors
-                ]
+            # --cluster: the operator's verdict, the very lines its admission webhook answers at `kubectl apply`.
+            errors = list(result.errors) if settings is None else verdict(result, settings)
             if errors:
                 failed += 1
                 print(f"{result.label}: invalid ({len(errors)} error{'s' if len(errors) > 1 else ''})")

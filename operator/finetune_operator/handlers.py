@@ -6,7 +6,8 @@ Run it with::
         --liveness=http://0.0.0.0:8081/healthz            # or --namespace=NS (repeatable)
     python -m finetune_operator.handlers                   # the same, namespaces from FINETUNE_OPERATOR_NAMESPACES
 
-The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINETUNE_OPERATOR_METRICS_PORT``.
+The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINETUNE_OPERATOR_METRICS_PORT``; the API
+server calls the admission webhook (``validate``) over HTTPS on ``FINETUNE_OPERATOR_WEBHOOK_PORT``.
 
 Each handler hands its event to ``reconcile.Reconciler`` (the rules live there, unit-tested without Kopf)
 and translates the outcome into Kopf's words: ``failures.Refused`` → ``kopf.PermanentError``;
@@ -22,17 +23,22 @@ patches on the status subresource.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextvars
+import functools
 import logging
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, cast
 
 import kopf
 
-from finetune_operator import metrics, naming
+from finetune_operator import admission, metrics, naming
 from finetune_operator.api.versions import GROUP, PLURAL, RAYJOB_GROUP, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
+from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
@@ -43,6 +49,7 @@ FTJ: Final = (GROUP, VERSION, PLURAL)
 FINALIZER: Final = "finetune.dev/finalizer"
 LIVENESS: Final = "http://0.0.0.0:8081/healthz"
 RESYNC_SECONDS: Final = 60.0
+CERTIFICATE_CHECK_SECONDS: Final = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -104,6 +111,34 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 60
     if metrics.serve(reconciler.settings.metrics_port):
         log.info("serving Prometheus metrics on :%d/metrics", reconciler.settings.metrics_port)
+    # Kopf refuses to start with admission handlers and no server: turned off, the webhook gets one that never listens.
+    settings.admission.server = _webhook_server(reconciler, memo) if reconciler.settings.webhook_port else _listen_nowhere
+    settings.admission.managed = None  # the chart or kustomize installs the configuration, with our choices
+
+
+async def _listen_nowhere(fn: Any) -> AsyncIterator[Any]:
+    """The admission "server" when FINETUNE_OPERATOR_WEBHOOK_PORT is 0: it serves nothing until the operator stops."""
+    nothing: tuple[dict[str, Any], ...] = ()
+    await asyncio.Event().wait()
+    for config in nothing:  # an async generator that yields nothing, as Kopf's servers are generators
+        yield config
+
+
+def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServer:
+    """Kopf's HTTPS server for ``validate``: on cert-manager's certificate when mounted, else on one of our own."""
+    operator = reconciler.settings
+    common: dict[str, Any] = {"port": operator.webhook_port, "host": operator.webhook_host}
+    if operator.webhook_cert_dir:
+        directory = Path(operator.webhook_cert_dir)
+        return kopf.WebhookServer(**common, certfile=directory / "tls.crt", pkeyfile=directory / "tls.key")
+    kube = reconciler.kube
+    if not isinstance(kube, Kube):
+        raise kopf.PermanentError("the webhook's own certificate needs a Kubernetes client to publish its CA")
+    publish = functools.partial(kube.set_webhook_ca_bundle, operator.webhook_configuration, naming.WEBHOOK_NAME)
+    tls = SelfSignedTLS(operator.webhook_host, Path(tempfile.mkdtemp(prefix="finetune-webhook-")), publish)
+    memo["webhook_tls"] = tls
+    # Certificate and key in one file (replaced atomically on renewal): Kopf restarts its server when it changes.
+    return kopf.WebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
 
 
 @kopf.on.probe(id="jobs")
@@ -156,11 +191,50 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
     threading.Thread(target=context.run, args=(loop,), name="finetune-resync", daemon=True).start()
 
 
+@kopf.on.startup()
+def keep_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
+    """Publish the operator's own webhook CA, then renew the certificate when due (``SelfSignedTLS.check``), in a
+    thread that retries a failed publish every ``CERTIFICATE_CHECK_SECONDS``. Nothing to do on cert-manager's."""
+    tls, stop = memo.get("webhook_tls"), threading.Event()
+    if not isinstance(tls, SelfSignedTLS):
+        return
+
+    def loop() -> None:
+        while True:
+            try:
+                tls.check()
+            except Exception:  # the API server refused or was unreachable: the current certificate is still valid
+                log.exception("could not publish the webhook's CA; retrying in %ds", CERTIFICATE_CHECK_SECONDS)
+            if stop.wait(CERTIFICATE_CHECK_SECONDS):
+                return
+
+    memo["webhook_tls_stop"] = stop
+    threading.Thread(target=loop, name="finetune-webhook-tls", daemon=True).start()
+
+
 @kopf.on.cleanup()
-def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    stop = memo.get("resync_stop")
-    if isinstance(stop, threading.Event):
-        stop.set()
+def stop_threads(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the resync and certificate threads."""
+    for key in ("resync_stop", "webhook_tls_stop"):
+        stop = memo.get(key)
+        if isinstance(stop, threading.Event):
+            stop.set()
+
+
+@kopf.on.validate(*FTJ, id=naming.WEBHOOK_PATH, operations=["CREATE", "UPDATE"])
+def validate(
+    memo: kopf.Memo, operation: str | None = None, new: kopf.Body | None = None, old: kopf.Body | None = None, **_: Any
+) -> None:
+    """The admission webhook: at `kubectl apply`, refuse what the create handler would refuse, with the same lines
+    (``admission.review``); on update, refuse any change but ``spec.runPolicy.suspend``."""
+    lines = admission.review(operation or "", _raw(new), _raw(old), _reconciler(memo).settings)
+    if lines:
+        # 422 Unprocessable Entity, as for the API server's own validation; kubectl prints the message as it is.
+        raise kopf.AdmissionError(admission.denial(lines), code=422)
+
+
+def _raw(body: kopf.Body | None) -> dict[str, Any] | None:
+    return None if body is None else {key: body[key] for key in body}
 
 
 @kopf.on.event(*FTJ)

@@ -10,6 +10,7 @@ body is a strategic merge patch, which the API server refuses (415) for custom r
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any, Final
@@ -22,6 +23,7 @@ from finetune_operator.api.versions import GROUP, KIND, PLURAL, RAYJOB_GROUP, RA
 from finetune_operator.failures import ApiFailure
 
 MERGE_PATCH: Final = "application/merge-patch+json"
+JSON_PATCH: Final = "application/json-patch+json"
 TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead connection
 _CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
 _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
@@ -163,3 +165,28 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         return dict(self._call(what, fn, group, version, namespace, plural, name, body, _content_type=MERGE_PATCH))
+
+    # ---- the admission webhook's configuration (only when the operator makes its own certificate)
+
+    def set_webhook_ca_bundle(self, configuration: str, webhook: str, bundle: bytes) -> None:
+        """Write ``bundle`` (PEM) as the ``caBundle`` of webhook ``webhook`` in ValidatingWebhookConfiguration ``configuration``.
+
+        Read, then a JSON patch that first tests the entry's name: a list changed in between is refused (422) rather
+        than the wrong entry patched. Nothing is written when the bundle is there already.
+        """
+        api = kubernetes.client.AdmissionregistrationV1Api(self.client)
+        kind = "ValidatingWebhookConfiguration"
+        found = self._plain(self._call(f"read {kind} {configuration}", api.read_validating_webhook_configuration, configuration))
+        names = [entry.get("name") for entry in found.get("webhooks") or []]
+        if webhook not in names:
+            detail = f"it has no webhook named {webhook!r} (it has {names}); install the chart's or manifests/base's"
+            raise ApiFailure(f"patch {kind} {configuration}", 404, detail, kind=kind, verb="patch")
+        index, encoded = names.index(webhook), base64.b64encode(bundle).decode()
+        if (found["webhooks"][index].get("clientConfig") or {}).get("caBundle") == encoded:
+            return
+        patch = [
+            {"op": "test", "path": f"/webhooks/{index}/name", "value": webhook},
+            {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded},
+        ]
+        fn = api.patch_validating_webhook_configuration
+        self._call(f"patch {kind} {configuration}", fn, configuration, patch, _content_type=JSON_PATCH)

@@ -96,3 +96,11 @@ def pvc_volume_name(claim: str) -> str:
     if len(name) <= VOLUME_NAME_MAX:
         return name
     return f"{_fit(name, VOLUME_NAME_MAX - HASH_LEN - 1)}-{short_hash(claim)}"
+
+
+# ---- the admission webhook: names the chart and kustomize write and the operator serves and patches
+WEBHOOK_NAME: Final = "validate.finetunejobs.finetune.dev"
+"""The one webhook of the ValidatingWebhookConfiguration (``webhooks[].name``, what kubectl names in a refusal)."""
+WEBHOOK_PATH: Final = "validate-finetunejobs"
+"""The URL path the API server posts AdmissionReviews to (``clientConfig.service.path`` without its slash); Kopf routes
+a path to the handler whose id it is."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final, TypeVar
 
-from finetune_operator.api.fields import DNS1123_LABEL, QUANTITY, RAY_VERSION
+from finetune_operator.api.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY, RAY_VERSION
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE
 from finetune_operator.api.versions import RAY_VERSION as DEFAULT_RAY_VERSION
 
@@ -109,6 +109,22 @@ class OperatorSettings:
 
     metrics_scraper_pod_labels: tuple[str, ...] = ()
     """``FINETUNE_OPERATOR_METRICS_SCRAPER_POD_LABELS``: comma-separated ``key=value`` labels of the scraper pods."""
+
+    # ---- the validating admission webhook (docs/platform.md, "Admission webhook")
+    webhook_port: int = 9443
+    """``FINETUNE_OPERATOR_WEBHOOK_PORT``: port of the admission webhook's HTTPS server; 0 turns it off."""
+
+    webhook_host: str = "finetune-operator-webhook.finetune-system.svc"
+    """``FINETUNE_OPERATOR_WEBHOOK_HOST``: the name the API server calls the webhook by (``SERVICE.NAMESPACE.svc``),
+    which the operator's own certificate is issued for."""
+
+    webhook_configuration: str = "finetune-operator"
+    """``FINETUNE_OPERATOR_WEBHOOK_CONFIGURATION``: the ValidatingWebhookConfiguration whose ``caBundle`` the operator
+    keeps current when it makes its own certificate."""
+
+    webhook_cert_dir: str = ""
+    """``FINETUNE_OPERATOR_WEBHOOK_CERT_DIR``: a directory holding ``tls.crt`` and ``tls.key`` (a cert-manager Secret);
+    empty: the operator makes its own CA and certificate, renews them, and writes the CA into the configuration."""
 
     def __post_init__(self) -> None:
         # Settings that parse one by one can still contradict each other: refuse to start rather than render
@@ -274,4 +290,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "kuberay_pod_labels": _labels,
     "metrics_scraper_namespace": _namespace,
     "metrics_scraper_pod_labels": _labels,
+    "webhook_port": _integer(0, 65_535),
+    "webhook_host": _pattern(DNS1123_SUBDOMAIN, "a DNS name such as finetune-operator-webhook.finetune-system.svc"),
+    "webhook_configuration": _pattern(DNS1123_SUBDOMAIN, "the name of a ValidatingWebhookConfiguration (a DNS-1123 subdomain)"),
+    "webhook_cert_dir": _pattern(r"^/[^\s]*$", "an absolute directory path such as /etc/finetune-operator/webhook"),
 }

@@ -37,7 +37,7 @@ from tests.support.schemas import REPO
 pytestmark = pytest.mark.timeout(60)
 
 EXAMPLE = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
-SETTINGS = OperatorSettings(metrics_port=0)
+SETTINGS = OperatorSettings(metrics_port=0, webhook_port=0)  # the webhook: tests/integration/test_webhook.py
 CHILD_KINDS = (
     ("serviceaccounts", "trainer"),
     ("roles", "trainer-status"),
@@ -332,6 +332,7 @@ def test_entrypoint_runs_with_kubeconfig_liveness_and_metrics(emu: KubeEmulator,
         "FINETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
         "FINETUNE_OPERATOR_NAMESPACES": "default",
         "FINETUNE_OPERATOR_TRAINER_IMAGE": "registry.local/trainer:e2e",
+        "FINETUNE_OPERATOR_WEBHOOK_PORT": "0",  # no ValidatingWebhookConfiguration here; test_webhook.py serves it
     }
     env.pop("KUBERNETES_SERVICE_HOST", None)
     cmd = [sys.executable, "-m", "finetune_operator.handlers", f"--liveness=http://127.0.0.1:{liveness_port}/healthz"]

@@ -79,7 +79,7 @@ def run_to_the_end(emu: KubeEmulator, tmp_path: Path, body: dict[str, Any], phas
     """Operator and stand-in up, ``body`` applied, until the job is Succeeded or Failed: it must be ``phase``,
     and ``events`` must have been posted."""
     # Throttle 0: the trainer patches its status after every epoch, so each report is seen on the job.
-    settings = OperatorSettings(metrics_port=0, status_throttle_seconds=0)
+    settings = OperatorSettings(metrics_port=0, webhook_port=0, status_throttle_seconds=0)
     memo = kopf.Memo(settings=settings, kube=Kube(emu.kubernetes_client()))
     name, rayjob_name = body["metadata"]["name"], naming.rayjob_name(body["metadata"]["name"])
     with (

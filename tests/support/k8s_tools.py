@@ -90,7 +90,7 @@ def one(objects: Iterable[Mapping[str, Any]], kind: str) -> Mapping[str, Any]:
 
 # ------------------------------------------------------------------------------------ schema validity
 # Groups whose kinds are CRDs of other projects: kubernetes-validate only knows the built-in API.
-FOREIGN_GROUPS = frozenset({"monitoring.coreos.com"})
+FOREIGN_GROUPS = frozenset({"monitoring.coreos.com", "cert-manager.io"})
 
 
 def validate(obj: Mapping[str, Any]) -> bool:

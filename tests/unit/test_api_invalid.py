@@ -4,6 +4,7 @@ names the field path, quotes the bad value where there is one, and says what is 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -541,3 +542,13 @@ def test_there_are_at_least_forty_cases() -> None:
 
 def test_base_document_is_valid() -> None:
     assert validate_document(copy.deepcopy(BASE)).ok
+
+
+def invalid_documents() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every document of the corpus, by case id: the admission webhook's tests judge these very documents
+    (tests/unit/test_admission_review.py, tests/integration/test_webhook.py)."""
+    for name, changes, _field, _fragments in CASES:
+        doc = copy.deepcopy(BASE)
+        for path, value in changes.items():
+            _set(doc, path, value)
+        yield name, doc

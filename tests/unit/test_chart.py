@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -46,13 +47,27 @@ BASE_KINDS = {
     "Service": 1,
 }
 NAMESPACED_KINDS = {k: v for k, v in BASE_KINDS.items() if not k.startswith("Cluster")} | {"Role": 2, "RoleBinding": 2}
+# The admission webhook (tests/unit/test_webhook_install.py): its configuration and Service, then either the
+# operator's RBAC on that configuration (its own certificate) or cert-manager's objects.
+WEBHOOK_KINDS = {"ValidatingWebhookConfiguration": 1, "Service": 1}
+OWN_CERTIFICATE = WEBHOOK_KINDS | {"ClusterRole": 1, "ClusterRoleBinding": 1}
+CERT_MANAGER = WEBHOOK_KINDS | {"Certificate": 1}
+
+
+def _plus(*parts: dict[str, int]) -> dict[str, int]:
+    return dict(sum((Counter(part) for part in parts), Counter()))
+
+
 EXPECTED_KINDS = {
-    "default": BASE_KINDS,
-    "namespaced": NAMESPACED_KINDS,
-    "servicemonitor": BASE_KINDS | {"ServiceMonitor": 1},
-    "networkpolicy": BASE_KINDS | {"NetworkPolicy": 1},
-    "nocrds": {k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"},
-    "custom-image": BASE_KINDS,
+    "default": _plus(BASE_KINDS, OWN_CERTIFICATE),
+    "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE),
+    "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}),
+    "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}),
+    "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE),
+    "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE),
+    "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}),
+    "webhook-certmanager-namespaced": _plus(NAMESPACED_KINDS, CERT_MANAGER),
+    "webhook-off": BASE_KINDS,
 }
 
 
@@ -90,6 +105,11 @@ def renders() -> dict[str, list[dict[str, Any]]]:
         return dict(zip(VARIANT_FILES, pool.map(render, VARIANT_FILES.values()), strict=True))
 
 
+def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those)."""
+    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "webhook"]
+
+
 def _pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
     pod: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
     return pod
@@ -119,9 +139,9 @@ def test_renders_expected_kinds(renders: dict[str, list[dict[str, Any]]], varian
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_object_is_valid_for_kubernetes_1_35(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
     validated = [obj["kind"] for obj in renders[variant] if k8s_tools.validate(obj)]
-    # ServiceMonitor is the Prometheus Operator's CRD, unknown to kubernetes-validate: only it may be skipped.
+    # The Prometheus Operator's and cert-manager's CRDs are unknown to kubernetes-validate: only they may be skipped.
     skipped = [obj["kind"] for obj in renders[variant] if obj["kind"] not in validated]
-    assert set(skipped) <= {"ServiceMonitor"}
+    assert set(skipped) <= {"ServiceMonitor", "Certificate", "Issuer"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -129,7 +149,7 @@ def test_namespaced_objects_are_in_the_release_namespace(renders: dict[str, list
     watched = set(values_of(variant)["watchNamespaces"])
     for obj in renders[variant]:
         namespace = obj["metadata"].get("namespace")
-        if obj["kind"] in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"):
             assert namespace is None, obj["kind"]
         elif obj["kind"] in ("Role", "RoleBinding"):
             assert namespace in watched
@@ -169,7 +189,8 @@ def test_deployment_shape(renders: dict[str, list[dict[str, Any]]], variant: str
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": values["metrics"]["port"], "healthz": 8081}  # 8081: the image's --liveness URL
+    webhook = {"webhook": values["webhook"]["port"]} if values["webhook"]["enabled"] else {}
+    assert ports == {"metrics": values["metrics"]["port"], "healthz": 8081} | webhook  # 8081: the image's --liveness URL
     assert container["resources"] == values["resources"]
     assert pod["serviceAccountName"] == FULLNAME
     assert pod.get("imagePullSecrets", []) == values["imagePullSecrets"]
@@ -211,6 +232,14 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_KUBERAY_POD_LABELS": ",".join(settings["kuberayPodLabels"]),
         "FINETUNE_OPERATOR_METRICS_SCRAPER_NAMESPACE": settings["metricsScraperNamespace"],
         "FINETUNE_OPERATOR_METRICS_SCRAPER_POD_LABELS": ",".join(settings["metricsScraperPodLabels"]),
+        "FINETUNE_OPERATOR_WEBHOOK_PORT": str(values["webhook"]["port"] if values["webhook"]["enabled"] else 0),
+        "FINETUNE_OPERATOR_WEBHOOK_HOST": f"{FULLNAME}-webhook.{NAMESPACE}.svc",
+        "FINETUNE_OPERATOR_WEBHOOK_CONFIGURATION": FULLNAME,
+        "FINETUNE_OPERATOR_WEBHOOK_CERT_DIR": (
+            "/etc/finetune-operator/webhook"
+            if values["webhook"]["enabled"] and values["webhook"]["certManager"]["enabled"]
+            else ""
+        ),
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -223,7 +252,11 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
 def test_every_operator_setting_is_in_the_chart(renders: dict[str, list[dict[str, Any]]]) -> None:
     env = k8s_tools.container_env(_container(renders["default"]))
     assert set(env) == set(OperatorSettings().to_env()), "mirror each OperatorSettings field in values.yaml"
-    assert OperatorSettings.from_env(env) == OperatorSettings(), "values.yaml defaults differ from the operator's"
+    # The webhook's names follow the release; manifests/base's are the operator's defaults (test_kustomize).
+    named = {"webhook_host": f"{FULLNAME}-webhook.{NAMESPACE}.svc", "webhook_configuration": FULLNAME}
+    assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **named), (
+        "values.yaml defaults differ from the operator's"
+    )
 
 
 def test_chart_versions_agree_with_the_package() -> None:
@@ -253,7 +286,7 @@ def test_rbac_has_no_wildcards(renders: dict[str, list[dict[str, Any]]], variant
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rbac_is_exactly_what_the_operator_uses(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
-    objects = renders[variant]
+    objects = operator_objects(renders[variant])
     namespaces = values_of(variant)["watchNamespaces"]
     subject = [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     if namespaces:
@@ -281,13 +314,14 @@ def test_operator_holds_what_it_grants_to_trainers() -> None:
 
 def test_rbac_create_false_renders_no_rbac() -> None:
     objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=["rbac.create=false"])
+    assert of_kind(objects, "ValidatingWebhookConfiguration"), "the webhook is still installed"
     assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {obj["kind"] for obj in objects}
 
 
 # ------------------------------------------------------------------------------------- selectors
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
-    objects = renders[variant]
+    objects = operator_objects(renders[variant])
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     service = one(objects, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -300,7 +334,7 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
     for policy in of_kind(objects, "NetworkPolicy"):
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
         ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert ingress_ports == {"metrics", "healthz"}
+        assert ingress_ports == {"metrics", "healthz"} | ({"webhook"} if values_of(variant)["webhook"]["enabled"] else set())
 
 
 # ---------------------------------------------------------------------------------- values schema
@@ -321,6 +355,11 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("settings.jobNetworkPolicy=maybe", "jobNetworkPolicy"),
         ("settings.kuberayPodLabels={app}", "kuberayPodLabels"),
         ("settings.kuberayNamespace=Kube_Ray", "kuberayNamespace"),
+        ("webhook.failurePolicy=Never", "failurePolicy"),
+        ("webhook.timeoutSeconds=60", "timeoutSeconds"),
+        ("webhook.port=443", "port"),
+        ("webhook.certManager.issuerRef.kind=Secret", "kind"),
+        ("webhook.certManager.issuerRef.name=ca", "kind"),
     ],
 )
 def test_values_schema_rejects(override: str, message: str) -> None:

@@ -117,3 +117,19 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/*
+The admission webhook's names (templates/webhook*.yaml): the Service (a DNS-1035 label, hence the cut), the host
+name the API server calls and the certificate names, and the directory where a cert-manager Secret is mounted.
+*/}}
+{{- define "finetune-operator.webhookName" -}}
+{{- printf "%s-webhook" (include "finetune-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "finetune-operator.webhookHost" -}}
+{{- printf "%s.%s.svc" (include "finetune-operator.webhookName" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "finetune-operator.webhookCertDir" -}}
+{{- if and .Values.webhook.enabled .Values.webhook.certManager.enabled }}/etc/finetune-operator/webhook{{ end }}
+{{- end }}
