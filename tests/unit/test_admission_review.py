@@ -95,7 +95,7 @@ OLD = _job(resources={"workers": 2}, runtime={"env": [{"name": "A", "value": "1"
     [
         pytest.param("spec.runPolicy.suspend", True, [], id="suspend"),
         pytest.param("spec.runPolicy", {"suspend": True}, [], id="run-policy-added-to-suspend"),
-        pytest.param("spec.runPolicy", {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600}, [], id="defaults-spelled-out"),
+        pytest.param("spec.runPolicy", {"backoffLimit": 0, "maxWorkerFailures": 0}, [], id="defaults-spelled-out"),
         pytest.param("metadata.labels", {"team": "vision"}, [], id="labels"),
         pytest.param("metadata.annotations", {"finetune.dev/last-handled-configuration": "{}"}, [], id="operator-annotation"),
         pytest.param("metadata.finalizers", [], [], id="finalizers"),
@@ -124,7 +124,7 @@ OLD = _job(resources={"workers": 2}, runtime={"env": [{"name": "A", "value": "1"
         pytest.param(
             "spec.runPolicy",
             {"suspend": True, "ttlSecondsAfterFinished": 60},
-            ["spec.runPolicy.ttlSecondsAfterFinished: changed from 3600 to 60"],
+            ["spec.runPolicy.ttlSecondsAfterFinished: changed from null to 60"],  # null: the platform default
             id="run-policy-field",
         ),
         pytest.param(
