@@ -345,7 +345,7 @@ class Reconciler:
             mirrored = map_status(
                 rayjob.get("status"),
                 {**parent.status, **patch},
-                parent.generation,
+                _observed_generation(parent, rayjob),
                 self.clock(),
                 suspend=parent.suspend,
                 rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
@@ -380,6 +380,18 @@ class Reconciler:
 
     def _emit(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         self.emit(obj, type_, reason, message[:EVENT_MESSAGE_MAX])
+
+
+def _observed_generation(parent: ParentJob, rayjob: Mapping[str, Any]) -> int | None:
+    """The generation this status may claim to have acted on: the job's, once the RayJob carries its one mutable
+    field (``runPolicy.suspend``, or a suspension Kueue holds), else the one already claimed. A RayJob event
+    arriving between the user's flip and the operator's patch must not announce the new generation as done."""
+    actual = bool((rayjob.get("spec") or {}).get("suspend"))
+    queued = naming.LABEL_KUEUE_QUEUE in (rayjob.get("metadata", {}).get("labels") or {})
+    if actual == parent.suspend or (actual and queued and not parent.suspend):
+        return parent.generation
+    observed = parent.status.get("observedGeneration")
+    return observed if isinstance(observed, int) else None
 
 
 __all__ = ["EventSink", "KubeApi", "Reconciler", "log_event"]

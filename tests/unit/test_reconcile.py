@@ -682,3 +682,16 @@ def test_a_retried_mirror_decides_on_the_current_rayjob(kube: FakeKube, events: 
     rec.mirror(stale_parent, initializing)
     assert status(kube)["phase"] == "Running"
     assert "PhaseProvisioning" not in events.reasons[events.reasons.index("PhaseRunning") :]
+
+
+def test_observed_generation_moves_only_once_the_suspend_is_applied(kube: FakeKube, rec: Reconciler) -> None:
+    """Issue 10 item 11: a RayJob event between the user's flip and the operator's patch claims nothing new."""
+    rec.reconcile(created(kube, job()))
+    stored = kube.objects[("FineTuneJob", "team", "job")]
+    stored["spec"]["runPolicy"] = {"suspend": True}
+    stored["metadata"]["generation"] = 2  # what the API server does on a spec change
+    rec.rayjob_changed("MODIFIED", kube.patch_status("RayJob", "team", naming.rayjob_name("job"), RUNNING))
+    assert status(kube)["observedGeneration"] == 1
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), True)  # type: ignore[arg-type]
+    rec.rayjob_changed("MODIFIED", rayjob_of(kube))
+    assert status(kube)["observedGeneration"] == 2
