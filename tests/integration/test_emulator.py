@@ -30,13 +30,6 @@ JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
 
 @pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    with KubeEmulator() as emulator:
-        yield emulator
-        assert emulator.internal_errors == []
-
-
-@pytest.fixture
 def http(emu: KubeEmulator) -> Iterator[Api]:
     with Api(emu.url) as api:
         yield api

@@ -45,13 +45,6 @@ URLS = {
 
 
 @pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    with KubeEmulator() as emulator:
-        yield emulator
-        assert emulator.internal_errors == []
-
-
-@pytest.fixture
 def operator(emu: KubeEmulator) -> Iterator[KopfRunner]:
     runner = start_operator(emu)
     try:
@@ -109,7 +102,7 @@ def test_kuberay_not_installed_is_said_and_not_hammered(emu: KubeEmulator, opera
     assert "install KubeRay v1.7.0" in ready["message"]
     first = creates(emu, "rayjobs")
     time.sleep(5)
-    assert creates(emu, "rayjobs") == first  # backs off (10 s, then 20 s, ...), never a storm
+    assert creates(emu, "rayjobs") == first  # backs off (30 s, then 60 s, ... up to 600 s), never a storm
 
 
 def test_forbidden_by_rbac_is_said(emu: KubeEmulator, operator: KopfRunner) -> None:

@@ -55,13 +55,6 @@ def job(name: str, namespace: str = "default", **spec_changes: Any) -> dict[str,
     return body
 
 
-@pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    with KubeEmulator() as emulator:
-        yield emulator
-        assert emulator.internal_errors == []
-
-
 def start_operator(emu: KubeEmulator) -> KopfRunner:
     return KopfRunner(emu, memo=kopf.Memo(settings=SETTINGS, kube=Kube(emu.kubernetes_client()))).start()
 
