@@ -42,13 +42,12 @@ def workloads_of(rayjob: Mapping[str, Any], listed: list[dict[str, Any]]) -> lis
 
     The label alone is not proof: labels can be written by anyone who can write Workloads."""
     uid = rayjob["metadata"].get("uid")
-    return [
-        wl
-        for wl in listed
-        if any(
-            ref.get("kind") == RAYJOB_KIND and ref.get("uid") == uid for ref in (wl.get("metadata") or {}).get("ownerReferences") or []
-        )
-    ]
+
+    def owned(wl: Mapping[str, Any]) -> bool:
+        refs = (wl.get("metadata") or {}).get("ownerReferences") or []
+        return any(ref.get("kind") == RAYJOB_KIND and ref.get("uid") == uid for ref in refs)
+
+    return [wl for wl in listed if owned(wl)]
 
 
 def set_active(kube: WorkloadApi, rayjob: Mapping[str, Any], active: bool) -> list[str]:

@@ -94,7 +94,9 @@ def every_flow() -> RecordingKube:
     queued = {**body, "metadata": {**body["metadata"], "name": "queued", "uid": "u-3"}}
     queued["spec"] = {**body["spec"], "runtime": {**body["spec"].get("runtime", {}), "queueName": "gpu"}}
     rec.reconcile(kube.put(queued))
-    rayjob = next(o for o in kube.objects.values() if o["kind"] == "RayJob" and o["metadata"]["labels"].get("kueue.x-k8s.io/queue-name"))
+    rayjob = next(
+        o for o in kube.objects.values() if o["kind"] == "RayJob" and o["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")
+    )
     owner = {"kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": rayjob["metadata"]["uid"]}
     labels = {"kueue.x-k8s.io/job-uid": rayjob["metadata"]["uid"]}
     kube.put({"kind": "Workload", "metadata": {"name": "wl", "namespace": "team", "labels": labels, "ownerReferences": [owner]}})

@@ -727,7 +727,10 @@ def test_suspending_an_admitted_queued_job_deactivates_its_workload(kube: FakeKu
     assert rayjob_of(kube)["spec"]["suspend"] is True  # Kueue lifts it once it re-admits the Workload
     kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Suspended"})  # KubeRay's word
     rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
-    assert (status(kube)["phase"], status(kube)["message"]) == ("Pending", "the RayJob is suspended by its queue (e.g. Kueue) until it is admitted")
+    assert (status(kube)["phase"], status(kube)["message"]) == (
+        "Pending",
+        "the RayJob is suspended by its queue (e.g. Kueue) until it is admitted",
+    )
     assert [r for r in events.reasons if r in ("Suspend", "Resume")] == ["Suspend", "Resume"]
 
 
@@ -752,7 +755,9 @@ def test_only_the_rayjobs_own_workload_is_switched(kube: FakeKube, rec: Reconcil
 
 def test_no_kueue_installed_suspends_the_rayjob_directly(kube: FakeKube, rec: Reconciler) -> None:
     rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
-    kube.faults[("list", "Workload")] = ApiFailure("list Workload team/x", 404, "HTTP 404 Not Found", kind="Workload", verb="list")
+    kube.faults[("list", "Workload")] = ApiFailure(
+        "list Workload team/x", 404, "HTTP 404 Not Found", kind="Workload", verb="list"
+    )
     flip_suspend(kube, rec, True)
     assert rayjob_of(kube)["spec"]["suspend"] is True
 
