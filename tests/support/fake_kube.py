@@ -71,6 +71,16 @@ class FakeKube:
         found = [o for (kind, ns, _), o in self.objects.items() if kind == "FineTuneJob" and namespace in (None, ns)]
         return copy.deepcopy(found)
 
+    def list_labelled(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self._call("list", kind, selector)
+        wanted = dict(term.split("=", 1) for term in selector.split(","))
+        found = [
+            o
+            for (k, ns, _), o in self.objects.items()
+            if k == kind and ns == namespace and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+        return copy.deepcopy(found)
+
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         meta = obj["metadata"]
         self._call("create", obj["kind"], meta["name"])

@@ -33,7 +33,9 @@ RESOURCES = {
     "ConfigMap": ("", "configmaps"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "RayJob": (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL),
+    "Workload": (versions.KUEUE_GROUP, versions.WORKLOAD_PLURAL),
 }
+CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload"}
 # Not calls of our code, each for a reason of its own.
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
@@ -88,6 +90,18 @@ def every_flow() -> RecordingKube:
     }
     with pytest.raises(Refused):
         rec.reconcile(kube.put(bad))
+    # A job queued in Kueue, admitted, then suspended and resumed: through its Workload.
+    queued = {**body, "metadata": {**body["metadata"], "name": "queued", "uid": "u-3"}}
+    queued["spec"] = {**body["spec"], "runtime": {**body["spec"].get("runtime", {}), "queueName": "gpu"}}
+    rec.reconcile(kube.put(queued))
+    rayjob = next(
+        o for o in kube.objects.values() if o["kind"] == "RayJob" and o["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")
+    )
+    owner = {"kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": rayjob["metadata"]["uid"]}
+    labels = {"kueue.x-k8s.io/job-uid": rayjob["metadata"]["uid"]}
+    kube.put({"kind": "Workload", "metadata": {"name": "wl", "namespace": "team", "labels": labels, "ownerReferences": [owner]}})
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "queued"), True)  # type: ignore[arg-type]
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "queued"), False)  # type: ignore[arg-type]
     return kube
 
 
@@ -108,7 +122,7 @@ def called(kube: RecordingKube) -> Permissions:
 
 def test_every_flow_creates_every_child_kind() -> None:
     created = {kind for verb, kind, _ in every_flow().calls if verb == "create"}
-    assert created == set(RESOURCES) - {"FineTuneJob"}
+    assert created == CHILDREN
 
 
 def test_rbac_is_exactly_the_calls_plus_kopf_and_owner_references() -> None:
@@ -116,14 +130,14 @@ def test_rbac_is_exactly_the_calls_plus_kopf_and_owner_references() -> None:
     for key, verbs in KOPF.items():
         expected.setdefault(key, set()).update(verbs)
     # Every child carries an ownerReference: OwnerReferencesPermissionEnforcement asks its creator for `delete`.
-    for kind in set(RESOURCES) - {"FineTuneJob"}:
+    for kind in CHILDREN:
         expected[RESOURCES[kind]].add("delete")
     assert {key: frozenset(verbs) for key, verbs in expected.items()} == OPERATOR_RULES
 
 
 def test_children_are_never_changed_except_the_rayjobs_suspend_flag() -> None:
     table = called(every_flow())
-    children = {RESOURCES[kind] for kind in set(RESOURCES) - {"FineTuneJob"}}
+    children = {RESOURCES[kind] for kind in CHILDREN}
     assert {key for key in children if "patch" in table.get(key, frozenset())} == {RESOURCES["RayJob"]}
     # Every child is read back: on a 409, to check whose it is, and at every resync, to recreate what is gone.
     assert {key for key in children if "get" in table.get(key, frozenset())} == children
