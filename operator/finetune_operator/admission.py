@@ -198,13 +198,12 @@ def ray_auth_errors(runtime: RuntimeSpec) -> list[str]:
     return errors
 
 
-def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, judged: bool = False) -> AdmittedJob:
+def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings) -> AdmittedJob:
     """The whole admission decision for an API object (validated here) or an already validated model.
 
-    Raises ``AdmissionError`` with every mistake. Extra metadata such as managedFields is ignored.
-    ``judged``: the operator admitted this job before (its ``Validated`` condition is True). It is never
-    judged again: the operator's own rules and limits may have changed since (a restart with a lower
-    ``maxWorkers``), and a running job must not fail over them, so only the typed model is built.
+    Raises ``AdmissionError`` with every mistake. Extra metadata such as managedFields is ignored. Nothing in
+    the job's status counts as proof of an earlier admission (the trainer may write status): what to do with a
+    job that runs already but that newer rules refuse is the reconciler's business (it follows it).
     """
     raw_spec = (
         job.spec.model_dump(by_alias=True, mode="json", exclude_none=True) if isinstance(job, FineTuneJob) else job.get("spec")
@@ -218,12 +217,12 @@ def admit(job: FineTuneJob | Mapping[str, Any], settings: OperatorSettings, *, j
         spec, errors = validate_spec(job.get("spec"))
         if spec is None:
             # The operator's own rules on the sections that did parse: every mistake in one refusal.
-            extra = [] if judged else policy_errors(parse_sections(job.get("spec")), settings)
+            extra = policy_errors(parse_sections(job.get("spec")), settings)
             raise AdmissionError(errors + [line for line in extra if line not in errors])
         model = FineTuneJob(
             metadata=ObjectMeta(name=meta["name"], namespace=meta.get("namespace"), uid=meta.get("uid")), spec=spec
         )
-    if not judged and (errors := policy_errors(model.spec, settings)):
+    if errors := policy_errors(model.spec, settings):
         raise AdmissionError(errors)
     return AdmittedJob(model)
 

@@ -70,11 +70,6 @@ class ParentJob:
         return self.status.get("rayJobName")
 
     @property
-    def validated(self) -> bool:
-        """Admitted before (``Validated=True``): a job the operator accepted is never judged again."""
-        return any(c.get("type") == "Validated" and c.get("status") == "True" for c in self.status.get("conditions") or [])
-
-    @property
     def suspend(self) -> bool:
         return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
 

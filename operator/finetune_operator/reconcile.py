@@ -95,11 +95,11 @@ class Reconciler:
             metrics.record_phase(parent.uid, parent.phase)
             return
         try:
-            admitted = admit(parent.body, self.settings, judged=parent.validated)
+            admitted = admit(parent.body, self.settings)
         except AdmissionError as exc:
-            if parent.validated:  # admitted before, by an operator with laxer rules: follow it, never fail it
+            if (running := self._started(parent)) is not None:  # admitted under laxer rules: follow it, never fail it
                 self._emit(parent.body, "Warning", "NoLongerValid", "; ".join(exc.lines))
-                self._follow(parent)
+                self.mirror(parent, running)
                 return
             self._write_status(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
             self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
@@ -215,9 +215,14 @@ class Reconciler:
         if parent.finished or not parent.rayjob_name:
             return
         try:
-            admitted = admit(parent.body, self.settings, judged=True)
-        except AdmissionError:
-            self._follow(parent)  # the API's rules grew stricter since it was admitted: keep mirroring its RayJob
+            admitted = admit(parent.body, self.settings)
+        except AdmissionError as exc:
+            if (running := self._started(parent)) is not None:  # rules grew stricter since: keep mirroring its RayJob
+                self.mirror(parent, running)
+            else:  # its RayJob is gone (never recreated against today's rules), or it was never admitted at all
+                lines = [*exc.lines, "no RayJob of this job exists, so none is started under the operator's current rules"]
+                self._write_status(parent, failed_status("InvalidSpec", lines, parent.generation, self.clock(), parent.status))
+                self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(lines))
             return
         rayjob, created = self._ensure(parent, admitted, fresh=False)
         if created:
@@ -228,11 +233,14 @@ class Reconciler:
             self._emit(parent.body, "Warning", "RayJobRecreated", message)
         self.mirror(parent, rayjob)
 
-    def _follow(self, parent: ParentJob) -> None:
-        """Mirror the RayJob of a job that this operator's rules can no longer build (never re-judged, see
-        ``admission.admit``): it runs to its end as it was admitted; only its children are not re-checked."""
-        if parent.rayjob_name and (rayjob := self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name)):
-            self.mirror(parent, rayjob)
+    def _started(self, parent: ParentJob) -> dict[str, Any] | None:
+        """The job's RayJob when one exists, controlled and labelled by this job's uid: the only proof that this
+        operator admitted the job. Its status is none (the trainer's Role may patch it: ``Validated=True`` or a
+        ``rayJobName`` there could have been written by a stale pod of a deleted namesake)."""
+        rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name or naming.rayjob_name(parent.name))
+        if rayjob is None or (controller_of(rayjob) or {}).get("uid") != parent.uid:
+            return None
+        return rayjob if (rayjob["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID) == parent.uid else None
 
     def ensure_children(
         self, admitted: AdmittedJob, *, fresh: bool = True, parent: ParentJob | None = None

@@ -384,6 +384,37 @@ def test_a_running_job_is_not_judged_again_under_stricter_settings(kube: FakeKub
         stricter.reconcile(created(kube, job(name="new", uid="uid-2", resources={"workers": 4})))
 
 
+@pytest.mark.parametrize("entry", ["reconcile", "resync"])
+def test_a_forged_admission_in_status_is_not_trusted(kube: FakeKube, events: Events, entry: str) -> None:
+    """The trainer's Role may patch status: a stale pod of a deleted namesake (or anyone with status access) could
+    write Validated=True and a rayJobName onto a job the operator never admitted. Limits still apply to it."""
+    stricter = Reconciler(kube, OperatorSettings(metrics_port=0, max_workers=2), emit=events, clock=lambda: NOW)
+    forged = {
+        "phase": "Provisioning",
+        "rayJobName": naming.rayjob_name("job"),
+        "conditions": [{"type": "Validated", "status": "True", "reason": "Admitted", "message": ""}],
+    }
+    body = created(kube, {**job(resources={"workers": 4}), "status": forged})
+    if entry == "reconcile":
+        with pytest.raises(Refused, match="FINETUNE_OPERATOR_MAX_WORKERS"):
+            stricter.reconcile(body)
+    else:
+        stricter.resync(body)
+    assert kube.count("create") == 0
+    assert status(kube)["phase"] == "Failed"
+    assert "InvalidSpec" in events.reasons
+
+
+def test_a_deleted_rayjob_is_not_recreated_against_stricter_limits(kube: FakeKube, events: Events) -> None:
+    Reconciler(kube, SETTINGS, clock=lambda: NOW).reconcile(created(kube, job(resources={"workers": 4})))
+    kube.objects.pop(("RayJob", "team", naming.rayjob_name("job")))
+    stricter = Reconciler(kube, OperatorSettings(metrics_port=0, max_workers=2), emit=events, clock=lambda: NOW)
+    stricter.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert kube.get("RayJob", "team", naming.rayjob_name("job")) is None
+    st = status(kube)
+    assert st["phase"] == "Failed" and "no RayJob of this job exists" in st["message"]
+
+
 # -------------------------------------------------------------------------------------- API faults
 def _failure(status_code: int, kind: str, detail: str, verb: str = "create") -> ApiFailure:
     return ApiFailure(f"{verb} {kind} team/x", status_code, detail, kind=kind, verb=verb)
