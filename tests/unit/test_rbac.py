@@ -33,7 +33,10 @@ RESOURCES = {
     "ConfigMap": ("", "configmaps"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "RayJob": (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL),
+    "Pod": ("", "pods"),
+    "Event": ("", "events"),
 }
+CHILDREN = set(RESOURCES) - {"FineTuneJob", "Pod", "Event"}
 # Not calls of our code, each for a reason of its own.
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
@@ -61,7 +64,7 @@ class RecordingKube(FakeKube):
 
 def every_flow() -> RecordingKube:
     """A job through every rule: created, reconciled after a restart, suspended and resumed, resynced, its RayJob
-    watched, deleted and recreated, and an invalid job refused."""
+    watched, resynced while its Ray cluster does not come up, deleted and recreated, and an invalid job refused."""
     kube = RecordingKube()
     rec = Reconciler(kube, OperatorSettings(metrics_port=0), emit=lambda *_: None, clock=lambda: datetime.now(timezone.utc))
     body = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
@@ -79,6 +82,9 @@ def every_flow() -> RecordingKube:
     rec.resync(stored())
     rayjob = next(obj for obj in kube.objects.values() if obj["kind"] == "RayJob")
     rec.rayjob_changed("MODIFIED", rayjob)
+    # KubeRay (not the operator) reports the cluster being created.
+    kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]["status"] = {"jobDeploymentStatus": "Initializing", "rayClusterName": "c"}
+    rec.resync(stored())  # a stuck cluster: its pods and Events are read
     del kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]
     rec.rayjob_changed("DELETED", rayjob)
     bad = {
@@ -108,7 +114,7 @@ def called(kube: RecordingKube) -> Permissions:
 
 def test_every_flow_creates_every_child_kind() -> None:
     created = {kind for verb, kind, _ in every_flow().calls if verb == "create"}
-    assert created == set(RESOURCES) - {"FineTuneJob"}
+    assert created == CHILDREN
 
 
 def test_rbac_is_exactly_the_calls_plus_kopf_and_owner_references() -> None:
@@ -116,14 +122,14 @@ def test_rbac_is_exactly_the_calls_plus_kopf_and_owner_references() -> None:
     for key, verbs in KOPF.items():
         expected.setdefault(key, set()).update(verbs)
     # Every child carries an ownerReference: OwnerReferencesPermissionEnforcement asks its creator for `delete`.
-    for kind in set(RESOURCES) - {"FineTuneJob"}:
+    for kind in CHILDREN:
         expected[RESOURCES[kind]].add("delete")
     assert {key: frozenset(verbs) for key, verbs in expected.items()} == OPERATOR_RULES
 
 
 def test_children_are_never_changed_except_the_rayjobs_suspend_flag() -> None:
     table = called(every_flow())
-    children = {RESOURCES[kind] for kind in set(RESOURCES) - {"FineTuneJob"}}
+    children = {RESOURCES[kind] for kind in CHILDREN}
     assert {key for key in children if "patch" in table.get(key, frozenset())} == {RESOURCES["RayJob"]}
     # Every child is read back: on a 409, to check whose it is, and at every resync, to recreate what is gone.
     assert {key for key in children if "get" in table.get(key, frozenset())} == children
