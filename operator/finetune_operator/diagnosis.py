@@ -190,7 +190,8 @@ def _container_trouble(pods: list[Mapping[str, Any]]) -> Diagnosis | None:
 
 def _unscheduled(pods: list[Mapping[str, Any]]) -> Diagnosis | None:
     """Pending pods the scheduler refused (Unschedulable), or holds back for another reason (PodsPending)."""
-    refused, held = [], []
+    refused: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
+    held: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
     for pod in pods:
         status = pod.get("status") or {}
         if status.get("phase") not in (None, "", "Pending"):
@@ -235,8 +236,9 @@ def _wanted_workers(rayjob: Mapping[str, Any]) -> int | None:
 def _when(event: Mapping[str, Any]) -> str:
     """When an Event was last seen: core/v1 writers fill lastTimestamp, events.k8s.io/v1 ones (KubeRay) eventTime."""
     series = event.get("series") or {}
-    stamps = (series.get("lastObservedTime"), event.get("lastTimestamp"), event.get("eventTime"), event.get("firstTimestamp"))
-    stamps += ((event.get("metadata") or {}).get("creationTimestamp"),)
+    created = (event.get("metadata") or {}).get("creationTimestamp")
+    stamps = [series.get("lastObservedTime"), *(event.get(key) for key in ("lastTimestamp", "eventTime", "firstTimestamp"))]
+    stamps.append(created)
     return max((str(stamp) for stamp in stamps if stamp), default="")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any, Final
 
 import kubernetes.client
@@ -147,6 +148,29 @@ class Kube:
 
         items: list[dict[str, Any]] = self._call(what, fetch, *args, **kwargs)
         return items
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str, *, component: str) -> None:
+        """Post a core/v1 Event about ``obj`` (a namespaced object), as Kopf's own ``kopf.event`` does."""
+        meta = obj.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        about = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"), "uid": meta.get("uid")}
+        now = datetime.now(timezone.utc).isoformat()
+        body = {
+            "metadata": {"namespace": namespace, "generateName": f"{component}-"},
+            "involvedObject": {**about, "namespace": namespace},
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "action": reason,
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "source": {"component": component},  # the "From" column of `kubectl describe`
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": now,
+            "count": 1,
+        }
+        self._call(f"create Event {namespace}/{meta.get('name')}", self.core.create_namespaced_event, namespace, body)
 
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         """(object, created?): an existing object of that name (HTTP 409) is read back (if asked), never duplicated."""

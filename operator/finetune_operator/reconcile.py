@@ -38,11 +38,11 @@ from finetune_operator import metrics, naming
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
+from finetune_operator.diagnosis import Diagnosis, diagnosis_event
 from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
 from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.diagnosis import Diagnosis, diagnosis_event
 from finetune_operator.status import blocked_status, failed_status, map_status, phase_event, provisioning_status
 from finetune_operator.stuck import PodsAndEvents, StuckReader
 

@@ -35,7 +35,9 @@ PSA = (
 WEBHOOK = 'admission webhook "validate.kyverno.svc-fail" denied the request: GPUs need approval'
 
 
-def rayjob(deployment: str = "Initializing", *, cluster: str | None = CLUSTER, workers: int = 1, suspend: bool = False) -> dict[str, Any]:
+def rayjob(
+    deployment: str = "Initializing", *, cluster: str | None = CLUSTER, workers: int = 1, suspend: bool = False
+) -> dict[str, Any]:
     status: dict[str, Any] = {"jobDeploymentStatus": deployment}
     if cluster:
         status["rayClusterName"] = cluster
@@ -65,13 +67,25 @@ def pod(
         status["conditions"].append({"type": "PodScheduled", "status": "True"})
     if waiting is not None:
         reason, message = waiting
-        container = {"name": "ray-worker", "image": "registry.example/trainer:v9", "state": {"waiting": {"reason": reason, "message": message}}}
+        container = {
+            "name": "ray-worker",
+            "image": "registry.example/trainer:v9",
+            "state": {"waiting": {"reason": reason, "message": message}},
+        }
         status["initContainerStatuses" if init else "containerStatuses"] = [container]
     labels = {"ray.io/cluster": CLUSTER, "ray.io/node-type": "head" if head else "worker"}
     return {"metadata": {"name": name, "namespace": "team", "labels": labels}, "status": status}
 
 
-def event(reason: str, message: str, *, kind: str = "RayCluster", name: str = CLUSTER, uid: str = "rc-uid", when: str = "2026-11-30T12:00:00Z") -> dict[str, Any]:
+def event(
+    reason: str,
+    message: str,
+    *,
+    kind: str = "RayCluster",
+    name: str = CLUSTER,
+    uid: str = "rc-uid",
+    when: str = "2026-11-30T12:00:00Z",
+) -> dict[str, Any]:
     return {
         "metadata": {"name": f"{name}.1", "namespace": "team"},
         "involvedObject": {"apiVersion": "ray.io/v1", "kind": kind, "name": name, "namespace": "team", "uid": uid},
@@ -95,7 +109,11 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
     ),
     (
         "two unschedulable workers",
-        [RUNNING_HEAD, pod(WORKER, scheduled=("Unschedulable", UNSCHEDULABLE)), pod(WORKER + "2", scheduled=("Unschedulable", UNSCHEDULABLE))],
+        [
+            RUNNING_HEAD,
+            pod(WORKER, scheduled=("Unschedulable", UNSCHEDULABLE)),
+            pod(WORKER + "2", scheduled=("Unschedulable", UNSCHEDULABLE)),
+        ],
         [],
         rayjob(workers=2),
         "Unschedulable",
@@ -117,14 +135,21 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
         "ErrImagePull",
         "not found",
     ),
-    ("invalid image name", [pod(HEAD, head=True, waiting=("InvalidImageName", "bad ref"))], [], rayjob(), "ErrImagePull", "(InvalidImageName)"),
+    (
+        "invalid image name",
+        [pod(HEAD, head=True, waiting=("InvalidImageName", "bad ref"))],
+        [],
+        rayjob(),
+        "ErrImagePull",
+        "(InvalidImageName)",
+    ),
     (
         "missing secret key",
         [pod(HEAD, head=True, waiting=("CreateContainerConfigError", 'secret "s3" not found'))],
         [],
         rayjob(),
         "CreateContainerConfigError",
-        'container ray-worker of pod ' + HEAD + ' cannot start (CreateContainerConfigError): secret "s3" not found',
+        "container ray-worker of pod " + HEAD + ' cannot start (CreateContainerConfigError): secret "s3" not found',
     ),
     (
         "quota refuses a worker pod",
@@ -140,12 +165,20 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
         [event("FailedToCreateHeadPod", f"Failed to create head Pod team/{HEAD}, {PSA}")],
         rayjob(),
         "PodSecurityRejected",
-        'Pod Security admission refused the Ray head pod: Failed to create head Pod team/' + HEAD + ', pods "',
+        "Pod Security admission refused the Ray head pod: Failed to create head Pod team/" + HEAD + ', pods "',
     ),
     (
         "a webhook refuses the RayCluster (an Event on the RayJob)",
         [],
-        [event("FailedToCreateRayCluster", f"Failed to create RayCluster team/{CLUSTER}: {WEBHOOK}", kind="RayJob", name="job-abc12", uid="rj-uid")],
+        [
+            event(
+                "FailedToCreateRayCluster",
+                f"Failed to create RayCluster team/{CLUSTER}: {WEBHOOK}",
+                kind="RayJob",
+                name="job-abc12",
+                uid="rj-uid",
+            )
+        ],
         rayjob(cluster=None),
         "RejectedByPolicy",
         "a cluster policy refused the RayCluster: ",
@@ -169,7 +202,10 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
     (
         "the latest refusal speaks",
         [],
-        [event("FailedToCreateHeadPod", f"x, {PSA}", when="2026-11-30T12:00:00Z"), event("FailedToCreateHeadPod", f"x, {QUOTA}", when="2026-11-30T12:05:00.000001Z")],
+        [
+            event("FailedToCreateHeadPod", f"x, {PSA}", when="2026-11-30T12:00:00Z"),
+            event("FailedToCreateHeadPod", f"x, {QUOTA}", when="2026-11-30T12:05:00.000001Z"),
+        ],
         rayjob(),
         "QuotaExceeded",
         "exceeded quota",
@@ -186,7 +222,14 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
     ("no pods yet, no events", [], [], rayjob(), None, ""),
     ("pods starting", [pod(HEAD, head=True), pod(WORKER, waiting=("ContainerCreating", ""))], [], rayjob(), None, ""),
     ("head running, worker running", [RUNNING_HEAD, pod(WORKER, phase="Running")], [], rayjob(), None, ""),
-    ("a head refusal the head pod outlived", [pod(HEAD, head=True)], [event("FailedToCreateHeadPod", f"x, {QUOTA}")], rayjob(), None, ""),
+    (
+        "a head refusal the head pod outlived",
+        [pod(HEAD, head=True)],
+        [event("FailedToCreateHeadPod", f"x, {QUOTA}")],
+        rayjob(),
+        None,
+        "",
+    ),
     (
         "a worker refusal once every worker exists",
         [RUNNING_HEAD, pod(WORKER)],
@@ -195,7 +238,14 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
         None,
         "",
     ),
-    ("an earlier cluster's events", [], [event("FailedToCreateHeadPod", f"x, {QUOTA}", name="job-abc12-raycluster-old")], rayjob(), None, ""),
+    (
+        "an earlier cluster's events",
+        [],
+        [event("FailedToCreateHeadPod", f"x, {QUOTA}", name="job-abc12-raycluster-old")],
+        rayjob(),
+        None,
+        "",
+    ),
     (
         "an earlier RayJob's events (same name, other uid)",
         [],
@@ -204,13 +254,29 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
         None,
         "",
     ),
-    ("events of other reasons", [], [event("FailedScheduling", UNSCHEDULABLE), event("Unhealthy", "probe failed")], rayjob(), None, ""),
-    ("a RayCluster refusal once its pods exist", [pod(HEAD, head=True)], [event("FailedToCreateRayCluster", WEBHOOK, kind="RayJob", name="job-abc12", uid="rj-uid")], rayjob(), None, ""),  # noqa: E501
+    (
+        "events of other reasons",
+        [],
+        [event("FailedScheduling", UNSCHEDULABLE), event("Unhealthy", "probe failed")],
+        rayjob(),
+        None,
+        "",
+    ),
+    (
+        "a RayCluster refusal once its pods exist",
+        [pod(HEAD, head=True)],
+        [event("FailedToCreateRayCluster", WEBHOOK, kind="RayJob", name="job-abc12", uid="rj-uid")],
+        rayjob(),
+        None,
+        "",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("pods", "events", "job", "reason", "phrase"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_diagnosis(pods: list[dict[str, Any]], events: list[dict[str, Any]], job: dict[str, Any], reason: str | None, phrase: str) -> None:
+def test_diagnosis(
+    pods: list[dict[str, Any]], events: list[dict[str, Any]], job: dict[str, Any], reason: str | None, phrase: str
+) -> None:
     found = diagnose(pods, events, job)
     if reason is None:
         assert found == NOTHING_WRONG and not found.found
@@ -250,7 +316,12 @@ def test_only_a_rayjob_whose_cluster_is_being_created_is_looked_at(job: dict[str
 
 
 def ready(status: str, reason: str, message: str = "m") -> dict[str, Any]:
-    return {"conditions": [{"type": "Validated", "status": "True"}, {"type": "ClusterReady", "status": status, "reason": reason, "message": message}]}
+    return {
+        "conditions": [
+            {"type": "Validated", "status": "True"},
+            {"type": "ClusterReady", "status": status, "reason": reason, "message": message},
+        ]
+    }
 
 
 @pytest.mark.parametrize(
@@ -266,6 +337,7 @@ def ready(status: str, reason: str, message: str = "m") -> dict[str, Any]:
         (ready("True", "JobRunning"), ready("False", "KubeRayNotInstalled"), None),  # not a diagnosis
     ],
 )
-def test_a_warning_event_once_per_new_reason(old: dict[str, Any], patch: dict[str, Any], expected: tuple[str, str, str] | None) -> None:
+def test_a_warning_event_once_per_new_reason(
+    old: dict[str, Any], patch: dict[str, Any], expected: tuple[str, str, str] | None
+) -> None:
     assert diagnosis_event(old, patch) == expected
-

@@ -83,7 +83,10 @@ def every_flow() -> RecordingKube:
     rayjob = next(obj for obj in kube.objects.values() if obj["kind"] == "RayJob")
     rec.rayjob_changed("MODIFIED", rayjob)
     # KubeRay (not the operator) reports the cluster being created.
-    kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]["status"] = {"jobDeploymentStatus": "Initializing", "rayClusterName": "c"}
+    kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]["status"] = {
+        "jobDeploymentStatus": "Initializing",
+        "rayClusterName": "c",
+    }
     rec.resync(stored())  # a stuck cluster: its pods and Events are read
     del kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]
     rec.rayjob_changed("DELETED", rayjob)

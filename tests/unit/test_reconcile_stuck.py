@@ -64,13 +64,24 @@ def started(kube: FakeKube, rec: Reconciler, **rayjob_status: Any) -> dict[str, 
 def unschedulable_worker(message: str = NO_GPU) -> dict[str, Any]:
     labels = {"ray.io/cluster": CLUSTER, "ray.io/node-type": "worker"}
     condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
-    return {"kind": "Pod", "metadata": {"name": f"{CLUSTER}-worker-a", "namespace": "team", "labels": labels}, "status": {"phase": "Pending", "conditions": [condition]}}
+    return {
+        "kind": "Pod",
+        "metadata": {"name": f"{CLUSTER}-worker-a", "namespace": "team", "labels": labels},
+        "status": {"phase": "Pending", "conditions": [condition]},
+    }
 
 
 def quota_event(rayjob: dict[str, Any]) -> dict[str, Any]:
     about = {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": rayjob["metadata"]["uid"]}
     meta = {"name": "ev-1", "namespace": "team"}
-    return {"kind": "Event", "metadata": meta, "involvedObject": about, "type": "Warning", "reason": "FailedToCreateRayCluster", "message": QUOTA}
+    return {
+        "kind": "Event",
+        "metadata": meta,
+        "involvedObject": about,
+        "type": "Warning",
+        "reason": "FailedToCreateRayCluster",
+        "message": QUOTA,
+    }
 
 
 def resync(kube: FakeKube, rec: Reconciler) -> None:
@@ -152,7 +163,9 @@ def test_nothing_wrong_found_restores_kuberays_words(kube: FakeKube, events: Eve
     ],
     ids=["running", "job-pending", "waiting", "not-picked-up", "queued"],
 )
-def test_jobs_whose_cluster_is_not_being_created_cost_no_read(kube: FakeKube, rec: Reconciler, rayjob_status: dict[str, Any]) -> None:
+def test_jobs_whose_cluster_is_not_being_created_cost_no_read(
+    kube: FakeKube, rec: Reconciler, rayjob_status: dict[str, Any]
+) -> None:
     started(kube, rec, **rayjob_status)
     kube.put(unschedulable_worker())  # whatever the pods say
     kube.calls.clear()
@@ -189,7 +202,9 @@ def test_refused_reads_degrade_and_are_logged_once(
     rayjob = started(kube, rec, jobDeploymentStatus="Initializing", rayClusterName=CLUSTER)
     kube.put(unschedulable_worker())
     kube.put(quota_event(rayjob))
-    kube.faults[("list", "Pod")] = ApiFailure("list Pod team/*", 403, "HTTP 403 Forbidden: pods is forbidden", kind="Pod", verb="list")
+    kube.faults[("list", "Pod")] = ApiFailure(
+        "list Pod team/*", 403, "HTTP 403 Forbidden: pods is forbidden", kind="Pod", verb="list"
+    )
     kube.faults[("list", "Event")] = ApiFailure("list Event team/*", 403, "HTTP 403 Forbidden", kind="Event", verb="list")
     with caplog.at_level(logging.WARNING, logger="finetune_operator"):
         for _ in range(3):

@@ -277,7 +277,10 @@ def test_a_diagnosis_says_why_the_cluster_is_not_ready() -> None:
     assert map_status({**CREATING, "rayClusterStatus": {"state": ""}}, status, 1, T1) == {}
     # The next round finds nothing wrong: KubeRay's words come back.
     cleared = _apply(status, map_status(CREATING, status, 1, T1, diagnosis=NOTHING_WRONG))
-    assert (_cond(cleared, "ClusterReady")["reason"], cleared["message"]) == ("ClusterStarting", "KubeRay is creating the Ray cluster")
+    assert (_cond(cleared, "ClusterReady")["reason"], cleared["message"]) == (
+        "ClusterStarting",
+        "KubeRay is creating the Ray cluster",
+    )
 
 
 @pytest.mark.parametrize(
@@ -291,7 +294,9 @@ def test_a_diagnosis_says_why_the_cluster_is_not_ready() -> None:
         ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded", ("False", "JobSucceeded")),
     ],
 )
-def test_a_diagnosis_never_speaks_once_the_cluster_is_past_creation(rayjob: dict[str, Any], phase: str, ready: tuple[str, str]) -> None:
+def test_a_diagnosis_never_speaks_once_the_cluster_is_past_creation(
+    rayjob: dict[str, Any], phase: str, ready: tuple[str, str]
+) -> None:
     diagnosed = _apply({"phase": "Provisioning"}, map_status(CREATING, {"phase": "Provisioning"}, 1, T0, diagnosis=STUCK))
     for given in (STUCK, None):
         status = _apply(diagnosed, map_status(rayjob, diagnosed, 1, T1, diagnosis=given))
