@@ -21,7 +21,20 @@ import kubernetes.client
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.api.versions import GROUP, KIND, PLURAL, RAYJOB_GROUP, RAYJOB_KIND, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
+from finetune_operator.api.versions import (
+    GROUP,
+    KIND,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    PLURAL,
+    RAYJOB_GROUP,
+    RAYJOB_KIND,
+    RAYJOB_PLURAL,
+    RAYJOB_VERSION,
+    VERSION,
+    WORKLOAD_KIND,
+    WORKLOAD_PLURAL,
+)
 from finetune_operator.failures import ApiFailure
 
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -30,7 +43,11 @@ TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead
 _CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
 _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
 _NETWORKING: Final = {"NetworkPolicy": "network_policy"}
-_CUSTOM: Final = {RAYJOB_KIND: (RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL), KIND: (GROUP, VERSION, PLURAL)}
+_CUSTOM: Final = {
+    RAYJOB_KIND: (RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL),
+    KIND: (GROUP, VERSION, PLURAL),
+    WORKLOAD_KIND: (KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL),
+}
 
 
 def _retry_after(exc: ApiException) -> float | None:
@@ -171,6 +188,13 @@ class Kube:
             "count": 1,
         }
         self._call(f"create Event {namespace}/{meta.get('name')}", self.core.create_namespaced_event, namespace, body)
+
+    def list_labelled(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The custom resources of ``kind`` in ``namespace`` matching the label ``selector``, one LIST request."""
+        group, version, plural = _CUSTOM[kind]
+        fn = self.custom.list_namespaced_custom_object
+        found = self._call(f"list {kind} {namespace}/{selector}", fn, group, version, namespace, plural, label_selector=selector)
+        return [dict(item) for item in found.get("items") or []]
 
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         """(object, created?): an existing object of that name (HTTP 409) is read back (if asked), never duplicated."""

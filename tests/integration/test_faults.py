@@ -9,8 +9,13 @@ and Kopf's part (retries, watches, restarts).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -28,7 +33,7 @@ from tests.integration.test_operator import (
     wait_phase,
 )
 from tests.support.kopf_runner import KopfRunner
-from tests.support.kube_emulator import KubeEmulator
+from tests.support.kube_emulator import KubeEmulator, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,6 +226,40 @@ def test_an_operator_stopped_between_two_children_finishes_after_a_restart(emu: 
         # Kopf keeps the handler's back-off in the job's annotations: the successor honours what is left of it.
         status = wait_phase(successor, emu, "halfway", "Provisioning", timeout=30)
         assert status["rayJobName"] == naming.rayjob_name("halfway")
+        assert children_owned_by(emu, created["metadata"]["uid"]) == dict.fromkeys(CHILDREN, 1)
+    finally:
+        stop_operator(emu, successor)
+
+
+@pytest.mark.parametrize("kill_before", CHILDREN[1:])
+def test_an_operator_process_killed_between_two_children_finishes_after_a_restart(
+    emu: KubeEmulator, tmp_path: Path, kill_before: str
+) -> None:
+    """As above, but the operator is a real process (``python -m finetune_operator.handlers``, as the chart runs
+    it) killed with SIGKILL: no clean-up, no last patch, nothing kept in memory. Its successor finishes the job."""
+    fail_creates(emu, kill_before, 503, "the API server is shutting down", times=1)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(emu.write_kubeconfig(tmp_path / "kubeconfig")),
+        "FINETUNE_OPERATOR_METRICS_PORT": "0",
+        "FINETUNE_OPERATOR_WEBHOOK_PORT": "0",
+        "FINETUNE_OPERATOR_NAMESPACES": NS,
+    }
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [sys.executable, "-m", "finetune_operator.handlers"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        created = emu.create(job("killed"))
+        wait_for(lambda: creates(emu, kill_before) >= 1 or None, timeout=60)
+    finally:
+        proc.kill()  # SIGKILL: mid-back-off, the later children do not exist yet
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == -signal.SIGKILL, output
+    assert emu.list("rayjobs", NS) == []
+    successor = start_operator(emu)
+    try:
+        status = wait_phase(successor, emu, "killed", "Provisioning", timeout=30)
+        assert status["rayJobName"] == naming.rayjob_name("killed")
         assert children_owned_by(emu, created["metadata"]["uid"]) == dict.fromkeys(CHILDREN, 1)
     finally:
         stop_operator(emu, successor)

@@ -71,6 +71,16 @@ class FakeKube:
         found = [o for (kind, ns, _), o in self.objects.items() if kind == "FineTuneJob" and namespace in (None, ns)]
         return copy.deepcopy(found)
 
+    def list_labelled(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self._call("list", kind, selector)
+        wanted = dict(term.split("=", 1) for term in selector.split(","))
+        found = [
+            o
+            for (k, ns, _), o in self.objects.items()
+            if k == kind and ns == namespace and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+        return copy.deepcopy(found)
+
     def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         self._call("list", "Pod", namespace)
         return self._select("Pod", namespace, label_selector, lambda obj: obj["metadata"].get("labels") or {})

@@ -115,6 +115,8 @@ OPERATOR_RULES: Permissions = {
     # setting ownerReferences needs it under OwnerReferencesPermissionEnforcement. tests/unit/test_rbac.py derives
     # this table from the operator's calls.
     ("ray.io", "rayjobs"): frozenset({"get", "list", "watch", "create", "patch", "delete"}),
+    # Kueue's Workload of a queued RayJob: found by label, spec.active patched to suspend/resume through Kueue.
+    ("kueue.x-k8s.io", "workloads"): frozenset({"list", "patch"}),
     ("", "configmaps"): frozenset({"get", "create", "delete"}),
     ("", "serviceaccounts"): frozenset({"get", "create", "delete"}),
     ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "create", "delete"}),

@@ -33,10 +33,11 @@ RESOURCES = {
     "ConfigMap": ("", "configmaps"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "RayJob": (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL),
+    "Workload": (versions.KUEUE_GROUP, versions.WORKLOAD_PLURAL),
     "Pod": ("", "pods"),
     "Event": ("", "events"),
 }
-CHILDREN = set(RESOURCES) - {"FineTuneJob", "Pod", "Event"}
+CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload", "Pod", "Event"}
 # Not calls of our code, each for a reason of its own.
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
@@ -97,6 +98,18 @@ def every_flow() -> RecordingKube:
     }
     with pytest.raises(Refused):
         rec.reconcile(kube.put(bad))
+    # A job queued in Kueue, admitted, then suspended and resumed: through its Workload.
+    queued = {**body, "metadata": {**body["metadata"], "name": "queued", "uid": "u-3"}}
+    queued["spec"] = {**body["spec"], "runtime": {**body["spec"].get("runtime", {}), "queueName": "gpu"}}
+    rec.reconcile(kube.put(queued))
+    rayjob = next(
+        o for o in kube.objects.values() if o["kind"] == "RayJob" and o["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")
+    )
+    owner = {"kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": rayjob["metadata"]["uid"]}
+    labels = {"kueue.x-k8s.io/job-uid": rayjob["metadata"]["uid"]}
+    kube.put({"kind": "Workload", "metadata": {"name": "wl", "namespace": "team", "labels": labels, "ownerReferences": [owner]}})
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "queued"), True)  # type: ignore[arg-type]
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "queued"), False)  # type: ignore[arg-type]
     return kube
 
 

@@ -695,3 +695,76 @@ def test_observed_generation_moves_only_once_the_suspend_is_applied(kube: FakeKu
     rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), True)  # type: ignore[arg-type]
     rec.rayjob_changed("MODIFIED", rayjob_of(kube))
     assert status(kube)["observedGeneration"] == 2
+
+
+# ------------------------------------------------------------------------------------------ Kueue
+def workload(kube: FakeKube, rayjob: dict[str, Any], name: str = "rayjob-wl", *, owner_uid: str | None = None) -> dict[str, Any]:
+    """The Workload Kueue makes for ``rayjob`` (labelled and owned by its uid; ``owner_uid`` forges the owner)."""
+    uid = rayjob["metadata"]["uid"]
+    owner = {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": owner_uid or uid}
+    meta = {"name": name, "namespace": "team", "labels": {"kueue.x-k8s.io/job-uid": uid}, "ownerReferences": [owner]}
+    return kube.put({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload", "metadata": meta, "spec": {"queueName": "gpu"}})
+
+
+def flip_suspend(kube: FakeKube, rec: Reconciler, wanted: bool) -> None:
+    """The user flips ``runPolicy.suspend``; Kopf runs on.update, then the field handler."""
+    kube.objects[("FineTuneJob", "team", "job")]["spec"]["runPolicy"] = {"suspend": wanted}
+    rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    rec.suspend_changed(kube.get("FineTuneJob", "team", "job"), wanted)  # type: ignore[arg-type]
+
+
+def test_suspending_an_admitted_queued_job_deactivates_its_workload(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """Kueue un-suspends an admitted RayJob whose spec.suspend someone else sets: only the Workload's
+    spec.active=false holds. Resume reactivates it and leaves spec.suspend to Kueue's admission."""
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
+    workload(kube, rayjob_of(kube))  # admitted: the RayJob runs
+    flip_suspend(kube, rec, True)
+    assert kube.get("Workload", "team", "rayjob-wl")["spec"]["active"] is False  # type: ignore[index]
+    assert rayjob_of(kube)["spec"]["suspend"] is True
+    assert any(r == "Suspend" and "through Kueue: Workload rayjob-wl deactivated" in m for _, r, m in events)
+    flip_suspend(kube, rec, False)
+    assert kube.get("Workload", "team", "rayjob-wl")["spec"]["active"] is True  # type: ignore[index]
+    assert rayjob_of(kube)["spec"]["suspend"] is True  # Kueue lifts it once it re-admits the Workload
+    kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Suspended"})  # KubeRay's word
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert (status(kube)["phase"], status(kube)["message"]) == (
+        "Pending",
+        "the RayJob is suspended by its queue (e.g. Kueue) until it is admitted",
+    )
+    assert [r for r in events.reasons if r in ("Suspend", "Resume")] == ["Suspend", "Resume"]
+
+
+def test_a_workload_kueue_makes_after_the_suspend_is_deactivated_by_the_resync(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"}, runPolicy={"suspend": True})))
+    assert rayjob_of(kube)["spec"]["suspend"] is True
+    workload(kube, rayjob_of(kube))  # Kueue makes it after the RayJob: active by default
+    kube.patch_status("RayJob", "team", naming.rayjob_name("job"), {"jobDeploymentStatus": "Suspended"})
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert kube.get("Workload", "team", "rayjob-wl")["spec"]["active"] is False  # type: ignore[index]
+    assert status(kube)["phase"] == "Suspended"
+
+
+def test_only_the_rayjobs_own_workload_is_switched(kube: FakeKube, rec: Reconciler) -> None:
+    """A Workload carrying the job-uid label but owned by something else (a forged label) is left alone."""
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
+    workload(kube, rayjob_of(kube), "forged", owner_uid="another-rayjob")
+    flip_suspend(kube, rec, True)
+    assert "active" not in kube.get("Workload", "team", "forged")["spec"]  # type: ignore[index]
+    assert rayjob_of(kube)["spec"]["suspend"] is True  # no Workload of its own: the RayJob's flag is all there is
+
+
+def test_no_kueue_installed_suspends_the_rayjob_directly(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
+    kube.faults[("list", "Workload")] = ApiFailure(
+        "list Workload team/x", 404, "HTTP 404 Not Found", kind="Workload", verb="list"
+    )
+    flip_suspend(kube, rec, True)
+    assert rayjob_of(kube)["spec"]["suspend"] is True
+
+
+def test_a_running_queued_job_costs_no_workload_list(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
+    workload(kube, rayjob_of(kube))
+    kube.calls.clear()
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert kube.count("list", "Workload") == 0 and kube.count("patch", "Workload") == 0

@@ -93,6 +93,11 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Kueue's Workload of a queued RayJob: listed (by its job-uid label) and patched (spec.active) to suspend and
+# resume the job the way Kueue honours; Kueue un-suspends an admitted RayJob whose spec.suspend anyone else sets.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 # The per-job ConfigMap holding the trainer's configuration (immutable).
 - apiGroups: [""]
   resources: ["configmaps"]

@@ -26,6 +26,14 @@ RAYJOB_API_VERSION: Final = f"{RAYJOB_GROUP}/{RAYJOB_VERSION}"
 RAYJOB_KIND: Final = "RayJob"
 RAYJOB_PLURAL: Final = "rayjobs"
 
+# Kueue's Workload: the operator deactivates it (``spec.active: false``) to suspend a queued job, because Kueue
+# un-suspends an admitted job whose ``spec.suspend`` anyone else sets. v1beta2 is Kueue's storage version
+# since v0.15; ``spec.active`` has the same meaning in v1beta1.
+KUEUE_GROUP: Final = "kueue.x-k8s.io"
+KUEUE_VERSION: Final = "v1beta2"
+WORKLOAD_KIND: Final = "Workload"
+WORKLOAD_PLURAL: Final = "workloads"
+
 RAY_VERSION: Final = "2.60.0"
 KUBERAY_VERSION: Final = "v1.7.0"
 TORCH_VERSION: Final = "2.14.1"
