@@ -173,7 +173,7 @@ class Kube:
         about = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"), "uid": meta.get("uid")}
         now = datetime.now(timezone.utc).isoformat()
         body = {
-            "metadata": {"namespace": namespace, "generateName": f"{component}-"},
+            "metadata": {"namespace": namespace, "generateName": f"{component}-event-"},
             "involvedObject": {**about, "namespace": namespace},
             "type": type_,
             "reason": reason,

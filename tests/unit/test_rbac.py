@@ -42,7 +42,8 @@ CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload", "Pod", "Event"}
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
     (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL): frozenset({"list", "watch"}),  # @kopf.on.event
-    ("", "events"): frozenset({"create"}),  # kopf.event posts through the core API and never updates
+    # kopf.event (and handlers._event_sink from the resync thread) post through the core API and never update.
+    ("", "events"): frozenset({"create"}),
     # blockOwnerDeletion on children: OwnerReferencesPermissionEnforcement asks for update on the owner's finalizers.
     (versions.GROUP, f"{versions.PLURAL}/finalizers"): frozenset({"update"}),
     # RBAC's escalation rule: the operator must hold what it grants each trainer's Role.
