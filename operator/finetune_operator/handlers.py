@@ -42,7 +42,7 @@ from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
-from finetune_operator.reconcile import Reconciler, log_event
+from finetune_operator.reconcile import EventSink, Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
 
 FTJ: Final = (GROUP, VERSION, PLURAL)
@@ -50,6 +50,7 @@ FINALIZER: Final = "finetune.dev/finalizer"
 LIVENESS: Final = "http://0.0.0.0:8081/healthz"
 RESYNC_SECONDS: Final = 60.0
 CERTIFICATE_CHECK_SECONDS: Final = 60.0
+EVENT_COMPONENT: Final = "kopf"  # the Events the resync round posts itself look like Kopf's (settings.posting)
 log = logging.getLogger(__name__)
 
 
@@ -60,11 +61,27 @@ def _reconciler(memo: Any) -> Reconciler:
     return reconciler
 
 
-def _kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    try:
-        kopf.event(kopf.Body(cast(kopf.RawBody, dict(obj))), type=type_, reason=reason, message=message)
-    except LookupError:  # called outside a running operator (tests, scripts): Kopf has no event queue
-        log_event(obj, type_, reason, message)
+def _event_sink(kube: Any) -> EventSink:
+    """Events through Kopf inside its handlers; through the API from threads of our own (the resync round).
+
+    Kopf's event queue is a context variable of each object's processing task only, so ``kopf.event`` raises
+    LookupError anywhere else, even in a thread started with a copy of the startup handler's context.
+    """
+
+    def emit(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            kopf.event(kopf.Body(cast(kopf.RawBody, dict(obj))), type=type_, reason=reason, message=message)
+            return
+        except LookupError:
+            if not isinstance(kube, Kube):  # outside a running operator (tests, scripts): a log line
+                log_event(obj, type_, reason, message)
+                return
+        try:
+            kube.post_event(obj, type_, reason, message, component=EVENT_COMPONENT)
+        except ApiFailure as exc:  # an Event is worth a log line, never a failed round
+            log.warning("could not post Event %s %s: %s", type_, reason, exc)
+
+    return emit
 
 
 @contextmanager
@@ -92,7 +109,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             operator = memo.get("settings") or OperatorSettings.from_env()
         except SettingsError as exc:
             raise kopf.PermanentError(f"bad operator settings: {exc}") from exc
-        reconciler = Reconciler(memo.get("kube") or Kube(load_client()), operator, emit=_kopf_event)
+        kube = memo.get("kube") or Kube(load_client())
+        reconciler = Reconciler(kube, operator, emit=_event_sink(kube))
         memo["ctx"] = reconciler
     logging.getLogger("finetune_operator").setLevel(reconciler.settings.log_level_number)
     # No handler needs a finalizer; naming Kopf's lets it remove the one that earlier versions added.
@@ -185,8 +203,8 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
                 log.exception("resync round failed")
 
     memo["resync_stop"] = stop
-    # Kopf's context (its settings, the event queue) lives in context variables: without a copy, Events posted
-    # from this thread (RayJobRecreated, phase changes it heals) would only be logged.
+    # Kopf's context (its settings) lives in context variables; its event queue does not reach this thread, so
+    # Events posted from here (diagnoses, RayJobRecreated, phase changes it heals) go through the API (_event_sink).
     context = contextvars.copy_context()
     threading.Thread(target=context.run, args=(loop,), name="finetune-resync", daemon=True).start()
 

@@ -1,4 +1,5 @@
-"""The operator's Kubernetes API calls: create-or-get children, read and patch RayJobs and FineTuneJob status.
+"""The operator's Kubernetes API calls: create-or-get children, read and patch RayJobs and FineTuneJob status,
+list a stuck job's pods and Warning Events.
 
 A thin synchronous layer over the official client (Kopf runs sync handlers in its thread pool), speaking
 plain dicts. Every failure is raised as ``ApiFailure`` naming the object (``kind namespace/name``) and
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any, Final
 
 import kubernetes.client
@@ -136,6 +138,56 @@ class Kube:
             fn = self.custom.list_namespaced_custom_object
             found = self._call(f"list {KIND} {namespace}/*", fn, group, version, namespace, plural)
         return [dict(item) for item in found.get("items") or []]
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The pods in ``namespace`` matching ``label_selector``, one LIST request, as plain JSON."""
+        fn = self.core.list_namespaced_pod
+        return self._raw_list(f"list Pod {namespace}/*", fn, namespace, label_selector=label_selector)
+
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        """The core/v1 Events in ``namespace`` matching ``field_selector``, one LIST request, as plain JSON."""
+        fn = self.core.list_namespaced_event
+        return self._raw_list(f"list Event {namespace}/*", fn, namespace, field_selector=field_selector)
+
+    def _raw_list(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        # Raw JSON rather than the client's models: no per-field deserialization cost, and an Event written through
+        # events.k8s.io (KubeRay's recorder) can never fail the client's own checks of required fields. The body is
+        # read inside _call, so that a connection dropped mid-body is an ApiFailure too.
+        def fetch(*a: Any, **kw: Any) -> list[dict[str, Any]]:
+            response = fn(*a, _preload_content=False, **kw)
+            try:
+                found = json.loads(response.data or b"{}")
+            except ValueError:  # not JSON (a proxy's error page): nothing to read
+                found = {}
+            finally:
+                response.release_conn()
+            return [dict(item) for item in (found.get("items") or []) if isinstance(item, Mapping)]
+
+        items: list[dict[str, Any]] = self._call(what, fetch, *args, **kwargs)
+        return items
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str, *, component: str) -> None:
+        """Post a core/v1 Event about ``obj`` (a namespaced object), as Kopf's own ``kopf.event`` does."""
+        meta = obj.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        about = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"), "uid": meta.get("uid")}
+        now = datetime.now(timezone.utc).isoformat()
+        body = {
+            "metadata": {"namespace": namespace, "generateName": f"{component}-event-"},
+            "involvedObject": {**about, "namespace": namespace},
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "action": reason,
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "source": {"component": component},  # the "From" column of `kubectl describe`
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": now,
+            "count": 1,
+        }
+        self._call(f"create Event {namespace}/{meta.get('name')}", self.core.create_namespaced_event, namespace, body)
 
     def list_labelled(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         """The custom resources of ``kind`` in ``namespace`` matching the label ``selector``, one LIST request."""

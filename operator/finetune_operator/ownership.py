@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_operator import naming
 from finetune_operator.admission import AdmittedJob
 from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import GROUP, KIND
@@ -72,6 +73,17 @@ class ParentJob:
     @property
     def suspend(self) -> bool:
         return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
+    def observed_generation(self, rayjob: Mapping[str, Any]) -> int | None:
+        """The generation this status may claim to have acted on: the job's, once the RayJob carries its one mutable
+        field (``runPolicy.suspend``, or a suspension Kueue holds), else the one already claimed. A RayJob event
+        arriving between the user's flip and the operator's patch must not announce the new generation as done."""
+        actual = bool((rayjob.get("spec") or {}).get("suspend"))
+        queued = naming.LABEL_KUEUE_QUEUE in ((rayjob.get("metadata") or {}).get("labels") or {})
+        if actual == self.suspend or (actual and queued and not self.suspend):
+            return self.generation
+        observed = self.status.get("observedGeneration")
+        return observed if isinstance(observed, int) else None
 
 
 def controller_of(obj: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -16,6 +16,9 @@ The rules:
 - **suspend_changed**: the RayJob's ``spec.suspend`` follows the user's flag (idempotent).
 - **mirror**: ``status.map_status`` writes the RayJob's state into the job's status subresource, with an
   Event on every phase change. ``resync`` does the same every minute, so a missed watch event heals.
+- **diagnose**: at every resync, a job whose RayJob waits for its Ray cluster (``diagnosis.is_stuck``) gets its
+  pods and Warning Events read (``stuck.StuckReader``): what holds it up goes into ``ClusterReady=False`` and the
+  message, with a Warning Event once per reason. Running and finished jobs cost no read.
 - **recreate_if_gone**: a RayJob deleted under a live job is recreated (Warning Event ``RayJobRecreated``).
   Training resumes from the last checkpoint by construction (the run is named after the job), so
   recreating costs at most an epoch, whereas failing would throw away the run over what is usually a
@@ -34,11 +37,13 @@ from finetune_operator import kueue, metrics, naming
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
+from finetune_operator.diagnosis import Diagnosis, diagnosis_event
 from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
 from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import blocked_status, failed_status, map_status, phase_event, provisioning_status
+from finetune_operator.stuck import PodsAndEvents, StuckReader
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """``emit(object, type, reason, message)``: records a Kubernetes Event about ``object``."""
 
 
-class KubeApi(Protocol):
+class KubeApi(PodsAndEvents, Protocol):
     """The API calls the rules make (``k8s.Kube``); each raises ``failures.ApiFailure`` naming the object."""
 
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
@@ -86,6 +91,7 @@ class Reconciler:
         self.settings = settings
         self.emit = emit
         self.clock = clock
+        self.stuck = StuckReader(kube)
 
     # ------------------------------------------------------------------------------- job events
     def reconcile(self, body: Mapping[str, Any]) -> None:
@@ -218,7 +224,7 @@ class Reconciler:
             admitted = admit(parent.body, self.settings)
         except AdmissionError as exc:
             if (running := self._started(parent)) is not None:  # rules grew stricter since: keep mirroring its RayJob
-                self.mirror(parent, running)
+                self.mirror(parent, running, diagnosis=self.stuck.diagnose(running))
             else:  # its RayJob is gone (never recreated against today's rules), or it was never admitted at all
                 lines = [*exc.lines, "no RayJob of this job exists, so none is started under the operator's current rules"]
                 self._write_status(parent, failed_status("InvalidSpec", lines, parent.generation, self.clock(), parent.status))
@@ -231,7 +237,7 @@ class Reconciler:
                 "recreated it, training resumes from the last checkpoint"
             )
             self._emit(parent.body, "Warning", "RayJobRecreated", message)
-        self.mirror(parent, rayjob)
+        self.mirror(parent, rayjob, diagnosis=self.stuck.diagnose(rayjob))
 
     def _started(self, parent: ParentJob) -> dict[str, Any] | None:
         """The job's RayJob when one exists, controlled and labelled by this job's uid: the only proof that this
@@ -350,9 +356,12 @@ class Reconciler:
         self._emit(parent.body, "Warning", reason, message)
         raise Refused(f"{KIND} {parent.namespace}/{parent.name}: {message}")
 
-    def mirror(self, parent: ParentJob, rayjob: Mapping[str, Any], *, record: bool = False) -> None:
+    def mirror(
+        self, parent: ParentJob, rayjob: Mapping[str, Any], *, record: bool = False, diagnosis: Diagnosis | None = None
+    ) -> None:
         """Bring the job's status in line with the RayJob's, in one status patch; ``record``: also record the
-        RayJob's name (and Provisioning, Validated) when the job has no ``rayJobName`` yet.
+        RayJob's name (and Provisioning, Validated) when the job has no ``rayJobName`` yet; ``diagnosis``: why its
+        cluster is not up (None: not looked, ``status.map_status`` keeps the last one).
 
         The patch carries the job's resourceVersion as a precondition; on 409 the job is read again and the
         decision taken anew once, so that two writers racing (an event and a handler) never undo each other.
@@ -364,10 +373,11 @@ class Reconciler:
             mirrored = map_status(
                 rayjob.get("status"),
                 {**parent.status, **patch},
-                _observed_generation(parent, rayjob),
+                parent.observed_generation(rayjob),
                 self.clock(),
                 suspend=parent.suspend,
                 rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
+                diagnosis=diagnosis,
             )
             try:
                 self._write_status(parent, {**patch, **mirrored})
@@ -393,24 +403,13 @@ class Reconciler:
         self.kube.patch_status(KIND, parent.namespace, parent.name, patch, resource_version=version)
         old, new = current.get("phase"), patch.get("phase", current.get("phase"))
         announced = phase_event(old, new, str(patch.get("message") or current.get("message") or ""))
-        if announced is not None:
-            self._emit(parent.body, *announced)
+        for event in (announced, diagnosis_event(current, patch)):
+            if event is not None:
+                self._emit(parent.body, *event)
         metrics.record_phase(parent.uid, new)
 
     def _emit(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         self.emit(obj, type_, reason, message[:EVENT_MESSAGE_MAX])
-
-
-def _observed_generation(parent: ParentJob, rayjob: Mapping[str, Any]) -> int | None:
-    """The generation this status may claim to have acted on: the job's, once the RayJob carries its one mutable
-    field (``runPolicy.suspend``, or a suspension Kueue holds), else the one already claimed. A RayJob event
-    arriving between the user's flip and the operator's patch must not announce the new generation as done."""
-    actual = bool((rayjob.get("spec") or {}).get("suspend"))
-    queued = naming.LABEL_KUEUE_QUEUE in (rayjob.get("metadata", {}).get("labels") or {})
-    if actual == parent.suspend or (actual and queued and not parent.suspend):
-        return parent.generation
-    observed = parent.status.get("observedGeneration")
-    return observed if isinstance(observed, int) else None
 
 
 __all__ = ["EventSink", "KubeApi", "Reconciler", "log_event"]

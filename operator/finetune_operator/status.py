@@ -25,18 +25,24 @@ ValidationFailed       Failed (reason RayJobValidationFailed: KubeRay refused th
 
 Succeeded and Failed are final: once there, later RayJob changes (TTL clean-up) change nothing.
 ``lastTransitionTime`` of a condition moves only when its ``status`` flips.
+
+While KubeRay creates the cluster, a ``diagnosis`` (``diagnosis.diagnose``, made by the resync round) replaces
+KubeRay's words in ``ClusterReady`` and the job's message; a RayJob event, which brings none, keeps the last one,
+so the condition never flips between the two. A job that fails its pre-running deadline keeps the last
+diagnosis in its failure message.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final
 
 from finetune_operator.api.timestamps import rfc3339
 from finetune_operator.api.v1alpha1 import TERMINAL_PHASES, Phase
+from finetune_operator.diagnosis import REASONS, STUCK_DEPLOYMENT_STATUSES, Diagnosis
 
 CONDITION_TYPES: Final = ("Validated", "ClusterReady", "Training", "Succeeded", "Failed", "Suspended")
 DEPLOYMENT_STATUSES: Final = (
@@ -193,8 +199,12 @@ def map_status(
     *,
     suspend: bool = False,
     rayjob_suspend: bool | None = None,
+    diagnosis: Diagnosis | None = None,
 ) -> dict[str, Any]:
-    """The merge patch that brings the FineTuneJob's status (``current``, camelCase) in line with the RayJob's."""
+    """The merge patch that brings the FineTuneJob's status (``current``, camelCase) in line with the RayJob's.
+
+    ``diagnosis``: why the cluster is not up, when it was looked for (None: not looked, keep the last one).
+    """
     cur = dict(current or {})
     if cur.get("phase") in TERMINAL_PHASES:
         return {}
@@ -202,9 +212,10 @@ def map_status(
     v = verdict(st, suspend=suspend, rayjob_suspend=rayjob_suspend)
     stamp = rfc3339(now)
     conditions: list[dict[str, Any]] = [dict(c) for c in cur.get("conditions") or []]
+    v, cluster = _diagnosed(v, st, conditions, diagnosis)
     flags = {
         "Validated": (True, "SpecValid", "the spec is valid"),
-        "ClusterReady": (v.cluster_ready, v.reason, v.message),
+        "ClusterReady": (v.cluster_ready, *cluster),
         "Training": (v.training, v.reason, v.message),
         "Succeeded": (v.phase is Phase.SUCCEEDED, v.reason, v.message),
         "Failed": (v.phase is Phase.FAILED, v.reason, v.message),
@@ -217,7 +228,7 @@ def map_status(
 
     wanted: dict[str, Any] = {
         "phase": v.phase.value,
-        "message": v.message,
+        "message": cluster[1] if cluster[0] in REASONS else v.message,
         "conditions": conditions,
         "rayClusterName": st.get("rayClusterName") or None,
         "dashboardURL": st.get("dashboardURL") or None,
@@ -232,6 +243,23 @@ def map_status(
         info = st.get("rayJobInfo") or {}
         wanted["completionTime"] = _time(st.get("endTime")) or _time(info.get("endTime")) or stamp
     return {k: value for k, value in wanted.items() if cur.get(k) != value}
+
+
+def _diagnosed(
+    v: Verdict, st: Mapping[str, Any], conditions: list[dict[str, Any]], diagnosis: Diagnosis | None
+) -> tuple[Verdict, tuple[str, str]]:
+    """The verdict (a missed pre-running deadline says what held the cluster up) and ``ClusterReady``'s (reason,
+    message): KubeRay's words, or a diagnosis while the cluster is being created (see the module docstring)."""
+    old = next((c for c in conditions if c.get("type") == "ClusterReady"), None)
+    last = (str(old["reason"]), str(old.get("message") or "")) if old and old.get("reason") in REASONS else None
+    if last is not None and v.reason == "PreRunningDeadlineExceeded":
+        v = replace(v, message=f"{v.message}; it was stuck: {last[1]}")
+    creating = v.phase is Phase.PROVISIONING and st.get("jobDeploymentStatus") in STUCK_DEPLOYMENT_STATUSES
+    if creating and diagnosis is None and last is not None:
+        return v, last
+    if creating and diagnosis is not None and diagnosis.found:
+        return v, (diagnosis.reason, diagnosis.message)
+    return v, (v.reason, v.message)
 
 
 def _attempts(st: Mapping[str, Any]) -> int | None:

@@ -81,6 +81,24 @@ class FakeKube:
         ]
         return copy.deepcopy(found)
 
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        self._call("list", "Pod", namespace)
+        return self._select("Pod", namespace, label_selector, lambda obj: obj["metadata"].get("labels") or {})
+
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        self._call("list", "Event", namespace)
+        return self._select("Event", namespace, field_selector, lambda obj: {k: v for k, v in obj.items() if isinstance(v, str)})
+
+    def _select(self, kind: str, namespace: str, selector: str, fields: Any) -> list[dict[str, Any]]:
+        """Objects of ``kind`` in ``namespace`` matching every ``key=value`` of ``selector`` (labels, or top fields)."""
+        wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+        found = [
+            o
+            for (k, ns, _), o in self.objects.items()
+            if k == kind and ns == namespace and all(fields(o).get(key) == value for key, value in wanted.items())
+        ]
+        return copy.deepcopy(found)
+
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
         meta = obj["metadata"]
         self._call("create", obj["kind"], meta["name"])

@@ -122,8 +122,10 @@ OPERATOR_RULES: Permissions = {
     ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "create", "delete"}),
     ("rbac.authorization.k8s.io", "rolebindings"): frozenset({"get", "create", "delete"}),
     ("networking.k8s.io", "networkpolicies"): frozenset({"get", "create", "delete"}),
-    # Kopf posts Events through the core API and never patches them.
-    ("", "events"): frozenset({"create"}),
+    # Kopf posts Events through the core API and never patches them; the resync lists Warning Events and the Ray
+    # pods of a job whose cluster does not come up, to say why.
+    ("", "events"): frozenset({"create", "list"}),
+    ("", "pods"): frozenset({"list"}),
 }
 # What Kopf adds when it watches all namespaces (cluster-wide mode only).
 KOPF_CLUSTER_RULES: Permissions = {

@@ -171,6 +171,10 @@ DEFAULT_RESOURCES: Final[tuple[ResourceSpec, ...]] = (
     ResourceSpec("", "v1", "configmaps", "ConfigMap", has_generation=False, short_names=frozenset({"cm"})),
     ResourceSpec("", "v1", "secrets", "Secret", has_generation=False),
     ResourceSpec("", "v1", "events", "Event", has_generation=False, short_names=frozenset({"ev"})),
+    # Pods are served (tests seed a stuck Ray cluster's pods, the operator lists them); none is ever started.
+    ResourceSpec(
+        "", "v1", "pods", "Pod", subresources=frozenset({"status"}), has_generation=False, short_names=frozenset({"po"})
+    ),
     NAMESPACES,
     ResourceSpec("", "v1", "serviceaccounts", "ServiceAccount", has_generation=False, short_names=frozenset({"sa"})),
     ResourceSpec("rbac.authorization.k8s.io", "v1", "roles", "Role", has_generation=False),

@@ -34,13 +34,16 @@ RESOURCES = {
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "RayJob": (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL),
     "Workload": (versions.KUEUE_GROUP, versions.WORKLOAD_PLURAL),
+    "Pod": ("", "pods"),
+    "Event": ("", "events"),
 }
-CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload"}
+CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload", "Pod", "Event"}
 # Not calls of our code, each for a reason of its own.
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
     (versions.RAYJOB_GROUP, versions.RAYJOB_PLURAL): frozenset({"list", "watch"}),  # @kopf.on.event
-    ("", "events"): frozenset({"create"}),  # kopf.event posts through the core API and never updates
+    # kopf.event (and handlers._event_sink from the resync thread) post through the core API and never update.
+    ("", "events"): frozenset({"create"}),
     # blockOwnerDeletion on children: OwnerReferencesPermissionEnforcement asks for update on the owner's finalizers.
     (versions.GROUP, f"{versions.PLURAL}/finalizers"): frozenset({"update"}),
     # RBAC's escalation rule: the operator must hold what it grants each trainer's Role.
@@ -63,7 +66,7 @@ class RecordingKube(FakeKube):
 
 def every_flow() -> RecordingKube:
     """A job through every rule: created, reconciled after a restart, suspended and resumed, resynced, its RayJob
-    watched, deleted and recreated, and an invalid job refused."""
+    watched, resynced while its Ray cluster does not come up, deleted and recreated, and an invalid job refused."""
     kube = RecordingKube()
     rec = Reconciler(kube, OperatorSettings(metrics_port=0), emit=lambda *_: None, clock=lambda: datetime.now(timezone.utc))
     body = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
@@ -81,6 +84,12 @@ def every_flow() -> RecordingKube:
     rec.resync(stored())
     rayjob = next(obj for obj in kube.objects.values() if obj["kind"] == "RayJob")
     rec.rayjob_changed("MODIFIED", rayjob)
+    # KubeRay (not the operator) reports the cluster being created.
+    kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]["status"] = {
+        "jobDeploymentStatus": "Initializing",
+        "rayClusterName": "c",
+    }
+    rec.resync(stored())  # a stuck cluster: its pods and Events are read
     del kube.objects[("RayJob", "team", rayjob["metadata"]["name"])]
     rec.rayjob_changed("DELETED", rayjob)
     bad = {

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.api.v1alpha1 import FineTuneJobStatus
+from finetune_operator.diagnosis import NOTHING_WRONG, Diagnosis
 from finetune_operator.status import (
     CONDITION_TYPES,
     DEPLOYMENT_STATUSES,
@@ -254,3 +255,65 @@ def test_phase_events() -> None:
 )
 def test_failure_detail(message: str, expected: str) -> None:
     assert failure_detail(message) == expected
+
+
+# ----------------------------------------------------------------------------- a stuck cluster's diagnosis
+STUCK = Diagnosis("Unschedulable", "pod w cannot be scheduled: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")
+CREATING = {"jobDeploymentStatus": "Initializing", "rayClusterName": "rc"}
+
+
+def _cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_a_diagnosis_says_why_the_cluster_is_not_ready() -> None:
+    status = _apply({"phase": "Provisioning"}, map_status(CREATING, {"phase": "Provisioning"}, 1, T0, diagnosis=STUCK))
+    ready = _cond(status, "ClusterReady")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Unschedulable", STUCK.message)
+    assert (status["phase"], status["message"]) == ("Provisioning", STUCK.message)
+    assert _cond(status, "Training")["reason"] == "ClusterStarting"  # only ClusterReady carries the diagnosis
+    # A RayJob event brings no diagnosis: the last one stays (no flapping between the two words).
+    assert map_status(CREATING, status, 1, T1) == {}
+    assert map_status({**CREATING, "rayClusterStatus": {"state": ""}}, status, 1, T1) == {}
+    # The next round finds nothing wrong: KubeRay's words come back.
+    cleared = _apply(status, map_status(CREATING, status, 1, T1, diagnosis=NOTHING_WRONG))
+    assert (_cond(cleared, "ClusterReady")["reason"], cleared["message"]) == (
+        "ClusterStarting",
+        "KubeRay is creating the Ray cluster",
+    )
+
+
+@pytest.mark.parametrize(
+    ("rayjob", "phase", "ready"),
+    [
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running", ("True", "JobRunning")),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, "Provisioning", ("True", "JobPending")),
+        ({"jobDeploymentStatus": "Waiting"}, "Provisioning", ("True", "WaitingForSubmission")),
+        ({"jobDeploymentStatus": ""}, "Provisioning", ("False", "RayJobCreated")),
+        ({"jobDeploymentStatus": "Suspended"}, "Pending", ("False", "Queued")),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded", ("False", "JobSucceeded")),
+    ],
+)
+def test_a_diagnosis_never_speaks_once_the_cluster_is_past_creation(
+    rayjob: dict[str, Any], phase: str, ready: tuple[str, str]
+) -> None:
+    diagnosed = _apply({"phase": "Provisioning"}, map_status(CREATING, {"phase": "Provisioning"}, 1, T0, diagnosis=STUCK))
+    for given in (STUCK, None):
+        status = _apply(diagnosed, map_status(rayjob, diagnosed, 1, T1, diagnosis=given))
+        assert status["phase"] == phase
+        assert (_cond(status, "ClusterReady")["status"], _cond(status, "ClusterReady")["reason"]) == ready
+        assert status["message"] != STUCK.message
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_diagnosis_never_moves_a_finished_job(phase: str) -> None:
+    assert map_status(CREATING, {"phase": phase}, 1, T0, diagnosis=STUCK) == {}
+
+
+def test_a_missed_pre_running_deadline_says_what_held_the_cluster_up() -> None:
+    diagnosed = _apply({"phase": "Provisioning"}, map_status(CREATING, {"phase": "Provisioning"}, 1, T0, diagnosis=STUCK))
+    failed = {"jobDeploymentStatus": "Failed", "reason": "PreRunningDeadlineExceeded"}
+    status = _apply(diagnosed, map_status(failed, diagnosed, 1, T1))
+    assert status["phase"] == "Failed"
+    assert status["message"] == f"the Ray cluster did not start running before its deadline; it was stuck: {STUCK.message}"
+    assert _cond(status, "Failed")["message"] == status["message"]

@@ -117,10 +117,15 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "delete"]
-# Kubernetes Events on FineTuneJobs, posted (never updated) by Kopf through the core API.
+# Kubernetes Events on FineTuneJobs, posted (never updated) by Kopf through the core API; listed (Warning ones) to
+# say why a job's Ray cluster does not come up (KubeRay's FailedToCreateHeadPod: a quota, Pod Security).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+# The Ray pods of a job whose cluster does not come up, listed by their ray.io/cluster label to say why.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end }}
 
 {{/*
