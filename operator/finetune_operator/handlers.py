@@ -50,7 +50,7 @@ from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
-from finetune_operator.leadership import LeaderElector, LeaderWork, Timing
+from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timing
 from finetune_operator.reconcile import Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
 
@@ -151,6 +151,13 @@ def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServ
     memo["webhook_tls"] = tls
     # Certificate and key in one file (replaced atomically on renewal): Kopf restarts its server when it changes.
     return kopf.WebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
+
+
+@kopf.on.login(registry=WEBHOOK_REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials as Kopf's default registry finds them (kubeconfig or the pod's service account): a registry of our
+    own starts with none."""
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.probe(id="jobs", registry=WEBHOOK_REGISTRY)
@@ -284,13 +291,21 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
 
 
 def leader_elector(
-    settings: OperatorSettings, kube: Kube, identity: str, reconcile: Callable[[threading.Event], None]
+    settings: OperatorSettings, kube: Kube, identity: str, run_kopf: Callable[[kopf.Memo, threading.Event], None]
 ) -> LeaderElector:
-    """The election of one replica: while it holds the Lease, ``reconcile(stop)`` runs in a thread of its own."""
+    """The election of one replica: while it holds the Lease, ``run_kopf(memo, stop)`` (Kopf with every handler, its
+    webhook and metrics off) runs in a thread of its own until ``stop`` is set."""
     timing = Timing(settings.lease_duration_seconds, settings.renew_deadline_seconds, settings.retry_period_seconds)
+
+    def reconcile(stop: threading.Event) -> None:
+        # Kopf may take a moment to stop: the resync thread asks ``leading`` before every round, and writes are fenced.
+        term = elector.term  # started by on_started: this run belongs to the term that just began
+        leading = functools.partial(elector.leads, term)
+        run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=Fenced(kube, leading), leading=leading), stop)
+
     # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
     work = LeaderWork(reconcile, stop_timeout=timing.lease_duration - timing.renew_deadline)
-    return LeaderElector(
+    elector = LeaderElector(
         kube,
         settings.leader_election_namespace,
         settings.leader_election_lease,
@@ -300,6 +315,7 @@ def leader_elector(
         on_stopped=work.stop,
         healthy=lambda: work.alive,
     )
+    return elector
 
 
 def reconciling_settings(settings: OperatorSettings) -> OperatorSettings:
@@ -312,15 +328,16 @@ def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
     identity = settings.leader_election_identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     scope: dict[str, Any] = {"clusterwide": not settings.namespaces, "namespaces": settings.namespaces}
 
-    def reconcile(stop: threading.Event) -> None:
-        memo = kopf.Memo(settings=reconciling_settings(settings), kube=kube, leading=lambda: elector.leading)
+    def run_kopf(memo: kopf.Memo, stop: threading.Event) -> None:
         kopf.run(standalone=True, stop_flag=stop, memo=memo, **scope)
 
-    elector, stop = leader_elector(settings, kube, identity, reconcile), threading.Event()
+    elector, stop = leader_elector(settings, kube, identity, run_kopf), threading.Event()
     campaign = threading.Thread(target=elector.run, args=(stop,), name="finetune-election", daemon=True)
     campaign.start()
     try:  # until SIGTERM: then the campaign steps down (the reconciling Kopf stops) and releases the Lease
-        kopf.run(registry=WEBHOOK_REGISTRY, standalone=True, liveness_endpoint=liveness, memo=kopf.Memo(settings=settings), **scope)
+        kopf.run(
+            registry=WEBHOOK_REGISTRY, standalone=True, liveness_endpoint=liveness, memo=kopf.Memo(settings=settings), **scope
+        )
     finally:
         stop.set()
         campaign.join()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from finetune_operator.failures import ApiFailure
+from finetune_operator.failures import ApiFailure, Retry
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ class Timing:
 class LeaderElector:
     """Campaigns for ``namespace/name`` as ``identity``; ``run(stop)`` loops until ``stop`` is set.
 
-    ``on_started`` is called (in the loop's thread) when this replica becomes the leader, ``on_stopped`` when it
-    stops being one: lost, fenced by the renew deadline, stopping, or ``healthy()`` false while leading. ``leading`` may be read from any thread;
-    it turns false on its own once the last renewal is older than the renew deadline, even between two tries.
+    ``on_started`` is called when this replica becomes the leader (a new ``term``), ``on_stopped`` when it stops
+    being one: lost, fenced by the renew deadline, stopping, or ``healthy()`` false while leading; neither may block
+    for long. ``leading`` may be read from any thread; it turns false on its own once the last renewal is older than
+    the renew deadline, even between two tries.
     """
 
     def __init__(
@@ -125,13 +126,20 @@ class LeaderElector:
         self.clock, self.wall_clock = clock, wall_clock
         self._observed: Observed | None = None
         self._renewed_at: float | None = None  # when the last successful write started; None: not leading
+        self._downs = 0  # step-downs so far: a renewal that a step-down overtook does not count
+        self.term = 0  # terms led so far: the work of an earlier term stays fenced (``leads``) when a new one begins
         self._lock = threading.Lock()
+        self._transition = threading.Lock()  # one start or stop at a time, whichever thread sees it
 
     @property
     def leading(self) -> bool:
         with self._lock:
             renewed = self._renewed_at
         return renewed is not None and self.clock() - renewed < self.timing.renew_deadline
+
+    def leads(self, term: int) -> bool:
+        """Whether this replica leads and is still in ``term`` (what the fence of that term's work asks)."""
+        return self.term == term and self.leading
 
     def run(self, stop: threading.Event) -> None:
         """Try, renew or wait every retry period until ``stop``; then step down and release the Lease."""
@@ -167,14 +175,18 @@ class LeaderElector:
             if self._step_down("the reconciling operator stopped"):
                 self.release()
             return
-        started = self.clock()
+        started, downs = self.clock(), self._downs
         held = self._try(started)
         if held:
-            with self._lock:
-                was_leading, self._renewed_at = self._renewed_at is not None, started
-            if not was_leading:
-                log.info("leader election: %s leads (Lease %s/%s)", self.identity, self.namespace, self.name)
-                self.on_started()
+            with self._transition:
+                with self._lock:
+                    if downs != self._downs:  # stepped down meanwhile (the deadline): the next try starts afresh
+                        return
+                    was_leading, self._renewed_at = self._renewed_at is not None, started
+                if not was_leading:
+                    self.term += 1
+                    log.info("leader election: %s leads (Lease %s/%s)", self.identity, self.namespace, self.name)
+                    self.on_started()
         elif held is False:
             self._step_down("another replica holds the Lease")
         else:
@@ -210,12 +222,13 @@ class LeaderElector:
 
     def _step_down(self, why: str) -> bool:
         """Stop leading (once, whichever thread sees it first); False if this replica was not leading."""
-        with self._lock:
-            if self._renewed_at is None:
-                return False
-            self._renewed_at = None
-        log.warning("leader election: %s stops leading: %s", self.identity, why)
-        self.on_stopped()
+        with self._transition:
+            with self._lock:
+                if self._renewed_at is None:
+                    return False
+                self._renewed_at, self._downs = None, self._downs + 1
+            log.warning("leader election: %s stops leading: %s", self.identity, why)
+            self.on_stopped()
         return True
 
     def release(self) -> None:
@@ -245,7 +258,8 @@ class LeaderWork:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        self.stop()
+        """Start a new run now; an earlier one still stopping is left to finish (its term's writes are fenced)."""
+        self._stop.set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(self._stop,), name="finetune-leader", daemon=True)
         self._thread.start()
@@ -263,3 +277,41 @@ class LeaderWork:
             thread.join(self.stop_timeout)
             if thread.is_alive():
                 log.error("the reconciling operator did not stop within %gs", self.stop_timeout)
+
+
+class Fenced:
+    """The reconciling operator's API client (``reconcile.KubeApi``): reads pass, writes are refused once this replica
+    does not lead. Kopf takes a moment to stop; a handler still running then must not write over the new leader's
+    work, so its create or patch raises ``failures.Retry`` (Kopf's own annotations are the one thing left unfenced)."""
+
+    def __init__(self, kube: Any, leading: Callable[[], bool]) -> None:
+        self.kube, self.leading = kube, leading
+
+    def _check(self, what: str) -> None:
+        if not self.leading():
+            raise Retry(f"{what}: this replica is not the leader any more; the leader takes the job over", delay=1.0)
+
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.kube.read(kind, namespace, name)
+        return found
+
+    def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = self.kube.list_jobs(namespace)
+        return jobs
+
+    def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
+        self._check(f"create {obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}")
+        result: tuple[dict[str, Any] | None, bool] = self.kube.create_or_get(obj, read_back=read_back)
+        return result
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        self._check(f"patch {kind} {namespace}/{name}")
+        patched: dict[str, Any] = self.kube.patch(kind, namespace, name, patch)
+        return patched
+
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
+        self._check(f"patch {kind} {namespace}/{name} status")
+        patched: dict[str, Any] = self.kube.patch_status(kind, namespace, name, status, resource_version=resource_version)
+        return patched

@@ -41,7 +41,14 @@ SEEN_AT_100 = Observed(("other", "t1", "7"), 100.0)
         ("another's, first seen now", lease("other"), None, 100.0, Action.WAIT, 100.0),
         ("another's, unchanged for less than its duration", lease("other"), SEEN_AT_100, 114.9, Action.WAIT, 100.0),
         ("another's, unchanged for its duration: expired", lease("other"), SEEN_AT_100, 115.0, Action.TAKE, 100.0),
-        ("another's, renewed since: fresh again", lease("other", renew="t2", version="8"), SEEN_AT_100, 130.0, Action.WAIT, 130.0),
+        (
+            "another's, renewed since: fresh again",
+            lease("other", renew="t2", version="8"),
+            SEEN_AT_100,
+            130.0,
+            Action.WAIT,
+            130.0,
+        ),
         ("another's, only the resourceVersion moved", lease("other", version="9"), SEEN_AT_100, 130.0, Action.WAIT, 130.0),
         ("another's with a longer duration of its own", lease("other", duration=60), SEEN_AT_100, 140.0, Action.WAIT, 100.0),
         ("another's without a duration: ours applies", lease("other", duration=None), SEEN_AT_100, 115.0, Action.TAKE, 100.0),
@@ -68,7 +75,9 @@ class Events:
         self.log: list[str] = []
 
 
-def elector(kube: FakeKube, identity: str = "me", *, clock: Clock | None = None, healthy: bool = True) -> tuple[LeaderElector, Events]:
+def elector(
+    kube: FakeKube, identity: str = "me", *, clock: Clock | None = None, healthy: bool = True
+) -> tuple[LeaderElector, Events]:
     events = Events()
     wall = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=timezone.utc)
     return (
@@ -234,5 +243,36 @@ def test_election_settings_parse() -> None:
             "FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS": "0.5",
         }
     )
-    assert (settings.leader_election, settings.leader_election_lease, settings.lease_duration_seconds) == (True, "finetune-operator", 4)
+    assert (settings.leader_election, settings.leader_election_lease, settings.lease_duration_seconds) == (
+        True,
+        "finetune-operator",
+        4,
+    )
     assert OperatorSettings.from_env(settings.to_env()) == settings
+
+
+def test_the_work_of_an_earlier_term_stays_fenced_when_the_replica_leads_again() -> None:
+    kube, clock = FakeKube(), Clock()
+    me, events = elector(kube, clock=clock)
+    me.step()
+    first = me.term
+    clock.now += 10  # a stall past the renew deadline
+    me.check_deadline()
+    me.step()  # still the holder: leads again, a new term
+    assert (events.log, me.leading, me.leads(first), me.leads(me.term)) == (["started", "stopped", "started"], True, False, True)
+
+
+def test_a_renewal_overtaken_by_a_step_down_does_not_count() -> None:
+    kube, clock = FakeKube(), Clock()
+    me, events = elector(kube, clock=clock)
+    me.step()
+    original = kube.read_lease
+
+    def slow_read(namespace: str, name: str) -> dict[str, Any] | None:
+        clock.now += 10  # the renewal hangs past the deadline; the fence thread steps down meanwhile
+        me.check_deadline()
+        return original(namespace, name)
+
+    kube.read_lease = slow_read  # type: ignore[method-assign]
+    me.step()
+    assert (events.log, me.leading) == (["started", "stopped"], False)
