@@ -228,6 +228,8 @@ def keep_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
         while True:
             try:
                 tls.check()
+                # Again every round: another replica's restart may have pruned this one's CA from the bundle.
+                tls.publish(tls.bundle)
             except Exception:  # the API server refused or was unreachable: the current certificate is still valid
                 log.exception("could not publish the webhook's CA; retrying in %ds", CERTIFICATE_CHECK_SECONDS)
             if stop.wait(CERTIFICATE_CHECK_SECONDS):

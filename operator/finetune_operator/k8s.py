@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any, Final
 
 import kubernetes.client
@@ -20,6 +21,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.versions import GROUP, KIND, PLURAL, RAYJOB_GROUP, RAYJOB_KIND, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
+from finetune_operator.certificates import bundle_contains, merge_bundle
 from finetune_operator.failures import ApiFailure
 
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -199,10 +201,11 @@ class Kube:
     # ---- the admission webhook's configuration (only when the operator makes its own certificate)
 
     def set_webhook_ca_bundle(self, configuration: str, webhook: str, bundle: bytes) -> None:
-        """Write ``bundle`` (PEM) as the ``caBundle`` of webhook ``webhook`` in ValidatingWebhookConfiguration ``configuration``.
+        """Put ``bundle`` (PEM) into the ``caBundle`` of webhook ``webhook`` in ValidatingWebhookConfiguration ``configuration``,
+        keeping the other replicas' CAs (``certificates.merge_bundle``).
 
         Read, then a JSON patch that first tests the entry's name: a list changed in between is refused (422) rather
-        than the wrong entry patched. Nothing is written when the bundle is there already.
+        than the wrong entry patched. Nothing is written when the bundle's CAs are there already.
         """
         api = kubernetes.client.AdmissionregistrationV1Api(self.client)
         kind = "ValidatingWebhookConfiguration"
@@ -211,9 +214,12 @@ class Kube:
         if webhook not in names:
             detail = f"it has no webhook named {webhook!r} (it has {names}); install the chart's or manifests/base's"
             raise ApiFailure(f"patch {kind} {configuration}", 404, detail, kind=kind, verb="patch")
-        index, encoded = names.index(webhook), base64.b64encode(bundle).decode()
-        if (found["webhooks"][index].get("clientConfig") or {}).get("caBundle") == encoded:
+        index = names.index(webhook)
+        current = base64.b64decode((found["webhooks"][index].get("clientConfig") or {}).get("caBundle") or "")
+        if bundle_contains(current, bundle):
             return
+        # Other replicas' CAs stay trusted beside ours: every replica serves the webhook with its own certificate.
+        encoded = base64.b64encode(merge_bundle(bundle, current, datetime.now(timezone.utc))).decode()
         patch = [
             {"op": "test", "path": f"/webhooks/{index}/name", "value": webhook},
             {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded},
