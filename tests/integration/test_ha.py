@@ -138,14 +138,13 @@ def _replica_process(emu: KubeEmulator, identity: str, tmp_path: Path) -> subpro
         "KUBECONFIG": str(kubeconfig),
         "FINETUNE_OPERATOR_METRICS_PORT": "0",
         "FINETUNE_OPERATOR_WEBHOOK_PORT": "0",
-        "FINETUNE_OPERATOR_NAMESPACES": NS,
         "FINETUNE_OPERATOR_LEADER_ELECTION": "true",
         "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": NS,
         "FINETUNE_OPERATOR_LEADER_ELECTION_IDENTITY": identity,
         **{f"FINETUNE_OPERATOR_{key.upper()}": str(value) for key, value in TIMING.items()},
     }
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    cmd = [sys.executable, "-m", "finetune_operator.handlers", "--liveness="]
+    cmd = [sys.executable, "-m", "finetune_operator.handlers", "--liveness=", f"--namespace={NS}"]  # the chart's way
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
