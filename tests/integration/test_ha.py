@@ -28,10 +28,12 @@ from tests.support.kube_emulator import KubeEmulator, wait_for
 from tests.support.operator_threads import SETTINGS, Replica, settle
 from tests.support.schemas import REPO
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(360)
 
 NS, JOBS = "default", 20
-TIMING = {"lease_duration_seconds": 10.0, "renew_deadline_seconds": 7.0, "retry_period_seconds": 1.0}
+# Shorter than the defaults (15/10/2) to keep a SIGKILL's take-over short, yet roomy: on a loaded CI machine a renewal
+# can stall for seconds, and a leader that misses its deadline steps down (correctly, but the test then takes longer).
+TIMING = {"lease_duration_seconds": 20.0, "renew_deadline_seconds": 15.0, "retry_period_seconds": 2.0}
 HA = dataclasses.replace(SETTINGS, leader_election=True, leader_election_namespace=NS, **TIMING)
 LEASES = "coordination.k8s.io/v1/leases"
 JOB_KINDS = ("finetunejobs", "rayjobs", "serviceaccounts", "roles", "rolebindings", "configmaps", "networkpolicies", "events")
@@ -45,7 +47,7 @@ def provisioned(emu: KubeEmulator, count: int) -> bool:
 
 def wait_provisioned(emu: KubeEmulator, count: int) -> None:
     try:
-        wait_for(lambda: provisioned(emu, count), 60, message=f"{count} jobs provisioned")
+        wait_for(lambda: provisioned(emu, count), 150, message=f"{count} jobs provisioned")
     except TimeoutError as exc:
         # What Kopf noted on each job left behind (its progress annotations): a deferred handler, and why.
         behind = {
