@@ -41,8 +41,9 @@ USER 65532:65532
 WORKDIR /tmp
 # 8080: Prometheus /metrics (FINETUNE_OPERATOR_METRICS_PORT). 8081: Kopf's /healthz, probed by the chart.
 EXPOSE 8080 8081
-# --standalone: one replica, no peering objects to create (and no RBAC for them).
-ENTRYPOINT ["kopf", "run", "-m", "finetune_operator.handlers", "--standalone", "--liveness=http://0.0.0.0:8081/healthz"]
+# handlers.main: Kopf as `kopf run --standalone` would run it, plus leader election when FINETUNE_OPERATOR_LEADER_ELECTION
+# is true (no Kopf peering objects: no CRD or RBAC for them).
+ENTRYPOINT ["python", "-m", "finetune_operator.handlers", "--liveness=http://0.0.0.0:8081/healthz"]
 # The watch scope; the chart and the manifests replace it with --all-namespaces or one --namespace=NS each.
 CMD ["--all-namespaces"]
 

@@ -16,6 +16,9 @@ current certificate in place (valid for another month) and is tried again at the
 
 The certificate and its key share one file, replaced atomically: Kopf reads them one after the other, and two
 files could be caught half-renewed.
+
+Several replicas (leader election) each make their own CA and all serve the webhook: ``merge_bundle`` keeps the other
+replicas' CAs in the ``caBundle`` beside this one's (expired ones and the oldest beyond ``BUNDLE_KEEP`` dropped).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_FOR: Final = timedelta(days=90)
 RENEW_AFTER: Final = VALID_FOR * 2 / 3
+BUNDLE_KEEP: Final = 8
+"""CAs at most in the ``caBundle``: a few replicas, each with its current and previous CA, and some restarts."""
 BACKDATE: Final = timedelta(minutes=5)
 """``notBefore`` lies this far in the past: the API server's clock may be a little behind the operator's."""
 log = logging.getLogger(__name__)
@@ -113,6 +118,35 @@ def issue(host: str, now: datetime) -> Issued:
     pem = serialization.Encoding.PEM
     private = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return Issued(ca=ca.public_bytes(pem), chain=serving.public_bytes(pem) + private, issued_at=now)
+
+
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:  # nothing or garbage: no CA to keep
+        return []
+
+
+def bundle_contains(bundle: bytes, ours: bytes) -> bool:
+    """Whether every CA of ``ours`` is in ``bundle`` already (in any order)."""
+    own = _certificates(ours)
+    if not own:
+        return ours in bundle
+    there = {cert.fingerprint(hashes.SHA256()) for cert in _certificates(bundle)}
+    return all(cert.fingerprint(hashes.SHA256()) in there for cert in own)
+
+
+def merge_bundle(ours: bytes, existing: bytes, now: datetime, keep: int = BUNDLE_KEEP) -> bytes:
+    """``ours`` first, then the other replicas' CAs from ``existing`` that are still valid, newest first, ``keep`` in all."""
+    seen = {cert.fingerprint(hashes.SHA256()) for cert in _certificates(ours)}
+    others = []
+    for cert in sorted(_certificates(existing), key=lambda c: c.not_valid_before_utc, reverse=True):
+        fingerprint = cert.fingerprint(hashes.SHA256())
+        if fingerprint not in seen and cert.not_valid_after_utc > now:
+            seen.add(fingerprint)
+            others.append(cert.public_bytes(serialization.Encoding.PEM))
+    room = max(0, keep - max(1, len(_certificates(ours))))
+    return ours + b"".join(others[:room])
 
 
 def _write(path: Path, data: bytes) -> None:

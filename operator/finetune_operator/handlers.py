@@ -4,7 +4,8 @@ Run it with::
 
     kopf run -m finetune_operator.handlers --standalone --all-namespaces \\
         --liveness=http://0.0.0.0:8081/healthz            # or --namespace=NS (repeatable)
-    python -m finetune_operator.handlers                   # the same, namespaces from FINETUNE_OPERATOR_NAMESPACES
+    python -m finetune_operator.handlers --all-namespaces  # the image's entry point; leader election when
+                                                           # FINETUNE_OPERATOR_LEADER_ELECTION=true
 
 The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINETUNE_OPERATOR_METRICS_PORT``; the API
 server calls the admission webhook (``validate``) over HTTPS on ``FINETUNE_OPERATOR_WEBHOOK_PORT``.
@@ -14,6 +15,10 @@ and translates the outcome into Kopf's words: ``failures.Refused`` → ``kopf.Pe
 ``failures.Retry`` and API failures that may heal → ``kopf.TemporaryError`` with a delay.
 FineTuneJob deleted: the children go with their owner references. The operator puts no finalizer on jobs, so
 deleting a job or its namespace never waits for the operator.
+
+Two or more replicas (``main`` with leader election on): every replica runs Kopf with ``WEBHOOK_REGISTRY`` (the
+webhook, the probes, liveness), and only the holder of the Lease (``leadership``) also runs Kopf with every handler
+in another thread, its webhook turned off, started and stopped by the election.
 
 Handlers return None: Kopf writes nothing into the status (its progress lives in ``finetune.dev/*``
 annotations, since the structural schema would prune ``status.kopf``); status is written by merge
@@ -25,11 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
+import socket
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, cast
@@ -42,6 +50,7 @@ from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
+from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timing
 from finetune_operator.reconcile import EventSink, Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
 
@@ -52,6 +61,8 @@ RESYNC_SECONDS: Final = 60.0
 CERTIFICATE_CHECK_SECONDS: Final = 60.0
 EVENT_COMPONENT: Final = "kopf"  # the Events the resync round posts itself look like Kopf's (settings.posting)
 log = logging.getLogger(__name__)
+# What every replica serves, leader or not (see the module docstring); the default registry holds everything.
+WEBHOOK_REGISTRY: Final = kopf.OperatorRegistry()
 
 
 def _reconciler(memo: Any) -> Reconciler:
@@ -73,12 +84,12 @@ def _event_sink(kube: Any) -> EventSink:
             kopf.event(kopf.Body(cast(kopf.RawBody, dict(obj))), type=type_, reason=reason, message=message)
             return
         except LookupError:
-            if not isinstance(kube, Kube):  # outside a running operator (tests, scripts): a log line
+            if not isinstance(kube, (Kube, Fenced)):  # outside a running operator (tests, scripts): a log line
                 log_event(obj, type_, reason, message)
                 return
         try:
             kube.post_event(obj, type_, reason, message, component=EVENT_COMPONENT)
-        except ApiFailure as exc:  # an Event is worth a log line, never a failed round
+        except (ApiFailure, Retry) as exc:  # an Event is worth a log line, never a failed round (Retry: fenced)
             log.warning("could not post Event %s %s: %s", type_, reason, exc)
 
     return emit
@@ -100,6 +111,7 @@ def _kopf_outcomes(retry: int) -> Iterator[None]:
         raise kopf.TemporaryError(str(exc), delay=retry_delay(retry, exc)) from exc
 
 
+@kopf.on.startup(registry=WEBHOOK_REGISTRY)
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Kopf's settings and our reconciler, from the memo (tests, scripts) or the environment and kubeconfig."""
@@ -159,6 +171,14 @@ def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServ
     return kopf.WebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
 
 
+@kopf.on.login(registry=WEBHOOK_REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials as Kopf's default registry finds them (kubeconfig or the pod's service account): a registry of our
+    own starts with none."""
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.probe(id="jobs", registry=WEBHOOK_REGISTRY)
 @kopf.on.probe(id="jobs")
 def jobs_probe(**_: Any) -> int:
     return metrics.job_count()
@@ -194,9 +214,13 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
     finalizer on every object with a timer, and deleting a job must never wait for the operator."""
     reconciler, stop = _reconciler(memo), threading.Event()
     resync = metrics.instrumented("resync")(reconciler.resync_all)
+    # Under leader election (``main``), only while the Lease is held: this Kopf may take a moment to stop.
+    leading = memo.get("leading") or (lambda: True)
 
     def loop() -> None:
         while not stop.wait(RESYNC_SECONDS):
+            if not leading():
+                continue
             try:
                 resync(reconciler.settings.namespaces)
             except Exception:  # a LIST that failed: log it, try again next round
@@ -209,6 +233,7 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
     threading.Thread(target=context.run, args=(loop,), name="finetune-resync", daemon=True).start()
 
 
+@kopf.on.startup(registry=WEBHOOK_REGISTRY)
 @kopf.on.startup()
 def keep_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
     """Publish the operator's own webhook CA, then renew the certificate when due (``SelfSignedTLS.check``), in a
@@ -221,6 +246,8 @@ def keep_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
         while True:
             try:
                 tls.check()
+                # Again every round: another replica's restart may have pruned this one's CA from the bundle.
+                tls.publish(tls.bundle)
             except Exception:  # the API server refused or was unreachable: the current certificate is still valid
                 log.exception("could not publish the webhook's CA; retrying in %ds", CERTIFICATE_CHECK_SECONDS)
             if stop.wait(CERTIFICATE_CHECK_SECONDS):
@@ -230,6 +257,7 @@ def keep_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
     threading.Thread(target=loop, name="finetune-webhook-tls", daemon=True).start()
 
 
+@kopf.on.cleanup(registry=WEBHOOK_REGISTRY)
 @kopf.on.cleanup()
 def stop_threads(memo: kopf.Memo, **_: Any) -> None:
     """Stop the resync and certificate threads."""
@@ -239,6 +267,7 @@ def stop_threads(memo: kopf.Memo, **_: Any) -> None:
             stop.set()
 
 
+@kopf.on.validate(*FTJ, id=naming.WEBHOOK_PATH, operations=["CREATE", "UPDATE"], registry=WEBHOOK_REGISTRY)
 @kopf.on.validate(*FTJ, id=naming.WEBHOOK_PATH, operations=["CREATE", "UPDATE"])
 def validate(
     memo: kopf.Memo, operation: str | None = None, new: kopf.Body | None = None, old: kopf.Body | None = None, **_: Any
@@ -281,16 +310,77 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
         logger.warning("could not mirror RayJob %s (retried within %ds): %s", rayjob["metadata"].get("name"), RESYNC_SECONDS, exc)
 
 
+def leader_elector(
+    settings: OperatorSettings, kube: Kube, identity: str, run_kopf: Callable[[kopf.Memo, threading.Event], None]
+) -> LeaderElector:
+    """The election of one replica: while it holds the Lease, ``run_kopf(memo, stop)`` (Kopf with every handler, its
+    webhook and metrics off) runs in a thread of its own until ``stop`` is set."""
+    timing = Timing(settings.lease_duration_seconds, settings.renew_deadline_seconds, settings.retry_period_seconds)
+
+    def reconcile(stop: threading.Event) -> None:
+        # Kopf may take a moment to stop: the resync thread asks ``leading`` before every round, and writes are fenced.
+        term = elector.term  # started by on_started: this run belongs to the term that just began
+        leading = functools.partial(elector.leads, term)
+        run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=Fenced(kube, leading), leading=leading), stop)
+
+    # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
+    work = LeaderWork(reconcile, stop_timeout=timing.lease_duration - timing.renew_deadline)
+    elector = LeaderElector(
+        kube,
+        settings.leader_election_namespace,
+        settings.leader_election_lease,
+        identity,
+        timing=timing,
+        on_started=work.start,
+        on_stopped=work.stop,
+        healthy=lambda: work.alive,
+    )
+    return elector
+
+
+def reconciling_settings(settings: OperatorSettings) -> OperatorSettings:
+    """The leader's second Kopf: no webhook and no metrics server, which the replica's first Kopf serves."""
+    return dataclasses.replace(settings, webhook_port=0, metrics_port=0)
+
+
+def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
+    kube = Kube(load_client())
+    identity = settings.leader_election_identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    scope: dict[str, Any] = {"clusterwide": not settings.namespaces, "namespaces": settings.namespaces}
+
+    def run_kopf(memo: kopf.Memo, stop: threading.Event) -> None:
+        kopf.run(standalone=True, stop_flag=stop, memo=memo, **scope)
+
+    elector, stop = leader_elector(settings, kube, identity, run_kopf), threading.Event()
+    campaign = threading.Thread(target=elector.run, args=(stop,), name="finetune-election", daemon=True)
+    campaign.start()
+    try:  # until SIGTERM: then the campaign steps down (the reconciling Kopf stops) and releases the Lease
+        kopf.run(
+            registry=WEBHOOK_REGISTRY, standalone=True, liveness_endpoint=liveness, memo=kopf.Memo(settings=settings), **scope
+        )
+    finally:
+        stop.set()
+        campaign.join()
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune_operator.handlers``: Kopf with namespaces, liveness and logging from the settings."""
     parser = argparse.ArgumentParser(prog="python -m finetune_operator.handlers", description="Run the FineTuneJob operator.")
     parser.add_argument("--liveness", default=LIVENESS, metavar="URL", help=f"liveness endpoint (default: {LIVENESS})")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", action="append", default=[], metavar="NS", help="watch NS (repeatable)")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     args = parser.parse_args(argv)
     try:
         settings = OperatorSettings.from_env()
+        if args.namespace or args.all_namespaces:  # the arguments, as for `kopf run`, win over the variable
+            settings = dataclasses.replace(settings, namespaces=tuple(args.namespace))
     except SettingsError as exc:
         raise SystemExit(f"finetune-operator: {exc}") from exc
     logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.leader_election:
+        _run_replicated(settings, args.liveness)
+        return
     kopf.run(
         standalone=True,
         clusterwide=not settings.namespaces,

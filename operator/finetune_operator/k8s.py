@@ -35,11 +35,13 @@ from finetune_operator.api.versions import (
     WORKLOAD_KIND,
     WORKLOAD_PLURAL,
 )
+from finetune_operator.certificates import bundle_contains, merge_bundle
 from finetune_operator.failures import ApiFailure
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 JSON_PATCH: Final = "application/json-patch+json"
 TIMEOUT: Final = (5.0, 30.0)  # connect, read: a handler must not hang on a dead connection
+LEASE_TIMEOUT: Final = (2.0, 4.0)
 _CORE: Final = {"ServiceAccount": "service_account", "ConfigMap": "config_map"}
 _RBAC: Final = {"Role": "role", "RoleBinding": "role_binding"}
 _NETWORKING: Final = {"NetworkPolicy": "network_policy"}
@@ -79,6 +81,7 @@ class Kube:
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
         self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.coordination = kubernetes.client.CoordinationV1Api(api_client)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         verb, kind = what.split()[:2]  # "create RayJob ns/name"
@@ -242,13 +245,42 @@ class Kube:
             body["metadata"] = {"resourceVersion": resource_version}
         return dict(self._call(what, fn, group, version, namespace, plural, name, body, _content_type=MERGE_PATCH))
 
+    # ---- leader election (leadership.LeaseApi)
+
+    def _lease_call(self, what: str, fn: Any, *args: Any) -> dict[str, Any]:
+        # Short timeouts: a renewal that hangs must not outlast the renew deadline (leadership.Timing).
+        try:
+            return self._plain(fn(*args, _request_timeout=LEASE_TIMEOUT))
+        except ApiException as exc:
+            raise ApiFailure(what, exc.status, _detail(exc), kind="Lease", verb=what.split()[0]) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiFailure(what, None, _detail(exc), kind="Lease", verb=what.split()[0]) from exc
+
+    def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._lease_call(f"read Lease {namespace}/{name}", self.coordination.read_namespaced_lease, name, namespace)
+        except ApiFailure as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        what = f"create Lease {namespace}/{body['metadata']['name']}"
+        return self._lease_call(what, self.coordination.create_namespaced_lease, namespace, dict(body))
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT with the resourceVersion in ``body``: HTTP 409 when another replica wrote since it was read."""
+        what = f"update Lease {namespace}/{name}"
+        return self._lease_call(what, self.coordination.replace_namespaced_lease, name, namespace, dict(body))
+
     # ---- the admission webhook's configuration (only when the operator makes its own certificate)
 
     def set_webhook_ca_bundle(self, configuration: str, webhook: str, bundle: bytes) -> None:
-        """Write ``bundle`` (PEM) as the ``caBundle`` of webhook ``webhook`` in ValidatingWebhookConfiguration ``configuration``.
+        """Put ``bundle`` (PEM) into the ``caBundle`` of webhook ``webhook`` in ValidatingWebhookConfiguration ``configuration``,
+        keeping the other replicas' CAs (``certificates.merge_bundle``).
 
         Read, then a JSON patch that first tests the entry's name: a list changed in between is refused (422) rather
-        than the wrong entry patched. Nothing is written when the bundle is there already.
+        than the wrong entry patched. Nothing is written when the bundle's CAs are there already.
         """
         api = kubernetes.client.AdmissionregistrationV1Api(self.client)
         kind = "ValidatingWebhookConfiguration"
@@ -257,9 +289,12 @@ class Kube:
         if webhook not in names:
             detail = f"it has no webhook named {webhook!r} (it has {names}); install the chart's or manifests/base's"
             raise ApiFailure(f"patch {kind} {configuration}", 404, detail, kind=kind, verb="patch")
-        index, encoded = names.index(webhook), base64.b64encode(bundle).decode()
-        if (found["webhooks"][index].get("clientConfig") or {}).get("caBundle") == encoded:
+        index = names.index(webhook)
+        current = base64.b64decode((found["webhooks"][index].get("clientConfig") or {}).get("caBundle") or "")
+        if bundle_contains(current, bundle):
             return
+        # Other replicas' CAs stay trusted beside ours: every replica serves the webhook with its own certificate.
+        encoded = base64.b64encode(merge_bundle(bundle, current, datetime.now(timezone.utc))).decode()
         patch = [
             {"op": "test", "path": f"/webhooks/{index}/name", "value": webhook},
             {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded},

@@ -126,6 +126,33 @@ class OperatorSettings:
     """``FINETUNE_OPERATOR_WEBHOOK_CERT_DIR``: a directory holding ``tls.crt`` and ``tls.key`` (a cert-manager Secret);
     empty: the operator makes its own CA and certificate, renews them, and writes the CA into the configuration."""
 
+    # ---- two or more replicas (docs/platform.md, "High availability")
+    leader_election: bool = False
+    """``FINETUNE_OPERATOR_LEADER_ELECTION``: replicas take turns through a Lease: only its holder reconciles jobs, every
+    replica serves the webhook. Off: this replica reconciles at once, so run only one (the chart turns it on)."""
+
+    leader_election_namespace: str = ""
+    """``FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE``: namespace of the Lease (the operator's own); needed with
+    ``LEADER_ELECTION=true``."""
+
+    leader_election_lease: str = "finetune-operator"
+    """``FINETUNE_OPERATOR_LEADER_ELECTION_LEASE``: name of the Lease (coordination.k8s.io/v1) the replicas share."""
+
+    leader_election_identity: str = ""
+    """``FINETUNE_OPERATOR_LEADER_ELECTION_IDENTITY``: this replica's name in the Lease (the chart: the pod's name);
+    empty: the host name and a random suffix."""
+
+    lease_duration_seconds: float = 15.0
+    """``FINETUNE_OPERATOR_LEASE_DURATION_SECONDS``: how long a standby waits, on its own clock, after the Lease
+    last changed before it takes over: the longest a dead leader (killed, partitioned) leaves jobs unattended."""
+
+    renew_deadline_seconds: float = 10.0
+    """``FINETUNE_OPERATOR_RENEW_DEADLINE_SECONDS``: a leader that could not renew for this long stops reconciling;
+    less than the lease duration, so that it has stopped before a standby may take over."""
+
+    retry_period_seconds: float = 2.0
+    """``FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS``: interval between a leader's renewals and a standby's tries."""
+
     def __post_init__(self) -> None:
         # Settings that parse one by one can still contradict each other: refuse to start rather than render
         # RayJobs that KubeRay rejects.
@@ -133,6 +160,20 @@ class OperatorSettings:
             raise SettingsError(
                 f"{env_name('ray_version')}={self.ray_version!r} has no Ray token authentication, which "
                 f"{env_name('ray_auth_mode')}=token needs; use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
+            )
+        if self.leader_election and not self.leader_election_namespace:
+            raise SettingsError(
+                f"{env_name('leader_election_namespace')} is empty, which {env_name('leader_election')}=true cannot use; "
+                "expected the operator's namespace (the chart sets it from the pod's)"
+            )
+        # Fencing: a leader must give up (renew deadline) before a standby may take over (lease duration), and try
+        # to renew more than once in between.
+        if not self.retry_period_seconds < self.renew_deadline_seconds < self.lease_duration_seconds:
+            raise SettingsError(
+                f"{env_name('renew_deadline_seconds')}={self.renew_deadline_seconds:g} is not accepted with "
+                f"{env_name('lease_duration_seconds')}={self.lease_duration_seconds:g} and "
+                f"{env_name('retry_period_seconds')}={self.retry_period_seconds:g}; expected retry period < renew "
+                "deadline < lease duration"
             )
 
     @classmethod
@@ -206,6 +247,16 @@ def _seconds(name: str, raw: str) -> float:
         raise _bad(name, raw, "a number of seconds, 0 or more") from None
     if not 0 <= value <= 86_400:
         raise _bad(name, raw, "a number of seconds from 0 to 86400")
+    return value
+
+
+def _positive_seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(name, raw, "a number of seconds above 0") from None
+    if not 0 < value <= 3600:
+        raise _bad(name, raw, "a number of seconds above 0, at most 3600")
     return value
 
 
@@ -294,4 +345,12 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "webhook_host": _pattern(DNS1123_SUBDOMAIN, "a DNS name such as finetune-operator-webhook.finetune-system.svc"),
     "webhook_configuration": _pattern(DNS1123_SUBDOMAIN, "the name of a ValidatingWebhookConfiguration (a DNS-1123 subdomain)"),
     "webhook_cert_dir": _pattern(r"^/[^\s]*$", "an absolute directory path such as /etc/finetune-operator/webhook"),
+    "leader_election": _boolean,
+    "leader_election_namespace": _namespace,
+    "leader_election_lease": _pattern(DNS1123_SUBDOMAIN, "a Lease name (a DNS-1123 subdomain)"),
+    # Kubernetes takes any string; ours go into logs and the Lease, so printable and short.
+    "leader_election_identity": _pattern(r"^[\x21-\x7e]{1,128}$", "1 to 128 printable characters without spaces"),
+    "lease_duration_seconds": _positive_seconds,
+    "renew_deadline_seconds": _positive_seconds,
+    "retry_period_seconds": _positive_seconds,
 }

@@ -1,4 +1,4 @@
-"""Fixtures shared by the integration tier: the Kubernetes API emulator over HTTP, one per test."""
+"""Fixtures shared by the integration tier: the Kubernetes API emulator over HTTP, one per test, and the operator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.kopf_runner import KopfRunner
 from tests.support.kube_emulator import KubeEmulator
+from tests.support.operator_threads import start_operator, stop_operator
 
 
 @pytest.fixture
@@ -15,3 +17,13 @@ def emu() -> Iterator[KubeEmulator]:
     with KubeEmulator() as emulator:
         yield emulator
         assert emulator.internal_errors == []
+
+
+@pytest.fixture
+def operator(emu: KubeEmulator) -> Iterator[KopfRunner]:
+    """The operator's handlers in Kopf (``kopf run --standalone``), started against ``emu``; stopped once it settled."""
+    runner = start_operator(emu)
+    try:
+        yield runner
+    finally:
+        stop_operator(emu, runner)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,10 @@ import kmock
 import pytest
 
 from finetune_operator import naming
-from tests.integration.test_operator import (
-    condition,
-    job,
-    kuberay,
-    settle,
-    start_operator,
-    status_of,
-    stop_operator,
-    wait_phase,
-)
+from tests.integration.test_operator import condition, job, kuberay, status_of, wait_phase
 from tests.support.kopf_runner import KopfRunner
 from tests.support.kube_emulator import KubeEmulator, wait_for
+from tests.support.operator_threads import settle, start_operator, stop_operator
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,15 +38,6 @@ URLS = {
     "networkpolicies": f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies",
     "rayjobs": f"/apis/ray.io/v1/namespaces/{NS}/rayjobs",
 }
-
-
-@pytest.fixture
-def operator(emu: KubeEmulator) -> Iterator[KopfRunner]:
-    runner = start_operator(emu)
-    try:
-        yield runner
-    finally:
-        stop_operator(emu, runner)
 
 
 def status_error(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -11,13 +11,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 import yaml
 
@@ -28,16 +25,15 @@ from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_operator.api.validate import validate_spec
 from finetune_operator.k8s import Kube
 from finetune_operator.reconcile import Reconciler
-from finetune_operator.settings import OperatorSettings
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.support.kopf_runner import KopfRunner
 from tests.support.kube_emulator import KubeEmulator, wait_for
+from tests.support.operator_threads import SETTINGS, settle, start_operator, stop_operator
 from tests.support.schemas import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
 EXAMPLE = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
-SETTINGS = OperatorSettings(metrics_port=0, webhook_port=0)  # the webhook: tests/integration/test_webhook.py
 CHILD_KINDS = (
     ("serviceaccounts", "trainer"),
     ("roles", "trainer-status"),
@@ -53,40 +49,6 @@ def job(name: str, namespace: str = "default", **spec_changes: Any) -> dict[str,
     for key, value in spec_changes.items():
         body["spec"][key] = {**body["spec"].get(key, {}), **value}
     return body
-
-
-def start_operator(emu: KubeEmulator) -> KopfRunner:
-    return KopfRunner(emu, memo=kopf.Memo(settings=SETTINGS, kube=Kube(emu.kubernetes_client()))).start()
-
-
-def settle(emu: KubeEmulator, quiet: float = 0.3, timeout: float = 10.0) -> None:
-    """Wait until nothing has changed for ``quiet`` seconds: Kopf has seen its own last patch.
-
-    Stopping Kopf right after a handler's patch leaves its worker waiting for that resourceVersion on a
-    watch that is gone (``persistence.consistency_timeout``, 5 s) and makes every teardown slow.
-    """
-    deadline = time.monotonic() + timeout
-    last, since = emu.resource_version, time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        if emu.resource_version != last:
-            last, since = emu.resource_version, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-
-
-def stop_operator(emu: KubeEmulator, runner: KopfRunner) -> None:
-    settle(emu)
-    runner.stop()
-
-
-@pytest.fixture
-def operator(emu: KubeEmulator) -> Iterator[KopfRunner]:
-    runner = start_operator(emu)
-    try:
-        yield runner
-    finally:
-        stop_operator(emu, runner)
 
 
 def status_of(emu: KubeEmulator, name: str, namespace: str = "default") -> dict[str, Any]:

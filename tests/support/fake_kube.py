@@ -1,6 +1,6 @@
 """An in-memory stand-in for ``finetune_operator.k8s.Kube``: the reconcile rules' unit tests run against it.
 
-It keeps objects by (kind, namespace, name), answers a second create with HTTP 409 as the API server does,
+It keeps objects by (kind, namespace, name), answers a second create (or a stale Lease update) with HTTP 409,
 merge-patches (``None`` deletes a key), records every call, and raises an injected ``ApiFailure`` for a
 chosen (verb, kind). It proves the rules; the emulator (integration tier) proves the HTTP conversation.
 """
@@ -131,3 +131,24 @@ class FakeKube:
         updated["metadata"]["resourceVersion"] = str(next(self._versions))
         self.objects[key] = updated
         return copy.deepcopy(updated)
+
+    # ---- the leadership.LeaseApi protocol
+    def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.read("Lease", namespace, name)
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        self._call("create", "Lease", name)
+        if ("Lease", namespace, name) in self.objects:
+            raise ApiFailure(f"create Lease {namespace}/{name}", 409, "HTTP 409 Conflict: already exists")
+        return copy.deepcopy(self.put({**body, "metadata": {**body["metadata"], "namespace": namespace}}))
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A PUT: refused (409) unless ``body`` carries the stored resourceVersion, as the API server does."""
+        self._call("update", "Lease", name)
+        stored = self.objects.get(("Lease", namespace, name))
+        if stored is None:
+            raise ApiFailure(f"update Lease {namespace}/{name}", 404, "HTTP 404 Not Found")
+        if body["metadata"].get("resourceVersion") != stored["metadata"]["resourceVersion"]:
+            raise ApiFailure(f"update Lease {namespace}/{name}", 409, "HTTP 409 Conflict: the object has been modified")
+        return copy.deepcopy(self.put({**body, "metadata": {**body["metadata"], "namespace": namespace}}))

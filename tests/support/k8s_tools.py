@@ -134,6 +134,10 @@ KOPF_CLUSTER_RULES: Permissions = {
 }
 
 
+# What leader election calls on its Lease, in the operator's own namespace (tests/unit/test_rbac.py derives it).
+LEADER_ELECTION_RULES: Permissions = {("coordination.k8s.io", "leases"): frozenset({"get", "create", "update"})}
+
+
 def permission_table(role: Mapping[str, Any]) -> Permissions:
     """A Role's or ClusterRole's rules as {(apiGroup, resource): verbs}, merging rules that repeat a resource."""
     table: dict[tuple[str, str], set[str]] = {}

@@ -1087,6 +1087,8 @@ class EmulatorHandler(kmock.KubernetesEmulator):
     mirror_objects: bool = True
     _counts: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
     _counts_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    # By bearer token too: tests give each operator replica a token of its own to tell their requests apart.
+    _token_counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -1125,8 +1127,10 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             objects[key] = copy.deepcopy(obj)
 
     async def _handle(self, request: kmock.Request) -> Any:
+        token = str(request.headers.get("Authorization") or "").removeprefix("Bearer ")
         with self._counts_lock:
             self._counts[_verb(request), self._count_key(request)] += 1
+            self._token_counts[token, _verb(request), self._count_key(request)] += 1
         # Skip KubernetesEmulator._handle: it mutates kmock's own object dicts before any reaction runs
         # (with none of the semantics above); the store does that work in _serve_resource instead.
         return await super(kmock.KubernetesEmulator, self)._handle(request)
@@ -1147,9 +1151,14 @@ class EmulatorHandler(kmock.KubernetesEmulator):
         with self._counts_lock:
             return collections.Counter(self._counts)
 
+    def token_counts(self, token: str) -> collections.Counter[tuple[str, str]]:
+        with self._counts_lock:
+            return collections.Counter({(verb, key): n for (who, verb, key), n in self._token_counts.items() if who == token})
+
     def reset_request_counts(self) -> None:
         with self._counts_lock:
             self._counts.clear()
+            self._token_counts.clear()
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         # kmock names the core group's version "/v1"; the API server (and clients' discovery) say "v1".
@@ -1553,6 +1562,10 @@ class KubeEmulator:
             if key is None or res_key == key:
                 result[verb] += count
         return result
+
+    def requests_with_token(self, token: str) -> collections.Counter[tuple[str, str]]:
+        """HTTP requests served so far that carried ``Authorization: Bearer <token>``, per (verb, group/version/plural)."""
+        return self.kmock.token_counts(token)
 
     def reset_request_counts(self) -> None:
         self.kmock.reset_request_counts()

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from finetune_operator.certificates import RENEW_AFTER, VALID_FOR, Issued, SelfSignedTLS, issue
+from finetune_operator.certificates import RENEW_AFTER, VALID_FOR, Issued, SelfSignedTLS, bundle_contains, issue, merge_bundle
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 HOST = "ft-finetune-operator-webhook.a-rather-long-namespace-name-for-a-team.svc"  # longer than a common name may be
@@ -140,3 +140,32 @@ def test_renewal_is_trusted_before_it_is_served(tls_and_publish: tuple[SelfSigne
     assert tls.certfile.read_bytes() == renewed.chain and tls.bundle == bundle
     tls.check()
     assert len(publish.calls) == 2, "nothing more to publish until the next renewal"
+
+
+# ------------------------------------------------------------------ several replicas, one caBundle
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+CAS = [issue(HOST, T0 + timedelta(days=day)).ca for day in range(4)]  # oldest first
+
+
+@pytest.mark.parametrize(
+    ("case", "ours", "existing", "now", "keep", "expected"),
+    [
+        ("empty bundle", CAS[3], b"", T0, 8, [CAS[3]]),
+        ("another replica's CA stays", CAS[3], CAS[0], T0, 8, [CAS[3], CAS[0]]),
+        ("ours is not repeated", CAS[3], CAS[3] + CAS[0], T0, 8, [CAS[3], CAS[0]]),
+        ("newest others first", CAS[3], CAS[0] + CAS[2] + CAS[1], T0, 8, [CAS[3], CAS[2], CAS[1], CAS[0]]),
+        ("the oldest go beyond keep", CAS[3], CAS[0] + CAS[1] + CAS[2], T0, 3, [CAS[3], CAS[2], CAS[1]]),
+        ("expired ones go", CAS[3], CAS[0] + CAS[2], T0 + VALID_FOR + timedelta(hours=1), 8, [CAS[3], CAS[2]]),
+        ("garbage is dropped", CAS[3], b"not a certificate", T0, 8, [CAS[3]]),
+        ("our current and previous CA stay together", CAS[3] + CAS[2], CAS[0], T0, 3, [CAS[3], CAS[2], CAS[0]]),
+    ],
+)
+def test_merge_bundle_keeps_other_replicas_cas(
+    case: str, ours: bytes, existing: bytes, now: datetime, keep: int, expected: list[bytes]
+) -> None:
+    assert merge_bundle(ours, existing, now, keep) == b"".join(expected), case
+
+
+def test_bundle_contains_ignores_order() -> None:
+    assert bundle_contains(CAS[1] + CAS[0], CAS[0]) and bundle_contains(CAS[1] + CAS[0], CAS[0] + CAS[1])
+    assert not bundle_contains(CAS[1], CAS[0]) and not bundle_contains(b"", CAS[0])

@@ -52,6 +52,8 @@ NAMESPACED_KINDS = {k: v for k, v in BASE_KINDS.items() if not k.startswith("Clu
 WEBHOOK_KINDS = {"ValidatingWebhookConfiguration": 1, "Service": 1}
 OWN_CERTIFICATE = WEBHOOK_KINDS | {"ClusterRole": 1, "ClusterRoleBinding": 1}
 CERT_MANAGER = WEBHOOK_KINDS | {"Certificate": 1}
+# Two replicas under leader election (the default): the Lease's Role and RoleBinding, and a PodDisruptionBudget.
+HA = {"Role": 1, "RoleBinding": 1, "PodDisruptionBudget": 1}
 
 
 def _plus(*parts: dict[str, int]) -> dict[str, int]:
@@ -59,15 +61,16 @@ def _plus(*parts: dict[str, int]) -> dict[str, int]:
 
 
 EXPECTED_KINDS = {
-    "default": _plus(BASE_KINDS, OWN_CERTIFICATE),
-    "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE),
-    "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}),
-    "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}),
-    "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE),
-    "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE),
-    "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}),
-    "webhook-certmanager-namespaced": _plus(NAMESPACED_KINDS, CERT_MANAGER),
-    "webhook-off": BASE_KINDS,
+    "default": _plus(BASE_KINDS, OWN_CERTIFICATE, HA),
+    "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE, HA),
+    "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA),
+    "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA),
+    "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE, HA),
+    "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE, HA),
+    "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}, HA),
+    "webhook-certmanager-namespaced": _plus(NAMESPACED_KINDS, CERT_MANAGER, HA),
+    "webhook-off": _plus(BASE_KINDS, HA),
+    "single-replica": _plus(BASE_KINDS, OWN_CERTIFICATE),
 }
 
 
@@ -106,8 +109,10 @@ def renders() -> dict[str, list[dict[str, Any]]]:
 
 
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those)."""
-    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "webhook"]
+    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those) and the Lease's
+    RBAC (test_leader_election_rbac_is_the_lease_alone)."""
+    aside = ("webhook", "leader-election")
+    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in aside]
 
 
 def _pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,7 +156,7 @@ def test_namespaced_objects_are_in_the_release_namespace(renders: dict[str, list
         namespace = obj["metadata"].get("namespace")
         if obj["kind"] in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"):
             assert namespace is None, obj["kind"]
-        elif obj["kind"] in ("Role", "RoleBinding"):
+        elif obj["kind"] in ("Role", "RoleBinding") and obj["metadata"]["labels"]["app.kubernetes.io/component"] == "rbac":
             assert namespace in watched
         else:
             assert namespace == NAMESPACE, f"{obj['kind']} {obj['metadata']['name']}"
@@ -184,8 +189,18 @@ def test_deployment_shape(renders: dict[str, list[dict[str, Any]]], variant: str
     values = values_of(variant)
     deployment = one(renders[variant], "Deployment")
     pod, container = _pod(renders[variant]), _container(renders[variant])
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    if values["leaderElection"]["enabled"]:
+        assert deployment["spec"]["replicas"] == values["replicas"] == 2
+        assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        pdb = one(renders[variant], "PodDisruptionBudget")
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": deployment["spec"]["selector"]}
+    else:  # without leader election two pods side by side would both reconcile every job
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        assert "affinity" not in pod and not of_kind(renders[variant], "PodDisruptionBudget")
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -240,6 +255,13 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
             if values["webhook"]["enabled"] and values["webhook"]["certManager"]["enabled"]
             else ""
         ),
+        "FINETUNE_OPERATOR_LEADER_ELECTION": str(values["leaderElection"]["enabled"]).lower(),
+        "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": NAMESPACE,
+        "FINETUNE_OPERATOR_LEADER_ELECTION_LEASE": FULLNAME,
+        "FINETUNE_OPERATOR_LEADER_ELECTION_IDENTITY": "",
+        "FINETUNE_OPERATOR_LEASE_DURATION_SECONDS": str(values["leaderElection"]["leaseDurationSeconds"]),
+        "FINETUNE_OPERATOR_RENEW_DEADLINE_SECONDS": str(values["leaderElection"]["renewDeadlineSeconds"]),
+        "FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS": str(values["leaderElection"]["retryPeriodSeconds"]),
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)
@@ -253,7 +275,9 @@ def test_every_operator_setting_is_in_the_chart(renders: dict[str, list[dict[str
     env = k8s_tools.container_env(_container(renders["default"]))
     assert set(env) == set(OperatorSettings().to_env()), "mirror each OperatorSettings field in values.yaml"
     # The webhook's names follow the release; manifests/base's are the operator's defaults (test_kustomize).
-    named = {"webhook_host": f"{FULLNAME}-webhook.{NAMESPACE}.svc", "webhook_configuration": FULLNAME}
+    named: dict[str, Any] = {"webhook_host": f"{FULLNAME}-webhook.{NAMESPACE}.svc", "webhook_configuration": FULLNAME}
+    # What a one-process run leaves off, the chart turns on: leader election, with the release's Lease.
+    named |= {"leader_election": True, "leader_election_namespace": NAMESPACE, "leader_election_lease": FULLNAME}
     assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **named), (
         "values.yaml defaults differ from the operator's"
     )
@@ -303,6 +327,27 @@ def test_rbac_is_exactly_what_the_operator_uses(renders: dict[str, list[dict[str
         binding = one(objects, "ClusterRoleBinding")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
         assert binding["subjects"] == subject
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_leader_election_rbac_is_the_lease_alone(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    objects = [
+        o for o in renders[variant] if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "leader-election"
+    ]
+    if not values_of(variant)["leaderElection"]["enabled"]:
+        assert objects == []
+        return
+    role, binding = one(objects, "Role"), one(objects, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert permission_table(role) == k8s_tools.LEADER_ELECTION_RULES
+    assert {tuple(rule.get("resourceNames", ())) for rule in role["rules"] if "create" not in rule["verbs"]} == {(FULLNAME,)}
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+
+
+def test_replicas_without_leader_election_fail_to_render() -> None:
+    result = k8s_tools.run("helm", "template", RELEASE, str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert result.returncode != 0 and "replicas above 1 need leaderElection.enabled" in result.stderr
 
 
 def test_operator_holds_what_it_grants_to_trainers() -> None:

@@ -167,11 +167,12 @@ def test_operator_installs_only_the_operator_extra() -> None:
     assert not [dep for dep in EXTRAS["operator"] if re.match(r"(torch|torchvision|ray)\b", dep)]
 
 
-def test_operator_entrypoint_runs_kopf_standalone() -> None:
+def test_operator_entrypoint_runs_the_operators_main() -> None:
+    """``handlers.main``: Kopf as ``kopf run --standalone`` runs it, and leader election when the settings ask for it."""
     (entrypoint,) = STAGES["operator"].all("ENTRYPOINT")
     command = json.loads(entrypoint)  # exec form: signals reach Kopf, which then stops gracefully
-    assert command[:5] == ["kopf", "run", "-m", "finetune_operator.handlers", "--standalone"]
-    assert importlib.util.find_spec(command[3]) is not None, f"{command[3]} does not exist"
+    assert command[:3] == ["python", "-m", "finetune_operator.handlers"]
+    assert importlib.util.find_spec(command[2]) is not None, f"{command[2]} does not exist"
     assert "--liveness=http://0.0.0.0:8081/healthz" in command
     assert json.loads(STAGES["operator"].all("CMD")[-1]) == ["--all-namespaces"]
     assert set(STAGES["operator"].all("EXPOSE")[-1].split()) == {"8080", "8081"}

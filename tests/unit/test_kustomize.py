@@ -5,6 +5,7 @@ the scope they watch, and agree with the Helm chart's default rendering (the two
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -47,8 +48,10 @@ def renders() -> dict[str, list[dict[str, Any]]]:
 
 
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those)."""
-    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "webhook"]
+    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those) and the Lease's
+    RBAC (test_leader_election_matches_the_chart)."""
+    aside = ("webhook", "leader-election")
+    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in aside]
 
 
 def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,7 +129,9 @@ def test_target_specifics(renders: dict[str, list[dict[str, Any]]], target: str)
 
 def test_base_settings_are_the_operator_defaults(renders: dict[str, list[dict[str, Any]]]) -> None:
     env = k8s_tools.container_env(_container(renders["base"]))
-    assert OperatorSettings.from_env(env) == OperatorSettings()
+    # What a one-process run leaves off, the manifests turn on: leader election, in the operator's namespace.
+    elected = {"leader_election": True, "leader_election_namespace": OPERATOR_NAMESPACE}
+    assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **elected)
 
 
 def test_base_matches_the_chart_defaults(renders: dict[str, list[dict[str, Any]]]) -> None:
@@ -142,9 +147,24 @@ def test_base_matches_the_chart_defaults(renders: dict[str, list[dict[str, Any]]
     for field in ("image", "args", "ports", "livenessProbe", "readinessProbe", "resources", "securityContext", "volumeMounts"):
         assert base_container[field] == chart_container[field], field
     assert k8s_tools.container_env(base_container) == k8s_tools.container_env(chart_container)
-    assert one(base, "Deployment")["spec"]["strategy"] == one(chart, "Deployment")["spec"]["strategy"]
+    for field in ("strategy", "replicas"):
+        assert one(base, "Deployment")["spec"][field] == one(chart, "Deployment")["spec"][field], field
+    assert base_pod["affinity"] == chart_pod["affinity"]
+    assert one(base, "PodDisruptionBudget")["spec"] == one(chart, "PodDisruptionBudget")["spec"]
     assert permission_table(one(base, "ClusterRole")) == permission_table(one(chart, "ClusterRole"))
     assert one(base, "Service")["spec"]["ports"] == one(chart, "Service")["spec"]["ports"]
+
+
+@pytest.mark.parametrize("target", NAMES)
+def test_leader_election_matches_the_chart(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
+    chart = k8s_tools.helm_template(CHART, release="finetune-operator", namespace=OPERATOR_NAMESPACE)
+    elected = [
+        o for o in renders[target] if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "leader-election"
+    ]
+    role, chart_role = one(elected, "Role"), one(chart, "Role")
+    assert role["metadata"]["namespace"] == one(elected, "RoleBinding")["metadata"]["namespace"] == OPERATOR_NAMESPACE
+    assert role["rules"] == chart_role["rules"] and permission_table(role) == k8s_tools.LEADER_ELECTION_RULES
+    assert one(elected, "RoleBinding")["subjects"] == one(chart, "RoleBinding")["subjects"]
 
 
 def test_namespaced_overlay_role_matches_the_chart_role() -> None:
@@ -152,7 +172,7 @@ def test_namespaced_overlay_role_matches_the_chart_role() -> None:
         CHART, release="finetune", namespace=OPERATOR_NAMESPACE, set_values=["watchNamespaces={team-a}"]
     )
     overlay = k8s_tools.kustomize(TARGETS["namespaced"] / "team-a")
-    assert permission_table(one(overlay, "Role")) == permission_table(one(chart, "Role"))
+    assert permission_table(one(overlay, "Role")) == permission_table(one(operator_objects(chart), "Role"))
 
 
 def test_every_target_is_documented() -> None:

@@ -9,6 +9,7 @@ may be in the table, and nothing the code calls may be missing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -18,10 +19,11 @@ import yaml
 
 from finetune_operator.api import versions
 from finetune_operator.failures import Refused
+from finetune_operator.leadership import LeaderElector, Timing
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
 from tests.support.fake_kube import FakeKube
-from tests.support.k8s_tools import OPERATOR_RULES, Permissions
+from tests.support.k8s_tools import LEADER_ELECTION_RULES, OPERATOR_RULES, Permissions
 from tests.support.schemas import REPO
 
 FTJ = (versions.GROUP, versions.PLURAL)
@@ -36,8 +38,9 @@ RESOURCES = {
     "Workload": (versions.KUEUE_GROUP, versions.WORKLOAD_PLURAL),
     "Pod": ("", "pods"),
     "Event": ("", "events"),
+    "Lease": ("coordination.k8s.io", "leases"),
 }
-CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload", "Pod", "Event"}
+CHILDREN = set(RESOURCES) - {"FineTuneJob", "Workload", "Pod", "Event", "Lease"}
 # Not calls of our code, each for a reason of its own.
 KOPF: Permissions = {
     FTJ: frozenset({"list", "watch", "patch"}),  # watched; finalizer and progress annotations patched
@@ -117,7 +120,7 @@ def every_flow() -> RecordingKube:
 def called(kube: RecordingKube) -> Permissions:
     """The calls as RBAC sees them: (apiGroup, resource) → verbs."""
     table: dict[tuple[str, str], set[str]] = {}
-    verbs = {"read": "get", "list": "list", "create": "create", "patch": "patch"}
+    verbs = {"read": "get", "list": "list", "create": "create", "patch": "patch", "update": "update"}
     for verb, kind, _ in kube.calls:
         group, resource = RESOURCES[kind]
         if verb == "patch_status":
@@ -132,6 +135,24 @@ def called(kube: RecordingKube) -> Permissions:
 def test_every_flow_creates_every_child_kind() -> None:
     created = {kind for verb, kind, _ in every_flow().calls if verb == "create"}
     assert created == CHILDREN
+
+
+def test_leader_election_rbac_is_exactly_its_calls() -> None:
+    """Every path of the election: create the Lease, renew it, lose it to another replica, take it back, release it."""
+    kube, now = RecordingKube(), [0.0]
+    me = LeaderElector(kube, "ops", "lease", "me", timing=Timing(15, 10, 2), clock=lambda: now[0])
+    me.step()  # created
+    me.step()  # renewed
+    lease = kube.get("Lease", "ops", "lease")
+    assert lease is not None
+    kube.put({**lease, "spec": {**lease["spec"], "holderIdentity": "other"}})
+    me.step()  # lost: another holds it
+    now[0] += 15
+    me.step()  # expired on our clock: taken back
+    stop = threading.Event()
+    stop.set()
+    me.run(stop)  # released
+    assert called(kube) == LEADER_ELECTION_RULES
 
 
 def test_rbac_is_exactly_the_calls_plus_kopf_and_owner_references() -> None:
