@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
-echo "== ruff";            "$bin/ruff" check . && "$bin/ruff" format --check .
+# One command a line: under `set -e` a failure on the left of `&&` would not stop the script.
+echo "== ruff";            "$bin/ruff" check .
+echo "== ruff format";     "$bin/ruff" format --check .
 echo "== mypy --strict";   "$bin/mypy" operator/finetune_operator trainer/finetune_trainer
 echo "== import-linter";   "$bin/lint-imports" --no-cache
 echo "== CRD drift";       "$bin/python" scripts/sync_crd.py --check

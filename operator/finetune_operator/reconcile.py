@@ -12,7 +12,7 @@ The rules:
   names; a 409 reads the existing object), then phase Provisioning and ``rayJobName``.
 - **ensure_children**: a RayJob of the same name owned by another uid (an earlier job of the same name,
   not yet garbage-collected) means ``Retry``. The RayJob's ``spec.suspend`` follows the job's
-  ``runPolicy.suspend``; with a Kueue ``queueName`` through Kueue's Workload (``kueue``).
+  ``runPolicy.suspend``; with a Kueue ``queueName`` through Kueue's Workload (``suspension``).
 - **suspend_changed**: the RayJob's ``spec.suspend`` follows the user's flag (idempotent).
 - **mirror**: ``status.map_status`` writes the RayJob's state into the job's status subresource, with an
   Event on every phase change. ``resync`` does the same every minute, so a missed watch event heals.
@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
-from finetune_operator import kueue, metrics, naming
+from finetune_operator import metrics, naming, suspension
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
@@ -293,30 +293,10 @@ class Reconciler:
         return rayjob, created
 
     def _align_suspend(self, about: Mapping[str, Any], wanted: bool, rayjob: dict[str, Any]) -> dict[str, Any]:
-        """The RayJob's ``spec.suspend`` follows the job's; a queued RayJob's goes through Kueue (``kueue``).
-
-        Queued means the RayJob carries Kueue's queue label (set from ``runtime.queueName``, or by Kueue's own
-        defaulting): suspend deactivates its Workload, resume reactivates it, and the operator never lifts a
-        suspension there itself: Kueue un-suspends the RayJob when it admits the Workload.
-        """
-        actual = bool((rayjob.get("spec") or {}).get("suspend"))
-        meta = rayjob["metadata"]
-        changed: list[str] = []
-        if naming.LABEL_KUEUE_QUEUE in (meta.get("labels") or {}):
-            # A running queued job with nothing asked has an active, admitted Workload: no LIST for it.
-            changed = kueue.set_active(self.kube, rayjob, not wanted) if wanted or actual else []
-            patch = wanted and not actual  # resuming is Kueue's: it un-suspends what it admits
-        else:
-            patch = wanted != actual
-        if patch:
-            rayjob = self.kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
-        if patch or changed:
-            verb, reason = ("suspending", "Suspend") if wanted else ("resuming from the last checkpoint", "Resume")
-            how = f"RayJob {meta['name']} spec.suspend={str(wanted).lower()}"
-            if changed:
-                state = "deactivated" if wanted else "reactivated (Kueue un-suspends the RayJob once it admits it)"
-                how = f"through Kueue: Workload {', '.join(changed)} {state}"
-            self._emit(about, "Normal", reason, f"{verb} {how}" if changed else f"{verb}: {how}")
+        """The RayJob's suspension follows the job's (``suspension.align``: through Kueue for a queued job)."""
+        rayjob, announced = suspension.align(self.kube, rayjob, wanted)
+        if announced is not None:
+            self._emit(about, "Normal", *announced)
         return rayjob
 
     def _ensure(self, parent: ParentJob, admitted: AdmittedJob, *, fresh: bool) -> tuple[dict[str, Any], bool]:

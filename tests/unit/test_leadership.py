@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from finetune_operator.failures import ApiFailure, Retry
-from finetune_operator.kueue import WorkloadApi
 from finetune_operator.leadership import Action, Fenced, LeaderElector, Observed, Timing, decide, record_of
 from finetune_operator.reconcile import KubeApi
 from finetune_operator.settings import OperatorSettings, SettingsError
 from finetune_operator.stuck import PodsAndEvents
+from finetune_operator.suspension import WorkloadApi
 from tests.support.fake_kube import FakeKube
 
 NS, NAME = "finetune-system", "finetune-operator"

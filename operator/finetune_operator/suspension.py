@@ -1,4 +1,4 @@
-"""Suspending and resuming a queued job through Kueue: the Workload's ``spec.active`` switch.
+"""Suspending and resuming a job's RayJob: its ``spec.suspend`` flag, or for a queued job Kueue's Workload switch.
 
 Kueue owns ``spec.suspend`` of every RayJob carrying its queue label: it un-suspends a job as soon as the
 job's Workload is admitted, so a user's suspend written onto an admitted RayJob is undone within a second
@@ -12,7 +12,8 @@ yet (Kueue creates it shortly after the RayJob) is deactivated on the next pass;
 every minute, so a suspended job is never admitted behind the user's back. No Kueue installed (no Workload
 kind: HTTP 404) means nothing to deactivate: the RayJob's own flag is all there is.
 
-Pure rules plus the two calls, over a small protocol (``k8s.Kube`` in production).
+Without a queue label the RayJob's ``spec.suspend`` simply follows the job's ``runPolicy.suspend``. Pure rules
+plus the calls, over a small protocol (``k8s.Kube`` in production).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
+from finetune_operator import naming
 from finetune_operator.api.versions import RAYJOB_KIND, WORKLOAD_KIND
 from finetune_operator.failures import ApiFailure
 
@@ -27,6 +29,8 @@ LABEL_JOB_UID: Final = "kueue.x-k8s.io/job-uid"  # Kueue labels every Workload i
 
 
 class WorkloadApi(Protocol):
+    """The calls made here (``k8s.Kube``); each raises ``failures.ApiFailure``."""
+
     def list_labelled(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]: ...
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
@@ -69,4 +73,29 @@ def set_active(kube: WorkloadApi, rayjob: Mapping[str, Any], active: bool) -> li
     return changed
 
 
-__all__ = ["LABEL_JOB_UID", "WorkloadApi", "is_active", "set_active", "workloads_of"]
+def align(kube: WorkloadApi, rayjob: dict[str, Any], wanted: bool) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """Make ``rayjob`` follow the job's ``wanted`` suspension: (the RayJob as it is now, the Event's (reason, message)
+    when something changed). Queued (Kueue's label, from ``runtime.queueName`` or Kueue's own defaulting): suspend
+    deactivates its Workload, resume reactivates it, and the RayJob's flag is never lifted here: Kueue does that
+    when it admits the Workload."""
+    actual = bool((rayjob.get("spec") or {}).get("suspend"))
+    meta = rayjob["metadata"]
+    changed: list[str] = []
+    if naming.LABEL_KUEUE_QUEUE in (meta.get("labels") or {}):
+        # A running queued job with nothing asked has an active, admitted Workload: no LIST for it.
+        changed = set_active(kube, rayjob, not wanted) if wanted or actual else []
+        patch = wanted and not actual
+    else:
+        patch = wanted != actual
+    if patch:
+        rayjob = kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
+    if not (patch or changed):
+        return rayjob, None
+    verb, reason = ("suspending", "Suspend") if wanted else ("resuming from the last checkpoint", "Resume")
+    if changed:
+        state = "deactivated" if wanted else "reactivated (Kueue un-suspends the RayJob once it admits it)"
+        return rayjob, (reason, f"{verb} through Kueue: Workload {', '.join(changed)} {state}")
+    return rayjob, (reason, f"{verb}: RayJob {meta['name']} spec.suspend={str(wanted).lower()}")
+
+
+__all__ = ["LABEL_JOB_UID", "WorkloadApi", "align", "is_active", "set_active", "workloads_of"]
