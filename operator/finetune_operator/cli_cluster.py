@@ -241,11 +241,14 @@ def describe(client: FineTuneJobClient, name: str) -> str:
         lines.append(f"  exports.{fmt}: {uri}")
     if not artifacts:
         lines.append("  (none yet)")
-    source = client.log_source(name)
+    try:
+        source = client.log_source(name)
+    except c.ClientError as exc:  # e.g. RBAC that lets this user read jobs but not pods: describe the rest
+        source, lines = None, [*lines, f"Logs:        cannot look for the Ray pods: {exc}"]
     if source is not None:
         where = f"{source.kubectl()}, KubeRay's {source.role}"
         lines.append(f"Logs:        finetune logs {name} -n {meta.get('namespace')}  (= {where})")
-    else:
+    elif not lines[-1].startswith("Logs:"):
         lines.append(f"Logs:        {c.logs_gone_reason(obj)}")
     lines.append("Events:")
     events = client.events(name)[-10:]

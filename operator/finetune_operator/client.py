@@ -94,12 +94,13 @@ def _api_detail(exc: ApiException) -> tuple[str, list[str]]:
 
 def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
     """The typed job of an object the API server returned (server-written metadata such as resourceVersion dropped;
-    a status this client's version cannot read is left out rather than failing the call)."""
+    status fields of a newer operator are ignored, a status this version cannot read is left out: reading never fails)."""
     meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in ObjectMeta.model_fields}
     status: FineTuneJobStatus | None = None
     if obj.get("status"):
+        known = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
         try:
-            status = FineTuneJobStatus.model_validate(obj["status"])
+            status = FineTuneJobStatus.model_validate({k: v for k, v in obj["status"].items() if k in known})
         except ValidationError:
             status = None
     job = FineTuneJob.model_validate({"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": obj.get("spec")})
