@@ -42,8 +42,13 @@ def client(emu: KubeEmulator) -> FineTuneJobClient:
     return FineTuneJobClient(api_client=emu.kubernetes_client())
 
 
-def play_kuberay(emu: KubeEmulator, name: str, *, succeed: bool, accuracy: float = 0.93) -> threading.Thread:
-    """In a thread: once the operator created the RayJob, run it as KubeRay and the trainer would, then end it."""
+def play_kuberay(
+    emu: KubeEmulator, name: str, *, succeed: bool, accuracy: float = 0.93, trained: bool | None = None, log: str = TRAINER_ERROR
+) -> threading.Thread:
+    """In a thread: once the operator created the RayJob, run it as KubeRay and the trainer would, then end it.
+
+    ``trained``: the trainer wrote its metrics and artifacts (default: when it succeeds); ``log``: its last line on failure.
+    """
 
     def run() -> None:
         rayjob = naming.rayjob_name(name)
@@ -51,7 +56,7 @@ def play_kuberay(emu: KubeEmulator, name: str, *, succeed: bool, accuracy: float
         patch = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{rayjob}-abcde"}
         emu.patch_status("rayjobs", "default", rayjob, patch)
         emu.wait_for_object("finetunejobs", "default", name, lambda o: (o.get("status") or {}).get("phase") == "Running")
-        if succeed:
+        if succeed if trained is None else trained:
             cm = emu.get("configmaps", "default", f"{name}-trainer-config")
             sink = KubernetesStatusSink(
                 TrainerConfig.model_validate_json(cm["data"]["trainer.json"]),
@@ -61,9 +66,10 @@ def play_kuberay(emu: KubeEmulator, name: str, *, succeed: bool, accuracy: float
             sink.update(Progress(epoch=4, total_epochs=4, percent=100, stage="fine-tune"), Metrics(best_val_accuracy=accuracy))
             model_uri = f"/mnt/finetune/finetune-runs/digits/default/{name}/model.pt"
             sink.finish(Artifacts(model_uri=model_uri, class_names=["0", "1"]))
+        if succeed:
             emu.patch_status("rayjobs", "default", rayjob, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
         else:
-            message = f"Job entrypoint command failed with exit code 1, last available logs:\nTraceback ...\n{TRAINER_ERROR}\n"
+            message = f"Job entrypoint command failed with exit code 2, last available logs:\nTraceback ...\n{log}\n"
             failed = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": message}
             emu.patch_status("rayjobs", "default", rayjob, failed)
 
@@ -112,6 +118,21 @@ def test_failed_job_raises_job_failed_with_the_trainers_error_line(
     assert failed.value.reason == "AppFailed"
     assert TRAINER_ERROR in failed.value.message
     assert failed.value.job.status is not None and failed.value.job.status.phase == "Failed"
+
+
+def test_a_model_below_the_accuracy_gate_fails_the_job_and_keeps_its_artifacts(
+    emu: KubeEmulator, operator: KopfRunner, client: FineTuneJobClient
+) -> None:
+    gated = job("gated", evaluation={"minAccuracy": 0.9})
+    client.create(gated)
+    assert emu.get("finetunejobs", "default", "gated")["spec"]["evaluation"] == {"minAccuracy": 0.9}
+    gate_line = "error: BelowAccuracyGate: best validation accuracy 0.4200 (epoch 4) is below spec.evaluation.minAccuracy 0.9"
+    play_kuberay(emu, "gated", succeed=False, trained=True, accuracy=0.42, log=gate_line)
+    with pytest.raises(JobFailed) as failed:
+        client.wait("gated", timeout=3600)
+    assert failed.value.reason == "BelowAccuracyGate"
+    assert "best validation accuracy 0.4200 (epoch 4) is below spec.evaluation.minAccuracy 0.9" in failed.value.message
+    assert client.artifacts("gated").model_uri == "/mnt/finetune/finetune-runs/digits/default/gated/model.pt"
 
 
 def test_a_watch_dropped_mid_wait_does_not_lose_the_result(emu: KubeEmulator, client: FineTuneJobClient) -> None:
