@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 import finetune_operator.handlers  # noqa: F401  (importing it registers the operator's handlers with Kopf)
 from finetune_operator import naming
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
-from finetune_operator.client import FineTuneJobClient, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
+from finetune_operator.client import ApiError, FineTuneJobClient, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.integration.test_operator import EXAMPLE, job, start_operator, stop_operator
 from tests.support.kopf_runner import KopfRunner
@@ -242,3 +243,35 @@ def test_suspend_resume_delete(emu: KubeEmulator, client: FineTuneJobClient) -> 
     assert emu.find("finetunejobs", "default", "pausable") is None
     with pytest.raises(JobNotFound):
         client.get("pausable")
+
+
+def test_an_admission_refusal_is_invalid_with_the_webhooks_words(emu: KubeEmulator, client: FineTuneJobClient) -> None:
+    denied = (
+        'admission webhook "validate.finetune.dev" denied the request: '
+        "spec.resources.workers: 128 is above FINETUNE_OPERATOR_MAX_WORKERS (64)"
+    )
+    status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": denied, "reason": "Forbidden", "code": 403}
+    emu.kmock["post /apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs"] << 403 << status
+    with pytest.raises(Invalid) as invalid:
+        client.create(job("huge"))
+    assert invalid.value.lines == [denied]
+    assert str(invalid.value).startswith("create FineTuneJob default/huge: invalid: admission webhook")
+
+
+def test_the_kubeconfig_context_picks_the_cluster_and_namespace(emu: KubeEmulator, tmp_path: Any) -> None:
+    config = emu.kubeconfig(namespace="team-a")
+    other = {"name": "elsewhere", "context": {"cluster": "nowhere", "user": "kube-emulator", "namespace": "team-z"}}
+    config["clusters"].append({"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}})
+    config["contexts"].append(other)
+    config["current-context"] = "elsewhere"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    emu.add_namespace("team-a")
+    emu.create(job("here", namespace="team-a"))
+    chosen = FineTuneJobClient(context="kube-emulator", config_file=str(path))
+    assert chosen.namespace == "team-a"
+    assert [j.metadata.name for j in chosen.list()] == ["here"]
+    current = FineTuneJobClient(config_file=str(path))
+    assert current.namespace == "team-z"
+    with pytest.raises(ApiError, match="cannot be reached"):
+        current.list()
