@@ -161,3 +161,22 @@ def test_logs_suspend_resume_delete(kube: KubeEmulator, capsys: pytest.CaptureFi
     assert main(["delete", "talk", "--wait", "--timeout", "10s"]) == 0
     assert capsys.readouterr().out == 'finetunejob.finetune.dev "talk" deleted\n'
     assert kube.find("finetunejobs", "default", "talk") is None
+
+
+def test_submit_follow_streams_the_trainers_output_then_waits(
+    kube: KubeEmulator, operator: KopfRunner, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kube.add_resource(PODS)
+    rayjob = naming.rayjob_name("followed")
+    labels = {"batch.kubernetes.io/job-name": rayjob}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{rayjob}-s", "labels": labels}}
+    kube.create({**pod, "spec": {"containers": [{"name": "ray-job-submitter", "image": "trainer"}]}})
+    kube.set_pod_log("default", f"{rayjob}-s", "epoch 4/4 val_acc 0.93\nfollowed: best 0.93\n")
+    play_kuberay(kube, "followed", succeed=True)
+    assert main(["submit", str(manifest(tmp_path, "followed")), "--follow", "--timeout", "30s"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "finetunejob.finetune.dev/followed created",
+        "epoch 4/4 val_acc 0.93",
+        "followed: best 0.93",
+        "finetunejob.finetune.dev/followed Succeeded",
+    ]
