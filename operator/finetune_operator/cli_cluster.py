@@ -135,8 +135,8 @@ def print_objects(objects: list[dict[str, Any]], output: str, *, with_ns: bool =
 # ---- verbs
 
 
-def _finish(client: FineTuneJobClient, args: argparse.Namespace, name: str) -> int:
-    job = client.wait(name, timeout=args.timeout)
+def _finish(client: FineTuneJobClient, args: argparse.Namespace, name: str, namespace: str | None) -> int:
+    job = client.wait(name, args.timeout, namespace=namespace)
     phase = job.status.phase.value if job.status and job.status.phase else "?"
     print(f"finetunejob.finetune.dev/{name} {phase}")
     return EXIT_OK
@@ -154,15 +154,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         print(f"finetunejob.finetune.dev/{name} {'serverside-applied' if args.server_side else 'created'}")
     if args.follow:
-        client.wait(name, job.metadata.namespace, timeout=args.timeout, for_phases=("Running", "Succeeded", "Failed"))
+        running = ("Running", "Succeeded", "Failed")
+        client.wait(name, args.timeout, running, namespace=job.metadata.namespace)
         try:
-            for line in client.logs(name, job.metadata.namespace, follow=True):
+            for line in client.logs(name, follow=True, namespace=job.metadata.namespace):
                 print(line, flush=True)
         except c.LogsUnavailable as exc:
             print(f"note: {exc}", file=sys.stderr)
     if args.wait or args.follow:
-        args.namespace = job.metadata.namespace
-        return _finish(client, args, name)
+        return _finish(client, args, name, job.metadata.namespace)  # the manifest's namespace when -n is not given
     return EXIT_OK
 
 

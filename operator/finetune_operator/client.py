@@ -238,10 +238,10 @@ class FineTuneJobClient:
     def list_objects(
         self,
         namespace: str | None = None,
-        *,
-        all_namespaces: bool = False,
         label_selector: str | None = None,
         phase: str | None = None,
+        *,
+        all_namespaces: bool = False,
     ) -> list[dict[str, Any]]:
         """The jobs as the API server returns them, optionally only those in ``phase``."""
         kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
@@ -259,10 +259,10 @@ class FineTuneJobClient:
     def list(
         self,
         namespace: str | None = None,
-        *,
-        all_namespaces: bool = False,
         label_selector: str | None = None,
         phase: str | None = None,
+        *,
+        all_namespaces: bool = False,
     ) -> builtins.list[FineTuneJob]:
         """The jobs, typed (see ``list_objects``)."""
         objects = self.list_objects(namespace, all_namespaces=all_namespaces, label_selector=label_selector, phase=phase)
@@ -289,7 +289,7 @@ class FineTuneJobClient:
         """``spec.runPolicy.suspend: false``."""
         return self._patch_spec(name, namespace, {"spec": {"runPolicy": {"suspend": False}}}, "resume")
 
-    def delete(self, name: str, namespace: str | None = None, *, wait: bool = False, timeout: float = 300.0) -> None:
+    def delete(self, name: str, wait: bool = False, *, namespace: str | None = None, timeout: float = 300.0) -> None:
         """Delete the job (its RayJob and other children go with it); ``wait``: until it is gone (Timeout otherwise)."""
         ns = self._ns(namespace)
         fn = self.custom.delete_namespaced_custom_object
@@ -310,7 +310,7 @@ class FineTuneJobClient:
         rayjob = str(status.get("rayJobName") or naming.rayjob_name(name))
         return log_source(self.core, ns, rayjob, status.get("rayClusterName"))
 
-    def logs(self, name: str, namespace: str | None = None, *, follow: bool = False) -> Iterator[str]:
+    def logs(self, name: str, follow: bool = False, *, namespace: str | None = None) -> Iterator[str]:
         """The trainer's output, line by line; ``follow``: until it ends. LogsUnavailable (saying where the results
         are instead) when no pod holds it: not started yet, or deleted by KubeRay after the job."""
         ns = self._ns(namespace)
@@ -331,10 +331,10 @@ class FineTuneJobClient:
     def wait(
         self,
         name: str,
-        namespace: str | None = None,
-        *,
         timeout: float = 3600.0,
         for_phases: Iterable[str] = TERMINAL,
+        *,
+        namespace: str | None = None,
         raise_on_failure: bool = True,
     ) -> FineTuneJob:
         """The job once its phase is one of ``for_phases``. Raises JobFailed as soon as it fails (unless

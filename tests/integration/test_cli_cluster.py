@@ -7,6 +7,7 @@ run it; ``submit --wait`` runs against the real operator with KubeRay played by 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +181,19 @@ def test_submit_follow_streams_the_trainers_output_then_waits(
         "followed: best 0.93",
         "finetunejob.finetune.dev/followed Succeeded",
     ]
+
+
+def test_submit_wait_follows_the_job_into_the_manifests_namespace(
+    kube: KubeEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kube.add_namespace("team-b")
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text(yaml.safe_dump({**EXAMPLE, "metadata": {"name": "elsewhere", "namespace": "team-b"}}))
+
+    def finish() -> None:
+        kube.wait_for_object("finetunejobs", "team-b", "elsewhere")
+        kube.patch_status("finetunejobs", "team-b", "elsewhere", {"phase": "Succeeded"})
+
+    threading.Thread(target=finish, daemon=True).start()
+    assert main(["submit", str(path), "--wait", "--timeout", "30s"]) == 0  # no -n: the kubeconfig says default
+    assert capsys.readouterr().out.splitlines()[-1] == "finetunejob.finetune.dev/elsewhere Succeeded"

@@ -53,10 +53,11 @@ def play_kuberay(
 
     def run() -> None:
         rayjob = naming.rayjob_name(name)
-        emu.wait_for_object("rayjobs", "default", rayjob, timeout=20)
+        emu.wait_for_object("rayjobs", "default", rayjob, timeout=40)  # generous: the test machine may be loaded
         patch = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{rayjob}-abcde"}
         emu.patch_status("rayjobs", "default", rayjob, patch)
-        emu.wait_for_object("finetunejobs", "default", name, lambda o: (o.get("status") or {}).get("phase") == "Running")
+        running = lambda o: (o.get("status") or {}).get("phase") == "Running"  # noqa: E731
+        emu.wait_for_object("finetunejobs", "default", name, running, timeout=40)
         if succeed if trained is None else trained:
             cm = emu.get("configmaps", "default", f"{name}-trainer-config")
             sink = KubernetesStatusSink(
