@@ -191,9 +191,9 @@ def test_submit_wait_follows_the_job_into_the_manifests_namespace(
     path.write_text(yaml.safe_dump({**EXAMPLE, "metadata": {"name": "elsewhere", "namespace": "team-b"}}))
 
     def finish() -> None:
-        kube.wait_for_object("finetunejobs", "team-b", "elsewhere")
+        kube.wait_for_object("finetunejobs", "team-b", "elsewhere", timeout=45)  # the CLI's start may be slow on a loaded machine
         kube.patch_status("finetunejobs", "team-b", "elsewhere", {"phase": "Succeeded"})
 
     threading.Thread(target=finish, daemon=True).start()
-    assert main(["submit", str(path), "--wait", "--timeout", "30s"]) == 0  # no -n: the kubeconfig says default
+    assert main(["submit", str(path), "--wait", "--timeout", "45s"]) == 0  # no -n: the kubeconfig says default
     assert capsys.readouterr().out.splitlines()[-1] == "finetunejob.finetune.dev/elsewhere Succeeded"
