@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_operator import naming
+from finetune_operator.api.errors import format_errors
 from finetune_operator.api.overrides import OverrideError, apply_overrides
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJob, FineTuneJobStatus, ObjectMeta
 from finetune_operator.api.validate import ManifestError, decode_manifest, iter_documents, read_manifest, validate_document
@@ -103,7 +104,14 @@ def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
             status = FineTuneJobStatus.model_validate({k: v for k, v in obj["status"].items() if k in known})
         except ValidationError:
             status = None
-    job = FineTuneJob.model_validate({"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": obj.get("spec")})
+    try:
+        job = FineTuneJob.model_validate({"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": obj.get("spec")})
+    except ValidationError as exc:  # a spec from a newer API version: say so in one line, not a traceback
+        first = format_errors(exc, FineTuneJob)[0]
+        raise ClientError(
+            f"{KIND} {meta.get('namespace')}/{meta.get('name')}: this client cannot read its spec ({first}); "
+            "upgrade finetune-operator"
+        ) from None
     return job.model_copy(update={"status": status})
 
 

@@ -13,7 +13,7 @@ import yaml
 from finetune_operator.api.overrides import OverrideError, apply_overrides
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, HyperparametersSpec
 from finetune_operator.cli_cluster import duration
-from finetune_operator.client import FineTuneJobClient, Invalid, to_job
+from finetune_operator.client import ClientError, FineTuneJobClient, Invalid, to_job
 from tests.support.schemas import REPO
 
 EXAMPLE: dict[str, Any] = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
@@ -150,3 +150,10 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations_are_usage_errors(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="is not a duration; use seconds or a number with s, m, h or d"):
         duration(text)
+
+
+def test_a_spec_this_client_cannot_read_is_one_line_not_a_traceback() -> None:
+    spec = {**EXAMPLE["spec"], "distillation": {"teacher": "x"}}  # a field of a newer API version
+    newer = {**EXAMPLE, "metadata": {"name": "new", "namespace": "ns"}, "spec": spec}
+    with pytest.raises(ClientError, match=r"^FineTuneJob ns/new: this client cannot read its spec \(spec.distillation: .*upgrade"):
+        to_job(newer)
