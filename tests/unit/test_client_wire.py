@@ -155,5 +155,6 @@ def test_bad_durations_are_usage_errors(text: str) -> None:
 def test_a_spec_this_client_cannot_read_is_one_line_not_a_traceback() -> None:
     spec = {**EXAMPLE["spec"], "distillation": {"teacher": "x"}}  # a field of a newer API version
     newer = {**EXAMPLE, "metadata": {"name": "new", "namespace": "ns"}, "spec": spec}
-    with pytest.raises(ClientError, match=r"^FineTuneJob ns/new: this client cannot read its spec \(spec.distillation: .*upgrade"):
+    expected = r"^FineTuneJob ns/new: this client cannot read its spec \(spec.distillation: .*upgrade"
+    with pytest.raises(ClientError, match=expected):
         to_job(newer)
