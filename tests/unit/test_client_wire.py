@@ -158,3 +158,21 @@ def test_a_spec_this_client_cannot_read_is_one_line_not_a_traceback() -> None:
     expected = r"^FineTuneJob ns/new: this client cannot read its spec \(spec.distillation: .*upgrade"
     with pytest.raises(ClientError, match=expected):
         to_job(newer)
+
+
+def test_in_a_pod_the_service_account_and_its_namespace_are_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import kubernetes.config
+
+    from finetune_operator import client as client_module
+
+    def incluster(client_configuration: Any) -> None:  # what load_incluster_config does with the pod's token and CA
+        client_configuration.host = "https://10.0.0.1:443"
+
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("ml-pipelines\n")
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", incluster)
+    monkeypatch.setattr(client_module, "_SA_NAMESPACE", namespace_file)
+    in_pod = FineTuneJobClient()
+    assert in_pod.namespace == "ml-pipelines"
+    assert in_pod.api_client.configuration.host == "https://10.0.0.1:443"
+    assert FineTuneJobClient("other").namespace == "other"
