@@ -1,4 +1,5 @@
-"""The ``finetune`` command: validate, explain and render jobs, list models, run jobs locally.
+"""The ``finetune`` command: validate, explain and render jobs, list models, run jobs locally; the cluster verbs
+(submit, get, list, describe, wait, logs, suspend, resume, delete) live in ``cli_cluster``.
 
 The API commands need only pydantic. ``run`` and ``predict`` import the trainer (torch, Ray) on
 demand, so the operator image, which has no torch, still answers every other subcommand; this
@@ -12,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from finetune_operator import __version__
+from finetune_operator import __version__, cli_cluster
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import render_crd_yaml
 from finetune_operator.api.explain import UnknownFieldError, explain
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
 
+    # The cluster verbs (submit, get, list, describe, wait, logs, suspend, resume, delete): kubernetes loads when one runs.
+    cli_cluster.register(sub)
     _add_trainer_commands(sub)
     return parser
 

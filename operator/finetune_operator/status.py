@@ -19,7 +19,8 @@ Retrying               Provisioning (an attempt failed, KubeRay starts another w
 Suspending/Suspended   Suspended; Pending (reason Queued) when the job did not ask to be suspended,
                        i.e. a queue such as Kueue holds it; Provisioning (Resuming) once un-suspended
 Complete               Succeeded when jobStatus is SUCCEEDED, else Failed (STOPPED → reason Stopped)
-Failed                 Failed, with KubeRay's reason (AppFailed, DeadlineExceeded, SubmissionFailed…)
+Failed                 Failed, with KubeRay's reason (AppFailed, DeadlineExceeded, SubmissionFailed…), or
+                       BelowAccuracyGate when the trainer's last line says the model missed spec.evaluation
 ValidationFailed       Failed (reason RayJobValidationFailed: KubeRay refused the RayJob)
 =====================  =========================================================================
 
@@ -81,6 +82,8 @@ class Verdict:
     training: bool
 
 
+GATE_REASON: Final = "BelowAccuracyGate"
+GATE_LINE: Final = f"error: {GATE_REASON}:"  # how the trainer's evaluation gate (finetune_trainer.gate) fails a run
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_DETAIL = 1000
 
@@ -115,6 +118,10 @@ def verdict(rayjob_status: Mapping[str, Any] | None, *, suspend: bool = False, r
     def with_detail(text: str) -> str:
         return f"{text}: {ray_message}" if ray_message else text
 
+    if ray_message.startswith(GATE_LINE) and (deployment == "Failed" or (deployment == "Complete" and job == "FAILED")):
+        # The trainer finished and wrote its artifacts, then the model missed spec.evaluation.minAccuracy.
+        detail = ray_message[len(GATE_LINE) :].strip()
+        return Verdict(Phase.FAILED, GATE_REASON, f"the model failed its accuracy gate: {detail}", False, False)
     if deployment == "Failed" or deployment == "ValidationFailed":
         why = "RayJobValidationFailed" if deployment == "ValidationFailed" else (reason or "RayJobFailed")
         text = _FAILURE_TEXT.get(reason, "the RayJob failed")

@@ -18,7 +18,8 @@ As the real API server does, it refuses strategic-merge patches on custom resour
 watch from a compacted resourceVersion with an ERROR "410 Expired" event.
 
 What it still does not emulate (keep the real-cluster e2e suite for these): admission (schema validation,
-defaulting, pruning, CEL rules), authentication and RBAC, server-side apply, strategic-merge semantics for
+defaulting, pruning, CEL rules), authentication and RBAC, server-side apply (a merge patch that creates, without
+managedFields or conflicts), strategic-merge semantics for
 lists of built-in types (treated as a merge patch), ``dryRun``, foreground deletion (treated as
 background), periodic watch bookmarks, and controllers (no pods are ever started for a RayJob).
 kmock records every request and (with ``mirror_objects``) every object version in memory: fine for
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_RESOURCES",
+    "PODS",
     "ApiError",
     "EmulatorHandler",
     "KubeEmulator",
@@ -158,6 +160,11 @@ NAMESPACES: Final = ResourceSpec(
     subresources=frozenset({"status"}),
     has_generation=False,
     short_names=frozenset({"ns"}),
+)
+# Not served by default (no controller starts pods here); tests that read trainer logs add it (``emu.add_resource(PODS)``)
+# and give a pod its log with ``emu.set_pod_log``: GET .../pods/NAME/log answers that text.
+PODS: Final = ResourceSpec(
+    "", "v1", "pods", "Pod", subresources=frozenset({"status", "log"}), has_generation=False, short_names=frozenset({"po"})
 )
 CRDS: Final = ResourceSpec(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
@@ -429,7 +436,9 @@ def _apply_patch(spec: ResourceSpec, name: str, obj: Body, patch: Any, content_t
         if not isinstance(result, dict):
             raise _invalid(spec, name, "patch", "the patched object is not an object")
         return result
-    if media_type in (MERGE_PATCH, STRATEGIC_MERGE_PATCH, "application/json", ""):
+    # Server-side apply is approximated by a merge patch (no managedFields, no conflicts): enough for a client
+    # that applies a whole object it owns.
+    if media_type in (MERGE_PATCH, STRATEGIC_MERGE_PATCH, APPLY_PATCH, "application/json", ""):
         if media_type == STRATEGIC_MERGE_PATCH and spec.custom:
             raise ApiError(
                 415,
@@ -1085,6 +1094,8 @@ class EmulatorHandler(kmock.KubernetesEmulator):
 
     store: ObjectStore
     mirror_objects: bool = True
+    # (namespace, pod, container or None) -> the text GET .../pods/NAME/log answers; None: any container.
+    pod_logs: dict[tuple[str, str, str | None], str] = attrs.field(factory=dict)
     _counts: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
     _counts_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     # By bearer token too: tests give each operator replica a token of its own to tell their requests apart.
@@ -1199,6 +1210,8 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             if _is_true(params.get("watch")):
                 return 200, self._watch(request, spec, namespace)
             return 200, self._list(spec, namespace, params)
+        if method == "GET" and name is not None and sub == "log":
+            return 200, self._pod_log(spec, namespace or "", name, params.get("container"))
         if method == "GET" and name is not None:
             return 200, self.store.get(spec, namespace, name)
         if method == "POST" and name is None:
@@ -1207,6 +1220,8 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             return 200, self.store.replace(spec, namespace, name, request.data, subresource=sub)
         if method == "PATCH" and name is not None:
             content_type = next((v for k, v in request.headers.items() if k.lower() == "content-type"), "")
+            if content_type.split(";")[0].strip().lower() == APPLY_PATCH:
+                return self._server_side_apply(spec, namespace, name, request)
             return 200, self.store.patch(spec, namespace, name, request.data, content_type=content_type, subresource=sub)
         if method == "DELETE" and name is not None:
             options = request.data if isinstance(request.data, Mapping) else {}
@@ -1219,6 +1234,29 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             )
             return 200, {"apiVersion": spec.api_version, "kind": f"{spec.kind}List", "metadata": {}, "items": items}
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})")
+
+    def _pod_log(self, spec: ResourceSpec, namespace: str, name: str, container: str | None) -> bytes:
+        pod = self.store.get(spec, namespace, name)  # 404 for a pod that is not there, as the API server
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        if container is None and len(containers) > 1:
+            raise _bad_request(f"a container name must be specified for pod {name}, choose one of: {containers}")
+        if container is not None and container not in containers:
+            raise _bad_request(f"container {container} is not valid for pod {name}")
+        text = self.pod_logs.get((namespace, name, container), self.pod_logs.get((namespace, name, None), ""))
+        return text.encode()
+
+    def _server_side_apply(self, spec: ResourceSpec, namespace: str | None, name: str, request: kmock.Request) -> tuple[int, Any]:
+        """Create when absent, else a merge patch; fieldManager is required, as on the API server."""
+        if not request.params.get("fieldManager"):
+            raise _bad_request("PatchOptions.meta.k8s.io is invalid: fieldManager: Required value: is required for apply patch")
+        body = request.data if isinstance(request.data, Mapping) else yaml.safe_load(request.text or "{}")
+        try:
+            self.store.get(spec, namespace, name)
+        except ApiError as e:
+            if e.code != 404:
+                raise
+            return 201, self.store.create(spec, namespace, body)
+        return 200, self.store.patch(spec, namespace, name, body, content_type=APPLY_PATCH)
 
     def _list(self, spec: ResourceSpec, namespace: str | None, params: Mapping[str, str]) -> Body:
         items, rv = self.store.list(
@@ -1513,6 +1551,10 @@ class KubeEmulator:
     @property
     def resource_version(self) -> int:
         return self.store.resource_version
+
+    def set_pod_log(self, namespace: str, pod: str, text: str, *, container: str | None = None) -> None:
+        """What ``GET /api/v1/namespaces/NS/pods/POD/log`` answers (for ``container``; None: any container)."""
+        self.kmock.pod_logs[namespace, pod, container] = text
 
     # ---- waiting
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.errors import format_errors
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.gate import check_accuracy_gate
 
 
 def load_config(value: str) -> TrainerConfig:
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ray.init()
         result = driver.run(cfg)
+        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.gate import check_accuracy_gate
 
 __all__ = ["local_job", "run_command", "start_ray"]
 
@@ -154,6 +155,7 @@ def _train(cfg: TrainerConfig) -> int:
     started = start_ray(cfg)
     try:
         result = driver.run(cfg, local=True)
+        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -561,6 +561,14 @@ class RunPolicySpec(WireModel):
     after creation."""
 
 
+class EvaluationSpec(WireModel):
+    """Quality gates checked when training ends, so that a pipeline never promotes a bad model."""
+
+    min_accuracy: Annotated[float | None, Field(gt=0, le=1)] = None
+    """Lowest best validation top-1 accuracy (0-1) that passes: below it the job ends Failed with reason BelowAccuracyGate,
+    its artifacts kept for inspection. Unset: no gate."""
+
+
 # ---------------------------------------------------------------------------------------------- spec
 class FineTuneJobSpec(WireModel):
     """The desired fine-tuning run."""
@@ -588,6 +596,10 @@ class FineTuneJobSpec(WireModel):
 
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     """Retries, deadlines, clean-up and suspension."""
+
+    # Left out of the wire form while no gate is set: jobs, trainer configs and RayJobs rendered before the gate stay identical.
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, exclude_if=lambda e: e.min_accuracy is None)
+    """Gates the trained model must pass for the job to succeed."""
 
     @model_validator(mode="wrap")
     @classmethod

@@ -1,0 +1,408 @@
+"""``FineTuneJobClient``: FineTuneJobs from Python (pipelines, CI, notebooks) without kubectl or hand-built dicts.
+
+This module owns the user-facing client and its typed errors. It needs only the kubernetes client and the API
+models (no torch, no Ray, no Kopf). What it does that raw calls do not: the body is the wire format (camelCase,
+``apiVersion``; ``model_dump()`` gives snake_case keys the API server prunes); a bad job is refused here with the
+lines ``finetune validate`` prints; ``wait`` follows a watch (re-listing after a dropped watch or an expired
+resourceVersion, so no transition is lost) and raises ``JobFailed`` with the failure's message as soon as the
+job fails, where ``kubectl wait --for=condition=Succeeded`` would block until its timeout. Logs and events live
+in ``client_logs`` (the same client, split to keep modules short).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import kubernetes.client
+import kubernetes.config
+import kubernetes.watch
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from finetune_operator import naming
+from finetune_operator.api.errors import format_errors
+from finetune_operator.api.overrides import OverrideError, apply_overrides
+from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJob, FineTuneJobStatus, ObjectMeta
+from finetune_operator.api.validate import ManifestError, decode_manifest, iter_documents, read_manifest, validate_document
+from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from finetune_operator.client_errors import ApiError, ClientError, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
+from finetune_operator.client_logs import Event, LogSource, events_of, log_lines, log_source, logs_gone_reason
+
+__all__ = [
+    "ApiError",
+    "ClientError",
+    "Event",
+    "FineTuneJobClient",
+    "Invalid",
+    "JobFailed",
+    "JobNotFound",
+    "LogsUnavailable",
+    "Timeout",
+    "logs_gone_reason",
+]
+
+FIELD_MANAGER: Final = "finetune-client"
+TERMINAL: Final = ("Succeeded", "Failed")
+_SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_WATCH_SECONDS: Final = 60  # one watch request at most this long: a silently dead connection is noticed
+_MERGE: Final = "application/merge-patch+json"
+_APPLY: Final = "application/apply-patch+yaml"
+
+
+def load_api_client(*, context: str | None = None, config_file: str | None = None) -> tuple[kubernetes.client.ApiClient, str]:
+    """(client, default namespace): the pod's service account in a pod (unless a context is asked for), else the
+    kubeconfig (``config_file``, ``KUBECONFIG``, ``~/.kube/config``) at ``context`` (None: its current one)."""
+    configuration = kubernetes.client.Configuration()
+    config: Any = kubernetes.config  # untyped functions
+    if context is None and config_file is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            namespace = _SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default"
+            return kubernetes.client.ApiClient(configuration=configuration), namespace or "default"
+        except config.ConfigException:
+            pass
+    path = config_file or os.environ.get("KUBECONFIG")
+    try:
+        config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
+        contexts, current = config.list_kube_config_contexts(config_file=path)
+    except (config.ConfigException, OSError) as exc:
+        raise ClientError(f"no Kubernetes credentials: not in a pod, and the kubeconfig cannot be used: {exc}") from None
+    chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
+    namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
+    return kubernetes.client.ApiClient(configuration=configuration), str(namespace)
+
+
+def _api_detail(exc: ApiException) -> tuple[str, list[str]]:
+    """The API server's message and, for a 422, one line per cause (``field: message``)."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    message = str(body.get("message") or exc.reason or f"HTTP {exc.status}")
+    causes = (body.get("details") or {}).get("causes") or []
+    lines = [f"{c.get('field')}: {c.get('message')}" if c.get("field") else str(c.get("message")) for c in causes]
+    return message, lines or [message]
+
+
+def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
+    """The typed job of an object the API server returned (server-written metadata such as resourceVersion dropped;
+    status fields of a newer operator are ignored, a status this version cannot read is left out: reading never fails)."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in ObjectMeta.model_fields}
+    status: FineTuneJobStatus | None = None
+    if obj.get("status"):
+        known = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
+        try:
+            status = FineTuneJobStatus.model_validate({k: v for k, v in obj["status"].items() if k in known})
+        except ValidationError:
+            status = None
+    try:
+        job = FineTuneJob.model_validate({"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": obj.get("spec")})
+    except ValidationError as exc:  # a spec from a newer API version: say so in one line, not a traceback
+        first = format_errors(exc, FineTuneJob)[0]
+        raise ClientError(
+            f"{KIND} {meta.get('namespace')}/{meta.get('name')}: this client cannot read its spec ({first}); "
+            "upgrade finetune-operator"
+        ) from None
+    return job.model_copy(update={"status": status})
+
+
+def phase_of(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("status") or {}).get("phase") or "")
+
+
+class FineTuneJobClient:
+    """Create, watch and manage FineTuneJobs. ``FineTuneJobClient()`` finds its credentials like kubectl does.
+
+    ``namespace``: default namespace of every call (None: the kubeconfig context's, or the pod's own);
+    ``context``: a kubeconfig context; ``api_client``: an already configured client (tests, custom auth).
+    """
+
+    def __init__(
+        self,
+        namespace: str | None = None,
+        *,
+        context: str | None = None,
+        config_file: str | None = None,
+        api_client: kubernetes.client.ApiClient | None = None,
+    ) -> None:
+        default = "default"
+        if api_client is None:
+            api_client, default = load_api_client(context=context, config_file=config_file)
+        self.api_client = api_client
+        self.namespace = namespace or default
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    # ---- plumbing
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One request; its failure as a typed error naming ``what`` (``get FineTuneJob ns/name``)."""
+        try:
+            return fn(*args, _request_timeout=(5.0, 30.0), **kwargs)
+        except ApiException as exc:
+            message, lines = _api_detail(exc)
+            if exc.status == 404:
+                raise JobNotFound(f"{what}: not found ({message})") from None
+            denied = exc.status == 403 and ("admission webhook" in message or "denied the request" in message)
+            if exc.status in (400, 422) or denied:
+                raise Invalid(what, lines) from None
+            raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}", exc.status) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+
+    def _ns(self, namespace: str | None) -> str:
+        return namespace or self.namespace
+
+    def body(self, job: FineTuneJob | str | Path | Mapping[str, Any], *, overrides: Iterable[str] = ()) -> dict[str, Any]:
+        """The wire object (camelCase, no status) of a model, a manifest path or a dict; Invalid when it is not a
+        valid FineTuneJob (every problem, the lines ``finetune validate`` prints). ``overrides``: ``PATH=VALUE``."""
+        if isinstance(job, FineTuneJob):
+            document: Any = job.to_wire()
+            label = f"{KIND}/{job.metadata.name}"
+        elif isinstance(job, (str, Path)):
+            label = str(job)
+            try:
+                text = decode_manifest(read_manifest(str(job)), label)
+            except OSError as exc:
+                raise Invalid(label, [f"cannot read: {exc.strerror or exc}"]) from None
+            except ManifestError as exc:
+                raise Invalid(exc.label, exc.lines) from None
+            results = list(iter_documents(text, label))
+            if len(results) != 1 or results[0].document is None:
+                lines = [line for r in results for line in r.errors] or [f"expected one {KIND}, found {len(results)}"]
+                raise Invalid(label, lines)
+            document = results[0].document
+        else:
+            document, label = dict(job), "<dict>"
+        try:
+            document = apply_overrides(document, overrides)
+        except OverrideError as exc:
+            raise Invalid(label, exc.lines) from None
+        result = validate_document(document, label)
+        if not result.ok or result.job is None:
+            raise Invalid(result.label, result.errors)
+        wire = result.job.to_wire()
+        wire.pop("status", None)
+        return wire
+
+    # ---- create, apply, read
+
+    def create(
+        self, job: FineTuneJob | str | Path | Mapping[str, Any], *, namespace: str | None = None, overrides: Iterable[str] = ()
+    ) -> FineTuneJob:
+        """Create the job (validated here first); the created object. Invalid, or ApiError 409 when the name is taken."""
+        wire = self.body(job, overrides=overrides)
+        meta: dict[str, Any] = dict(wire["metadata"])
+        ns = namespace or meta.get("namespace") or self.namespace
+        meta["namespace"] = ns
+        wire["metadata"] = meta
+        what = f"create {KIND} {ns}/{meta['name']}"
+        return to_job(self._call(what, self.custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, wire))
+
+    def apply(
+        self,
+        job: FineTuneJob | str | Path | Mapping[str, Any],
+        *,
+        namespace: str | None = None,
+        field_manager: str = FIELD_MANAGER,
+        force: bool = False,
+        overrides: Iterable[str] = (),
+    ) -> FineTuneJob:
+        """Server-side apply (create or update the fields this manager owns) as ``field_manager``."""
+        wire = self.body(job, overrides=overrides)
+        meta: dict[str, Any] = dict(wire["metadata"])
+        ns = namespace or meta.get("namespace") or self.namespace
+        meta["namespace"] = ns
+        wire["metadata"] = meta
+        fn = self.custom.patch_namespaced_custom_object
+        what = f"apply {KIND} {ns}/{meta['name']}"
+        # Raw response: the generated client maps only HTTP 200 to a body, and an apply that creates answers 201.
+        kwargs: dict[str, Any] = {"field_manager": field_manager, "_content_type": _APPLY, "_preload_content": False}
+        if force:
+            kwargs["force"] = True
+        response = self._call(what, fn, GROUP, VERSION, ns, PLURAL, meta["name"], wire, **kwargs)
+        return to_job(json.loads(response.data))
+
+    def get_object(self, name: str, namespace: str | None = None) -> dict[str, Any]:
+        """The object as the API server returns it (metadata and status in full)."""
+        ns = self._ns(namespace)
+        return dict(
+            self._call(f"get {KIND} {ns}/{name}", self.custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name)
+        )
+
+    def get(self, name: str, namespace: str | None = None) -> FineTuneJob:
+        """The job, typed; JobNotFound when there is none."""
+        return to_job(self.get_object(name, namespace))
+
+    def list_objects(
+        self,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        phase: str | None = None,
+        *,
+        all_namespaces: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The jobs as the API server returns them, optionally only those in ``phase``."""
+        kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
+        if all_namespaces:
+            found = self._call(
+                f"list {KIND} (all namespaces)", self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, **kwargs
+            )
+        else:
+            ns = self._ns(namespace)
+            fn = self.custom.list_namespaced_custom_object
+            found = self._call(f"list {KIND} {ns}", fn, GROUP, VERSION, ns, PLURAL, **kwargs)
+        items = [dict(item) for item in found.get("items") or []]
+        return [item for item in items if phase is None or phase_of(item) == phase]
+
+    def list(
+        self,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        phase: str | None = None,
+        *,
+        all_namespaces: bool = False,
+    ) -> builtins.list[FineTuneJob]:
+        """The jobs, typed (see ``list_objects``)."""
+        objects = self.list_objects(namespace, all_namespaces=all_namespaces, label_selector=label_selector, phase=phase)
+        return [to_job(obj) for obj in objects]
+
+    def artifacts(self, name: str, namespace: str | None = None) -> Artifacts:
+        """``status.artifacts`` (empty until the trainer has written them)."""
+        job = self.get(name, namespace)
+        return (job.status.artifacts if job.status else None) or Artifacts()
+
+    # ---- change
+
+    def _patch_spec(self, name: str, namespace: str | None, patch: Mapping[str, Any], verb: str) -> FineTuneJob:
+        ns = self._ns(namespace)
+        fn = self.custom.patch_namespaced_custom_object
+        obj = self._call(f"{verb} {KIND} {ns}/{name}", fn, GROUP, VERSION, ns, PLURAL, name, dict(patch), _content_type=_MERGE)
+        return to_job(obj)
+
+    def suspend(self, name: str, namespace: str | None = None) -> FineTuneJob:
+        """``spec.runPolicy.suspend: true``: the Ray cluster goes; the job resumes from its last checkpoint later."""
+        return self._patch_spec(name, namespace, {"spec": {"runPolicy": {"suspend": True}}}, "suspend")
+
+    def resume(self, name: str, namespace: str | None = None) -> FineTuneJob:
+        """``spec.runPolicy.suspend: false``."""
+        return self._patch_spec(name, namespace, {"spec": {"runPolicy": {"suspend": False}}}, "resume")
+
+    def delete(self, name: str, wait: bool = False, *, namespace: str | None = None, timeout: float = 300.0) -> None:
+        """Delete the job (its RayJob and other children go with it); ``wait``: until it is gone (Timeout otherwise)."""
+        ns = self._ns(namespace)
+        fn = self.custom.delete_namespaced_custom_object
+        self._call(f"delete {KIND} {ns}/{name}", fn, GROUP, VERSION, ns, PLURAL, name, propagation_policy="Foreground")
+        if wait:
+            try:
+                self._follow(name, ns, timeout, lambda obj: False)
+            except JobNotFound:
+                return
+            raise Timeout(f"{KIND} {ns}/{name} was not gone after {timeout:g}s (a finalizer holds it?)", None)
+
+    # ---- logs and events
+
+    def log_source(self, name: str, namespace: str | None = None) -> LogSource | None:
+        """The pod holding the trainer's output now (KubeRay's submitter, else the head), None when it is gone."""
+        ns = self._ns(namespace)
+        status = self.get_object(name, ns).get("status") or {}
+        rayjob = str(status.get("rayJobName") or naming.rayjob_name(name))
+        return log_source(self.core, ns, rayjob, status.get("rayClusterName"))
+
+    def logs(self, name: str, follow: bool = False, *, namespace: str | None = None) -> Iterator[str]:
+        """The trainer's output, line by line; ``follow``: until it ends. LogsUnavailable (saying where the results
+        are instead) when no pod holds it: not started yet, or deleted by KubeRay after the job."""
+        ns = self._ns(namespace)
+        obj = self.get_object(name, ns)
+        status = obj.get("status") or {}
+        rayjob = str(status.get("rayJobName") or naming.rayjob_name(name))
+        source = log_source(self.core, ns, rayjob, status.get("rayClusterName"))
+        if source is None:
+            raise LogsUnavailable(f"{KIND} {ns}/{name}: {logs_gone_reason(obj)}")
+        return log_lines(self.core, source, follow=follow)
+
+    def events(self, name: str, namespace: str | None = None) -> builtins.list[Event]:
+        """The job's Events, oldest first (phase changes, refusals, what the operator did)."""
+        return events_of(self.core, self._ns(namespace), name)
+
+    # ---- wait
+
+    def wait(
+        self,
+        name: str,
+        timeout: float = 3600.0,
+        for_phases: Iterable[str] = TERMINAL,
+        *,
+        namespace: str | None = None,
+        raise_on_failure: bool = True,
+    ) -> FineTuneJob:
+        """The job once its phase is one of ``for_phases``. Raises JobFailed as soon as it fails (unless
+        ``raise_on_failure`` is False and Failed is waited for), Timeout after ``timeout`` seconds, JobNotFound
+        when it does not exist or is deleted meanwhile. Follows a watch; a dropped one is resumed from a fresh read."""
+        wanted = set(for_phases)
+        ns = self._ns(namespace)
+
+        def done(obj: Mapping[str, Any]) -> bool:
+            phase = phase_of(obj)
+            return phase in wanted or (phase == "Failed" and raise_on_failure)
+
+        obj = self._follow(name, ns, timeout, done)
+        job = to_job(obj)
+        if phase_of(obj) == "Failed" and raise_on_failure:
+            raise JobFailed(job)
+        return job
+
+    def _follow(self, name: str, ns: str, timeout: float, done: Any) -> dict[str, Any]:
+        """Read, then watch from that read's resourceVersion until ``done(obj)``; each watch that ends (dropped,
+        expired, timed out server-side) starts over with a fresh read, so no state in between is missed."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        fn = self.custom.list_namespaced_custom_object
+        watch_module: Any = kubernetes.watch  # untyped
+        while True:
+            try:
+                last = self.get_object(name, ns)
+            except ApiError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # the API server is away: retry
+                continue
+            if done(last):
+                return last
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            rv = str((last.get("metadata") or {}).get("resourceVersion") or "")
+            seconds = max(1, min(_WATCH_SECONDS, int(remaining + 0.999)))
+            watch: Any = watch_module.Watch()
+            try:
+                for event in watch.stream(
+                    fn, GROUP, VERSION, ns, PLURAL,
+                    field_selector=f"metadata.name={name}", resource_version=rv, timeout_seconds=seconds,
+                    allow_watch_bookmarks=True, _request_timeout=(5.0, seconds + 10.0),
+                ):  # fmt: skip
+                    kind, obj = event.get("type"), event.get("object")
+                    if kind == "DELETED":
+                        raise JobNotFound(f"{KIND} {ns}/{name} was deleted")
+                    if kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
+                        last = obj
+                        if done(obj):
+                            return obj
+                    if time.monotonic() >= deadline:
+                        break
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                pass  # 410 Expired, a dropped connection: read again and watch from there
+            finally:
+                watch.stop()
+        job = to_job(last) if last is not None else None
+        phase = phase_of(last) if last is not None else "unknown"
+        raise Timeout(f"{KIND} {ns}/{name}: still {phase or 'without a phase'} after {timeout:g}s", job)

@@ -1,0 +1,57 @@
+"""The typed errors of ``FineTuneJobClient`` (``finetune_operator.client``), in a leaf so that its helpers share them.
+
+Every one carries a one-line message meant for a person; the ``finetune`` cluster verbs map each to an exit code.
+"""
+
+from __future__ import annotations
+
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.api.versions import KIND
+
+
+class ClientError(Exception):
+    """Any failure of the client; the message is one line meant for a person."""
+
+
+class JobNotFound(ClientError):
+    """No FineTuneJob of that name (or it was deleted while waited for)."""
+
+
+class Invalid(ClientError):
+    """The job was refused (here, by the API server or its admission webhook); ``lines``: one per problem."""
+
+    def __init__(self, label: str, lines: list[str]) -> None:
+        super().__init__(f"{label}: invalid: " + "; ".join(lines))
+        self.label = label
+        self.lines = lines
+
+
+class JobFailed(ClientError):
+    """The job ended Failed; ``reason`` and ``message`` are its Failed condition's, ``job`` the final object."""
+
+    def __init__(self, job: FineTuneJob) -> None:
+        failed = next((c for c in (job.status.conditions if job.status else []) if c.type == "Failed"), None)
+        self.job = job
+        self.reason = failed.reason if failed else "Failed"
+        self.message = (failed.message if failed else None) or (job.status.message if job.status else "") or ""
+        super().__init__(f"{KIND} {job.metadata.namespace}/{job.metadata.name} failed ({self.reason}): {self.message}")
+
+
+class Timeout(ClientError):
+    """The job did not reach the phases waited for in time; ``job`` is its last known state (None: never read)."""
+
+    def __init__(self, message: str, job: FineTuneJob | None) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+class ApiError(ClientError):
+    """The API server refused a request for another reason (RBAC, unreachable); ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LogsUnavailable(ClientError):
+    """The trainer's output cannot be read: its pods are not there (yet, or any more); the message says where to look."""

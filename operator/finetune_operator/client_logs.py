@@ -1,0 +1,153 @@
+"""Where a FineTuneJob's trainer output is, reading it, and the job's Events: the pod side of ``FineTuneJobClient``.
+
+The trainer runs as the Ray job's driver, so its output is what KubeRay's submitter prints (``ray job logs
+--follow``): in ``K8sJobMode`` (what the operator renders) the pod of the submitter Job, named after the RayJob;
+in ``SidecarMode`` the ``ray-job-submitter`` container of the head pod; in ``HTTPMode`` there is no submitter and
+the head pod's log is the closest there is. ``log_source`` picks whichever exists, in that order. The pods go
+when the job ends (``shutdownAfterJobFinishes`` and the TTL), so "gone" is a normal answer, said plainly.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import kubernetes.client
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
+from finetune_operator.api.versions import KIND
+from finetune_operator.client_errors import ApiError, LogsUnavailable
+from finetune_operator.security import SUBMITTER_CONTAINER
+
+JOB_NAME_LABELS: Final = ("batch.kubernetes.io/job-name", "job-name")  # the second: clusters before Kubernetes 1.27
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """The pod (and container) holding the trainer's output; ``role``: ``submitter`` or ``head``."""
+
+    namespace: str
+    pod: str
+    container: str | None
+    role: str
+
+    def kubectl(self) -> str:
+        container = f" -c {self.container}" if self.container else ""
+        return f"kubectl logs -n {self.namespace} {self.pod}{container}"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Kubernetes Event about a job (what ``kubectl describe`` lists)."""
+
+    type: str
+    reason: str
+    message: str
+    time: str
+    count: int
+
+
+def _pods(core: kubernetes.client.CoreV1Api, namespace: str, selector: str) -> list[dict[str, Any]]:
+    try:
+        found = core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=(5.0, 30.0))
+    except ApiException as exc:
+        raise ApiError(f"list pods {namespace}/{selector}: HTTP {exc.status} {exc.reason}", exc.status) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ApiError(f"list pods {namespace}: the API server cannot be reached: {exc}", None) from None
+    plain: Any = core.api_client.sanitize_for_serialization(found)  # untyped
+    items = [dict(p) for p in (plain or {}).get("items") or [] if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    # The newest first: a retried submitter (backoffLimit) leaves the old attempts' pods behind.
+    return sorted(items, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""), reverse=True)
+
+
+def _containers(pod: Mapping[str, Any]) -> list[str]:
+    return [str(c.get("name")) for c in (pod.get("spec") or {}).get("containers") or []]
+
+
+def log_source(core: kubernetes.client.CoreV1Api, namespace: str, rayjob: str, cluster: str | None) -> LogSource | None:
+    """The submitter Job's pod, else the head pod's submitter sidecar, else the head pod; None when no pod is there."""
+    for label in JOB_NAME_LABELS:
+        pods = _pods(core, namespace, f"{label}={rayjob}")
+        if pods:
+            names = _containers(pods[0])
+            container = SUBMITTER_CONTAINER if SUBMITTER_CONTAINER in names else (names[0] if names else None)
+            return LogSource(namespace, str(pods[0]["metadata"]["name"]), container, "submitter")
+    if cluster:
+        pods = _pods(core, namespace, f"ray.io/cluster={cluster},ray.io/node-type=head")
+        if pods:
+            names = _containers(pods[0])
+            sidecar = SUBMITTER_CONTAINER in names
+            container = SUBMITTER_CONTAINER if sidecar else (names[0] if names else None)
+            return LogSource(namespace, str(pods[0]["metadata"]["name"]), container, "submitter" if sidecar else "head")
+    return None
+
+
+def log_lines(core: kubernetes.client.CoreV1Api, source: LogSource, *, follow: bool = False) -> Iterator[str]:
+    """The source's log, line by line (without newlines); with ``follow`` until the container ends."""
+    kwargs: dict[str, Any] = {"follow": follow, "_preload_content": False}
+    if source.container:
+        kwargs["container"] = source.container
+    try:
+        response: Any = core.read_namespaced_pod_log(source.pod, source.namespace, **kwargs)
+    except ApiException as exc:
+        if exc.status in (400, 404):  # 400: the container has not started; 404: the pod went meanwhile
+            raise LogsUnavailable(f"the log of pod {source.namespace}/{source.pod} cannot be read now: {exc.reason}") from None
+        raise ApiError(f"read log of pod {source.namespace}/{source.pod}: HTTP {exc.status} {exc.reason}", exc.status) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ApiError(
+            f"read log of pod {source.namespace}/{source.pod}: the API server cannot be reached: {exc}", None
+        ) from None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        for chunk in response.stream(8192):
+            pending += decoder.decode(chunk)
+            *lines, pending = pending.split("\n")
+            yield from lines
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending
+    finally:
+        response.release_conn()
+
+
+def events_of(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> list[Event]:
+    """The Events about FineTuneJob ``name``, oldest first."""
+    selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
+    try:
+        found = core.list_namespaced_event(namespace, field_selector=selector, _request_timeout=(5.0, 30.0))
+    except ApiException as exc:
+        raise ApiError(f"list events {namespace}/{name}: HTTP {exc.status} {exc.reason}", exc.status) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ApiError(f"list events {namespace}: the API server cannot be reached: {exc}", None) from None
+    plain: Any = core.api_client.sanitize_for_serialization(found)
+    events = []
+    for item in (plain or {}).get("items") or []:
+        when = item.get("lastTimestamp") or item.get("eventTime") or item.get("firstTimestamp") or ""
+        count = int(item.get("count") or 1)
+        events.append(
+            Event(str(item.get("type") or ""), str(item.get("reason") or ""), str(item.get("message") or ""), str(when), count)
+        )
+    return sorted(events, key=lambda e: e.time)
+
+
+def logs_gone_reason(obj: Mapping[str, Any]) -> str:
+    """Why no pod holds a job's output, and where its results are instead."""
+    status = obj.get("status") or {}
+    phase = str(status.get("phase") or "")
+    if phase in TERMINAL_PHASES:
+        artifacts = status.get("artifacts") or {}
+        where = artifacts.get("modelCardUri") or artifacts.get("modelUri")
+        output = ((obj.get("spec") or {}).get("output") or {}).get("uri")
+        ns, name = (obj.get("metadata") or {}).get("namespace"), (obj.get("metadata") or {}).get("name")
+        results = where or (f"{output}/{ns}/{name}/" if output else "the job's output.uri")
+        return (
+            f"the job is {phase} and KubeRay has deleted its Ray pods (shutdownAfterJobFinishes, the TTL); "
+            f"its per-epoch log (metrics.jsonl) and model card are under {results}; "
+            f"status.message: {status.get('message') or '-'}"
+        )
+    return f"the job is {phase or 'new'}: its Ray pods are not running yet; try again once it is Running"

@@ -1,0 +1,178 @@
+"""What ``FineTuneJobClient`` sends (pure: no request is made) and how ``--set`` overrides are read and validated."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+import yaml
+
+from finetune_operator.api.overrides import OverrideError, apply_overrides
+from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, HyperparametersSpec
+from finetune_operator.cli_cluster import duration
+from finetune_operator.client import ClientError, FineTuneJobClient, Invalid, to_job
+from tests.support.schemas import REPO
+
+EXAMPLE: dict[str, Any] = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
+
+
+@pytest.fixture
+def client() -> FineTuneJobClient:
+    return FineTuneJobClient(api_client=kubernetes.client.ApiClient())  # never used to send: body() is local
+
+
+def _keys(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [k for k, v in value.items() for k in [k, *_keys(v)]]
+    if isinstance(value, list):
+        return [k for item in value for k in _keys(item)]
+    return []
+
+
+def test_a_model_is_sent_in_the_wire_format_and_round_trips(client: FineTuneJobClient) -> None:
+    job = FineTuneJob.model_validate({**EXAMPLE, "metadata": {"name": "wire"}})
+    spec = job.spec.model_copy(update={"hyperparameters": HyperparametersSpec(learning_rate=0.02)})
+    job = job.model_copy(update={"spec": spec})
+    body = client.body(job)
+    assert body["apiVersion"] == "finetune.dev/v1alpha1" and body["kind"] == "FineTuneJob"
+    assert "status" not in body
+    assert body["spec"]["hyperparameters"]["learningRate"] == 0.02
+    assert [k for k in _keys(body) if "_" in k] == []  # model_dump() would give learning_rate, api_version, …
+    assert FineTuneJob.model_validate(body) == job
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({**EXAMPLE, "metadata": {"name": "dict"}}, "dict"),
+        ("manifests/examples/digits-cpu.yaml", "digits-cpu"),
+    ],
+)
+def test_dicts_and_paths_are_validated_and_sent_as_written(client: FineTuneJobClient, source: Any, expected: str) -> None:
+    body = client.body(REPO / source if isinstance(source, str) else source)
+    assert body["metadata"]["name"] == expected
+    assert body["spec"]["dataset"]["validationSplit"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        ({"hyperparameters": {"learning_rate": 0.1}}, "spec.hyperparameters.learning_rate:"),  # snake_case is pruned
+        ({"model": {"name": "resnet5"}}, "spec.model.name: 'resnet5' is not a torchvision classification model"),
+    ],
+)
+def test_bad_dicts_raise_invalid_with_the_validate_lines(client: FineTuneJobClient, change: dict[str, Any], line: str) -> None:
+    document = {**EXAMPLE, "metadata": {"name": "bad"}, "spec": {**EXAMPLE["spec"], **change}}
+    with pytest.raises(Invalid) as invalid:
+        client.body(document)
+    assert any(text.startswith(line) for text in invalid.value.lines), invalid.value.lines
+
+
+def test_an_unreadable_path_is_invalid_not_a_traceback(client: FineTuneJobClient, tmp_path: Path) -> None:
+    with pytest.raises(Invalid, match="cannot read"):
+        client.body(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "value"),
+    [
+        (["spec.hyperparameters.learningRate=0.01"], ("spec", "hyperparameters", "learningRate"), 0.01),
+        (["spec.hyperparameters.epochs=7"], ("spec", "hyperparameters", "epochs"), 7),
+        (["spec.strategy.method=linear-probe"], ("spec", "strategy", "method"), "linear-probe"),
+        (["spec.output.exports=[onnx, torchscript]"], ("spec", "output", "exports"), ["onnx", "torchscript"]),
+        (["spec.runPolicy.suspend=true"], ("spec", "runPolicy", "suspend"), True),
+        (["metadata.name=lr-0-01"], ("metadata", "name"), "lr-0-01"),
+    ],
+)
+def test_overrides_set_typed_values_at_wire_paths(overrides: list[str], path: tuple[str, ...], value: Any) -> None:
+    result: Any = apply_overrides(EXAMPLE, overrides)
+    for key in path:
+        result = result[key]
+    assert result == value
+    assert EXAMPLE["spec"]["hyperparameters"]["learningRate"] == 0.003  # the input is not changed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("spec.hyperparameters.learningRate", "--set: 'spec.hyperparameters.learningRate' is not PATH=VALUE; e.g. "),
+        ("status.phase=Succeeded", "--set: 'status.phase' is not a field path; use dotted camelCase names under spec or"),
+        ("spec..epochs=3", "--set: 'spec..epochs' is not a field path"),
+        ("spec.model.name.first=x", "--set spec.model.name.first: spec.model.name holds 'resnet18', not an object"),
+        ("spec.epochs=[1", "--set spec.epochs: '[1' is not a YAML value"),
+    ],
+)
+def test_malformed_overrides_name_the_override_and_what_is_accepted(override: str, message: str) -> None:
+    with pytest.raises(OverrideError) as error:
+        apply_overrides(EXAMPLE, [override, "spec.hyperparameters.epochs=2"])
+    assert len(error.value.lines) == 1 and error.value.lines[0].startswith(message), error.value.lines
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("spec.hyperparameters.learningRate=-1", "spec.hyperparameters.learningRate: -1"),
+        ("spec.hyperparameters.learningrate=0.1", "spec.hyperparameters.learningrate:"),
+        ("spec.hyperparameters.optimizer=lion", "spec.hyperparameters.optimizer: 'lion'"),
+        ("spec.resources.workers=three", "spec.resources.workers: 'three'"),
+    ],
+)
+def test_overridden_values_are_validated_like_the_file(client: FineTuneJobClient, override: str, line: str) -> None:
+    with pytest.raises(Invalid) as invalid:
+        client.body({**EXAMPLE, "metadata": {"name": "sweep"}}, overrides=[override])
+    assert any(text.startswith(line) for text in invalid.value.lines), invalid.value.lines
+
+
+def test_server_objects_become_typed_jobs() -> None:
+    obj = {
+        **EXAMPLE,
+        "metadata": {"name": "srv", "namespace": "ns", "resourceVersion": "7", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"phase": "Succeeded", "artifacts": {"modelUri": "s3://b/m.pt"}, "dashboardURL": "h:8265"},
+    }
+    job = to_job(obj)
+    assert isinstance(job.spec, FineTuneJobSpec) and job.metadata.namespace == "ns"
+    assert job.status is not None and job.status.artifacts is not None and job.status.artifacts.model_uri == "s3://b/m.pt"
+    newer = to_job({**obj, "status": {"phase": "Succeeded", "someFutureField": 1}})
+    assert newer.status is not None and newer.status.phase == "Succeeded"  # a newer operator's status still reads
+    unreadable = to_job({**obj, "status": {"phase": "Exploded"}})
+    assert unreadable.status is None  # and one this version cannot read never breaks reading the job
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("30s", 30.0), ("10m", 600.0), ("6h", 21600.0), ("1d", 86400.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5", "0", "5w", ""])
+def test_bad_durations_are_usage_errors(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a duration; use seconds or a number with s, m, h or d"):
+        duration(text)
+
+
+def test_a_spec_this_client_cannot_read_is_one_line_not_a_traceback() -> None:
+    spec = {**EXAMPLE["spec"], "distillation": {"teacher": "x"}}  # a field of a newer API version
+    newer = {**EXAMPLE, "metadata": {"name": "new", "namespace": "ns"}, "spec": spec}
+    expected = r"^FineTuneJob ns/new: this client cannot read its spec \(spec.distillation: .*upgrade"
+    with pytest.raises(ClientError, match=expected):
+        to_job(newer)
+
+
+def test_in_a_pod_the_service_account_and_its_namespace_are_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import kubernetes.config
+
+    from finetune_operator import client as client_module
+
+    def incluster(client_configuration: Any) -> None:  # what load_incluster_config does with the pod's token and CA
+        client_configuration.host = "https://10.0.0.1:443"
+
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("ml-pipelines\n")
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", incluster)
+    monkeypatch.setattr(client_module, "_SA_NAMESPACE", namespace_file)
+    in_pod = FineTuneJobClient()
+    assert in_pod.namespace == "ml-pipelines"
+    assert in_pod.api_client.configuration.host == "https://10.0.0.1:443"
+    assert FineTuneJobClient("other").namespace == "other"
