@@ -161,8 +161,8 @@ NAMESPACES: Final = ResourceSpec(
     has_generation=False,
     short_names=frozenset({"ns"}),
 )
-# Not served by default (no controller starts pods here); tests that read trainer logs add it (``emu.add_resource(PODS)``)
-# and give a pod its log with ``emu.set_pod_log``: GET .../pods/NAME/log answers that text.
+# Served by default, though no controller starts pods here: tests seed a stuck Ray cluster's pods (the operator lists
+# them) and give a pod its log with ``emu.set_pod_log`` (GET .../pods/NAME/log answers that text).
 PODS: Final = ResourceSpec(
     "", "v1", "pods", "Pod", subresources=frozenset({"status", "log"}), has_generation=False, short_names=frozenset({"po"})
 )
@@ -178,10 +178,7 @@ DEFAULT_RESOURCES: Final[tuple[ResourceSpec, ...]] = (
     ResourceSpec("", "v1", "configmaps", "ConfigMap", has_generation=False, short_names=frozenset({"cm"})),
     ResourceSpec("", "v1", "secrets", "Secret", has_generation=False),
     ResourceSpec("", "v1", "events", "Event", has_generation=False, short_names=frozenset({"ev"})),
-    # Pods are served (tests seed a stuck Ray cluster's pods, the operator lists them); none is ever started.
-    ResourceSpec(
-        "", "v1", "pods", "Pod", subresources=frozenset({"status"}), has_generation=False, short_names=frozenset({"po"})
-    ),
+    PODS,
     NAMESPACES,
     ResourceSpec("", "v1", "serviceaccounts", "ServiceAccount", has_generation=False, short_names=frozenset({"sa"})),
     ResourceSpec("rbac.authorization.k8s.io", "v1", "roles", "Role", has_generation=False),
