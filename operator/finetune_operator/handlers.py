@@ -36,6 +36,7 @@ import logging
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -218,7 +219,10 @@ def start_resync(memo: kopf.Memo, **_: Any) -> None:
     leading = memo.get("leading") or (lambda: True)
 
     def loop() -> None:
-        while not stop.wait(RESYNC_SECONDS):
+        # Rounds start every RESYNC_SECONDS, however long one takes: a stuck job is diagnosed within that period.
+        started = time.monotonic()
+        while not stop.wait(max(0.0, started + RESYNC_SECONDS - time.monotonic())):
+            started = time.monotonic()
             if not leading():
                 continue
             try:
