@@ -182,12 +182,18 @@ class _Recorder:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
         self.calls.append(("update", progress.epoch))
 
+    def warn(self, message: str) -> None:
+        self.calls.append(("warn", message))
+
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         self.calls.append(("finish", error))
 
 
 class _Broken:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
+        raise RuntimeError("api server unreachable")
+
+    def warn(self, message: str) -> None:
         raise RuntimeError("api server unreachable")
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
