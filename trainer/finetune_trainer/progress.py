@@ -19,7 +19,7 @@ from typing import Any, Protocol, TextIO
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import MAX_WARNINGS, Artifacts, Metrics, Phase, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Phase, Progress, newest_warnings
 from finetune_trainer import storage
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "ProgressSink",
     "build_sinks",
     "format_epoch_line",
-    "newest_warnings",
     "utc_now",
 ]
 
@@ -48,11 +47,6 @@ class ProgressSink(Protocol):
     def warn(self, message: str) -> None: ...
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None: ...
-
-
-def newest_warnings(warnings: list[str]) -> list[str]:
-    """What ``status.warnings`` holds of ``warnings``: the newest ``MAX_WARNINGS``, each cut to 1024 characters."""
-    return [w if len(w) <= 1024 else w[:1023] + "…" for w in warnings[-MAX_WARNINGS:]]
 
 
 def _pct(value: float | None) -> str:

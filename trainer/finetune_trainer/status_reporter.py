@@ -25,10 +25,9 @@ import kubernetes.client
 
 from finetune_operator.api.contract import ENV_JOB_NAMESPACE, ENV_THROTTLE, TrainerConfig
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress, newest_warnings
 from finetune_operator.api.versions import GROUP, PLURAL, VERSION
 from finetune_operator.kubeclient import load_client
-from finetune_trainer.progress import newest_warnings
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOM
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
 Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
 ExportFormat = Literal["state_dict", "torchscript", "onnx"]
-WarningLine = Annotated[str, Field(max_length=1024)]
+WarningLine = Annotated[str, Field(max_length=1024)]  # MAX_WARNING_LENGTH
 
 
 class Phase(str, Enum):
@@ -81,6 +81,13 @@ TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
 
 MAX_WARNINGS: Final = 16
 """``status.warnings`` keeps the newest this many: a status must stay small whatever happens to a run."""
+MAX_WARNING_LENGTH: Final = 1024
+
+
+def newest_warnings(warnings: list[str]) -> list[str]:
+    """What ``status.warnings`` holds of ``warnings``: the newest ``MAX_WARNINGS``, each cut to fit."""
+    cut = MAX_WARNING_LENGTH - 1
+    return [w if len(w) <= MAX_WARNING_LENGTH else w[:cut] + "…" for w in warnings[-MAX_WARNINGS:]]
 
 
 # --------------------------------------------------------------------------------------------- model
