@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 def _ship_weights(cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks: ProgressSink | None) -> tuple[str, int]:
     """Put the shipped weights into ``model``; return (their checkpoint's name, their epoch)."""
     last = (checkpoint_dir_name(state.epoch, state.lineage), state.epoch)
-    best = state.best_checkpoint
+    # A checkpoint written before best_checkpoint existed names its best epoch only (never after a fallback).
+    best = state.best_checkpoint or (checkpoint_dir_name(state.best_epoch) if state.best_epoch is not None else None)
     if best is None or state.best_epoch is None or best == last[0]:
         return last  # the loop's model holds them already
     try:

@@ -284,7 +284,8 @@ class StrategySpec(WireModel):
 
 # ----------------------------------------------------------------------------------- hyperparameters
 class EarlyStoppingSpec(WireModel):
-    """Stop when validation accuracy has not improved for `patience` epochs."""
+    """Stop a stage when its validation accuracy has not improved for `patience` epochs; with lp-ft a probe stage that stops is
+    still followed by fine-tuning, with a fresh patience."""
 
     patience: Annotated[int, Field(ge=1, le=10_000)] = 3
     """Epochs without improvement before stopping."""
