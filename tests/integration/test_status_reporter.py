@@ -157,3 +157,19 @@ def test_no_credentials_trains_anyway(tmp_path: Path, monkeypatch: pytest.Monkey
     reporter.update(Progress(epoch=1, total_epochs=1, stage="probe"))
     reporter.finish()
     assert reporter.sent == 0
+
+
+def test_warnings_go_out_at_once_and_accumulate(emu: KubeEmulator) -> None:
+    clock = Clock()
+    reporter = sink(emu, clock)
+    reporter.update(Progress(epoch=3, total_epochs=10, stage="probe"))
+    reporter.warn("checkpoint checkpoint_epoch_0003: truncated; resumed from checkpoint checkpoint_epoch_0002 (epoch 2)")
+    reporter.warn("second")  # within the throttle's 10 s: a warning is never held back
+    st = status(emu)
+    assert st["warnings"] == [
+        "checkpoint checkpoint_epoch_0003: truncated; resumed from checkpoint checkpoint_epoch_0002 (epoch 2)",
+        "second",
+    ]
+    assert st["phase"] == "Running" and st["conditions"] == [{"type": "Training", "status": "True"}]
+    reporter.finish()
+    assert len(status(emu)["warnings"]) == 2

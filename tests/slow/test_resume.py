@@ -34,8 +34,9 @@ def test_relaunch_continues_after_the_last_checkpoint(make_config: MakeConfig) -
     assert result.checkpoint is not None
     state = read_checkpoint(result.checkpoint.path, cfg.spec_fingerprint(), cfg.run_dir)["train_state"]
     assert state.epoch == 4
-    # The best metric carried over the restart: it is the best of all four epochs, not of the last two.
-    best = max(after, key=lambda r: r.val_accuracy)
+    # The best metric carried over the restart: it is the best of all four epochs, not of the last two
+    # (the later one on ties, as Ray's checkpoint retention ranks them).
+    best = max(after, key=lambda r: (r.val_accuracy, r.epoch))
     assert (state.best_val_accuracy, state.best_epoch) == (best.val_accuracy, best.epoch)
     assert result.metrics["best_val_accuracy"] == best.val_accuracy
 

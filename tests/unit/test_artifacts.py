@@ -92,6 +92,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainerConfig, nn
         best_val_accuracy=0.8,
         best_epoch=3,
         checkpoint_uri="/ckpt/checkpoint_000002",
+        shipped_epoch=3,
     )
     return cfg, model, artifacts
 
@@ -173,6 +174,8 @@ def test_model_card_content(written: tuple[TrainerConfig, nn.Module, Artifacts])
     assert card["job"] == {"name": "digits-demo", "namespace": "ml", "uid": "uid-123"}
     assert card["metrics"]["final"] == record(4, "fine-tune", 0.75).to_wire()
     assert card["metrics"]["best"] == {"valAccuracy": 0.8, "epoch": 3}
+    # model.pt holds epoch 3's weights: the card gives that epoch's line, not only the last one's.
+    assert card["metrics"]["shipped"] == record(3, "fine-tune", 0.8).to_wire()
     assert card["metrics"]["epochs"] == 4
     assert card["evaluation"]["accuracy"] == pytest.approx(6 / 8)
     assert card["evaluation"]["numSamples"] == 8
@@ -213,7 +216,7 @@ def test_model_card_keys_in_order(written: tuple[TrainerConfig, nn.Module, Artif
         "layout": "NCHW",
         "valueRange": [0, 1],
     }
-    assert list(card["metrics"]) == ["final", "best", "epochs"]
+    assert list(card["metrics"]) == ["final", "best", "shipped", "epochs"]
     assert list(card["evaluation"]) == [
         "accuracy",
         "macroPrecision",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.api.contract import Sink, TrainerConfig
-from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress, newest_warnings
 from finetune_trainer.progress import ConsoleSink, JsonFileSink, MultiSink, build_sinks, format_epoch_line
 
 
@@ -145,6 +145,40 @@ def test_json_file_sink_content_after_updates_and_finish(tmp_path: Path) -> None
     assert [p.name for p in path.parent.iterdir()] == ["status.json"]  # no temporary files left behind
 
 
+def test_json_file_sink_keeps_warnings_to_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    sink = JsonFileSink(str(path))
+    sink.update(_epoch(1), _metrics(1))
+    assert _read(path)["warnings"] == []
+    sink.warn("checkpoint checkpoint_epoch_0002: truncated; resumed from checkpoint checkpoint_epoch_0001 (epoch 1)")
+    assert _read(path)["warnings"] == [
+        "checkpoint checkpoint_epoch_0002: truncated; resumed from checkpoint checkpoint_epoch_0001 (epoch 1)"
+    ]
+    sink.update(_epoch(2), _metrics(2))
+    sink.finish(Artifacts())
+    doc = _read(path)
+    assert (doc["phase"], len(doc["warnings"])) == ("Succeeded", 1)
+
+
+@pytest.mark.parametrize(
+    ("warnings", "expected"),
+    [
+        ([], []),
+        (["a", "b"], ["a", "b"]),
+        ([str(n) for n in range(20)], [str(n) for n in range(4, 20)]),  # the newest 16
+        (["x" * 2000], ["x" * 1023 + "…"]),  # each fits status.warnings' 1024 characters
+    ],
+)
+def test_newest_warnings(warnings: list[str], expected: list[str]) -> None:
+    assert newest_warnings(warnings) == expected
+
+
+def test_console_sink_prints_a_warning_line() -> None:
+    stream = io.StringIO()
+    ConsoleSink(stream, bar=False).warn("checkpoint x: truncated")
+    assert stream.getvalue() == "warning: checkpoint x: truncated\n"
+
+
 def test_json_file_sink_failure(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     sink = JsonFileSink(str(path))
@@ -182,12 +216,18 @@ class _Recorder:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
         self.calls.append(("update", progress.epoch))
 
+    def warn(self, message: str) -> None:
+        self.calls.append(("warn", message))
+
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         self.calls.append(("finish", error))
 
 
 class _Broken:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
+        raise RuntimeError("api server unreachable")
+
+    def warn(self, message: str) -> None:
         raise RuntimeError("api server unreachable")
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
@@ -200,13 +240,14 @@ def test_multi_sink_survives_a_raising_sink(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.WARNING, logger="finetune_trainer.progress"):
         sink.update(_epoch(1), _metrics(1))
         sink.update(_epoch(2), _metrics(2))
+        sink.warn("checkpoint x: truncated")
         sink.finish(error=None)
-    assert before.calls == after.calls == [("update", 1), ("update", 2), ("finish", None)]
+    assert before.calls == after.calls == [("update", 1), ("update", 2), ("warn", "checkpoint x: truncated"), ("finish", None)]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert all("_Broken failed" in r.getMessage() and "api server unreachable" in r.getMessage() for r in warnings)
     # The traceback once, not at every epoch.
-    assert [bool(r.exc_info) for r in warnings] == [True, False, False]
+    assert [bool(r.exc_info) for r in warnings] == [True, False, False, False]
 
 
 # ------------------------------------------------------------------------------------------- build

@@ -3,7 +3,9 @@
 Owns the artifact layout under ``<output.uri>/<job name>/``::
 
     metrics.jsonl          one line per epoch (``metrics_log``, every epoch, rank 0)
-    model.pt               the fine-tuned state_dict (always)
+    model.pt               the fine-tuned state_dict (always): the weights of the shipped epoch, which
+                           evaluation.json, the plots' confusion matrix and the card's metrics.shipped
+                           describe (the caller chooses it: the best epoch's, see ``finish``)
     model.torchscript.pt   TorchScript export (``exports: [torchscript]``), verified to load and match
     model.onnx             ONNX export (``exports: [onnx]``; needs the onnx package)
     evaluation.json        per-class precision/recall/F1, averages, confusion matrix (``evaluation``)
@@ -120,6 +122,7 @@ def _stage(
     records: list[EpochRecord],
     best_val_accuracy: float | None,
     best_epoch: int | None,
+    shipped_epoch: int | None,
 ) -> ModelCard:
     """Write every artifact into the local directory ``out``; return the model card (also written)."""
     model = unwrap_model(model)
@@ -151,6 +154,7 @@ def _stage(
         metrics=CardMetrics(
             final=records[-1] if records else None,
             best=BestEpoch(val_accuracy=best_val_accuracy, epoch=best_epoch),
+            shipped=next((r for r in records if r.epoch == shipped_epoch), None),
             epochs=len(records),
         ),
         evaluation=CardEvaluation(
@@ -182,9 +186,11 @@ def write_artifacts(
     best_val_accuracy: float | None,
     best_epoch: int | None,
     checkpoint_uri: str | None,
+    shipped_epoch: int | None = None,
 ) -> Artifacts:
     """Write the model, its exports, the evaluation, the plots and the model card into ``run_dir`` (a path
-    or an s3:// / gs:// URI) and return what the FineTuneJob status records about them."""
+    or an s3:// / gs:// URI) and return what the FineTuneJob status records about them. ``model`` holds
+    the weights of epoch ``shipped_epoch`` and ``evaluation`` is theirs; ``checkpoint_uri`` names their checkpoint."""
     check_exports(list(cfg.spec.output.exports))
     if list(evaluation.class_names) != list(class_names):
         raise ArtifactError(f"evaluation class names {evaluation.class_names[:5]} differ from the model's {class_names[:5]}")
@@ -198,6 +204,7 @@ def write_artifacts(
         records=records,
         best_val_accuracy=best_val_accuracy,
         best_epoch=best_epoch,
+        shipped_epoch=shipped_epoch,
     )
     if storage.is_remote(run_dir):
         # Object stores: stage in a local temporary directory, then upload; the card goes last.

@@ -6,23 +6,47 @@ relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back f
 ``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict, the optimizer, the
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
 improvement) and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
+Beside it, ``checkpoint.sha256`` holds the file's checksum: a truncated or altered copy is refused as
+corrupt (``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
+
+The best epoch follows Ray Train's retention rule (``CheckpointConfig(checkpoint_score_attribute=
+"val_accuracy", order="max")``): on equal scores the later report ranks higher, so the checkpoint the
+status names is always the one Ray keeps. Early stopping counts per stage: a stage starts with a fresh
+patience, and a stage that stopped early never skips the next one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import torch
 
-from finetune_trainer.errors import TrainerError
+from finetune_trainer import storage
+from finetune_trainer.errors import TrainerError, exception_line
 
-__all__ = ["CHECKPOINT_FILE", "TrainState", "checkpoint_dir_name", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CHECKSUM_FILE",
+    "CorruptCheckpoint",
+    "TrainState",
+    "checkpoint_dir_name",
+    "read_checkpoint",
+    "restore_training",
+    "write_checkpoint",
+]
 
 CHECKPOINT_FILE: Final = "checkpoint.pt"
+CHECKSUM_FILE: Final = "checkpoint.sha256"
 _FORMAT: Final = 1
+
+
+class CorruptCheckpoint(TrainerError):
+    """A checkpoint that cannot be used: missing, truncated, or not what was written (one line)."""
 
 
 @dataclass
@@ -34,25 +58,46 @@ class TrainState:
     best_val_accuracy: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
-    """Epochs since the last improvement, for early stopping."""
+    """Epochs of the current stage since its last improvement, for early stopping."""
     stopped_early: bool = False
+    """The current stage (``stage``) stopped early; the next stage still runs."""
+    stage_best: float | None = None
+    """The best accuracy of the current stage: what an improvement must beat (by ``min_delta``)."""
+    best_checkpoint: str | None = None
+    """The directory name of the best epoch's checkpoint (``checkpoint_dir_name``)."""
+    lineage: int = 0
+    """How many times this run resumed from an older checkpoint than its latest (a corrupt one):
+    re-run epochs get new checkpoint names, never those of the abandoned ones."""
+
+    def enter_stage(self, name: str) -> None:
+        """Start stage ``name``: a fresh patience (a plateau of the probe says nothing about fine-tuning)."""
+        if self.stage != name:
+            self.stage, self.bad_epochs, self.stage_best, self.stopped_early = name, 0, None, False
+
+    def stage_done(self, name: str, last: int) -> bool:
+        """Whether stage ``name`` (ending at epoch ``last``) has nothing left to train."""
+        return self.epoch >= last or (self.stopped_early and self.stage == name)
 
     def observe(self, epoch: int, val_accuracy: float, min_delta: float) -> None:
-        """Record epoch ``epoch``'s accuracy: the best is the maximum; an improvement (for patience)
-        must beat the previous best by more than ``min_delta``."""
-        previous = self.best_val_accuracy
-        if previous is None or val_accuracy - previous > min_delta:
+        """Record epoch ``epoch``'s accuracy. The best is the maximum, the later epoch on ties (Ray's
+        retention rule, see the module docstring); an improvement (for patience) must beat the stage's
+        best by more than ``min_delta``."""
+        if self.stage_best is None or val_accuracy - self.stage_best > min_delta:
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
-        if previous is None or val_accuracy > previous:
+        if self.stage_best is None or val_accuracy > self.stage_best:
+            self.stage_best = val_accuracy
+        if self.best_val_accuracy is None or val_accuracy >= self.best_val_accuracy:
             self.best_val_accuracy, self.best_epoch = val_accuracy, epoch
+            self.best_checkpoint = checkpoint_dir_name(epoch, self.lineage)
         self.epoch = epoch
 
 
-def checkpoint_dir_name(epoch: int) -> str:
-    """The checkpoint's directory under the run dir: named by epoch, so the best one can be found again."""
-    return f"checkpoint_epoch_{epoch:04d}"
+def checkpoint_dir_name(epoch: int, lineage: int = 0) -> str:
+    """The checkpoint's directory under the run dir: named by epoch, so the best one can be found again,
+    and by lineage after a fallback (``TrainState.lineage``)."""
+    return f"checkpoint_epoch_{epoch:04d}" + (f"_r{lineage}" if lineage else "")
 
 
 def write_checkpoint(
@@ -77,19 +122,55 @@ def write_checkpoint(
         },
         Path(directory) / CHECKPOINT_FILE,
     )
+    (Path(directory) / CHECKSUM_FILE).write_text(storage.sha256_file(Path(directory) / CHECKPOINT_FILE) + "\n")
 
 
 def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str) -> dict[str, Any]:
     """The checkpoint in ``directory`` (as written by ``write_checkpoint``) with ``train_state`` as a
-    TrainState; a TrainerError when it belongs to another spec."""
+    TrainState, on the CPU; CorruptCheckpoint when it is unreadable or fails its checksum, a
+    TrainerError when it belongs to another spec."""
     path = Path(directory) / CHECKPOINT_FILE
-    # weights_only: a checkpoint is data; loading it must not be able to run code.
-    data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    found = data.get("fingerprint")
-    if found != fingerprint:
+    name = Path(directory).name
+    try:
+        expected = (Path(directory) / CHECKSUM_FILE).read_text().strip()
+    except FileNotFoundError:
+        expected = None  # written before checksums: torch.load's own checks are all there is
+    except OSError as e:
+        raise CorruptCheckpoint(f"checkpoint {name}: cannot read {CHECKSUM_FILE}: {exception_line(e)}") from None
+    try:
+        if expected is not None and (found := storage.sha256_file(path)) != expected:
+            raise CorruptCheckpoint(
+                f"checkpoint {name}: {CHECKPOINT_FILE} has sha256 {found[:12]}…, written as {expected[:12]}… "
+                f"({path.stat().st_size} bytes; truncated or altered)"
+            )
+        # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
+        # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
+        data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is unreadable: {exception_line(e)}") from None
+    found_fp = data.get("fingerprint")
+    if found_fp != fingerprint:
         raise TrainerError(
-            f"output: {run_dir} holds checkpoints of a different spec (fingerprint {found}, this job {fingerprint}); "
+            f"output: {run_dir} holds checkpoints of a different spec (fingerprint {found_fp}, this job {fingerprint}); "
             "a relaunch resumes only the same training spec: delete that folder, or rename the job or change output.uri"
         )
     data["train_state"] = TrainState(**data["train_state"])
     return data
+
+
+def restore_training(
+    data: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Load a checkpoint's optimizer, schedule and AMP scaler (``data`` as ``read_checkpoint`` returns it)
+    into those of the resumed run, whatever device and precision either ran with."""
+    # The optimizer casts its floating state to each parameter's dtype and device: a CPU checkpoint
+    # resumes on a GPU (and back) once the model is on its device.
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    # A disabled scaler (CPU, bf16 or fp32) saves {}, which an enabled one (fp16 on a GPU) refuses to
+    # load: it starts from its initial scale instead, as a fresh fp16 run does.
+    if data["scaler"]:
+        scaler.load_state_dict(data["scaler"])

@@ -131,7 +131,8 @@ def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool 
 
 def read_result(cfg: TrainerConfig) -> RunResult:
     records = read_metrics(cfg.run_dir)
-    best = max(records, key=lambda r: r.val_accuracy, default=None)
+    # The later epoch on ties, as the trainer (TrainState.observe) and Ray's checkpoint retention rank them.
+    best = max(records, key=lambda r: (r.val_accuracy, r.epoch), default=None)
     card = storage.join(cfg.run_dir, CARD_FILE)
     if not storage.is_remote(card) and not Path(card).exists():
         raise TrainerError(f"output: training finished but {card} was not written")

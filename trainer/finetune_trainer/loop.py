@@ -9,7 +9,9 @@ augmentation trains the head on backbone features computed once (``data.cache_fe
 
 Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
 appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
-Train hands back. At the end rank 0 evaluates on the validation set and writes the artifacts.
+Train hands back, or from an older one when that one is corrupt (``resume``). Early stopping ends a
+stage, never the run: lp-ft fine-tunes after a probe that plateaued. At the end rank 0 ships the best
+epoch's weights, evaluated on the whole validation set, with the artifacts (``finish``).
 """
 
 from __future__ import annotations
@@ -31,19 +33,18 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
-from finetune_trainer.artifacts import write_artifacts
-from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
+from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, seed_everything, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
-from finetune_trainer.evaluation import EvalResult
-from finetune_trainer.inputs import InputSpec
+from finetune_trainer.finish import finish_run
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.resume import resume_from
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 
@@ -183,7 +184,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         worker.resumed_from = state.epoch
         _run_stages(worker, train, val, state, resumed)
         if rank == 0:
-            _finish(worker, val, state, input_spec)
+            finish_run(
+                worker.cfg,
+                model=worker.model,
+                class_names=class_names,
+                precision=worker.precision,
+                criterion=worker.criterion,
+                val=val,
+                state=state,
+                input_spec=input_spec,
+                sinks=sinks,
+            )
     except TrainerError as e:
         # User errors fail the same way on every retry; say so where people look, then let Ray fail the run.
         if sinks is not None:
@@ -192,12 +203,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
-    """The state of the last registered checkpoint (model weights restored), or a fresh start."""
+    """The state of the newest usable checkpoint (model weights restored), or a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState(), None
-    with checkpoint.as_directory() as directory:
-        data = read_checkpoint(directory, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)
+    resumed = resume_from(checkpoint, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)
+    for warning in resumed.warnings:
+        log.warning("%s", warning)
+        if worker.sinks is not None:
+            worker.sinks.warn(warning)
+    data = resumed.data
     worker.model.load_state_dict(data["model"])
     state: TrainState = data["train_state"]
     log.info("resuming %s after epoch %d (%s stage)", worker.cfg.job_name, state.epoch, state.stage)
@@ -206,10 +221,12 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
 
 def _run_stages(worker: Worker, train: Labelled, val: Labelled, state: TrainState, resumed: dict[str, Any] | None) -> None:
     for stage in plan_stages(worker.spec):
-        if state.stopped_early or state.epoch >= stage.last:
+        # Early stopping ends this stage only: a probe that plateaued is still followed by fine-tuning.
+        if state.stage_done(stage.name, stage.last):
             continue
         # Optimizer and schedule carry over only within the stage the checkpoint was written in.
         carried = resumed if resumed is not None and state.stage == stage.name and state.epoch >= stage.first else None
+        state.enter_stage(stage.name)
         _run_stage(worker, stage, train, val, state, carried)
 
 
@@ -253,9 +270,7 @@ def _run_stage(
     optimizer = build_optimizer(spec, stage, groups)
     scheduler = build_scheduler(spec, stage, optimizer, len(shards.train))
     if carried is not None:
-        optimizer.load_state_dict(carried["optimizer"])
-        scheduler.load_state_dict(carried["scheduler"])
-        worker.precision.scaler.load_state_dict(carried["scaler"])
+        restore_training(carried, optimizer, scheduler, worker.precision.scaler)
     for epoch in range(max(stage.first, state.epoch + 1), stage.last + 1):
         shards.sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -272,7 +287,6 @@ def _run_stage(
         train_seconds = time.perf_counter() - started
         loss_sum, seen_all = all_reduce([loss_sum, float(seen)], worker.device)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
-        state.stage = stage.name
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
         record = EpochRecord(
             epoch=epoch,
@@ -316,7 +330,7 @@ def _report(
         "best_epoch": state.best_epoch,
         **attempt,
     }
-    name = checkpoint_dir_name(record.epoch)
+    name = checkpoint_dir_name(record.epoch, state.lineage)
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
@@ -353,38 +367,3 @@ def _report(
                 epoch_seconds=record.epoch_seconds,
             ),
         )
-
-
-def _finish(worker: Worker, val: Labelled, state: TrainState, input_spec: InputSpec) -> None:
-    """Rank 0: evaluate the final model on the whole validation set, write the artifacts, close the sinks."""
-    spec = worker.spec
-    total = spec.hyperparameters.epochs
-    if worker.sinks is not None:
-        worker.sinks.update(
-            Progress(
-                epoch=state.epoch,
-                total_epochs=total,
-                percent=100.0 if state.epoch >= total else round(100 * state.epoch / total, 2),
-                stage="evaluate",
-                updated_at=utc_now(),
-            )
-        )
-    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size), shuffle=False)
-    stats = evaluate(worker.model, loader, worker.criterion, worker.precision, len(worker.class_names), reduce=False)
-    best = state.best_epoch
-    checkpoint_uri = f"{worker.cfg.run_dir}/{checkpoint_dir_name(best)}" if best is not None else None
-    if worker.sinks is not None:
-        worker.sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=100.0, stage="export", updated_at=utc_now()))
-    artifacts = write_artifacts(
-        worker.cfg.run_dir,
-        model=worker.model,
-        cfg=worker.cfg,
-        class_names=worker.class_names,
-        input_spec=input_spec,
-        evaluation=EvalResult(y_true=stats.y_true, y_pred=stats.y_pred, class_names=worker.class_names),
-        best_val_accuracy=state.best_val_accuracy,
-        best_epoch=best,
-        checkpoint_uri=checkpoint_uri,
-    )
-    if worker.sinks is not None:
-        worker.sinks.finish(artifacts)

@@ -115,6 +115,9 @@ class CardMetrics(CardPart):
     final: WireEpochRecord | None
     """The last epoch's line of metrics.jsonl."""
     best: BestEpoch
+    shipped: WireEpochRecord | None = None
+    """The line of the epoch whose weights ``model.pt`` holds: the best epoch's (absent in cards
+    written before model.pt held the best weights, when it held the last epoch's)."""
     epochs: int
 
 

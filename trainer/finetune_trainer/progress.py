@@ -19,10 +19,18 @@ from typing import Any, Protocol, TextIO
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Phase, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Phase, Progress, newest_warnings
 from finetune_trainer import storage
 
-__all__ = ["ConsoleSink", "JsonFileSink", "MultiSink", "ProgressSink", "build_sinks", "format_epoch_line", "utc_now"]
+__all__ = [
+    "ConsoleSink",
+    "JsonFileSink",
+    "MultiSink",
+    "ProgressSink",
+    "build_sinks",
+    "format_epoch_line",
+    "utc_now",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +39,12 @@ _EPOCH_STAGES = frozenset({"probe", "fine-tune"})
 
 
 class ProgressSink(Protocol):
-    """Receives training progress. ``update`` after every epoch (and at stage changes); ``finish`` once."""
+    """Receives training progress. ``update`` after every epoch (and at stage changes); ``warn`` for a
+    problem the trainer worked around (kept until the end); ``finish`` once."""
 
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None: ...
+
+    def warn(self, message: str) -> None: ...
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None: ...
 
@@ -116,6 +127,9 @@ class ConsoleSink:
             self._write(f"{progress.stage}...")
         self._last_stage = progress.stage
 
+    def warn(self, message: str) -> None:
+        self._write(f"warning: {message}")
+
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -131,13 +145,14 @@ class ConsoleSink:
 # --------------------------------------------------------------------------------------------- file
 class JsonFileSink:
     """The latest status as one JSON document at ``path``:
-    ``{"phase", "progress", "metrics", "artifacts", "error"}`` with the API's camelCase fields. Each
+    ``{"phase", "progress", "metrics", "artifacts", "error", "warnings"}`` with the API's camelCase fields. Each
     write replaces the file atomically, so a reader polling it always parses a complete document."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._progress: Progress | None = None
         self._metrics: Metrics | None = None
+        self._warnings: list[str] = []
 
     def _write(self, phase: Phase, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         def wire(obj: Progress | Metrics | Artifacts | None) -> dict[str, Any] | None:
@@ -149,6 +164,7 @@ class JsonFileSink:
             "metrics": wire(self._metrics),
             "artifacts": wire(artifacts),
             "error": error,
+            "warnings": self._warnings,
         }
         storage.write_text(self.path, json.dumps(doc, indent=2) + "\n")
 
@@ -159,6 +175,10 @@ class JsonFileSink:
         # An update without metrics (a stage change) keeps the last epoch's metrics visible.
         if metrics is not None:
             self._metrics = metrics
+        self._write(Phase.RUNNING)
+
+    def warn(self, message: str) -> None:
+        self._warnings = newest_warnings([*self._warnings, message])
         self._write(Phase.RUNNING)
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
@@ -187,6 +207,10 @@ class MultiSink:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
         for sink in self.sinks:
             self._call(sink, "update", progress, metrics)
+
+    def warn(self, message: str) -> None:
+        for sink in self.sinks:
+            self._call(sink, "warn", message)
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         for sink in self.sinks:

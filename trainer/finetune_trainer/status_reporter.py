@@ -1,7 +1,7 @@
 """The trainer's Kubernetes progress sink: rank 0 patches its own FineTuneJob's progress, metrics, artifacts.
 
 ``KubernetesStatusSink`` implements ``progress.ProgressSink``. It merge-patches ``status.progress``,
-``status.metrics`` and finally ``status.artifacts`` through the status subresource of the one job named in
+``status.metrics``, ``status.warnings`` and finally ``status.artifacts`` through the status subresource of the one job named in
 the config (the per-job Role allows nothing else), and never touches ``phase``/``conditions``, which the
 operator owns. Patches are throttled to one per ``FINETUNE_STATUS_THROTTLE_SECONDS`` (set by the operator
 in the pod's environment; updates in between are coalesced, the last one wins) and ``finish`` always
@@ -25,7 +25,7 @@ import kubernetes.client
 
 from finetune_operator.api.contract import ENV_JOB_NAMESPACE, ENV_THROTTLE, TrainerConfig
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress, newest_warnings
 from finetune_operator.api.versions import GROUP, PLURAL, VERSION
 from finetune_operator.kubeclient import load_client
 
@@ -63,6 +63,7 @@ class KubernetesStatusSink:
         self._clock = clock
         self._last_sent: float | None = None
         self._pending: dict[str, Any] = {}
+        self._warnings: list[str] = []
         self._failing = False
         self.sent = 0  # patches the API server accepted
         self._api: kubernetes.client.CustomObjectsApi | None = None
@@ -93,6 +94,12 @@ class KubernetesStatusSink:
         now = self._clock()
         if self._last_sent is None or now - self._last_sent >= self.throttle:
             self._flush(now)
+
+    def warn(self, message: str) -> None:
+        # Sent at once, throttle or not: a warning is rare and must not wait for (or be lost before) the next epoch.
+        self._warnings = newest_warnings([*self._warnings, message])
+        self._pending["warnings"] = list(self._warnings)
+        self._flush(self._clock())
 
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         if error is None:

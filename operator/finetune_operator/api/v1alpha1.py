@@ -62,6 +62,7 @@ Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOM
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
 Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
 ExportFormat = Literal["state_dict", "torchscript", "onnx"]
+WarningLine = Annotated[str, Field(max_length=1024)]  # MAX_WARNING_LENGTH
 
 
 class Phase(str, Enum):
@@ -77,6 +78,16 @@ class Phase(str, Enum):
 
 TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
 """Phases a job never leaves."""
+
+MAX_WARNINGS: Final = 16
+"""``status.warnings`` keeps the newest this many: a status must stay small whatever happens to a run."""
+MAX_WARNING_LENGTH: Final = 1024
+
+
+def newest_warnings(warnings: list[str]) -> list[str]:
+    """What ``status.warnings`` holds of ``warnings``: the newest ``MAX_WARNINGS``, each cut to fit."""
+    cut = MAX_WARNING_LENGTH - 1
+    return [w if len(w) <= MAX_WARNING_LENGTH else w[:cut] + "…" for w in warnings[-MAX_WARNINGS:]]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -273,7 +284,8 @@ class StrategySpec(WireModel):
 
 # ----------------------------------------------------------------------------------- hyperparameters
 class EarlyStoppingSpec(WireModel):
-    """Stop when validation accuracy has not improved for `patience` epochs."""
+    """Stop a stage when its validation accuracy has not improved for `patience` epochs; with lp-ft a probe stage that stops is
+    still followed by fine-tuning, with a fresh patience."""
 
     patience: Annotated[int, Field(ge=1, le=10_000)] = 3
     """Epochs without improvement before stopping."""
@@ -807,7 +819,7 @@ class Artifacts(WireModel):
     """The model card (`model.json`): architecture, classes, transforms, metrics, checksums."""
 
     checkpoint_uri: str | None = None
-    """The best checkpoint (model, optimizer, scheduler, epoch)."""
+    """The checkpoint of the weights in `model.pt`, the best epoch's (model, optimizer, scheduler, epoch); retention keeps it."""
 
     sha256: str | None = None
     """SHA-256 of `model.pt`."""
@@ -860,6 +872,9 @@ class FineTuneJobStatus(WireModel):
 
     attempts: int | None = None
     """Times the RayJob has been started (1 + retries)."""
+
+    warnings: Annotated[list[WarningLine], Field(max_length=MAX_WARNINGS)] = Field(default_factory=list)
+    """Problems the trainer worked around, newest last (e.g. a corrupt checkpoint skipped on resume)."""
 
 
 # -------------------------------------------------------------------------------------------- object

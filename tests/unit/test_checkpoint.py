@@ -1,0 +1,298 @@
+"""Checkpoints and the training state they carry (issue 11 items 1, 2, 9), on the CPU without a Ray runtime:
+per-stage early stopping, the best epoch on ties (Ray's retention rule), checksums, the fallback from a
+corrupt checkpoint to an older one, and a CPU checkpoint resumed under fp16 autocast with a live GradScaler."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune_trainer.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKSUM_FILE,
+    CorruptCheckpoint,
+    TrainState,
+    checkpoint_dir_name,
+    read_checkpoint,
+    restore_training,
+    write_checkpoint,
+)
+from finetune_trainer.engine import Precision, train_one_epoch
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.resume import order_candidates, read_weights, resume_from
+
+FP = "fp-1"
+
+
+def save(directory: Path, state: TrainState, seed: int = 0, scaler: torch.amp.GradScaler | None = None) -> nn.Module:
+    """A checkpoint of a small model (its weights drawn from ``seed``) in ``directory``; returns the model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    write_checkpoint(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler or torch.amp.GradScaler("cpu", enabled=False),
+        state=state,
+        fingerprint=FP,
+    )
+    return model
+
+
+def truncate(directory: Path) -> None:
+    path = directory / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# ------------------------------------------------------------------------------- early stopping
+def run_stages(stages: list[tuple[str, int, int]], accuracies: dict[int, float], patience: int, min_delta: float) -> list[int]:
+    """The epochs trained, walking ``stages`` (name, first, last) as ``loop._run_stages`` does."""
+    state, trained = TrainState(), []
+    for name, first, last in stages:
+        if state.stage_done(name, last):
+            continue
+        state.enter_stage(name)
+        for epoch in range(max(first, state.epoch + 1), last + 1):
+            state.observe(epoch, accuracies.get(epoch, 0.5), min_delta)
+            trained.append(epoch)
+            if state.bad_epochs >= patience:
+                state.stopped_early = True
+                break
+    return trained
+
+
+LP_FT = [("probe", 1, 4), ("fine-tune", 5, 10)]
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "patience", "min_delta", "expected"),
+    [
+        # The probe plateaus at epoch 2: it stops, and fine-tuning still runs (it plateaus too, from epoch 6).
+        ({}, 1, 0.0, [1, 2, 5, 6]),
+        # A fresh patience at the switch: fine-tuning below the probe's best is not "no improvement" yet.
+        ({1: 0.9, 5: 0.2, 6: 0.3, 7: 0.4, 8: 0.4}, 1, 0.0, [1, 2, 5, 6, 7, 8]),
+        ({1: 0.9, 5: 0.2, 6: 0.3, 7: 0.4, 8: 0.4, 9: 0.4}, 2, 0.0, [1, 2, 3, 5, 6, 7, 8, 9]),
+        # min_delta: a rise of 0.005 is no improvement.
+        ({1: 0.5, 2: 0.505, 5: 0.6, 6: 0.7}, 1, 0.01, [1, 2, 5, 6, 7]),
+        # No plateau: every epoch of both stages.
+        ({e: e / 10 for e in range(1, 11)}, 1, 0.0, list(range(1, 11))),
+    ],
+)
+def test_early_stopping_is_per_stage(accuracies: dict[int, float], patience: int, min_delta: float, expected: list[int]) -> None:
+    assert run_stages(LP_FT, accuracies, patience, min_delta) == expected
+
+
+def test_a_stage_stopped_early_is_resumed_at_the_next_stage() -> None:
+    # What a checkpoint written when the probe stopped early holds.
+    state = TrainState(
+        epoch=2, stage="probe", best_val_accuracy=0.5, best_epoch=1, bad_epochs=1, stopped_early=True, stage_best=0.5
+    )
+    assert state.stage_done("probe", 4)
+    assert not state.stage_done("fine-tune", 10)
+    state.enter_stage("fine-tune")
+    assert (state.stage, state.bad_epochs, state.stage_best, state.stopped_early) == ("fine-tune", 0, None, False)
+    # The best of the whole run is kept across stages.
+    assert (state.best_val_accuracy, state.best_epoch) == (0.5, 1)
+
+
+# ------------------------------------------------------------------------------------------ ties
+@pytest.mark.parametrize(
+    ("accuracies", "best_epoch"),
+    [
+        ([0.5, 0.5, 0.5], 3),  # a metric that does not change: the latest, as Ray's retention keeps it
+        ([0.5, 0.7, 0.7, 0.6], 3),
+        ([0.5, 0.7, 0.6, 0.7], 4),
+        ([0.9, 0.5, 0.6], 1),
+    ],
+)
+def test_best_epoch_on_ties_is_the_later_one(accuracies: list[float], best_epoch: int) -> None:
+    state = TrainState()
+    for epoch, acc in enumerate(accuracies, start=1):
+        state.observe(epoch, acc, min_delta=0.0)
+    assert state.best_epoch == best_epoch
+    assert state.best_checkpoint == checkpoint_dir_name(best_epoch)
+
+
+def test_best_checkpoint_names_the_lineage_it_was_written_in() -> None:
+    state = TrainState(epoch=4, best_val_accuracy=0.6, best_epoch=3, best_checkpoint=checkpoint_dir_name(3), lineage=1)
+    state.observe(5, 0.5, 0.0)
+    assert state.best_checkpoint == "checkpoint_epoch_0003"
+    state.observe(6, 0.6, 0.0)
+    assert state.best_checkpoint == "checkpoint_epoch_0006_r1"
+
+
+# ------------------------------------------------------------------------------------- checksums
+def test_a_checkpoint_reads_back_with_its_checksum(tmp_path: Path) -> None:
+    state = TrainState(epoch=3, stage="probe", best_val_accuracy=0.5, best_epoch=2)
+    model = save(tmp_path, state)
+    written = hashlib.sha256((tmp_path / CHECKPOINT_FILE).read_bytes()).hexdigest()
+    assert (tmp_path / CHECKSUM_FILE).read_text().strip() == written
+    data = read_checkpoint(tmp_path, FP, "runs/x")
+    assert data["train_state"] == state
+    torch.testing.assert_close(data["model"], model.state_dict())
+
+
+def flip_last_byte(directory: Path) -> None:
+    path = directory / CHECKPOINT_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (truncate, r"^checkpoint ckpt: checkpoint\.pt has sha256 \w+…, written as \w+… \(\d+ bytes; truncated or altered\)$"),
+        (flip_last_byte, r"^checkpoint ckpt: checkpoint\.pt has sha256 .* truncated or altered\)$"),
+        (lambda d: (d / CHECKPOINT_FILE).unlink(), r"^checkpoint ckpt: checkpoint\.pt is unreadable: FileNotFoundError: "),
+        # Written before checksums: torch.load's own error, as one line of ours.
+        (
+            lambda d: ((d / CHECKSUM_FILE).unlink(), truncate(d)),
+            r"^checkpoint ckpt: checkpoint\.pt is unreadable: RuntimeError: ",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_is_corrupt_in_one_line(tmp_path: Path, damage: Callable[[Path], object], message: str) -> None:
+    directory = tmp_path / "ckpt"
+    save(directory, TrainState(epoch=1))
+    damage(directory)
+    with pytest.raises(CorruptCheckpoint, match=message) as raised:
+        read_checkpoint(directory, FP, "runs/x")
+    assert "\n" not in str(raised.value)
+
+
+# -------------------------------------------------------------------------------------- fallback
+@pytest.mark.parametrize(
+    ("latest", "names", "expected"),
+    [
+        ("0003", ["0001", "0003", "0002"], ["0003", "0002", "0001"]),
+        # Ray keeps the best and the latest, not every epoch; foreign folders are no candidates.
+        ("0009", ["0004", "0009", ".tmp", "model.pt", "checkpoint_epoch_x"], ["0009", "0004"]),
+        # After a fallback: by epoch, then by lineage.
+        ("0006_r1", ["0005", "0005_r1", "0004", "0006_r1", "0004_r1"], ["0006_r1", "0005_r1", "0005", "0004_r1", "0004"]),
+    ],
+)
+def test_fallback_order_is_newest_first(latest: str, names: list[str], expected: list[str]) -> None:
+    def full(n: str) -> str:
+        return n if not n[0].isdigit() else f"checkpoint_epoch_{n}"
+
+    assert order_candidates(full(latest), [full(n) for n in names]) == [full(n) for n in expected]
+
+
+def write_run(run: Path, epochs: int) -> dict[int, nn.Module]:
+    """Checkpoints of epochs 1..``epochs`` in ``run``, as the loop names them."""
+    models = {}
+    state = TrainState()
+    for epoch in range(1, epochs + 1):
+        state.observe(epoch, 0.5, 0.0)
+        models[epoch] = save(run / checkpoint_dir_name(epoch), copy.deepcopy(state), seed=epoch)
+    return models
+
+
+def latest_of(run: Path, epoch: int) -> ray.train.Checkpoint:
+    return ray.train.Checkpoint(path=str(run / checkpoint_dir_name(epoch)))
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    models = write_run(run, 3)
+    truncate(run / checkpoint_dir_name(3))
+
+    resumed = resume_from(latest_of(run, 3), FP, str(run))
+
+    state = resumed.data["train_state"]
+    assert state.epoch == 2
+    torch.testing.assert_close(resumed.data["model"], models[2].state_dict())
+    # Re-run epochs get names of their own: the abandoned checkpoint_epoch_0003 is never written into.
+    assert state.lineage == 1
+    assert checkpoint_dir_name(3, state.lineage) == "checkpoint_epoch_0003_r1"
+    (warning,) = resumed.warnings
+    assert warning.startswith("checkpoint checkpoint_epoch_0003: checkpoint.pt has sha256 ")
+    assert warning.endswith("; resumed from checkpoint checkpoint_epoch_0002 (epoch 2)")
+    assert "\n" not in warning
+
+
+def test_an_intact_latest_checkpoint_resumes_without_warnings(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    write_run(run, 2)
+    resumed = resume_from(latest_of(run, 2), FP, str(run))
+    assert (resumed.data["train_state"].epoch, resumed.data["train_state"].lineage, resumed.warnings) == (2, 0, [])
+
+
+def test_no_usable_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    write_run(run, 2)
+    for epoch in (1, 2):
+        truncate(run / checkpoint_dir_name(epoch))
+    expected = r"^output: no usable checkpoint in .*job: checkpoint checkpoint_epoch_0002: .*; checkpoint checkpoint_epoch_0001: "
+    with pytest.raises(TrainerError, match=expected) as raised:
+        resume_from(latest_of(run, 2), FP, str(run))
+    assert "\n" not in str(raised.value)
+    assert not isinstance(raised.value, CorruptCheckpoint)
+
+
+def test_a_checkpoint_of_another_spec_is_not_skipped_but_refused(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    write_run(run, 2)
+    with pytest.raises(TrainerError, match="holds checkpoints of a different spec"):
+        resume_from(latest_of(run, 2), "another", str(run))
+
+
+def test_read_weights_of_a_named_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    models = write_run(run, 3)
+    torch.testing.assert_close(read_weights(str(run), checkpoint_dir_name(2), FP), models[2].state_dict())
+    truncate(run / checkpoint_dir_name(2))
+    with pytest.raises(CorruptCheckpoint):
+        read_weights(str(run), checkpoint_dir_name(2), FP)
+
+
+# ------------------------------------------------------------------------------- device, precision
+def test_a_cpu_checkpoint_resumes_under_fp16_with_a_live_scaler(tmp_path: Path) -> None:
+    """What a CPU (fp32) run's checkpoint meets on a GPU with mixedPrecision fp16: a live GradScaler and
+    fp16 autocast. No GPU here, so the CPU's own fp16 autocast and GradScaler stand in for CUDA's."""
+    save(tmp_path, TrainState(epoch=1))  # a disabled scaler, as every CPU run has: its state is {}
+    data = read_checkpoint(tmp_path, FP, "runs/x")
+    assert data["scaler"] == {}
+    assert all(t.device.type == "cpu" for t in data["model"].values())
+
+    model = nn.Linear(4, 3)
+    model.load_state_dict(data["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    restore_training(data, optimizer, scheduler, scaler)  # GradScaler.load_state_dict({}) would raise here
+
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()  # a fresh fp16 run's scale
+    precision = Precision(torch.device("cpu"), torch.float16, scaler)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])), batch_size=4)
+    before = copy.deepcopy(model.state_dict())
+    loss_sum, seen = train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler, precision, 1.0, frozen_bn=False)
+    assert seen == 8 and torch.isfinite(torch.tensor(loss_sum))
+    assert model.weight.dtype == torch.float32  # autocast computes in fp16; the weights stay fp32
+    assert not torch.equal(model.weight, before["weight"])
+
+
+def test_a_live_scalers_state_resumes_on_the_cpu(tmp_path: Path) -> None:
+    """The way back: an fp16 run's scaler state into a disabled scaler (a CPU run) is ignored, not an error."""
+    live = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    save(tmp_path, TrainState(epoch=1), scaler=live)
+    data = read_checkpoint(tmp_path, FP, "runs/x")
+    assert data["scaler"]["scale"] == 1024.0
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    restore_training(data, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    assert optimizer.state_dict()["param_groups"][0]["momentum"] == 0.9

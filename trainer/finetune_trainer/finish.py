@@ -1,0 +1,92 @@
+"""The end of a run on rank 0: which weights ship, their final evaluation, the artifacts (``finish_run``).
+
+The shipped ``model.pt`` holds the best epoch's weights, the ones the status and the model card report
+(with early stopping the last epoch is by construction ``patience`` epochs past them): the loop's model
+when the last epoch is the best, else the weights of the best checkpoint (``TrainState.best_checkpoint``,
+which Ray's retention keeps). ``evaluation.json``, the confusion matrix, the exports and the card's
+``metrics.shipped`` all describe those same weights. Should the best checkpoint be unusable, the last
+epoch's weights ship instead, with a warning, and everything describes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.timestamps import utc_now
+from finetune_operator.api.v1alpha1 import Progress
+from finetune_trainer import storage
+from finetune_trainer.artifacts import write_artifacts
+from finetune_trainer.checkpoint import CorruptCheckpoint, TrainState, checkpoint_dir_name
+from finetune_trainer.engine import Precision, evaluate
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.progress import ProgressSink
+from finetune_trainer.resume import read_weights
+
+__all__ = ["finish_run"]
+
+log = logging.getLogger(__name__)
+
+
+def _ship_weights(cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks: ProgressSink | None) -> tuple[str, int]:
+    """Put the shipped weights into ``model``; return (their checkpoint's name, their epoch)."""
+    last = (checkpoint_dir_name(state.epoch, state.lineage), state.epoch)
+    # A checkpoint written before best_checkpoint existed names its best epoch only (never after a fallback).
+    best = state.best_checkpoint or (checkpoint_dir_name(state.best_epoch) if state.best_epoch is not None else None)
+    if best is None or state.best_epoch is None or best == last[0]:
+        return last  # the loop's model holds them already
+    try:
+        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint())
+    except CorruptCheckpoint as e:
+        warning = f"{e}; model.pt holds the last epoch's weights (epoch {state.epoch}) instead of the best"
+        log.warning("%s", warning)
+        if sinks is not None:
+            sinks.warn(warning)
+        return last
+    model.load_state_dict(weights)
+    return best, state.best_epoch
+
+
+def finish_run(
+    cfg: TrainerConfig,
+    *,
+    model: nn.Module,
+    class_names: list[str],
+    precision: Precision,
+    criterion: nn.Module,
+    val: Dataset[Any],
+    state: TrainState,
+    input_spec: InputSpec,
+    sinks: ProgressSink | None,
+) -> None:
+    """Rank 0: load the shipped weights into ``model``, evaluate them on the whole validation set,
+    write the artifacts and close the sinks."""
+    spec = cfg.spec
+    total = spec.hyperparameters.epochs
+    if sinks is not None:
+        percent = 100.0 if state.epoch >= total else round(100 * state.epoch / total, 2)
+        sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=percent, stage="evaluate", updated_at=utc_now()))
+    name, epoch = _ship_weights(cfg, model, state, sinks)
+    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size), shuffle=False)
+    stats = evaluate(model, loader, criterion, precision, len(class_names), reduce=False)
+    if sinks is not None:
+        sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=100.0, stage="export", updated_at=utc_now()))
+    artifacts = write_artifacts(
+        cfg.run_dir,
+        model=model,
+        cfg=cfg,
+        class_names=class_names,
+        input_spec=input_spec,
+        evaluation=EvalResult(y_true=stats.y_true, y_pred=stats.y_pred, class_names=class_names),
+        best_val_accuracy=state.best_val_accuracy,
+        best_epoch=state.best_epoch,
+        checkpoint_uri=storage.join(cfg.run_dir, name) if state.epoch > 0 else None,
+        shipped_epoch=epoch if state.epoch > 0 else None,
+    )
+    if sinks is not None:
+        sinks.finish(artifacts)

@@ -1,0 +1,96 @@
+"""Which checkpoint a relaunched run resumes from, and which one its shipped model comes from.
+
+``resume_from`` reads the checkpoint Ray Train hands back (its latest) and, when that one is corrupt
+(``checkpoint.CorruptCheckpoint``: truncated, altered, unreadable), the other checkpoints beside it in
+the run directory, newest first: the first usable one wins, and each one skipped becomes a warning for
+the job's status. Only when none is usable does the run fail, in one line naming each and why.
+After a fallback the run's ``lineage`` moves past every checkpoint name on disk, so that re-run epochs
+never write into (and Ray's retention never deletes) the directory of an abandoned one.
+
+``read_weights`` loads one named checkpoint's model weights (the best epoch's, for ``model.pt``).
+Ray's ``Checkpoint`` reaches local paths and object stores alike; ``as_directory`` downloads when needed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any, Final
+
+import pyarrow.fs
+import ray.train
+
+from finetune_trainer import storage
+from finetune_trainer.checkpoint import CorruptCheckpoint, read_checkpoint
+from finetune_trainer.errors import TrainerError
+
+__all__ = ["Resumed", "order_candidates", "read_weights", "resume_from"]
+
+_NAME: Final = re.compile(r"^checkpoint_epoch_(\d+)(?:_r(\d+))?$")
+
+
+class Resumed:
+    """A usable checkpoint's content (``read_checkpoint``'s dict) and the warnings of those skipped."""
+
+    def __init__(self, data: dict[str, Any], warnings: list[str]) -> None:
+        self.data = data
+        self.warnings = warnings
+
+
+def _key(name: str) -> tuple[int, int] | None:
+    """(epoch, lineage) of a checkpoint directory name; None for anything else."""
+    match = _NAME.match(name)
+    return None if match is None else (int(match[1]), int(match[2] or 0))
+
+
+def order_candidates(latest: str, names: list[str]) -> list[str]:
+    """``latest`` first, then the other checkpoint names among ``names``, newest (epoch, lineage) first."""
+    keyed = [(key, n) for n in set(names) if n != latest and (key := _key(n)) is not None]
+    return [latest, *(n for _, n in sorted(keyed, reverse=True))]
+
+
+def _siblings(checkpoint: ray.train.Checkpoint) -> list[str]:
+    parent = posixpath.dirname(checkpoint.path.rstrip("/"))
+    # Ray resolves a checkpoint's filesystem when it is built: never None here.
+    assert checkpoint.filesystem is not None
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    return [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
+
+
+def _read(checkpoint: ray.train.Checkpoint, fingerprint: str, run_dir: str) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return read_checkpoint(directory, fingerprint, run_dir)
+
+
+def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str) -> Resumed:
+    """The newest usable checkpoint, starting with ``latest``; TrainerError (one line) when none is."""
+    latest_name = posixpath.basename(latest.path.rstrip("/"))
+    try:
+        return Resumed(_read(latest, fingerprint, run_dir), [])
+    except CorruptCheckpoint as e:
+        problems = [str(e)]
+    names = _siblings(latest)
+    parent = posixpath.dirname(latest.path.rstrip("/"))
+    for name in order_candidates(latest_name, names)[1:]:
+        candidate = ray.train.Checkpoint(path=posixpath.join(parent, name), filesystem=latest.filesystem)
+        try:
+            data = _read(candidate, fingerprint, run_dir)
+        except CorruptCheckpoint as e:
+            problems.append(str(e))
+            continue
+        state = data["train_state"]
+        # Past every lineage on disk: the abandoned checkpoints keep their names, the re-run gets new ones.
+        state.lineage = 1 + max(k[1] for n in names if (k := _key(n)) is not None)
+        warnings = [f"{p}; resumed from checkpoint {name} (epoch {state.epoch})" for p in problems]
+        return Resumed(data, warnings)
+    raise TrainerError(
+        f"output: no usable checkpoint in {run_dir}: {'; '.join(problems)}; "
+        "delete that folder to start over, or rename the job or change output.uri"
+    )
+
+
+def read_weights(run_dir: str, name: str, fingerprint: str) -> dict[str, Any]:
+    """The model state_dict of checkpoint ``name`` in ``run_dir`` (CorruptCheckpoint if unusable)."""
+    checkpoint = ray.train.Checkpoint(path=storage.join(run_dir, name))
+    weights: dict[str, Any] = _read(checkpoint, fingerprint, run_dir)["model"]
+    return weights
