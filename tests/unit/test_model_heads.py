@@ -309,7 +309,9 @@ def _first_trainable(model: nn.Module) -> nn.Module:
         ("efficientnet_b0", "full", None, False),
     ],
 )
-def test_frozen_modules_give_the_same_features_on_every_pass(name: str, method: str, blocks: int | None, same_output: bool) -> None:
+def test_frozen_modules_give_the_same_features_on_every_pass(
+    name: str, method: str, blocks: int | None, same_output: bool
+) -> None:
     torch.manual_seed(0)
     model = replace_head(models.get_model(name, weights=None), NUM_CLASSES)
     apply_strategy(model, method, unfreeze_blocks=blocks)

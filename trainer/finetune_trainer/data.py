@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -266,7 +265,8 @@ def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset
         val_root = _local_root(ds.validation_uri, ds.cache_dir)
         same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
         train_idx = _cap_per_class(range(len(labels)), labels, ds.max_per_class, seed)
-        val: LabelledDataset = ImageFiles(scan_images("validationUri", ds.validation_uri, val_root, classes), eval_transform(spec))
+        val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes)
+        val: LabelledDataset = ImageFiles(val_samples, eval_transform(spec))
     else:
         train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, ds.train_uri)
         train_idx = _cap_per_class(train_idx, labels, ds.max_per_class, seed)

@@ -25,7 +25,15 @@ from torchvision import datasets
 
 from finetune_trainer.errors import TrainerError
 
-__all__ = ["IMG_EXTENSIONS", "MAX_UNREADABLE_FRACTION", "ImageFiles", "class_folders", "load_image", "same_classes", "scan_images"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MAX_UNREADABLE_FRACTION",
+    "ImageFiles",
+    "class_folders",
+    "load_image",
+    "same_classes",
+    "scan_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +122,8 @@ def scan_images(field: str, uri: str, root: str, classes: Sequence[str]) -> list
         log.warning("dataset.%s: skipped %d of %d image files that cannot be read (%s)", field, len(bad), len(found), example)
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
-        raise TrainerError(f"dataset.{field}: class folder {Path(root) / empty[0]} holds no readable images; add some or remove it")
+        folder = Path(root) / empty[0]
+        raise TrainerError(f"dataset.{field}: class folder {folder} holds no readable images; add some or remove it")
     return samples
 
 
