@@ -301,7 +301,11 @@ def _features(
     share = -(-n // world)
     idx = list(range(rank, n, world))
     idx += [idx[-1] if idx else 0] * (share - len(idx))
-    loader: DataLoader[tuple[Tensor, int]] = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers)
+    # Its own generator: drawing the loader's base seed from the global one would shift the numbers a
+    # resumed run draws after it (resume is exact only if nothing but training draws from it).
+    loader: DataLoader[tuple[Tensor, int]] = DataLoader(
+        Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers, generator=torch.Generator()
+    )
     parts, labels = [], []
     for images, targets in loader:
         parts.append(extractor(images.to(device)).float())

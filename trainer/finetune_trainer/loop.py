@@ -34,7 +34,7 @@ from finetune_trainer import storage
 from finetune_trainer.artifacts import write_artifacts
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, seed_everything, train_one_epoch
+from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
@@ -44,6 +44,16 @@ from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.seeding import (
+    EpochSampler,
+    SeededSamples,
+    gather_rng_states,
+    loader_generator,
+    rank_seed,
+    seed_everything,
+    seed_loader_worker,
+    set_rng_state,
+)
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 
@@ -63,7 +73,8 @@ Labelled = Dataset[tuple[Tensor, int]]
 @dataclass
 class Shards:
     """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
-    images or their cached features are iterated) and a strided, unpadded validation shard."""
+    images or their cached features are iterated) and a strided, unpadded validation shard. Images are
+    augmented as ``seeding`` says: by ``(seed, epoch, index)``, the epoch coming from the sampler."""
 
     train: DataLoader[Any]
     sampler: DistributedSampler[Any]
@@ -75,19 +86,29 @@ def _workers() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def build_loaders(spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None) -> Shards:
+def build_loaders(
+    spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None, *, augmented: bool = True
+) -> Shards:
+    """``augmented``: ``train`` holds images whose transform draws random numbers (not cached features)."""
     rank, world = _workers()
+    seed = spec.hyperparameters.seed
     per_worker = max(1, spec.hyperparameters.batch_size // world)
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        train, num_replicas=world, rank=rank, shuffle=True, seed=spec.hyperparameters.seed
-    )
+    kind = EpochSampler if augmented else DistributedSampler
+    sampler: DistributedSampler[Any] = kind(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.
     drop_last = len(sampler) % per_worker == 1
     if len(sampler) // per_worker == 0 and drop_last:
         raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")  # type: ignore[arg-type]
     workers = spec.dataset.loader_workers if loader_workers is None else loader_workers
-    common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
-    train_loader: DataLoader[Any] = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": loader_generator(seed, rank),
+        "worker_init_fn": seed_loader_worker,
+    }
+    images = SeededSamples(train, seed) if augmented else train
+    train_loader: DataLoader[Any] = DataLoader(images, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
     # prepare_data_loader keeps our sampler (it adds one only when there is none) and moves batches to the device.
     train_loader = ray.train.torch.prepare_data_loader(train_loader)
     # Validation: every image exactly once across workers (a DistributedSampler would pad with repeats).
@@ -155,6 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         quiet_train_reports()
     rank, world = _workers()
     _set_threads(cfg)
+    # One seed on every worker until the model is built: DDP starts from one model.
     seed_everything(cfg.spec.hyperparameters.seed)
     sinks = build_sinks(cfg) if rank == 0 else None
     if sinks is not None:
@@ -166,6 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(
             spec.name, spec.weights, len(class_names), weights_uri=uri, keep_head=_same_classes_as_source(uri, class_names)
         )
+        # From here each worker draws its own numbers (dropout, stochastic depth): see ``seeding``.
+        seed_everything(rank_seed(cfg.spec.hyperparameters.seed, rank))
         device = ray.train.torch.get_device()
         worker = Worker(
             cfg=cfg,
@@ -201,6 +225,19 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     worker.model.load_state_dict(data["model"])
     state: TrainState = data["train_state"]
     log.info("resuming %s after epoch %d (%s stage)", worker.cfg.job_name, state.epoch, state.stage)
+    # Nothing draws random numbers between here and the next epoch (loaders have their own generators),
+    # so the generators continue as they stood when the checkpoint was written.
+    states = data.get("rng")
+    if states is not None and len(states) == worker.world:
+        set_rng_state(states[worker.rank])
+    else:
+        log.warning(
+            "resuming %s without the random state of %d workers (the checkpoint holds %s): "
+            "the run continues, not exactly as an uninterrupted run would",
+            worker.cfg.job_name,
+            worker.world,
+            "none" if states is None else f"{len(states)}",
+        )
     return state, data
 
 
@@ -233,7 +270,7 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
             features, train, val, worker.device, spec.hyperparameters.batch_size, spec.dataset.loader_workers
         )
         # Features are tensors in memory: loader processes would only add start-up and copying.
-        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0)
+        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False)
         return _wrap(head), head, shards
     return _wrap(groups_model), groups_model, build_loaders(spec, train, val)
 
@@ -317,6 +354,7 @@ def _report(
         **attempt,
     }
     name = checkpoint_dir_name(record.epoch)
+    rng = gather_rng_states()  # a collective: every worker's generators, for rank 0's checkpoint
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
@@ -330,6 +368,7 @@ def _report(
             scaler=worker.precision.scaler,
             state=state,
             fingerprint=worker.cfg.spec_fingerprint(),
+            rng=rng,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
     if worker.sinks is not None:
