@@ -89,9 +89,11 @@ def _workers() -> tuple[int, int]:
 def build_loaders(
     spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None, *, augmented: bool = True
 ) -> Shards:
-    """``augmented``: ``train`` holds images whose transform draws random numbers (not cached features)."""
+    """``augmented``: ``train`` holds images (not cached features), randomly augmented unless the
+    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``)."""
     rank, world = _workers()
     seed = spec.hyperparameters.seed
+    augmented = augmented and spec.dataset.augmentation != "none"
     per_worker = max(1, spec.hyperparameters.batch_size // world)
     kind = EpochSampler if augmented else DistributedSampler
     sampler: DistributedSampler[Any] = kind(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
