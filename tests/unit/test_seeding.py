@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer import loop
+from finetune_trainer import loaders
 from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from finetune_trainer.data import DigitsDataset, train_transform
 from finetune_trainer.inputs import InputSpec
@@ -52,11 +52,11 @@ def job(loader_workers: int = 0) -> FineTuneJobSpec:
 
 
 def first_batch(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, loader_workers: int = 0, epoch: int = 1) -> Tensor:
-    """The first training batch of worker ``rank`` of ``world``, built by the loop's own ``build_loaders``
+    """The first training batch of worker ``rank`` of ``world``, built by the trainer's own ``build_loaders``
     (Ray's part stubbed), after every worker seeded its global generators alike."""
-    monkeypatch.setattr(loop, "_workers", lambda: (rank, world))
-    monkeypatch.setattr(loop.ray.train.torch, "prepare_data_loader", lambda loader: loader)
-    shards = loop.build_loaders(job(loader_workers), same_images(), same_images(), loader_workers)
+    monkeypatch.setattr(loaders, "workers", lambda: (rank, world))
+    monkeypatch.setattr(loaders.ray.train.torch, "prepare_data_loader", lambda loader: loader)
+    shards = loaders.build_loaders(job(loader_workers), same_images(), same_images(), loader_workers)
     shards.sampler.set_epoch(epoch)
     seed_everything(0)
     images: Tensor = next(iter(shards.train))[0]

@@ -2,10 +2,10 @@
 
 Shape of torchvision's classification reference (``build_datasets`` → ``build_model`` →
 ``engine.train_one_epoch`` / ``engine.evaluate`` per epoch), run data-parallel through
-``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and ``prepare_data_loader`` around our own
-seeded ``DistributedSampler`` (``build_loaders``). The job runs as the stages ``stages.plan_stages``
-lays out, each with a fresh optimizer and schedule (``optim``); a frozen-backbone stage without random
-augmentation trains the head on backbone features computed once (``data.cache_features``).
+``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and the loaders of ``loaders``. The job runs
+as the stages ``stages.plan_stages`` lays out, each with a fresh optimizer and schedule (``optim``); a
+frozen-backbone stage without random augmentation trains the head on backbone features computed once
+(``data.cache_features``). Random numbers and their states in checkpoints: ``seeding``.
 
 Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
 appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
@@ -38,26 +38,18 @@ from finetune_trainer.engine import Precision, all_reduce, build_precision, eval
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
+from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
-from finetune_trainer.seeding import (
-    EpochSampler,
-    SeededSamples,
-    gather_rng_states,
-    loader_generator,
-    rank_seed,
-    seed_everything,
-    seed_loader_worker,
-    set_rng_state,
-)
+from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 
-__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Shards", "build_loaders", "train_loop_per_worker"]
+__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -67,56 +59,6 @@ QUIET_KEY: Final = "quiet"
 """Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
 
 Labelled = Dataset[tuple[Tensor, int]]
-
-
-# --------------------------------------------------------------------------------------- loaders
-@dataclass
-class Shards:
-    """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
-    images or their cached features are iterated) and a strided, unpadded validation shard. Images are
-    augmented as ``seeding`` says: by ``(seed, epoch, index)``, the epoch coming from the sampler."""
-
-    train: DataLoader[Any]
-    sampler: DistributedSampler[Any]
-    val: DataLoader[Any]
-
-
-def _workers() -> tuple[int, int]:
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def build_loaders(
-    spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None, *, augmented: bool = True
-) -> Shards:
-    """``augmented``: ``train`` holds images (not cached features), randomly augmented unless the
-    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``)."""
-    rank, world = _workers()
-    seed = spec.hyperparameters.seed
-    augmented = augmented and spec.dataset.augmentation != "none"
-    per_worker = max(1, spec.hyperparameters.batch_size // world)
-    kind = EpochSampler if augmented else DistributedSampler
-    sampler: DistributedSampler[Any] = kind(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.
-    drop_last = len(sampler) % per_worker == 1
-    if len(sampler) // per_worker == 0 and drop_last:
-        raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")  # type: ignore[arg-type]
-    workers = spec.dataset.loader_workers if loader_workers is None else loader_workers
-    common: dict[str, Any] = {
-        "num_workers": workers,
-        "persistent_workers": workers > 0,
-        "pin_memory": torch.cuda.is_available(),
-        "generator": loader_generator(seed, rank),
-        "worker_init_fn": seed_loader_worker,
-    }
-    images = SeededSamples(train, seed) if augmented else train
-    train_loader: DataLoader[Any] = DataLoader(images, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
-    # prepare_data_loader keeps our sampler (it adds one only when there is none) and moves batches to the device.
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    # Validation: every image exactly once across workers (a DistributedSampler would pad with repeats).
-    val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
-    val_loader: DataLoader[Any] = DataLoader(val_shard, batch_size=per_worker * 2, shuffle=False, **common)
-    return Shards(train_loader, sampler, val_loader)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -176,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
         quiet_train_reports()
-    rank, world = _workers()
+    rank, world = workers()
     _set_threads(cfg)
     # One seed on every worker until the model is built: DDP starts from one model.
     seed_everything(cfg.spec.hyperparameters.seed)
