@@ -11,7 +11,7 @@ the training pass:
   default without Ray, e.g. on a lent GPU machine whose image has no Ray) runs, in this process, the
   pieces ``train_loop_per_worker`` runs for one worker: ``build_datasets``, ``build_model``,
   ``apply_strategy``, ``build_precision``, ``build_optimizer``, ``build_scheduler`` and
-  ``engine.train_one_epoch``, around a DataLoader built as ``loop.build_loaders`` builds it; what Ray adds
+  ``engine.train_one_epoch``, around a DataLoader built as ``loaders.build_loaders`` builds it; what Ray adds
   (its DataLoader wrapper, the worker process, reports and checkpoints between epochs) is left out.
   The trainer has no channels_last option, so its side trains in the default (NCHW) memory format.
 - **plain, channels_last**: a hand-written loop, model and batches in ``torch.channels_last``, the
@@ -192,7 +192,7 @@ def trainer_inprocess(w: Workload) -> None:
     precision = engine.build_precision(spec, device)
     (stage,) = plan_stages(spec)
     groups = apply_strategy(model, stage.method, spec.strategy.unfreeze_blocks, spec.strategy.freeze_batch_norm)
-    # As loop.build_loaders builds it for world size 1 (its Ray wrapper only moves batches to the device,
+    # As loaders.build_loaders builds it for world size 1 (its Ray wrapper only moves batches to the device,
     # which train_one_epoch does as well).
     sampler: DistributedSampler[Any] = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=hp.seed)
     workers = spec.dataset.loader_workers

@@ -123,6 +123,12 @@ def test_blocks_partition_the_backbone_input_to_output(case: tuple[str, nn.Modul
     assert all(order[i] < last for ids in per_block[:-1] for i in ids), f"{name}: {names[-1]} is not the last block"
 
 
+def _after(model: nn.Module, head: str) -> set[str]:
+    """Modules registered after the head (SqueezeNet's ReLU and pooling behind its conv head)."""
+    names = [n for n, _ in model.named_modules()]
+    return set(names[names.index(head) + 1 :])
+
+
 def test_linear_probe_trains_exactly_the_head(case: tuple[str, nn.Module, torch.Tensor]) -> None:
     name, model, x = case
     groups = apply_strategy(model, "linear-probe")
@@ -132,7 +138,12 @@ def test_linear_probe_trains_exactly_the_head(case: tuple[str, nn.Module, torch.
     visible = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert visible == _head_ids(model)
     set_train_mode(model, frozen_bn=True)
-    assert not any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    # Every frozen module (dropout and stochastic depth included) is in eval mode: only the head, the
+    # modules holding it and what comes after it in the forward pass train.
+    (head,) = head_module_names(model)
+    training = {n for n, m in model.named_modules() if m.training}
+    ancestors = {""} | {head.rsplit(".", i)[0] for i in range(1, head.count(".") + 1)}
+    assert {n for n in training if not n.startswith(head)} <= ancestors | _after(model, head), name
     model.zero_grad(set_to_none=True)
     model(x).sum().backward()
     with_grad = {id(p) for p in model.parameters() if p.grad is not None}
@@ -277,3 +288,39 @@ def test_split_leaves_the_model_whole(resnet18: nn.Module) -> None:
     resnet18.eval()
     with torch.no_grad():
         assert features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def _first_trainable(model: nn.Module) -> nn.Module:
+    return next(m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "blocks", "same_output"),
+    [
+        # Stochastic depth in every ConvNeXt / EfficientNet / Swin block, dropout before the head.
+        ("convnext_tiny", "linear-probe", None, True),
+        ("efficientnet_b0", "linear-probe", None, True),
+        ("swin_t", "lp-ft-probe", None, True),
+        # Dropout inside the classifier, between frozen fc layers and the head.
+        ("mobilenet_v3_small", "linear-probe", None, True),
+        # What trains keeps its dropout and stochastic depth: the outputs differ pass to pass.
+        ("convnext_tiny", "partial", 1, False),
+        ("mobilenet_v3_small", "partial", 1, False),
+        ("efficientnet_b0", "full", None, False),
+    ],
+)
+def test_frozen_modules_give_the_same_features_on_every_pass(
+    name: str, method: str, blocks: int | None, same_output: bool
+) -> None:
+    torch.manual_seed(0)
+    model = replace_head(models.get_model(name, weights=None), NUM_CLASSES)
+    apply_strategy(model, method, unfreeze_blocks=blocks)
+    set_train_mode(model)
+    # The input of the first trainable layer is the output of the frozen part (the image under "full").
+    seen: list[torch.Tensor] = []
+    _first_trainable(model).register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = [model(x), model(x)]
+    assert torch.equal(seen[0], seen[1]), f"{name} {method}: the frozen part differs pass to pass"
+    assert torch.equal(outputs[0], outputs[1]) == same_output

@@ -5,6 +5,8 @@ validation classes, class count, weights of another architecture), plus the loca
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,15 +138,97 @@ def test_bad_image_folders_fail_with_one_line(
         assert "\n" not in str(raised.value)
 
 
-def test_corrupt_image_names_the_file_even_from_a_loader_process(tmp_path: Path) -> None:
-    root = image_folder(tmp_path / "train", {"a": 4, "b": 4})
-    (root / "b" / "broken.png").write_bytes(b"not a png at all")
+def test_image_truncated_after_its_header_names_the_file_even_from_a_loader_process(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "train", {"a": 60, "b": 60})
+    # Its header passes the scan; decoding it fails only when a loader reads it.
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))  # incompressible: 12 KB
+    noise.save(tmp_path / "whole.png")
+    (root / "b" / "broken.png").write_bytes((tmp_path / "whole.png").read_bytes()[:200])
     train, val, _, _ = build_datasets(config(tmp_path, {"trainUri": str(root), "validationSplit": 0.25}))
 
     with pytest.raises(TrainerError) as raised:  # wherever the split put it
         list(DataLoader(ConcatDataset([train, val]), batch_size=4, num_workers=1))
     # The DataLoader re-raises with the worker's traceback in the message; the CLI shows the one line.
     assert one_line(str(raised.value)).startswith(f"dataset: cannot read image {root / 'b' / 'broken.png'}")
+
+
+def _labels(ds: Any) -> list[int]:
+    return [ds[i][1] for i in range(len(ds))]
+
+
+def _pixels(ds: Any) -> list[float]:
+    return [float(ds[i][0].mean()) for i in range(len(ds))]
+
+
+def test_dot_files_and_folders_are_not_data(tmp_path: Path) -> None:
+    """A ``.thumbs/`` folder of images is no class, an empty ``.ipynb_checkpoints/`` no error, and macOS
+    ``._x.png`` AppleDouble files (not images) and dot folders inside a class are skipped."""
+    root = tmp_path / "train"
+    for name, shade in (("cat", 0), ("dog", 255)):  # every cat black, every dog white
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (12, 12), (shade, shade, shade)).save(root / name / f"{i}.png")
+            (root / name / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+        (root / name / ".thumbs").mkdir()
+        Image.new("RGB", (12, 12), (255 - shade,) * 3).save(root / name / ".thumbs" / "0.png")
+    (root / ".thumbs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 12), (128, 128, 128)).save(root / ".thumbs" / f"{i}.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    val_root = tmp_path / "val"
+    shutil.copytree(root, val_root)
+    cfg = config(tmp_path, {"trainUri": str(root), "validationUri": str(val_root)})
+
+    check_dataset(cfg)
+    train, val, names, _ = build_datasets(cfg)
+
+    assert names == ["cat", "dog"]
+    for ds in (train, val):
+        assert sorted(_labels(ds)) == [0] * 5 + [1] * 5
+        # Labels match the folders: black images are cats (0), white ones dogs (1).
+        assert all((pixel > 0) == bool(label) for pixel, label in zip(_pixels(ds), _labels(ds), strict=True))
+
+
+def test_a_few_unreadable_images_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = image_folder(tmp_path / "train", {"a": 100, "b": 100})
+    (root / "b" / "broken.png").write_bytes(b"not a png at all")  # 1 of 201 files: under 1 %
+
+    with caplog.at_level("WARNING"):
+        train, val, _, _ = build_datasets(config(tmp_path, {"trainUri": str(root), "validationSplit": 0.25}))
+
+    assert len(train) + len(val) == 200  # type: ignore[arg-type]
+    assert "skipped 1 of 201 image files that cannot be read (e.g. " in caplog.text
+    assert str(root / "b" / "broken.png") in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("counts", "broken", "expected"),
+    [
+        pytest.param(
+            {"a": 4, "b": 4},
+            ["b/broken.png"],
+            r"dataset\.trainUri: 1 of 9 image files under .*/train cannot be read \(e\.g\. .*/b/broken\.png: .*\); at most 1%",
+            id="over-the-threshold",
+        ),
+        pytest.param(
+            {"a": 300, "b": 0},
+            ["b/broken.png"],
+            r"dataset\.trainUri: class folder .*/train/b holds no readable images",
+            id="class-left-empty",
+        ),
+    ],
+)
+def test_too_many_unreadable_images_fail_with_one_line(
+    tmp_path: Path, counts: dict[str, int], broken: list[str], expected: str
+) -> None:
+    root = image_folder(tmp_path / "train", counts)
+    for name in broken:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not a png at all")
+
+    with pytest.raises(TrainerError, match=expected) as raised:
+        build_datasets(config(tmp_path, {"trainUri": str(root)}))
+    assert "\n" not in str(raised.value)
 
 
 # ------------------------------------------------------------------------------------------ weights

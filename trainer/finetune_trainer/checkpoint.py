@@ -5,7 +5,8 @@ Train copies it to ``<run dir>/checkpoint_epoch_NNNN`` and remembers it in the r
 relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back from
 ``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict, the optimizer, the
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
-improvement) and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
+improvement), every worker's random generators (``seeding.rng_state``, absent before they were kept)
+and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
 Beside it, ``checkpoint.sha256`` holds the file's checksum: a truncated or altered copy is refused as
 corrupt (``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
 
@@ -109,6 +110,7 @@ def write_checkpoint(
     scaler: torch.amp.GradScaler,
     state: TrainState,
     fingerprint: str,
+    rng: list[dict[str, Any]] | None = None,
 ) -> None:
     torch.save(
         {
@@ -119,6 +121,7 @@ def write_checkpoint(
             "scaler": scaler.state_dict(),
             "train_state": dataclasses.asdict(state),
             "fingerprint": fingerprint,
+            "rng": rng,
         },
         Path(directory) / CHECKPOINT_FILE,
     )

@@ -6,7 +6,7 @@ handwritten digits, upsampled: real data that needs no network) and ``fake`` (to
 Training transforms come from the ``augmentation`` preset, evaluation transforms from the named
 weights' preset (resize, crop, mean, std, interpolation from the catalogue) as torchvision's
 ``weights.transforms()`` would build them. Bad input fails with a ``TrainerError`` naming the path or
-field; corrupt images are reported when first read, naming the file.
+field. Class folders, dot files and unreadable images of ``imagefolder`` are ``image_folder``'s.
 
 ``cache_features`` computes a frozen backbone's features once for the linear-probe fast path. Called
 by every Ray Train worker (``loop``) and, for the cheap layout checks, by ``finetune run`` before it
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any, Final, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, tv_tensors
@@ -38,6 +36,7 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
 from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.image_folder import ImageFiles, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "check_dataset",
     "eval_transform",
     "fetch_to_cache",
-    "load_image",
     "train_transform",
 ]
 
@@ -59,7 +57,6 @@ __all__ = [
 IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
 IMAGENET_STD: Final = (0.229, 0.224, 0.225)
 DEFAULT_VALIDATION_SPLIT: Final = 0.2
-IMG_EXTENSIONS: Final = datasets.folder.IMG_EXTENSIONS
 _OBJECT_STORES: Final = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 
 LabelledDataset = Dataset[tuple[Tensor, int]]
@@ -225,16 +222,6 @@ def _fake(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, Labelle
 
 
 # ----------------------------------------------------------------------------------------- imagefolder
-def load_image(path: str) -> Image.Image:
-    """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
-
-
 def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
     """The local copy of an object-store prefix, downloaded once per node: workers on one node take a
     file lock, the first downloads, the others find the completion marker and reuse the copy."""
@@ -264,56 +251,22 @@ def _local_root(uri: str, cache_dir: str | None) -> str:
     return fetch_to_cache(uri, cache_dir) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
 
 
-def _class_folders(field: str, uri: str, root: str) -> list[str]:
-    """The class folder names under ``root``, sorted as ImageFolder sorts them; each must hold an image."""
-    path = Path(root)
-    if not path.exists():
-        raise TrainerError(f"dataset.{field}: {uri}: no such directory")
-    if not path.is_dir():
-        raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
-    for name in classes:
-        if not _has_image(path / name):
-            raise TrainerError(
-                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); "
-                "add some or remove it"
-            )
-    return classes
-
-
-def _same_classes(train: list[str], val: list[str]) -> None:
-    if val != train:
-        missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise TrainerError(
-            f"dataset.validationUri: its classes differ from dataset.trainUri's: "
-            f"missing {missing or 'none'}, extra {extra or 'none'}; both need the same class folders"
-        )
-
-
-def _has_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".") for f in files):
-            return True
-    return False
-
-
 def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
     root = _local_root(ds.train_uri, ds.cache_dir)
-    classes = _class_folders("trainUri", ds.train_uri, root)
+    classes = class_folders("trainUri", ds.train_uri, root)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
-    full = datasets.ImageFolder(root, transform=train_transform(spec, ds.augmentation), loader=load_image)
+    # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
+    full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
     seed = cfg.spec.hyperparameters.seed
     labels = list(full.targets)
     if ds.validation_uri is not None:
         val_root = _local_root(ds.validation_uri, ds.cache_dir)
-        val_classes = _class_folders("validationUri", ds.validation_uri, val_root)
-        _same_classes(classes, val_classes)
+        same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
         train_idx = _cap_per_class(range(len(labels)), labels, ds.max_per_class, seed)
-        val: LabelledDataset = datasets.ImageFolder(val_root, transform=eval_transform(spec), loader=load_image)
+        val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes)
+        val: LabelledDataset = ImageFiles(val_samples, eval_transform(spec))
     else:
         train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, ds.train_uri)
         train_idx = _cap_per_class(train_idx, labels, ds.max_per_class, seed)
@@ -330,11 +283,10 @@ def check_dataset(cfg: TrainerConfig) -> None:
     ds = cfg.spec.dataset
     if ds.format != "imagefolder" or ds.train_uri is None or uri_scheme(ds.train_uri) in _OBJECT_STORES:
         return
-    classes = _class_folders("trainUri", ds.train_uri, resolve_uri(ds.train_uri))
+    classes = class_folders("trainUri", ds.train_uri, resolve_uri(ds.train_uri))
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     if ds.validation_uri is not None and uri_scheme(ds.validation_uri) not in _OBJECT_STORES:
-        val_classes = _class_folders("validationUri", ds.validation_uri, resolve_uri(ds.validation_uri))
-        _same_classes(classes, val_classes)
+        same_classes(classes, class_folders("validationUri", ds.validation_uri, resolve_uri(ds.validation_uri)))
 
 
 # ------------------------------------------------------------------------------------- feature cache
@@ -349,7 +301,11 @@ def _features(
     share = -(-n // world)
     idx = list(range(rank, n, world))
     idx += [idx[-1] if idx else 0] * (share - len(idx))
-    loader: DataLoader[tuple[Tensor, int]] = DataLoader(Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers)
+    # Its own generator: drawing the loader's base seed from the global one would shift the numbers a
+    # resumed run draws after it (resume is exact only if nothing but training draws from it).
+    loader: DataLoader[tuple[Tensor, int]] = DataLoader(
+        Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers, generator=torch.Generator()
+    )
     parts, labels = [], []
     for images, targets in loader:
         parts.append(extractor(images.to(device)).float())

@@ -8,28 +8,20 @@ them under Ray Train; ``bench/gpu_bench.py`` runs them in-process.
 
 from __future__ import annotations
 
-import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.seeding import seed_everything
 from finetune_trainer.strategy import set_train_mode
 
 __all__ = ["EvalStats", "Precision", "all_reduce", "build_precision", "evaluate", "seed_everything", "train_one_epoch"]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (every worker the same: DDP starts from one model)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass

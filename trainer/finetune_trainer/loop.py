@@ -2,10 +2,10 @@
 
 Shape of torchvision's classification reference (``build_datasets`` → ``build_model`` →
 ``engine.train_one_epoch`` / ``engine.evaluate`` per epoch), run data-parallel through
-``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and ``prepare_data_loader`` around our own
-seeded ``DistributedSampler`` (``build_loaders``). The job runs as the stages ``stages.plan_stages``
-lays out, each with a fresh optimizer and schedule (``optim``); a frozen-backbone stage without random
-augmentation trains the head on backbone features computed once (``data.cache_features``).
+``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and the loaders of ``loaders``. The job runs
+as the stages ``stages.plan_stages`` lays out, each with a fresh optimizer and schedule (``optim``); a
+frozen-backbone stage without random augmentation trains the head on backbone features computed once
+(``data.cache_features``). Random numbers and their states in checkpoints: ``seeding``.
 
 Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
 appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
@@ -27,7 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset
 
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
@@ -35,9 +35,10 @@ from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, seed_everything, train_one_epoch
+from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
+from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
@@ -45,10 +46,11 @@ from finetune_trainer.optim import build_optimizer, build_scheduler
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
 from finetune_trainer.resume import resume_from
+from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 
-__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "Shards", "build_loaders", "train_loop_per_worker"]
+__all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -58,43 +60,6 @@ QUIET_KEY: Final = "quiet"
 """Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
 
 Labelled = Dataset[tuple[Tensor, int]]
-
-
-# --------------------------------------------------------------------------------------- loaders
-@dataclass
-class Shards:
-    """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
-    images or their cached features are iterated) and a strided, unpadded validation shard."""
-
-    train: DataLoader[Any]
-    sampler: DistributedSampler[Any]
-    val: DataLoader[Any]
-
-
-def _workers() -> tuple[int, int]:
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def build_loaders(spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None) -> Shards:
-    rank, world = _workers()
-    per_worker = max(1, spec.hyperparameters.batch_size // world)
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        train, num_replicas=world, rank=rank, shuffle=True, seed=spec.hyperparameters.seed
-    )
-    # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.
-    drop_last = len(sampler) % per_worker == 1
-    if len(sampler) // per_worker == 0 and drop_last:
-        raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")  # type: ignore[arg-type]
-    workers = spec.dataset.loader_workers if loader_workers is None else loader_workers
-    common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
-    train_loader: DataLoader[Any] = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
-    # prepare_data_loader keeps our sampler (it adds one only when there is none) and moves batches to the device.
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    # Validation: every image exactly once across workers (a DistributedSampler would pad with repeats).
-    val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
-    val_loader: DataLoader[Any] = DataLoader(val_shard, batch_size=per_worker * 2, shuffle=False, **common)
-    return Shards(train_loader, sampler, val_loader)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -154,8 +119,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
         quiet_train_reports()
-    rank, world = _workers()
+    rank, world = workers()
     _set_threads(cfg)
+    # One seed on every worker until the model is built: DDP starts from one model.
     seed_everything(cfg.spec.hyperparameters.seed)
     sinks = build_sinks(cfg) if rank == 0 else None
     if sinks is not None:
@@ -167,6 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(
             spec.name, spec.weights, len(class_names), weights_uri=uri, keep_head=_same_classes_as_source(uri, class_names)
         )
+        # From here each worker draws its own numbers (dropout, stochastic depth): see ``seeding``.
+        seed_everything(rank_seed(cfg.spec.hyperparameters.seed, rank))
         device = ray.train.torch.get_device()
         worker = Worker(
             cfg=cfg,
@@ -216,6 +184,19 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     worker.model.load_state_dict(data["model"])
     state: TrainState = data["train_state"]
     log.info("resuming %s after epoch %d (%s stage)", worker.cfg.job_name, state.epoch, state.stage)
+    # Nothing draws random numbers between here and the next epoch (loaders have their own generators),
+    # so the generators continue as they stood when the checkpoint was written.
+    states = data.get("rng")
+    if states is not None and len(states) == worker.world:
+        set_rng_state(states[worker.rank])
+    else:
+        log.warning(
+            "resuming %s without the random state of %d workers (the checkpoint holds %s): "
+            "the run continues, not exactly as an uninterrupted run would",
+            worker.cfg.job_name,
+            worker.world,
+            "none" if states is None else f"{len(states)}",
+        )
     return state, data
 
 
@@ -250,7 +231,7 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
             features, train, val, worker.device, spec.hyperparameters.batch_size, spec.dataset.loader_workers
         )
         # Features are tensors in memory: loader processes would only add start-up and copying.
-        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0)
+        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False)
         return _wrap(head), head, shards
     return _wrap(groups_model), groups_model, build_loaders(spec, train, val)
 
@@ -331,6 +312,7 @@ def _report(
         **attempt,
     }
     name = checkpoint_dir_name(record.epoch, state.lineage)
+    rng = gather_rng_states()  # a collective: every worker's generators, for rank 0's checkpoint
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
@@ -344,6 +326,7 @@ def _report(
             scaler=worker.precision.scaler,
             state=state,
             fingerprint=worker.cfg.spec_fingerprint(),
+            rng=rng,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
     if worker.sinks is not None:

@@ -1,6 +1,6 @@
 """What trains under each strategy: the backbone cut into blocks (``backbone_blocks``), the parameters
-``apply_strategy`` leaves trainable for a stage's method, frozen BatchNorm kept in eval mode
-(``set_train_mode``), and the model cut into a frozen feature extractor and a trainable head for
+``apply_strategy`` leaves trainable for a stage's method, frozen modules (dropout, stochastic depth,
+BatchNorm) kept in eval mode (``set_train_mode``), and the model cut into a frozen feature extractor and a trainable head for
 feature caching (``split_for_feature_cache``).
 
 Generic rules serve every classification model of ``torchvision.models`` (the blocks are the children
@@ -171,8 +171,8 @@ def apply_strategy(
 ) -> ParamGroups:
     """Set ``requires_grad`` for ``method`` (see ``METHODS``; ``partial`` trains the head and the last
     ``unfreeze_blocks`` backbone blocks, all of them if there are fewer) and return the trainable
-    parameters. With ``freeze_batch_norm``, a model in train mode gets its frozen BatchNorm layers put
-    back in eval mode at once; call ``set_train_mode`` instead of ``model.train()`` afterwards."""
+    parameters. A model in train mode gets its frozen modules put in eval mode at once (BatchNorm only
+    with ``freeze_batch_norm``); call ``set_train_mode`` instead of ``model.train()`` afterwards."""
     if method not in METHODS:
         raise ValueError(
             f"unknown method {method!r}; one of {', '.join(METHODS)} (lp-ft runs as lp-ft-probe, then lp-ft-finetune)"
@@ -197,20 +197,36 @@ def apply_strategy(
         p.requires_grad_(id(p) in chosen)
     head_ids = {id(p) for p in head}
     groups = ParamGroups(head=head, backbone=[p for p in model.parameters() if p.requires_grad and id(p) not in head_ids])
-    if freeze_batch_norm and model.training:
-        set_train_mode(model, frozen_bn=True)
+    if model.training:
+        set_train_mode(model, frozen_bn=freeze_batch_norm)
     return groups
 
 
 def set_train_mode(model: nn.Module, frozen_bn: bool = True) -> nn.Module:
-    """``model.train()``, then, with ``frozen_bn``, BatchNorm layers without trainable parameters back
-    to eval mode, so that a frozen backbone keeps the running statistics it was trained with rather
-    than drifting to those of small fine-tuning batches. Returns ``model``."""
+    """``model.train()``, then every frozen module back to eval mode, so that a frozen part computes
+    the same features on every pass, as the feature cache (computed in eval mode) does. Returns ``model``.
+
+    Frozen: a module with parameters, none of them trainable (a frozen block, with its dropout and
+    stochastic depth inside); or a module without parameters (dropout, stochastic depth, pooling) that
+    comes before every trainable parameter in registration order, torchvision's forward order (VGG's and
+    MobileNet's classifier dropout under a linear probe). A module after a trainable one, or holding one,
+    keeps training. BatchNorm layers without trainable parameters go to eval mode only with
+    ``frozen_bn``: without it they keep adapting their running statistics."""
     model.train()
-    if frozen_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.eval()
+    trainable_seen = False
+    for module in model.modules():  # pre-order: a container comes before its children
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            trainable_seen = True
+            continue
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if is_bn and not frozen_bn:
+            continue
+        params = list(module.parameters())
+        frozen = not any(p.requires_grad for p in params) if params else not trainable_seen
+        if frozen:
+            # Not module.eval(): that would also stop a BatchNorm below that ``frozen_bn`` keeps training.
+            module.training = False
     return model
 
 

@@ -1,0 +1,40 @@
+"""A job run twice with one seed on one machine computes the same run, with one worker or two (DDP):
+every epoch's losses and accuracies, and the final model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer import driver
+from finetune_trainer.artifacts import read_metrics
+from tests.slow.conftest import MakeConfig
+from tests.slow.test_resume import curve
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_seed_gives_one_run(make_config: MakeConfig, workers: int) -> None:
+    runs = []
+    for name in ("first", "again"):
+        cfg = driver.absolute_output(
+            make_config(
+                f"{name}-{workers}",
+                # Random numbers every epoch: crops and flips, and dropout in MobileNet's classifier.
+                model={"name": "mobilenet_v3_small"},
+                dataset={"augmentation": "standard"},
+                resources={"workers": workers, "cpusPerWorker": 1},
+            )
+        )
+        result = driver.build_trainer(cfg, local=True).fit()
+        assert result.metrics is not None and result.metrics["world_size"] == workers
+        runs.append(cfg.run_dir)
+
+    first, again = (curve(read_metrics(run)) for run in runs)
+    assert len(first) == 2 and first == again
+    models = [torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in runs]
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])

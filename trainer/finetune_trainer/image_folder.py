@@ -1,0 +1,143 @@
+"""Datasets in the ImageFolder layout (one sub-folder of images per class): the class folders
+(``class_folders``), the images under them (``scan_images``) and the dataset reading them (``ImageFiles``).
+
+Labels index the class list computed here, never a second listing: torchvision's ``ImageFolder``
+lists classes its own way (a ``.thumbs/`` folder becomes a class and shifts every label). Dot files and
+dot folders are not data (``.thumbs/``, ``.ipynb_checkpoints/``, macOS ``._x.png`` AppleDouble files)
+and are skipped everywhere. A file PIL cannot identify is skipped and counted when the folder is
+scanned; more than ``MAX_UNREADABLE_FRACTION`` of them fails the job, naming one. A file that passes
+the scan but cannot be decoded later (truncated after its header) fails when read, naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from finetune_trainer.errors import TrainerError
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MAX_UNREADABLE_FRACTION",
+    "ImageFiles",
+    "class_folders",
+    "load_image",
+    "same_classes",
+    "scan_images",
+]
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS: Final = datasets.folder.IMG_EXTENSIONS
+MAX_UNREADABLE_FRACTION: Final = 0.01
+"""Unreadable files tolerated (skipped) among the image files of a folder tree: a stray broken file
+should not cost a run, a folder of them is a broken dataset."""
+# Opening a header is I/O-bound: threads overlap the latency of network file systems.
+_SCAN_THREADS: Final = 8
+_READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except _READ_ERRORS as e:
+        raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
+
+
+def _image_files(folder: Path) -> Iterator[str]:
+    """Image files under ``folder`` (recursively, links followed), sorted, without dot files or folders."""
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+                yield os.path.join(current, name)
+
+
+def class_folders(field: str, uri: str, root: str) -> list[str]:
+    """The class folder names under ``root``, sorted; dot folders are not classes; each must hold an image."""
+    path = Path(root)
+    if not path.exists():
+        raise TrainerError(f"dataset.{field}: {uri}: no such directory")
+    if not path.is_dir():
+        raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
+    for name in classes:
+        if next(_image_files(path / name), None) is None:
+            raise TrainerError(
+                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                "add some or remove it"
+            )
+    return classes
+
+
+def same_classes(train: list[str], val: list[str]) -> None:
+    if val != train:
+        missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise TrainerError(
+            f"dataset.validationUri: its classes differ from dataset.trainUri's: "
+            f"missing {missing or 'none'}, extra {extra or 'none'}; both need the same class folders"
+        )
+
+
+def _unreadable(path: str) -> str | None:
+    """Why PIL cannot identify ``path`` (its header only: decoding every image would double the reads)."""
+    try:
+        with Image.open(path):
+            return None
+    except _READ_ERRORS as e:
+        return str(e) or type(e).__name__
+
+
+def scan_images(field: str, uri: str, root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, label)`` of every readable image under ``root``'s class folders, label = index in ``classes``.
+
+    Unreadable files are skipped and counted (a warning); more than ``MAX_UNREADABLE_FRACTION`` of
+    them, or a class left without a readable image, is a TrainerError naming ``dataset.<field>``."""
+    found = [(path, label) for label, name in enumerate(classes) for path in _image_files(Path(root) / name)]
+    with ThreadPoolExecutor(_SCAN_THREADS) as pool:
+        problems = list(pool.map(_unreadable, [path for path, _ in found]))
+    bad = [(path, problem) for (path, _), problem in zip(found, problems, strict=True) if problem is not None]
+    samples = [sample for sample, problem in zip(found, problems, strict=True) if problem is None]
+    if bad:
+        example = f"e.g. {bad[0][0]}: {bad[0][1]}"
+        if len(bad) > MAX_UNREADABLE_FRACTION * len(found):
+            raise TrainerError(
+                f"dataset.{field}: {len(bad)} of {len(found)} image files under {uri} cannot be read ({example}); "
+                f"at most {MAX_UNREADABLE_FRACTION:.0%} may be, and they are skipped: fix or remove them"
+            )
+        log.warning("dataset.%s: skipped %d of %d image files that cannot be read (%s)", field, len(bad), len(found), example)
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        folder = Path(root) / empty[0]
+        raise TrainerError(f"dataset.{field}: class folder {folder} holds no readable images; add some or remove it")
+    return samples
+
+
+class ImageFiles(Dataset[tuple[Tensor, int]]):
+    """``(transform(image), label)`` for the ``(path, label)`` pairs of ``scan_images``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Any], Tensor]) -> None:
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label

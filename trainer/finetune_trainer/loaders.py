@@ -1,0 +1,75 @@
+"""The data loaders of one Ray Train worker: ``build_loaders`` -> ``Shards``.
+
+The training images are sharded by a seeded ``DistributedSampler`` that ``ray.train.torch.prepare_data_loader``
+keeps (it adds one only when there is none), augmented by ``(seed, epoch, index)`` as ``seeding`` lays
+out; validation is a strided, unpadded shard, so that every image is evaluated exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.seeding import EpochSampler, SeededSamples, loader_generator, seed_loader_worker
+
+__all__ = ["Shards", "build_loaders", "workers"]
+
+Labelled = Dataset[tuple[Tensor, int]]
+
+
+@dataclass
+class Shards:
+    """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
+    images or their cached features are iterated) and a strided, unpadded validation shard. Images are
+    augmented as ``seeding`` says: by ``(seed, epoch, index)``, the epoch coming from the sampler."""
+
+    train: DataLoader[Any]
+    sampler: DistributedSampler[Any]
+    val: DataLoader[Any]
+
+
+def workers() -> tuple[int, int]:
+    """(world rank, world size) of this Ray Train worker."""
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def build_loaders(
+    spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None, *, augmented: bool = True
+) -> Shards:
+    """``augmented``: ``train`` holds images (not cached features), randomly augmented unless the
+    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``)."""
+    rank, world = workers()
+    seed = spec.hyperparameters.seed
+    augmented = augmented and spec.dataset.augmentation != "none"
+    per_worker = max(1, spec.hyperparameters.batch_size // world)
+    kind = EpochSampler if augmented else DistributedSampler
+    sampler: DistributedSampler[Any] = kind(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.
+    drop_last = len(sampler) % per_worker == 1
+    if len(sampler) // per_worker == 0 and drop_last:
+        raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")  # type: ignore[arg-type]
+    processes = spec.dataset.loader_workers if loader_workers is None else loader_workers
+    common: dict[str, Any] = {
+        "num_workers": processes,
+        "persistent_workers": processes > 0,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": loader_generator(seed, rank),
+        "worker_init_fn": seed_loader_worker,
+    }
+    images = SeededSamples(train, seed) if augmented else train
+    train_loader: DataLoader[Any] = DataLoader(images, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common)
+    # prepare_data_loader keeps our sampler (it adds one only when there is none) and moves batches to the device.
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    # Validation: every image exactly once across workers (a DistributedSampler would pad with repeats).
+    val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
+    val_loader: DataLoader[Any] = DataLoader(val_shard, batch_size=per_worker * 2, shuffle=False, **common)
+    return Shards(train_loader, sampler, val_loader)
