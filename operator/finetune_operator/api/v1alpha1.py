@@ -761,16 +761,16 @@ class Metrics(WireModel):
     """Latest and best metrics, written by the trainer."""
 
     train_loss: float | None = None
-    """Training loss of the last epoch."""
+    """Training loss of the last epoch (with the job's label smoothing)."""
 
     val_loss: float | None = None
-    """Validation loss of the last epoch."""
+    """Validation loss of the last epoch: plain cross-entropy, without label smoothing."""
 
     val_accuracy: float | None = None
     """Top-1 validation accuracy of the last epoch (0–1)."""
 
     val_top5: float | None = None
-    """Top-5 validation accuracy of the last epoch (five classes or more)."""
+    """Top-5 validation accuracy of the last epoch (more than five classes)."""
 
     best_val_accuracy: float | None = None
     """Best top-1 validation accuracy so far."""
