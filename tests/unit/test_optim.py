@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torchvision import models
+from torchvision.models.convnext import CNBlockConfig
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler
 from finetune_trainer.stages import Stage, plan_stages
-from finetune_trainer.strategy import ParamGroups
+from finetune_trainer.strategy import ParamGroups, apply_strategy
 
 
 def make_spec(method: str = "full", epochs: int = 6, **hp: Any) -> FineTuneJobSpec:
@@ -201,3 +204,35 @@ def test_sgd_is_nesterov_when_it_has_momentum(momentum: float, nesterov: bool) -
     spec = make_spec("full", 6, optimizer="sgd", momentum=momentum)
     optimizer = build_optimizer(spec, last_stage(spec), _groups(Tiny(), backbone=True))
     assert {(g["momentum"], g["nesterov"]) for g in optimizer.param_groups} == {(momentum, nesterov)}
+
+
+def _vit() -> nn.Module:
+    return models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+
+
+def _swin() -> nn.Module:
+    return models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[1], window_size=[2, 2])
+
+
+def _convnext() -> nn.Module:
+    return models.ConvNeXt([CNBlockConfig(8, None, 2)])
+
+
+@pytest.mark.parametrize(
+    ("build", "exempt"),
+    [
+        # tokens, embeddings and scales: torchvision's reference scripts train them without weight decay
+        (_vit, {"class_token", "encoder.pos_embedding"}),
+        (_swin, {f"features.1.{i}.attn.relative_position_bias_table" for i in (0, 1)}),
+        (_convnext, {f"features.1.{i}.layer_scale" for i in (0, 1)}),
+        (Tiny, set()),
+    ],
+)
+def test_no_weight_decay_on_tokens_embeddings_and_layer_scale(build: Callable[[], nn.Module], exempt: set[str]) -> None:
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(make_spec("full", weightDecay=0.05), last_stage(make_spec()), apply_strategy(model, "full"))
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"] if p.ndim > 1}
+    assert undecayed == exempt
+    decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed and all(p.ndim > 1 for p in decayed)

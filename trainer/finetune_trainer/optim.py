@@ -2,7 +2,8 @@
 
 The head trains at ``learningRate``, the unfrozen backbone at its own rate (``backbone_lr``); biases and
 normalisation weights (one-dimensional parameters) get no weight decay, as in torchvision's
-classification reference. The learning rate warms up linearly from 1% over ``warmupEpochs``, then
+classification reference, nor do ViT's class token and position embedding, Swin's relative position bias
+and ConvNeXt's layer scale (``strategy.NO_DECAY_NAMES``). The learning rate warms up linearly from 1% over ``warmupEpochs``, then
 follows a cosine to zero, a step decay or stays flat; it is stepped per optimizer step. Each stage of
 ``lp-ft`` gets a fresh optimizer and schedule. Torch only; called by the loop.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.stages import Stage
@@ -32,14 +34,19 @@ def backbone_lr(spec: FineTuneJobSpec, stage: Stage) -> float:
     return hp.learning_rate * (hp.backbone_lr_multiplier if hp.backbone_lr_multiplier is not None else default)
 
 
+def _exempt(param: nn.Parameter, groups: ParamGroups) -> bool:
+    return param.ndim <= 1 or id(param) in groups.no_decay
+
+
 def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) -> torch.optim.Optimizer:
-    """Head and backbone at their own rates; no weight decay on biases and normalisation weights."""
+    """Head and backbone at their own rates; no weight decay on biases, normalisation weights and the
+    tokens, embeddings and scales of ``ParamGroups.no_decay``."""
     hp = spec.hyperparameters
     param_groups: list[dict[str, Any]] = []
     for name, params, lr in (("head", groups.head, hp.learning_rate), ("backbone", groups.backbone, backbone_lr(spec, stage))):
         for suffix, chosen, decay in (
-            ("", [p for p in params if p.ndim > 1], hp.weight_decay),
-            ("_no_decay", [p for p in params if p.ndim <= 1], 0.0),
+            ("", [p for p in params if not _exempt(p, groups)], hp.weight_decay),
+            ("_no_decay", [p for p in params if _exempt(p, groups)], 0.0),
         ):
             if chosen:
                 param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
