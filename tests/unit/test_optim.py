@@ -14,7 +14,7 @@ from torchvision import models
 from torchvision.models.convnext import CNBlockConfig
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler
+from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.stages import Stage, plan_stages
 from finetune_trainer.strategy import ParamGroups, apply_strategy
 
@@ -96,13 +96,17 @@ def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Sch
 @pytest.mark.parametrize(
     ("warmup", "probe_schedule", "finetune_schedule"),
     [
+        # by default only the fine-tune stage warms up, over a fifth of its 14 steps
+        (None, Schedule("cosine", 0, 6, 2, 0.1), Schedule("cosine", 3, 14, 4, 0.1)),
+        # an explicit warm-up applies to each stage, 0 to neither
+        (0, Schedule("cosine", 0, 6, 2, 0.1), Schedule("cosine", 0, 14, 4, 0.1)),
         (1, Schedule("cosine", 2, 6, 2, 0.1), Schedule("cosine", 2, 14, 4, 0.1)),
         # 5 warm-up epochs do not fit the 3-epoch probe: capped at all but its last epoch
         (5, Schedule("cosine", 4, 6, 2, 0.1), Schedule("cosine", 10, 14, 4, 0.1)),
     ],
 )
-def test_lp_ft_schedules_each_stage_on_its_own(warmup: int, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
-    spec = make_spec("lp-ft", 10, warmupEpochs=warmup)  # probe epochs 1-3, fine-tune 4-10, 2 steps each
+def test_lp_ft_schedules_each_stage_on_its_own(warmup: int | None, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
+    spec = make_spec("lp-ft", 10, **({} if warmup is None else {"warmupEpochs": warmup}))  # probe 1-3, fine-tune 4-10, 2 steps each
     probe, finetune = plan_stages(spec)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     assert build_scheduler(spec, probe, optimizer, 2).lr_lambdas == [probe_schedule]
@@ -175,8 +179,9 @@ def _groups(model: Tiny, backbone: bool) -> ParamGroups:
             {"optimizer": "sgd", "learningRate": 0.1, "backboneLearningRate": 0.003, "weightDecay": 0.0},
             torch.optim.SGD,
             [
-                ("head", 0.1, 0.0, ["fc.weight"]),
-                ("head_no_decay", 0.1, 0.0, ["fc.bias"]),
+                # the probed head follows the backbone's rate in the fine-tune stage (the switch must not undo the probe)
+                ("head", 0.003, 0.0, ["fc.weight"]),
+                ("head_no_decay", 0.003, 0.0, ["fc.bias"]),
                 ("backbone", 0.003, 0.0, ["conv.weight"]),
                 ("backbone_no_decay", 0.003, 0.0, ["conv.bias", "bn.weight", "bn.bias"]),
             ],
@@ -236,3 +241,29 @@ def test_no_weight_decay_on_tokens_embeddings_and_layer_scale(build: Callable[[]
     assert undecayed == exempt
     decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert decayed and all(p.ndim > 1 for p in decayed)
+
+
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "epoch", "expected"),
+    [
+        # one step per epoch, 4 epochs of cosine: the step's own rate, not the next one's (0 at the end)
+        (1, 1, 1.0),
+        (1, 4, 0.5 * (1 + math.cos(math.pi * 3 / 4))),
+        # two steps per epoch: the mean of the epoch's two rates
+        (2, 4, (0.5 * (1 + math.cos(math.pi * 6 / 8)) + 0.5 * (1 + math.cos(math.pi * 7 / 8))) / 2),
+    ],
+)
+def test_epoch_lr_is_the_rate_the_epoch_trained_with(steps_per_epoch: int, epoch: int, expected: float) -> None:
+    spec = make_spec("full", 4, learningRate=0.1)
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(spec, last_stage(spec), optimizer, steps_per_epoch)
+    for _ in range(epoch - 1):
+        for _ in range(steps_per_epoch):
+            optimizer.step()
+            scheduler.step()
+    first = scheduler.last_epoch
+    for _ in range(steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    assert epoch_lr(scheduler, first) == pytest.approx(0.1 * expected)

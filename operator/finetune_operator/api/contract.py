@@ -37,7 +37,7 @@ ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
 Sink = Literal["console", "file", "kubernetes"]
 
 # Spec fields, by section, that do not change what is trained; a resumed run may differ in them.
-_NOT_TRAINING: Final = {
+_NOT_TRAINING: Final[dict[str, bool | set[str]]] = {
     "run_policy": True,
     "runtime": True,
     "resources": True,
