@@ -239,6 +239,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         ["10", "less than epochs"],
     ),
     ("step-size-without-step", {"spec.hyperparameters.stepSize": 3}, "spec.hyperparameters.stepSize", ["step"]),
+    (
+        "sync-batch-norm-on-cpu",
+        {"spec.strategy.syncBatchNorm": True, "spec.resources.gpusPerWorker": 0},
+        "spec.strategy.syncBatchNorm",
+        ["true", "gpusPerWorker", "CPU"],
+    ),
     ("label-smoothing-one", {"spec.hyperparameters.labelSmoothing": 1}, "spec.hyperparameters.labelSmoothing", ["less than 1"]),
     (
         "mixed-precision",

@@ -236,7 +236,7 @@ def _minimal(**sections: Any) -> dict[str, Any]:
         (_minimal(dataset={}), False),  # default format imagefolder needs trainUri
         (_minimal(dataset={"trainUri": "s3://b/train"}), True),
         (_minimal(dataset={"format": "digits", "validationUri": "/v", "validationSplit": 0.2}), False),
-        (_minimal(strategy={}), True),  # default method (lp-ft) needs no unfreezeBlocks
+        (_minimal(strategy={}), True),  # default method (full) needs no unfreezeBlocks
         (_minimal(strategy={"method": "partial"}), False),
         (_minimal(strategy={"method": "partial", "unfreezeBlocks": 1}), True),
         (_minimal(model={"name": "resnet18", "weights": "DEFAULT", "weightsUri": "/m.pt"}), False),

@@ -79,9 +79,12 @@ def test_schedule(schedule: Schedule, step: int, factor: float) -> None:
         ({"scheduler": "cosine", "warmupEpochs": 1}, 5, Schedule("cosine", 5, 20, 5, 0.1)),
         ({"scheduler": "cosine", "warmupEpochs": 3}, 5, Schedule("cosine", 15, 20, 5, 0.1)),
         # step decay every third of the stage by default, else every stepSize epochs
-        ({"scheduler": "step"}, 3, Schedule("step", 0, 12, 3, 0.1)),
-        ({"scheduler": "step", "stepSize": 2, "gamma": 0.5}, 3, Schedule("step", 0, 12, 6, 0.5)),
-        ({"scheduler": "none"}, 7, Schedule("none", 0, 28, 7, 0.1)),
+        ({"scheduler": "step", "warmupEpochs": 0}, 3, Schedule("step", 0, 12, 3, 0.1)),
+        ({"scheduler": "step", "stepSize": 2, "gamma": 0.5, "warmupEpochs": 0}, 3, Schedule("step", 0, 12, 6, 0.5)),
+        ({"scheduler": "none", "warmupEpochs": 0}, 7, Schedule("none", 0, 28, 7, 0.1)),
+        # no warmupEpochs: a stage that trains the backbone warms up over a tenth of its steps (full, partial)
+        ({"scheduler": "cosine"}, 5, Schedule("cosine", 2, 20, 5, 0.1)),
+        ({"scheduler": "none"}, 7, Schedule("none", 3, 28, 7, 0.1)),
     ],
 )
 def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Schedule) -> None:
@@ -254,7 +257,7 @@ def test_no_weight_decay_on_tokens_embeddings_and_layer_scale(build: Callable[[]
     ],
 )
 def test_epoch_lr_is_the_rate_the_epoch_trained_with(steps_per_epoch: int, epoch: int, expected: float) -> None:
-    spec = make_spec("full", 4, learningRate=0.1)
+    spec = make_spec("full", 4, learningRate=0.1, warmupEpochs=0)
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=0.1)
     scheduler = build_scheduler(spec, last_stage(spec), optimizer, steps_per_epoch)

@@ -3,10 +3,10 @@
 The head trains at ``learningRate``, the unfrozen backbone at its own rate (``backbone_lr``); biases and
 normalisation weights (one-dimensional parameters) get no weight decay, as in torchvision's
 classification reference, nor do ViT's class token and position embedding, Swin's relative position bias
-and ConvNeXt's layer scale (``strategy.NO_DECAY_NAMES``). The learning rate warms up linearly from 1% over ``warmupEpochs``, then
-follows a cosine to zero, a step decay or stays flat; it is stepped per optimizer step. Each stage of
+and ConvNeXt's layer scale (``strategy.NO_DECAY_NAMES``). The learning rate warms up linearly from 1%
+(``warmupEpochs``, else ``DEFAULT_WARMUP``), then follows a cosine to zero, a step decay or stays flat; it is stepped per optimizer step. Each stage of
 ``lp-ft`` gets a fresh optimizer and schedule; in its fine-tune stage the head trains at the backbone's rate
-and the rate warms up over the first ``FINETUNE_WARMUP`` of the steps, so that the switch does not undo the
+and the rate warms up over the first fifth of the steps (``DEFAULT_WARMUP``), so that the switch does not undo the
 probe. Torch only; called by the loop.
 """
 
@@ -23,11 +23,13 @@ from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.stages import Stage
 from finetune_trainer.strategy import ParamGroups
 
-__all__ = ["FINETUNE_WARMUP", "Schedule", "backbone_lr", "build_optimizer", "build_scheduler", "epoch_lr"]
+__all__ = ["DEFAULT_WARMUP", "Schedule", "backbone_lr", "build_optimizer", "build_scheduler", "epoch_lr"]
 
 
-FINETUNE_WARMUP: Final = 0.2
-"""Share of the steps of LP-FT's fine-tune stage spent warming up, unless ``warmupEpochs`` says otherwise."""
+DEFAULT_WARMUP: Final = {"full": 0.1, "partial": 0.1, "lp-ft-finetune": 0.2}
+"""Share of a stage's steps spent warming up, by method, unless ``warmupEpochs`` says otherwise: the new head's
+gradients are large and random at first, and would otherwise shake the loaded backbone hardest. LP-FT's
+fine-tune stage gets more: there the head is already fitted and the point is not to disturb it."""
 
 
 def backbone_lr(spec: FineTuneJobSpec, stage: Stage) -> float:
@@ -90,14 +92,14 @@ def build_scheduler(
     spec: FineTuneJobSpec, stage: Stage, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The stage's ``Schedule`` in steps: warm-up of ``warmupEpochs`` (at most all but the stage's last
-    epoch; by default none, but ``FINETUNE_WARMUP`` of the fine-tune stage of ``lp-ft``), step decay every
+    epoch; by default the share of the stage's steps in ``DEFAULT_WARMUP``), step decay every
     ``stepSize`` epochs (default a third of the stage)."""
     hp = spec.hyperparameters
     step_epochs = hp.step_size or max(1, stage.epochs // 3)
     if hp.warmup_epochs is not None:
         warmup = min(hp.warmup_epochs, stage.epochs - 1) * steps_per_epoch
     else:
-        warmup = round(FINETUNE_WARMUP * stage.epochs * steps_per_epoch) if stage.method == "lp-ft-finetune" else 0
+        warmup = round(DEFAULT_WARMUP.get(stage.method, 0.0) * stage.epochs * steps_per_epoch)
     schedule = Schedule(
         kind=hp.scheduler,
         warmup_steps=warmup,

@@ -239,10 +239,10 @@ class DatasetSpec(WireModel):
 class StrategySpec(WireModel):
     """What is trained: the head alone, the last blocks, everything, or the head first and then everything."""
 
-    method: Method = "lp-ft"
+    method: Method = "full"
     """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every
-    parameter. `lp-ft`: `probeEpochs` of linear probe, then full fine-tuning with the backbone at a lower rate
-    (Kumar et al., 2022)."""
+    parameter (the default: it won the measurements in bench/README.md). `lp-ft`: `probeEpochs` of linear probe, then full
+    fine-tuning with the backbone at a lower rate (Kumar et al., 2022)."""
 
     unfreeze_blocks: Annotated[int | None, Field(ge=1, le=1000)] = None
     """`partial` only: how many of the backbone's last blocks train besides the head."""
@@ -327,8 +327,9 @@ class HyperparametersSpec(WireModel):
     """Learning-rate schedule after warm-up."""
 
     warmup_epochs: Annotated[int | None, Field(ge=0, le=10_000)] = None
-    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`). Default: none, except in the fine-tune stage of
-    `lp-ft`, which warms up over the first fifth of its steps so that the unfrozen backbone does not wreck the probed head."""
+    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`). Default: a share of the steps of each stage
+    that trains the backbone (a tenth for `full` and `partial`, a fifth for the fine-tune stage of `lp-ft`, so that the
+    unfrozen backbone does not wreck the probed head); none for a frozen backbone."""
 
     step_size: Annotated[int | None, Field(ge=1, le=10_000)] = None
     """`step` scheduler: epochs between decays (default: a third of the epochs)."""
