@@ -114,7 +114,10 @@ def main() -> int:
                 f"| {family} | {source_rows[-1]['valAccuracy']:.3f} | {n} | {statistics.mean(finals):.3f} ± {spread:.3f} "
                 f"| {', '.join(f'{a:.3f}' for a in finals)} | {', '.join(switch) or '-'} |"
             )
-    print("| model | source val acc (0-4) | labels per class | target val acc, mean ± sd | per seed | probe → first fine-tune epoch |")
+    print(
+        "| model | source val acc (0-4) | labels per class | target val acc, mean ± sd | per seed "
+        "| probe → first fine-tune epoch |"
+    )
     print("|---|---:|---:|---:|---|---|")
     print("\n".join(table))
     return 0

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import build_crd, render_crd_yaml
-from finetune_operator.api.v1alpha1 import DatasetSpec, FineTuneJobSpec, HyperparametersSpec, ResourcesSpec, StrategySpec
+from finetune_operator.api.v1alpha1 import DatasetSpec, FineTuneJobSpec, ResourcesSpec, StrategySpec
 from tests.support.schemas import REPO, crd_schema, strict_errors
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))

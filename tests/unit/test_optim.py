@@ -109,7 +109,9 @@ def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Sch
     ],
 )
 def test_lp_ft_schedules_each_stage_on_its_own(warmup: int | None, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
-    spec = make_spec("lp-ft", 10, **({} if warmup is None else {"warmupEpochs": warmup}))  # probe 1-3, fine-tune 4-10, 2 steps each
+    spec = make_spec(
+        "lp-ft", 10, **({} if warmup is None else {"warmupEpochs": warmup})
+    )  # probe 1-3, fine-tune 4-10, 2 steps each
     probe, finetune = plan_stages(spec)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     assert build_scheduler(spec, probe, optimizer, 2).lr_lambdas == [probe_schedule]

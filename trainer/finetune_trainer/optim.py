@@ -4,10 +4,10 @@ The head trains at ``learningRate``, the unfrozen backbone at its own rate (``ba
 normalisation weights (one-dimensional parameters) get no weight decay, as in torchvision's
 classification reference, nor do ViT's class token and position embedding, Swin's relative position bias
 and ConvNeXt's layer scale (``strategy.NO_DECAY_NAMES``). The learning rate warms up linearly from 1%
-(``warmupEpochs``, else ``DEFAULT_WARMUP``), then follows a cosine to zero, a step decay or stays flat; it is stepped per optimizer step. Each stage of
-``lp-ft`` gets a fresh optimizer and schedule; in its fine-tune stage the head trains at the backbone's rate
-and the rate warms up over the first fifth of the steps (``DEFAULT_WARMUP``), so that the switch does not undo the
-probe. Torch only; called by the loop.
+(``warmupEpochs``, else ``DEFAULT_WARMUP``), then follows a cosine to zero, a step decay or stays flat;
+it is stepped per optimizer step. Each stage of ``lp-ft`` gets a fresh optimizer and schedule; in its
+fine-tune stage the head trains at the backbone's rate and the rate warms up over the first fifth of the
+steps, so that the switch does not undo the probe. Torch only; called by the loop.
 """
 
 from __future__ import annotations

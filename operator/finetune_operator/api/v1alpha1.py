@@ -684,13 +684,17 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
         )
     if isinstance(hp, HyperparametersSpec) and isinstance(strategy, StrategySpec):
         _method_problems(strategy, hp, problems)
-    if isinstance(strategy, StrategySpec) and isinstance(resources, ResourcesSpec):
-        if strategy.sync_batch_norm and resources.gpus_per_worker == 0:
-            # torch's SyncBatchNorm runs on accelerators only; on CPU it would fail at the first batch.
-            problems.add(
-                "strategy.syncBatchNorm",
-                "true needs GPUs (resources.gpusPerWorker ≥ 1): SyncBatchNorm does not run on CPU; remove it or add GPUs",
-            )
+    if (
+        isinstance(strategy, StrategySpec)
+        and isinstance(resources, ResourcesSpec)
+        and strategy.sync_batch_norm
+        and resources.gpus_per_worker == 0
+    ):
+        # torch's SyncBatchNorm runs on accelerators only; on CPU it would fail at the first batch.
+        problems.add(
+            "strategy.syncBatchNorm",
+            "true needs GPUs (resources.gpusPerWorker ≥ 1): SyncBatchNorm does not run on CPU; remove it or add GPUs",
+        )
     if isinstance(model, ModelSpec) and isinstance(dataset, DatasetSpec):
         _input_problems(model, dataset, problems)
     return problems
