@@ -272,3 +272,5 @@ def test_epoch_lr_is_the_rate_the_epoch_trained_with(steps_per_epoch: int, epoch
         optimizer.step()
         scheduler.step()
     assert epoch_lr(scheduler, first) == pytest.approx(0.1 * expected)
+    # what metrics.jsonl used to show: the optimizer's rate after the epoch, already the next step's
+    assert optimizer.param_groups[0]["lr"] != pytest.approx(0.1 * expected)
