@@ -89,3 +89,25 @@ def test_cached_features_match_the_uncached_linear_probe(source_weights: str, tm
     for with_cache, without in zip(accuracies[True], accuracies[False], strict=True):
         assert abs(with_cache - without) <= 0.02, accuracies
     assert accuracies[True][-1] > 0.5  # and the probe did learn something on five unseen classes
+
+
+def test_the_switch_from_probe_to_fine_tune_keeps_what_the_probe_learned(source_weights: str, tmp_path: Path) -> None:
+    """LP-FT's fine-tune stage starts from the probed head at the backbone's low rate, warming up: its first
+    epoch must not fall below the probe's last (before, the head restarted at the full rate with no warm-up
+    and validation accuracy fell from 59% to 37%). Defaults only, as `finetune run` would train it."""
+    cfg = job_config(
+        "switch",
+        tmp_path,
+        model={"name": "resnet18", "weightsUri": source_weights},
+        dataset={**TARGET, "maxPerClass": 5, "augmentation": "light"},
+        strategy={"method": "lp-ft"},
+        hyperparameters={"epochs": 6, "seed": 0, "batchSize": None, "learningRate": None},
+    )
+    driver.run(cfg, local=True)
+    rows = read_metrics(cfg.run_dir)
+    probe = [r for r in rows if r.stage == "probe"]
+    tuned = [r for r in rows if r.stage == "fine-tune"]
+    assert probe and tuned, [r.stage for r in rows]
+    assert tuned[0].val_accuracy >= probe[-1].val_accuracy - 0.03, (probe[-1], tuned[0])
+    assert tuned[0].val_loss is not None and probe[-1].val_loss is not None
+    assert tuned[0].val_loss <= probe[-1].val_loss * 1.25, (probe[-1], tuned[0])

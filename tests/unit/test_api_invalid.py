@@ -178,11 +178,16 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
     ),
     (
         "probe-epochs-too-many",
-        {"spec.strategy.probeEpochs": 10, "spec.hyperparameters.epochs": 10},
+        {"spec.strategy.method": "lp-ft", "spec.strategy.probeEpochs": 10, "spec.hyperparameters.epochs": 10},
         "spec.strategy.probeEpochs",
         ["10", "less than"],
     ),
-    ("lpft-one-epoch", {"spec.hyperparameters.epochs": 1}, "spec.hyperparameters.epochs", ["lp-ft", "at least 2"]),
+    (
+        "lpft-one-epoch",
+        {"spec.strategy.method": "lp-ft", "spec.hyperparameters.epochs": 1},
+        "spec.hyperparameters.epochs",
+        ["lp-ft", "at least 2"],
+    ),
     ("epochs-zero", {"spec.hyperparameters.epochs": 0}, "spec.hyperparameters.epochs", ["0", "greater than or equal to 1"]),
     (
         "batch-not-divisible",
@@ -239,6 +244,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         ["10", "less than epochs"],
     ),
     ("step-size-without-step", {"spec.hyperparameters.stepSize": 3}, "spec.hyperparameters.stepSize", ["step"]),
+    (
+        "sync-batch-norm-on-cpu",
+        {"spec.strategy.syncBatchNorm": True, "spec.resources.gpusPerWorker": 0},
+        "spec.strategy.syncBatchNorm",
+        ["true", "gpusPerWorker", "CPU"],
+    ),
     ("label-smoothing-one", {"spec.hyperparameters.labelSmoothing": 1}, "spec.hyperparameters.labelSmoothing", ["less than 1"]),
     (
         "mixed-precision",

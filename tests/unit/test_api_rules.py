@@ -77,6 +77,7 @@ BASE_SPEC: dict[str, Any] = {
         pytest.param(
             {
                 "hyperparameters": {"batchSize": 10, "epochs": 1, "stepSize": 2},
+                "strategy": {"method": "lp-ft"},
                 "resources": {"workers": 3},
                 "model": {"name": "vit_b_16", "weights": "IMAGENET1K_SWAG_E2E_V1"},
                 "dataset": {"format": "digits", "imageSize": 224},

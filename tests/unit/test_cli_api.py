@@ -81,7 +81,7 @@ def test_crd_prints_the_committed_crd() -> None:
             "spec.hyperparameters.learningRate",
             ["FIELD:       learningRate <number>", "DEFAULT:     0.001", "RANGE:       > 0, <= 10"],
         ),
-        ("spec.strategy.method", ["ALLOWED:     linear-probe, partial, full, lp-ft", "DEFAULT:     lp-ft"]),
+        ("spec.strategy.method", ["ALLOWED:     linear-probe, partial, full, lp-ft", "DEFAULT:     full"]),
         ("spec.model", ["name\t<string> -required-", "weightsUri\t<string>"]),
         ("spec.resources.tolerations", ["FIELD:       tolerations <[]object>", "effect\t<string>"]),
         ("SPEC.MODEL.NAME", ["PATH:        spec.model.name", "80 values"]),

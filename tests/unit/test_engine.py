@@ -29,6 +29,8 @@ def spec(mixed_precision: str) -> FineTuneJobSpec:
     [
         # three classes: top-1 only (top-5 of three classes would always be 1)
         ([[3, 2, 1], [1, 3, 2], [1, 2, 3], [3, 1, 2]], [0, 2, 2, 1], 0.5, None, [0, 1, 2, 0]),
+        # five classes: top-5 is always 1, so none is reported
+        ([[3, 2, 1, 0, 0], [1, 3, 2, 0, 0]], [0, 4], 0.5, None, [0, 1]),
         # six classes: class 0 ranked last is a top-5 miss, ranked second a top-5 hit
         (
             [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [5, 0, 0, 0, 0, 6], [0, 0, 9, 0, 0, 0]],
@@ -48,6 +50,16 @@ def test_evaluate(logits: list[list[float]], targets: list[int], accuracy: float
     assert stats.top5 == (None if top5 is None else pytest.approx(top5))
     assert stats.loss == pytest.approx(float(criterion(x, y)))  # the mean over images, not over batches
     assert (stats.count, stats.y_true, stats.y_pred) == (len(targets), targets, y_pred)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_validation_loss_is_plain_cross_entropy(smoothing: float) -> None:
+    """Label smoothing shapes training only: the validation loss of confident right answers is near 0."""
+    x, y = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0]]), torch.tensor([0, 1])
+    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(TensorDataset(x, y), batch_size=2)
+    smoothed = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    stats = evaluate(nn.Identity(), loader, smoothed, build_precision(spec("no"), CPU), num_classes=3)
+    assert stats.loss == pytest.approx(float(nn.functional.cross_entropy(x, y)))
 
 
 @pytest.mark.parametrize("mode", ["no", "bf16", "fp16"])

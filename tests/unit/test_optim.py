@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torchvision import models
+from torchvision.models.convnext import CNBlockConfig
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler
+from finetune_trainer.optim import Schedule, backbone_lr, build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.stages import Stage, plan_stages
-from finetune_trainer.strategy import ParamGroups
+from finetune_trainer.strategy import ParamGroups, apply_strategy
 
 
 def make_spec(method: str = "full", epochs: int = 6, **hp: Any) -> FineTuneJobSpec:
@@ -76,9 +79,12 @@ def test_schedule(schedule: Schedule, step: int, factor: float) -> None:
         ({"scheduler": "cosine", "warmupEpochs": 1}, 5, Schedule("cosine", 5, 20, 5, 0.1)),
         ({"scheduler": "cosine", "warmupEpochs": 3}, 5, Schedule("cosine", 15, 20, 5, 0.1)),
         # step decay every third of the stage by default, else every stepSize epochs
-        ({"scheduler": "step"}, 3, Schedule("step", 0, 12, 3, 0.1)),
-        ({"scheduler": "step", "stepSize": 2, "gamma": 0.5}, 3, Schedule("step", 0, 12, 6, 0.5)),
-        ({"scheduler": "none"}, 7, Schedule("none", 0, 28, 7, 0.1)),
+        ({"scheduler": "step", "warmupEpochs": 0}, 3, Schedule("step", 0, 12, 3, 0.1)),
+        ({"scheduler": "step", "stepSize": 2, "gamma": 0.5, "warmupEpochs": 0}, 3, Schedule("step", 0, 12, 6, 0.5)),
+        ({"scheduler": "none", "warmupEpochs": 0}, 7, Schedule("none", 0, 28, 7, 0.1)),
+        # no warmupEpochs: a stage that trains the backbone warms up over a tenth of its steps (full, partial)
+        ({"scheduler": "cosine"}, 5, Schedule("cosine", 2, 20, 5, 0.1)),
+        ({"scheduler": "none"}, 7, Schedule("none", 3, 28, 7, 0.1)),
     ],
 )
 def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Schedule) -> None:
@@ -93,13 +99,19 @@ def test_build_scheduler(hp: dict[str, Any], steps_per_epoch: int, expected: Sch
 @pytest.mark.parametrize(
     ("warmup", "probe_schedule", "finetune_schedule"),
     [
+        # by default only the fine-tune stage warms up, over a fifth of its 14 steps
+        (None, Schedule("cosine", 0, 6, 2, 0.1), Schedule("cosine", 3, 14, 4, 0.1)),
+        # an explicit warm-up applies to each stage, 0 to neither
+        (0, Schedule("cosine", 0, 6, 2, 0.1), Schedule("cosine", 0, 14, 4, 0.1)),
         (1, Schedule("cosine", 2, 6, 2, 0.1), Schedule("cosine", 2, 14, 4, 0.1)),
         # 5 warm-up epochs do not fit the 3-epoch probe: capped at all but its last epoch
         (5, Schedule("cosine", 4, 6, 2, 0.1), Schedule("cosine", 10, 14, 4, 0.1)),
     ],
 )
-def test_lp_ft_schedules_each_stage_on_its_own(warmup: int, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
-    spec = make_spec("lp-ft", 10, warmupEpochs=warmup)  # probe epochs 1-3, fine-tune 4-10, 2 steps each
+def test_lp_ft_schedules_each_stage_on_its_own(warmup: int | None, probe_schedule: Schedule, finetune_schedule: Schedule) -> None:
+    spec = make_spec(
+        "lp-ft", 10, **({} if warmup is None else {"warmupEpochs": warmup})
+    )  # probe 1-3, fine-tune 4-10, 2 steps each
     probe, finetune = plan_stages(spec)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     assert build_scheduler(spec, probe, optimizer, 2).lr_lambdas == [probe_schedule]
@@ -172,8 +184,9 @@ def _groups(model: Tiny, backbone: bool) -> ParamGroups:
             {"optimizer": "sgd", "learningRate": 0.1, "backboneLearningRate": 0.003, "weightDecay": 0.0},
             torch.optim.SGD,
             [
-                ("head", 0.1, 0.0, ["fc.weight"]),
-                ("head_no_decay", 0.1, 0.0, ["fc.bias"]),
+                # the probed head follows the backbone's rate in the fine-tune stage (the switch must not undo the probe)
+                ("head", 0.003, 0.0, ["fc.weight"]),
+                ("head_no_decay", 0.003, 0.0, ["fc.bias"]),
                 ("backbone", 0.003, 0.0, ["conv.weight"]),
                 ("backbone_no_decay", 0.003, 0.0, ["conv.bias", "bn.weight", "bn.bias"]),
             ],
@@ -201,3 +214,63 @@ def test_sgd_is_nesterov_when_it_has_momentum(momentum: float, nesterov: bool) -
     spec = make_spec("full", 6, optimizer="sgd", momentum=momentum)
     optimizer = build_optimizer(spec, last_stage(spec), _groups(Tiny(), backbone=True))
     assert {(g["momentum"], g["nesterov"]) for g in optimizer.param_groups} == {(momentum, nesterov)}
+
+
+def _vit() -> nn.Module:
+    return models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+
+
+def _swin() -> nn.Module:
+    return models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[1], window_size=[2, 2])
+
+
+def _convnext() -> nn.Module:
+    return models.ConvNeXt([CNBlockConfig(8, None, 2)])
+
+
+@pytest.mark.parametrize(
+    ("build", "exempt"),
+    [
+        # tokens, embeddings and scales: torchvision's reference scripts train them without weight decay
+        (_vit, {"class_token", "encoder.pos_embedding"}),
+        (_swin, {f"features.1.{i}.attn.relative_position_bias_table" for i in (0, 1)}),
+        (_convnext, {f"features.1.{i}.layer_scale" for i in (0, 1)}),
+        (Tiny, set()),
+    ],
+)
+def test_no_weight_decay_on_tokens_embeddings_and_layer_scale(build: Callable[[], nn.Module], exempt: set[str]) -> None:
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(make_spec("full", weightDecay=0.05), last_stage(make_spec()), apply_strategy(model, "full"))
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"] if p.ndim > 1}
+    assert undecayed == exempt
+    decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed and all(p.ndim > 1 for p in decayed)
+
+
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "epoch", "expected"),
+    [
+        # one step per epoch, 4 epochs of cosine: the step's own rate, not the next one's (0 at the end)
+        (1, 1, 1.0),
+        (1, 4, 0.5 * (1 + math.cos(math.pi * 3 / 4))),
+        # two steps per epoch: the mean of the epoch's two rates
+        (2, 4, (0.5 * (1 + math.cos(math.pi * 6 / 8)) + 0.5 * (1 + math.cos(math.pi * 7 / 8))) / 2),
+    ],
+)
+def test_epoch_lr_is_the_rate_the_epoch_trained_with(steps_per_epoch: int, epoch: int, expected: float) -> None:
+    spec = make_spec("full", 4, learningRate=0.1, warmupEpochs=0)
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(spec, last_stage(spec), optimizer, steps_per_epoch)
+    for _ in range(epoch - 1):
+        for _ in range(steps_per_epoch):
+            optimizer.step()
+            scheduler.step()
+    first = scheduler.last_epoch
+    for _ in range(steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    assert epoch_lr(scheduler, first) == pytest.approx(0.1 * expected)
+    # what metrics.jsonl used to show: the optimizer's rate after the epoch, already the next step's
+    assert optimizer.param_groups[0]["lr"] != pytest.approx(0.1 * expected)

@@ -54,3 +54,21 @@ def test_run_dir_and_fingerprint() -> None:
     assert other.spec_fingerprint() == cfg.spec_fingerprint(), "resources do not change what is trained"
     changed = cfg.spec.model_copy(update={"hyperparameters": cfg.spec.hyperparameters.model_copy(update={"epochs": 99})})
     assert cfg.model_copy(update={"spec": changed}).spec_fingerprint() != cfg.spec_fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "same"),
+    [
+        ("resources", {"workers": 4}, True),
+        ("output", {"exports": ["state_dict", "torchscript"]}, True),
+        ("output", {"keep_checkpoints": 5}, True),
+        ("dataset", {"loader_workers": 0}, True),
+        ("dataset", {"augmentation": "light"}, False),
+        ("hyperparameters", {"epochs": 99}, False),
+    ],
+)
+def test_fingerprint_ignores_what_does_not_change_training(section: str, changes: dict[str, object], same: bool) -> None:
+    cfg = _cfg("pvc://models/runs")
+    part = getattr(cfg.spec, section).model_copy(update=changes)
+    other = cfg.model_copy(update={"spec": cfg.spec.model_copy(update={section: part})})
+    assert (other.spec_fingerprint() == cfg.spec_fingerprint()) is same

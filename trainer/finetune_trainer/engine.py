@@ -88,7 +88,7 @@ def train_one_epoch(
 
 @dataclass
 class EvalStats:
-    """One evaluation pass: mean loss, top-1 and top-5 accuracy (None below five classes), the number
+    """One evaluation pass: mean loss, top-1 and top-5 accuracy (None up to five classes), the number
     of images, and this worker's labels and top-1 predictions (for the final evaluation report)."""
 
     loss: float
@@ -103,7 +103,12 @@ class EvalStats:
 def evaluate(
     model: nn.Module, loader: DataLoader[Any], criterion: nn.Module, precision: Precision, num_classes: int, reduce: bool = True
 ) -> EvalStats:
-    """Top-1, top-5 (five classes or more) and loss; summed across workers when ``reduce``."""
+    """Top-1, top-5 (more than five classes) and loss; summed across workers when ``reduce``.
+
+    The loss is ``criterion`` without label smoothing: validation loss is the plain cross-entropy, so that
+    it reads the same whatever smoothing the job trains with (smoothing puts a floor under it)."""
+    if isinstance(criterion, nn.CrossEntropyLoss) and criterion.label_smoothing:
+        criterion = nn.CrossEntropyLoss(weight=criterion.weight, ignore_index=criterion.ignore_index)
     model.eval()
     loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
     y_true: list[int] = []
@@ -125,4 +130,5 @@ def evaluate(
         loss_sum, correct1, correct5, total = all_reduce([loss_sum, correct1, correct5, float(count)], precision.device)
         count = int(total)
     n = max(count, 1)
-    return EvalStats(loss_sum / n, correct1 / n, correct5 / n if num_classes >= 5 else None, count, y_true, y_pred)
+    # Top-5 of five classes or fewer is always 1: reported only when it can say something.
+    return EvalStats(loss_sum / n, correct1 / n, correct5 / n if num_classes > 5 else None, count, y_true, y_pred)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.recipe import batch_size
 from finetune_trainer.seeding import EpochSampler, SeededSamples, loader_generator, seed_loader_worker
 
 __all__ = ["Shards", "build_loaders", "workers"]
@@ -43,14 +44,24 @@ def workers() -> tuple[int, int]:
 
 
 def build_loaders(
-    spec: FineTuneJobSpec, train: Labelled, val: Labelled, loader_workers: int | None = None, *, augmented: bool = True
+    spec: FineTuneJobSpec,
+    train: Labelled,
+    val: Labelled,
+    loader_workers: int | None = None,
+    *,
+    augmented: bool = True,
+    passes: int = 1,
 ) -> Shards:
     """``augmented``: ``train`` holds images (not cached features), randomly augmented unless the
-    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``)."""
+    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``).
+    ``passes`` > 1: an epoch goes that many times over the training images (``recipe``), each pass
+    drawing its own augmentation (the seed follows the position in the repeated list)."""
     rank, world = workers()
     seed = spec.hyperparameters.seed
     augmented = augmented and spec.dataset.augmentation != "none"
-    per_worker = max(1, spec.hyperparameters.batch_size // world)
+    if passes > 1:
+        train = Subset(train, [i for _ in range(passes) for i in range(len(train))])  # type: ignore[arg-type]
+    per_worker = max(1, batch_size(spec) // world)
     kind = EpochSampler if augmented else DistributedSampler
     sampler: DistributedSampler[Any] = kind(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     # A last batch of one image breaks BatchNorm in train mode; drop it, and only it.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
+from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
@@ -42,9 +44,10 @@ from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
-from finetune_trainer.optim import build_optimizer, build_scheduler
+from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import ProgressSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
@@ -79,6 +82,9 @@ class Worker:
     fail_after: int | None
     resumed_from: int = 0
     """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
+    passes: int = 1
+    """Passes over the training images per epoch (``recipe.plan_batches``)."""
+    warned_batch_norm: bool = False
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -128,6 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
     try:
         train, val, class_names, input_spec = build_datasets(cfg)
+        cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
+        if plan.chosen is not None and rank == 0:
+            print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
         spec = cfg.spec.model
         uri = _weights_uri(cfg)
         model = build_model(
@@ -141,12 +150,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world=world,
             device=device,
-            model=model.to(device),
+            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(device),
             class_names=class_names,
             precision=build_precision(cfg.spec, device),
             criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
             sinks=sinks,
             fail_after=config.get(FAIL_AFTER_EPOCH_KEY),
+            passes=plan.passes,
         )
         state, resumed = _resume(worker)
         worker.resumed_from = state.epoch
@@ -228,12 +238,12 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
             )
         features, head = split_for_feature_cache(worker.model)
         cached_train, cached_val = cache_features(
-            features, train, val, worker.device, spec.hyperparameters.batch_size, spec.dataset.loader_workers
+            features, train, val, worker.device, batch_size(spec), spec.dataset.loader_workers
         )
         # Features are tensors in memory: loader processes would only add start-up and copying.
-        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False)
+        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False, passes=worker.passes)
         return _wrap(head), head, shards
-    return _wrap(groups_model), groups_model, build_loaders(spec, train, val)
+    return _wrap(groups_model), groups_model, build_loaders(spec, train, val, passes=worker.passes)
 
 
 def _wrap(module: nn.Module) -> nn.Module:
@@ -255,6 +265,7 @@ def _run_stage(
     for epoch in range(max(stage.first, state.epoch + 1), stage.last + 1):
         shards.sampler.set_epoch(epoch)
         started = time.perf_counter()
+        first_step = scheduler.last_epoch
         loss_sum, seen = train_one_epoch(
             trained,
             shards.train,
@@ -267,7 +278,13 @@ def _run_stage(
         )
         train_seconds = time.perf_counter() - started
         loss_sum, seen_all = all_reduce([loss_sum, float(seen)], worker.device)
+        if spec.strategy.precise_batch_norm:
+            recompute_batch_norm(evaluated, shards.train, worker.device, spec.strategy.freeze_batch_norm)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
+        warning = batch_norm_collapse(loss_sum / max(seen_all, 1), stats.accuracy, len(worker.class_names), evaluated)
+        if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
+            worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
+            log.warning("%s: %s", worker.cfg.job_name, warning)
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
         record = EpochRecord(
             epoch=epoch,
@@ -278,7 +295,7 @@ def _run_stage(
             val_top5=stats.top5,
             images_per_second=seen_all / max(train_seconds, 1e-9),
             epoch_seconds=time.perf_counter() - started,
-            lr=float(optimizer.param_groups[0]["lr"]),
+            lr=epoch_lr(scheduler, first_step),
         )
         if hp.early_stopping is not None and state.bad_epochs >= hp.early_stopping.patience:
             state.stopped_early = True

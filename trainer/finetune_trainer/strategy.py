@@ -22,6 +22,7 @@ from finetune_trainer.model import head_module_names
 
 __all__ = [
     "METHODS",
+    "NO_DECAY_NAMES",
     "BlockGroup",
     "Method",
     "ParamGroups",
@@ -143,13 +144,21 @@ def backbone_block_names(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ strategies
+# Parameters that are not weights of a layer, by their last name: ViT's class token and position
+# embedding, Swin's relative position bias, ConvNeXt's layer scale. Decaying them pulls them towards 0 for
+# no regularising benefit, so torchvision's reference recipes exempt them as they exempt biases.
+NO_DECAY_NAMES: Final = frozenset({"class_token", "pos_embedding", "relative_position_bias_table", "layer_scale"})
+
+
 @dataclass(frozen=True)
 class ParamGroups:
     """The trainable parameters after ``apply_strategy``: the head's, and the backbone's (which may
-    train at a lower learning rate)."""
+    train at a lower learning rate). ``no_decay`` holds the ids of multi-dimensional parameters that
+    get no weight decay all the same (``NO_DECAY_NAMES``); one-dimensional ones never get it."""
 
     head: list[nn.Parameter]
     backbone: list[nn.Parameter]
+    no_decay: frozenset[int] = frozenset()
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.head, *self.backbone]
@@ -196,7 +205,10 @@ def apply_strategy(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     head_ids = {id(p) for p in head}
-    groups = ParamGroups(head=head, backbone=[p for p in model.parameters() if p.requires_grad and id(p) not in head_ids])
+    exempt = frozenset(id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES)
+    groups = ParamGroups(
+        head=head, backbone=[p for p in model.parameters() if p.requires_grad and id(p) not in head_ids], no_decay=exempt
+    )
     if model.training:
         set_train_mode(model, frozen_bn=freeze_batch_norm)
     return groups

@@ -36,6 +36,15 @@ ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
 
 Sink = Literal["console", "file", "kubernetes"]
 
+# Spec fields, by section, that do not change what is trained; a resumed run may differ in them.
+_NOT_TRAINING: Final[dict[str, bool | set[str]]] = {
+    "run_policy": True,
+    "runtime": True,
+    "resources": True,
+    "output": {"exports", "keep_checkpoints"},
+    "dataset": {"loader_workers"},
+}
+
 
 def pvc_mount_path(claim: str) -> str:
     return f"{PVC_MOUNT_ROOT}/{claim}"
@@ -94,7 +103,9 @@ class TrainerConfig(WireModel):
 
     def spec_fingerprint(self) -> str:
         """Hash of what determines the training result; a checkpoint of another fingerprint is not resumed."""
-        spec = self.spec.model_dump(by_alias=True, mode="json", exclude={"run_policy", "runtime", "resources"})
+        # What only shapes the run around training (where it runs, how many loader processes feed it, which
+        # exports it writes, how many checkpoints it keeps) may change between attempts without a restart.
+        spec = self.spec.model_dump(by_alias=True, mode="json", exclude=_NOT_TRAINING)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

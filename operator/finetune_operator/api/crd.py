@@ -119,9 +119,9 @@ def _wire(model: type[BaseModel], field: str) -> str:
 
 def _spec_rules() -> list[dict[str, str]]:
     """Cross-field rules checked at admission (the pydantic validators check them too, with more context)."""
-    batch = _cel_value(
-        "self", ["hyperparameters", _wire(HyperparametersSpec, "batch_size")], _default(HyperparametersSpec, "batch_size")
-    )
+    # An absent batch size is the trainer's choice, always a multiple of the workers: 0 passes the rule.
+    assert _default(HyperparametersSpec, "batch_size") is None
+    batch = _cel_value("self", ["hyperparameters", _wire(HyperparametersSpec, "batch_size")], 0)
     workers = _cel_value("self", ["resources", _wire(ResourcesSpec, "workers")], _default(ResourcesSpec, "workers"))
     optional_sections = [
         name for name, field in FineTuneJobSpec.model_fields.items() if not field.is_required() and name != "run_policy"

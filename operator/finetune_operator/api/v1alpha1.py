@@ -193,8 +193,9 @@ class DatasetSpec(WireModel):
     """DataLoader worker processes per training worker."""
 
     cache_dir: UriStr | None = None
-    """Node-local directory for downloaded datasets and cached features (a path, file:// or pvc://CLAIM/PATH); a temporary
-    directory by default."""
+    """Node-local directory where datasets from object stores (s3://, gs://) are downloaded once per node (a path, file:// or
+    pvc://CLAIM/PATH); a temporary directory by default. Cached backbone features (`strategy.cacheFeatures`) are kept in
+    memory, not here."""
 
     fake: FakeDataSpec | None = None
     """Options of the `fake` format."""
@@ -249,10 +250,10 @@ class DatasetSpec(WireModel):
 class StrategySpec(WireModel):
     """What is trained: the head alone, the last blocks, everything, or the head first and then everything."""
 
-    method: Method = "lp-ft"
+    method: Method = "full"
     """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every
-    parameter. `lp-ft`: `probeEpochs` of linear probe, then full fine-tuning with the backbone at a lower rate
-    (Kumar et al., 2022)."""
+    parameter (the default: it won the measurements in bench/README.md). `lp-ft`: `probeEpochs` of linear probe, then full
+    fine-tuning with the backbone at a lower rate (Kumar et al., 2022)."""
 
     unfreeze_blocks: Annotated[int | None, Field(ge=1, le=1000)] = None
     """`partial` only: how many of the backbone's last blocks train besides the head."""
@@ -266,6 +267,15 @@ class StrategySpec(WireModel):
 
     freeze_batch_norm: bool = True
     """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
+
+    precise_batch_norm: bool = True
+    """Before each evaluation and the export, recompute the running statistics of the BatchNorm layers that train over up to 50
+    training batches (precise BN). Costs at most a third of an epoch of forward passes, and prevents models whose running
+    statistics lag their weights (small BatchNorm momentum, few steps) from evaluating at chance. No effect without BatchNorm."""
+
+    sync_batch_norm: bool = False
+    """With several workers, BatchNorm layers that train compute their batch statistics over the global batch
+    (SyncBatchNorm) rather than each worker's share: for per-worker batches too small for stable statistics."""
 
     @model_validator(mode="after")
     def _knobs(self, info: ValidationInfo) -> StrategySpec:
@@ -300,14 +310,18 @@ class HyperparametersSpec(WireModel):
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
     """Total epochs, probe stage included."""
 
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
-    """Global batch size, split evenly across `resources.workers` (must be divisible by it)."""
+    batch_size: Annotated[int | None, Field(ge=1, le=65_536)] = None
+    """Global batch size, split evenly across `resources.workers` (must be divisible by it). Default: chosen from the training
+    set and logged: up to 64, smaller for small sets, and for very small ones several passes over the images per epoch so that the
+    job gets at least 200 optimiser steps. A value set here is used as it is, one pass per epoch."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """Optimizer."""
 
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
-    """Learning rate of the new head (and of the whole model when nothing is frozen and no backbone rate is set)."""
+    """Learning rate of the new head (and of the whole model when nothing is frozen and no backbone rate is set). In the
+    fine-tune stage of `lp-ft` the probed head trains at the backbone's rate: at this rate it would unlearn what the probe
+    taught it while the backbone starts to move."""
 
     backbone_learning_rate: Annotated[float | None, Field(gt=0, le=10)] = None
     """Absolute learning rate of unfrozen backbone parameters. Excludes `backboneLrMultiplier`."""
@@ -324,8 +338,10 @@ class HyperparametersSpec(WireModel):
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     """Learning-rate schedule after warm-up."""
 
-    warmup_epochs: Annotated[int, Field(ge=0, le=10_000)] = 0
-    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`)."""
+    warmup_epochs: Annotated[int | None, Field(ge=0, le=10_000)] = None
+    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`). Default: a share of the steps of each stage
+    that trains the backbone (a tenth for `full` and `partial`, a fifth for the fine-tune stage of `lp-ft`, so that the
+    unfrozen backbone does not wreck the probed head); none for a frozen backbone."""
 
     step_size: Annotated[int | None, Field(ge=1, le=10_000)] = None
     """`step` scheduler: epochs between decays (default: a third of the epochs)."""
@@ -358,7 +374,7 @@ class HyperparametersSpec(WireModel):
                 "backboneLrMultiplier",
                 f"{self.backbone_lr_multiplier}: set either `backboneLearningRate` or `backboneLrMultiplier`, not both",
             )
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             problems.add("warmupEpochs", f"{self.warmup_epochs} must be less than epochs ({self.epochs})")
         if self.step_size is not None and self.scheduler != "step":
             problems.add("stepSize", f"{self.step_size}: applies to scheduler 'step' only, not {self.scheduler!r}")
@@ -678,7 +694,12 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
     problems = Problems()
     model, dataset, strategy = sections.get("model"), sections.get("dataset"), sections.get("strategy")
     hp, resources = sections.get("hyperparameters"), sections.get("resources")
-    if isinstance(hp, HyperparametersSpec) and isinstance(resources, ResourcesSpec) and hp.batch_size % resources.workers:
+    if (
+        isinstance(hp, HyperparametersSpec)
+        and isinstance(resources, ResourcesSpec)
+        and hp.batch_size is not None
+        and hp.batch_size % resources.workers
+    ):
         workers = resources.workers
         problems.add(
             "hyperparameters.batchSize",
@@ -687,6 +708,17 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
         )
     if isinstance(hp, HyperparametersSpec) and isinstance(strategy, StrategySpec):
         _method_problems(strategy, hp, problems)
+    if (
+        isinstance(strategy, StrategySpec)
+        and isinstance(resources, ResourcesSpec)
+        and strategy.sync_batch_norm
+        and resources.gpus_per_worker == 0
+    ):
+        # torch's SyncBatchNorm runs on accelerators only; on CPU it would fail at the first batch.
+        problems.add(
+            "strategy.syncBatchNorm",
+            "true needs GPUs (resources.gpusPerWorker ≥ 1): SyncBatchNorm does not run on CPU; remove it or add GPUs",
+        )
     if isinstance(model, ModelSpec) and isinstance(dataset, DatasetSpec):
         _input_problems(model, dataset, problems)
     return problems
@@ -785,16 +817,16 @@ class Metrics(WireModel):
     """Latest and best metrics, written by the trainer."""
 
     train_loss: float | None = None
-    """Training loss of the last epoch."""
+    """Training loss of the last epoch (with the job's label smoothing)."""
 
     val_loss: float | None = None
-    """Validation loss of the last epoch."""
+    """Validation loss of the last epoch: plain cross-entropy, without label smoothing."""
 
     val_accuracy: float | None = None
     """Top-1 validation accuracy of the last epoch (0–1)."""
 
     val_top5: float | None = None
-    """Top-5 validation accuracy of the last epoch (five classes or more)."""
+    """Top-5 validation accuracy of the last epoch (more than five classes)."""
 
     best_val_accuracy: float | None = None
     """Best top-1 validation accuracy so far."""
