@@ -26,7 +26,6 @@ from finetune_trainer.engine import Precision, evaluate
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.progress import ProgressSink
-from finetune_trainer.recipe import batch_size
 from finetune_trainer.resume import read_weights
 
 __all__ = ["finish_run"]
@@ -73,7 +72,8 @@ def finish_run(
         percent = 100.0 if state.epoch >= total else round(100 * state.epoch / total, 2)
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=percent, stage="evaluate", updated_at=utc_now()))
     name, epoch = _ship_weights(cfg, model, state, sinks)
-    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, batch_size(spec)), shuffle=False)
+    # Eval mode: any batch size gives the same numbers (a spec not yet planned has none).
+    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size or 64), shuffle=False)
     stats = evaluate(model, loader, criterion, precision, len(class_names), reduce=False)
     if sinks is not None:
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=100.0, stage="export", updated_at=utc_now()))
