@@ -232,6 +232,8 @@ def map_status(
         if type_ == "Validated" and any(c.get("type") == "Validated" and c.get("status") == "True" for c in conditions):
             continue  # set by the create handler; keep its words
         conditions = set_condition(conditions, type_, status, reason, message, stamp, generation)
+    if warnings := cur.get("warnings"):  # the trainer's (a BatchNorm collapse, a checkpoint fallback): the newest says
+        conditions = set_condition(conditions, "TrainerWarning", True, "TrainerWarning", str(warnings[-1]), stamp, generation)
 
     wanted: dict[str, Any] = {
         "phase": v.phase.value,

@@ -317,3 +317,14 @@ def test_a_missed_pre_running_deadline_says_what_held_the_cluster_up() -> None:
     assert status["phase"] == "Failed"
     assert status["message"] == f"the Ray cluster did not start running before its deadline; it was stuck: {STUCK.message}"
     assert _cond(status, "Failed")["message"] == status["message"]
+
+
+def test_a_trainer_warning_becomes_a_condition_with_the_newest_words() -> None:
+    """Issue 11 item 10: a run that 'succeeds' with a collapsed model must say so where people look."""
+    running = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    current = {"phase": "Running", "warnings": ["checkpoint epoch 2 unusable", "validation accuracy is at chance: BatchNorm"]}
+    status = _apply(current, map_status(running, current, 1, T0))
+    warned = _cond(status, "TrainerWarning")
+    assert (warned["status"], warned["reason"], warned["message"]) == ("True", "TrainerWarning", current["warnings"][-1])
+    quiet = _apply({"phase": "Running"}, map_status(running, {"phase": "Running"}, 1, T0))
+    assert all(c["type"] != "TrainerWarning" for c in quiet["conditions"])

@@ -285,6 +285,8 @@ def _run_stage(
         if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
             worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
             log.warning("%s: %s", worker.cfg.job_name, warning)
+            if worker.sinks is not None:  # status.warnings, and the operator's TrainerWarning condition
+                worker.sinks.warn(warning)
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
         record = EpochRecord(
             epoch=epoch,
