@@ -8,7 +8,7 @@ would on a cluster. The Ray tier's stand-in (real Ray processes) is not needed f
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,22 +20,13 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
 from finetune_operator.client import ApiError, FineTuneJobClient, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
 from finetune_trainer.status_reporter import KubernetesStatusSink
-from tests.integration.test_operator import EXAMPLE, job, start_operator, stop_operator
+from tests.integration.test_operator import EXAMPLE, job
 from tests.support.kopf_runner import KopfRunner
 from tests.support.kube_emulator import PODS, KubeEmulator
 
 pytestmark = pytest.mark.timeout(60)
 
 TRAINER_ERROR = "error: spec.dataset.trainUri: s3://acme/flowers/train holds no class folders; expected one folder per class"
-
-
-@pytest.fixture
-def operator(emu: KubeEmulator) -> Iterator[KopfRunner]:
-    runner = start_operator(emu)
-    try:
-        yield runner
-    finally:
-        stop_operator(emu, runner)
 
 
 @pytest.fixture

@@ -152,3 +152,14 @@ class FakeKube:
         if body["metadata"].get("resourceVersion") != stored["metadata"]["resourceVersion"]:
             raise ApiFailure(f"update Lease {namespace}/{name}", 409, "HTTP 409 Conflict: the object has been modified")
         return copy.deepcopy(self.put({**body, "metadata": {**body["metadata"], "namespace": namespace}}))
+
+
+class Events(list[tuple[str, str, str]]):
+    """An event sink (``reconcile.EventSink``) that keeps (type, reason, message) of every Event."""
+
+    def __call__(self, obj: Any, type_: str, reason: str, message: str) -> None:
+        self.append((type_, reason, message))
+
+    @property
+    def reasons(self) -> list[str]:
+        return [reason for _, reason, _ in self]

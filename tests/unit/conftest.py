@@ -3,8 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import pytest
+
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import OperatorSettings
+from tests.support.fake_kube import Events, FakeKube
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)  # the reconcile tests' clock
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    """The in-memory API the reconcile rules are tested against."""
+    return FakeKube()
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def rec(kube: FakeKube, events: Events) -> Reconciler:
+    """The rules over ``kube`` with default settings, Events kept in ``events``, the clock at ``NOW``."""
+    return Reconciler(kube, OperatorSettings(metrics_port=0), emit=events, clock=lambda: NOW)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from finetune_operator.ownership import ParentJob, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import OperatorSettings
-from tests.support.fake_kube import FakeKube
+from tests.support.fake_kube import Events, FakeKube
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(metrics_port=0)
@@ -36,30 +36,6 @@ def job(name: str = "job", uid: str = "uid-1", **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": "team", "uid": uid, "generation": 1},
         "spec": base,
     }
-
-
-class Events(list[tuple[str, str, str]]):
-    def __call__(self, obj: Any, type_: str, reason: str, message: str) -> None:
-        self.append((type_, reason, message))
-
-    @property
-    def reasons(self) -> list[str]:
-        return [reason for _, reason, _ in self]
-
-
-@pytest.fixture
-def kube() -> FakeKube:
-    return FakeKube()
-
-
-@pytest.fixture
-def events() -> Events:
-    return Events()
-
-
-@pytest.fixture
-def rec(kube: FakeKube, events: Events) -> Reconciler:
-    return Reconciler(kube, SETTINGS, emit=events, clock=lambda: NOW)
 
 
 def created(kube: FakeKube, body: dict[str, Any]) -> dict[str, Any]:

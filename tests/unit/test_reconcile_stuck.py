@@ -16,37 +16,12 @@ import pytest
 from finetune_operator import naming
 from finetune_operator.failures import ApiFailure
 from finetune_operator.reconcile import Reconciler
-from finetune_operator.settings import OperatorSettings
-from tests.support.fake_kube import FakeKube
+from tests.support.fake_kube import Events, FakeKube
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 CLUSTER = "job-raycluster-x7k2p"
 NO_GPU = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
 QUOTA = 'Failed to create head Pod team/x, pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1'
-
-
-class Events(list[tuple[str, str, str]]):
-    def __call__(self, obj: Any, type_: str, reason: str, message: str) -> None:
-        self.append((type_, reason, message))
-
-    @property
-    def reasons(self) -> list[str]:
-        return [reason for _, reason, _ in self]
-
-
-@pytest.fixture
-def kube() -> FakeKube:
-    return FakeKube()
-
-
-@pytest.fixture
-def events() -> Events:
-    return Events()
-
-
-@pytest.fixture
-def rec(kube: FakeKube, events: Events) -> Reconciler:
-    return Reconciler(kube, OperatorSettings(metrics_port=0), emit=events, clock=lambda: NOW)
 
 
 def started(kube: FakeKube, rec: Reconciler, **rayjob_status: Any) -> dict[str, Any]:
