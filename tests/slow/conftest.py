@@ -67,6 +67,6 @@ def local_ray() -> Iterator[None]:
     """An embedded Ray for the module's tests: two logical CPUs, as on the machine the tier targets."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)  # never a `ray start` cluster
     yield
     ray.shutdown()

@@ -4,6 +4,7 @@ artifacts and a JSON status file, and prints a one-line summary; a bad weights f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +29,18 @@ spec:
 """
 
 
-def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def finetune(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "finetune_operator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=540
+        [sys.executable, "-m", "finetune_operator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=540, env=env
     )
 
 
 def test_finetune_run_trains_a_job_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "job.yaml").write_text(JOB)
 
-    out = finetune("run", "job.yaml", "--json-status", "status.json", cwd=tmp_path)
+    # A Ray cluster named in the environment (or started by `ray start` earlier) is not joined: local mode is local.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    out = finetune("run", "job.yaml", "--json-status", "status.json", cwd=tmp_path, env=env)
 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stdout + out.stderr

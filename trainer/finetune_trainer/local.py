@@ -108,6 +108,9 @@ def start_ray(cfg: TrainerConfig) -> bool:
     # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
     cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
     ray.init(
+        # A new Ray of its own, always: without an address Ray joins the cluster named by RAY_ADDRESS or the last
+        # `ray start` on this machine, which refuses num_cpus and is not what "runs on this laptop" means.
+        address="local",
         num_cpus=cpus,
         num_gpus=res.workers * res.gpus_per_worker or None,
         include_dashboard=False,
