@@ -54,16 +54,22 @@ def workloads_of(rayjob: Mapping[str, Any], listed: list[dict[str, Any]]) -> lis
     return [wl for wl in listed if owned(wl)]
 
 
+class KueueMissing(Exception):
+    """The Workload kind is not served (HTTP 404): Kueue is not installed, and the queue label is just a label."""
+
+
 def set_active(kube: WorkloadApi, rayjob: Mapping[str, Any], active: bool) -> list[str]:
-    """Make the RayJob's Workloads ``active``; the names of those changed (none: nothing to do, or no Kueue)."""
+    """Make the RayJob's Workloads ``active``; the names of those changed (none: nothing to do).
+
+    Raises ``KueueMissing`` when the cluster has no Workload kind at all."""
     meta = rayjob["metadata"]
     if not meta.get("uid"):
         return []
     try:
         listed = kube.list_labelled(WORKLOAD_KIND, meta["namespace"], f"{LABEL_JOB_UID}={meta['uid']}")
     except ApiFailure as exc:
-        if exc.status == 404:  # Kueue is not installed: the queue label is just a label
-            return []
+        if exc.status == 404:
+            raise KueueMissing(str(exc)) from exc
         raise
     changed = []
     for wl in workloads_of(rayjob, listed):
@@ -81,12 +87,14 @@ def align(kube: WorkloadApi, rayjob: dict[str, Any], wanted: bool) -> tuple[dict
     actual = bool((rayjob.get("spec") or {}).get("suspend"))
     meta = rayjob["metadata"]
     changed: list[str] = []
+    patch = wanted != actual
     if naming.LABEL_KUEUE_QUEUE in (meta.get("labels") or {}):
-        # A running queued job with nothing asked has an active, admitted Workload: no LIST for it.
-        changed = set_active(kube, rayjob, not wanted) if wanted or actual else []
-        patch = wanted and not actual
-    else:
-        patch = wanted != actual
+        try:
+            # A running queued job with nothing asked has an active, admitted Workload: no LIST for it.
+            changed = set_active(kube, rayjob, not wanted) if wanted or actual else []
+            patch = wanted and not actual
+        except KueueMissing:  # no Kueue to lift a suspension: the RayJob's own flag is all there is
+            pass
     if patch:
         rayjob = kube.patch(RAYJOB_KIND, meta["namespace"], meta["name"], {"spec": {"suspend": wanted}})
     if not (patch or changed):
@@ -98,4 +106,4 @@ def align(kube: WorkloadApi, rayjob: dict[str, Any], wanted: bool) -> tuple[dict
     return rayjob, (reason, f"{verb}: RayJob {meta['name']} spec.suspend={str(wanted).lower()}")
 
 
-__all__ = ["LABEL_JOB_UID", "WorkloadApi", "align", "is_active", "set_active", "workloads_of"]
+__all__ = ["LABEL_JOB_UID", "KueueMissing", "WorkloadApi", "align", "is_active", "set_active", "workloads_of"]

@@ -17,17 +17,11 @@ import pytest
 
 import finetune_operator.handlers  # noqa: F401  (importing it registers the operator's handlers with Kopf)
 from finetune_operator import naming
-from finetune_operator.api import versions
 from tests.integration.test_operator import job, kuberay, settle, start_operator, stop_operator, wait_phase
 from tests.support.kopf_runner import KopfRunner
-from tests.support.kube_emulator import KubeEmulator, ResourceSpec
+from tests.support.kube_emulator import WORKLOADS, KubeEmulator
 
 pytestmark = pytest.mark.timeout(60)
-
-WORKLOADS = ResourceSpec(
-    versions.KUEUE_GROUP, versions.KUEUE_VERSION, versions.WORKLOAD_PLURAL, versions.WORKLOAD_KIND,
-    subresources=frozenset({"status"}), custom=True,
-)  # fmt: skip
 
 
 class KueueStandIn:

@@ -27,7 +27,7 @@ from finetune_operator.k8s import Kube
 from finetune_operator.reconcile import Reconciler
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.support.kopf_runner import KopfRunner
-from tests.support.kube_emulator import KubeEmulator, wait_for
+from tests.support.kube_emulator import WORKLOADS, KubeEmulator, wait_for
 from tests.support.operator_threads import SETTINGS, settle, start_operator, stop_operator
 from tests.support.schemas import REPO
 
@@ -357,7 +357,11 @@ def test_kueue_holds_a_queued_job_and_the_operator_lets_it(emu: KubeEmulator) ->
         emu.create(job("queued", runtime={"queueName": "team-queue"}))
         rayjob = runner.wait_for(lambda: emu.find("rayjobs", "default", name))
         assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
-        # Kueue suspends the RayJob until its workload is admitted; KubeRay reports it Suspended.
+        # Kueue suspends the RayJob until its Workload (pending, active) is admitted; KubeRay reports it Suspended.
+        emu.add_resource(WORKLOADS)
+        owner = {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": name, "uid": rayjob["metadata"]["uid"]}
+        meta = {"name": f"rayjob-{name}", "labels": {"kueue.x-k8s.io/job-uid": owner["uid"]}, "ownerReferences": [owner]}
+        emu.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload", "metadata": meta, "spec": {}})
         emu.patch("rayjobs", "default", name, {"spec": {"suspend": True}})
         kuberay(emu, name, jobDeploymentStatus="Suspended")
         status = wait_phase(runner, emu, "queued", "Pending")

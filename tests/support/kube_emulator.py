@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_RESOURCES",
     "PODS",
+    "WORKLOADS",
     "ApiError",
     "EmulatorHandler",
     "KubeEmulator",
@@ -165,6 +166,10 @@ NAMESPACES: Final = ResourceSpec(
 # them) and give a pod its log with ``emu.set_pod_log`` (GET .../pods/NAME/log answers that text).
 PODS: Final = ResourceSpec(
     "", "v1", "pods", "Pod", subresources=frozenset({"status", "log"}), has_generation=False, short_names=frozenset({"po"})
+)
+# Kueue's Workload: not served by default (a cluster without Kueue answers 404); Kueue tests add it.
+WORKLOADS: Final = ResourceSpec(
+    "kueue.x-k8s.io", "v1beta2", "workloads", "Workload", subresources=frozenset({"status"}), custom=True
 )
 CRDS: Final = ResourceSpec(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",

@@ -760,13 +760,16 @@ def test_only_the_rayjobs_own_workload_is_switched(kube: FakeKube, rec: Reconcil
     assert rayjob_of(kube)["spec"]["suspend"] is True  # no Workload of its own: the RayJob's flag is all there is
 
 
-def test_no_kueue_installed_suspends_the_rayjob_directly(kube: FakeKube, rec: Reconciler) -> None:
+def test_no_kueue_installed_suspends_and_resumes_the_rayjob_directly(kube: FakeKube, rec: Reconciler) -> None:
+    """A queueName on a cluster without Kueue: nobody else will ever lift the suspension, so resume does."""
     rec.reconcile(created(kube, job(runtime={"queueName": "gpu"})))
     kube.faults[("list", "Workload")] = ApiFailure(
         "list Workload team/x", 404, "HTTP 404 Not Found", kind="Workload", verb="list"
     )
     flip_suspend(kube, rec, True)
     assert rayjob_of(kube)["spec"]["suspend"] is True
+    flip_suspend(kube, rec, False)
+    assert rayjob_of(kube)["spec"]["suspend"] is False
 
 
 def test_a_running_queued_job_costs_no_workload_list(kube: FakeKube, rec: Reconciler) -> None:
