@@ -196,15 +196,22 @@ class FineTuneJobClient:
 
     # ---- create, apply, read
 
-    def create(
-        self, job: FineTuneJob | str | Path | Mapping[str, Any], *, namespace: str | None = None, overrides: Iterable[str] = ()
-    ) -> FineTuneJob:
-        """Create the job (validated here first); the created object. Invalid, or ApiError 409 when the name is taken."""
+    def _placed(
+        self, job: FineTuneJob | str | Path | Mapping[str, Any], namespace: str | None, overrides: Iterable[str]
+    ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        """(the wire body, its namespace, its metadata): the argument's namespace, else the manifest's, else ours."""
         wire = self.body(job, overrides=overrides)
         meta: dict[str, Any] = dict(wire["metadata"])
         ns = namespace or meta.get("namespace") or self.namespace
         meta["namespace"] = ns
         wire["metadata"] = meta
+        return wire, ns, meta
+
+    def create(
+        self, job: FineTuneJob | str | Path | Mapping[str, Any], *, namespace: str | None = None, overrides: Iterable[str] = ()
+    ) -> FineTuneJob:
+        """Create the job (validated here first); the created object. Invalid, or ApiError 409 when the name is taken."""
+        wire, ns, meta = self._placed(job, namespace, overrides)
         what = f"create {KIND} {ns}/{meta['name']}"
         return to_job(self._call(what, self.custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, wire))
 
@@ -218,11 +225,7 @@ class FineTuneJobClient:
         overrides: Iterable[str] = (),
     ) -> FineTuneJob:
         """Server-side apply (create or update the fields this manager owns) as ``field_manager``."""
-        wire = self.body(job, overrides=overrides)
-        meta: dict[str, Any] = dict(wire["metadata"])
-        ns = namespace or meta.get("namespace") or self.namespace
-        meta["namespace"] = ns
-        wire["metadata"] = meta
+        wire, ns, meta = self._placed(job, namespace, overrides)
         fn = self.custom.patch_namespaced_custom_object
         what = f"apply {KIND} {ns}/{meta['name']}"
         # Raw response: the generated client maps only HTTP 200 to a body, and an apply that creates answers 201.
