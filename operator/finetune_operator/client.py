@@ -14,14 +14,12 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import kubernetes.client
 import kubernetes.config
-import kubernetes.watch
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -32,10 +30,21 @@ from finetune_operator.api.overrides import OverrideError, apply_overrides
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJob, FineTuneJobStatus, ObjectMeta
 from finetune_operator.api.validate import ManifestError, decode_manifest, iter_documents, read_manifest, validate_document
 from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from finetune_operator.client_errors import ApiError, ClientError, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
+from finetune_operator.client_errors import (
+    AccessDenied,
+    ApiError,
+    ClientError,
+    Invalid,
+    JobFailed,
+    JobNotFound,
+    LogsUnavailable,
+    Timeout,
+)
 from finetune_operator.client_logs import Event, LogSource, events_of, log_lines, log_source, logs_gone_reason
+from finetune_operator.client_watch import DENIED, Backoff, denied, follow
 
 __all__ = [
+    "AccessDenied",
     "ApiError",
     "ClientError",
     "Event",
@@ -51,7 +60,6 @@ __all__ = [
 FIELD_MANAGER: Final = "finetune-client"
 TERMINAL: Final = ("Succeeded", "Failed")
 _SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-_WATCH_SECONDS: Final = 60  # one watch request at most this long: a silently dead connection is noticed
 _MERGE: Final = "application/merge-patch+json"
 _APPLY: Final = "application/apply-patch+yaml"
 
@@ -152,9 +160,11 @@ class FineTuneJobClient:
             message, lines = _api_detail(exc)
             if exc.status == 404:
                 raise JobNotFound(f"{what}: not found ({message})") from None
-            denied = exc.status == 403 and ("admission webhook" in message or "denied the request" in message)
-            if exc.status in (400, 422) or denied:
+            refused = exc.status == 403 and ("admission webhook" in message or "denied the request" in message)
+            if exc.status in (400, 422) or refused:
                 raise Invalid(what, lines) from None
+            if exc.status in DENIED:
+                raise denied(what, exc) from None
             raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}", exc.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
@@ -365,47 +375,10 @@ class FineTuneJobClient:
         return job
 
     def _follow(self, name: str, ns: str, timeout: float, done: Any) -> dict[str, Any]:
-        """Read, then watch from that read's resourceVersion until ``done(obj)``; each watch that ends (dropped,
-        expired, timed out server-side) starts over with a fresh read, so no state in between is missed."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | None = None
-        fn = self.custom.list_namespaced_custom_object
-        watch_module: Any = kubernetes.watch  # untyped
-        while True:
-            try:
-                last = self.get_object(name, ns)
-            except ApiError:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # the API server is away: retry
-                continue
-            if done(last):
-                return last
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            rv = str((last.get("metadata") or {}).get("resourceVersion") or "")
-            seconds = max(1, min(_WATCH_SECONDS, int(remaining + 0.999)))
-            watch: Any = watch_module.Watch()
-            try:
-                for event in watch.stream(
-                    fn, GROUP, VERSION, ns, PLURAL,
-                    field_selector=f"metadata.name={name}", resource_version=rv, timeout_seconds=seconds,
-                    allow_watch_bookmarks=True, _request_timeout=(5.0, seconds + 10.0),
-                ):  # fmt: skip
-                    kind, obj = event.get("type"), event.get("object")
-                    if kind == "DELETED":
-                        raise JobNotFound(f"{KIND} {ns}/{name} was deleted")
-                    if kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
-                        last = obj
-                        if done(obj):
-                            return obj
-                    if time.monotonic() >= deadline:
-                        break
-            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError):
-                pass  # 410 Expired, a dropped connection: read again and watch from there
-            finally:
-                watch.stop()
+        """Read, then watch until ``done(obj)`` (``client_watch.follow``); Timeout after ``timeout`` seconds."""
+        last, reached = follow(self.custom, lambda: self.get_object(name, ns), name, ns, timeout, done, backoff=Backoff())
+        if reached and last is not None:
+            return last
         job = to_job(last) if last is not None else None
         phase = phase_of(last) if last is not None else "unknown"
         raise Timeout(f"{KIND} {ns}/{name}: still {phase or 'without a phase'} after {timeout:g}s", job)

@@ -53,5 +53,9 @@ class ApiError(ClientError):
         self.status = status
 
 
+class AccessDenied(ApiError):
+    """The API server refused the credentials (401) or this user may not do it (403): retrying cannot help."""
+
+
 class LogsUnavailable(ClientError):
     """The trainer's output cannot be read: its pods are not there (yet, or any more); the message says where to look."""

@@ -18,7 +18,16 @@ import finetune_operator.handlers  # noqa: F401  (importing it registers the ope
 from finetune_operator import naming
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, Metrics, Progress
-from finetune_operator.client import ApiError, FineTuneJobClient, Invalid, JobFailed, JobNotFound, LogsUnavailable, Timeout
+from finetune_operator.client import (
+    AccessDenied,
+    ApiError,
+    FineTuneJobClient,
+    Invalid,
+    JobFailed,
+    JobNotFound,
+    LogsUnavailable,
+    Timeout,
+)
 from finetune_trainer.status_reporter import KubernetesStatusSink
 from tests.integration.test_operator import EXAMPLE, job
 from tests.support.kopf_runner import KopfRunner
@@ -170,6 +179,45 @@ def test_wait_for_a_missing_or_deleted_job(emu: KubeEmulator, client: FineTuneJo
     emu.delete("finetunejobs", "default", "doomed")
     thread.join(30)
     assert isinstance(box.get("error"), JobNotFound)
+
+
+FTJ = "/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs"
+
+
+def refusal(code: int) -> dict[str, Any]:
+    reason = "Unauthorized" if code == 401 else "Forbidden"
+    message = "Unauthorized" if code == 401 else 'finetunejobs.finetune.dev is forbidden: User "ci" cannot get resource'
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code}
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refused_read_ends_the_wait_at_once(emu: KubeEmulator, client: FineTuneJobClient, code: int) -> None:
+    """Credentials or RBAC refused: retrying until the timeout cannot change the answer."""
+    emu.create(job("guarded"))
+    emu.kmock[f"get {FTJ}/guarded"] << code << refusal(code)
+    with pytest.raises(AccessDenied, match=f"^get FineTuneJob default/guarded: HTTP {code} ") as denied:
+        client.wait("guarded", timeout=10)
+    assert "\n" not in str(denied.value) and "not retried" in str(denied.value)
+    assert emu.request_counts("finetunejobs")["get"] == 1
+
+
+def test_a_refused_watch_ends_the_wait_at_once(emu: KubeEmulator, client: FineTuneJobClient) -> None:
+    emu.create(job("unwatched"))
+    emu.kmock[f"get {FTJ}"] << 403 << refusal(403)  # the collection: the watch, not the read by name
+    with pytest.raises(AccessDenied, match=r"^watch FineTuneJob default/unwatched: HTTP 403 Forbidden: .*cannot get"):
+        client.wait("unwatched", timeout=10)
+    assert emu.request_counts("finetunejobs")["watch"] == 1
+
+
+def test_a_watch_that_fails_at_once_is_retried_after_a_back_off(emu: KubeEmulator, client: FineTuneJobClient) -> None:
+    """A proxy answering every watch with 500: without a back-off, the client re-reads and re-watches in a tight loop."""
+    emu.create(job("flaky-watch"))
+    emu.kmock[f"get {FTJ}"] << 500
+    with pytest.raises(Timeout):
+        client.wait("flaky-watch", timeout=3)
+    made = emu.request_counts("finetunejobs")
+    # 0.25 s doubling (jittered to half at least): at most 0.125 + 0.25 + 0.5 + 1 + 2 s fit in 3 s, i.e. six tries.
+    assert 1 <= made["watch"] <= 6 and made["get"] <= made["watch"] + 1, made  # a read before each watch, one last
 
 
 def _pod(name: str, labels: dict[str, str], containers: list[str]) -> dict[str, Any]:

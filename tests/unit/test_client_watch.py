@@ -1,0 +1,71 @@
+"""The wait loop's back-off (``finetune_operator.client_watch``): growing, jittered, capped, reset by a watch that worked.
+
+``follow`` runs against a scripted watch (no API server): each round's watch either fails at once, delivers an
+event that does not end the wait, or delivers the awaited one; the test records the pauses it asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import kubernetes.watch
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.client_watch import Backoff, follow
+
+
+@pytest.mark.parametrize(
+    ("draw", "expected"),
+    [
+        (1.0, [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]),  # doubling, capped
+        (0.0, [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]),  # jitter: never below half
+    ],
+)
+def test_the_back_off_grows_is_jittered_and_capped(draw: float, expected: list[float]) -> None:
+    backoff = Backoff(rng=lambda: draw)
+    assert [backoff.next() for _ in expected] == expected
+    backoff.reset()
+    assert backoff.next() == expected[0]
+
+
+def test_a_long_outage_does_not_overflow() -> None:
+    backoff = Backoff(rng=lambda: 1.0)
+    assert [backoff.next() for _ in range(2000)][-1] == 10.0
+
+
+class ScriptedWatch:
+    """``kubernetes.watch.Watch`` whose n-th stream plays the n-th of ``rounds``."""
+
+    rounds: ClassVar[list[str]] = []
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        round_ = ScriptedWatch.rounds.pop(0)
+        if round_ == "fail":
+            raise ApiException(status=500, reason="Internal Server Error")
+        phase = "Succeeded" if round_ == "done" else "Running"
+        yield {"type": "MODIFIED", "object": {"metadata": {"name": "j"}, "status": {"phase": phase}}}
+
+    def stop(self) -> None:
+        pass
+
+
+def test_failed_watches_back_off_and_a_watch_that_delivered_resets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubernetes.watch, "Watch", ScriptedWatch)
+    ScriptedWatch.rounds = ["fail", "fail", "fail", "events", "fail", "done"]
+    pauses: list[float] = []
+    read = lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Pending"}}  # noqa: E731
+    last, reached = follow(
+        SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]  # the scripted watch calls nothing
+        read,
+        "j",
+        "ns",
+        3600,
+        lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
+        backoff=Backoff(rng=lambda: 1.0),
+        sleep=pauses.append,
+    )
+    assert reached and last is not None and last["status"]["phase"] == "Succeeded"
+    assert pauses == [0.25, 0.5, 1.0, 0.25]  # growing; none after the watch that delivered; then from the start
