@@ -3,7 +3,8 @@
 Each verb is a thin layer over ``FineTuneJobClient`` (imported when a verb runs: the kubernetes client is in the
 operator extra, and ``finetune validate`` must work without it). Exit codes a pipeline can branch on (``EXIT_*``):
 0 done (a waited-for job Succeeded), 1 the job Failed, 2 usage or an invalid job, 3 timeout, 4 the job or the API
-server cannot be reached. Output follows kubectl: ``-o table|wide|json|yaml``, ``-n``, ``-A``, ``--context``.
+server cannot be reached (or refused the credentials or the request), 130 interrupted (Ctrl-C, as shells count
+it). Output follows kubectl: ``-o table|wide|json|yaml``, ``-n``, ``-A``, ``--context``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_TIMEOUT: Final = 3
 EXIT_UNREACHABLE: Final = 4
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 _DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNIT: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EXIT_CODES: Final = (
     "exit codes: 0 done (with --wait: the job Succeeded), 1 the job Failed, 2 usage error or invalid job, "
-    "3 timeout, 4 job not found or API server unreachable"
+    "3 timeout, 4 job not found, API server unreachable or access denied, 130 interrupted (Ctrl-C)"
 )
 
 
@@ -74,6 +76,9 @@ def _run(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         except c.ClientError as exc:  # not found, API refused or unreachable, logs gone, no credentials
             _err(str(exc))
             return EXIT_UNREACHABLE
+        except KeyboardInterrupt:  # Ctrl-C in `logs -f` or `wait`: the user's choice, not a crash to show a traceback of
+            _err(f"interrupted; {args.command} stopped (the job itself goes on)")
+            return EXIT_INTERRUPTED
 
     return run
 

@@ -6,7 +6,12 @@ run it; ``submit --wait`` runs against the real operator with KubeRay played by 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +25,8 @@ from finetune_operator.cli import main
 from tests.integration.test_client import TRAINER_ERROR, play_kuberay
 from tests.integration.test_operator import EXAMPLE, job, start_operator, stop_operator
 from tests.support.kopf_runner import KopfRunner
-from tests.support.kube_emulator import PODS, KubeEmulator
+from tests.support.kube_emulator import PODS, KubeEmulator, wait_for
+from tests.support.schemas import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -197,3 +203,48 @@ def test_submit_wait_follows_the_job_into_the_manifests_namespace(
     threading.Thread(target=finish, daemon=True).start()
     assert main(["submit", str(path), "--wait", "--timeout", "45s"]) == 0  # no -n: the kubeconfig says default
     assert capsys.readouterr().out.splitlines()[-1] == "finetunejob.finetune.dev/elsewhere Succeeded"
+
+
+def interrupted(kube: KubeEmulator, args: list[str], started: object) -> subprocess.CompletedProcess[str]:
+    """``finetune ARGS`` in a process of its own, sent SIGINT (Ctrl-C) once ``started()`` holds."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
+    # A shell's background job ignores SIGINT, and a child inherits that: give it the terminal's default back.
+    preexec = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    command = [sys.executable, "-m", "finetune_operator.cli", *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+    try:
+        wait_for(started, 30, message=f"finetune {' '.join(args)} waiting")  # type: ignore[arg-type]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_ctrl_c_in_wait_exits_130_with_one_line(kube: KubeEmulator) -> None:
+    kube.create(job("long"))
+    done = interrupted(kube, ["wait", "long", "--timeout", "10m"], lambda: kube.watch_count("finetunejobs") >= 1)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; wait stopped (the job itself goes on)\n")
+
+
+def test_ctrl_c_in_logs_follow_exits_130_with_one_line(kube: KubeEmulator) -> None:
+    kube.add_resource(PODS)
+    kube.create(job("chatty"))
+    rayjob = naming.rayjob_name("chatty")
+    kube.patch_status("finetunejobs", "default", "chatty", {"phase": "Running", "rayJobName": rayjob})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{rayjob}-p", "labels": {"batch.kubernetes.io/job-name": rayjob}},
+        "spec": {"containers": [{"name": "ray-job-submitter", "image": "trainer"}]},
+    }
+    kube.create(pod)
+
+    async def still_training() -> str:  # a log that streams on: the trainer has not ended
+        await asyncio.sleep(5)
+        return ""
+
+    kube.kmock[f"get /api/v1/namespaces/default/pods/{rayjob}-p/log"] << still_training
+    reading = lambda: kube.request_counts("pods", subresource="log")["get"] >= 1  # noqa: E731
+    done = interrupted(kube, ["logs", "chatty", "-f"], reading)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; logs stopped (the job itself goes on)\n")
