@@ -12,9 +12,11 @@ QuotaExceeded                     a KubeRay ``FailedToCreate{Head,Worker}Pod``/`
 PodSecurityRejected               quoting the API's refusal: a ResourceQuota, Pod Security admission, a webhook
 RejectedByPolicy                  (Kyverno, Gatekeeper), or anything else (``PodCreationFailed``,
 PodCreationFailed                 ``ClusterCreationFailed``); an Event the pods show to be over (its pod exists
-ClusterCreationFailed             now) is ignored
-ErrImagePull, ImagePullBackOff    a container (or init container) waiting with that reason; InvalidImageName and
-                                  ErrImageNeverPull read as ErrImagePull
+ClusterCreationFailed             now) is ignored, and so is one last seen before the RayJob was created (an
+                                  earlier job's) or more than ``EVENT_MAX_AGE`` ago (a refusal that stopped)
+ErrImagePull                      a container (or init container) waiting with ErrImagePull, ImagePullBackOff,
+                                  InvalidImageName or ErrImageNeverPull: one family, one reason (the kubelet
+                                  alternates ErrImagePull and ImagePullBackOff while it retries a pull)
 CreateContainerConfigError,       a container waiting with that reason (a missing Secret or ConfigMap key, a
 CreateContainerError,             container that cannot start, a head that keeps crashing)
 CrashLoopBackOff
@@ -34,19 +36,28 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
 from finetune_operator.api.versions import RAYJOB_KIND
 
 CLUSTER_LABEL: Final = "ray.io/cluster"
+CLUSTER_KIND: Final = "RayCluster"
+# A refused create that KubeRay keeps retrying is posted again at each try (controller-runtime's back-off tops out
+# at ~17 minutes; an events.k8s.io series is refreshed every 30): an Event not seen for an hour is about a refusal
+# that has stopped, whatever the pods show.
+EVENT_MAX_AGE: Final = timedelta(hours=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 NODE_TYPE_LABEL: Final = "ray.io/node-type"
 STUCK_DEPLOYMENT_STATUSES: Final = frozenset({"Initializing", "Retrying"})
 MESSAGE_MAX: Final = 400
 # KubeRay v1.7's Event reasons for a create the API server refused (ray-operator/controllers/ray/utils/constant.go).
 _CREATE_EVENTS: Final = {"FailedToCreateHeadPod": "head", "FailedToCreateWorkerPod": "worker", "FailedToCreateRayCluster": ""}
+# One family, one reason: the kubelet flips a failing pull between ErrImagePull and ImagePullBackOff every retry, and
+# a reason that flipped with it would rewrite the condition and post a Warning Event at each flip.
 _IMAGE: Final = {
     "ErrImagePull": "ErrImagePull",
-    "ImagePullBackOff": "ImagePullBackOff",
+    "ImagePullBackOff": "ErrImagePull",
     "InvalidImageName": "ErrImagePull",
     "ErrImageNeverPull": "ErrImagePull",
 }
@@ -59,13 +70,13 @@ REASONS: Final = frozenset(
         "PodCreationFailed",
         "ClusterCreationFailed",
         "ErrImagePull",
-        "ImagePullBackOff",
+        "ImagePullBackOff",  # no longer given (see _IMAGE), but a condition an earlier version wrote still has it
         *_START,
         "Unschedulable",
         "PodsPending",
     }
 )
-"""Every reason ``diagnose`` gives: a ``ClusterReady`` condition with one of these was written by a diagnosis."""
+"""Every reason ``diagnose`` gives or gave: a ``ClusterReady`` condition with one of these was written by a diagnosis."""
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,18 @@ def one_line(text: str, limit: int = MESSAGE_MAX) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def diagnose(pods: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]], rayjob: Mapping[str, Any]) -> Diagnosis:
-    """The first finding in the module docstring's order, from the cluster's pods and the namespace's Warning Events."""
+def diagnose(
+    pods: Iterable[Mapping[str, Any]],
+    events: Iterable[Mapping[str, Any]],
+    rayjob: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+) -> Diagnosis:
+    """The first finding in the module docstring's order, from the cluster's pods and the Warning Events about the
+    RayJob and its RayCluster; ``now`` (aware): Events older than ``EVENT_MAX_AGE`` before it are ignored."""
     ordered = sorted(pods, key=lambda pod: (_node_type(pod) != "head", str((pod.get("metadata") or {}).get("name"))))
-    for finding in (_refused_create(ordered, events, rayjob), _container_trouble(ordered), _unscheduled(ordered)):
+    current = _current(events, rayjob, now)
+    for finding in (_refused_create(ordered, current, rayjob), _container_trouble(ordered), _unscheduled(ordered)):
         if finding is not None:
             return finding
     return NOTHING_WRONG
@@ -119,7 +138,8 @@ def diagnosis_event(old: Mapping[str, Any], patch: Mapping[str, Any]) -> tuple[s
     if new is None or new.get("status") != "False" or new.get("reason") not in REASONS:
         return None
     before = _cluster_ready(old)
-    if before is not None and before.get("status") == "False" and before.get("reason") == new.get("reason"):
+    same = before is not None and _family(before.get("reason")) == _family(new.get("reason"))
+    if before is not None and before.get("status") == "False" and same:
         return None
     return "Warning", str(new["reason"]), str(new.get("message") or "")
 
@@ -151,7 +171,7 @@ def _refused_create(
             relevant.append(event)
     if not relevant:
         return None
-    latest = max(relevant, key=_when)
+    latest = max(relevant, key=lambda event: _seen(event) or _EPOCH)
     which = _CREATE_EVENTS[str(latest["reason"])]
     what = f"the Ray {which} pod" if which else "the RayCluster"
     text = str(latest.get("message") or latest.get("note") or "")
@@ -210,6 +230,33 @@ def _unscheduled(pods: list[Mapping[str, Any]]) -> Diagnosis | None:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+def _family(reason: Any) -> str:
+    """A reason with its family's (an ImagePullBackOff condition an earlier version wrote is ErrImagePull now)."""
+    return _IMAGE.get(str(reason), str(reason))
+
+
+def _current(events: Iterable[Mapping[str, Any]], rayjob: Mapping[str, Any], now: datetime | None) -> list[Mapping[str, Any]]:
+    """The Events of this attempt: none last seen before the RayJob was created, or (with ``now``) over
+    ``EVENT_MAX_AGE`` ago. An Event without a readable time is kept: there is nothing to judge it by."""
+    created = _instant((rayjob.get("metadata") or {}).get("creationTimestamp"))
+    oldest = now - EVENT_MAX_AGE if now is not None else None
+    kept = []
+    for event in events:
+        seen = _seen(event)
+        if seen is None or ((created is None or seen >= created) and (oldest is None or seen >= oldest)):
+            kept.append(event)
+    return kept
+
+
+def _instant(stamp: Any) -> datetime | None:
+    """An API timestamp (``2026-01-02T03:04:05Z``, a MicroTime, an ISO offset) as an aware datetime; None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(str(stamp)) if stamp else None
+    except ValueError:
+        return None
+    return moment if moment is None or moment.tzinfo is not None else None
+
+
 def _found(reason: str, message: str) -> Diagnosis:
     return Diagnosis(reason, one_line(message))
 
@@ -233,17 +280,18 @@ def _wanted_workers(rayjob: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _when(event: Mapping[str, Any]) -> str:
-    """When an Event was last seen: core/v1 writers fill lastTimestamp, events.k8s.io/v1 ones (KubeRay) eventTime."""
+def _seen(event: Mapping[str, Any]) -> datetime | None:
+    """When an Event was last seen: core/v1 writers fill lastTimestamp, events.k8s.io/v1 ones (KubeRay) eventTime and
+    a series; the latest readable of them (None: none readable)."""
     series = event.get("series") or {}
     created = (event.get("metadata") or {}).get("creationTimestamp")
     stamps = [series.get("lastObservedTime"), *(event.get(key) for key in ("lastTimestamp", "eventTime", "firstTimestamp"))]
-    stamps.append(created)
-    return max((str(stamp) for stamp in stamps if stamp), default="")
+    instants = [moment for stamp in (*stamps, created) if (moment := _instant(stamp)) is not None]
+    return max(instants, default=None)
 
 
 def _cluster_ready(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == "ClusterReady"), None)
 
 
-__all__ = ["NOTHING_WRONG", "REASONS", "Diagnosis", "diagnose", "diagnosis_event", "is_stuck", "one_line"]
+__all__ = ["EVENT_MAX_AGE", "NOTHING_WRONG", "REASONS", "Diagnosis", "diagnose", "diagnosis_event", "is_stuck", "one_line"]

@@ -30,10 +30,17 @@ def merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _event_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An Event's fields a field selector may name, as the API server offers them (``type``, ``involvedObject.name``)."""
+    about = {f"involvedObject.{k}": v for k, v in (event.get("involvedObject") or {}).items() if isinstance(v, str)}
+    return {**{k: v for k, v in event.items() if isinstance(v, str)}, **about}
+
+
 class FakeKube:
     def __init__(self) -> None:
         self.objects: dict[Key, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []  # (verb, kind, name)
+        self.event_selectors: list[str] = []  # the field selector of each Event LIST
         self.faults: dict[tuple[str, str], ApiFailure] = {}
         self._uids = itertools.count(1)
         self._versions = itertools.count(1)
@@ -87,7 +94,8 @@ class FakeKube:
 
     def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
         self._call("list", "Event", namespace)
-        return self._select("Event", namespace, field_selector, lambda obj: {k: v for k, v in obj.items() if isinstance(v, str)})
+        self.event_selectors.append(field_selector)
+        return self._select("Event", namespace, field_selector, _event_fields)
 
     def _select(self, kind: str, namespace: str, selector: str, fields: Any) -> list[dict[str, Any]]:
         """Objects of ``kind`` in ``namespace`` matching every ``key=value`` of ``selector`` (labels, or top fields)."""

@@ -7,11 +7,13 @@ server's own refusals (ResourceQuota, Pod Security admission, a webhook).
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from finetune_operator.diagnosis import (
+    EVENT_MAX_AGE,
     MESSAGE_MAX,
     NOTHING_WRONG,
     REASONS,
@@ -120,11 +122,11 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any
         "(and 1 more pod alike)",
     ),
     (
-        "image pull back-off",
+        "image pull back-off (the ErrImagePull family)",
         [pod(HEAD, head=True, waiting=("ImagePullBackOff", 'Back-off pulling image "registry.example/trainer:v9"'))],
         [],
         rayjob(),
-        "ImagePullBackOff",
+        "ErrImagePull",
         f"pod {HEAD} cannot pull image 'registry.example/trainer:v9' (ImagePullBackOff): Back-off pulling image",
     ),
     (
@@ -329,7 +331,8 @@ def ready(status: str, reason: str, message: str = "m") -> dict[str, Any]:
     [
         (ready("False", "ClusterStarting"), ready("False", "Unschedulable", "pod x"), ("Warning", "Unschedulable", "pod x")),
         ({}, ready("False", "QuotaExceeded", "q"), ("Warning", "QuotaExceeded", "q")),
-        (ready("False", "Unschedulable"), ready("False", "ImagePullBackOff", "i"), ("Warning", "ImagePullBackOff", "i")),
+        (ready("False", "Unschedulable"), ready("False", "ErrImagePull", "i"), ("Warning", "ErrImagePull", "i")),
+        (ready("False", "ImagePullBackOff"), ready("False", "ErrImagePull", "i"), None),  # an earlier version's, same family
         (ready("False", "Unschedulable", "0/4 nodes"), ready("False", "Unschedulable", "0/5 nodes"), None),  # same reason
         (ready("False", "Unschedulable"), ready("False", "ClusterStarting"), None),  # cleared: no Warning
         (ready("False", "Unschedulable"), ready("True", "JobRunning"), None),
@@ -341,3 +344,48 @@ def test_a_warning_event_once_per_new_reason(
     old: dict[str, Any], patch: dict[str, Any], expected: tuple[str, str, str] | None
 ) -> None:
     assert diagnosis_event(old, patch) == expected
+
+
+def test_a_pull_flipping_between_err_image_pull_and_back_off_keeps_one_reason_and_posts_one_event() -> None:
+    """The kubelet alternates ErrImagePull and ImagePullBackOff while it retries; the condition must not follow."""
+    status: dict[str, Any] = ready("False", "ClusterStarting")
+    reasons, posted = [], []
+    for kubelet in ("ErrImagePull", "ImagePullBackOff", "ErrImagePull", "ImagePullBackOff"):
+        found = diagnose([pod(HEAD, head=True, waiting=(kubelet, "pull failed"))], [], rayjob())
+        reasons.append(found.reason)
+        patch = ready("False", found.reason, found.message)
+        if (announced := diagnosis_event(status, patch)) is not None:
+            posted.append(announced[1])
+        status = patch
+    assert reasons == ["ErrImagePull"] * 4
+    assert posted == ["ErrImagePull"]
+
+
+NOW = datetime(2026, 11, 30, 15, 0, tzinfo=timezone.utc)
+
+
+def created_at(job: dict[str, Any], when: datetime) -> dict[str, Any]:
+    job["metadata"]["creationTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return job
+
+
+def micro(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.mark.parametrize(
+    ("seen", "job_created", "reason"),
+    [
+        (NOW - timedelta(minutes=5), NOW - timedelta(minutes=30), "QuotaExceeded"),  # this attempt's, recent
+        (NOW - timedelta(hours=3), NOW - timedelta(hours=4), None),  # hours old: a refusal that stopped
+        (NOW - EVENT_MAX_AGE - timedelta(seconds=1), NOW - timedelta(hours=2), None),
+        (NOW - timedelta(minutes=20), NOW - timedelta(minutes=10), None),  # before this RayJob existed: an earlier job's
+    ],
+    ids=["recent", "hours-old", "just-past-max-age", "before-the-rayjob"],
+)
+def test_refused_create_events_older_than_the_attempt_are_ignored(
+    seen: datetime, job_created: datetime, reason: str | None
+) -> None:
+    refusal = event("FailedToCreateRayCluster", f"x, {QUOTA}", kind="RayJob", name="job-abc12", uid="", when=micro(seen))
+    found = diagnose([], [refusal], created_at(rayjob(cluster=None), job_created), now=NOW)
+    assert found.reason == (reason or "")

@@ -88,7 +88,8 @@ def test_a_stuck_job_says_why_after_one_resync_round(kube: FakeKube, events: Eve
     assert cluster_ready(kube) == ("False", "Unschedulable", f"pod {CLUSTER}-worker-a cannot be scheduled: {NO_GPU}")
     assert (status(kube)["phase"], status(kube)["message"]) == ("Provisioning", cluster_ready(kube)[2])
     assert events == [("Warning", "Unschedulable", cluster_ready(kube)[2])]
-    assert lists(kube) == [("Pod", "team"), ("Event", "team")]  # one labelled pod LIST, one Event LIST
+    # one labelled pod LIST, one Event LIST about the RayJob and one about its RayCluster
+    assert lists(kube) == [("Pod", "team"), ("Event", "team"), ("Event", "team")]
 
 
 def test_the_same_reason_posts_no_second_event_and_a_new_one_does(kube: FakeKube, events: Events, rec: Reconciler) -> None:
@@ -209,3 +210,22 @@ def test_a_cluster_not_yet_named_costs_only_the_event_read(kube: FakeKube, event
     assert lists(kube) == [("Event", "team")]
     assert cluster_ready(kube)[1] == "QuotaExceeded"
     assert "exceeded quota: gpu-quota" in status(kube)["message"]
+
+
+def test_warning_events_are_listed_per_object_not_the_whole_namespace(kube: FakeKube, events: Events, rec: Reconciler) -> None:
+    """Each Event LIST names the RayJob (with its uid) or its RayCluster: other jobs' Warnings are never read."""
+    rayjob = started(kube, rec, jobDeploymentStatus="Initializing", rayClusterName=CLUSTER)
+    kube.put(quota_event(rayjob))
+    for i in range(5):  # a busy namespace: other objects' Warning Events
+        about = {"apiVersion": "v1", "kind": "Pod", "name": f"other-{i}", "uid": f"u{i}"}
+        kube.put({"kind": "Event", "metadata": {"name": f"other-{i}", "namespace": "team"}, "involvedObject": about,
+                  "type": "Warning", "reason": "BackOff", "message": "restarting"})  # fmt: skip
+    kube.calls.clear()
+    resync(kube, rec)
+    name, uid = rayjob["metadata"]["name"], rayjob["metadata"]["uid"]
+    assert kube.event_selectors == [
+        f"type=Warning,involvedObject.kind=RayJob,involvedObject.name={name},involvedObject.uid={uid}",
+        f"type=Warning,involvedObject.kind=RayCluster,involvedObject.name={CLUSTER}",
+    ]
+    assert lists(kube) == [("Pod", "team"), ("Event", "team"), ("Event", "team")]  # two small LISTs, per stuck job
+    assert cluster_ready(kube)[1] == "QuotaExceeded"
