@@ -325,7 +325,8 @@ def leader_elector(
         # Kopf may take a moment to stop: the resync thread asks ``leading`` before every round, and writes are fenced.
         term = elector.term  # started by on_started: this run belongs to the term that just began
         leading = functools.partial(elector.leads, term)
-        run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=Fenced(kube, leading), leading=leading), stop)
+        fenced = Fenced(kube, leading, functools.partial(elector.remaining, term))  # writes land within the lease
+        run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=fenced, leading=leading), stop)
 
     # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
     work = LeaderWork(reconcile, stop_timeout=timing.lease_duration - timing.renew_deadline)

@@ -12,7 +12,9 @@ body is a strategic merge patch, which the API server refuses (415) for custom r
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -82,11 +84,28 @@ class Kube:
         self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.coordination = kubernetes.client.CoordinationV1Api(api_client)
+        self._deadline: float | None = None  # monotonic; see ``within``
+
+    def within(self, seconds: float) -> Kube:
+        """This client with every request bounded to end within ``seconds`` from now (total, not per read): a leader's
+        fenced write (``leadership.Fenced``) must not land after its lease could have passed to another replica."""
+        bounded = copy.copy(self)
+        bounded._deadline = time.monotonic() + seconds
+        return bounded
+
+    def _timeout(self, what: str, kind: str, verb: str) -> Any:
+        if self._deadline is None:
+            return TIMEOUT
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise ApiFailure(what, None, "not sent: the leader's lease runs out before it could land", kind=kind, verb=verb)
+        return min(left, sum(TIMEOUT))  # one number: urllib3's total timeout for the whole request
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         verb, kind = what.split()[:2]  # "create RayJob ns/name"
+        timeout = self._timeout(what, kind, verb)
         try:
-            return fn(*args, _request_timeout=TIMEOUT, **kwargs)
+            return fn(*args, _request_timeout=timeout, **kwargs)
         except ApiException as exc:
             retry_after = _retry_after(exc)
             raise ApiFailure(what, exc.status, _detail(exc), kind=kind, verb=verb, retry_after=retry_after) from exc

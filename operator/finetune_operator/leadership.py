@@ -15,12 +15,20 @@ The semantics are client-go's (k8s.io/client-go/tools/leaderelection), which eve
   stopped before any standby may consider the Lease free. A leader that sees another holder stops at once.
 * A replica that stops on purpose clears the holder, so a standby takes over at its next try instead of
   after the lease duration.
+* ``leaseDurationSeconds`` is an integer: a fractional duration is written rounded up, never down, so that the
+  others wait at least as long as this replica counts on.
+* A Lease that vanishes (deleted by hand, a namespace cleanup) is lost leadership: its leader steps down before it
+  creates the Lease again (409 if another replica was first), and a standby that saw another replica hold it waits
+  the lease duration before creating it, as if the record had changed to "none": that holder may still be reconciling.
+* A fenced write must land before the lease could pass to another replica: ``Fenced`` bounds each write's request
+  timeout by what is left of the lease (``LeaderElector.remaining``), not the 30 s a handler's read may take.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +66,10 @@ class Observed:
     since: float
 
 
+# The record of a Lease that was there and is gone: no holder and a resourceVersion no API server writes.
+GONE: tuple[str, str, str] = ("", "", "<gone>")
+
+
 def record_of(lease: Mapping[str, Any]) -> tuple[str, str, str]:
     spec = lease.get("spec") or {}
     meta = lease.get("metadata") or {}
@@ -69,7 +81,13 @@ def decide(
 ) -> tuple[Action, Observed | None]:
     """What ``identity`` does with ``lease`` at ``now`` (monotonic), and what it remembers of the Lease for next time."""
     if lease is None:
-        return Action.CREATE, None
+        if observed is None or (observed.record != GONE and observed.record[0] in ("", identity)):
+            return Action.CREATE, None  # none seen yet, or ours or released: nobody else may be leading
+        if observed.record != GONE:
+            observed = Observed(GONE, now)  # another replica held it: it may still lead until its term runs out
+        if now - observed.since >= default_duration:
+            return Action.CREATE, observed
+        return Action.WAIT, observed
     record = record_of(lease)
     if observed is None or observed.record != record:
         observed = Observed(record, now)  # a change: the holder is alive, its term starts again on our clock
@@ -82,6 +100,11 @@ def decide(
     if now - observed.since >= float(duration):
         return Action.TAKE, observed
     return Action.WAIT, observed
+
+
+def lease_seconds(duration: float) -> int:
+    """``leaseDurationSeconds`` of a duration: rounded up (a 2.5 s lease written as 2 lets others take over early)."""
+    return max(1, math.ceil(duration))
 
 
 def micro_time(moment: datetime) -> str:
@@ -141,6 +164,16 @@ class LeaderElector:
         """Whether this replica leads and is still in ``term`` (what the fence of that term's work asks)."""
         return self.term == term and self.leading
 
+    def remaining(self, term: int) -> float:
+        """Seconds until another replica may take the Lease over (0: not leading in ``term``): a write of ``term``'s
+        work must have landed by then. Counted from the start of the last renewal that succeeded: the others start
+        counting the lease duration only once they see that renewal, which is later."""
+        with self._lock:
+            renewed = self._renewed_at
+        if renewed is None or self.term != term or not self.leading:
+            return 0.0
+        return max(0.0, renewed + self.timing.lease_duration - self.clock())
+
     def run(self, stop: threading.Event) -> None:
         """Try, renew or wait every retry period until ``stop``; then step down and release the Lease."""
         # The deadline is also watched from a thread of its own: a renewal hanging on a dead connection must not
@@ -199,6 +232,10 @@ class LeaderElector:
             action, self._observed = decide(lease, self.identity, self._observed, now, self.timing.lease_duration)
             if action is Action.WAIT:
                 return False
+            if lease is None and self._step_down("the Lease is gone (deleted)"):
+                # Another replica may create it right now: stop first; the create below (409 if it was faster)
+                # starts a new term at the next try.
+                self._observed = None
             if lease is None:
                 self.leases.create_lease(self.namespace, self._body(None))
             else:
@@ -217,7 +254,7 @@ class LeaderElector:
         if spec.get("holderIdentity") != self.identity:
             spec["acquireTime"] = now
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if lease is not None else 0)
-        spec.update(holderIdentity=self.identity, leaseDurationSeconds=round(self.timing.lease_duration), renewTime=now)
+        spec.update(holderIdentity=self.identity, leaseDurationSeconds=lease_seconds(self.timing.lease_duration), renewTime=now)
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
 
     def _step_down(self, why: str) -> bool:
@@ -284,12 +321,15 @@ class Fenced:
     does not lead. Kopf takes a moment to stop; a handler still running then must not write over the new leader's
     work, so its create or patch raises ``failures.Retry`` (Kopf's own annotations are the one thing left unfenced)."""
 
-    def __init__(self, kube: Any, leading: Callable[[], bool]) -> None:
-        self.kube, self.leading = kube, leading
+    def __init__(self, kube: Any, leading: Callable[[], bool], remaining: Callable[[], float] | None = None) -> None:
+        self.kube, self.leading, self.remaining = kube, leading, remaining
 
-    def _check(self, what: str) -> None:
-        if not self.leading():
+    def _check(self, what: str) -> Any:
+        """The client for the write (``kube.within`` the lease left, when ``remaining`` is given); Retry when not leading."""
+        left = self.remaining() if self.remaining is not None else None
+        if not self.leading() or (left is not None and left <= 0):
             raise Retry(f"{what}: this replica is not the leader any more; the leader takes the job over", delay=1.0)
+        return self.kube if left is None else self.kube.within(left)
 
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = self.kube.read(kind, namespace, name)
@@ -312,22 +352,21 @@ class Fenced:
         return events
 
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str, *, component: str) -> None:
-        self._check(f"post Event {reason}")
-        self.kube.post_event(obj, type_, reason, message, component=component)
+        self._check(f"post Event {reason}").post_event(obj, type_, reason, message, component=component)
 
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]:
-        self._check(f"create {obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}")
-        result: tuple[dict[str, Any] | None, bool] = self.kube.create_or_get(obj, read_back=read_back)
+        kube = self._check(f"create {obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}")
+        result: tuple[dict[str, Any] | None, bool] = kube.create_or_get(obj, read_back=read_back)
         return result
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        self._check(f"patch {kind} {namespace}/{name}")
-        patched: dict[str, Any] = self.kube.patch(kind, namespace, name, patch)
+        kube = self._check(f"patch {kind} {namespace}/{name}")
+        patched: dict[str, Any] = kube.patch(kind, namespace, name, patch)
         return patched
 
     def patch_status(
         self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
     ) -> dict[str, Any]:
-        self._check(f"patch {kind} {namespace}/{name} status")
-        patched: dict[str, Any] = self.kube.patch_status(kind, namespace, name, status, resource_version=resource_version)
+        kube = self._check(f"patch {kind} {namespace}/{name} status")
+        patched: dict[str, Any] = kube.patch_status(kind, namespace, name, status, resource_version=resource_version)
         return patched

@@ -8,7 +8,9 @@ take-over after a SIGKILL, which cannot release the Lease, to a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -23,6 +25,9 @@ import yaml
 
 import finetune_operator.handlers  # noqa: F401  (importing it registers the operator's handlers with Kopf)
 from finetune_operator import naming
+from finetune_operator.failures import ApiFailure, Retry
+from finetune_operator.k8s import Kube
+from finetune_operator.leadership import Fenced, LeaderElector, Timing
 from tests.integration.test_operator import condition, job, status_of
 from tests.support.kube_emulator import KubeEmulator, wait_for
 from tests.support.operator_threads import SETTINGS, Replica, settle
@@ -190,3 +195,51 @@ def test_a_killed_leader_is_replaced_after_the_lease_duration(emu: KubeEmulator,
                 output = proc.communicate(timeout=30)[0]
                 print(output)  # shown when the test fails
                 assert proc.returncode in (0, -15), output
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_deleted_under_the_leader_never_makes_two_leaders(emu: KubeEmulator) -> None:
+    """``kubectl delete lease``: the standby may not create it while the leader may still lead; the leader stops."""
+    clock, timing = Clock(), Timing(lease_duration=15, renew_deadline=10, retry_period=2)
+    with emu.kubernetes_client() as api:
+        kube = Kube(api)
+        a = LeaderElector(kube, NS, "finetune-operator", "replica-a", timing=timing, clock=clock)
+        b = LeaderElector(kube, NS, "finetune-operator", "replica-b", timing=timing, clock=clock)
+        a.step()
+        b.step()
+        emu.delete("leases", NS, "finetune-operator")
+        for _ in range(3):
+            b.step()  # sees the Lease gone, a moment ago held by replica-a
+            assert not (a.leading and b.leading)
+            a.step()  # the leader sees it gone: steps down, creates it again, leads at its next try
+            assert not (a.leading and b.leading)
+            clock.now += 2
+        assert (a.leading, a.term, b.leading) == (True, 2, False)
+        assert emu.get("leases", NS, "finetune-operator")["spec"]["holderIdentity"] == "replica-a"
+
+
+def test_a_fenced_write_that_hangs_gives_up_before_the_lease_could_pass(emu: KubeEmulator) -> None:
+    """A write started while leading, answered slowly: it must end before another replica may lead, not after 30 s."""
+    emu.create(job("slow-write"))
+    timing = Timing(lease_duration=2, renew_deadline=1.5, retry_period=0.5)
+    with emu.kubernetes_client() as api:
+        kube = Kube(api)
+        elector = LeaderElector(kube, NS, "finetune-operator", "replica-a", timing=timing)
+        elector.step()
+        term = elector.term
+        fenced = Fenced(kube, functools.partial(elector.leads, term), functools.partial(elector.remaining, term))
+
+        async def answered_late() -> dict[str, Any]:  # a stalled API server: the answer comes after the lease ran out
+            await asyncio.sleep(6)
+            return emu.get("finetunejobs", NS, "slow-write")
+
+        emu.kmock[f"patch /apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/slow-write/status"] << answered_late
+        with pytest.raises((ApiFailure, Retry)):  # timed out (or not even sent on a machine slower than the lease)
+            fenced.patch_status("FineTuneJob", NS, "slow-write", {"phase": "Running"})

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.failures import ApiFailure, Retry
-from finetune_operator.leadership import Action, Fenced, LeaderElector, Observed, Timing, decide, record_of
+from finetune_operator.leadership import GONE, Action, Fenced, LeaderElector, Observed, Timing, decide, record_of
 from finetune_operator.reconcile import KubeApi
 from finetune_operator.settings import OperatorSettings, SettingsError
 from finetune_operator.stuck import PodsAndEvents
@@ -55,6 +55,12 @@ SEEN_AT_100 = Observed(("other", "t1", "7"), 100.0)
         ("another's, only the resourceVersion moved", lease("other", version="9"), SEEN_AT_100, 130.0, Action.WAIT, 130.0),
         ("another's with a longer duration of its own", lease("other", duration=60), SEEN_AT_100, 140.0, Action.WAIT, 100.0),
         ("another's without a duration: ours applies", lease("other", duration=None), SEEN_AT_100, 115.0, Action.TAKE, 100.0),
+        # A Lease that vanished: another replica may still lead until its term runs out on our clock.
+        ("another's, deleted: wait", None, SEEN_AT_100, 101.0, Action.WAIT, 101.0),
+        ("another's, deleted for less than the duration", None, Observed(GONE, 101.0), 115.9, Action.WAIT, 101.0),
+        ("another's, deleted for the duration: create", None, Observed(GONE, 101.0), 116.0, Action.CREATE, 101.0),
+        ("ours, deleted: create at once", None, Observed(("me", "t1", "7"), 100.0), 101.0, Action.CREATE, None),
+        ("released, deleted: create at once", None, Observed(("", "t1", "7"), 100.0), 101.0, Action.CREATE, None),
     ],
 )
 def test_decide(
@@ -315,3 +321,39 @@ def test_the_fenced_client_refuses_writes_once_not_leading() -> None:
         )
     with pytest.raises(Retry, match="not the leader"):
         fenced.patch("ConfigMap", "ns", "a", {"data": {}})
+
+
+def test_a_fractional_lease_duration_is_written_rounded_up() -> None:
+    """2.5 s written as 2 would let the others take over half a second before this replica's fence stops it."""
+    kube = FakeKube()
+    me = LeaderElector(kube, NS, NAME, "me", timing=Timing(lease_duration=2.5, renew_deadline=2.0, retry_period=0.5))
+    me.step()
+    assert stored(kube)["spec"]["leaseDurationSeconds"] == 3
+    assert me.leading
+
+
+def test_the_lease_left_to_a_term_bounds_its_writes() -> None:
+    kube, clock = FakeKube(), Clock()
+    me, _ = elector(kube, clock=clock)
+    assert me.remaining(0) == 0.0  # not leading
+    me.step()
+    clock.now += 4
+    assert (me.term, me.remaining(me.term), me.remaining(me.term - 1)) == (1, 11.0, 0.0)
+    clock.now += 6  # past the renew deadline: fenced, nothing left to write with
+    assert me.remaining(me.term) == 0.0
+
+
+def test_a_deleted_lease_is_lost_leadership_and_never_two_leaders() -> None:
+    kube, clock = FakeKube(), Clock()
+    me, mine = elector(kube, clock=clock)
+    other, others = elector(kube, "other", clock=clock)
+    me.step()
+    other.step()
+    del kube.objects[("Lease", NS, NAME)]  # kubectl delete lease, a namespace cleanup
+    other.step()  # it saw "me" hold the Lease: "me" may still lead, so it does not create it yet
+    assert (me.leading, other.leading) == (True, False)
+    me.step()  # the leader sees its Lease gone: it stops, then creates it again
+    assert (me.leading, mine.log, record_of(stored(kube))[0]) == (False, ["started", "stopped"], "me")
+    me.step()
+    other.step()
+    assert (me.leading, me.term, other.leading, others.log) == (True, 2, False, [])
