@@ -51,14 +51,19 @@ class Event:
     count: int
 
 
-def _pods(core: kubernetes.client.CoreV1Api, namespace: str, selector: str) -> list[dict[str, Any]]:
+def _listed(core: kubernetes.client.CoreV1Api, what: str, fn: Any, namespace: str, **selector: str) -> Any:
+    """One LIST (``fn``: a CoreV1Api list call) as plain JSON; its failure as an ApiError naming ``what``."""
     try:
-        found = core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=(5.0, 30.0))
+        found = fn(namespace, _request_timeout=(5.0, 30.0), **selector)
     except ApiException as exc:
-        raise ApiError(f"list pods {namespace}/{selector}: HTTP {exc.status} {exc.reason}", exc.status) from None
+        raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}", exc.status) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ApiError(f"list pods {namespace}: the API server cannot be reached: {exc}", None) from None
-    plain: Any = core.api_client.sanitize_for_serialization(found)  # untyped
+        raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+    return core.api_client.sanitize_for_serialization(found)  # untyped
+
+
+def _pods(core: kubernetes.client.CoreV1Api, namespace: str, selector: str) -> list[dict[str, Any]]:
+    plain = _listed(core, f"list pods {namespace}/{selector}", core.list_namespaced_pod, namespace, label_selector=selector)
     items = [dict(p) for p in (plain or {}).get("items") or [] if not (p.get("metadata") or {}).get("deletionTimestamp")]
     # The newest first: a retried submitter (backoffLimit) leaves the old attempts' pods behind.
     return sorted(items, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""), reverse=True)
@@ -118,13 +123,7 @@ def log_lines(core: kubernetes.client.CoreV1Api, source: LogSource, *, follow: b
 def events_of(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> list[Event]:
     """The Events about FineTuneJob ``name``, oldest first."""
     selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
-    try:
-        found = core.list_namespaced_event(namespace, field_selector=selector, _request_timeout=(5.0, 30.0))
-    except ApiException as exc:
-        raise ApiError(f"list events {namespace}/{name}: HTTP {exc.status} {exc.reason}", exc.status) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ApiError(f"list events {namespace}: the API server cannot be reached: {exc}", None) from None
-    plain: Any = core.api_client.sanitize_for_serialization(found)
+    plain = _listed(core, f"list events {namespace}/{name}", core.list_namespaced_event, namespace, field_selector=selector)
     events = []
     for item in (plain or {}).get("items") or []:
         when = item.get("lastTimestamp") or item.get("eventTime") or item.get("firstTimestamp") or ""

@@ -135,11 +135,12 @@ def test_get_list_describe_and_missing_jobs(kube: KubeEmulator, capsys: pytest.C
     assert "not found" in capsys.readouterr().err
 
 
-def test_logs_suspend_resume_delete(kube: KubeEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+def running_with_submitter(kube: KubeEmulator, name: str) -> str:
+    """Job ``name`` Running, its RayJob's submitter pod there (no log yet); the pod's name."""
     kube.add_resource(PODS)
-    kube.create(job("talk"))
-    rayjob = naming.rayjob_name("talk")
-    kube.patch_status("finetunejobs", "default", "talk", {"phase": "Running", "rayJobName": rayjob})
+    kube.create(job(name))
+    rayjob = naming.rayjob_name(name)
+    kube.patch_status("finetunejobs", "default", name, {"phase": "Running", "rayJobName": rayjob})
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -147,6 +148,12 @@ def test_logs_suspend_resume_delete(kube: KubeEmulator, capsys: pytest.CaptureFi
         "spec": {"containers": [{"name": "ray-job-submitter", "image": "trainer"}]},
     }
     kube.create(pod)
+    return f"{rayjob}-p"
+
+
+def test_logs_suspend_resume_delete(kube: KubeEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    running_with_submitter(kube, "talk")
+    rayjob = naming.rayjob_name("talk")
     kube.set_pod_log("default", f"{rayjob}-p", "epoch 1/4 val_acc 0.91\n")
     assert main(["logs", "talk", "-f"]) == 0
     assert capsys.readouterr().out == "epoch 1/4 val_acc 0.91\n"
@@ -228,23 +235,13 @@ def test_ctrl_c_in_wait_exits_130_with_one_line(kube: KubeEmulator) -> None:
 
 
 def test_ctrl_c_in_logs_follow_exits_130_with_one_line(kube: KubeEmulator) -> None:
-    kube.add_resource(PODS)
-    kube.create(job("chatty"))
-    rayjob = naming.rayjob_name("chatty")
-    kube.patch_status("finetunejobs", "default", "chatty", {"phase": "Running", "rayJobName": rayjob})
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": f"{rayjob}-p", "labels": {"batch.kubernetes.io/job-name": rayjob}},
-        "spec": {"containers": [{"name": "ray-job-submitter", "image": "trainer"}]},
-    }
-    kube.create(pod)
+    pod = running_with_submitter(kube, "chatty")
 
     async def still_training() -> str:  # a log that streams on: the trainer has not ended
         await asyncio.sleep(5)
         return ""
 
-    kube.kmock[f"get /api/v1/namespaces/default/pods/{rayjob}-p/log"] << still_training
+    kube.kmock[f"get /api/v1/namespaces/default/pods/{pod}/log"] << still_training
     reading = lambda: kube.request_counts("pods", subresource="log")["get"] >= 1  # noqa: E731
     done = interrupted(kube, ["logs", "chatty", "-f"], reading)
     assert (done.returncode, done.stderr) == (130, "error: interrupted; logs stopped (the job itself goes on)\n")
