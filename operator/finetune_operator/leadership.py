@@ -319,7 +319,9 @@ class LeaderWork:
 class Fenced:
     """The reconciling operator's API client (``reconcile.KubeApi``): reads pass, writes are refused once this replica
     does not lead. Kopf takes a moment to stop; a handler still running then must not write over the new leader's
-    work, so its create or patch raises ``failures.Retry`` (Kopf's own annotations are the one thing left unfenced)."""
+    work, so its create or patch raises ``failures.Retry`` (Kopf's own annotations are the one thing left unfenced).
+    ``remaining`` (the lease left to this term, ``LeaderElector.remaining``) bounds each write's request timeout
+    through ``kube.within``: a write sent while leading cannot be answered after another replica may lead."""
 
     def __init__(self, kube: Any, leading: Callable[[], bool], remaining: Callable[[], float] | None = None) -> None:
         self.kube, self.leading, self.remaining = kube, leading, remaining
