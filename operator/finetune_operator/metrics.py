@@ -10,10 +10,11 @@ thread) once; port 0 leaves it off.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
@@ -94,8 +95,13 @@ def instrumented(name: str) -> Callable[[F], F]:
     timer, errors = LATENCY.labels(handler=name), ERRORS.labels(handler=name)
 
     def wrap(fn: F) -> F:
-        # prometheus_client's decorators keep the signature (Kopf passes keyword arguments by name).
-        return timer.time()(errors.count_exceptions()(fn))
+        # As context managers inside a wrapper of ours: as decorators they refuse bound methods (resync_all).
+        @functools.wraps(fn)
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            with timer.time(), errors.count_exceptions():
+                return fn(*args, **kwargs)
+
+        return cast(F, handler)
 
     return wrap
 

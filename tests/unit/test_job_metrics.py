@@ -136,6 +136,7 @@ def test_stepping_down_empties_the_job_series_and_the_phase_gauge() -> None:
     its stopping Kopf still delivers add nothing back."""
     settings = OperatorSettings(leader_election=True, leader_election_namespace="finetune-system")
     ran = threading.Event()
+    metrics.step_down()  # the process-wide store starts empty whatever ran before in this process
 
     def run_kopf(memo: kopf.Memo, stop: threading.Event) -> None:
         leading = kopf.Memo(leading=lambda: True)  # this fake elector holds no Lease: the event as while leading
