@@ -13,13 +13,15 @@ from finetune_operator.settings import OperatorSettings
 from tests.support.schemas import REPO, load_crd_schema, schema_errors, undeclared_fields
 
 DENIED = 'admission webhook "validate.finetunejobs.finetune.dev" denied the request: invalid FineTuneJob (1 error):'
-CEL = "FineTuneJob.finetune.dev \"x\" is invalid: spec.resources.workers: Invalid value: 1024"
+CEL = 'FineTuneJob.finetune.dev "x" is invalid: spec.resources.workers: Invalid value: 1024'
 
 
 class FakeApi:
     """What the API server answers: ``listed`` for the LIST, ``valid`` / ``invalid`` for each dry-run create."""
 
-    def __init__(self, listed: smoke.Refused | None = None, valid: smoke.Refused | None = None, invalid: smoke.Refused | None = None):
+    def __init__(
+        self, listed: smoke.Refused | None = None, valid: smoke.Refused | None = None, invalid: smoke.Refused | None = None
+    ):
         self.listed, self.valid, self.invalid = listed, valid, invalid
         self.created: list[str] = []
 
@@ -41,13 +43,28 @@ class FakeApi:
         ("all good", FakeApi(invalid=smoke.Refused(422, DENIED)), True, [True, True, True], "webhook refuses"),
         ("no webhook wanted: two checks", FakeApi(), False, [True, True], "admitted"),
         ("CRD missing: nothing else tried", FakeApi(listed=smoke.Refused(404, "not found")), True, [False], "crds.enabled"),
-        ("valid job refused", FakeApi(valid=smoke.Refused(422, "spec: bad"), invalid=smoke.Refused(422, DENIED)), True,
-         [True, False, True], "a valid FineTuneJob was refused"),
+        (
+            "valid job refused",
+            FakeApi(valid=smoke.Refused(422, "spec: bad"), invalid=smoke.Refused(422, DENIED)),
+            True,
+            [True, False, True],
+            "a valid FineTuneJob was refused",
+        ),
         ("webhook down under Ignore: invalid admitted", FakeApi(), True, [True, True, False], "did not answer"),
-        ("refused by the schema, not the webhook", FakeApi(invalid=smoke.Refused(422, CEL)), True, [True, True, False],
-         "not by the webhook"),
-        ("webhook unreachable under Fail: 500", FakeApi(invalid=smoke.Refused(500, DENIED)), True, [True, True, False],
-         "not by the webhook"),
+        (
+            "refused by the schema, not the webhook",
+            FakeApi(invalid=smoke.Refused(422, CEL)),
+            True,
+            [True, True, False],
+            "not by the webhook",
+        ),
+        (
+            "webhook unreachable under Fail: 500",
+            FakeApi(invalid=smoke.Refused(500, DENIED)),
+            True,
+            [True, True, False],
+            "not by the webhook",
+        ),
     ],
 )
 def test_checks(case: str, api: FakeApi, webhook: bool, verdicts: list[bool], says: str) -> None:
