@@ -284,24 +284,18 @@ def validate(
         raise kopf.AdmissionError(admission.denial(lines), code=422)
 
 
-def _always() -> bool:
-    return True
-
-
 def _raw(body: kopf.Body | None) -> dict[str, Any] | None:
     return None if body is None else {key: body[key] for key in body}
 
 
 @kopf.on.event(*FTJ)
 def forget(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """Every event of a job refreshes its job-level series; a deleted job leaves the metrics. Deliberately not an
-    on.delete handler: that would put a finalizer on every job, and deleting jobs (or their namespace) would then
-    hang whenever the operator is down. The children need no clean-up of ours: the garbage collector deletes them
-    through their owner references."""
+    """Every event refreshes the job's series; a deleted job leaves the metrics. Not an on.delete handler: that would
+    put a finalizer on every job, and deleting jobs (or their namespace) would hang whenever the operator is down."""
     if type == "DELETED":
         metrics.forget(meta.uid)
         metrics.JOB_SERIES.forget(meta.namespace, meta.name, meta.uid)
-    elif (memo.get("leading") or _always)():  # a replica that stepped down exports no job (``leader_elector``)
+    elif memo.get("leading") is None or memo["leading"]():  # one that stepped down exports no job (``leader_elector``)
         metrics.JOB_SERIES.observe(_raw(body) or {})
 
 
@@ -335,10 +329,8 @@ def leader_elector(
         leading = functools.partial(elector.leads, term)
         run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=Fenced(kube, leading), leading=leading), stop)
 
-    def stopped() -> None:
+    def stopped() -> None:  # the jobs are the next leader's to export; a late ``forget`` of ours adds none back
         work.stop()
-        # The jobs this replica counted are the next leader's to export now: never both at once. A handler of the
-        # stopping Kopf that runs later adds nothing back (``forget`` asks ``leading``, false from here on).
         metrics.step_down()
 
     # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
