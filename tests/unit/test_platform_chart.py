@@ -61,6 +61,15 @@ def test_tenant_roles_aggregate_into_the_builtin_roles_with_finetunejobs_verbs_o
         assert role["kind"] == "ClusterRole" and k8s_tools.wildcards(role) == [] and k8s_tools.validate(role)
 
 
+def test_kustomize_base_ships_the_same_tenant_roles() -> None:
+    base = {r["metadata"]["name"]: r for r in k8s_tools.kustomize(REPO / "manifests" / "base") if r["kind"] == "ClusterRole"}
+    for chart_role in component(render(), "tenant-rbac"):
+        role = base[chart_role["metadata"]["name"]]
+        assert permission_table(role) == permission_table(chart_role)
+        aggregation = {k: v for k, v in chart_role["metadata"]["labels"].items() if k.startswith(AGGREGATE)}
+        assert aggregation.items() <= role["metadata"]["labels"].items()
+
+
 @pytest.mark.parametrize("switch", ["tenantRoles.enabled=false", "rbac.create=false"])
 def test_tenant_roles_can_be_left_out(switch: str) -> None:
     assert component(render(switch), "tenant-rbac") == []
