@@ -329,7 +329,11 @@ def leader_elector(
         leading = functools.partial(elector.leads, term)
         run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=Fenced(kube, leading), leading=leading), stop)
 
-    def stopped() -> None:  # the jobs are the next leader's to export; a late ``forget`` of ours adds none back
+    def started() -> None:
+        metrics.take_over()
+        work.start()
+
+    def stopped() -> None:  # the jobs are the next leader's to export; late handlers of ours add none back
         work.stop()
         metrics.step_down()
 
@@ -341,7 +345,7 @@ def leader_elector(
         settings.leader_election_lease,
         identity,
         timing=timing,
-        on_started=work.start,
+        on_started=started,
         on_stopped=stopped,
         healthy=lambda: work.alive,
     )

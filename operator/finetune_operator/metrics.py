@@ -49,6 +49,7 @@ REGISTRY.register(JOB_SERIES)
 _lock = threading.Lock()
 _phases: dict[str, str] = {}
 _served: list[int] = []
+_counting = [True]  # False between ``step_down`` and ``take_over``: a stopping Kopf's late handlers count nothing
 
 
 def _refresh() -> None:
@@ -62,7 +63,7 @@ def record_phase(uid: str | None, phase: str | None) -> None:
     if not uid:
         return
     with _lock:
-        if phase:
+        if phase and _counting[0]:
             _phases[uid] = phase
         else:
             _phases.pop(uid, None)
@@ -76,9 +77,16 @@ def forget(uid: str | None) -> None:
 def step_down() -> None:
     """Forget every job, by phase and per job: this replica stopped leading (its handlers no longer see events)."""
     with _lock:
+        _counting[0] = False
         _phases.clear()
         _refresh()
     JOB_SERIES.clear()
+
+
+def take_over() -> None:
+    """Count jobs again: this replica starts leading (its Kopf lists every job as it starts)."""
+    with _lock:
+        _counting[0] = True
 
 
 def job_count() -> int:

@@ -31,6 +31,7 @@ def endpoint() -> Iterator[str]:
         server.shutdown()
         thread.join(5)
         metrics.step_down()  # the jobs of this test's emulator are gone with it
+        metrics.take_over()
 
 
 def job_series(url: str, name: str) -> dict[str, float]:

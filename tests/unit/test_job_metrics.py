@@ -154,9 +154,15 @@ def test_stepping_down_empties_the_job_series_and_the_phase_gauge() -> None:
         elector.on_stopped()
     assert len(metrics.JOB_SERIES) == 0 and metrics.job_count() == 0
     assert 'finetune_operator_jobs{phase="Running"} 0.0' in metrics.exposition()
+    metrics.record_phase("late", "Running")  # a handler of the stopping Kopf, after the step-down
+    assert metrics.job_count() == 0
     late = kopf.Memo(leading=lambda: False)
     handlers.forget(type="MODIFIED", body=kopf.Body(job(uid="lead")), meta=kopf.Body(job(uid="lead")).meta, memo=late)
     assert len(metrics.JOB_SERIES) == 0
+    metrics.take_over()  # leading again: counted again
+    metrics.record_phase("again", "Running")
+    assert metrics.job_count() == 1
+    metrics.forget("again")
 
 
 def test_instrumented_times_calls_and_counts_exceptions_with_the_client_decorators() -> None:
