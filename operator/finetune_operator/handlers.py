@@ -289,12 +289,14 @@ def _raw(body: kopf.Body | None) -> dict[str, Any] | None:
 
 
 @kopf.on.event(*FTJ)
-def forget(type: str | None, meta: kopf.Meta, **_: Any) -> None:
-    """A deleted job leaves the metrics. Deliberately not an on.delete handler: that would put a finalizer on
-    every job, and deleting jobs (or their namespace) would then hang whenever the operator is down. The
-    children need no clean-up of ours: the garbage collector deletes them through their owner references."""
+def forget(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Every event refreshes the job's series; a deleted job leaves the metrics. Not an on.delete handler: that would
+    put a finalizer on every job, and deleting jobs (or their namespace) would hang whenever the operator is down."""
     if type == "DELETED":
         metrics.forget(meta.uid)
+        metrics.JOB_SERIES.forget(meta.namespace, meta.name, meta.uid)
+    elif memo.get("leading") is None or memo["leading"]():  # one that stepped down exports no job (``leader_elector``)
+        metrics.JOB_SERIES.observe(_raw(body) or {})
 
 
 @kopf.on.event(
@@ -328,6 +330,14 @@ def leader_elector(
         fenced = Fenced(kube, leading, functools.partial(elector.remaining, term))  # writes land within the lease
         run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=fenced, leading=leading), stop)
 
+    def started() -> None:
+        metrics.take_over()
+        work.start()
+
+    def stopped() -> None:  # the jobs are the next leader's to export; late handlers of ours add none back
+        work.stop()
+        metrics.step_down()
+
     # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
     work = LeaderWork(reconcile, stop_timeout=timing.lease_duration - timing.renew_deadline)
     elector = LeaderElector(
@@ -336,8 +346,8 @@ def leader_elector(
         settings.leader_election_lease,
         identity,
         timing=timing,
-        on_started=work.start,
-        on_stopped=work.stop,
+        on_started=started,
+        on_stopped=stopped,
         healthy=lambda: work.alive,
     )
     return elector

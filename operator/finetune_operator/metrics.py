@@ -1,15 +1,17 @@
-"""Prometheus metrics of the operator: jobs by phase, reconcile errors, handler latency.
+"""Prometheus metrics of the operator: jobs by phase, reconcile errors, handler latency, and the per-job series.
 
-``instrumented(name)`` wraps a Kopf handler (timing it, counting what it raises); ``record_phase`` and
-``forget`` keep the per-phase gauge in step with what the handlers write. ``serve(port)`` starts the
-``/metrics`` endpoint (prometheus_client's own HTTP thread) once; port 0 leaves it off.
+``instrumented(name)`` wraps a Kopf handler with prometheus_client's own decorators (``Histogram.time()``,
+``Counter.count_exceptions()``); ``record_phase`` and ``forget`` keep the per-phase gauge in step with what the
+handlers write; ``JOB_SERIES`` (``job_metrics.JobSeries``) holds the job-level series. Both are filled only by the
+handlers of the replica that leads, and ``step_down`` empties them when it stops leading, so that two replicas
+never export the same job twice. ``serve(port)`` starts the ``/metrics`` endpoint (prometheus_client's own HTTP
+thread) once; port 0 leaves it off.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
@@ -18,6 +20,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from finetune_operator.api.v1alpha1 import Phase
+from finetune_operator.job_metrics import JobSeries
 
 PHASES: Final = tuple(phase.value for phase in Phase)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,9 +43,13 @@ LATENCY = prometheus_client.Histogram(
     registry=REGISTRY,
 )
 
+JOB_SERIES = JobSeries()
+REGISTRY.register(JOB_SERIES)
+
 _lock = threading.Lock()
 _phases: dict[str, str] = {}
 _served: list[int] = []
+_counting = [True]  # False between ``step_down`` and ``take_over``: a stopping Kopf's late handlers count nothing
 
 
 def _refresh() -> None:
@@ -56,7 +63,7 @@ def record_phase(uid: str | None, phase: str | None) -> None:
     if not uid:
         return
     with _lock:
-        if phase:
+        if phase and _counting[0]:
             _phases[uid] = phase
         else:
             _phases.pop(uid, None)
@@ -67,25 +74,40 @@ def forget(uid: str | None) -> None:
     record_phase(uid, None)
 
 
+def step_down() -> None:
+    """Forget every job, by phase and per job: this replica stopped leading (its handlers no longer see events)."""
+    with _lock:
+        _counting[0] = False
+        _phases.clear()
+        _refresh()
+    JOB_SERIES.clear()
+
+
+def take_over() -> None:
+    """Count jobs again: this replica starts leading (its Kopf lists every job as it starts)."""
+    with _lock:
+        _counting[0] = True
+
+
 def job_count() -> int:
     with _lock:
         return len(_phases)
 
 
 def instrumented(name: str) -> Callable[[F], F]:
-    """Time the handler and count its exceptions (all of them: Kopf's retry signals are errors too)."""
+    """Time the handler and count its exceptions (all of them: Kopf's retry signals are errors too).
+
+    The children are created here, at import, so that both series exist (at 0) before the first call: a
+    counter that appears only with its first error hides that first increase from ``rate()``.
+    """
+    timer, errors = LATENCY.labels(handler=name), ERRORS.labels(handler=name)
 
     def wrap(fn: F) -> F:
+        # As context managers inside a wrapper of ours: as decorators they refuse bound methods (resync_all).
         @functools.wraps(fn)
         def handler(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
+            with timer.time(), errors.count_exceptions():
                 return fn(*args, **kwargs)
-            except Exception:
-                ERRORS.labels(handler=name).inc()
-                raise
-            finally:
-                LATENCY.labels(handler=name).observe(time.perf_counter() - started)
 
         return cast(F, handler)
 

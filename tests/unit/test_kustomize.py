@@ -47,11 +47,19 @@ def renders() -> dict[str, list[dict[str, Any]]]:
         return dict(zip(TARGETS, pool.map(k8s_tools.kustomize, TARGETS.values()), strict=True))
 
 
+# Chart-only: the tenants' ClusterRoles and the `helm test` hook (tests/unit/test_platform_chart.py).
+PLATFORM_COMPONENTS = ("tenant-rbac", "helm-test")
+
+
+def _component(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")  # type: ignore[no-any-return]
+
+
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those) and the Lease's
-    RBAC (test_leader_election_matches_the_chart)."""
-    aside = ("webhook", "leader-election")
-    return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in aside]
+    """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those), the Lease's
+    RBAC (test_leader_election_matches_the_chart) and PLATFORM_COMPONENTS."""
+    aside = ("webhook", "leader-election", *PLATFORM_COMPONENTS)
+    return [obj for obj in objects if _component(obj) not in aside]
 
 
 def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -157,7 +165,8 @@ def test_base_matches_the_chart_defaults(renders: dict[str, list[dict[str, Any]]
 
 @pytest.mark.parametrize("target", NAMES)
 def test_leader_election_matches_the_chart(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
-    chart = k8s_tools.helm_template(CHART, release="finetune-operator", namespace=OPERATOR_NAMESPACE)
+    rendered = k8s_tools.helm_template(CHART, release="finetune-operator", namespace=OPERATOR_NAMESPACE)
+    chart = [o for o in rendered if _component(o) not in PLATFORM_COMPONENTS]
     elected = [
         o for o in renders[target] if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "leader-election"
     ]
