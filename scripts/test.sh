@@ -12,10 +12,11 @@ if [ "$#" -gt 0 ]; then
   echo "== pytest $*"
   exec python -m pytest "$@"
 fi
-# Two phases on the machine's cores: the tests that start no Ray spread over the cores with pytest-xdist
-# (each worker its own process, emulator and ports); the Ray and training tests one at a time, since each
-# Ray run takes the cores it is given and two at once only slow each other down.
-echo "== pytest: everything but the slow tier, on $(python -c 'import os; print(os.cpu_count())') cores"
-python -m pytest -m "not slow" -n auto --durations=15
-echo "== pytest: the slow tier (Ray, training), one test at a time"
-python -m pytest -m slow --durations=15
+# Two phases on the machine's cores: the unit and integration tiers (no Ray) spread over the cores with
+# pytest-xdist, each worker its own process, emulator and ports; then the slow tier (Ray, training) and the
+# e2e tier one test at a time, since each Ray run takes the cores it is given and two at once only slow
+# each other down.
+echo "== pytest: unit and integration tiers, over $(python -c 'import os; print(os.cpu_count())') cores"
+python -m pytest tests/unit tests/integration -n auto --durations=15
+echo "== pytest: slow and e2e tiers, one test at a time"
+python -m pytest tests/slow tests/e2e --durations=15
