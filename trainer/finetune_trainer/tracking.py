@@ -10,8 +10,9 @@ epoch ended, with ``epoch/epoch`` naming the epoch): one axis is what lets a res
 ``<run dir>/tracking.json`` maps each finished epoch to the global step it ended at, and keeps the MLflow
 run id. A relaunch from epoch E opens the writer with ``purge_step`` = that step + 1, so TensorBoard's
 readers drop what the crashed attempt logged after the checkpoint and nothing appears twice; the MLflow
-run continues under the same id (its metrics are per epoch, logged before the epoch's checkpoint). Tracking is never fatal: a failure is one warning
-(``on_warning``, i.e. status.warnings) and that sink goes quiet.
+run continues under the same id (its metrics are per epoch, logged before the epoch's checkpoint).
+Tracking is never fatal: a failure is one warning (``on_warning``, i.e. status.warnings) and that sink
+goes quiet.
 """
 
 from __future__ import annotations
