@@ -18,7 +18,7 @@ from finetune_operator.api.fields import fail, quote, uri_scheme
 
 __all__ = ["MlflowSpec", "TensorBoardSpec", "TrackingSpec"]
 
-MLFLOW_SCHEMES = ("http", "https", "file", "databricks")
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "databricks")
 
 
 class TensorBoardSpec(WireModel):
