@@ -55,7 +55,7 @@ def test_finetune_run_writes_tensorboard_events_and_an_mlflow_run(tmp_path: Path
     assert "warning:" not in logs, logs[-4000:]
 
     # In-epoch progress reached the sinks mid-epoch: the console's step lines (no tty here).
-    assert "epoch 1/2  fine-tune  step 1/" in logs, logs[-4000:]
+    assert "epoch 1/2 step 1/" in logs, logs[-4000:]
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["phase"] == "Succeeded" and status["progress"]["percent"] == 100.0
 

@@ -191,7 +191,7 @@ IN_EPOCH = Progress(
 
 def test_format_step_line() -> None:
     assert format_step_line(IN_EPOCH, 125) == (
-        "epoch  4/10  fine-tune  step 120/500  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s"
+        "epoch  4/10 step 120/500  fine-tune  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s"
     )
     assert format_step_line(IN_EPOCH.model_copy(update={"eta_seconds": 7300, "loss": None})).endswith(
         "loss -  1234 img/s  eta epoch -, job 2h01m"

@@ -210,3 +210,60 @@ def test_hparams_are_the_spec_flattened_without_runtime_or_tracking(tmp_path: Pa
     assert params["hyperparameters.epochs"] == 3
     assert params["dataset.classes"] == "[0, 1, 2]"
     assert not [k for k in params if k.startswith(("runtime.", "tracking.", "runPolicy."))]
+
+
+def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3:// output: events written locally and uploaded under <run dir>/tensorboard/ (a real S3 API on localhost)."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="models")
+        raw = config(tmp_path).spec.model_dump(by_alias=True, mode="json")
+        raw["output"]["uri"] = "s3://models/runs"
+        cfg = TrainerConfig(job_name="job", spec=FineTuneJobSpec.model_validate(raw), output_root="s3://models/runs")
+        tracker = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+        train(tracker, 1, 3, 0.5)
+        model, data = tiny_model_and_data()
+        tracker.finish(model, data, CLASSES, INPUT)
+
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix="runs/job/")["Contents"]]
+        events = [k for k in keys if k.startswith(f"runs/job/{TB_DIR}/events.out.tfevents.")]
+        assert len(events) == 1 and f"runs/job/{STATE_FILE}" in keys
+        local = tmp_path / "downloaded"
+        local.mkdir()
+        s3.download_file("models", events[0], str(local / events[0].rsplit("/", 1)[1]))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("step/train_loss")] == [1, 2, 3]
+        assert "eval/sample_predictions" in acc.Tags()["images"]
+    finally:
+        server.stop()
+
+
+def test_a_failed_run_ends_its_mlflow_run_failed_with_its_events_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    tracker = Tracker(config(tmp_path / "runs", mlflow={"trackingUri": store, "experimentName": "x"}), 0, pytest.fail)
+    train(tracker, 1, 2, 0.5)
+    tracker.fail()
+
+    assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
+    assert MlflowClient(tracking_uri=store).get_run(tracker.mlflow.run_id).info.status == "FAILED"
+    assert [e.step for e in read_events(tmp_path / "runs" / "job").Scalars("step/train_loss")] == [1, 2]

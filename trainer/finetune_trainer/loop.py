@@ -136,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sinks = build_sinks(cfg) if rank == 0 else None
     if sinks is not None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
+    tracker: Tracker | None = None
     try:
         train, val, class_names, input_spec = build_datasets(cfg)
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
@@ -165,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state, resumed = _resume(worker)
         worker.resumed_from = state.epoch
         if rank == 0:
-            worker.tracker = Tracker(cfg, state.epoch, on_warning=sinks.warn if sinks is not None else log.warning)
+            tracker = worker.tracker = Tracker(cfg, state.epoch, on_warning=sinks.warn if sinks is not None else log.warning)
         _run_stages(worker, train, val, state, resumed)
         if rank == 0:
             finish_run(
@@ -179,12 +180,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 input_spec=input_spec,
                 sinks=sinks,
             )
-            if worker.tracker is not None:
-                worker.tracker.finish(worker.model, val, class_names, input_spec)
+            if tracker is not None:
+                tracker.finish(worker.model, val, class_names, input_spec)
     except TrainerError as e:
         # User errors fail the same way on every retry; say so where people look, then let Ray fail the run.
         if sinks is not None:
             sinks.finish(error=str(e))
+        if tracker is not None:  # a crash (not a user error) keeps the MLflow run open: the retry continues it
+            tracker.fail()
         raise
 
 
@@ -319,8 +322,9 @@ def _run_stage(
             "cached_features": uses_feature_cache(spec, stage),
         }
         if worker.tracker is not None and meter is not None:  # before the checkpoint: a resume purges from its step
-            lrs = [float(group["lr"]) for group in optimizer.param_groups]
-            worker.tracker.epoch(record, meter.global_step, state.best_val_accuracy, lrs)
+            worker.tracker.epoch(
+                record, meter.global_step, state.best_val_accuracy, [float(g["lr"]) for g in optimizer.param_groups]
+            )
         _report(worker, record, state, optimizer, scheduler, attempt)
         if worker.fail_after == epoch:
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook {FAIL_AFTER_EPOCH_KEY})")

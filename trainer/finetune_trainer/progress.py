@@ -84,13 +84,13 @@ def _duration(seconds: int | None) -> str:
 
 def format_step_line(progress: Progress, epoch_eta: int | None = None) -> str:
     """One human line inside an epoch, e.g.
-    ``epoch  4/10 fine-tune  step 120/500  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s``."""
+    ``epoch  4/10 step 120/500  fine-tune  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s`` (never
+    mistaken for an epoch's line, which has the stage right after the epoch)."""
     width = len(str(progress.total_epochs or progress.epoch))
     return "  ".join(
         [
-            f"epoch {progress.epoch + 1:>{width}}/{progress.total_epochs}",
+            f"epoch {progress.epoch + 1:>{width}}/{progress.total_epochs} step {progress.step}/{progress.steps_per_epoch}",
             f"{progress.stage:<9}",
-            f"step {progress.step}/{progress.steps_per_epoch}",
             f"loss {_num(progress.loss, '.4f')}",
             f"{_num(progress.images_per_second, '.0f')} img/s",
             f"eta epoch {_duration(epoch_eta)}, job {_duration(progress.eta_seconds)}",
