@@ -216,3 +216,23 @@ def test_console_bar_counts_the_steps_of_the_job() -> None:
     console.update(Progress(epoch=4, total_epochs=10, percent=40, stage="fine-tune"), Metrics(val_accuracy=0.5))
     assert bar.n == 4 * 500
     console.finish()
+
+
+def test_train_one_epoch_calls_the_step_hook_after_every_step_with_the_loss_tensor() -> None:
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from finetune_trainer.engine import Precision, train_one_epoch
+
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loader = DataLoader(TensorDataset(torch.rand(10, 4), torch.tensor([0, 1] * 5)), batch_size=4)
+    calls: list[tuple[bool, int, int]] = []
+
+    def hook(loss: torch.Tensor, batch: int) -> None:
+        calls.append((isinstance(loss, torch.Tensor), batch, scheduler.last_epoch))
+
+    precision = Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler, precision, None, False, on_step=hook)
+    assert calls == [(True, 4, 1), (True, 4, 2), (True, 2, 3)]  # after the optimizer and scheduler stepped
