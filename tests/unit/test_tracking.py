@@ -229,9 +229,12 @@ def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeyp
             "AWS_ENDPOINT_URL": endpoint,
         }.items():
             monkeypatch.setenv(name, value)
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="models")
-        raw = config(tmp_path).spec.model_dump(by_alias=True, mode="json")
+        s3.put_object(Bucket="models", Key="runs/job/model.json", Body=b"{}")
+        store = f"file://{tmp_path / 'mlruns'}"
+        raw = config(tmp_path, mlflow={"trackingUri": store, "experimentName": "s3"}).spec.model_dump(by_alias=True, mode="json")
         raw["output"]["uri"] = "s3://models/runs"
         cfg = TrainerConfig(job_name="job", spec=FineTuneJobSpec.model_validate(raw), output_root="s3://models/runs")
         tracker = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
@@ -251,6 +254,12 @@ def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeyp
         acc.Reload()
         assert [e.step for e in acc.Scalars("step/train_loss")] == [1, 2, 3]
         assert "eval/sample_predictions" in acc.Tags()["images"]
+        # MLflow gets the object store's files and the event files too.
+        from mlflow.tracking import MlflowClient
+
+        assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
+        logged = {a.path for a in MlflowClient(tracking_uri=store).list_artifacts(tracker.mlflow.run_id)}
+        assert {"model.json", STATE_FILE, TB_DIR} <= logged
     finally:
         server.stop()
 

@@ -45,6 +45,10 @@ STATE_FILE: Final = "tracking.json"
 SAMPLES: Final = 16
 # The run directory's files MLflow receives at the end (checkpoints stay with Ray Train's retention).
 _ARTIFACT_SUFFIXES: Final = (".pt", ".json", ".jsonl", ".png", ".onnx")
+_REMOTE_ARTIFACTS: Final = (
+    "model.pt", "model.json", "metrics.jsonl", "evaluation.json", "training_curves.png", "confusion_matrix.png",
+    "model.torchscript.pt", "model.onnx", STATE_FILE,
+)  # fmt: skip
 
 
 def hparams_of(cfg: TrainerConfig) -> dict[str, Any]:
@@ -191,13 +195,27 @@ class Tracker:
         self._tb("close", lambda w: w.close())
         self._upload()
         if self.mlflow is not None:
-            run_dir = storage.local_path(self.cfg.run_dir) if not self._remote else None
-            if run_dir is not None:
-                self.mlflow.log_artifacts(sorted(p for p in run_dir.iterdir() if p.is_file() and p.suffix in _ARTIFACT_SUFFIXES))
-                self.mlflow.log_artifacts(sorted(p for p in self.log_dir.glob("events.out.tfevents.*")), TB_DIR)
+            self._log_artifacts(self.mlflow)
             self.mlflow.end()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    def _log_artifacts(self, mlflow: MlflowSink) -> None:
+        if not self._remote:
+            run_dir = storage.local_path(self.cfg.run_dir)
+            mlflow.log_artifacts(sorted(p for p in run_dir.iterdir() if p.is_file() and p.suffix in _ARTIFACT_SUFFIXES))
+        else:  # the files live in the object store: each known one through a local copy
+            with tempfile.TemporaryDirectory(prefix="finetune-mlflow-") as tmp:
+                copies: list[Path] = []
+                for name in _REMOTE_ARTIFACTS:
+                    try:
+                        data = storage.read_bytes(storage.join(self.cfg.run_dir, name))
+                    except OSError:  # not written by this job (an export it did not ask for), or unreadable
+                        continue
+                    copies.append(Path(tmp) / name)
+                    copies[-1].write_bytes(data)
+                mlflow.log_artifacts(copies)
+        mlflow.log_artifacts(sorted(self.log_dir.glob("events.out.tfevents.*")), TB_DIR)
 
     def fail(self) -> None:
         """The run failed: flush what was logged, mark the MLflow run failed."""
