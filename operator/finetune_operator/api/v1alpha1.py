@@ -821,7 +821,7 @@ class Progress(WireModel):
     """Optimizer steps in one epoch."""
 
     loss: float | None = None
-    """Mean training loss over the steps since the last report, in the current epoch."""
+    """Mean training loss of the first worker's batches since the last report, in the current epoch."""
 
     images_per_second: Annotated[float | None, Field(ge=0)] = None
     """Training throughput of the current epoch, all workers together."""
