@@ -8,6 +8,7 @@ them under Ray Train; ``bench/gpu_bench.py`` runs them in-process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +65,10 @@ def train_one_epoch(
     precision: Precision,
     grad_clip_norm: float | None,
     frozen_bn: bool,
+    on_step: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[float, int]:
-    """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean."""
+    """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean.
+    ``on_step(loss, images)`` after every step (rank 0's progress; it must not read the tensor each time)."""
     set_train_mode(model, frozen_bn=frozen_bn)
     loss_sum, seen = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,6 +84,8 @@ def train_one_epoch(
         precision.scaler.step(optimizer)
         precision.scaler.update()
         scheduler.step()
+        if on_step is not None:
+            on_step(loss, len(targets))
         loss_sum += float(loss.detach()) * len(targets)
         seen += len(targets)
     return loss_sum, seen

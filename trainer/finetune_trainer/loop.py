@@ -45,13 +45,15 @@ from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
-from finetune_trainer.progress import ProgressSink, build_sinks
+from finetune_trainer.progress import MultiSink, build_sinks
 from finetune_trainer.ray_compat import quiet_train_reports
 from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
+from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
+from finetune_trainer.tracking import Tracker
 
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
@@ -78,13 +80,15 @@ class Worker:
     class_names: list[str]
     precision: Precision
     criterion: nn.Module
-    sinks: ProgressSink | None
+    sinks: MultiSink | None
     fail_after: int | None
     resumed_from: int = 0
     """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
     passes: int = 1
     """Passes over the training images per epoch (``recipe.plan_batches``)."""
     warned_batch_norm: bool = False
+    tracker: Tracker | None = None
+    """Rank 0's TensorBoard and MLflow (``tracking``)."""
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -132,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sinks = build_sinks(cfg) if rank == 0 else None
     if sinks is not None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
+    tracker: Tracker | None = None
     try:
         train, val, class_names, input_spec = build_datasets(cfg)
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
@@ -160,6 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         state, resumed = _resume(worker)
         worker.resumed_from = state.epoch
+        if rank == 0:
+            tracker = worker.tracker = Tracker(cfg, state.epoch, on_warning=sinks.warn if sinks is not None else log.warning)
         _run_stages(worker, train, val, state, resumed)
         if rank == 0:
             finish_run(
@@ -173,10 +180,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 input_spec=input_spec,
                 sinks=sinks,
             )
+            if tracker is not None:
+                tracker.finish(worker.model, val, class_names, input_spec)
     except TrainerError as e:
         # User errors fail the same way on every retry; say so where people look, then let Ray fail the run.
         if sinks is not None:
             sinks.finish(error=str(e))
+        if tracker is not None:  # a crash (not a user error) keeps the MLflow run open: the retry continues it
+            tracker.fail()
         raise
 
 
@@ -266,6 +277,7 @@ def _run_stage(
         shards.sampler.set_epoch(epoch)
         started = time.perf_counter()
         first_step = scheduler.last_epoch
+        meter = _step_meter(worker, epoch, stage, len(shards.train), optimizer)
         loss_sum, seen = train_one_epoch(
             trained,
             shards.train,
@@ -275,6 +287,7 @@ def _run_stage(
             worker.precision,
             hp.grad_clip_norm,
             spec.strategy.freeze_batch_norm,
+            on_step=meter,
         )
         train_seconds = time.perf_counter() - started
         loss_sum, seen_all = all_reduce([loss_sum, float(seen)], worker.device)
@@ -308,12 +321,36 @@ def _run_stage(
             "resumed_from": worker.resumed_from,
             "cached_features": uses_feature_cache(spec, stage),
         }
+        if worker.tracker is not None and meter is not None:  # before the checkpoint: a resume purges from its step
+            worker.tracker.epoch(
+                record, meter.global_step, state.best_val_accuracy, [float(g["lr"]) for g in optimizer.param_groups]
+            )
         _report(worker, record, state, optimizer, scheduler, attempt)
         if worker.fail_after == epoch:
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook {FAIL_AFTER_EPOCH_KEY})")
         if state.stopped_early:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, state.bad_epochs)
             return
+
+
+def _step_meter(worker: Worker, epoch: int, stage: Stage, steps: int, optimizer: torch.optim.Optimizer) -> StepMeter | None:
+    """Rank 0's per-step hook for this epoch (status, console bar, TensorBoard points); None on other ranks."""
+    if worker.rank != 0:
+        return None
+    tracker = worker.tracker
+    return StepMeter(
+        sinks=worker.sinks,
+        tracker=tracker if tracker is not None and tracker.writer is not None else None,
+        optimizer=optimizer,
+        epoch=epoch,
+        total_epochs=worker.spec.hyperparameters.epochs,
+        stage=stage.name,
+        steps_per_epoch=steps,
+        world=worker.world,
+        global_step=tracker.global_step if tracker is not None else 0,
+        log_every=worker.spec.tracking.tensorboard.log_every_steps,
+        report_seconds=report_seconds_from_env(),
+    )
 
 
 def _report(

@@ -29,6 +29,7 @@ __all__ = [
     "ProgressSink",
     "build_sinks",
     "format_epoch_line",
+    "format_step_line",
     "utc_now",
 ]
 
@@ -74,6 +75,29 @@ def format_epoch_line(progress: Progress, metrics: Metrics | None) -> str:
     return "  ".join(parts)
 
 
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def format_step_line(progress: Progress, epoch_eta: int | None = None) -> str:
+    """One human line inside an epoch, e.g.
+    ``epoch  4/10 step 120/500  fine-tune  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s`` (never
+    mistaken for an epoch's line, which has the stage right after the epoch)."""
+    width = len(str(progress.total_epochs or progress.epoch))
+    return "  ".join(
+        [
+            f"epoch {progress.epoch + 1:>{width}}/{progress.total_epochs} step {progress.step}/{progress.steps_per_epoch}",
+            f"{progress.stage:<9}",
+            f"loss {_num(progress.loss, '.4f')}",
+            f"{_num(progress.images_per_second, '.0f')} img/s",
+            f"eta epoch {_duration(epoch_eta)}, job {_duration(progress.eta_seconds)}",
+        ]
+    )
+
+
 # ------------------------------------------------------------------------------------------ console
 class ConsoleSink:
     """A tqdm bar over epochs and one line per finished epoch, on ``stream`` (default stderr); plain lines
@@ -87,6 +111,7 @@ class ConsoleSink:
         self._bar: Any = None
         self._last_epoch = -1
         self._last_stage: str | None = None
+        self._steps = 0  # steps per epoch, once known
 
     @property
     def stream(self) -> TextIO:
@@ -107,15 +132,45 @@ class ConsoleSink:
         else:
             print(line, file=self.stream, flush=True)
 
-    def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
+    def _move_bar(self, progress: Progress) -> None:
+        """The bar counts epochs until the first in-epoch report, then every step of the job (its ETA the job's)."""
         if self._bar is None and self._use_bar() and progress.total_epochs:
             from tqdm import tqdm
 
             self._bar = tqdm(total=progress.total_epochs, desc=self._label, unit="epoch", file=self.stream, dynamic_ncols=True)
-        if self._bar is not None:
-            self._bar.set_description(f"{self._label} [{progress.stage}]", refresh=False)
+        if self._bar is None:
+            return
+        if progress.steps_per_epoch:
+            self._steps = progress.steps_per_epoch
+        self._bar.set_description(f"{self._label} [{progress.stage}]", refresh=False)
+        if self._steps:
+            self._bar.unit = "step"
+            self._bar.total = progress.total_epochs * self._steps
+            self._bar.n = progress.epoch * self._steps + (progress.step or 0)
+        else:
             self._bar.total = progress.total_epochs
             self._bar.n = progress.epoch
+
+    def step(self, progress: Progress, epoch_eta_seconds: int | None = None) -> None:
+        """An in-epoch point (every few steps): the bar moves; lines only come with ``update``'s slower pace."""
+        self._move_bar(progress)
+        if self._bar is not None:
+            self._bar.set_postfix_str(
+                f"epoch {progress.epoch + 1}/{progress.total_epochs} loss {_num(progress.loss, '.4f')} "
+                f"{_num(progress.images_per_second, '.0f')} img/s eta epoch {_duration(epoch_eta_seconds)}",
+                refresh=False,
+            )
+            self._bar.refresh()
+
+    def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
+        if progress.step is not None:  # in-epoch, at the status pace: a line where no bar is drawn
+            if self._use_bar():
+                self.step(progress)
+            else:
+                self._write(format_step_line(progress))
+            return
+        self._move_bar(progress)
+        if self._bar is not None:
             if metrics is not None and metrics.val_accuracy is not None:
                 self._bar.set_postfix(val_acc=_pct(metrics.val_accuracy), best=_pct(metrics.best_val_accuracy), refresh=False)
             self._bar.refresh()
@@ -208,6 +263,12 @@ class MultiSink:
         for sink in self.sinks:
             self._call(sink, "update", progress, metrics)
 
+    def step(self, progress: Progress, epoch_eta_seconds: int | None = None) -> None:
+        """In-epoch points for the sinks that draw them (the console bar); the others wait for ``update``."""
+        for sink in self.sinks:
+            if hasattr(sink, "step"):
+                self._call(sink, "step", progress, epoch_eta_seconds)
+
     def warn(self, message: str) -> None:
         for sink in self.sinks:
             self._call(sink, "warn", message)
@@ -217,7 +278,7 @@ class MultiSink:
             self._call(sink, "finish", artifacts, error)
 
 
-def build_sinks(cfg: TrainerConfig) -> ProgressSink:
+def build_sinks(cfg: TrainerConfig) -> MultiSink:
     """The sinks ``cfg.sinks`` names, behind one ``MultiSink``. ``file`` writes ``cfg.status_file``
     (default ``<run dir>/status.json`` for a local run dir); ``kubernetes`` is skipped with a warning
     when its module cannot be imported (no kubernetes client in this image)."""

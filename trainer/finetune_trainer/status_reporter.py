@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THROTTLE: Final = 10.0
 TIMEOUT: Final = (3.0, 10.0)  # connect, read: a stuck API server must not stall an epoch for long
 MERGE_PATCH: Final = "application/merge-patch+json"
+IN_EPOCH_NULLS: Final = {"step": None, "stepsPerEpoch": None, "loss": None, "imagesPerSecond": None, "etaSeconds": None}
 _SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -88,7 +89,9 @@ class KubernetesStatusSink:
     def update(self, progress: Progress, metrics: Metrics | None = None) -> None:
         if progress.updated_at is None:
             progress = progress.model_copy(update={"updated_at": utc_now()})
-        self._pending["progress"] = progress.to_wire()
+        # A merge patch keeps keys it does not name: the in-epoch fields are nulled (removed) when absent, or an
+        # epoch's end would leave the previous epoch's step, loss and ETA standing in the status.
+        self._pending["progress"] = {**IN_EPOCH_NULLS, **progress.to_wire()}
         if metrics is not None:
             self._pending["metrics"] = metrics.to_wire()
         now = self._clock()
@@ -104,7 +107,7 @@ class KubernetesStatusSink:
     def finish(self, artifacts: Artifacts | None = None, error: str | None = None) -> None:
         if error is None:
             done = self._pending.get("progress") or {}
-            self._pending["progress"] = {**done, "stage": "done", "percent": 100.0, "updatedAt": utc_now()}
+            self._pending["progress"] = {**done, **IN_EPOCH_NULLS, "stage": "done", "percent": 100.0, "updatedAt": utc_now()}
         if artifacts is not None:
             self._pending["artifacts"] = artifacts.to_wire()
         # The operator reports the failure (phase, conditions) from the RayJob; we only flush what we know.

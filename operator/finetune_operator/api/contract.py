@@ -39,6 +39,7 @@ Sink = Literal["console", "file", "kubernetes"]
 # Spec fields, by section, that do not change what is trained; a resumed run may differ in them.
 _NOT_TRAINING: Final[dict[str, bool | set[str]]] = {
     "run_policy": True,
+    "tracking": True,
     "runtime": True,
     "resources": True,
     "output": {"exports", "keep_checkpoints"},

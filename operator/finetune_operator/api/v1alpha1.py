@@ -46,6 +46,7 @@ from finetune_operator.api.fields import (
     quote,
     uri_scheme,
 )
+from finetune_operator.api.tracking import TrackingSpec
 from finetune_operator.api.versions import KIND
 
 INT32_MAX: Final = 2**31 - 1
@@ -629,6 +630,9 @@ class FineTuneJobSpec(WireModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, exclude_if=lambda e: e.min_accuracy is None)
     """Gates the trained model must pass for the job to succeed."""
 
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, exclude_if=lambda t: t.is_default())
+    """Experiment tracking: TensorBoard event files in the run directory (on by default), an optional MLflow server."""
+
     @model_validator(mode="wrap")
     @classmethod
     def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]) -> FineTuneJobSpec:
@@ -808,6 +812,22 @@ class Progress(WireModel):
 
     stage: Stage = "starting"
     """What the trainer is doing."""
+
+    # In-epoch fields: written every few seconds during an epoch (the status throttle), absent between epochs.
+    step: Annotated[int | None, Field(ge=0)] = None
+    """Optimizer steps done in the current epoch."""
+
+    steps_per_epoch: Annotated[int | None, Field(ge=0)] = None
+    """Optimizer steps in one epoch."""
+
+    loss: float | None = None
+    """Mean training loss of the first worker's batches since the last report, in the current epoch."""
+
+    images_per_second: Annotated[float | None, Field(ge=0)] = None
+    """Training throughput of the current epoch, all workers together."""
+
+    eta_seconds: Annotated[int | None, Field(ge=0)] = None
+    """Estimated seconds until the last epoch ends (at the current epoch's pace)."""
 
     updated_at: str | None = None
     """When the trainer last reported (RFC 3339)."""

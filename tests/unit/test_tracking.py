@@ -1,0 +1,278 @@
+"""Experiment tracking (issue 13 item 1) without Ray: TensorBoard event files read back by TensorBoard's own
+reader, a resume that purges what a crashed attempt logged after its checkpoint, an MLflow file store that
+receives params, metrics and artifacts and is continued on resume, and a dead MLflow server that costs one
+warning and never the run."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.metrics_log import EpochRecord
+from finetune_trainer.tracking import STATE_FILE, TB_DIR, Tracker, hparams_of
+
+CLASSES = ["a", "b", "c"]
+INPUT = InputSpec(image_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True)
+
+
+def config(root: Path, mlflow: dict[str, Any] | None = None) -> TrainerConfig:
+    raw: dict[str, Any] = {
+        "model": {"name": "resnet18"},
+        "dataset": {"format": "digits", "classes": [0, 1, 2], "imageSize": 32},
+        "hyperparameters": {"epochs": 3, "batchSize": 8},
+        "output": {"uri": str(root)},
+    }
+    if mlflow is not None:
+        raw["tracking"] = {"mlflow": mlflow}
+    return TrainerConfig(job_name="job", spec=FineTuneJobSpec.model_validate(raw), output_root=str(root))
+
+
+def record(epoch: int, accuracy: float) -> EpochRecord:
+    return EpochRecord(
+        epoch=epoch,
+        stage="fine-tune",
+        train_loss=1.0 / epoch,
+        val_loss=1.5 / epoch,
+        val_accuracy=accuracy,
+        val_top5=None,
+        images_per_second=100.0,
+        epoch_seconds=2.0,
+        lr=0.01,
+    )
+
+
+def train(tracker: Tracker, epoch: int, steps: int, accuracy: float, *, finish_epoch: bool = True) -> None:
+    """``steps`` per-step points after the tracker's global step, then (optionally) the epoch's record."""
+    start = tracker.global_step
+    for step in range(start + 1, start + steps + 1):
+        tracker.step(step, loss=accuracy, lrs=[0.1, 0.01], images_per_second=50.0)
+    if finish_epoch:
+        tracker.epoch(record(epoch, accuracy), start + steps, best=accuracy, lrs=[0.1, 0.01])
+
+
+def read_events(run_dir: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / TB_DIR), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def tiny_model_and_data() -> tuple[nn.Module, TensorDataset]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, len(CLASSES)))
+    data = TensorDataset(torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    return model, data
+
+
+def write_pngs(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name in ("confusion_matrix.png", "training_curves.png"):
+        fig = plt.figure(figsize=(1, 1))
+        fig.savefig(run_dir / name)
+        plt.close(fig)
+
+
+def test_event_files_hold_step_and_epoch_scalars_images_and_hparams(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    run_dir = tmp_path / "job"
+    run_dir.mkdir()
+    tracker = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(tracker, 1, 4, 0.5)
+    train(tracker, 2, 4, 0.7)
+    write_pngs(run_dir)
+    model, data = tiny_model_and_data()
+    tracker.finish(model, data, CLASSES, INPUT)
+
+    acc = read_events(run_dir)
+    tags = acc.Tags()
+    for tag in ("step/train_loss", "step/images_per_second", "step/lr/group0", "step/lr/group1", "epoch/val_accuracy"):
+        assert tag in tags["scalars"], tag
+    for tag in ("epoch/train_loss", "epoch/val_loss", "epoch/best_val_accuracy", "epoch/lr/group1", "epoch/epoch"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("step/train_loss")] == list(range(1, 9))
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/epoch")] == [(4, 1.0), (8, 2.0)]
+    assert set(tags["images"]) == {"eval/confusion_matrix", "eval/training_curves", "eval/sample_predictions"}
+    hparams = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
+    assert b"hyperparameters.batchSize" in hparams["_hparams_/session_start_info"]
+
+
+def test_resume_purges_what_the_crashed_attempt_logged_after_the_checkpoint(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    first = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(first, 1, 4, 0.5)
+    train(first, 2, 4, 0.6)  # logged, but its checkpoint was never written
+    train(first, 3, 2, 0.6, finish_epoch=False)  # the crash, mid-epoch 3
+    first.writer.close()
+
+    second = Tracker(cfg, resumed_epoch=1, on_warning=pytest.fail)
+    assert second.global_step == 4
+    train(second, 2, 4, 0.8)
+    train(second, 3, 4, 0.9)
+    second.writer.close()
+
+    acc = read_events(tmp_path / "job")
+    # Each step once, with the second attempt's values past the checkpoint.
+    assert [(e.step, e.value) for e in acc.Scalars("step/train_loss")] == [(s, 0.5) for s in range(1, 5)] + [
+        (s, pytest.approx(0.8 if s <= 8 else 0.9)) for s in range(5, 13)
+    ]
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/epoch")] == [(4, 1.0), (8, 2.0), (12, 3.0)]
+    assert [round(e.value, 2) for e in acc.Scalars("epoch/val_accuracy")] == [0.5, 0.8, 0.9]
+
+
+def test_mlflow_file_store_receives_params_metrics_artifacts_and_a_resume_continues_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    cfg = config(tmp_path / "runs", mlflow={"trackingUri": store, "experimentName": "digits", "runName": "try-1"})
+    run_dir = tmp_path / "runs" / "job"
+    run_dir.mkdir(parents=True)
+    first = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(first, 1, 3, 0.5)
+    second = Tracker(cfg, resumed_epoch=1, on_warning=pytest.fail)  # a relaunch after epoch 1
+    assert second.mlflow is not None and first.mlflow is not None
+    assert second.mlflow.run_id == first.mlflow.run_id
+    train(second, 2, 3, 0.7)
+    (run_dir / "model.pt").write_bytes(b"weights")
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    write_pngs(run_dir)
+    model, data = tiny_model_and_data()
+    second.finish(model, data, CLASSES, INPUT)
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("digits")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "try-1" and run.info.status == "FINISHED"
+    assert run.data.params["hyperparameters.epochs"] == "3"
+    assert run.data.params["model.name"] == "resnet18"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [(1, 0.5), (2, 0.7)]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "metrics.jsonl", "confusion_matrix.png", TB_DIR} <= names
+    assert client.list_artifacts(run.info.run_id, TB_DIR)[0].path.startswith(f"{TB_DIR}/events.out.tfevents.")
+    assert first.mlflow.run_id in (run_dir / STATE_FILE).read_text()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_unreachable_mlflow_server_is_one_warning_and_tensorboard_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = config(tmp_path, mlflow={"trackingUri": f"http://127.0.0.1:{closed_port()}", "experimentName": "x"})
+    (tmp_path / "job").mkdir()
+    warnings: list[str] = []
+    tracker = Tracker(cfg, resumed_epoch=0, on_warning=warnings.append)
+    train(tracker, 1, 2, 0.5)
+    train(tracker, 2, 2, 0.6)
+    model, data = tiny_model_and_data()
+    tracker.finish(model, data, CLASSES, INPUT)
+
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"MLflow at {cfg.spec.tracking.mlflow.tracking_uri} failed (start run: ")  # type: ignore[union-attr]
+    assert warnings[0].endswith("training goes on without MLflow tracking")
+    assert len(read_events(tmp_path / "job").Scalars("epoch/val_accuracy")) == 2
+
+
+def test_tensorboard_off_writes_no_events(tmp_path: Path) -> None:
+    raw = config(tmp_path).spec.model_dump(by_alias=True, mode="json")
+    raw["tracking"] = {"tensorboard": {"enabled": False}}
+    cfg = TrainerConfig(job_name="job", spec=FineTuneJobSpec.model_validate(raw), output_root=str(tmp_path))
+    tracker = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(tracker, 1, 2, 0.5)
+    assert tracker.writer is None
+    assert not (tmp_path / "job" / TB_DIR).exists()
+
+
+def test_hparams_are_the_spec_flattened_without_runtime_or_tracking(tmp_path: Path) -> None:
+    params = hparams_of(config(tmp_path, mlflow={"trackingUri": "http://m", "experimentName": "x"}))
+    assert params["hyperparameters.epochs"] == 3
+    assert params["dataset.classes"] == "[0, 1, 2]"
+    assert not [k for k in params if k.startswith(("runtime.", "tracking.", "runPolicy."))]
+
+
+def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3:// output: events written locally and uploaded under <run dir>/tensorboard/ (a real S3 API on localhost)."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="models")
+        s3.put_object(Bucket="models", Key="runs/job/model.json", Body=b"{}")
+        store = f"file://{tmp_path / 'mlruns'}"
+        raw = config(tmp_path, mlflow={"trackingUri": store, "experimentName": "s3"}).spec.model_dump(by_alias=True, mode="json")
+        raw["output"]["uri"] = "s3://models/runs"
+        cfg = TrainerConfig(job_name="job", spec=FineTuneJobSpec.model_validate(raw), output_root="s3://models/runs")
+        tracker = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+        train(tracker, 1, 3, 0.5)
+        model, data = tiny_model_and_data()
+        tracker.finish(model, data, CLASSES, INPUT)
+
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix="runs/job/")["Contents"]]
+        events = [k for k in keys if k.startswith(f"runs/job/{TB_DIR}/events.out.tfevents.")]
+        assert len(events) == 1 and f"runs/job/{STATE_FILE}" in keys
+        local = tmp_path / "downloaded"
+        local.mkdir()
+        s3.download_file("models", events[0], str(local / events[0].rsplit("/", 1)[1]))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("step/train_loss")] == [1, 2, 3]
+        assert "eval/sample_predictions" in acc.Tags()["images"]
+        # MLflow gets the object store's files and the event files too.
+        from mlflow.tracking import MlflowClient
+
+        assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
+        logged = {a.path for a in MlflowClient(tracking_uri=store).list_artifacts(tracker.mlflow.run_id)}
+        assert {"model.json", STATE_FILE, TB_DIR} <= logged
+    finally:
+        server.stop()
+
+
+def test_a_failed_run_ends_its_mlflow_run_failed_with_its_events_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    tracker = Tracker(config(tmp_path / "runs", mlflow={"trackingUri": store, "experimentName": "x"}), 0, pytest.fail)
+    train(tracker, 1, 2, 0.5)
+    tracker.fail()
+
+    assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
+    assert MlflowClient(tracking_uri=store).get_run(tracker.mlflow.run_id).info.status == "FAILED"
+    assert [e.step for e in read_events(tmp_path / "runs" / "job").Scalars("step/train_loss")] == [1, 2]
