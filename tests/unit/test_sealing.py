@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from finetune_trainer.sealing import MAGIC, Keyring, SealError, is_sealed_file, seal_file, sealed_key_id, unseal_bytes, unseal_file
+from finetune_trainer.sealing import (
+    MAGIC,
+    Keyring,
+    SealError,
+    is_sealed_file,
+    seal_file,
+    sealed_key_id,
+    unseal_bytes,
+    unseal_file,
+)
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(1, 33))).decode()
@@ -63,7 +72,14 @@ def tamper_cases() -> list[tuple[str, object]]:
     def cut_mid_chunk(head: bytes, chunks: list[bytes]) -> bytes:
         return head + b"".join(chunks)[:-5]
 
-    return [("cut", cut_at_boundary), ("drop", drop_middle), ("swap", swap), ("flip", flip), ("append", appended), ("cut-mid", cut_mid_chunk)]
+    return [
+        ("cut", cut_at_boundary),
+        ("drop", drop_middle),
+        ("swap", swap),
+        ("flip", flip),
+        ("append", appended),
+        ("cut-mid", cut_mid_chunk),
+    ]
 
 
 @pytest.mark.parametrize(("name", "tamper"), tamper_cases())
@@ -91,7 +107,8 @@ def test_wrong_key_for_the_id_and_missing_key(tmp_path: Path) -> None:
     data = sealed(tmp_path, b"weights" * 10, Keyring.parse(f"prod:{KEY_A}"))
     with pytest.raises(SealError, match=r"^f: chunk 0 does not decrypt with key id 'prod': wrong key"):
         unseal_bytes(data, Keyring.parse(f"prod:{KEY_B}"), "f")
-    with pytest.raises(SealError, match=r"^f: encrypted with key id 'prod', which FINETUNE_ENCRYPTION_KEY does not hold \(it holds 'other'\)"):
+    holds = r"^f: encrypted with key id 'prod', which FINETUNE_ENCRYPTION_KEY does not hold \(it holds 'other'\)"
+    with pytest.raises(SealError, match=holds):
         unseal_bytes(data, Keyring.parse(f"other:{KEY_A}"), "f")
     with pytest.raises(SealError, match=r"^f: encrypted with key id 'prod', but FINETUNE_ENCRYPTION_KEY is not set"):
         unseal_bytes(data, None, "f")

@@ -8,8 +8,9 @@ scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epoc
 improvement), every worker's random generators (``seeding.rng_state``, absent before they were kept)
 and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
 With ``spec.output.encryption.clientSide`` the file is encrypted (``sealing``) before it leaves the
-worker, and a resumed run decrypts it with the same keyring. Beside it, ``checkpoint.sha256`` holds the file's checksum: a truncated or altered copy is refused as
-corrupt (``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
+worker, and a resumed run decrypts it with the same keyring. Beside it, ``checkpoint.sha256`` holds the
+file's checksum (of the bytes as stored): a truncated or altered copy is refused as corrupt
+(``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
 
 The best epoch follows Ray Train's retention rule (``CheckpointConfig(checkpoint_score_attribute=
 "val_accuracy", order="max")``): on equal scores the later report ranks higher, so the checkpoint the

@@ -3,8 +3,8 @@
 Everything needed comes from the model card (``model.json``): the architecture to rebuild, the class
 names in output order, and the evaluation transforms the model was validated with. ``model.pt`` is
 verified (``verify``: the card's signature, the file's sha256, decryption when it is encrypted) before it
-is unpickled, so a truncated or swapped file is reported as such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
-stderr and exit status 2; called by ``finetune_trainer.cli``.
+is unpickled, so a truncated or swapped file is reported as such rather than as a puzzling shape error.
+User errors (missing directory, bad image) are one line on stderr and exit status 2; called by ``finetune_trainer.cli``.
 """
 
 from __future__ import annotations
