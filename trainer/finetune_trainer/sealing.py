@@ -37,6 +37,7 @@ from typing import IO, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from finetune_operator.api.protection import ENV_ENCRYPTION_KEY
 from finetune_trainer.errors import TrainerError
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
     "unseal_file",
 ]
 
-ENCRYPTION_KEY_ENV: Final = "FINETUNE_ENCRYPTION_KEY"
+ENCRYPTION_KEY_ENV: Final = ENV_ENCRYPTION_KEY
 MAGIC: Final = b"FTSEAL1\n"
 _ALGORITHM: Final = "AES-256-GCM"
 _CHUNK: Final = 1 << 20

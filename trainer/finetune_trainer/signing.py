@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from finetune_operator.api.protection import ENV_REQUIRE_SIGNED, ENV_SIGNING_KEY, ENV_VERIFY_KEYS
 from finetune_trainer.errors import TrainerError
 
 __all__ = [
@@ -47,9 +48,9 @@ __all__ = [
 ]
 
 SIGNATURE_FILE: Final = "model.json.sig"
-SIGNING_KEY_ENV: Final = "FINETUNE_SIGNING_KEY"
-VERIFY_KEYS_ENV: Final = "FINETUNE_VERIFY_KEYS"
-REQUIRE_SIGNED_ENV: Final = "FINETUNE_REQUIRE_SIGNED"
+SIGNING_KEY_ENV: Final = ENV_SIGNING_KEY
+VERIFY_KEYS_ENV: Final = ENV_VERIFY_KEYS
+REQUIRE_SIGNED_ENV: Final = ENV_REQUIRE_SIGNED
 _ALGORITHM: Final = "Ed25519"
 _PEM: Final = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.S)
 

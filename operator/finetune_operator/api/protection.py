@@ -8,13 +8,31 @@ the spec only says what must be done, the status what was done and with which ke
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
 from finetune_operator.api.base import WireModel
 
-__all__ = ["ArtifactProtection", "EncryptionSpec", "ServerSideEncryption"]
+__all__ = [
+    "ENV_ENCRYPTION_KEY",
+    "ENV_REQUIRE_SIGNED",
+    "ENV_SIGNING_KEY",
+    "ENV_VERIFY_KEYS",
+    "ArtifactProtection",
+    "EncryptionSpec",
+    "ServerSideEncryption",
+]
+
+# The trainer's key variables: the operator sets the last two in every trainer pod (after the user's, so they win).
+ENV_ENCRYPTION_KEY: Final = "FINETUNE_ENCRYPTION_KEY"
+"""Base64 AES-256 key, or a keyring ``id1:key1,id2:key2`` (the first encrypts); from a Secret."""
+ENV_SIGNING_KEY: Final = "FINETUNE_SIGNING_KEY"
+"""Ed25519 private key (PEM, or base64 of the 32 raw bytes) that signs model cards; from a Secret."""
+ENV_VERIFY_KEYS: Final = "FINETUNE_VERIFY_KEYS"
+"""Trusted Ed25519 public keys (PEM blocks or base64 raw keys, comma-separated)."""
+ENV_REQUIRE_SIGNED: Final = "FINETUNE_REQUIRE_SIGNED"
+"""``true``: refuse models whose card is unsigned (predict, verify, weightsUri)."""
 
 KmsKey = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[^\s]+$")]
 

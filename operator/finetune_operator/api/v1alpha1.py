@@ -485,7 +485,8 @@ class OutputSpec(WireModel):
         if sse is not None and not fields_only(info) and uri_scheme(self.uri) not in ("s3", "gs"):
             fail(
                 "encryption.serverSide",
-                f"is set but uri {quote(self.uri)} is not an object store; use an s3:// or gs:// uri, or encryption.clientSide",
+                f"{quote(sse.to_wire())} needs an object store, but uri {quote(self.uri)} is not one; "
+                "use an s3:// or gs:// uri, or encryption.clientSide",
             )
         return self
 
