@@ -12,7 +12,11 @@ Owns the artifact layout under ``<output.uri>/<job name>/``::
     confusion_matrix.png   the same, drawn (``plots``)
     training_curves.png    loss, accuracy and learning rate per epoch, from metrics.jsonl (``plots``)
     model.json             the model card (``model_card``): what the model is, how to feed it, how good
-                           it is, checksums
+                           it is, checksums of every file staged (whatever files are there at the end)
+    model.json.sig         its Ed25519 signature (``spec.output.sign``; ``protect``, ``signing``)
+
+With ``spec.output.encryption.clientSide`` the model files are encrypted in the stage before they are
+summed (``protect.seal_staged``); with ``serverSide`` every upload asks the store for its KMS encryption.
 
 ``model.json`` is written last, so its presence means the rest is complete. Everything is staged in a
 local directory first and then moved (local run dir) or uploaded (s3://, gs://) into place. Called by
