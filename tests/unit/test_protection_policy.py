@@ -114,3 +114,24 @@ def test_bad_protection_fields_are_one_line(output: dict[str, Any], message: str
     body["spec"]["output"] = output
     result = validate_document(body, "job.yaml")
     assert len(result.errors) == 1 and result.errors[0].startswith(message), result.errors
+
+
+@pytest.mark.parametrize(
+    ("protection", "line"),
+    [
+        (None, None),
+        (
+            {"encrypted": True, "encryptionKeyId": "k1", "signed": True, "signingKeyId": "5c1f"},
+            "encrypted (key k1), signed (key 5c1f)",
+        ),
+        ({"encrypted": False, "signed": False}, "not encrypted, unsigned"),
+        (
+            {"serverSideEncryption": "aws:kms", "serverSideKey": "alias/m", "signed": False},
+            "not encrypted, store-encrypted (aws:kms, alias/m), unsigned",
+        ),
+    ],
+)
+def test_describe_says_how_the_artifacts_are_protected(protection: dict[str, Any] | None, line: str | None) -> None:
+    from finetune_operator.cli_cluster import protection_line
+
+    assert protection_line(protection) == line
