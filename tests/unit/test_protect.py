@@ -271,6 +271,17 @@ def test_unsigned_models_are_refused_only_when_required(
         build_model("resnet18", None, 3, weights_uri=str(directory / "model.pt"))
 
 
+def test_a_signature_without_trusted_keys_is_noted_unless_signatures_are_required(
+    protected: tuple[Path, Artifacts], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FINETUNE_ENCRYPTION_KEY", f"k1:{KEY}")
+    assert verify(protected[0]) == 0
+    assert "signature: model.json.sig present but not checked (no FINETUNE_VERIFY_KEYS" in capsys.readouterr().out
+    assert verify(protected[0], require_signed=True) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "model.json: signed by key id" in line and "but no public key is configured (FINETUNE_VERIFY_KEYS)" in line
+
+
 def test_bare_weights_file_is_refused_when_signatures_are_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.save(build_model("resnet18", None, 3).state_dict(), tmp_path / "weights.pt")
     build_model("resnet18", None, 3, weights_uri=str(tmp_path / "weights.pt"))  # allowed by default
@@ -346,3 +357,14 @@ def test_clear_checkpoint_is_refused_when_the_job_encrypts(tmp_path: Path) -> No
     assert read_checkpoint(tmp_path / "ckpt", "fp", "run")["train_state"].epoch == 3
     with pytest.raises(TrainerError, match=r"^checkpoint ckpt: checkpoint\.pt is not encrypted, but spec\.output\.encryption"):
         read_checkpoint(tmp_path / "ckpt", "fp", "run", encrypted=True)
+
+
+def test_an_unsigned_rerun_removes_the_earlier_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left behind, the old signature would contradict the new card and make a valid model look tampered."""
+    monkeypatch.setenv("FINETUNE_SIGNING_KEY", SIGNER_PEM)
+    directory, _ = write(tmp_path, {"sign": True})
+    assert (directory / "model.json.sig").exists()
+    monkeypatch.delenv("FINETUNE_SIGNING_KEY")
+    write(tmp_path, {})
+    assert not (directory / "model.json.sig").exists()
+    assert verify(directory) == 0

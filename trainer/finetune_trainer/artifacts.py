@@ -233,6 +233,8 @@ def write_artifacts(
             card = _stage(Path(tmp), **kwargs)
             enc = cfg.spec.output.encryption
             kms_key = enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
+            if not (Path(tmp) / SIGNATURE_FILE).exists():
+                storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
             for name in _published(Path(tmp), card):
                 storage.upload_file(Path(tmp) / name, storage.join(run_dir, name), kms_key=kms_key)
     else:
@@ -243,7 +245,7 @@ def write_artifacts(
         try:
             card = _stage(staging, **kwargs)
             if not (staging / SIGNATURE_FILE).exists():
-                (target / SIGNATURE_FILE).unlink(missing_ok=True)  # an earlier run's, which this card would contradict
+                storage.remove(str(target / SIGNATURE_FILE))  # an earlier run's, which this card would contradict
             for name in _published(staging, card):
                 (staging / name).replace(target / name)
         finally:

@@ -29,6 +29,7 @@ __all__ = [
     "parent",
     "read_bytes",
     "read_text",
+    "remove",
     "server_side_options",
     "sha256_bytes",
     "sha256_file",
@@ -159,6 +160,21 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def remove(uri: str) -> None:
+    """Delete the file or object at ``uri`` if it exists."""
+    if not is_remote(uri):
+        local_path(uri).unlink(missing_ok=True)
+        return
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot delete: {exception_line(e)}") from e
 
 
 def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
