@@ -177,6 +177,24 @@ def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: Ope
     runtime = spec.runtime if isinstance(spec, FineTuneJobSpec) else spec.get("runtime")
     if settings.ray_token_auth and isinstance(runtime, RuntimeSpec):
         errors += ray_auth_errors(runtime)
+    output = spec.output if isinstance(spec, FineTuneJobSpec) else spec.get("output")
+    if settings.require_protected_artifacts and isinstance(output, OutputSpec):
+        errors += protection_errors(output)
+    return errors
+
+
+def protection_errors(output: OutputSpec) -> list[str]:
+    """What leaves a job's model unencrypted or unsigned, which this operator refuses."""
+    why = f"this operator requires protected models ({env_name('require_protected_artifacts')}=true)"
+    errors = []
+    if output.encryption is None or not output.encryption.enabled():
+        found = "not set" if output.encryption is None else f"{quote(output.encryption.to_wire())} encrypts nothing"
+        errors.append(
+            f"spec.output.encryption: {found}, but {why}; set encryption.clientSide: true (key in a Secret under "
+            "runtime.envFrom) or encryption.serverSide.kmsKey"
+        )
+    if not output.sign:
+        errors.append(f"spec.output.sign: false, but {why}; set sign: true and list the signing-key Secret under runtime.envFrom")
     return errors
 
 

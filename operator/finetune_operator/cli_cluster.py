@@ -214,6 +214,17 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def protection_line(protection: Any) -> str | None:
+    """``status.artifacts.protection`` in words: encrypted or not, signed or not, with the key ids."""
+    if not isinstance(protection, dict):
+        return None
+    words = [f"encrypted (key {protection.get('encryptionKeyId')})" if protection.get("encrypted") else "not encrypted"]
+    if protection.get("serverSideEncryption"):
+        words.append(f"store-encrypted ({protection['serverSideEncryption']}, {protection.get('serverSideKey')})")
+    words.append(f"signed (key {protection.get('signingKeyId')})" if protection.get("signed") else "unsigned")
+    return ", ".join(words)
+
+
 def describe(client: FineTuneJobClient, name: str) -> str:
     """``kubectl describe`` for a job: what it is, where it stands, why, what it produced, where its logs are."""
     from finetune_operator import client as c
@@ -244,6 +255,8 @@ def describe(client: FineTuneJobClient, name: str) -> str:
             lines.append(f"  {key}: {artifacts[key]}")
     for fmt, uri in (artifacts.get("exports") or {}).items():
         lines.append(f"  exports.{fmt}: {uri}")
+    if (protection := protection_line(artifacts.get("protection"))) is not None:
+        lines.append(f"  protection: {protection}")
     if not artifacts:
         lines.append("  (none yet)")
     try:

@@ -42,6 +42,7 @@ from finetune_operator.api.contract import (
     resolve_uri,
 )
 from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.protection import ENV_REQUIRE_SIGNED, ENV_VERIFY_KEYS
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, RAYJOB_API_VERSION, RAYJOB_KIND
 from finetune_operator.settings import OperatorSettings
@@ -262,6 +263,9 @@ def _operator_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str
         {"name": ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": ENV_CONFIG, "value": CONFIG_PATH},
         {"name": ENV_THROTTLE, "value": f"{settings.status_throttle_seconds:g}"},
+        # The platform's trust: which keys sign models, and whether unsigned ones are refused (weightsUri).
+        *([{"name": ENV_VERIFY_KEYS, "value": settings.verify_keys}] if settings.verify_keys else []),
+        *([{"name": ENV_REQUIRE_SIGNED, "value": "true"}] if settings.require_protected_artifacts else []),
     ]
 
 

@@ -153,6 +153,16 @@ class OperatorSettings:
     retry_period_seconds: float = 2.0
     """``FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS``: interval between a leader's renewals and a standby's tries."""
 
+    # ---- protecting the model (docs/platform.md, "Protecting the model")
+    require_protected_artifacts: bool = False
+    """``FINETUNE_OPERATOR_REQUIRE_PROTECTED_ARTIFACTS``: refuse jobs whose output is not encrypted
+    (``spec.output.encryption``) and signed (``spec.output.sign``), and make every trainer refuse a ``weightsUri`` model
+    whose card is unsigned or signed by a key not in ``VERIFY_KEYS``."""
+
+    verify_keys: str = ""
+    """``FINETUNE_OPERATOR_VERIFY_KEYS``: the Ed25519 public keys trusted to sign models (PEM blocks or base64 raw keys,
+    comma-separated), given to every trainer as ``FINETUNE_VERIFY_KEYS``; needed with ``REQUIRE_PROTECTED_ARTIFACTS=true``."""
+
     def __post_init__(self) -> None:
         # Settings that parse one by one can still contradict each other: refuse to start rather than render
         # RayJobs that KubeRay rejects.
@@ -165,6 +175,11 @@ class OperatorSettings:
             raise SettingsError(
                 f"{env_name('leader_election_namespace')} is empty, which {env_name('leader_election')}=true cannot use; "
                 "expected the operator's namespace (the chart sets it from the pod's)"
+            )
+        if self.require_protected_artifacts and not self.verify_keys:
+            raise SettingsError(
+                f"{env_name('verify_keys')} is empty, which {env_name('require_protected_artifacts')}=true cannot use; "
+                "expected the public key that verifies the models' signatures (the chart: artifactProtection.verifyKeys)"
             )
         # Fencing: a leader must give up (renew deadline) before a standby may take over (lease duration), and try
         # to renew more than once in between.
@@ -353,4 +368,6 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "lease_duration_seconds": _positive_seconds,
     "renew_deadline_seconds": _positive_seconds,
     "retry_period_seconds": _positive_seconds,
+    "require_protected_artifacts": _boolean,
+    "verify_keys": _pattern(r"^[-A-Za-z0-9+/=,\s]*$", "Ed25519 public keys: PEM blocks or base64 raw keys, comma-separated"),
 }

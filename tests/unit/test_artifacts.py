@@ -203,7 +203,16 @@ def test_model_card_keys_in_order(written: tuple[TrainerConfig, nn.Module, Artif
         "spec",
         "versions",
         "files",
+        "protection",
     ]
+    assert card["protection"] == {
+        "encrypted": False,
+        "encryptionKeyId": None,
+        "serverSideEncryption": None,
+        "serverSideKey": None,
+        "signed": False,
+        "signingKeyId": None,
+    }
     assert card["schemaVersion"] == 1
     assert card["input"] == {
         "imageSize": 32,

@@ -227,6 +227,22 @@ def test_deployment_shape(renders: dict[str, list[dict[str, Any]]], variant: str
     assert container["args"] == ([f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"])
 
 
+def test_artifact_protection_flag_and_public_key() -> None:
+    """Issue 15: one values flag and the public key (in values, or a ConfigMap) make the operator require protected models."""
+    key = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik="
+    inline = ["artifactProtection.required=true", f"artifactProtection.verifyKeys={key}"]
+    objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=inline)
+    settings = OperatorSettings.from_env(k8s_tools.container_env(_container(objects)))
+    assert (settings.require_protected_artifacts, settings.verify_keys) == (True, key)
+    from_map = ["artifactProtection.required=true", "artifactProtection.verifyKeysConfigMap.name=model-signers"]
+    env = _container(k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=from_map))["env"]
+    entry = next(e for e in env if e["name"] == "FINETUNE_OPERATOR_VERIFY_KEYS")
+    assert entry == {
+        "name": "FINETUNE_OPERATOR_VERIFY_KEYS",
+        "valueFrom": {"configMapKeyRef": {"name": "model-signers", "key": "verify-keys"}},
+    }
+
+
 def test_image_digest_pins_the_image() -> None:
     digest = "sha256:" + "ab" * 32
     objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=[f"image.digest={digest}"])
@@ -274,6 +290,8 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_LEASE_DURATION_SECONDS": str(values["leaderElection"]["leaseDurationSeconds"]),
         "FINETUNE_OPERATOR_RENEW_DEADLINE_SECONDS": str(values["leaderElection"]["renewDeadlineSeconds"]),
         "FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS": str(values["leaderElection"]["retryPeriodSeconds"]),
+        "FINETUNE_OPERATOR_REQUIRE_PROTECTED_ARTIFACTS": str(values["artifactProtection"]["required"]).lower(),
+        "FINETUNE_OPERATOR_VERIFY_KEYS": values["artifactProtection"]["verifyKeys"],
     }
     # The operator's own parser accepts every rendered value and reads back what values.yaml says.
     parsed = OperatorSettings.from_env(env)

@@ -12,7 +12,11 @@ Owns the artifact layout under ``<output.uri>/<job name>/``::
     confusion_matrix.png   the same, drawn (``plots``)
     training_curves.png    loss, accuracy and learning rate per epoch, from metrics.jsonl (``plots``)
     model.json             the model card (``model_card``): what the model is, how to feed it, how good
-                           it is, checksums
+                           it is, checksums of every file staged (whatever files are there at the end)
+    model.json.sig         its Ed25519 signature (``spec.output.sign``; ``protect``, ``signing``)
+
+With ``spec.output.encryption.clientSide`` the model files are encrypted in the stage before they are
+summed (``protect.seal_staged``); with ``serverSide`` every upload asks the store for its KMS encryption.
 
 ``model.json`` is written last, so its presence means the rest is complete. Everything is staged in a
 local directory first and then moved (local run dir) or uploaded (s3://, gs://) into place. Called by
@@ -60,6 +64,9 @@ from finetune_trainer.model_card import (
     WeightsSource,
 )
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
+from finetune_trainer.protect import keyring_for, protection_of, seal_staged, sign_staged, signing_key_for
+from finetune_trainer.sealing import is_sealed_file, sealed_key_id
+from finetune_trainer.signing import SIGNATURE_FILE
 
 __all__ = ["unwrap_model", "write_artifacts"]
 
@@ -108,7 +115,14 @@ def _weights_source(cfg: TrainerConfig) -> WeightsSource:
 
 
 def _file_entry(path: Path) -> FileEntry:
-    return FileEntry(sha256=storage.sha256_file(path), size=path.stat().st_size)
+    key_id = sealed_key_id(path) if is_sealed_file(path) else None
+    return FileEntry(sha256=storage.sha256_file(path), size=path.stat().st_size, encryption_key_id=key_id)
+
+
+def _published(staged: Path, card: ModelCard) -> list[str]:
+    """The files to move or upload, in order: the signature before the card, the card last."""
+    signature = [SIGNATURE_FILE] if (staged / SIGNATURE_FILE).exists() else []
+    return [*card.files, *signature, CARD_FILE]
 
 
 def _stage(
@@ -136,7 +150,11 @@ def _stage(
     plot_confusion_matrix(evaluation, str(out / CONFUSION_PNG))
     plot_training_curves(records, str(out / CURVES_PNG))
 
-    files = [MODEL_FILE, *(EXPORT_FILES[f] for f in formats if f != "state_dict"), EVALUATION_FILE, CONFUSION_PNG, CURVES_PNG]
+    keyring, signing = keyring_for(cfg), signing_key_for(cfg)
+    if keyring is not None:
+        seal_staged(out, keyring)
+    # Whatever the stage holds now (dot files are temporaries): the card lists, and the signature covers, every file.
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != CARD_FILE)
     info = catalog.load_catalog().get(cfg.spec.model.name)
     card = ModelCard(
         created_at=utc_now(),
@@ -170,8 +188,11 @@ def _stage(
         spec=cfg.spec.to_wire(),
         versions=_versions(),
         files={name: _file_entry(out / name) for name in files},
+        protection=protection_of(cfg, keyring, signing),
     )
     (out / CARD_FILE).write_text(card.to_json())
+    if signing is not None:
+        sign_staged(out, CARD_FILE, signing)
     return card
 
 
@@ -210,8 +231,12 @@ def write_artifacts(
         # Object stores: stage in a local temporary directory, then upload; the card goes last.
         with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
             card = _stage(Path(tmp), **kwargs)
-            for name in [*card.files, CARD_FILE]:
-                storage.upload_file(Path(tmp) / name, storage.join(run_dir, name))
+            enc = cfg.spec.output.encryption
+            kms_key = enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
+            if not (Path(tmp) / SIGNATURE_FILE).exists():
+                storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
+            for name in _published(Path(tmp), card):
+                storage.upload_file(Path(tmp) / name, storage.join(run_dir, name), kms_key=kms_key)
     else:
         target = storage.local_path(run_dir)
         target.mkdir(parents=True, exist_ok=True)
@@ -219,7 +244,9 @@ def write_artifacts(
         staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=target))
         try:
             card = _stage(staging, **kwargs)
-            for name in [*card.files, CARD_FILE]:
+            if not (staging / SIGNATURE_FILE).exists():
+                storage.remove(str(target / SIGNATURE_FILE))  # an earlier run's, which this card would contradict
+            for name in _published(staging, card):
                 (staging / name).replace(target / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -231,4 +258,5 @@ def write_artifacts(
         sha256=card.files[MODEL_FILE].sha256,
         exports={fmt: str(public(storage.join(run_dir, name))) for fmt, name in card.exports.items()},
         class_names=list(class_names),
+        protection=card.protection,
     )

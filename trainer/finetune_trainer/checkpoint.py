@@ -7,8 +7,10 @@ relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back f
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
 improvement), every worker's random generators (``seeding.rng_state``, absent before they were kept)
 and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
-Beside it, ``checkpoint.sha256`` holds the file's checksum: a truncated or altered copy is refused as
-corrupt (``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
+With ``spec.output.encryption.clientSide`` the file is encrypted (``sealing``) before it leaves the
+worker, and a resumed run decrypts it with the same keyring. Beside it, ``checkpoint.sha256`` holds the
+file's checksum (of the bytes as stored): a truncated or altered copy is refused as corrupt
+(``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
 
 The best epoch follows Ray Train's retention rule (``CheckpointConfig(checkpoint_score_attribute=
 "val_accuracy", order="max")``): on equal scores the later report ranks higher, so the checkpoint the
@@ -19,6 +21,7 @@ patience, and a stage that stopped early never skips the next one.
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ import torch
 
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.sealing import Keyring, is_sealed_file, seal_file, unseal_bytes
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -111,7 +115,10 @@ def write_checkpoint(
     state: TrainState,
     fingerprint: str,
     rng: list[dict[str, Any]] | None = None,
+    keyring: Keyring | None = None,
 ) -> None:
+    """Write the checkpoint file and its checksum into ``directory``; encrypted with ``keyring``'s current
+    key when given (``sealing``; the checksum is of the encrypted bytes)."""
     torch.save(
         {
             "format": _FORMAT,
@@ -125,13 +132,19 @@ def write_checkpoint(
         },
         Path(directory) / CHECKPOINT_FILE,
     )
+    if keyring is not None:
+        # Encrypted in place before Ray copies the directory to storage: no clear copy reaches the run dir.
+        sealed = Path(directory) / f".{CHECKPOINT_FILE}.sealed"
+        seal_file(Path(directory) / CHECKPOINT_FILE, sealed, keyring)
+        sealed.replace(Path(directory) / CHECKPOINT_FILE)
     (Path(directory) / CHECKSUM_FILE).write_text(storage.sha256_file(Path(directory) / CHECKPOINT_FILE) + "\n")
 
 
-def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str) -> dict[str, Any]:
+def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str, *, encrypted: bool = False) -> dict[str, Any]:
     """The checkpoint in ``directory`` (as written by ``write_checkpoint``) with ``train_state`` as a
     TrainState, on the CPU; CorruptCheckpoint when it is unreadable or fails its checksum, a
-    TrainerError when it belongs to another spec."""
+    TrainerError when it belongs to another spec, cannot be decrypted (key missing or wrong: the
+    ``FINETUNE_ENCRYPTION_KEY`` keyring decrypts it) or is in the clear while ``encrypted`` is asked for."""
     path = Path(directory) / CHECKPOINT_FILE
     name = Path(directory).name
     try:
@@ -146,9 +159,19 @@ def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str) -> di
                 f"checkpoint {name}: {CHECKPOINT_FILE} has sha256 {found[:12]}…, written as {expected[:12]}… "
                 f"({path.stat().st_size} bytes; truncated or altered)"
             )
+        source: Path | io.BytesIO = path
+        if is_sealed_file(path):
+            # The checksum matched, so a failure here is the key (missing, wrong): a TrainerError that stops
+            # the run in one line, never a silent fallback to an older checkpoint or a fresh start.
+            source = io.BytesIO(unseal_bytes(path.read_bytes(), Keyring.from_env(), f"checkpoint {name}/{CHECKPOINT_FILE}"))
+        elif encrypted:
+            raise TrainerError(
+                f"checkpoint {name}: {CHECKPOINT_FILE} is not encrypted, but spec.output.encryption.clientSide is true; "
+                "refusing a checkpoint this job did not write (delete it, or turn encryption off)"
+            )
         # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
         # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
-        data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        data: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is unreadable: {exception_line(e)}") from None
     found_fp = data.get("fingerprint")

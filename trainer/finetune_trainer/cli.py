@@ -1,4 +1,4 @@
-"""The trainer's subcommands of `finetune`: `run` (local mode) and `predict`.
+"""The trainer's subcommands of `finetune`: `run` (local mode), `predict` and `verify`.
 
 Registered by `finetune_operator.cli`; this module imports nothing heavy at import time so that
 `finetune --help` stays instant and works in the operator image, which has no torch or Ray.
@@ -21,6 +21,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_command(args)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from finetune_trainer.verify_cli import verify_command
+
+    return verify_command(args)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run a FineTuneJob on this machine (embedded local Ray)")
     p.add_argument("job", metavar="JOB.yaml", help="the FineTuneJob manifest")
@@ -33,4 +39,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="artifact directory holding model.json and model.pt")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--require-signed", action="store_true", help="refuse an unsigned model (as FINETUNE_REQUIRE_SIGNED=true)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("verify", help="check an artifact directory: signature, sha256 of every file, decryption")
+    p.add_argument("model", metavar="DIR|URI", help="artifact directory holding model.json")
+    p.add_argument("--require-signed", action="store_true", help="refuse an unsigned card (as FINETUNE_REQUIRE_SIGNED=true)")
+    p.set_defaults(func=_verify)

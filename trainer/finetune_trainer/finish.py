@@ -26,6 +26,7 @@ from finetune_trainer.engine import Precision, evaluate
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.progress import ProgressSink
+from finetune_trainer.protect import keyring_for
 from finetune_trainer.resume import read_weights
 
 __all__ = ["finish_run"]
@@ -41,7 +42,7 @@ def _ship_weights(cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks
     if best is None or state.best_epoch is None or best == last[0]:
         return last  # the loop's model holds them already
     try:
-        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint())
+        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint(), encrypted=keyring_for(cfg) is not None)
     except CorruptCheckpoint as e:
         warning = f"{e}; model.pt holds the last epoch's weights (epoch {state.epoch}) instead of the best"
         log.warning("%s", warning)

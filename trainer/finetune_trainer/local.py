@@ -78,8 +78,10 @@ def _cores() -> int:
 def _preflight(cfg: TrainerConfig) -> None:
     """Checks that take a second here rather than a Ray start-up there; the workers repeat them."""
     from finetune_trainer.data import check_dataset
+    from finetune_trainer.protect import check_keys
 
     check_dataset(cfg)
+    check_keys(cfg)  # spec.output.encryption / sign without their key: one line now, not after Ray starts
     uri = cfg.spec.model.weights_uri
     if uri is not None and uri_scheme(uri) in (None, "file") and not Path(resolve_uri(uri)).is_file():
         raise TrainerError(f"model.weightsUri: {uri}: no such file")

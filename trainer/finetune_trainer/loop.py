@@ -46,6 +46,7 @@ from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import MultiSink, build_sinks
+from finetune_trainer.protect import check_keys, keyring_for
 from finetune_trainer.ray_compat import quiet_train_reports
 from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
@@ -138,6 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
     tracker: Tracker | None = None
     try:
+        check_keys(cfg)  # a missing or unreadable key fails now, not after the first epoch
         train, val, class_names, input_spec = build_datasets(cfg)
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
@@ -196,7 +198,9 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState(), None
-    resumed = resume_from(checkpoint, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)
+    resumed = resume_from(
+        checkpoint, worker.cfg.spec_fingerprint(), worker.cfg.run_dir, encrypted=keyring_for(worker.cfg) is not None
+    )
     for warning in resumed.warnings:
         log.warning("%s", warning)
         if worker.sinks is not None:
@@ -383,6 +387,7 @@ def _report(
             state=state,
             fingerprint=worker.cfg.spec_fingerprint(),
             rng=rng,
+            keyring=keyring_for(worker.cfg),
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
     if worker.sinks is not None:

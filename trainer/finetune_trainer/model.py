@@ -21,7 +21,8 @@ from torchvision import models
 from torchvision.models import WeightsEnum
 
 from finetune_trainer import storage
-from finetune_trainer.errors import WeightsError, exception_line
+from finetune_trainer.errors import ArtifactError, WeightsError, exception_line
+from finetune_trainer.verify import read_verified_file
 
 __all__ = [
     "build_model",
@@ -107,7 +108,10 @@ def _read_weights(uri: str) -> bytes:
     if uri.startswith("pvc://"):
         raise WeightsError(f"weights_uri {uri}: pvc:// is mounted into the trainer pod; pass the mounted path instead")
     try:
-        return storage.read_bytes(uri)
+        # Verified through the card beside it (signature, sha256, decryption) when one lists it.
+        return read_verified_file(uri)
+    except ArtifactError as e:  # tampered, unsigned when required, undecryptable: the message names the file
+        raise WeightsError(f"weights_uri {e}") from None
     except FileNotFoundError:
         where = "" if storage.is_remote(uri) else f" ({storage.local_path(uri)})"
         raise WeightsError(f"weights_uri {uri}: no such file{where}") from None

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, ConfigDict, Field, PlainSerializer, PlainVa
 from pydantic_core import PydanticCustomError
 
 from finetune_operator.api.base import WireModel
+from finetune_operator.api.protection import ArtifactProtection
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.inputs import InputSpec
@@ -38,6 +39,8 @@ __all__ = [
     "Versions",
     "WeightsSource",
     "load_model_card",
+    "parse_model_card",
+    "read_card_bytes",
 ]
 
 CARD_FILE: Final = "model.json"
@@ -143,7 +146,11 @@ class Versions(CardPart):
 
 class FileEntry(CardPart):
     sha256: str
+    """Of the bytes as stored: the ciphertext of an encrypted file, so sums are checked without the key."""
     size: int = Field(alias="bytes")
+    # Left out of the card for files in the clear: cards of unencrypted runs read as they always did.
+    encryption_key_id: str | None = Field(None, exclude_if=lambda value: value is None)
+    """The file is encrypted (``sealing``) with this key id; None: stored in the clear."""
 
 
 def _lists_the_model(files: dict[str, FileEntry]) -> dict[str, FileEntry]:
@@ -174,7 +181,9 @@ class ModelCard(CardPart):
     """The job's spec as the API writes it (kept as plain JSON, so a card of another API version loads)."""
     versions: Versions | None = None
     files: Annotated[dict[str, FileEntry], AfterValidator(_lists_the_model)]
-    """Every file of the artifact directory but the card itself, with its checksum and size."""
+    """Every file of the artifact directory but the card itself (and its signature), with its checksum and size."""
+    protection: ArtifactProtection | None = None
+    """Encrypted, signed, by which key ids; an unsigned card says ``signed: false`` (absent in older cards)."""
 
     def to_json(self) -> str:
         """The card as written to ``model.json``: every key, unset ones as null (unlike ``to_wire``)."""
@@ -196,16 +205,29 @@ def _problems(error: ValidationError) -> str:
     return "; ".join(problems[:_SHOWN_PROBLEMS]) + more
 
 
-def load_model_card(artifact_dir: str) -> ModelCard:
-    """The model card of an artifact directory (path or URI), validated."""
+def read_card_bytes(artifact_dir: str) -> bytes:
+    """The exact bytes of an artifact directory's card (what its signature covers)."""
     uri = storage.join(artifact_dir, CARD_FILE)
     try:
-        raw = json.loads(storage.read_text(uri))
+        return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ArtifactError(
             f"{uri}: no model card; --model must be the artifact directory of a finished job (<output.uri>/<job name>)"
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ArtifactError(f"{uri}: cannot read: {e}") from None
+
+
+def load_model_card(artifact_dir: str) -> ModelCard:
+    """The model card of an artifact directory (path or URI), validated."""
+    return parse_model_card(read_card_bytes(artifact_dir), storage.join(artifact_dir, CARD_FILE))
+
+
+def parse_model_card(data: bytes, uri: str) -> ModelCard:
+    """A card's bytes (read from ``uri``) as a validated ModelCard; ArtifactError naming ``uri`` otherwise."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
         raise ArtifactError(f"{uri}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{uri}: not valid JSON ({e})") from None

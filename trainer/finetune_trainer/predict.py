@@ -2,9 +2,9 @@
 
 Everything needed comes from the model card (``model.json``): the architecture to rebuild, the class
 names in output order, and the evaluation transforms the model was validated with. ``model.pt`` is
-checked against the card's sha256 before it is unpickled, so a truncated or swapped file is reported as
-such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
-stderr and exit status 2; called by ``finetune_trainer.cli``.
+verified (``verify``: the card's signature, the file's sha256, decryption when it is encrypted) before it
+is unpickled, so a truncated or swapped file is reported as such rather than as a puzzling shape error.
+User errors (missing directory, bad image) are one line on stderr and exit status 2; called by ``finetune_trainer.cli``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from torch import nn
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
+from finetune_trainer.model_card import CARD_FILE, MODEL_FILE
+from finetune_trainer.verify import verify_artifacts
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
 
@@ -43,24 +44,18 @@ def image_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     return transform
 
 
-def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
+def load_for_inference(
+    artifact_dir: str, *, require_signed: bool | None = None
+) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
     """``(model in eval mode on CPU, image transform, class names)`` from an artifact directory (a path or
     an s3:// / gs:// URI). Raises ArtifactError when the card or ``model.pt`` is missing or does not match."""
     from finetune_trainer.model import build_model
 
-    card = load_model_card(artifact_dir)
+    # The card's signature (required when FINETUNE_REQUIRE_SIGNED=true), model.pt's sha256 and, when it is
+    # encrypted, its decryption: all before a byte of it is unpickled.
+    verified = verify_artifacts(artifact_dir, only=[MODEL_FILE], read=[MODEL_FILE], require_signed=require_signed)
+    card, data = verified.card, verified.contents[MODEL_FILE]
     uri = storage.join(artifact_dir, MODEL_FILE)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
-    expected = card.files[MODEL_FILE].sha256
-    actual = storage.sha256_bytes(data)
-    if actual != expected:
-        raise ArtifactError(
-            f"{uri}: sha256 {actual[:12]}… does not match the model card's {expected[:12]}…; "
-            "the file was modified, truncated or comes from another run"
-        )
     class_names = card.class_names
     name = card.architecture.name
     try:
@@ -118,7 +113,10 @@ def predict_command(args: argparse.Namespace | Any) -> int:
         print(f"error: --top-k {top_k}: must be at least 1", file=sys.stderr)
         return 2
     try:
-        model, transform, class_names = load_for_inference(args.model)
+        # --require-signed only tightens: FINETUNE_REQUIRE_SIGNED=true still applies without it.
+        model, transform, class_names = load_for_inference(
+            args.model, require_signed=True if getattr(args, "require_signed", False) else None
+        )
     except (ArtifactError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

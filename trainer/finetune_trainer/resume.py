@@ -57,16 +57,17 @@ def _siblings(checkpoint: ray.train.Checkpoint) -> list[str]:
     return [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
 
 
-def _read(checkpoint: ray.train.Checkpoint, fingerprint: str, run_dir: str) -> dict[str, Any]:
+def _read(checkpoint: ray.train.Checkpoint, fingerprint: str, run_dir: str, encrypted: bool) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
-        return read_checkpoint(directory, fingerprint, run_dir)
+        return read_checkpoint(directory, fingerprint, run_dir, encrypted=encrypted)
 
 
-def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str) -> Resumed:
-    """The newest usable checkpoint, starting with ``latest``; TrainerError (one line) when none is."""
+def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str, *, encrypted: bool = False) -> Resumed:
+    """The newest usable checkpoint, starting with ``latest``; TrainerError (one line) when none is, or when
+    one cannot be decrypted (``read_checkpoint``; ``encrypted``: the job encrypts its checkpoints)."""
     latest_name = posixpath.basename(latest.path.rstrip("/"))
     try:
-        return Resumed(_read(latest, fingerprint, run_dir), [])
+        return Resumed(_read(latest, fingerprint, run_dir, encrypted), [])
     except CorruptCheckpoint as e:
         problems = [str(e)]
     names = _siblings(latest)
@@ -74,7 +75,7 @@ def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str) ->
     for name in order_candidates(latest_name, names)[1:]:
         candidate = ray.train.Checkpoint(path=posixpath.join(parent, name), filesystem=latest.filesystem)
         try:
-            data = _read(candidate, fingerprint, run_dir)
+            data = _read(candidate, fingerprint, run_dir, encrypted)
         except CorruptCheckpoint as e:
             problems.append(str(e))
             continue
@@ -89,8 +90,8 @@ def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str) ->
     )
 
 
-def read_weights(run_dir: str, name: str, fingerprint: str) -> dict[str, Any]:
+def read_weights(run_dir: str, name: str, fingerprint: str, *, encrypted: bool = False) -> dict[str, Any]:
     """The model state_dict of checkpoint ``name`` in ``run_dir`` (CorruptCheckpoint if unusable)."""
     checkpoint = ray.train.Checkpoint(path=storage.join(run_dir, name))
-    weights: dict[str, Any] = _read(checkpoint, fingerprint, run_dir)["model"]
+    weights: dict[str, Any] = _read(checkpoint, fingerprint, run_dir, encrypted)["model"]
     return weights

@@ -29,6 +29,8 @@ __all__ = [
     "parent",
     "read_bytes",
     "read_text",
+    "remove",
+    "server_side_options",
     "sha256_bytes",
     "sha256_file",
     "upload_file",
@@ -105,12 +107,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------- local or remote
-def _fs_open(uri: str, mode: str) -> Any:
+def _fs_open(uri: str, mode: str, **options: Any) -> Any:
     try:
         import fsspec
     except ImportError:
         raise StorageError(f"{uri}: object-store URIs need fsspec (and s3fs or gcsfs); install them") from None
-    return fsspec.open(uri, mode)
+    return fsspec.open(uri, mode, **options)
+
+
+def server_side_options(uri: str, kms_key: str | None) -> dict[str, Any]:
+    """fsspec open options that make the object store encrypt ``uri`` with ``kms_key``: S3's SSE-KMS
+    (s3fs passes ``s3_additional_kwargs`` to every PutObject / CreateMultipartUpload), GCS's CMEK (gcsfs's
+    ``kms_key_name``). Nothing for other stores or without a key."""
+    if kms_key is None:
+        return {}
+    scheme = uri.partition("://")[0]
+    if scheme == "s3":
+        return {"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key}}
+    if scheme in ("gs", "gcs"):
+        return {"kms_key_name": kms_key}
+    return {}
 
 
 def read_bytes(uri: str) -> bytes:
@@ -146,14 +162,30 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def upload_file(src: str | Path, uri: str) -> None:
-    """Copy the local file ``src`` to ``uri`` (a path or an object-store URI)."""
+def remove(uri: str) -> None:
+    """Delete the file or object at ``uri`` if it exists."""
+    if not is_remote(uri):
+        local_path(uri).unlink(missing_ok=True)
+        return
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot delete: {exception_line(e)}") from e
+
+
+def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
+    """Copy the local file ``src`` to ``uri`` (a path or an object-store URI); ``kms_key``: have the object
+    store encrypt it with that KMS key (``server_side_options``)."""
     if not is_remote(uri):
         with atomic_path(local_path(uri)) as tmp:
             shutil.copyfile(src, tmp)
         return
     try:
-        with open(src, "rb") as fin, _fs_open(uri, "wb") as fout:
+        with open(src, "rb") as fin, _fs_open(uri, "wb", **server_side_options(uri, kms_key)) as fout:
             while chunk := fin.read(_CHUNK):
                 fout.write(chunk)
     except Exception as e:

@@ -42,7 +42,7 @@ _NOT_TRAINING: Final[dict[str, bool | set[str]]] = {
     "tracking": True,
     "runtime": True,
     "resources": True,
-    "output": {"exports", "keep_checkpoints"},
+    "output": {"exports", "keep_checkpoints", "encryption", "sign"},
     "dataset": {"loader_workers"},
 }
 

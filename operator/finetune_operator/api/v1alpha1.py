@@ -46,6 +46,7 @@ from finetune_operator.api.fields import (
     quote,
     uri_scheme,
 )
+from finetune_operator.api.protection import ArtifactProtection, EncryptionSpec
 from finetune_operator.api.tracking import TrackingSpec
 from finetune_operator.api.versions import KIND
 
@@ -472,6 +473,24 @@ class OutputSpec(WireModel):
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
     """Checkpoints kept (the best by validation accuracy and the latest always survive)."""
 
+    encryption: EncryptionSpec | None = None
+    """Encryption at rest of the model files and checkpoints: client-side (any store) and/or the object store's KMS."""
+
+    sign: bool = False
+    """Sign the model card (which lists every file's sha256) with the Ed25519 key in `FINETUNE_SIGNING_KEY` (from a Secret in
+    `runtime.envFrom`); unsigned cards say so."""
+
+    @model_validator(mode="after")
+    def _server_side_store(self, info: ValidationInfo) -> OutputSpec:
+        sse = self.encryption.server_side if self.encryption is not None else None
+        if sse is not None and not fields_only(info) and uri_scheme(self.uri) not in ("s3", "gs"):
+            fail(
+                "encryption.serverSide",
+                f"{quote(sse.to_wire())} needs an object store, but uri {quote(self.uri)} is not one; "
+                "use an s3:// or gs:// uri, or encryption.clientSide",
+            )
+        return self
+
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
@@ -881,6 +900,9 @@ class Artifacts(WireModel):
 
     class_names: list[str] = Field(default_factory=list)
     """Class names in output-index order."""
+
+    protection: ArtifactProtection | None = None
+    """Whether the artifacts are encrypted and signed, and with which key ids."""
 
 
 class FineTuneJobStatus(WireModel):

@@ -1,0 +1,112 @@
+"""Issue 15 on an object store: `spec.output.encryption.serverSide` reaches S3 as SSE-KMS on every artifact (checked
+with head_object against moto's S3 server on localhost), and client-side encryption and `finetune verify` work on
+an s3:// run directory as on a local one."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer import artifacts as art
+from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.model import build_model
+from finetune_trainer.sealing import is_sealed
+from finetune_trainer.verify_cli import verify_command
+
+BUCKET = "finetune-models"
+KMS_KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+CLASSES = ["a", "b"]
+INPUT = InputSpec(
+    image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", grayscale_to_rgb=True
+)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 API on localhost; s3fs and boto3 reach it through AWS_ENDPOINT_URL."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = server_module.ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        client.create_bucket(Bucket=BUCKET)
+        try:
+            yield client
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
+def test_server_side_and_client_side_encryption_on_s3(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FINETUNE_ENCRYPTION_KEY", "k1:" + base64.b64encode(bytes(32)).decode())
+    monkeypatch.delenv("FINETUNE_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("FINETUNE_REQUIRE_SIGNED", raising=False)
+    root = f"s3://{BUCKET}/runs"
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 2}},
+            "output": {"uri": root, "encryption": {"clientSide": True, "serverSide": {"kmsKey": KMS_KEY}}},
+        }
+    )
+    cfg = TrainerConfig(job_name="sse", spec=spec, output_root=root)
+    y = [0, 1]
+    torch.manual_seed(0)
+    artifacts = art.write_artifacts(
+        cfg.run_dir,
+        model=build_model("resnet18", None, 2),
+        cfg=cfg,
+        class_names=CLASSES,
+        input_spec=INPUT,
+        evaluation=EvalResult(y, y, CLASSES),
+        best_val_accuracy=1.0,
+        best_epoch=1,
+        checkpoint_uri=None,
+    )
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/sse/")["Contents"])
+    assert "runs/sse/model.pt" in keys and "runs/sse/model.json" in keys
+    for key in keys:
+        head = s3.head_object(Bucket=BUCKET, Key=key)
+        assert (head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")) == ("aws:kms", KMS_KEY), key
+    model = s3.get_object(Bucket=BUCKET, Key="runs/sse/model.pt")["Body"].read()
+    assert is_sealed(model)
+    assert artifacts.protection is not None
+    assert (artifacts.protection.server_side_encryption, artifacts.protection.server_side_key) == ("aws:kms", KMS_KEY)
+    assert artifacts.protection.encrypted and artifacts.protection.encryption_key_id == "k1"
+    assert verify_command(argparse.Namespace(model=cfg.run_dir, require_signed=False)) == 0
+    assert "decrypts with key id k1" in capsys.readouterr().out
+    # Tampering in the bucket is caught as on a disk.
+    s3.put_object(Bucket=BUCKET, Key="runs/sse/model.pt", Body=model[:-1])
+    assert verify_command(argparse.Namespace(model=cfg.run_dir, require_signed=False)) == 1
+    assert f"{cfg.run_dir}/model.pt: sha256 " in capsys.readouterr().err
+
+
+def test_no_server_side_encryption_unless_asked(s3: Any, tmp_path: Path) -> None:
+    from finetune_trainer import storage
+
+    (tmp_path / "f").write_bytes(b"x")
+    storage.upload_file(tmp_path / "f", f"s3://{BUCKET}/plain/f")
+    assert s3.head_object(Bucket=BUCKET, Key="plain/f").get("ServerSideEncryption") in (None, "AES256")
