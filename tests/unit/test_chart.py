@@ -12,7 +12,6 @@ import importlib.util
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -278,7 +277,7 @@ def test_every_operator_setting_is_in_the_chart(renders: dict[str, list[dict[str
     named: dict[str, Any] = {"webhook_host": f"{FULLNAME}-webhook.{NAMESPACE}.svc", "webhook_configuration": FULLNAME}
     # What a one-process run leaves off, the chart turns on: leader election, with the release's Lease.
     named |= {"leader_election": True, "leader_election_namespace": NAMESPACE, "leader_election_lease": FULLNAME}
-    assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **named), (
+    assert OperatorSettings.from_env(env) == OperatorSettings().replace(**named), (
         "values.yaml defaults differ from the operator's"
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -26,8 +25,8 @@ def test_defaults() -> None:
 
 def test_every_attribute_is_a_documented_variable() -> None:
     text = inspect.getsource(OperatorSettings)
-    for field in fields(OperatorSettings):
-        assert f"``{env_name(field.name)}``" in text, f"{field.name} is not documented with its variable"
+    for name in OperatorSettings.model_fields:
+        assert f"``{env_name(name)}``" in text, f"{name} is not documented with its variable"
 
 
 @pytest.mark.parametrize(
@@ -129,3 +128,30 @@ def test_round_trip_through_env() -> None:
 
 def test_unrelated_variables_are_ignored() -> None:
     assert OperatorSettings.from_env({"FINETUNE_OPERATOR": "x", "OTHER": "1"}) == OperatorSettings()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_workers": 0}, "FINETUNE_OPERATOR_MAX_WORKERS='0' is not accepted; expected an integer from 1 to 1024"),
+        ({"log_level": "LOUD"}, "FINETUNE_OPERATOR_LOG_LEVEL='LOUD' is not accepted; expected one of DEBUG, INFO"),
+        ({"kuberay_pod_labels": ("app",)}, "FINETUNE_OPERATOR_KUBERAY_POD_LABELS='app' is not accepted; expected comma-separated"),
+    ],
+)
+def test_keyword_arguments_are_validated_like_the_environment(changes: dict[str, Any], message: str) -> None:
+    """Settings built in code (``replace``, tests, ``--namespace``) pass the same checks as the variables."""
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings().replace(**changes)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_refusal_quotes_the_variable_as_it_was_set() -> None:
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env({"FINETUNE_OPERATOR_LOG_LEVEL": " loud "})
+    assert str(info.value).startswith("FINETUNE_OPERATOR_LOG_LEVEL='loud' is not accepted")
+
+
+def test_from_env_reads_the_process_environment_and_the_constructor_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_MAX_WORKERS", "7")
+    assert OperatorSettings.from_env().max_workers == 7
+    assert OperatorSettings().max_workers == 64
