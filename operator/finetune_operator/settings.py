@@ -15,6 +15,7 @@ Kopf's own settings (finalizer, progress storage, timeouts) are not here: ``hand
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from finetune_operator.api.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY, RAY_VERSION
+from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE
 from finetune_operator.api.versions import RAY_VERSION as DEFAULT_RAY_VERSION
 
@@ -110,6 +112,15 @@ def _label_list(items: tuple[str, ...]) -> tuple[str, ...]:
     return items
 
 
+def _json_object(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise _not_accepted(f"a JSON object of spec.runtime.pod fields; {exc}") from None
+    return value
+
+
 def _image(value: str) -> str:
     if any(c.isspace() for c in value) or len(value) > 512:
         raise ValueError(value)
@@ -123,7 +134,6 @@ Labels = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated),
 Seconds = Annotated[float, Field(gt=0, le=3600), Accepts("a number of seconds above 0, at most 3600")]
 
 
-
 class OperatorSettings(BaseSettings):
     """How the operator runs and what it puts into every RayJob; each attribute is one environment variable."""
 
@@ -132,9 +142,9 @@ class OperatorSettings(BaseSettings):
     namespaces: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated), AfterValidator(_namespace_list)] = ()
     """``FINETUNE_OPERATOR_NAMESPACES``: comma-separated namespaces to watch; empty watches all namespaces."""
 
-    trainer_image: Annotated[str, AfterValidator(_image), Accepts("a container image reference such as ghcr.io/org/trainer:1.0")] = (
-        DEFAULT_TRAINER_IMAGE
-    )
+    trainer_image: Annotated[
+        str, AfterValidator(_image), Accepts("a container image reference such as ghcr.io/org/trainer:1.0")
+    ] = DEFAULT_TRAINER_IMAGE
     """``FINETUNE_OPERATOR_TRAINER_IMAGE``: trainer image of jobs that set no ``spec.runtime.image``."""
 
     ray_version: Annotated[str, _matching(RAY_VERSION), Accepts("a Ray version such as 2.60.0")] = DEFAULT_RAY_VERSION
@@ -149,9 +159,7 @@ class OperatorSettings(BaseSettings):
     default_ttl_seconds: Annotated[int, Field(ge=0, le=31_536_000), Accepts("an integer from 0 to 31536000")] = 3600
     """``FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS``: RayJob ``ttlSecondsAfterFinished`` when the job sets none."""
 
-    pre_running_deadline_seconds: Annotated[
-        int, Field(ge=0, le=2_147_483_647), Accepts("an integer from 0 to 2147483647")
-    ] = 1800
+    pre_running_deadline_seconds: Annotated[int, Field(ge=0, le=2_147_483_647), Accepts("an integer from 0 to 2147483647")] = 1800
     """``FINETUNE_OPERATOR_PRE_RUNNING_DEADLINE_SECONDS``: RayJob ``preRunningDeadlineSeconds``: a job whose Ray cluster
     has not started running by then fails (reason PreRunningDeadlineExceeded) instead of waiting for ever on quota, an
     image pull or unschedulable GPUs; 0 waits for ever. 30 minutes leave room to pull a large GPU image."""
@@ -228,6 +236,23 @@ class OperatorSettings(BaseSettings):
     """``FINETUNE_OPERATOR_WEBHOOK_CERT_DIR``: a directory holding ``tls.crt`` and ``tls.key`` (a cert-manager Secret);
     empty: the operator makes its own CA and certificate, renews them, and writes the CA into the configuration."""
 
+    # ---- what every job's Ray pods get (docs/platform.md, "Pod overrides")
+    pod_defaults: Annotated[
+        PodOverrides,
+        NoDecode,
+        BeforeValidator(_json_object),
+        Accepts('a JSON object of spec.runtime.pod fields (docs/platform.md, "Pod overrides")'),
+    ] = PodOverrides()
+    """``FINETUNE_OPERATOR_POD_DEFAULTS``: JSON, the fields of ``spec.runtime.pod`` (imagePullSecrets, labels, annotations,
+    volumes, volumeMounts, affinity, nodeSelector, tolerations, securityContext) every job's pods get, merged with the
+    job's own by the rule of ``pod_overrides``; the chart's ``podDefaults``."""
+
+    default_priority_class_name: Annotated[
+        str, _matching(DNS1123_SUBDOMAIN), Accepts("a PriorityClass name (a DNS-1123 subdomain)")
+    ] = ""
+    """``FINETUNE_OPERATOR_DEFAULT_PRIORITY_CLASS_NAME``: PriorityClass of the Ray pods of jobs that name none in
+    ``spec.runtime.priorityClassName``; empty: none."""
+
     # ---- two or more replicas (docs/platform.md, "High availability")
     leader_election: Boolean = False
     """``FINETUNE_OPERATOR_LEADER_ELECTION``: replicas take turns through a Lease: only its holder reconciles jobs, every
@@ -237,9 +262,9 @@ class OperatorSettings(BaseSettings):
     """``FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE``: namespace of the Lease (the operator's own); needed with
     ``LEADER_ELECTION=true``."""
 
-    leader_election_lease: Annotated[
-        str, _matching(DNS1123_SUBDOMAIN), Accepts("a Lease name (a DNS-1123 subdomain)")
-    ] = "finetune-operator"
+    leader_election_lease: Annotated[str, _matching(DNS1123_SUBDOMAIN), Accepts("a Lease name (a DNS-1123 subdomain)")] = (
+        "finetune-operator"
+    )
     """``FINETUNE_OPERATOR_LEADER_ELECTION_LEASE``: name of the Lease (coordination.k8s.io/v1) the replicas share."""
 
     # Kubernetes takes any string; ours go into logs and the Lease, so printable and short.
@@ -259,7 +284,6 @@ class OperatorSettings(BaseSettings):
 
     retry_period_seconds: Seconds = 2.0
     """``FINETUNE_OPERATOR_RETRY_PERIOD_SECONDS``: interval between a leader's renewals and a standby's tries."""
-
 
     def __init__(self, **values: Any) -> None:
         # Every way of building settings (environment, keyword arguments, ``replace``) refuses in one line.
@@ -305,6 +329,12 @@ class OperatorSettings(BaseSettings):
                 f"{env_name('retry_period_seconds')}={self.retry_period_seconds:g}; expected retry period < renew "
                 "deadline < lease duration"
             )
+        unknown = sorted({m.name for m in self.pod_defaults.volume_mounts} - {v.name for v in self.pod_defaults.volumes})
+        if unknown:
+            raise _conflict(
+                f"{env_name('pod_defaults')}: volumeMounts name {', '.join(map(repr, unknown))}, which is not among its "
+                "volumes; expected every mount to name one of the volumes it lists"
+            )
         return self
 
     @classmethod
@@ -333,7 +363,11 @@ class OperatorSettings(BaseSettings):
         out: dict[str, str] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, tuple):
+            if isinstance(value, PodOverrides):
+                out[env_name(name)] = json.dumps(
+                    value.model_dump(by_alias=True, mode="json", exclude_defaults=True), separators=(",", ":"), sort_keys=True
+                )
+            elif isinstance(value, tuple):
                 out[env_name(name)] = ",".join(value)
             else:
                 out[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
@@ -363,6 +397,13 @@ def _one_line(cls: type[OperatorSettings], exc: ValidationError) -> str:
     field = str(error["loc"][0])
     if error["type"] == _NOT_ACCEPTED:
         accepted = str(error["ctx"]["accepted"])
+    elif len(error["loc"]) > 1 or "field" in error.get("ctx", {}):
+        # Inside a structured variable (POD_DEFAULTS): the wire path within it and the API's own words.
+        parts = [f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:]]
+        if "field" in error.get("ctx", {}):
+            parts.append(f".{error['ctx']['field']}")
+        inner = "".join(parts).lstrip(".")
+        accepted = f"{_accepts(cls.model_fields.get(field))}; {inner}: {error['msg']}"
     else:
         accepted = _accepts(cls.model_fields.get(field))
     raw = error["input"]
