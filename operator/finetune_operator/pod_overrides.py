@@ -121,7 +121,7 @@ def apply(template: dict[str, Any], overrides: PodOverrides) -> dict[str, Any]:
     if overrides.volume_mounts:
         container = pod["containers"][0]
         container["volumeMounts"] = [*container.get("volumeMounts", []), *(m.to_wire() for m in overrides.volume_mounts)]
-    if overrides.affinity is not None:
+    if overrides.affinity is not None and overrides.affinity.to_wire():
         pod["affinity"] = overrides.affinity.to_wire()
     if overrides.node_selector:
         pod["nodeSelector"] = {**overrides.node_selector, **pod.get("nodeSelector", {})}

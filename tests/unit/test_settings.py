@@ -135,7 +135,10 @@ def test_unrelated_variables_are_ignored() -> None:
     [
         ({"max_workers": 0}, "FINETUNE_OPERATOR_MAX_WORKERS='0' is not accepted; expected an integer from 1 to 1024"),
         ({"log_level": "LOUD"}, "FINETUNE_OPERATOR_LOG_LEVEL='LOUD' is not accepted; expected one of DEBUG, INFO"),
-        ({"kuberay_pod_labels": ("app",)}, "FINETUNE_OPERATOR_KUBERAY_POD_LABELS='app' is not accepted; expected comma-separated"),
+        (
+            {"kuberay_pod_labels": ("app",)},
+            "FINETUNE_OPERATOR_KUBERAY_POD_LABELS='app' is not accepted; expected comma-separated",
+        ),
     ],
 )
 def test_keyword_arguments_are_validated_like_the_environment(changes: dict[str, Any], message: str) -> None:

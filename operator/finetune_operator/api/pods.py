@@ -143,7 +143,7 @@ class VolumeMount(WireModel):
     mount_path: Annotated[str, Field(min_length=2, max_length=1024, pattern=r"^/[^:]*$")]
     """Absolute path in the container; not under the operator's /etc/finetune, /dev/shm or /mnt/finetune."""
 
-    read_only: bool = False
+    read_only: bool | None = None
     """Mount read-only."""
 
     sub_path: Annotated[str | None, Field(max_length=1024, pattern=r"^[^/]([^.]|\.[^.]|\.$)*$")] = None
@@ -260,12 +260,20 @@ class PodOverrides(WireModel):
     @model_validator(mode="after")
     def _nothing_of_ours(self) -> PodOverrides:
         problems = Problems()
-        for key in self.labels:
+        for key, value in self.labels.items():
             if reserved(key, RESERVED_LABEL_PREFIXES):
-                problems.add(f"labels[{quote(key)}]", "is the operator's, KubeRay's or Kueue's own label; use another key")
-        for key in self.annotations:
+                problems.add(
+                    f"labels[{quote(key)}]",
+                    f"{quote(value)}: the key is the operator's, KubeRay's or Kueue's own label, which they select pods by; "
+                    "use another key",
+                )
+        for key, value in self.annotations.items():
             if reserved(key, RESERVED_ANNOTATION_PREFIXES):
-                problems.add(f"annotations[{quote(key)}]", "is reserved to the operator, KubeRay, Kueue or the securityContext")
+                problems.add(
+                    f"annotations[{quote(key)}]",
+                    f"{quote(value, 40)}: the key is reserved to the operator, KubeRay, Kueue or the securityContext; "
+                    "use another key",
+                )
         names = [volume.name for volume in self.volumes]
         for index, name in enumerate(names):
             if name in names[:index]:
