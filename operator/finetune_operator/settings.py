@@ -5,133 +5,58 @@ is called once at start-up, and a bad value stops the operator with a message th
 quotes the value and says what would be accepted. Everything else reads the object, never the environment.
 
 Parsing is pydantic-settings' (``env_prefix``): each field declares its type and bounds, and an ``Accepts``
-note in its annotation says in words what the variable takes, which is what a refusal quotes. Two departures
-from pydantic-settings' defaults keep the variables as they always were: lists are comma-separated (not
-JSON), and booleans are ``true`` or ``false`` only (not ``yes``/``1``/``on``).
+note in its annotation says in words what the variable takes, which is what a refusal quotes (``settings_env``
+holds that machinery and the variable types the fields share).
 
 Kopf's own settings (finalizer, progress storage, timeouts) are not here: ``handlers.configure`` sets them.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from finetune_operator.api.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY, RAY_VERSION
+from finetune_operator.api.fields import DNS1123_SUBDOMAIN, QUANTITY, RAY_VERSION
 from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE
 from finetune_operator.api.versions import RAY_VERSION as DEFAULT_RAY_VERSION
+from finetune_operator.settings_env import (
+    ENVIRON,
+    PREFIX,
+    Accepts,
+    Boolean,
+    Environment,
+    Labels,
+    Namespace,
+    Port,
+    Seconds,
+    comma_separated,
+    conflict,
+    image_reference,
+    json_object,
+    lower,
+    matching,
+    namespace_list,
+    one_line,
+    upper,
+)
+from finetune_operator.settings_env import env_name as env_name
 
-PREFIX = "FINETUNE_OPERATOR_"
 # CPU quantities also take millicores ("500m"), which the API's memory-oriented QUANTITY pattern does not.
 _CPU_QUANTITY = r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$"
 # Kubernetes label keys (optional DNS-1123 subdomain prefix, then a name) and values.
-_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
-_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
-_NOT_ACCEPTED: Final = "not_accepted"  # the error type whose message is the whole "expected …" text
 RAY_TOKEN_AUTH_MIN_VERSION: Final = "2.52.0"
 """The first Ray with token authentication (KubeRay v1.7.0 refuses ``authOptions.mode: token`` below it)."""
-# The environment ``from_env`` reads; unset, settings come from keyword arguments and defaults only, so that
-# ``OperatorSettings()`` means the defaults wherever it is built (tests, ``finetune render`` without --cluster).
-_ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("finetune_operator_environ", default=None)
 
 
 class SettingsError(ValueError):
     """A ``FINETUNE_OPERATOR_*`` variable holds a value the operator cannot use."""
-
-
-@dataclass(frozen=True)
-class Accepts:
-    """Annotation metadata: what a variable accepts, in the words of its refusal."""
-
-    text: str
-
-
-def _not_accepted(accepted: str) -> PydanticCustomError:
-    return PydanticCustomError(_NOT_ACCEPTED, "{accepted}", {"accepted": accepted})
-
-
-def _matching(pattern: str) -> AfterValidator:
-    # re.match, as Kubernetes' own patterns are written (anchored); the Accepts note supplies the words.
-    def check(value: str) -> str:
-        # Empty is the default of the optional ones (``from_env`` never passes an empty variable on).
-        if value and not re.match(pattern, value):
-            raise ValueError(pattern)
-        return value
-
-    return AfterValidator(check)
-
-
-def _true_or_false(value: Any) -> Any:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false"):
-            raise ValueError(value)
-        return value.lower() == "true"
-    return value
-
-
-def _lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
-
-
-def _upper(value: Any) -> Any:
-    return value.upper() if isinstance(value, str) else value
-
-
-def _comma_separated(value: Any) -> Any:
-    if isinstance(value, str):
-        return tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
-    return value
-
-
-def _namespace_list(items: tuple[str, ...]) -> tuple[str, ...]:
-    for item in items:
-        if len(item) > 63 or not re.match(DNS1123_LABEL, item):
-            raise _not_accepted(f"comma-separated namespace names (DNS-1123 labels); {item!r} is not one")
-    return items
-
-
-def _label_list(items: tuple[str, ...]) -> tuple[str, ...]:
-    for item in items:
-        key, equals, value = item.partition("=")
-        prefix = key.rpartition("/")[0]
-        if not equals or len(prefix) > 253 or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
-            raise _not_accepted(f"comma-separated key=value pod labels; {item!r} is not one")
-    return items
-
-
-def _json_object(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise _not_accepted(f"a JSON object of spec.runtime.pod fields; {exc}") from None
-    return value
-
-
-def _image(value: str) -> str:
-    if any(c.isspace() for c in value) or len(value) > 512:
-        raise ValueError(value)
-    return value
-
-
-Boolean = Annotated[bool, BeforeValidator(_true_or_false), Accepts("true or false")]
-Port = Annotated[int, Field(ge=0, le=65_535), Accepts("an integer from 0 to 65535")]
-Namespace = Annotated[str, Field(max_length=63), _matching(DNS1123_LABEL), Accepts("a namespace name (a DNS-1123 label)")]
-Labels = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated), AfterValidator(_label_list)]
-Seconds = Annotated[float, Field(gt=0, le=3600), Accepts("a number of seconds above 0, at most 3600")]
 
 
 class OperatorSettings(BaseSettings):
@@ -139,15 +64,15 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", validate_default=False)
 
-    namespaces: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated), AfterValidator(_namespace_list)] = ()
+    namespaces: Annotated[tuple[str, ...], NoDecode, BeforeValidator(comma_separated), AfterValidator(namespace_list)] = ()
     """``FINETUNE_OPERATOR_NAMESPACES``: comma-separated namespaces to watch; empty watches all namespaces."""
 
     trainer_image: Annotated[
-        str, AfterValidator(_image), Accepts("a container image reference such as ghcr.io/org/trainer:1.0")
+        str, AfterValidator(image_reference), Accepts("a container image reference such as ghcr.io/org/trainer:1.0")
     ] = DEFAULT_TRAINER_IMAGE
     """``FINETUNE_OPERATOR_TRAINER_IMAGE``: trainer image of jobs that set no ``spec.runtime.image``."""
 
-    ray_version: Annotated[str, _matching(RAY_VERSION), Accepts("a Ray version such as 2.60.0")] = DEFAULT_RAY_VERSION
+    ray_version: Annotated[str, matching(RAY_VERSION), Accepts("a Ray version such as 2.60.0")] = DEFAULT_RAY_VERSION
     """``FINETUNE_OPERATOR_RAY_VERSION``: KubeRay ``rayVersion`` of jobs that set no ``spec.runtime.rayVersion``."""
 
     max_workers: Annotated[int, Field(ge=1, le=1024), Accepts("an integer from 1 to 1024")] = 64
@@ -167,10 +92,10 @@ class OperatorSettings(BaseSettings):
     status_throttle_seconds: Annotated[float, Field(ge=0, le=86_400), Accepts("a number of seconds from 0 to 86400")] = 10.0
     """``FINETUNE_OPERATOR_STATUS_THROTTLE_SECONDS``: least interval between the trainer's status patches."""
 
-    head_cpu: Annotated[str, _matching(_CPU_QUANTITY), Accepts("a CPU quantity such as 1, 2.5 or 500m")] = "1"
+    head_cpu: Annotated[str, matching(_CPU_QUANTITY), Accepts("a CPU quantity such as 1, 2.5 or 500m")] = "1"
     """``FINETUNE_OPERATOR_HEAD_CPU``: CPU of the Ray head pod (it runs the driver, not training)."""
 
-    head_memory: Annotated[str, _matching(QUANTITY), Accepts("a memory quantity such as 2Gi or 512Mi")] = "2Gi"
+    head_memory: Annotated[str, matching(QUANTITY), Accepts("a memory quantity such as 2Gi or 512Mi")] = "2Gi"
     """``FINETUNE_OPERATOR_HEAD_MEMORY``: memory of the Ray head pod."""
 
     metrics_port: Port = 8080
@@ -178,7 +103,7 @@ class OperatorSettings(BaseSettings):
 
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        BeforeValidator(_upper),
+        BeforeValidator(upper),
         Accepts("one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ] = "INFO"
     """``FINETUNE_OPERATOR_LOG_LEVEL``: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
@@ -189,7 +114,7 @@ class OperatorSettings(BaseSettings):
     trainer_gid: Annotated[int, Field(ge=0, le=2_147_483_647), Accepts("an integer from 0 to 2147483647")] = 100
     """``FINETUNE_OPERATOR_TRAINER_GID``: primary group and fsGroup of the Ray pods (``users`` in rayproject/ray)."""
 
-    ray_auth_mode: Annotated[Literal["token", "disabled"], BeforeValidator(_lower), Accepts("one of token, disabled")] = "token"
+    ray_auth_mode: Annotated[Literal["token", "disabled"], BeforeValidator(lower), Accepts("one of token, disabled")] = "token"
     """``FINETUNE_OPERATOR_RAY_AUTH_MODE``: ``token`` (KubeRay generates a per-cluster token that every Ray port
     demands) or ``disabled``, which is insecure: anyone who reaches a head can run code as the job."""
 
@@ -217,21 +142,21 @@ class OperatorSettings(BaseSettings):
     """``FINETUNE_OPERATOR_WEBHOOK_PORT``: port of the admission webhook's HTTPS server; 0 turns it off."""
 
     webhook_host: Annotated[
-        str, _matching(DNS1123_SUBDOMAIN), Accepts("a DNS name such as finetune-operator-webhook.finetune-system.svc")
+        str, matching(DNS1123_SUBDOMAIN), Accepts("a DNS name such as finetune-operator-webhook.finetune-system.svc")
     ] = "finetune-operator-webhook.finetune-system.svc"
     """``FINETUNE_OPERATOR_WEBHOOK_HOST``: the name the API server calls the webhook by (``SERVICE.NAMESPACE.svc``),
     which the operator's own certificate is issued for."""
 
     webhook_configuration: Annotated[
         str,
-        _matching(DNS1123_SUBDOMAIN),
+        matching(DNS1123_SUBDOMAIN),
         Accepts("the name of a ValidatingWebhookConfiguration (a DNS-1123 subdomain)"),
     ] = "finetune-operator"
     """``FINETUNE_OPERATOR_WEBHOOK_CONFIGURATION``: the ValidatingWebhookConfiguration whose ``caBundle`` the operator
     keeps current when it makes its own certificate."""
 
     webhook_cert_dir: Annotated[
-        str, _matching(r"^/[^\s]*$"), Accepts("an absolute directory path such as /etc/finetune-operator/webhook")
+        str, matching(r"^/[^\s]*$"), Accepts("an absolute directory path such as /etc/finetune-operator/webhook")
     ] = ""
     """``FINETUNE_OPERATOR_WEBHOOK_CERT_DIR``: a directory holding ``tls.crt`` and ``tls.key`` (a cert-manager Secret);
     empty: the operator makes its own CA and certificate, renews them, and writes the CA into the configuration."""
@@ -240,7 +165,7 @@ class OperatorSettings(BaseSettings):
     pod_defaults: Annotated[
         PodOverrides,
         NoDecode,
-        BeforeValidator(_json_object),
+        BeforeValidator(json_object),
         Accepts('a JSON object of spec.runtime.pod fields (docs/platform.md, "Pod overrides")'),
     ] = PodOverrides()
     """``FINETUNE_OPERATOR_POD_DEFAULTS``: JSON, the fields of ``spec.runtime.pod`` (imagePullSecrets, labels, annotations,
@@ -248,7 +173,7 @@ class OperatorSettings(BaseSettings):
     job's own by the rule of ``pod_overrides``; the chart's ``podDefaults``."""
 
     default_priority_class_name: Annotated[
-        str, _matching(DNS1123_SUBDOMAIN), Accepts("a PriorityClass name (a DNS-1123 subdomain)")
+        str, matching(DNS1123_SUBDOMAIN), Accepts("a PriorityClass name (a DNS-1123 subdomain)")
     ] = ""
     """``FINETUNE_OPERATOR_DEFAULT_PRIORITY_CLASS_NAME``: PriorityClass of the Ray pods of jobs that name none in
     ``spec.runtime.priorityClassName``; empty: none."""
@@ -262,14 +187,14 @@ class OperatorSettings(BaseSettings):
     """``FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE``: namespace of the Lease (the operator's own); needed with
     ``LEADER_ELECTION=true``."""
 
-    leader_election_lease: Annotated[str, _matching(DNS1123_SUBDOMAIN), Accepts("a Lease name (a DNS-1123 subdomain)")] = (
+    leader_election_lease: Annotated[str, matching(DNS1123_SUBDOMAIN), Accepts("a Lease name (a DNS-1123 subdomain)")] = (
         "finetune-operator"
     )
     """``FINETUNE_OPERATOR_LEADER_ELECTION_LEASE``: name of the Lease (coordination.k8s.io/v1) the replicas share."""
 
     # Kubernetes takes any string; ours go into logs and the Lease, so printable and short.
     leader_election_identity: Annotated[
-        str, _matching(r"^[\x21-\x7e]{1,128}$"), Accepts("1 to 128 printable characters without spaces")
+        str, matching(r"^[\x21-\x7e]{1,128}$"), Accepts("1 to 128 printable characters without spaces")
     ] = ""
     """``FINETUNE_OPERATOR_LEADER_ELECTION_IDENTITY``: this replica's name in the Lease (the chart: the pod's name);
     empty: the host name and a random suffix."""
@@ -290,7 +215,7 @@ class OperatorSettings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise SettingsError(_one_line(type(self), exc)) from None
+            raise SettingsError(one_line(type(self), exc)) from None
 
     @classmethod
     def settings_customise_sources(
@@ -301,29 +226,29 @@ class OperatorSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        environ = _ENVIRON.get()
+        environ = ENVIRON.get()
         if environ is None:
             return (init_settings,)
-        return (init_settings, _Environment(settings_cls, environ))
+        return (init_settings, Environment(settings_cls, environ))
 
     @model_validator(mode="after")
     def _consistent(self) -> OperatorSettings:
         # Settings that parse one by one can still contradict each other: refuse to start rather than render
         # RayJobs that KubeRay rejects.
         if self.ray_auth_mode == "token" and not ray_version_at_least(self.ray_version, RAY_TOKEN_AUTH_MIN_VERSION):
-            raise _conflict(
+            raise conflict(
                 f"{env_name('ray_version')}={self.ray_version!r} has no Ray token authentication, which "
                 f"{env_name('ray_auth_mode')}=token needs; use Ray {RAY_TOKEN_AUTH_MIN_VERSION} or later"
             )
         if self.leader_election and not self.leader_election_namespace:
-            raise _conflict(
+            raise conflict(
                 f"{env_name('leader_election_namespace')} is empty, which {env_name('leader_election')}=true cannot use; "
                 "expected the operator's namespace (the chart sets it from the pod's)"
             )
         # Fencing: a leader must give up (renew deadline) before a standby may take over (lease duration), and try
         # to renew more than once in between.
         if not self.retry_period_seconds < self.renew_deadline_seconds < self.lease_duration_seconds:
-            raise _conflict(
+            raise conflict(
                 f"{env_name('renew_deadline_seconds')}={self.renew_deadline_seconds:g} is not accepted with "
                 f"{env_name('lease_duration_seconds')}={self.lease_duration_seconds:g} and "
                 f"{env_name('retry_period_seconds')}={self.retry_period_seconds:g}; expected retry period < renew "
@@ -331,7 +256,7 @@ class OperatorSettings(BaseSettings):
             )
         unknown = sorted({m.name for m in self.pod_defaults.volume_mounts} - {v.name for v in self.pod_defaults.volumes})
         if unknown:
-            raise _conflict(
+            raise conflict(
                 f"{env_name('pod_defaults')}: volumeMounts name {', '.join(map(repr, unknown))}, which is not among its "
                 "volumes; expected every mount to name one of the volumes it lists"
             )
@@ -340,11 +265,11 @@ class OperatorSettings(BaseSettings):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Read every ``FINETUNE_OPERATOR_*`` variable; unset or empty ones keep their defaults."""
-        token = _ENVIRON.set(os.environ if environ is None else environ)
+        token = ENVIRON.set(os.environ if environ is None else environ)
         try:
             return cls()
         finally:
-            _ENVIRON.reset(token)
+            ENVIRON.reset(token)
 
     def replace(self, **changes: Any) -> OperatorSettings:
         """A copy with ``changes`` applied, validated like the environment (``dataclasses.replace`` of old)."""
@@ -372,55 +297,6 @@ class OperatorSettings(BaseSettings):
             else:
                 out[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
-
-
-class _Environment(EnvSettingsSource):
-    """pydantic-settings' environment source over a given mapping (``from_env``'s), values stripped, empty ones unset."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._given = {key: value.strip() for key, value in environ.items() if value.strip()}
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {key.lower(): value for key, value in self._given.items()}
-
-
-def _conflict(message: str) -> PydanticCustomError:
-    return PydanticCustomError("settings_conflict", "{message}", {"message": message})
-
-
-def _one_line(cls: type[OperatorSettings], exc: ValidationError) -> str:
-    """The first error as ``VARIABLE='value' is not accepted; expected …`` (or a conflict's own sentence)."""
-    error = exc.errors()[0]
-    if not error["loc"]:
-        return str(error["ctx"]["message"]) if error["type"] == "settings_conflict" else error["msg"]
-    field = str(error["loc"][0])
-    if error["type"] == _NOT_ACCEPTED:
-        accepted = str(error["ctx"]["accepted"])
-    elif len(error["loc"]) > 1 or "field" in error.get("ctx", {}):
-        # Inside a structured variable (POD_DEFAULTS): the wire path within it and the API's own words.
-        parts = [f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:]]
-        if "field" in error.get("ctx", {}):
-            parts.append(f".{error['ctx']['field']}")
-        inner = "".join(parts).lstrip(".")
-        accepted = f"{_accepts(cls.model_fields.get(field))}; {inner}: {error['msg']}"
-    else:
-        accepted = _accepts(cls.model_fields.get(field))
-    raw = error["input"]
-    # The variable as it was set (validators may have normalised the input: "loud" → "LOUD").
-    environ = {key.upper(): value.strip() for key, value in (_ENVIRON.get() or {}).items()}
-    raw = environ.get(env_name(field), raw)
-    shown = repr(raw) if isinstance(raw, str) else repr(",".join(raw) if isinstance(raw, tuple) else str(raw))
-    return f"{env_name(field)}={shown} is not accepted; expected {accepted}"
-
-
-def _accepts(info: FieldInfo | None) -> str:
-    notes = [item.text for item in (info.metadata if info else []) if isinstance(item, Accepts)]
-    return notes[0] if notes else "a valid value"
-
-
-def env_name(attribute: str) -> str:
-    return PREFIX + attribute.upper()
 
 
 def ray_version_at_least(version: str, minimum: str) -> bool:
