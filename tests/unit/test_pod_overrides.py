@@ -210,3 +210,18 @@ PLATFORM = platform(
 )
 def test_a_job_cannot_shadow_or_loosen_the_platform_defaults(pod: dict[str, Any], expected: str) -> None:
     assert refusal(pod, PLATFORM).startswith(expected)
+
+
+def test_allowed_volume_sources_are_the_restricted_profiles() -> None:
+    from finetune_operator.api.pods import ALLOWED_VOLUME_SOURCES
+    from tests.support.pod_security import RESTRICTED_VOLUME_TYPES
+
+    assert set(ALLOWED_VOLUME_SOURCES) == RESTRICTED_VOLUME_TYPES
+
+
+def test_the_operators_labels_win_over_the_platforms_and_the_jobs() -> None:
+    """Labels that could collide are refused; those that get through never replace the operator's (job, uid, owner)."""
+    for template in pod_templates(rayjob_of({"labels": {"team": "a"}}, settings=platform(labels={"team": "b"}))).values():
+        labels = template["metadata"]["labels"]
+        assert labels["team"] == "a"
+        assert labels[naming.LABEL_MANAGED_BY] == naming.MANAGED_BY and labels[naming.LABEL_JOB] == "job"
