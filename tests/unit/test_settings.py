@@ -103,7 +103,7 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         (
             "POD_DEFAULTS",
             '{"volumes":[{"name":"h","hostPath":{"path":"/"}}]}',
-            "; volumes[0].hostPath: hostPath volumes are refused",
+            "; volumes[0].hostPath: 'hostPath' is refused: the restricted Pod Security profile",
         ),
         ("POD_DEFAULTS", '{"labels":{"ray.io/node-type":"head"}}', "; labels['ray.io/node-type']: 'head': the key is"),
         ("POD_DEFAULTS", '{"securityContext":{"privileged":true}}', "securityContext.privileged: true would loosen"),

@@ -114,8 +114,8 @@ class Volume(WireModel):
                 if key != "name" and key not in ALLOWED_VOLUME_SOURCES:
                     fail(
                         key,
-                        f"{key} volumes are refused: the restricted Pod Security profile the Ray pods keep allows only "
-                        f"{', '.join(ALLOWED_VOLUME_SOURCES)}; e.g. use a persistentVolumeClaim",
+                        f"{quote(key)} is refused: the restricted Pod Security profile the Ray pods keep allows only the "
+                        f"volume sources {', '.join(ALLOWED_VOLUME_SOURCES)} (no hostPath); e.g. use a persistentVolumeClaim",
                     )
         return data
 
