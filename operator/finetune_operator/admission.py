@@ -5,7 +5,8 @@ reconcile, ``finetune render`` before building, ``finetune validate --cluster`` 
 before anything is applied, and the builders (``rayjob.build_children``) accept only its result, so nothing
 reaches the cluster without the same verdict. The decision is the API's own
 validation (``api.validate``, the words ``finetune validate`` prints) plus what this operator adds on a
-cluster: outputs the Ray pods can share, no relative input paths, its limits (``maxWorkers``, GPUs), and,
+cluster: outputs the Ray pods can share, no relative input paths, its limits (``maxWorkers``, GPUs), pod overrides
+that fit the platform's pod defaults (``pod_overrides.merge_errors``), and,
 while Ray token authentication is on, a Ray that has it and no ``env`` that would override KubeRay's token.
 Every mistake is one line (field path, quoted value, what is accepted), and all of them come at once: when
 the spec is invalid, the operator's rules still judge the sections that parsed.
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from finetune_operator import pod_overrides
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import quote, uri_scheme
 from finetune_operator.api.v1alpha1 import (
@@ -177,6 +179,8 @@ def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: Ope
     runtime = spec.runtime if isinstance(spec, FineTuneJobSpec) else spec.get("runtime")
     if settings.ray_token_auth and isinstance(runtime, RuntimeSpec):
         errors += ray_auth_errors(runtime)
+    if isinstance(runtime, RuntimeSpec):
+        errors += pod_overrides.merge_errors(settings.pod_defaults, runtime.pod)
     output = spec.output if isinstance(spec, FineTuneJobSpec) else spec.get("output")
     if settings.require_protected_artifacts and isinstance(output, OutputSpec):
         errors += protection_errors(output)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import dataclasses
 import functools
 import logging
 import socket
@@ -355,7 +354,7 @@ def leader_elector(
 
 def reconciling_settings(settings: OperatorSettings) -> OperatorSettings:
     """The leader's second Kopf: no webhook and no metrics server, which the replica's first Kopf serves."""
-    return dataclasses.replace(settings, webhook_port=0, metrics_port=0)
+    return settings.replace(webhook_port=0, metrics_port=0)
 
 
 def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
@@ -389,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = OperatorSettings.from_env()
         if args.namespace or args.all_namespaces:  # the arguments, as for `kopf run`, win over the variable
-            settings = dataclasses.replace(settings, namespaces=tuple(args.namespace))
+            settings = settings.replace(namespaces=tuple(args.namespace))
     except SettingsError as exc:
         raise SystemExit(f"finetune-operator: {exc}") from exc
     logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,8 @@ Choices that are not obvious from the output:
 - The Ray head runs the driver only (``num-cpus: "0"``); training lands on the single worker group,
   sized exactly (``replicas = minReplicas = maxReplicas``, no autoscaling) with Guaranteed resources.
 - Worker scheduling (``nodeSelector``, ``tolerations``) applies to workers only: the head needs no GPU node.
+  The platform's pod defaults and ``spec.runtime.pod`` (``pod_overrides``) go on all three pods, the operator's
+  own labels, volumes and restricted securityContext always winning.
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
@@ -26,7 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from finetune_operator import naming, security
+from finetune_operator import naming, pod_overrides, security
 from finetune_operator.admission import AdmittedJob
 from finetune_operator.api.contract import (
     CONFIG_DIR,
@@ -42,6 +44,7 @@ from finetune_operator.api.contract import (
     resolve_uri,
 )
 from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.protection import ENV_REQUIRE_SIGNED, ENV_VERIFY_KEYS
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, RAYJOB_API_VERSION, RAYJOB_KIND
@@ -165,7 +168,9 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
         # PreRunningDeadlineExceeded instead of hanging in Provisioning for ever.
         body["preRunningDeadlineSeconds"] = settings.pre_running_deadline_seconds
     image = spec.runtime.image or settings.trainer_image
-    body["submitterPodTemplate"] = security.submitter_template(job_labels(job), image, service_account, settings)
+    pod = pod_overrides.merged(settings.pod_defaults, spec.runtime.pod)
+    submitter = security.submitter_template(job_labels(job), image, service_account, settings)
+    body["submitterPodTemplate"] = _finish_pod(submitter, job, settings, pod)
     body["rayClusterSpec"] = {
         "rayVersion": spec.runtime.ray_version or settings.ray_version,
         "authOptions": security.auth_options(settings),
@@ -173,15 +178,25 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
         "headGroupSpec": {
             # No CPUs for Ray on the head: Ray Train workers land on the worker group only.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _pod_template(job, settings, "head", service_account, config_map),
+            "template": _finish_pod(_pod_template(job, settings, "head", service_account, config_map), job, settings, pod),
         },
-        "workerGroupSpecs": [_worker_group(job, settings, service_account, config_map)],
+        "workerGroupSpecs": [_worker_group(job, settings, service_account, config_map, pod)],
     }
     rayjob["spec"] = body
     return rayjob
 
 
-def _worker_group(job: FineTuneJob, settings: OperatorSettings, service_account: str, config_map: str) -> dict[str, Any]:
+def _finish_pod(template: dict[str, Any], job: FineTuneJob, settings: OperatorSettings, pod: PodOverrides) -> dict[str, Any]:
+    """The platform's and the job's pod overrides (``pod_overrides``) and the PriorityClass, on one of the three pods."""
+    priority = job.spec.runtime.priority_class_name or settings.default_priority_class_name
+    if priority:
+        template["spec"]["priorityClassName"] = priority
+    return pod_overrides.apply(template, pod)
+
+
+def _worker_group(
+    job: FineTuneJob, settings: OperatorSettings, service_account: str, config_map: str, pod: PodOverrides
+) -> dict[str, Any]:
     res = job.spec.resources
     start: dict[str, str] = {}
     if res.gpus_per_worker:
@@ -193,7 +208,7 @@ def _worker_group(job: FineTuneJob, settings: OperatorSettings, service_account:
         "minReplicas": res.workers,
         "maxReplicas": res.workers,
         "rayStartParams": start,
-        "template": _pod_template(job, settings, "worker", service_account, config_map),
+        "template": _finish_pod(_pod_template(job, settings, "worker", service_account, config_map), job, settings, pod),
     }
 
 
@@ -246,8 +261,6 @@ def _pod_template(
         "containers": [container],
         "volumes": volumes,
     }
-    if runtime.priority_class_name:
-        pod["priorityClassName"] = runtime.priority_class_name
     if role == "worker" and res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
     if role == "worker" and res.tolerations:

@@ -9,7 +9,6 @@ take-over after a SIGKILL, which cannot release the Lease, to a few seconds.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import os
 import signal
@@ -39,7 +38,7 @@ NS, JOBS = "default", 20
 # Shorter than the defaults (15/10/2) to keep a SIGKILL's take-over short, yet roomy: on a loaded CI machine a renewal
 # can stall for seconds, and a leader that misses its deadline steps down (correctly, but the test then takes longer).
 TIMING = {"lease_duration_seconds": 20.0, "renew_deadline_seconds": 15.0, "retry_period_seconds": 2.0}
-HA = dataclasses.replace(SETTINGS, leader_election=True, leader_election_namespace=NS, **TIMING)
+HA = SETTINGS.replace(leader_election=True, leader_election_namespace=NS, **TIMING)
 LEASES = "coordination.k8s.io/v1/leases"
 JOB_KINDS = ("finetunejobs", "rayjobs", "serviceaccounts", "roles", "rolebindings", "configmaps", "networkpolicies", "events")
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -267,6 +267,13 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],
         "FINETUNE_OPERATOR_METRICS_PORT": str(values["metrics"]["port"]),
         "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
+        # trainerPods, empty fields left out (priorityClassName has a variable of its own).
+        "FINETUNE_OPERATOR_POD_DEFAULTS": json.dumps(
+            {k: v for k, v in values["trainerPods"].items() if v and k != "priorityClassName"},
+            separators=(",", ":"),
+            sort_keys=True,
+        ),
+        "FINETUNE_OPERATOR_DEFAULT_PRIORITY_CLASS_NAME": values["trainerPods"]["priorityClassName"],
         "FINETUNE_OPERATOR_TRAINER_UID": str(settings["trainerUid"]),
         "FINETUNE_OPERATOR_TRAINER_GID": str(settings["trainerGid"]),
         "FINETUNE_OPERATOR_RAY_AUTH_MODE": settings["rayAuthMode"],
@@ -308,7 +315,7 @@ def test_every_operator_setting_is_in_the_chart(renders: dict[str, list[dict[str
     named: dict[str, Any] = {"webhook_host": f"{FULLNAME}-webhook.{NAMESPACE}.svc", "webhook_configuration": FULLNAME}
     # What a one-process run leaves off, the chart turns on: leader election, with the release's Lease.
     named |= {"leader_election": True, "leader_election_namespace": NAMESPACE, "leader_election_lease": FULLNAME}
-    assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **named), (
+    assert OperatorSettings.from_env(env) == OperatorSettings().replace(**named), (
         "values.yaml defaults differ from the operator's"
     )
 
@@ -325,6 +332,38 @@ def test_default_images(renders: dict[str, list[dict[str, Any]]]) -> None:
     container = _container(renders["default"])
     assert container["image"] == versions.DEFAULT_OPERATOR_IMAGE
     assert k8s_tools.container_env(container)["FINETUNE_OPERATOR_TRAINER_IMAGE"] == versions.DEFAULT_TRAINER_IMAGE
+
+
+def test_trainer_pods_reach_all_three_pod_templates(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """The private-registry example makes trainer images pullable: its imagePullSecrets, and every other trainerPods
+    override, reach head, workers and KubeRay's submitter, which stay KubeRay-schema valid and "restricted"."""
+    from finetune_operator.admission import admit
+    from finetune_operator.rayjob import build_children
+    from tests.support.pod_security import template_violations
+    from tests.support.schemas import strict_errors
+    from tests.unit.test_rayjob import RAYJOB_SCHEMA, body, pod_templates
+
+    pods = values_of("custom-image")["trainerPods"]
+    settings = OperatorSettings.from_env(k8s_tools.container_env(_container(renders["custom-image"])))
+    rayjob = build_children(admit(body(), settings), settings).rayjob
+    templates = pod_templates(rayjob)
+    assert list(templates) == ["head", "worker:workers", "submitter"]
+    for role, template in templates.items():
+        pod = template["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}] == pods["imagePullSecrets"], role
+        assert pods["labels"].items() <= template["metadata"]["labels"].items(), role
+        assert template["metadata"]["annotations"] == pods["annotations"], role
+        assert [v for v in pod["volumes"] if v["name"] in {"corp-ca", "tmp"}] == pods["volumes"], role
+        assert pod["containers"][0]["volumeMounts"][-2:] == pods["volumeMounts"], role
+        assert (pod["affinity"], pod["nodeSelector"], pod["tolerations"]) == (
+            pods["affinity"],
+            pods["nodeSelector"],
+            pods["tolerations"],
+        ), role
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True, role
+        assert pod["priorityClassName"] == pods["priorityClassName"], role
+        assert template_violations(template) == [], role
+    assert strict_errors(rayjob, RAYJOB_SCHEMA) == []
 
 
 # --------------------------------------------------------------------------------------------- RBAC

@@ -5,7 +5,6 @@ the scope they watch, and agree with the Helm chart's default rendering (the two
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -139,7 +138,7 @@ def test_base_settings_are_the_operator_defaults(renders: dict[str, list[dict[st
     env = k8s_tools.container_env(_container(renders["base"]))
     # What a one-process run leaves off, the manifests turn on: leader election, in the operator's namespace.
     elected = {"leader_election": True, "leader_election_namespace": OPERATOR_NAMESPACE}
-    assert OperatorSettings.from_env(env) == replace(OperatorSettings(), **elected)
+    assert OperatorSettings.from_env(env) == OperatorSettings().replace(**elected)
 
 
 def test_base_matches_the_chart_defaults(renders: dict[str, list[dict[str, Any]]]) -> None:

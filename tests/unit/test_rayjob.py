@@ -154,6 +154,35 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
         hyperparameters={"batchSize": 64},
     ),
     "amd": body(resources={"gpusPerWorker": 1, "accelerator": "amd.com/gpu"}),
+    # Every spec.runtime.pod override (tests/unit/test_pod_overrides.py), on top of the workers' own scheduling.
+    "pod-overrides": body(
+        runtime={
+            "pod": {
+                "imagePullSecrets": [{"name": "regcred"}],
+                "labels": {"team": "vision"},
+                "annotations": {"example.com/owner": "vision"},
+                "volumes": [
+                    {"name": "ca", "secret": {"secretName": "ca", "defaultMode": 420}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                    {"name": "proj", "projected": {"sources": [{"configMap": {"name": "c"}}]}},
+                    {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}},
+                ],
+                "volumeMounts": [
+                    {"name": "ca", "mountPath": "/etc/ssl/ca", "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                "securityContext": {
+                    "readOnlyRootFilesystem": True,
+                    "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/ray.json"},
+                    "appArmorProfile": {"type": "RuntimeDefault"},
+                },
+            }
+        },
+        resources={"nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
+    ),
     "suspended-with-deadline": body(
         runPolicy={"suspend": True, "activeDeadlineSeconds": 600, "backoffLimit": 3, "ttlSecondsAfterFinished": 0}
     ),

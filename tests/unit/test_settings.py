@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from typing import Any
 
 import pytest
 
+from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.versions import DEFAULT_TRAINER_IMAGE, RAY_VERSION
 from finetune_operator.settings import OperatorSettings, SettingsError, env_name
 
@@ -26,8 +26,8 @@ def test_defaults() -> None:
 
 def test_every_attribute_is_a_documented_variable() -> None:
     text = inspect.getsource(OperatorSettings)
-    for field in fields(OperatorSettings):
-        assert f"``{env_name(field.name)}``" in text, f"{field.name} is not documented with its variable"
+    for name in OperatorSettings.model_fields:
+        assert f"``{env_name(name)}``" in text, f"{name} is not documented with its variable"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +60,14 @@ def test_every_attribute_is_a_documented_variable() -> None:
         ),
         ("METRICS_SCRAPER_NAMESPACE", "monitoring", "metrics_scraper_namespace", "monitoring"),
         ("METRICS_SCRAPER_POD_LABELS", "prometheus=main,empty=", "metrics_scraper_pod_labels", ("prometheus=main", "empty=")),
+        (
+            "POD_DEFAULTS",
+            '{"imagePullSecrets":[{"name":"regcred"}],"labels":{"team":"ml"}}',
+            "pod_defaults",
+            PodOverrides.model_validate({"imagePullSecrets": [{"name": "regcred"}], "labels": {"team": "ml"}}),
+        ),
+        ("POD_DEFAULTS", "{}", "pod_defaults", PodOverrides()),
+        ("DEFAULT_PRIORITY_CLASS_NAME", "batch-low", "default_priority_class_name", "batch-low"),
     ],
 )
 def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
@@ -91,6 +99,15 @@ def test_parses(variable: str, raw: str, attribute: str, expected: Any) -> None:
         ("KUBERAY_POD_LABELS", "a=b,bad key=x", "'bad key=x' is not one"),
         ("METRICS_SCRAPER_POD_LABELS", "app=-x", "key=value pod labels"),
         ("METRICS_SCRAPER_POD_LABELS", "example.com/a/b=x", "key=value pod labels"),
+        ("POD_DEFAULTS", "{imagePullSecrets: []}", "a JSON object of spec.runtime.pod fields"),
+        (
+            "POD_DEFAULTS",
+            '{"volumes":[{"name":"h","hostPath":{"path":"/"}}]}',
+            "; volumes[0].hostPath: 'hostPath' is refused: the restricted Pod Security profile",
+        ),
+        ("POD_DEFAULTS", '{"labels":{"ray.io/node-type":"head"}}', "; labels['ray.io/node-type']: 'head': the key is"),
+        ("POD_DEFAULTS", '{"securityContext":{"privileged":true}}', "securityContext.privileged: true would loosen"),
+        ("DEFAULT_PRIORITY_CLASS_NAME", "High", "a PriorityClass name"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, raw: str, accepted: str) -> None:
@@ -129,3 +146,50 @@ def test_round_trip_through_env() -> None:
 
 def test_unrelated_variables_are_ignored() -> None:
     assert OperatorSettings.from_env({"FINETUNE_OPERATOR": "x", "OTHER": "1"}) == OperatorSettings()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_workers": 0}, "FINETUNE_OPERATOR_MAX_WORKERS='0' is not accepted; expected an integer from 1 to 1024"),
+        ({"log_level": "LOUD"}, "FINETUNE_OPERATOR_LOG_LEVEL='LOUD' is not accepted; expected one of DEBUG, INFO"),
+        (
+            {"kuberay_pod_labels": ("app",)},
+            "FINETUNE_OPERATOR_KUBERAY_POD_LABELS='app' is not accepted; expected comma-separated",
+        ),
+    ],
+)
+def test_keyword_arguments_are_validated_like_the_environment(changes: dict[str, Any], message: str) -> None:
+    """Settings built in code (``replace``, tests, ``--namespace``) pass the same checks as the variables."""
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings().replace(**changes)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_refusal_quotes_the_variable_as_it_was_set() -> None:
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env({"FINETUNE_OPERATOR_LOG_LEVEL": " loud "})
+    assert str(info.value).startswith("FINETUNE_OPERATOR_LOG_LEVEL='loud' is not accepted")
+
+
+def test_from_env_reads_the_process_environment_and_the_constructor_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_MAX_WORKERS", "7")
+    assert OperatorSettings.from_env().max_workers == 7
+    assert OperatorSettings().max_workers == 64
+
+
+def test_pod_defaults_mount_only_their_own_volumes() -> None:
+    with pytest.raises(SettingsError) as info:
+        OperatorSettings.from_env({"FINETUNE_OPERATOR_POD_DEFAULTS": '{"volumeMounts":[{"name":"ca","mountPath":"/ca"}]}'})
+    assert str(info.value) == (
+        "FINETUNE_OPERATOR_POD_DEFAULTS: volumeMounts name 'ca', which is not among its volumes; "
+        "expected every mount to name one of the volumes it lists"
+    )
+
+
+def test_pod_defaults_round_trip_through_env() -> None:
+    pods = PodOverrides.model_validate(
+        {"volumes": [{"name": "ca", "configMap": {"name": "ca"}}], "volumeMounts": [{"name": "ca", "mountPath": "/ca"}]}
+    )
+    settings = OperatorSettings().replace(pod_defaults=pods, default_priority_class_name="low")
+    assert OperatorSettings.from_env(settings.to_env()) == settings

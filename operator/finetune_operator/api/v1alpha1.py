@@ -11,7 +11,6 @@ from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
-    AfterValidator,
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
@@ -31,14 +30,10 @@ from finetune_operator.api.fields import (
     EXTENDED_RESOURCE,
     FIELDS_ONLY,
     IMAGE_REFERENCE,
-    LABEL_VALUE,
-    QUALIFIED_NAME,
     QUANTITY,
     RAY_VERSION,
-    TAINT_KEY,
     Problems,
     check_extended_resource,
-    check_qualified_name,
     check_uri,
     fail,
     fields_only,
@@ -46,19 +41,16 @@ from finetune_operator.api.fields import (
     quote,
     uri_scheme,
 )
+from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.protection import ArtifactProtection, EncryptionSpec
+from finetune_operator.api.scheduling import LabelKey, LabelValue, Toleration
 from finetune_operator.api.tracking import TrackingSpec
 from finetune_operator.api.versions import KIND
 
 INT32_MAX: Final = 2**31 - 1
 """KubeRay's and Kubernetes' int32 fields (activeDeadlineSeconds) overflow above this."""
-INT64_MAX: Final = 2**63 - 1
 
 ShortStr = Annotated[str, Field(max_length=253)]
-# Label keys and values, as Kubernetes checks them (the prefix length is checked in code: a pattern cannot count it).
-LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME), AfterValidator(check_qualified_name)]
-LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
-TaintKey = Annotated[str, Field(max_length=317, pattern=TAINT_KEY), AfterValidator(check_qualified_name)]
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
@@ -385,46 +377,6 @@ class HyperparametersSpec(WireModel):
 
 
 # ----------------------------------------------------------------------------------------- resources
-class Toleration(WireModel):
-    """A Kubernetes toleration (core/v1 Toleration)."""
-
-    key: TaintKey | None = None
-    """Taint key, a label key such as `nvidia.com/gpu`; absent (or empty) with operator `Exists` tolerates every taint."""
-
-    operator: Literal["Exists", "Equal"] = "Equal"
-    """`Equal` matches key and value; `Exists` matches the key alone."""
-
-    value: LabelValue | None = None
-    """Taint value (with `Equal`), a label value."""
-
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect to tolerate; all effects when empty."""
-
-    toleration_seconds: Annotated[int | None, Field(ge=0, le=INT64_MAX)] = None
-    """How long a `NoExecute` taint is tolerated (effect `NoExecute` only)."""
-
-    @model_validator(mode="after")
-    def _as_kubernetes_checks(self, info: ValidationInfo) -> Toleration:
-        if fields_only(info):
-            return self
-        problems = Problems()
-        if not self.key and self.operator != "Exists":
-            default = "" if "operator" in self.model_fields_set else " (the default)"
-            problems.add(
-                "operator", f"{self.operator!r}{default} needs a key; without a key use operator 'Exists' (tolerates every taint)"
-            )
-        if self.operator == "Exists" and self.value:
-            problems.add("value", f"{quote(self.value)}: operator 'Exists' matches the key alone; remove the value")
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            problems.add(
-                "tolerationSeconds",
-                f"{self.toleration_seconds}: applies to effect 'NoExecute' only (effect is {quote(self.effect)}); "
-                "set effect: NoExecute or remove tolerationSeconds",
-            )
-        problems.raise_any(self)
-        return self
-
-
 class ResourcesSpec(WireModel):
     """The Ray cluster's training workers."""
 
@@ -574,7 +526,12 @@ class RuntimeSpec(WireModel):
     """Kueue LocalQueue: sets the `kueue.x-k8s.io/queue-name` label on the RayJob."""
 
     priority_class_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
-    """PriorityClass of the Ray pods."""
+    """PriorityClass of the Ray pods; the operator's default (FINETUNE_OPERATOR_DEFAULT_PRIORITY_CLASS_NAME) when absent."""
+
+    # Left out of the wire form while empty: jobs, trainer configs and RayJobs rendered before it stay identical.
+    pod: PodOverrides = Field(default_factory=PodOverrides, exclude_if=lambda p: p == PodOverrides())
+    """Image pull secrets, labels, annotations, volumes, affinity, scheduling and a stricter securityContext for every Ray
+    pod (head, workers, KubeRay's submitter), merged with the platform's defaults (docs/platform.md, "Pod overrides")."""
 
     @field_validator("env")
     @classmethod
