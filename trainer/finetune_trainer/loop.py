@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import ray.train
@@ -39,6 +39,7 @@ from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
+from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.finish import finish_run
 from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
@@ -85,6 +86,8 @@ class Worker:
     passes: int = 1
     """Passes over the training images per epoch (``recipe.plan_batches``)."""
     warned_batch_norm: bool = False
+    warnings: list[str] = field(default_factory=list)
+    """What this attempt warned about, for the model card (rank 0)."""
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -172,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state=state,
                 input_spec=input_spec,
                 sinks=sinks,
+                facts=RunFacts(train_images=len(train), passes=plan.passes, chosen=plan.chosen, warnings=worker.warnings),  # type: ignore[arg-type]
             )
     except TrainerError as e:
         # User errors fail the same way on every retry; say so where people look, then let Ray fail the run.
@@ -188,6 +192,7 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     resumed = resume_from(checkpoint, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)
     for warning in resumed.warnings:
         log.warning("%s", warning)
+        worker.warnings.append(warning)
         if worker.sinks is not None:
             worker.sinks.warn(warning)
     data = resumed.data
@@ -285,6 +290,7 @@ def _run_stage(
         if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
             worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
             log.warning("%s: %s", worker.cfg.job_name, warning)
+            worker.warnings.append(warning)
             if worker.sinks is not None:  # status.warnings, and the operator's TrainerWarning condition
                 worker.sinks.warn(warning)
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)
