@@ -33,4 +33,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="artifact directory holding model.json and model.pt")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--format",
+        choices=["state_dict", "safetensors"],
+        default="state_dict",
+        help="weights to load: model.pt (state_dict) or model.safetensors (needs exports: [safetensors])",
+    )
     p.set_defaults(func=_predict)

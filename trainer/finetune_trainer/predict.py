@@ -1,8 +1,9 @@
 """`finetune predict`: classify images with the artifact directory of a finished job.
 
 Everything needed comes from the model card (``model.json``): the architecture to rebuild, the class
-names in output order, and the evaluation transforms the model was validated with. ``model.pt`` is
-checked against the card's sha256 before it is unpickled, so a truncated or swapped file is reported as
+names in output order, and the evaluation transforms the model was validated with. The weights come from
+``model.pt`` or, with ``--format safetensors``, from ``model.safetensors`` (no pickle at all); either is
+checked against the card's sha256 before it is loaded, so a truncated or swapped file is reported as
 such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
 stderr and exit status 2; called by ``finetune_trainer.cli``.
 """
@@ -22,7 +23,7 @@ from torch import nn
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
+from finetune_trainer.model_card import CARD_FILE, load_model_card
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
 
@@ -43,18 +44,43 @@ def image_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     return transform
 
 
-def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
+def _weights(data: bytes, uri: str, weights_format: str, card_architecture: str) -> dict[str, torch.Tensor]:
+    if weights_format == "safetensors":
+        from finetune_trainer.exports import read_safetensors
+
+        state, metadata = read_safetensors(data, uri)
+        named = metadata.get("architecture")
+        if named is not None and named != card_architecture:
+            raise ArtifactError(f"{uri}: its metadata names architecture {named!r} but the model card {card_architecture!r}")
+        return state
+    # weights_only: unpickling a model file must never run code.
+    return cast(dict[str, torch.Tensor], torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def load_for_inference(
+    artifact_dir: str, weights_format: str = "state_dict"
+) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
     """``(model in eval mode on CPU, image transform, class names)`` from an artifact directory (a path or
-    an s3:// / gs:// URI). Raises ArtifactError when the card or ``model.pt`` is missing or does not match."""
+    an s3:// / gs:// URI), its weights from ``model.pt`` (``state_dict``) or ``model.safetensors``
+    (``safetensors``). Raises ArtifactError when the card or the weights file is missing or does not match."""
+    from finetune_trainer.exports import EXPORT_FILES
     from finetune_trainer.model import build_model
 
+    if weights_format not in ("state_dict", "safetensors"):
+        raise ArtifactError(f"--format {weights_format!r}: accepted: state_dict (model.pt), safetensors (model.safetensors)")
     card = load_model_card(artifact_dir)
-    uri = storage.join(artifact_dir, MODEL_FILE)
+    file_name = EXPORT_FILES[weights_format]
+    uri = storage.join(artifact_dir, file_name)
+    if file_name not in card.files:
+        raise ArtifactError(
+            f"{uri}: the model card lists no {file_name}; the job did not export {weights_format} "
+            f"(spec.output.exports), use --format state_dict"
+        )
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
-    expected = card.files[MODEL_FILE].sha256
+    expected = card.files[file_name].sha256
     actual = storage.sha256_bytes(data)
     if actual != expected:
         raise ArtifactError(
@@ -68,9 +94,9 @@ def load_for_inference(artifact_dir: str) -> tuple[nn.Module, Callable[[Image.Im
     except ValueError as e:
         raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {name!r}: {e}") from None
     try:
-        # weights_only: unpickling a model file must never run code.
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(_weights(data, uri, weights_format, name))
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {exception_line(e)}") from None
     spec = card.input
@@ -111,14 +137,14 @@ def predict(
 
 
 def predict_command(args: argparse.Namespace | Any) -> int:
-    """``finetune predict --model DIR IMAGE... [--top-k K]``: per image, its name and then the top-k
+    """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image, its name and then the top-k
     ``label  probability`` lines. Images that cannot be read are reported and skipped; exit 2 if any."""
     top_k: int = args.top_k
     if top_k < 1:
         print(f"error: --top-k {top_k}: must be at least 1", file=sys.stderr)
         return 2
     try:
-        model, transform, class_names = load_for_inference(args.model)
+        model, transform, class_names = load_for_inference(args.model, getattr(args, "format", None) or "state_dict")
     except (ArtifactError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
