@@ -61,7 +61,10 @@ def test_finetune_run_trains_a_job_end_to_end(tmp_path: Path) -> None:
     # model.safetensors serves `finetune predict` like model.pt does.
     digit = tmp_path / "digit.png"
     PIL.Image.new("L", (32, 32), 128).save(digit)
-    same = [finetune("predict", "--model", str(run_dir), "--format", fmt, str(digit), cwd=tmp_path) for fmt in ("state_dict", "safetensors")]
+    same = [
+        finetune("predict", "--model", str(run_dir), "--format", fmt, str(digit), cwd=tmp_path)
+        for fmt in ("state_dict", "safetensors")
+    ]
     assert [p.returncode for p in same] == [0, 0], same[1].stderr
     assert same[0].stdout == same[1].stdout
 

@@ -35,7 +35,14 @@ CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(
     image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", grayscale_to_rgb=True
 )
-EXPECTED_FILES = ["model.pt", "model.torchscript.pt", "evaluation.json", "confusion_matrix.png", "training_curves.png", "README.md"]
+EXPECTED_FILES = [
+    "model.pt",
+    "model.torchscript.pt",
+    "evaluation.json",
+    "confusion_matrix.png",
+    "training_curves.png",
+    "README.md",
+]
 
 
 def make_config(

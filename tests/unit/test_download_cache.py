@@ -114,10 +114,14 @@ def test_two_ranks_on_one_node_share_the_cache_without_corrupting_it(s3: tuple[o
     _, gets = s3
     cache = tmp_path / "cache"
     uri = uri_of(tmp_path)
-    script = "import sys; from finetune_trainer.download_cache import fetch_to_cache; print(fetch_to_cache(sys.argv[1], sys.argv[2]))"
+    script = (
+        "import sys; from finetune_trainer.download_cache import fetch_to_cache; print(fetch_to_cache(sys.argv[1], sys.argv[2]))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
     ranks = [
-        subprocess.Popen([sys.executable, "-c", script, uri, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         for _ in range(2)
     ]
     outputs = [rank.communicate(timeout=120) for rank in ranks]

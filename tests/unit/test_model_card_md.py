@@ -23,7 +23,7 @@ HOSTILE = [
     "**bold** _it_ `code`",
     "# heading",
     "<img src=x onerror=alert(1)>",
-    'quote " and \' and &amp;',
+    "quote \" and ' and &amp;",
     "back\\slash",
     "1. list",
 ]
@@ -37,7 +37,14 @@ def card(class_names: list[str], **extra: Any) -> ModelCard:
         "architecture": {"name": "resnet18", "family": "resnet"},
         "weights": {"source": "torchvision", "name": "ResNet18_Weights.IMAGENET1K_V1", "requested": "DEFAULT"},
         "classNames": class_names,
-        "input": {"imageSize": 32, "resizeSize": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear", "grayscaleToRgb": False},
+        "input": {
+            "imageSize": 32,
+            "resizeSize": 32,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "interpolation": "bilinear",
+            "grayscaleToRgb": False,
+        },
         "data": {"format": "imagefolder", "trainUri": "s3://bkt/[x](y)", "trainImages": 120, "validationImages": 30},
         "recipe": {
             "strategy": "full",
@@ -134,7 +141,10 @@ def test_sections_come_from_the_card() -> None:
 @pytest.mark.parametrize(
     ("extra", "absent"),
     [
-        ({"evaluation": None, "data": None, "recipe": None, "warnings": []}, ["**Warning**", "Below the accuracy gate", "| train |"]),
+        (
+            {"evaluation": None, "data": None, "recipe": None, "warnings": []},
+            ["**Warning**", "Below the accuracy gate", "| train |"],
+        ),
         ({"metrics": {"final": None, "best": {"valAccuracy": 0.95, "epoch": 4}, "epochs": 5}}, ["Below the accuracy gate"]),
     ],
 )

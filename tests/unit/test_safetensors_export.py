@@ -104,7 +104,17 @@ def test_predict_from_safetensors_gives_model_pt_outputs(run_dir: Path, image: P
 
 def test_finetune_predict_format_safetensors_cli(run_dir: Path, image: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
-    command = [sys.executable, "-m", "finetune_operator.cli", "predict", "--model", str(run_dir), "--format", "safetensors", str(image)]
+    command = [
+        sys.executable,
+        "-m",
+        "finetune_operator.cli",
+        "predict",
+        "--model",
+        str(run_dir),
+        "--format",
+        "safetensors",
+        str(image),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -122,7 +132,9 @@ def test_format_not_exported_is_one_line(tmp_path: Path, image: Path, capsys: py
     ]
 
 
-def test_safetensors_of_another_architecture_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_safetensors_of_another_architecture_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "pets"
     shutil.copytree(run_dir, copy)
     save_file(load_file(copy / "model.safetensors"), str(copy / "model.safetensors"), metadata={"architecture": "vgg11"})

@@ -1,8 +1,9 @@
 """Datasets and transforms of a run: ``build_datasets(cfg) -> (train, val, class_names, input_spec)``.
 
 Three formats, as ``spec.dataset.format`` names them: ``imagefolder`` (a local folder, or an s3:// /
-gs:// prefix downloaded once per node and object version into the cache dir, ``download_cache``), ``digits`` (scikit-learn's bundled 8×8
-handwritten digits, upsampled: real data that needs no network) and ``fake`` (torchvision FakeData).
+gs:// prefix downloaded once per node and object version into the cache dir: ``download_cache``),
+``digits`` (scikit-learn's bundled 8×8 handwritten digits, upsampled: real data that needs no network)
+and ``fake`` (torchvision FakeData).
 Training transforms come from the ``augmentation`` preset, evaluation transforms from the named
 weights' preset (resize, crop, mean, std, interpolation from the catalogue) as torchvision's
 ``weights.transforms()`` would build them. Bad input fails with a ``TrainerError`` naming the path or
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, cast
 
 import numpy as np

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import importlib.util
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path

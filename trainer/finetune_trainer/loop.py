@@ -34,12 +34,12 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
+from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
-from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.finish import finish_run
 from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics

@@ -2,9 +2,10 @@
 model-card style (YAML front matter with license, tags, metrics and a ``model-index``, then the sections).
 
 Nothing is computed here that the typed card does not hold, so ``model.json`` stays the one source of truth.
-Every string a user controls (never inside a code span, where escapes do not apply) (class names, job name, URIs, warnings) goes through ``md_text`` in the body
-and ``_yaml_str`` in the front matter, so that a class called ``</td><script>`` or ``---`` can neither
-inject markdown/HTML nor end the front matter. Pure: no torch; called by ``artifacts``.
+Every string a user controls (class names, job name, URIs, warnings) goes through ``md_text`` in the body,
+never inside a code span (where escapes do not apply), and ``_yaml_str`` in the front matter, so that a
+class called ``</td><script>`` or ``---`` can neither inject markdown/HTML nor end the front matter.
+Pure: no torch; called by ``artifacts``.
 """
 
 from __future__ import annotations
@@ -161,8 +162,13 @@ def render_readme(card: ModelCard, *, confusion_matrix: str | None) -> str:
         out += [
             f"- strategy: {md_text(recipe.strategy)}",
             f"- epochs: {recipe.epochs}, batch size {recipe.batch_size if recipe.batch_size is not None else '—'}"
-            + (f", {recipe.passes_per_epoch} passes over the training images per epoch" if (recipe.passes_per_epoch or 1) > 1 else ""),
-            f"- optimizer: {md_text(recipe.optimizer)}, learning rate {recipe.learning_rate:g}, {md_text(recipe.scheduler)} schedule",
+            + (
+                f", {recipe.passes_per_epoch} passes over the training images per epoch"
+                if (recipe.passes_per_epoch or 1) > 1
+                else ""
+            ),
+            f"- optimizer: {md_text(recipe.optimizer)}, learning rate {recipe.learning_rate:g}, "
+            f"{md_text(recipe.scheduler)} schedule",
             f"- chosen by the defaults: {md_text(recipe.chosen) if recipe.chosen else 'nothing (the spec set the batch size)'}",
         ]
     out += ["", "## Metrics", ""]

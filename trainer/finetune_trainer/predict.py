@@ -137,8 +137,9 @@ def predict(
 
 
 def predict_command(args: argparse.Namespace | Any) -> int:
-    """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image, its name and then the top-k
-    ``label  probability`` lines. Images that cannot be read are reported and skipped; exit 2 if any."""
+    """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image,
+    its name and then the top-k ``label  probability`` lines. Images that cannot be read are reported and
+    skipped; exit 2 if any."""
     top_k: int = args.top_k
     if top_k < 1:
         print(f"error: --top-k {top_k}: must be at least 1", file=sys.stderr)
