@@ -80,7 +80,8 @@ def check_readme_card(run_dir: Path) -> None:
     assert meta["model-index"][0]["name"] == "tiny"
     assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(card["evaluation"]["accuracy"], abs=1e-5)
     data = card["data"]
-    assert data["trainImages"] + data["validationImages"] == 30 and data["validationImages"] == card["evaluation"]["numSamples"]
+    # maxPerClass caps the training images (3 classes × 10); the validation split keeps its own.
+    assert data["trainImages"] == 30 and data["validationImages"] == card["evaluation"]["numSamples"] > 0
     assert f"| train | {data['trainImages']} |" in body and f"| validation | {data['validationImages']} |" in body
     for row in card["evaluation"]["classes"]:
         assert f"| {row['name']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |" in body
