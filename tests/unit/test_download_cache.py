@@ -130,3 +130,40 @@ def test_two_ranks_on_one_node_share_the_cache_without_corrupting_it(s3: tuple[o
     assert len(roots) == 1  # one copy for the node
     assert tree(roots.pop()) == {k.removeprefix("train/"): v for k, v in OBJECTS.items()}
     assert sorted(gets.paths) == sorted(f"/{BUCKET}/{tmp_path.name}/{k}" for k in OBJECTS)  # each object once, both ranks
+
+
+def test_an_imagefolder_dataset_on_s3_loads_from_the_cache(s3: tuple[object, GetCounter], tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from finetune_operator.api.contract import TrainerConfig
+    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+    from finetune_trainer.data import build_datasets
+
+    client, gets = s3
+    rng = np.random.default_rng(0)
+    for cls in ("ant", "bee"):
+        for i in range(4):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8), "RGB").save(png, format="PNG")
+            client.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/insects/{cls}/{i}.png", Body=png.getvalue())  # type: ignore[attr-defined]
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {
+                "trainUri": f"s3://{BUCKET}/{tmp_path.name}/insects",
+                "cacheDir": str(tmp_path / "cache"),
+                "validationSplit": 0.25,
+                "imageSize": 16,
+            },
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    train, val, classes, _ = build_datasets(TrainerConfig(job_name="insects", spec=spec, output_root=str(tmp_path / "out")))
+    assert classes == ["ant", "bee"]
+    assert len(train) + len(val) == 8  # type: ignore[arg-type]
+    image, label = val[0]
+    assert tuple(image.shape) == (3, 16, 16) and label in (0, 1)
+    assert len(gets.paths) == 8
