@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import torchvision
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +27,7 @@ spec:
   strategy: {method: lp-ft, probeEpochs: 1}
   hyperparameters: {epochs: 2, batchSize: 8}
   resources: {workers: 1, cpusPerWorker: 1}
-  output: {uri: runs, exports: [state_dict, torchscript]}
+  output: {uri: runs, exports: [state_dict, torchscript, safetensors]}
 """
 
 
@@ -55,6 +57,36 @@ def test_finetune_run_trains_a_job_end_to_end(tmp_path: Path) -> None:
     assert status["phase"] == "Succeeded"
     assert status["progress"]["epoch"] == 2
     assert status["artifacts"]["modelUri"].endswith("runs/tiny/model.pt")
+    check_readme_card(run_dir)
+    # model.safetensors serves `finetune predict` like model.pt does.
+    digit = tmp_path / "digit.png"
+    PIL.Image.new("L", (32, 32), 128).save(digit)
+    same = [
+        finetune("predict", "--model", str(run_dir), "--format", fmt, str(digit), cwd=tmp_path)
+        for fmt in ("state_dict", "safetensors")
+    ]
+    assert [p.returncode for p in same] == [0, 0], same[1].stderr
+    assert same[0].stdout == same[1].stdout
+
+
+def check_readme_card(run_dir: Path) -> None:
+    """README.md of a real run: front matter, the classes' table from the final evaluation, the data counts,
+    the confusion matrix, and its entry in model.json's file list (issue 15 signs that list)."""
+    card = json.loads((run_dir / "model.json").read_text())
+    text = (run_dir / "README.md").read_text()
+    assert card["files"]["README.md"]["bytes"] == len(text.encode())
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["model-index"][0]["name"] == "tiny"
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(card["evaluation"]["accuracy"], abs=1e-5)
+    data = card["data"]
+    # maxPerClass caps the training images (3 classes × 10); the validation split keeps its own.
+    assert data["trainImages"] == 30 and data["validationImages"] == card["evaluation"]["numSamples"] > 0
+    assert f"| train | {data['trainImages']} |" in body and f"| validation | {data['validationImages']} |" in body
+    for row in card["evaluation"]["classes"]:
+        assert f"| {row['name']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |" in body
+    assert "![Confusion matrix](confusion_matrix.png)" in body and (run_dir / "confusion_matrix.png").is_file()
+    assert card["recipe"]["batchSize"] == 8 and card["recipe"]["strategy"] == "lp-ft"
 
 
 def test_finetune_run_reports_weights_of_another_architecture(tmp_path: Path) -> None:

@@ -421,7 +421,7 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "spec.dataset.cacheDir",
         ["'https://host/cache'", "file://"],
     ),
-    ("export-format", {"spec.output.exports": ["safetensors"]}, "spec.output.exports[0]", ["'safetensors'", "'torchscript'"]),
+    ("export-format", {"spec.output.exports": ["pickle"]}, "spec.output.exports[0]", ["'pickle'", "'safetensors'"]),
     ("export-repeated", {"spec.output.exports": ["onnx", "onnx"]}, "spec.output.exports", ["repeats"]),
     ("keep-checkpoints-zero", {"spec.output.keepCheckpoints": 0}, "spec.output.keepCheckpoints", ["0"]),
     (

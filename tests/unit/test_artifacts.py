@@ -35,7 +35,14 @@ CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(
     image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", grayscale_to_rgb=True
 )
-EXPECTED_FILES = ["model.pt", "model.torchscript.pt", "evaluation.json", "confusion_matrix.png", "training_curves.png"]
+EXPECTED_FILES = [
+    "model.pt",
+    "model.torchscript.pt",
+    "evaluation.json",
+    "confusion_matrix.png",
+    "training_curves.png",
+    "README.md",
+]
 
 
 def make_config(
@@ -197,8 +204,11 @@ def test_model_card_keys_in_order(written: tuple[TrainerConfig, nn.Module, Artif
         "numClasses",
         "classNames",
         "input",
+        "data",
+        "recipe",
         "metrics",
         "evaluation",
+        "warnings",
         "exports",
         "spec",
         "versions",
@@ -234,6 +244,8 @@ def test_model_card_keys_in_order(written: tuple[TrainerConfig, nn.Module, Artif
         "weightedF1",
         "numSamples",
         "report",
+        "classes",
+        "minAccuracy",
     ]
 
 

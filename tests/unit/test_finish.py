@@ -147,6 +147,9 @@ def test_an_unusable_best_checkpoint_ships_the_last_epoch_and_says_so(tmp_path: 
     assert read(cfg, "evaluation.json")["accuracy"] == 0.25
     assert read(cfg, "model.json")["metrics"]["shipped"]["epoch"] == 3
     assert sinks.artifacts is not None and sinks.artifacts.checkpoint_uri == f"{cfg.run_dir}/{checkpoint_dir_name(3)}"
+    # The model card and its README say so too.
+    assert read(cfg, "model.json")["warnings"] == [warning]
+    assert "**Warning**: checkpoint checkpoint\\_epoch\\_0002" in (Path(cfg.run_dir) / "README.md").read_text()
 
 
 @pytest.mark.parametrize("best_checkpoint", [None, "checkpoint_epoch_0002"])

@@ -289,7 +289,15 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
         assert artifacts.model_uri == f"{root}/remote/model.pt"
         stored = sorted(p.rsplit("/", 1)[-1] for p in memory.ls("/finetune-test-bucket/out/remote", detail=False))
         assert stored == sorted(
-            ["model.pt", "model.json", "metrics.jsonl", "evaluation.json", "confusion_matrix.png", "training_curves.png"]
+            [
+                "model.pt",
+                "model.json",
+                "metrics.jsonl",
+                "evaluation.json",
+                "confusion_matrix.png",
+                "training_curves.png",
+                "README.md",
+            ]
         )
         card = load_model_card(cfg.run_dir)
         assert card.files["model.pt"].sha256 == artifacts.sha256

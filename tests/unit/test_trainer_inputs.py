@@ -377,9 +377,14 @@ def test_object_store_prefix_is_downloaded_once_into_the_cache(tmp_path: Path) -
 
     first = fetch_to_cache(uri, str(tmp_path))
     assert sorted(p.relative_to(first).as_posix() for p in Path(first).rglob("*.png")) == ["cat/0.png", "dog/0.png"]
+    assert fetch_to_cache(uri, str(tmp_path)) == first  # unchanged: the same copy
+    # A changed dataset is not served stale: the deleted object is gone, the changed one has its new bytes.
     fs.rm("/bucket/train/dog/0.png")
-    assert fetch_to_cache(uri, str(tmp_path)) == first  # the marker says done: not fetched again
-    assert (Path(first) / "dog" / "0.png").exists()
+    fs.pipe({"/bucket/train/cat/0.png": b"changed"})
+    second = fetch_to_cache(uri, str(tmp_path))
+    assert second != first
+    assert sorted(p.relative_to(second).as_posix() for p in Path(second).rglob("*.png")) == ["cat/0.png"]
+    assert (Path(second) / "cat" / "0.png").read_bytes() == b"changed"
     with pytest.raises(TrainerError, match="memory://bucket/nothing"):
         fetch_to_cache("memory://bucket/nothing", str(tmp_path))
 

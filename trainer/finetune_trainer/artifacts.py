@@ -8,9 +8,13 @@ Owns the artifact layout under ``<output.uri>/<job name>/``::
                            describe (the caller chooses it: the best epoch's, see ``finish``)
     model.torchscript.pt   TorchScript export (``exports: [torchscript]``), verified to load and match
     model.onnx             ONNX export (``exports: [onnx]``; needs the onnx package)
+    model.safetensors      the same tensors as model.pt, no pickle (``exports: [safetensors]``), metadata
+                           naming the architecture and the classes
     evaluation.json        per-class precision/recall/F1, averages, confusion matrix (``evaluation``)
     confusion_matrix.png   the same, drawn (``plots``)
     training_curves.png    loss, accuracy and learning rate per epoch, from metrics.jsonl (``plots``)
+    README.md              the same card for people (``model_card_md``), Hugging Face style; listed in
+                           model.json's files like every other artifact
     model.json             the model card (``model_card``): what the model is, how to feed it, how good
                            it is, checksums of every file staged (whatever files are there at the end)
     model.json.sig         its Ed25519 signature (``spec.output.sign``; ``protect``, ``signing``)
@@ -29,6 +33,7 @@ import json
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
@@ -44,7 +49,7 @@ from finetune_operator.api.v1alpha1 import Artifacts
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
 from finetune_trainer.evaluation import EvalResult, evaluation_report
-from finetune_trainer.exports import EXPORT_FILES, check_exports, export_model
+from finetune_trainer.exports import EXPORT_FILES, SAFETENSORS_FILE, check_exports, export_model, export_safetensors
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, read_metrics
 from finetune_trainer.model_card import (
@@ -52,8 +57,11 @@ from finetune_trainer.model_card import (
     MODEL_FILE,
     Architecture,
     BestEpoch,
+    CardData,
     CardEvaluation,
     CardMetrics,
+    CardRecipe,
+    ClassMetrics,
     FileEntry,
     JobRef,
     ModelCard,
@@ -63,16 +71,28 @@ from finetune_trainer.model_card import (
     Versions,
     WeightsSource,
 )
+from finetune_trainer.model_card_md import README_FILE, render_readme
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 from finetune_trainer.protect import keyring_for, protection_of, seal_staged, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
 from finetune_trainer.signing import SIGNATURE_FILE
 
-__all__ = ["unwrap_model", "write_artifacts"]
+__all__ = ["RunFacts", "unwrap_model", "write_artifacts"]
 
 EVALUATION_FILE: Final = "evaluation.json"
 CONFUSION_PNG: Final = "confusion_matrix.png"
 CURVES_PNG: Final = "training_curves.png"
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What only the training loop knows, for the card: the training images, what the defaults chose
+    (``recipe.BatchPlan``) and the warnings the run gave."""
+
+    train_images: int | None = None
+    passes: int | None = None
+    chosen: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -125,6 +145,32 @@ def _published(staged: Path, card: ModelCard) -> list[str]:
     return [*card.files, *signature, CARD_FILE]
 
 
+def _data(cfg: TrainerConfig, facts: RunFacts, validation_images: int) -> CardData:
+    ds = cfg.spec.dataset
+    return CardData(
+        format=ds.format,
+        train_uri=cfg.public_uri(ds.train_uri),
+        validation_uri=cfg.public_uri(ds.validation_uri),
+        train_images=facts.train_images,
+        validation_images=validation_images,
+    )
+
+
+def _recipe(cfg: TrainerConfig, facts: RunFacts) -> CardRecipe:
+    spec = cfg.spec
+    hp = spec.hyperparameters
+    return CardRecipe(
+        strategy=spec.strategy.method,
+        epochs=hp.epochs,
+        batch_size=hp.batch_size,
+        passes_per_epoch=facts.passes,
+        optimizer=hp.optimizer,
+        learning_rate=hp.learning_rate,
+        scheduler=hp.scheduler,
+        chosen=facts.chosen,
+    )
+
+
 def _stage(
     out: Path,
     *,
@@ -137,6 +183,7 @@ def _stage(
     best_val_accuracy: float | None,
     best_epoch: int | None,
     shipped_epoch: int | None,
+    facts: RunFacts,
 ) -> ModelCard:
     """Write every artifact into the local directory ``out``; return the model card (also written)."""
     model = unwrap_model(model)
@@ -144,6 +191,8 @@ def _stage(
     torch.save(state, out / MODEL_FILE)
     formats = list(cfg.spec.output.exports)
     export_model(model, input_spec.image_size, len(class_names), formats, out)
+    if "safetensors" in formats:
+        export_safetensors(state, out / SAFETENSORS_FILE, architecture=cfg.spec.model.name, class_names=class_names)
 
     report = evaluation_report(evaluation)
     (out / EVALUATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -169,6 +218,8 @@ def _stage(
         num_classes=len(class_names),
         class_names=list(class_names),
         input=input_spec,
+        data=_data(cfg, facts, report["numSamples"]),
+        recipe=_recipe(cfg, facts),
         metrics=CardMetrics(
             final=records[-1] if records else None,
             best=BestEpoch(val_accuracy=best_val_accuracy, epoch=best_epoch),
@@ -183,13 +234,19 @@ def _stage(
             weighted_f1=report["weightedAvg"]["f1"],
             num_samples=report["numSamples"],
             report=EVALUATION_FILE,
+            classes=[ClassMetrics.model_validate(c) for c in report["classes"]],
+            min_accuracy=cfg.spec.evaluation.min_accuracy,
         ),
+        warnings=list(facts.warnings),
         exports={f: EXPORT_FILES[f] for f in formats},
         spec=cfg.spec.to_wire(),
         versions=_versions(),
         files={name: _file_entry(out / name) for name in files},
         protection=protection_of(cfg, keyring, signing),
     )
+    # README.md renders the card as it stands (it cannot hold its own checksum), then joins its file list.
+    (out / README_FILE).write_text(render_readme(card, confusion_matrix=CONFUSION_PNG), encoding="utf-8")
+    card = card.model_copy(update={"files": {**card.files, README_FILE: _file_entry(out / README_FILE)}})
     (out / CARD_FILE).write_text(card.to_json())
     if signing is not None:
         sign_staged(out, CARD_FILE, signing)
@@ -208,6 +265,7 @@ def write_artifacts(
     best_epoch: int | None,
     checkpoint_uri: str | None,
     shipped_epoch: int | None = None,
+    facts: RunFacts | None = None,
 ) -> Artifacts:
     """Write the model, its exports, the evaluation, the plots and the model card into ``run_dir`` (a path
     or an s3:// / gs:// URI) and return what the FineTuneJob status records about them. ``model`` holds
@@ -226,6 +284,7 @@ def write_artifacts(
         best_val_accuracy=best_val_accuracy,
         best_epoch=best_epoch,
         shipped_epoch=shipped_epoch,
+        facts=facts or RunFacts(),
     )
     if storage.is_remote(run_dir):
         # Object stores: stage in a local temporary directory, then upload; the card goes last.

@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--require-signed", action="store_true", help="refuse an unsigned model (as FINETUNE_REQUIRE_SIGNED=true)")
+    p.add_argument(
+        "--format",
+        choices=["state_dict", "safetensors"],
+        default="state_dict",
+        help="weights to load: model.pt (state_dict) or model.safetensors (needs exports: [safetensors])",
+    )
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("verify", help="check an artifact directory: signature, sha256 of every file, decryption")

@@ -1,8 +1,9 @@
 """Datasets and transforms of a run: ``build_datasets(cfg) -> (train, val, class_names, input_spec)``.
 
 Three formats, as ``spec.dataset.format`` names them: ``imagefolder`` (a local folder, or an s3:// /
-gs:// prefix downloaded once per node into the cache dir), ``digits`` (scikit-learn's bundled 8×8
-handwritten digits, upsampled: real data that needs no network) and ``fake`` (torchvision FakeData).
+gs:// prefix downloaded once per node and object version into the cache dir: ``download_cache``),
+``digits`` (scikit-learn's bundled 8×8 handwritten digits, upsampled: real data that needs no network)
+and ``fake`` (torchvision FakeData).
 Training transforms come from the ``augmentation`` preset, evaluation transforms from the named
 weights' preset (resize, crop, mean, std, interpolation from the catalogue) as torchvision's
 ``weights.transforms()`` would build them. Bad input fails with a ``TrainerError`` naming the path or
@@ -16,11 +17,7 @@ starts Ray.
 from __future__ import annotations
 
 import copy
-import fcntl
-import hashlib
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, cast
 
 import numpy as np
@@ -35,7 +32,8 @@ from finetune_operator.api import catalog
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
-from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.download_cache import fetch_to_cache
+from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 
@@ -222,31 +220,6 @@ def _fake(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, Labelle
 
 
 # ----------------------------------------------------------------------------------------- imagefolder
-def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
-    """The local copy of an object-store prefix, downloaded once per node: workers on one node take a
-    file lock, the first downloads, the others find the completion marker and reuse the copy."""
-    root = Path(resolve_uri(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "finetune-cache") / "datasets"
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".complete"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            try:
-                import fsspec
-
-                fs, path = fsspec.core.url_to_fs(uri)
-                fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-            except FileNotFoundError:
-                raise TrainerError(f"dataset: {uri}: no such prefix") from None
-            except ImportError as e:
-                raise TrainerError(f"dataset: {uri}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
-            except Exception as e:  # each backend raises its own (botocore, google.auth, ...)
-                raise TrainerError(f"dataset: {uri}: download failed: {exception_line(e)}") from e
-            done.touch()
-    return str(target)
-
-
 def _local_root(uri: str, cache_dir: str | None) -> str:
     return fetch_to_cache(uri, cache_dir) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
 

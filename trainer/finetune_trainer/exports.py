@@ -1,8 +1,10 @@
-"""Exports of a trained model beside its state_dict: TorchScript and ONNX, each verified.
+"""Exports of a trained model beside its state_dict: TorchScript, ONNX and safetensors, each verified.
 
 ``check_exports`` fails fast, before any training, when a requested format cannot be produced here;
 ``export_model`` writes the requested exports of a model and checks that each reproduces the model's
-outputs on a fixed example batch. Called by ``artifacts`` (and the driver, for the early check).
+outputs on a fixed example batch; ``export_safetensors`` writes the state_dict itself as safetensors (no
+pickle: loading it cannot run code) and ``read_safetensors`` reads it back for ``predict``. Called by
+``artifacts`` (and the driver, for the early check).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +24,15 @@ from torch import nn
 from finetune_trainer.errors import ArtifactError
 from finetune_trainer.model_card import MODEL_FILE
 
-__all__ = ["EXPORT_FILES", "check_exports", "export_model"]
+__all__ = ["EXPORT_FILES", "SAFETENSORS_FILE", "check_exports", "export_model", "export_safetensors", "read_safetensors"]
 
-EXPORT_FILES: Final = {"state_dict": MODEL_FILE, "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+SAFETENSORS_FILE: Final = "model.safetensors"
+EXPORT_FILES: Final = {
+    "state_dict": MODEL_FILE,
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+    "safetensors": SAFETENSORS_FILE,
+}
 """Export format (``spec.output.exports``) → its file in the artifact directory."""
 
 
@@ -96,3 +105,34 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, expected: torch.Tensor
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (logits,) = session.run(["logits"], {"image": example.numpy()})
         _verify("onnx", expected, torch.from_numpy(logits))
+
+
+def export_safetensors(state: dict[str, torch.Tensor], path: Path, *, architecture: str, class_names: Sequence[str]) -> None:
+    """Write ``state`` (model.pt's tensors) to ``path`` as safetensors, the metadata naming the architecture
+    and the classes in output order, and check that it reads back equal."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "architecture": architecture, "classNames": json.dumps(list(class_names))}
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except (RuntimeError, ValueError) as e:  # tensors sharing memory, non-contiguous views
+        raise ArtifactError(f"safetensors export failed: {e}") from None
+    loaded, _ = read_safetensors(path.read_bytes(), str(path))
+    if loaded.keys() != state.keys() or not all(torch.equal(loaded[k], state[k]) for k in state):
+        raise ArtifactError("safetensors export does not read back equal to the state_dict")
+
+
+def read_safetensors(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file's bytes; ``ArtifactError`` naming ``source`` if it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        # The metadata sits in the JSON header (8-byte little-endian length, then the JSON), read here from bytes.
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{source}: not a safetensors file ({e})") from None
+    metadata = header.get("__metadata__") or {}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -20,7 +20,7 @@ from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Progress
 from finetune_trainer import storage
-from finetune_trainer.artifacts import write_artifacts
+from finetune_trainer.artifacts import RunFacts, write_artifacts
 from finetune_trainer.checkpoint import CorruptCheckpoint, TrainState, checkpoint_dir_name
 from finetune_trainer.engine import Precision, evaluate
 from finetune_trainer.evaluation import EvalResult
@@ -34,7 +34,9 @@ __all__ = ["finish_run"]
 log = logging.getLogger(__name__)
 
 
-def _ship_weights(cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks: ProgressSink | None) -> tuple[str, int]:
+def _ship_weights(
+    cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks: ProgressSink | None, warnings: list[str]
+) -> tuple[str, int]:
     """Put the shipped weights into ``model``; return (their checkpoint's name, their epoch)."""
     last = (checkpoint_dir_name(state.epoch, state.lineage), state.epoch)
     # A checkpoint written before best_checkpoint existed names its best epoch only (never after a fallback).
@@ -46,6 +48,7 @@ def _ship_weights(cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks
     except CorruptCheckpoint as e:
         warning = f"{e}; model.pt holds the last epoch's weights (epoch {state.epoch}) instead of the best"
         log.warning("%s", warning)
+        warnings.append(warning)
         if sinks is not None:
             sinks.warn(warning)
         return last
@@ -64,15 +67,17 @@ def finish_run(
     state: TrainState,
     input_spec: InputSpec,
     sinks: ProgressSink | None,
+    facts: RunFacts | None = None,
 ) -> None:
     """Rank 0: load the shipped weights into ``model``, evaluate them on the whole validation set,
-    write the artifacts and close the sinks."""
+    write the artifacts and close the sinks. ``facts``: what the loop knows for the model card."""
     spec = cfg.spec
     total = spec.hyperparameters.epochs
     if sinks is not None:
         percent = 100.0 if state.epoch >= total else round(100 * state.epoch / total, 2)
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=percent, stage="evaluate", updated_at=utc_now()))
-    name, epoch = _ship_weights(cfg, model, state, sinks)
+    facts = facts or RunFacts()
+    name, epoch = _ship_weights(cfg, model, state, sinks, facts.warnings)
     # Eval mode: any batch size gives the same numbers (a spec not yet planned has none).
     loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size or 64), shuffle=False)
     stats = evaluate(model, loader, criterion, precision, len(class_names), reduce=False)
@@ -89,6 +94,7 @@ def finish_run(
         best_epoch=state.best_epoch,
         checkpoint_uri=storage.join(cfg.run_dir, name) if state.epoch > 0 else None,
         shipped_epoch=epoch if state.epoch > 0 else None,
+        facts=facts,
     )
     if sinks is not None:
         sinks.finish(artifacts)

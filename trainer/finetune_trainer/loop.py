@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import ray.train
@@ -34,6 +34,7 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
 from finetune_trainer import storage
+from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
@@ -90,6 +91,8 @@ class Worker:
     warned_batch_norm: bool = False
     tracker: Tracker | None = None
     """Rank 0's TensorBoard and MLflow (``tracking``)."""
+    warnings: list[str] = field(default_factory=list)
+    """What this attempt warned about, for the model card (rank 0)."""
 
     @property
     def spec(self) -> FineTuneJobSpec:
@@ -181,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state=state,
                 input_spec=input_spec,
                 sinks=sinks,
+                facts=RunFacts(train_images=len(train), passes=plan.passes, chosen=plan.chosen, warnings=worker.warnings),  # type: ignore[arg-type]
             )
             if tracker is not None:
                 tracker.finish(worker.model, val, class_names, input_spec)
@@ -203,6 +207,7 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     )
     for warning in resumed.warnings:
         log.warning("%s", warning)
+        worker.warnings.append(warning)
         if worker.sinks is not None:
             worker.sinks.warn(warning)
     data = resumed.data
@@ -302,6 +307,7 @@ def _run_stage(
         if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
             worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
             log.warning("%s: %s", worker.cfg.job_name, warning)
+            worker.warnings.append(warning)
             if worker.sinks is not None:  # status.warnings, and the operator's TrainerWarning condition
                 worker.sinks.warn(warning)
         state.observe(epoch, stats.accuracy, hp.early_stopping.min_delta if hp.early_stopping else 0.0)

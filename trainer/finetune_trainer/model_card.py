@@ -1,5 +1,8 @@
 """The model card, ``model.json``: what a trained model is, how to feed it, how good it is, checksums.
 
+The human-readable ``README.md`` beside it is a rendering of this same typed card (``model_card_md``),
+never a second source of truth: what it shows (data counts, recipe, per-class metrics, warnings) is here.
+
 ``ModelCard`` is typed (pydantic, camelCase on the wire like the API): ``artifacts`` builds and writes
 it last, so its presence means the artifact directory is complete; ``load_model_card`` reads it back,
 validated, for ``finetune predict`` and for reusing a head when a job starts from an earlier job's
@@ -27,9 +30,12 @@ __all__ = [
     "MODEL_FILE",
     "Architecture",
     "BestEpoch",
+    "CardData",
     "CardEvaluation",
     "CardMetrics",
     "CardPart",
+    "CardRecipe",
+    "ClassMetrics",
     "FileEntry",
     "JobRef",
     "ModelCard",
@@ -124,8 +130,18 @@ class CardMetrics(CardPart):
     epochs: int
 
 
+class ClassMetrics(CardPart):
+    """One class of the final evaluation."""
+
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
 class CardEvaluation(CardPart):
-    """The headline numbers of ``evaluation.json`` (named by ``report``)."""
+    """The headline numbers of ``evaluation.json`` (named by ``report``) and its per-class lines."""
 
     accuracy: float
     macro_precision: float
@@ -134,6 +150,34 @@ class CardEvaluation(CardPart):
     weighted_f1: float
     num_samples: int
     report: str
+    classes: list[ClassMetrics] = Field(default_factory=list)
+    """In class order (absent in cards written before the README card)."""
+    min_accuracy: float | None = None
+    """``spec.evaluation.minAccuracy``, the gate the best validation accuracy was held to."""
+
+
+class CardData(CardPart):
+    """Where the images came from and how many each split had."""
+
+    format: str
+    train_uri: str | None = None
+    validation_uri: str | None = None
+    train_images: int | None = None
+    validation_images: int | None = None
+
+
+class CardRecipe(CardPart):
+    """How the model was trained: the spec's choices and what the defaults chose from the data (``recipe``)."""
+
+    strategy: str
+    epochs: int
+    batch_size: int | None
+    passes_per_epoch: int | None = None
+    optimizer: str
+    learning_rate: float
+    scheduler: str
+    chosen: str | None = None
+    """What the automatic defaults chose and why (``BatchPlan.chosen``); null when the spec set the batch size."""
 
 
 class Versions(CardPart):
@@ -173,8 +217,12 @@ class ModelCard(CardPart):
     class_names: list[str]
     """In output order: index i of the logits is ``class_names[i]``."""
     input: InputSpec
+    data: CardData | None = None
+    recipe: CardRecipe | None = None
     metrics: CardMetrics | None = None
     evaluation: CardEvaluation | None = None
+    warnings: list[str] = Field(default_factory=list)
+    """What the run warned about (BatchNorm collapse, a checkpoint it could not use), oldest first."""
     exports: dict[str, str] = Field(default_factory=dict)
     """Export format → file name in the artifact directory."""
     spec: dict[str, Any] | None = None

@@ -1,10 +1,11 @@
 """`finetune predict`: classify images with the artifact directory of a finished job.
 
 Everything needed comes from the model card (``model.json``): the architecture to rebuild, the class
-names in output order, and the evaluation transforms the model was validated with. ``model.pt`` is
+names in output order, and the evaluation transforms the model was validated with. The weights come from
+``model.pt`` or, with ``--format safetensors``, from ``model.safetensors`` (no pickle at all); either is
 verified (``verify``: the card's signature, the file's sha256, decryption when it is encrypted) before it
-is unpickled, so a truncated or swapped file is reported as such rather than as a puzzling shape error.
-User errors (missing directory, bad image) are one line on stderr and exit status 2; called by ``finetune_trainer.cli``.
+is loaded, so a truncated or swapped file is reported as such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
+stderr and exit status 2; called by ``finetune_trainer.cli``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.model_card import CARD_FILE, MODEL_FILE
+from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
 from finetune_trainer.verify import verify_artifacts
 
 __all__ = ["image_transform", "load_for_inference", "predict", "predict_command"]
@@ -44,18 +45,41 @@ def image_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     return transform
 
 
+def _weights(data: bytes, uri: str, weights_format: str, card_architecture: str) -> dict[str, torch.Tensor]:
+    if weights_format == "safetensors":
+        from finetune_trainer.exports import read_safetensors
+
+        state, metadata = read_safetensors(data, uri)
+        named = metadata.get("architecture")
+        if named is not None and named != card_architecture:
+            raise ArtifactError(f"{uri}: its metadata names architecture {named!r} but the model card {card_architecture!r}")
+        return state
+    # weights_only: unpickling a model file must never run code.
+    return cast(dict[str, torch.Tensor], torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
 def load_for_inference(
-    artifact_dir: str, *, require_signed: bool | None = None
+    artifact_dir: str, weights_format: str = "state_dict", *, require_signed: bool | None = None
 ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor], list[str]]:
     """``(model in eval mode on CPU, image transform, class names)`` from an artifact directory (a path or
-    an s3:// / gs:// URI). Raises ArtifactError when the card or ``model.pt`` is missing or does not match."""
+    an s3:// / gs:// URI), its weights from ``model.pt`` (``state_dict``) or ``model.safetensors``
+    (``safetensors``). Raises ArtifactError when the card or the weights file is missing or does not match."""
+    from finetune_trainer.exports import EXPORT_FILES
     from finetune_trainer.model import build_model
 
-    # The card's signature (required when FINETUNE_REQUIRE_SIGNED=true), model.pt's sha256 and, when it is
-    # encrypted, its decryption: all before a byte of it is unpickled.
-    verified = verify_artifacts(artifact_dir, only=[MODEL_FILE], read=[MODEL_FILE], require_signed=require_signed)
-    card, data = verified.card, verified.contents[MODEL_FILE]
-    uri = storage.join(artifact_dir, MODEL_FILE)
+    if weights_format not in ("state_dict", "safetensors"):
+        raise ArtifactError(f"--format {weights_format!r}: accepted: state_dict (model.pt), safetensors (model.safetensors)")
+    file_name = EXPORT_FILES[weights_format]
+    uri = storage.join(artifact_dir, file_name)
+    if file_name != MODEL_FILE and file_name not in load_model_card(artifact_dir).files:
+        raise ArtifactError(
+            f"{uri}: the model card lists no {file_name}; the job did not export {weights_format} "
+            f"(spec.output.exports), use --format state_dict"
+        )
+    # The card's signature (required when FINETUNE_REQUIRE_SIGNED=true), the file's sha256 and, when it is
+    # encrypted, its decryption: all before a byte of it is loaded.
+    verified = verify_artifacts(artifact_dir, only=[file_name], read=[file_name], require_signed=require_signed)
+    card, data = verified.card, verified.contents[file_name]
     class_names = card.class_names
     name = card.architecture.name
     try:
@@ -63,9 +87,9 @@ def load_for_inference(
     except ValueError as e:
         raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {name!r}: {e}") from None
     try:
-        # weights_only: unpickling a model file must never run code.
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(_weights(data, uri, weights_format, name))
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactError(f"{uri}: does not load into {name} with {len(class_names)} classes: {exception_line(e)}") from None
     spec = card.input
@@ -106,8 +130,9 @@ def predict(
 
 
 def predict_command(args: argparse.Namespace | Any) -> int:
-    """``finetune predict --model DIR IMAGE... [--top-k K]``: per image, its name and then the top-k
-    ``label  probability`` lines. Images that cannot be read are reported and skipped; exit 2 if any."""
+    """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image,
+    its name and then the top-k ``label  probability`` lines. Images that cannot be read are reported and
+    skipped; exit 2 if any."""
     top_k: int = args.top_k
     if top_k < 1:
         print(f"error: --top-k {top_k}: must be at least 1", file=sys.stderr)
@@ -115,7 +140,9 @@ def predict_command(args: argparse.Namespace | Any) -> int:
     try:
         # --require-signed only tightens: FINETUNE_REQUIRE_SIGNED=true still applies without it.
         model, transform, class_names = load_for_inference(
-            args.model, require_signed=True if getattr(args, "require_signed", False) else None
+            args.model,
+            getattr(args, "format", None) or "state_dict",
+            require_signed=True if getattr(args, "require_signed", False) else None,
         )
     except (ArtifactError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -55,7 +55,7 @@ UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
 Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
-ExportFormat = Literal["state_dict", "torchscript", "onnx"]
+ExportFormat = Literal["state_dict", "torchscript", "onnx", "safetensors"]
 WarningLine = Annotated[str, Field(max_length=1024)]  # MAX_WARNING_LENGTH
 
 
@@ -417,10 +417,11 @@ class OutputSpec(WireModel):
     """Artifact root: s3://, gs://, file://, pvc://CLAIM/PATH or a path; the job writes under `<uri>/<job name>/`. It must be
     reachable from every Ray node (object store or shared volume)."""
 
-    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(
+    exports: Annotated[list[ExportFormat], Field(min_length=1, max_length=4)] = Field(
         default_factory=lambda: list[ExportFormat](["state_dict"])
     )
-    """Model formats to export: `state_dict` (model.pt), `torchscript` (model.torchscript.pt), `onnx` (model.onnx)."""
+    """Model formats to export: `state_dict` (model.pt), `torchscript` (model.torchscript.pt), `onnx` (model.onnx),
+    `safetensors` (model.safetensors: the same tensors as model.pt, its metadata naming the architecture and classes)."""
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
     """Checkpoints kept (the best by validation accuracy and the latest always survive)."""
