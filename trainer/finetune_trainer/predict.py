@@ -4,8 +4,9 @@ Everything needed comes from the model card (``model.json``): the architecture t
 names in output order, and the evaluation transforms the model was validated with. The weights come from
 ``model.pt`` or, with ``--format safetensors``, from ``model.safetensors`` (no pickle at all); either is
 verified (``verify``: the card's signature, the file's sha256, decryption when it is encrypted) before it
-is loaded, so a truncated or swapped file is reported as such rather than as a puzzling shape error. User errors (missing directory, bad image) are one line on
-stderr and exit status 2; called by ``finetune_trainer.cli``.
+is loaded, so a truncated or swapped file is reported as such rather than as a puzzling shape error.
+User errors (missing directory, bad image) are one line on stderr and exit status 2; called by
+``finetune_trainer.cli``.
 """
 
 from __future__ import annotations
