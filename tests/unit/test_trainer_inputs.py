@@ -401,3 +401,24 @@ def test_missing_exporter_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(TrainerError, match=r"^output.exports: .*onnx"):
         driver.run(cfg)
     assert not (tmp_path / "digits-source").exists()
+
+
+def test_a_local_ray_that_does_not_start_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an overloaded machine Ray's raylet can miss its start-up deadline; `finetune run` printed the traceback."""
+    import types
+
+    from finetune_trainer.local import start_ray
+
+    def init(**_: Any) -> None:
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the raylet failed to "
+            "startup or the GCS has become overloaded."
+        )
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    job = load_job((REPO / "manifests/examples/digits-source.yaml").read_text(), "digits-source.yaml")
+    with pytest.raises(TrainerError) as caught:
+        start_ray(TrainerConfig.from_job(job, output_root=str(tmp_path)))
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("the local Ray did not start: ")
+    assert "timed out during startup" in str(caught.value)

@@ -21,7 +21,7 @@ from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import TrainerError, exception_line
 from finetune_trainer.gate import check_accuracy_gate
 
 __all__ = ["local_job", "run_command", "start_ray"]
@@ -109,17 +109,28 @@ def start_ray(cfg: TrainerConfig) -> bool:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
     cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
+    try:
+        _init_ray(ray, cpus, res.workers * res.gpus_per_worker or None)
+    except Exception as e:
+        # Ray's own start-up failures (a raylet or GCS that did not come up in time on an overloaded machine,
+        # no free ports, /tmp full) are not the job's fault and are not worth a traceback.
+        raise TrainerError(
+            f"the local Ray did not start: {exception_line(e)}; retry when the machine is less busy, or see /tmp/ray/"
+        ) from None
+    return True
+
+
+def _init_ray(ray: Any, cpus: int, gpus: int | None) -> None:
     ray.init(
         # A new Ray of its own, always: without an address Ray joins the cluster named by RAY_ADDRESS or the last
         # `ray start` on this machine, which refuses num_cpus and is not what "runs on this laptop" means.
         address="local",
         num_cpus=cpus,
-        num_gpus=res.workers * res.gpus_per_worker or None,
+        num_gpus=gpus,
         include_dashboard=False,
         log_to_driver=True,
         logging_level=logging.WARNING,
     )
-    return True
 
 
 def _summary(result: Any) -> str:
@@ -157,7 +168,11 @@ def _train(cfg: TrainerConfig) -> int:
 
     from finetune_trainer import driver
 
-    started = start_ray(cfg)
+    try:
+        started = start_ray(cfg)
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         result = driver.run(cfg, local=True)
         check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
