@@ -128,4 +128,33 @@ def test_a_hostile_class_name_still_gets_its_sample_predictions(tmp_path: Path) 
     assert "eval/sample_predictions" in read_events(run_dir).Tags()["images"]
 
 
+def test_a_remote_run_dir_relaunched_before_its_first_checkpoint_logs_no_step_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an s3:// or gs:// run dir, epoch 1's events and tracking.json are uploaded before its checkpoint; a crash
+    in between relaunches from epoch 0, which drops tracking.json's epoch 1, and ``_has_events`` is False for remote
+    dirs, so the writer opens without purge_step: steps 1-4 and epoch 1 appear twice (and hparams again). Simulated
+    with a local dir that Tracker believes remote (uploads are local copies)."""
+    import time
+    import types
+
+    import finetune_trainer.tracking as tracking
+    from finetune_trainer import storage
+
+    proxy = types.SimpleNamespace(**{k: getattr(storage, k) for k in dir(storage) if not k.startswith("__")})
+    proxy.is_remote = lambda uri: True
+    monkeypatch.setattr(tracking, "storage", proxy)
+    cfg = config(tmp_path)
+    (tmp_path / "job").mkdir()
+    first = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(first, 1, 4, 0.5)  # uploaded at the epoch's end; the checkpoint upload then dies
+    time.sleep(1.1)  # event file names carry the second
+    second = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(second, 1, 4, 0.7)
+    second.finish(*tiny_model_and_data(), CLASSES, INPUT)
+    acc = read_events(tmp_path / "job")
+    assert [e.step for e in acc.Scalars("step/train_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [4]
+
+
 from finetune_trainer.tracking import Tracker  # noqa: E402  (after the helpers: the trainer's torch import is slow)
