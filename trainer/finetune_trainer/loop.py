@@ -336,6 +336,8 @@ def _run_stage(
                 record, meter.global_step, state.best_val_accuracy, [float(g["lr"]) for g in optimizer.param_groups]
             )
         _report(worker, record, state, optimizer, scheduler, attempt)
+        if worker.tracker is not None:  # the checkpoint is stored: MLflow, which cannot purge, gets the epoch now
+            worker.tracker.committed(epoch)
         if worker.fail_after == epoch:
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook {FAIL_AFTER_EPOCH_KEY})")
         if state.stopped_early:
