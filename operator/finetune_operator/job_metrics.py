@@ -1,8 +1,10 @@
 """Job-level Prometheus series: one set per FineTuneJob, labelled ``namespace`` and ``name``.
 
 ``JobSeries`` is a prometheus_client collector over the latest body of every live job: ``observe(body)`` on each
-watch event, ``forget`` on DELETED, ``clear`` when this replica stops leading. Values are computed at scrape time
-(a running job's duration grows between events), so nothing is stored but what the job's own status says.
+watch event, ``forget`` on DELETED, ``clear`` when this replica stops leading, and ``prune`` after each resync
+round's LIST: a DELETED event missed across a watch reconnect must not leave a job's series forever. Values are
+computed at scrape time (a running job's duration grows between events), so nothing is stored but what the job's own
+status says (and, for a suspended job without its condition yet, when the suspension was first seen).
 
 Why the operator exports these and not a kube-state-metrics CustomResourceState configuration: durations need
 "now" and the difference of two timestamps, which CustomResourceState cannot compute, and many clusters run a
@@ -130,6 +132,8 @@ class JobSeries(Collector):
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], JobSample] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # the observation count when each job was last observed
+        self._observed = 0
 
     def observe(self, body: Mapping[str, Any]) -> None:
         """Take the job's latest body (every watch event of it)."""
@@ -143,6 +147,22 @@ class JobSeries(Collector):
                 seen = held.suspended if held is not None and held.uid == found.uid else None
                 found = replace(found, suspended=seen if seen is not None else self._clock())
             self._jobs[found.namespace, found.name] = found
+            self._observed += 1
+            self._seen[found.namespace, found.name] = self._observed
+
+    def mark(self) -> int:
+        """A mark to ``prune`` against: take it before the LIST, so that jobs observed after it are kept."""
+        with self._lock:
+            return self._observed
+
+    def prune(self, live_uids: set[str], mark: int) -> None:
+        """Drop the jobs a complete LIST (started after ``mark``) did not return, unless observed since ``mark``
+        (created after the LIST, or re-created under the same name)."""
+        with self._lock:
+            for key, job in list(self._jobs.items()):
+                if job.uid not in live_uids and self._seen.get(key, 0) <= mark:
+                    del self._jobs[key]
+                    self._seen.pop(key, None)
 
     def forget(self, namespace: str | None, name: str | None, uid: str | None = None) -> None:
         """Drop a deleted job's series; with ``uid``, only if the job held under that name is that one (a job
@@ -151,11 +171,13 @@ class JobSeries(Collector):
             held = self._jobs.get((namespace or "", name or ""))
             if held is not None and (uid is None or held.uid == uid):
                 del self._jobs[held.namespace, held.name]
+                self._seen.pop((held.namespace, held.name), None)
 
     def clear(self) -> None:
         """Drop every job: this replica stopped leading, and the new leader exports them now."""
         with self._lock:
             self._jobs.clear()
+            self._seen.clear()
 
     def __len__(self) -> int:
         with self._lock:

@@ -234,3 +234,35 @@ def test_a_step_down_between_the_leading_check_and_observe_leaves_no_series() ->
     finally:
         metrics.JOB_SERIES.clear()
         metrics.take_over()
+
+
+@pytest.mark.parametrize("list_fails", [False, True])
+def test_the_resync_round_prunes_series_of_jobs_its_list_no_longer_returns(list_fails: bool) -> None:
+    """A DELETED event missed across a watch reconnect left the job's series forever; the resync round's complete
+    LIST now prunes them (a failed LIST prunes nothing: absence from it proves nothing)."""
+    from finetune_operator.failures import ApiFailure
+    from finetune_operator.reconcile import Reconciler
+
+    kube = FakeKube()
+    kept = kube.put({"kind": "FineTuneJob", **job("kept", uid="u-kept", phase="Succeeded")})
+    metrics.JOB_SERIES.clear()
+    try:
+        metrics.JOB_SERIES.observe(kept)
+        metrics.JOB_SERIES.observe(job("missed", uid="u-missed", phase="Running"))
+        if list_fails:
+            kube.faults[("list", "FineTuneJob")] = ApiFailure("list FineTuneJob", 500, "HTTP 500")
+        Reconciler(kube, OperatorSettings(metrics_port=0)).resync_all()
+        names = {s.labels["name"] for f in metrics.JOB_SERIES.collect() for s in f.samples}
+        assert names == ({"kept", "missed"} if list_fails else {"kept"})
+    finally:
+        metrics.JOB_SERIES.clear()
+
+
+def test_a_job_observed_after_the_lists_mark_is_not_pruned() -> None:
+    """A job created after the round's LIST is absent from it; its watch event came later, so it stays."""
+    series = JobSeries()
+    series.observe(job("old", uid="u-old"))
+    mark = series.mark()
+    series.observe(job("new", uid="u-new"))
+    series.prune(set(), mark)
+    assert {s.labels["name"] for f in series.collect() for s in f.samples} == {"new"}

@@ -419,3 +419,44 @@ def test_uris_are_shown_as_scheme_host_port_path(uri: str, shown: str) -> None:
     from finetune_operator.api.tracking import shown_uri
 
     assert shown_uri(uri) == shown
+
+
+def test_a_failed_mlflow_upload_is_one_warning_and_the_rest_still_go_under_the_longer_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads shared the 10 s metrics timeout (a large model timed out), and the first failed one silenced the sink:
+    the other files were skipped and the run never ended (left RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune_operator.api.tracking import MlflowSpec
+    from finetune_trainer.mlflow_sink import ARTIFACT_TIMEOUT_ENV, MlflowSink
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv(ARTIFACT_TIMEOUT_ENV, "900")
+    store = f"file://{tmp_path / 'mlruns'}"
+    warnings: list[str] = []
+    sink = MlflowSink(MlflowSpec(tracking_uri=store, experiment_name="x"), "job", warnings.append)
+    assert sink.start(None, {}) is not None
+    timeouts: list[str | None] = []
+    real = sink._client.log_artifact
+
+    def log_artifact(run_id: str, path: str, artifact_path: str | None = None) -> None:
+        import os
+
+        timeouts.append(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
+        real(run_id, path, artifact_path)
+
+    monkeypatch.setattr(sink._client, "log_artifact", log_artifact)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    sink.log_artifacts([tmp_path / "gone.pt", tmp_path / "model.pt"])
+    sink.end()
+
+    assert timeouts == ["900", "900"]
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"  # the metrics calls' bound again
+    assert len(warnings) == 1 and "gone.pt" in warnings[0] and "model.pt" not in warnings[0]
+    client = MlflowClient(tracking_uri=store)
+    assert [a.path for a in client.list_artifacts(sink.run_id)] == ["model.pt"]
+    assert client.get_run(sink.run_id).info.status == "FINISHED"
