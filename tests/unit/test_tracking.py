@@ -460,3 +460,15 @@ def test_a_failed_mlflow_upload_is_one_warning_and_the_rest_still_go_under_the_l
     client = MlflowClient(tracking_uri=store)
     assert [a.path for a in client.list_artifacts(sink.run_id)] == ["model.pt"]
     assert client.get_run(sink.run_id).info.status == "FINISHED"
+
+
+def test_training_accuracy_is_a_step_and_an_epoch_scalar(tmp_path: Path) -> None:
+    """Issue 13 item 1: accuracies per step too, not only the loss."""
+    (tmp_path / "job").mkdir()
+    tracker = Tracker(config(tmp_path), resumed_epoch=0, on_warning=pytest.fail)
+    tracker.step(1, loss=1.0, lrs=[0.1], images_per_second=5.0, accuracy=0.25)
+    tracker.epoch(record(1, 0.5), 1, best=0.5, lrs=[0.1], train_accuracy=0.4)
+    tracker.finish(*tiny_model_and_data(), CLASSES, INPUT)
+    acc = read_events(tmp_path / "job")
+    assert [(e.step, e.value) for e in acc.Scalars("step/train_accuracy")] == [(1, 0.25)]
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("epoch/train_accuracy")] == [(1, 0.4)]

@@ -158,23 +158,37 @@ class Tracker:
         except Exception as exc:
             self._tb_failed(what, exc)
 
-    def step(self, global_step: int, loss: float, lrs: Sequence[float], images_per_second: float) -> None:
-        """One per-step point: training loss (mean since the last point), each param group's rate, throughput."""
+    def step(
+        self, global_step: int, loss: float, lrs: Sequence[float], images_per_second: float, accuracy: float | None = None
+    ) -> None:
+        """One per-step point: training loss and accuracy (means since the last point, the first worker's batches),
+        each param group's rate, throughput."""
 
         def write(w: Any) -> None:
             w.add_scalar("step/train_loss", loss, global_step)
+            if accuracy is not None:
+                w.add_scalar("step/train_accuracy", accuracy, global_step)
             w.add_scalar("step/images_per_second", images_per_second, global_step)
             for i, lr in enumerate(lrs):
                 w.add_scalar(f"step/lr/group{i}", lr, global_step)
 
         self._tb("step", write)
 
-    def epoch(self, record: EpochRecord, global_step: int, best: float | None, lrs: Sequence[float]) -> None:
-        """The finished epoch's numbers; remembers the global step it ended at (for a resume)."""
+    def epoch(
+        self,
+        record: EpochRecord,
+        global_step: int,
+        best: float | None,
+        lrs: Sequence[float],
+        train_accuracy: float | None = None,
+    ) -> None:
+        """The finished epoch's numbers (``train_accuracy``: the first worker's shard); remembers the global step it
+        ended at (for a resume)."""
         self.global_step = global_step
         scalars: dict[str, float | None] = {
             "epoch/epoch": record.epoch,
             "epoch/train_loss": record.train_loss,
+            "epoch/train_accuracy": train_accuracy,
             "epoch/val_loss": record.val_loss,
             "epoch/val_accuracy": record.val_accuracy,
             "epoch/val_top5": record.val_top5,
