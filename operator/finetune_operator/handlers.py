@@ -295,7 +295,7 @@ def forget(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, 
         metrics.forget(meta.uid)
         metrics.JOB_SERIES.forget(meta.namespace, meta.name, meta.uid)
     elif memo.get("leading") is None or memo["leading"]():  # one that stepped down exports no job (``leader_elector``)
-        metrics.JOB_SERIES.observe(_raw(body) or {})
+        metrics.observe_job(_raw(body) or {})
 
 
 @kopf.on.event(

@@ -1,8 +1,10 @@
 """Job-level Prometheus series: one set per FineTuneJob, labelled ``namespace`` and ``name``.
 
 ``JobSeries`` is a prometheus_client collector over the latest body of every live job: ``observe(body)`` on each
-watch event, ``forget`` on DELETED, ``clear`` when this replica stops leading. Values are computed at scrape time
-(a running job's duration grows between events), so nothing is stored but what the job's own status says.
+watch event, ``forget`` on DELETED, ``clear`` when this replica stops leading, and ``prune`` after each resync
+round's LIST: a DELETED event missed across a watch reconnect must not leave a job's series forever. Values are
+computed at scrape time (a running job's duration grows between events), so nothing is stored but what the job's own
+status says (and, for a suspended job without its condition yet, when the suspension was first seen).
 
 Why the operator exports these and not a kube-state-metrics CustomResourceState configuration: durations need
 "now" and the difference of two timestamps, which CustomResourceState cannot compute, and many clusters run a
@@ -17,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -35,8 +37,10 @@ IMAGES_PER_SECOND: Final = "finetune_job_images_per_second"
 GPUS: Final = "finetune_job_gpus"
 FAMILIES: Final = {
     PHASE: "1 for the job's current phase, 0 for the others (kube-state-metrics' kube_pod_status_phase shape).",
-    QUEUED: "Seconds from creation until training started (still counting while it has not; frozen if it never ran).",
-    DURATION: "Seconds of training: from status.startTime until status.completionTime, or until now while running.",
+    QUEUED: "Seconds from creation until training started (counting while it has not, except while Suspended; "
+    "frozen if it never ran).",
+    DURATION: "Seconds since training started (status.startTime) until status.completionTime, until the job was "
+    "suspended while it is Suspended, or until now.",
     BEST_ACCURACY: "Best top-1 validation accuracy so far (status.metrics.bestValAccuracy, 0-1).",
     IMAGES_PER_SECOND: "Training throughput of the last epoch, all workers together (status.metrics.imagesPerSecond).",
     GPUS: "GPUs the job requests: resources.workers x resources.gpusPerWorker.",
@@ -55,6 +59,8 @@ class JobSample:
     created: float | None
     started: float | None
     completed: float | None
+    suspended: float | None
+    """When the job was suspended, while its phase is Suspended: the clocks stop there (``JobSeries.collect``)."""
     best_val_accuracy: float | None
     images_per_second: float | None
     gpus: int
@@ -82,6 +88,17 @@ def _count(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def _suspended_at(phase: Any, status: Mapping[str, Any]) -> float | None:
+    """While Suspended, when that began: the Suspended condition's lastTransitionTime (None when unknown)."""
+    if phase != Phase.SUSPENDED.value:
+        return None
+    conditions = status.get("conditions")
+    for condition in conditions if isinstance(conditions, list) else []:
+        if isinstance(condition, Mapping) and condition.get("type") == "Suspended" and condition.get("status") == "True":
+            return _epoch(condition.get("lastTransitionTime"))
+    return None
+
+
 def sample(body: Mapping[str, Any]) -> JobSample | None:
     """The sample of a FineTuneJob body; None without namespace, name or uid. Never raises on odd values: a
     status is partly written by the trainer, and a scrape must not fail over one job."""
@@ -101,6 +118,7 @@ def sample(body: Mapping[str, Any]) -> JobSample | None:
         created=_epoch(meta.get("creationTimestamp")),
         started=_epoch(status.get("startTime")),
         completed=_epoch(status.get("completionTime")),
+        suspended=_suspended_at(phase, status),
         best_val_accuracy=_number(metrics.get("bestValAccuracy")),
         images_per_second=_number(metrics.get("imagesPerSecond")),
         gpus=_count(resources.get("workers"), 1) * _count(resources.get("gpusPerWorker"), 0),
@@ -114,13 +132,37 @@ class JobSeries(Collector):
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], JobSample] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # the observation count when each job was last observed
+        self._observed = 0
 
     def observe(self, body: Mapping[str, Any]) -> None:
         """Take the job's latest body (every watch event of it)."""
         found = sample(body)
-        if found is not None:
-            with self._lock:
-                self._jobs[found.namespace, found.name] = found
+        if found is None:
+            return
+        with self._lock:
+            if found.phase == Phase.SUSPENDED.value and found.suspended is None:
+                # No Suspended condition yet: the clocks stop when the suspension was first seen.
+                held = self._jobs.get((found.namespace, found.name))
+                seen = held.suspended if held is not None and held.uid == found.uid else None
+                found = replace(found, suspended=seen if seen is not None else self._clock())
+            self._jobs[found.namespace, found.name] = found
+            self._observed += 1
+            self._seen[found.namespace, found.name] = self._observed
+
+    def mark(self) -> int:
+        """A mark to ``prune`` against: take it before the LIST, so that jobs observed after it are kept."""
+        with self._lock:
+            return self._observed
+
+    def prune(self, live_uids: set[str], mark: int) -> None:
+        """Drop the jobs a complete LIST (started after ``mark``) did not return, unless observed since ``mark``
+        (created after the LIST, or re-created under the same name)."""
+        with self._lock:
+            for key, job in list(self._jobs.items()):
+                if job.uid not in live_uids and self._seen.get(key, 0) <= mark:
+                    del self._jobs[key]
+                    self._seen.pop(key, None)
 
     def forget(self, namespace: str | None, name: str | None, uid: str | None = None) -> None:
         """Drop a deleted job's series; with ``uid``, only if the job held under that name is that one (a job
@@ -129,11 +171,13 @@ class JobSeries(Collector):
             held = self._jobs.get((namespace or "", name or ""))
             if held is not None and (uid is None or held.uid == uid):
                 del self._jobs[held.namespace, held.name]
+                self._seen.pop((held.namespace, held.name), None)
 
     def clear(self) -> None:
         """Drop every job: this replica stopped leading, and the new leader exports them now."""
         with self._lock:
             self._jobs.clear()
+            self._seen.clear()
 
     def __len__(self) -> int:
         with self._lock:
@@ -152,11 +196,12 @@ class JobSeries(Collector):
             key = [job.namespace, job.name]
             for phase in Phase:
                 families[PHASE].add_metric([*key, phase.value], 1.0 if job.phase == phase.value else 0.0)
+            # A finished or suspended job's clocks stand still (docs/platform.md, "Metrics and dashboard").
+            stopped = job.completed or job.suspended or now
             if job.created is not None:
-                queued_until = job.started or job.completed or now
-                families[QUEUED].add_metric(key, max(0.0, queued_until - job.created))
+                families[QUEUED].add_metric(key, max(0.0, (job.started or stopped) - job.created))
             if job.started is not None:
-                families[DURATION].add_metric(key, max(0.0, (job.completed or now) - job.started))
+                families[DURATION].add_metric(key, max(0.0, stopped - job.started))
             if job.best_val_accuracy is not None:
                 families[BEST_ACCURACY].add_metric(key, job.best_val_accuracy)
             if job.images_per_second is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar, cast
 
 import prometheus_client
@@ -74,13 +74,21 @@ def forget(uid: str | None) -> None:
     record_phase(uid, None)
 
 
+def observe_job(body: Mapping[str, Any]) -> None:
+    """Export job ``body``'s series, unless this replica has stepped down: checked under the lock ``step_down`` takes,
+    so a step-down between the handler's "leading?" and this call cannot leave the job behind."""
+    with _lock:
+        if _counting[0]:
+            JOB_SERIES.observe(body)
+
+
 def step_down() -> None:
     """Forget every job, by phase and per job: this replica stopped leading (its handlers no longer see events)."""
     with _lock:
         _counting[0] = False
         _phases.clear()
         _refresh()
-    JOB_SERIES.clear()
+        JOB_SERIES.clear()
 
 
 def take_over() -> None:

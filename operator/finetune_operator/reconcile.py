@@ -151,18 +151,20 @@ class Reconciler:
 
         The operator's safety net, run every minute by a thread of its own rather than a Kopf timer: Kopf puts
         a finalizer on every object that has a timer, and deleting a job must never wait for the operator.
-        One job's failure is logged and never stops the others.
+        One job's failure is logged and never stops the others. After complete LISTs, the per-job series of jobs
+        no longer listed go (a DELETED event lost across a watch reconnect).
         """
-        failed = 0
+        failed, mark, live, complete = 0, metrics.JOB_SERIES.mark(), set[str](), True
         for namespace in namespaces or (None,):
             try:
                 listed = self.kube.list_jobs(namespace)
             except ApiFailure as exc:  # one namespace refused (its Role gone, throttled): the others still get their round
                 log.warning("resync could not list %s in %s: %s", KIND, namespace or "all namespaces", exc)
-                failed += 1
+                failed, complete = failed + 1, False
                 if exc.status == 429:
                     return failed
                 continue
+            live.update(str((item.get("metadata") or {}).get("uid")) for item in listed)
             for item in listed:
                 meta = item.get("metadata") or {}
                 try:
@@ -178,6 +180,8 @@ class Reconciler:
                 except Exception as exc:  # one job's surprise never stops the others'
                     failed += 1
                     log.warning("resync of %s %s/%s failed: %s", KIND, meta.get("namespace"), meta.get("name"), exc)
+        if complete:
+            metrics.JOB_SERIES.prune(live, mark)
         return failed
 
     # ---------------------------------------------------------------------------- RayJob events

@@ -65,7 +65,8 @@ def test_finetune_run_writes_tensorboard_events_and_an_mlflow_run(tmp_path: Path
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("step/train_loss", "step/lr/group0", "step/images_per_second", "epoch/val_accuracy", "epoch/train_loss"):
+    wanted = ("step/train_loss", "step/train_accuracy", "step/lr/group0", "step/images_per_second", "epoch/val_accuracy")
+    for tag in (*wanted, "epoch/train_loss", "epoch/train_accuracy"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
     assert [e.value for e in acc.Scalars("epoch/epoch")] == [1.0, 2.0]
     steps = [e.step for e in acc.Scalars("step/train_loss")]
@@ -80,7 +81,9 @@ def test_finetune_run_writes_tensorboard_events_and_an_mlflow_run(tmp_path: Path
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["hyperparameters.batchSize"] == "4"
+    # Logged once each epoch's checkpoint was stored (Tracker.committed), the training accuracy with them.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_accuracy")] == [1, 2]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model.json", "metrics.jsonl", "confusion_matrix.png", "tensorboard"} <= names
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_operator import handlers, metrics
-from finetune_operator.job_metrics import FAMILIES, JobSeries
+from finetune_operator.job_metrics import DURATION, FAMILIES, QUEUED, JobSeries
 from finetune_operator.settings import OperatorSettings
 from tests.support.fake_kube import FakeKube
 
@@ -183,3 +183,86 @@ def test_instrumented_times_calls_and_counts_exceptions_with_the_client_decorato
         handler(fail=True)
     assert count("finetune_operator_reconcile_errors_total", handler="unit-test") == 1.0
     assert count("finetune_operator_handler_duration_seconds_count", handler="unit-test") == 2.0
+
+
+def duration_and_queued(series: JobSeries) -> tuple[list[float], list[float]]:
+    families = {f.name: [s.value for s in f.samples] for f in series.collect()}
+    return families[DURATION], families[QUEUED]
+
+
+@pytest.mark.parametrize(
+    ("status", "frozen_at"),
+    [
+        # Suspended after it started, the condition saying when: the clocks stop there.
+        (
+            {"phase": "Suspended", "startTime": STARTED, "conditions": [
+                {"type": "Suspended", "status": "True", "lastTransitionTime": "2026-11-30T10:35:00Z"}]},
+            "2026-11-30T10:35:00Z",
+        ),
+        ({"phase": "Suspended", "startTime": STARTED}, "observed"),  # no condition yet: when the suspension was seen
+        ({"phase": "Suspended"}, "observed"),  # suspended before it started: queued time stops too
+    ],
+)  # fmt: skip
+def test_a_suspended_jobs_duration_and_queued_time_stand_still(status: dict[str, Any], frozen_at: str) -> None:
+    """Duration was 'until now' for any phase without completionTime: a suspended job's training time grew."""
+    now = [datetime.fromisoformat("2026-11-30T10:40:00+00:00").timestamp()]
+    series = JobSeries(clock=lambda: now[0])
+    series.observe(job(**status))
+    first = duration_and_queued(series)
+    now[0] += 3600
+    series.observe(job(**status))  # a later event of the same suspension keeps the moment it began
+    assert duration_and_queued(series) == first
+    end = now[0] - 3600 if frozen_at == "observed" else datetime.fromisoformat(frozen_at).timestamp()
+    start, created = (datetime.fromisoformat(t).timestamp() for t in (STARTED, CREATED))
+    expected = ([end - start], [start - created]) if "startTime" in status else ([], [end - created])
+    assert first == expected
+
+
+def test_a_step_down_between_the_leading_check_and_observe_leaves_no_series() -> None:
+    """``forget`` asked ``leading()`` and then observed, unlocked; a step-down in between (the elector's thread)
+    cleared the store first and the late observe put the job back: exported after stepping down."""
+    metrics.take_over()
+
+    def leading() -> bool:
+        metrics.step_down()  # the elector steps down right after the check said 'leading'
+        return True
+
+    body = kopf.Body(job(uid="raced"))
+    try:
+        handlers.forget(type="MODIFIED", body=body, meta=body.meta, memo=kopf.Memo(leading=leading))
+        assert len(metrics.JOB_SERIES) == 0
+    finally:
+        metrics.JOB_SERIES.clear()
+        metrics.take_over()
+
+
+@pytest.mark.parametrize("list_fails", [False, True])
+def test_the_resync_round_prunes_series_of_jobs_its_list_no_longer_returns(list_fails: bool) -> None:
+    """A DELETED event missed across a watch reconnect left the job's series forever; the resync round's complete
+    LIST now prunes them (a failed LIST prunes nothing: absence from it proves nothing)."""
+    from finetune_operator.failures import ApiFailure
+    from finetune_operator.reconcile import Reconciler
+
+    kube = FakeKube()
+    kept = kube.put({"kind": "FineTuneJob", **job("kept", uid="u-kept", phase="Succeeded")})
+    metrics.JOB_SERIES.clear()
+    try:
+        metrics.JOB_SERIES.observe(kept)
+        metrics.JOB_SERIES.observe(job("missed", uid="u-missed", phase="Running"))
+        if list_fails:
+            kube.faults[("list", "FineTuneJob")] = ApiFailure("list FineTuneJob", 500, "HTTP 500")
+        Reconciler(kube, OperatorSettings(metrics_port=0)).resync_all()
+        names = {s.labels["name"] for f in metrics.JOB_SERIES.collect() for s in f.samples}
+        assert names == ({"kept", "missed"} if list_fails else {"kept"})
+    finally:
+        metrics.JOB_SERIES.clear()
+
+
+def test_a_job_observed_after_the_lists_mark_is_not_pruned() -> None:
+    """A job created after the round's LIST is absent from it; its watch event came later, so it stays."""
+    series = JobSeries()
+    series.observe(job("old", uid="u-old"))
+    mark = series.mark()
+    series.observe(job("new", uid="u-new"))
+    series.prune(set(), mark)
+    assert {s.labels["name"] for f in series.collect() for s in f.samples} == {"new"}

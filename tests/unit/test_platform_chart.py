@@ -187,3 +187,30 @@ def test_every_dashboard_expression_names_only_exported_series() -> None:
     assert named and named <= exported(), sorted(named - exported())
     # Every job-level family is on the dashboard.
     assert {name for name in exported() if name.startswith("finetune_job_")} <= named
+
+
+def test_the_servicemonitor_keeps_the_jobs_own_namespace_label() -> None:
+    """Without honorLabels the target's ``namespace`` (the operator's) replaced the job series' own, which became
+    ``exported_namespace``: every job showed up in the release namespace, and the dashboard's filter and its
+    ``on (namespace, name)`` join broke."""
+    objects = render("metrics.serviceMonitor.enabled=true")
+    (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"] and all(e.get("honorLabels") is True for e in monitor["spec"]["endpoints"])
+
+
+@pytest.mark.parametrize("extra", [(), ("webhook.enabled=false",)])
+def test_the_helm_test_pod_is_selected_by_none_of_the_operators_selectors(extra: tuple[str, ...]) -> None:
+    """The smoke pod carried the selector labels: the operator's PodDisruptionBudget (blocking evictions while a
+    failed test pod is kept), NetworkPolicy and Services selected it."""
+    objects = render("networkPolicy.enabled=true", *extra)
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    labels = pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "helm-test"
+    selectors = (
+        [(o["kind"], o["spec"]["selector"]["matchLabels"]) for o in objects if o["kind"] == "PodDisruptionBudget"]
+        + [(o["kind"], o["spec"]["podSelector"]["matchLabels"]) for o in objects if o["kind"] == "NetworkPolicy"]
+        + [(o["kind"], o["spec"]["selector"]) for o in objects if o["kind"] == "Service"]
+    )
+    assert len(selectors) >= 3
+    for kind, selector in selectors:
+        assert not all(labels.get(k) == v for k, v in selector.items()), f"{kind} selects the helm test pod"

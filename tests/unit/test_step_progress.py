@@ -67,9 +67,13 @@ class Recorder:
 class Points:
     def __init__(self) -> None:
         self.points: list[tuple[int, float, list[float]]] = []
+        self.accuracies: list[float | None] = []
 
-    def step(self, global_step: int, loss: float, lrs: list[float], images_per_second: float) -> None:
+    def step(
+        self, global_step: int, loss: float, lrs: list[float], images_per_second: float, accuracy: float | None = None
+    ) -> None:
         self.points.append((global_step, loss, lrs))
+        self.accuracies.append(accuracy)
 
 
 def meter(sinks: Recorder, tracker: Points | None, clock: Clock, **changes: Any) -> StepMeter:
@@ -230,9 +234,22 @@ def test_train_one_epoch_calls_the_step_hook_after_every_step_with_the_loss_tens
     loader = DataLoader(TensorDataset(torch.rand(10, 4), torch.tensor([0, 1] * 5)), batch_size=4)
     calls: list[tuple[bool, int, int]] = []
 
-    def hook(loss: torch.Tensor, batch: int) -> None:
+    def hook(loss: torch.Tensor, batch: int, correct: torch.Tensor) -> None:
+        assert 0 <= int(correct) <= batch
         calls.append((isinstance(loss, torch.Tensor), batch, scheduler.last_epoch))
 
     precision = Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
     train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler, precision, None, False, on_step=hook)
     assert calls == [(True, 4, 1), (True, 4, 2), (True, 2, 3)]  # after the optimizer and scheduler stepped
+
+
+def test_training_accuracy_is_read_at_the_log_interval_and_once_for_the_epoch() -> None:
+    """Issue 13 item 1 asks for accuracies per step: the right predictions stay on the device like the loss, and
+    leave it only with each TensorBoard point (the interval's accuracy) and once at the epoch's end."""
+    clock, sinks, points = Clock(), Recorder(), Points()
+    hook = meter(sinks, points, clock, report_seconds=1e9)
+    for step in range(40):  # 6 of 8 right for 20 steps, then 2 of 8
+        clock.now += 1
+        hook(torch.tensor(1.0), 8, torch.tensor(6 if step < 20 else 2))
+    assert points.accuracies == [0.75, 0.25]
+    assert hook.epoch_accuracy() == 0.5

@@ -50,13 +50,18 @@ def record(epoch: int, accuracy: float) -> EpochRecord:
     )
 
 
-def train(tracker: Tracker, epoch: int, steps: int, accuracy: float, *, finish_epoch: bool = True) -> None:
-    """``steps`` per-step points after the tracker's global step, then (optionally) the epoch's record."""
+def train(
+    tracker: Tracker, epoch: int, steps: int, accuracy: float, *, finish_epoch: bool = True, checkpoint: bool = True
+) -> None:
+    """``steps`` per-step points after the tracker's global step, then (optionally) the epoch's record and, as the
+    loop does once the epoch's checkpoint is stored, ``committed`` (``checkpoint=False``: the attempt died first)."""
     start = tracker.global_step
     for step in range(start + 1, start + steps + 1):
         tracker.step(step, loss=accuracy, lrs=[0.1, 0.01], images_per_second=50.0)
     if finish_epoch:
         tracker.epoch(record(epoch, accuracy), start + steps, best=accuracy, lrs=[0.1, 0.01])
+        if checkpoint:
+            tracker.committed(epoch)
 
 
 def read_events(run_dir: Path) -> Any:
@@ -276,3 +281,194 @@ def test_a_failed_run_ends_its_mlflow_run_failed_with_its_events_flushed(tmp_pat
     assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
     assert MlflowClient(tracking_uri=store).get_run(tracker.mlflow.run_id).info.status == "FAILED"
     assert [e.step for e in read_events(tmp_path / "runs" / "job").Scalars("step/train_loss")] == [1, 2]
+
+
+def test_an_mlflow_epoch_whose_checkpoint_was_never_written_is_not_logged_twice_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow cannot purge: epoch 2 of the crashed attempt (logged before its checkpoint) and epoch 2 of the
+    relaunch were two val_accuracy points at step 2. Its metrics go only once the checkpoint is stored."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    cfg = config(tmp_path / "runs", mlflow={"trackingUri": store, "experimentName": "digits"})
+    (tmp_path / "runs" / "job").mkdir(parents=True)
+    first = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(first, 1, 3, 0.5)
+    train(first, 2, 3, 0.6, checkpoint=False)  # the attempt dies before epoch 2's checkpoint is stored
+    second = Tracker(cfg, resumed_epoch=1, on_warning=pytest.fail)
+    train(second, 2, 3, 0.7)
+    assert second.mlflow is not None and second.mlflow.run_id is not None
+    history = MlflowClient(tracking_uri=store).get_metric_history(second.mlflow.run_id, "val_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.7)]
+
+
+def test_a_class_name_with_dollar_signs_still_gets_its_sample_predictions(tmp_path: Path) -> None:
+    """Class names are the tenant's folder names; matplotlib parsed '$\\frac$' as mathtext and raised, which cost the
+    sample predictions, a status warning and (``_tb_failed``) a writer dropped without being closed."""
+    cfg = config(tmp_path)
+    run_dir = tmp_path / "job"
+    run_dir.mkdir()
+    warnings: list[str] = []
+    tracker = Tracker(cfg, resumed_epoch=0, on_warning=warnings.append)
+    train(tracker, 1, 2, 0.5)
+    write_pngs(run_dir)
+    model, data = tiny_model_and_data()
+    tracker.finish(model, data, ["$\\frac$", *CLASSES[1:]], INPUT)
+    assert warnings == []
+    assert "eval/sample_predictions" in read_events(run_dir).Tags()["images"]
+
+
+def test_a_failed_writer_is_closed_when_tensorboard_goes_quiet(tmp_path: Path) -> None:
+    """A TensorBoard failure drops the writer; it is closed first (its event file and flush thread)."""
+    (tmp_path / "job").mkdir()
+    warnings: list[str] = []
+    tracker = Tracker(config(tmp_path), resumed_epoch=0, on_warning=warnings.append)
+    writer = tracker.writer
+    assert writer is not None
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("disk full")
+
+    tracker._tb("step", broken)
+    assert tracker.writer is None and len(warnings) == 1
+    assert writer.all_writers is None  # SummaryWriter.close() ran
+
+
+def remote_storage(monkeypatch: pytest.MonkeyPatch, uploads: list[str] | None = None) -> None:
+    """Make Tracker treat local run dirs as remote (its uploads are then local copies, recorded in ``uploads``)."""
+    import types
+
+    import finetune_trainer.tracking as tracking
+    from finetune_trainer import storage
+
+    proxy = types.SimpleNamespace(**{k: getattr(storage, k) for k in dir(storage) if not k.startswith("__")})
+    proxy.is_remote = lambda uri: True
+
+    def upload_file(src: Any, uri: str, **kwargs: Any) -> None:
+        if uploads is not None:
+            uploads.append(Path(uri).name)
+        storage.upload_file(src, uri, **kwargs)
+
+    proxy.upload_file = upload_file
+    monkeypatch.setattr(tracking, "storage", proxy)
+
+
+def test_a_remote_run_dir_relaunched_before_its_first_checkpoint_logs_no_step_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 1's events are uploaded before its checkpoint; a relaunch from epoch 0 did not look for remote event
+    files, so its writer opened without purge_step: steps 1-4 and epoch 1 twice (and the hparams again)."""
+    import time
+
+    remote_storage(monkeypatch)
+    cfg = config(tmp_path)
+    (tmp_path / "job").mkdir()
+    first = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(first, 1, 4, 0.5, checkpoint=False)  # uploaded at the epoch's end; the checkpoint upload then dies
+    time.sleep(1.1)  # event file names carry the second
+    second = Tracker(cfg, resumed_epoch=0, on_warning=pytest.fail)
+    train(second, 1, 4, 0.7)
+    second.finish(*tiny_model_and_data(), CLASSES, INPUT)
+    acc = read_events(tmp_path / "job")
+    assert [e.step for e in acc.Scalars("step/train_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [4]
+
+
+def test_a_remote_event_file_is_uploaded_again_only_when_it_grew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each upload sent every event file whole, changed or not; now an unchanged one is skipped."""
+    uploads: list[str] = []
+    remote_storage(monkeypatch, uploads)
+    (tmp_path / "job").mkdir()
+    tracker = Tracker(config(tmp_path), resumed_epoch=0, on_warning=pytest.fail)
+    train(tracker, 1, 2, 0.5)
+    assert len(uploads) == 1
+    tracker._upload()  # nothing written since
+    assert len(uploads) == 1
+    train(tracker, 2, 2, 0.6)
+    assert len(uploads) == 2
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["https://mlflow.example.com/?token=s3cr3t", "https://mlflow.example.com/api?access_token=s3cr3t#x", "http://m/#s3cr3t"],
+)
+def test_an_mlflow_uri_with_a_query_or_fragment_is_refused_without_echoing_it(uri: str) -> None:
+    """Only user:password@ was refused; a token in the query string was accepted, stored in the spec (readable by
+    finetune-view) and echoed into status.warnings when the server failed."""
+    from pydantic import ValidationError
+
+    from finetune_operator.api.tracking import MlflowSpec
+
+    with pytest.raises(ValidationError) as caught:
+        MlflowSpec.model_validate({"trackingUri": uri, "experimentName": "x"})
+    (error,) = caught.value.errors()
+    assert "query string or fragment" in error["msg"] and "s3cr3t" not in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://u:p@mlflow.example.com:5000/a/b?t=1#f", "https://mlflow.example.com:5000/a/b"),
+        ("file:///tmp/mlruns", "file:///tmp/mlruns"),
+        ("http://m", "http://m"),
+    ],
+)
+def test_uris_are_shown_as_scheme_host_port_path(uri: str, shown: str) -> None:
+    from finetune_operator.api.tracking import shown_uri
+
+    assert shown_uri(uri) == shown
+
+
+def test_a_failed_mlflow_upload_is_one_warning_and_the_rest_still_go_under_the_longer_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads shared the 10 s metrics timeout (a large model timed out), and the first failed one silenced the sink:
+    the other files were skipped and the run never ended (left RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune_operator.api.tracking import MlflowSpec
+    from finetune_trainer.mlflow_sink import ARTIFACT_TIMEOUT_ENV, MlflowSink
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv(ARTIFACT_TIMEOUT_ENV, "900")
+    store = f"file://{tmp_path / 'mlruns'}"
+    warnings: list[str] = []
+    sink = MlflowSink(MlflowSpec(tracking_uri=store, experiment_name="x"), "job", warnings.append)
+    assert sink.start(None, {}) is not None
+    timeouts: list[str | None] = []
+    real = sink._client.log_artifact
+
+    def log_artifact(run_id: str, path: str, artifact_path: str | None = None) -> None:
+        import os
+
+        timeouts.append(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
+        real(run_id, path, artifact_path)
+
+    monkeypatch.setattr(sink._client, "log_artifact", log_artifact)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    sink.log_artifacts([tmp_path / "gone.pt", tmp_path / "model.pt"])
+    sink.end()
+
+    assert timeouts == ["900", "900"]
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"  # the metrics calls' bound again
+    assert len(warnings) == 1 and "gone.pt" in warnings[0] and "model.pt" not in warnings[0]
+    client = MlflowClient(tracking_uri=store)
+    assert [a.path for a in client.list_artifacts(sink.run_id)] == ["model.pt"]
+    assert client.get_run(sink.run_id).info.status == "FINISHED"
+
+
+def test_training_accuracy_is_a_step_and_an_epoch_scalar(tmp_path: Path) -> None:
+    """Issue 13 item 1: accuracies per step too, not only the loss."""
+    (tmp_path / "job").mkdir()
+    tracker = Tracker(config(tmp_path), resumed_epoch=0, on_warning=pytest.fail)
+    tracker.step(1, loss=1.0, lrs=[0.1], images_per_second=5.0, accuracy=0.25)
+    tracker.epoch(record(1, 0.5), 1, best=0.5, lrs=[0.1], train_accuracy=0.4)
+    tracker.finish(*tiny_model_and_data(), CLASSES, INPUT)
+    acc = read_events(tmp_path / "job")
+    assert [(e.step, e.value) for e in acc.Scalars("step/train_accuracy")] == [(1, 0.25)]
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("epoch/train_accuracy")] == [(1, 0.4)]

@@ -65,17 +65,19 @@ def train_one_epoch(
     precision: Precision,
     grad_clip_norm: float | None,
     frozen_bn: bool,
-    on_step: Callable[[torch.Tensor, int], None] | None = None,
+    on_step: Callable[[torch.Tensor, int, torch.Tensor], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean.
-    ``on_step(loss, images)`` after every step (rank 0's progress; it must not read the tensor each time)."""
+    ``on_step(loss, images, correct)`` after every step (rank 0's progress; ``correct``: the batch's right top-1
+    predictions, a device tensor like the loss; the hook must not read either each time)."""
     set_train_mode(model, frozen_bn=frozen_bn)
     loss_sum, seen = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     for images, targets in loader:
         images, targets = images.to(precision.device, non_blocking=True), targets.to(precision.device, non_blocking=True)
         with precision.autocast():
-            loss = criterion(model(images), targets)
+            outputs = model(images)
+            loss = criterion(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         if grad_clip_norm is not None:
@@ -85,7 +87,7 @@ def train_one_epoch(
         precision.scaler.update()
         scheduler.step()
         if on_step is not None:
-            on_step(loss, len(targets))
+            on_step(loss, len(targets), (outputs.detach().argmax(dim=1) == targets).sum())
         loss_sum += float(loss.detach()) * len(targets)
         seen += len(targets)
     return loss_sum, seen

@@ -332,10 +332,11 @@ def _run_stage(
             "cached_features": uses_feature_cache(spec, stage),
         }
         if worker.tracker is not None and meter is not None:  # before the checkpoint: a resume purges from its step
-            worker.tracker.epoch(
-                record, meter.global_step, state.best_val_accuracy, [float(g["lr"]) for g in optimizer.param_groups]
-            )
+            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            worker.tracker.epoch(record, meter.global_step, state.best_val_accuracy, lrs, meter.epoch_accuracy())
         _report(worker, record, state, optimizer, scheduler, attempt)
+        if worker.tracker is not None:  # the checkpoint is stored: MLflow, which cannot purge, gets the epoch now
+            worker.tracker.committed(epoch)
         if worker.fail_after == epoch:
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook {FAIL_AFTER_EPOCH_KEY})")
         if state.stopped_early:

@@ -5,8 +5,11 @@ the first failure is reported once through ``on_failure`` (the loop turns it int
 the sink goes quiet for the rest of the run, so a dead server costs one bounded wait, not one per epoch.
 Waits are bounded by MLflow's own HTTP settings, set here unless the job's environment sets them:
 ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (MLflow's defaults, 120 s and
-7 retries with back-off, would stall a job for many minutes). A resumed job continues the MLflow run
-whose id ``tracking`` kept in the run directory.
+7 retries with back-off, would stall a job for many minutes). Artifact uploads are the exception: a model
+of hundreds of MB takes longer than a metrics call, so they run under ``ARTIFACT_TIMEOUT_ENV`` (600 s unless
+set; the job's own ``MLFLOW_HTTP_REQUEST_TIMEOUT`` wins), and a failed upload is a warning naming the file that
+leaves the other uploads and the run's end to go on. A resumed job continues the MLflow run whose id
+``tracking`` kept in the run directory. The server is named only as scheme://host[:port]/path (``shown_uri``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from finetune_operator.api.tracking import MlflowSpec
+from finetune_operator.api.tracking import MlflowSpec, shown_uri
 from finetune_trainer.errors import exception_line
 
-__all__ = ["HTTP_DEFAULTS", "MlflowSink"]
+__all__ = ["ARTIFACT_TIMEOUT_ENV", "HTTP_DEFAULTS", "MlflowSink"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ HTTP_DEFAULTS: Final = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
+ARTIFACT_TIMEOUT_ENV: Final = "FINETUNE_MLFLOW_ARTIFACT_TIMEOUT"
+_ARTIFACT_TIMEOUT_DEFAULT: Final = "600"
 _MAX_PARAM = 6000  # MLflow refuses longer parameter values
 
 
@@ -42,11 +47,14 @@ class MlflowSink:
         self._on_failure = on_failure
         self._client: Any = None
         self.failed = False
+        # Whether MLFLOW_HTTP_REQUEST_TIMEOUT is ours (HTTP_DEFAULTS) and may be raised for artifact uploads.
+        self._own_timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") in (None, HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failed = True
         message = (
-            f"MLflow at {self.spec.tracking_uri} failed ({what}: {exception_line(exc)}); training goes on without MLflow tracking"
+            f"MLflow at {shown_uri(self.spec.tracking_uri)} failed ({what}: {exception_line(exc)}); "
+            "training goes on without MLflow tracking"
         )
         log.warning("%s", message)
         self._on_failure(message)
@@ -110,14 +118,28 @@ class MlflowSink:
         self._call("log metrics", log_batch)
 
     def log_artifacts(self, files: Iterable[Path], artifact_path: str | None = None) -> None:
-        if self.run_id is None:
+        """Upload ``files``; one that fails is a warning naming it, and the others still go (see the module docstring)."""
+        if self.run_id is None or self.failed:
             return
-        for path in files:
-
-            def upload(p: Path = path) -> None:
-                self._client.log_artifact(self.run_id, str(p), artifact_path)
-
-            self._call(f"upload {path.name}", upload)
+        failed: list[str] = []
+        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        if self._own_timeout:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = os.environ.get(ARTIFACT_TIMEOUT_ENV, _ARTIFACT_TIMEOUT_DEFAULT)
+        try:
+            for path in files:
+                try:
+                    self._client.log_artifact(self.run_id, str(path), artifact_path)
+                except Exception as exc:
+                    log.warning("MLflow upload of %s failed: %s", path.name, exception_line(exc))
+                    failed.append(f"{path.name} ({exception_line(exc)})")
+        finally:
+            if self._own_timeout and timeout is not None:
+                os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = timeout
+        if failed:
+            self._on_failure(
+                f"MLflow at {shown_uri(self.spec.tracking_uri)} did not receive {len(failed)} artifact(s): "
+                f"{'; '.join(failed)[:400]}"
+            )
 
     def end(self, failed: bool = False) -> None:
         if self.run_id is None:

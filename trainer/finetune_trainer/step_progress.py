@@ -1,8 +1,10 @@
 """In-epoch progress on rank 0: the per-step hook of ``engine.train_one_epoch`` (``StepMeter``).
 
-Every step it counts steps and images and adds the loss to a running sum that stays on the device: no
-host sync per step. The sum is read (one sync) only every ``log_every`` steps — a TensorBoard point and a
-console-bar refresh — and when a status report is due. Status sinks get an in-epoch ``Progress`` (step,
+Every step it counts steps and images and adds the loss and the right top-1 predictions to running sums
+that stay on the device: no host sync per step. The sums are read (one sync) only every ``log_every``
+steps (a TensorBoard point with the loss and training accuracy since the last one, and a console-bar
+refresh) and when a status report is due; the epoch's training accuracy (this worker's shard) once, at
+its end. Status sinks get an in-epoch ``Progress`` (step,
 percent, loss, images/s, ETA) at most once per ``report_seconds`` (the operator's status throttle, the
 ``FINETUNE_STATUS_THROTTLE_SECONDS`` the Kubernetes sink also obeys), so a long epoch moves
 ``kubectl get ftj`` without flooding the API server or rewriting a status file every step.
@@ -43,7 +45,9 @@ class StepSink(Protocol):
 class StepTracker(Protocol):
     """Where per-step points go (``tracking.Tracker``)."""
 
-    def step(self, global_step: int, loss: float, lrs: list[float], images_per_second: float) -> None: ...
+    def step(
+        self, global_step: int, loss: float, lrs: list[float], images_per_second: float, accuracy: float | None = None
+    ) -> None: ...
 
 
 def report_seconds_from_env() -> float:
@@ -85,15 +89,23 @@ class StepMeter:
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self.loss: float | None = None
+        self._correct: Tensor | None = None  # right predictions since the last read, on the device
+        self._epoch_correct: Tensor | None = None  # ... and since the epoch began
+        self._epoch_count = 0
+        self.accuracy: float | None = None  # training accuracy over the last interval
         self.reports = 0  # in-epoch status updates sent (tests)
 
-    def __call__(self, loss: Tensor, batch: int) -> None:
+    def __call__(self, loss: Tensor, batch: int, correct: Tensor | None = None) -> None:
         self.step += 1
         self.global_step += 1
         self.images += batch * self.world  # equal shards: every worker steps with the same batch size
         weighted = loss.detach().float() * batch  # stays on the device: no sync here
         self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
         self._loss_count += batch
+        if correct is not None:
+            self._correct = correct if self._correct is None else self._correct + correct
+            self._epoch_correct = correct if self._epoch_correct is None else self._epoch_correct + correct
+            self._epoch_count += batch
         now = self._clock()
         logged = self.step % self.log_every == 0
         due = now - self._last_report >= self.report_seconds and self.step < self.steps_per_epoch
@@ -102,7 +114,7 @@ class StepMeter:
         if logged:
             if self.tracker is not None:
                 lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
-                self.tracker.step(self.global_step, self.loss or 0.0, lrs, self.images_per_second(now))
+                self.tracker.step(self.global_step, self.loss or 0.0, lrs, self.images_per_second(now), self.accuracy)
             if self.sinks is not None:
                 progress, epoch_eta = self.progress(now)
                 self.sinks.step(progress, epoch_eta)
@@ -116,7 +128,14 @@ class StepMeter:
         if self._loss_sum is not None and self._loss_count:
             loss = float(self._loss_sum) / self._loss_count
             self.loss = loss if math.isfinite(loss) else None  # a diverged loss is not valid JSON for the API server
-        self._loss_sum, self._loss_count = None, 0
+            self.accuracy = None if self._correct is None else float(self._correct) / self._loss_count
+        self._loss_sum, self._loss_count, self._correct = None, 0, None
+
+    def epoch_accuracy(self) -> float | None:
+        """This worker's training accuracy over the epoch so far (one device read); None without predictions."""
+        if self._epoch_correct is None or not self._epoch_count:
+            return None
+        return float(self._epoch_correct) / self._epoch_count
 
     def images_per_second(self, now: float) -> float:
         return self.images / max(now - self._started, 1e-9)

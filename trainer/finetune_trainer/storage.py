@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "is_remote",
     "join",
+    "list_sizes",
     "local_path",
     "parent",
     "read_bytes",
@@ -175,6 +176,24 @@ def remove(uri: str) -> None:
             fs.rm(path)
     except Exception as e:
         raise StorageError(f"{uri}: cannot delete: {exception_line(e)}") from e
+
+
+def list_sizes(uri: str) -> dict[str, int]:
+    """The files directly in the folder ``uri``, by name, with their sizes in bytes; {} when it does not exist."""
+    if not is_remote(uri):
+        folder = local_path(uri)
+        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.invalidate_cache(path)  # another attempt of this job may have written there since the last listing
+        if not fs.exists(path):
+            return {}
+        files = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
+        return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in files}
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot list: {exception_line(e)}") from e
 
 
 def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:

@@ -3,14 +3,17 @@
 ``Tracker.open`` starts both; the loop feeds per-step points (``step``, from ``step_progress``), per-epoch
 records (``epoch``) and, at the end, the shipped model's confusion matrix and sample predictions
 (``finish``). The events go to ``<run dir>/tensorboard/``; with a remote run directory they are written
-to a local folder and uploaded there after every epoch and at the end, like the other artifacts.
+to a local folder and uploaded there after every epoch and at the end, like the other artifacts (only
+the files whose size changed: event files grow, and re-sending them whole would cost quadratic bytes).
 
 Every TensorBoard point has the global optimizer step as its step, epoch points too (at the step their
 epoch ended, with ``epoch/epoch`` naming the epoch): one axis is what lets a resume purge. Resume:
 ``<run dir>/tracking.json`` maps each finished epoch to the global step it ended at, and keeps the MLflow
-run id. A relaunch from epoch E opens the writer with ``purge_step`` = that step + 1, so TensorBoard's
-readers drop what the crashed attempt logged after the checkpoint and nothing appears twice; the MLflow
-run continues under the same id (its metrics are per epoch, logged before the epoch's checkpoint).
+run id. A relaunch from epoch E (or from none, when event files exist, local or in the object store)
+opens the writer with ``purge_step`` = that step + 1, so TensorBoard's readers drop what the crashed
+attempt logged after the checkpoint and nothing appears twice. The MLflow run continues under the same id;
+MLflow cannot drop points, so an epoch's metrics are logged only once its checkpoint is written
+(``committed``): a crash in between loses that epoch's MLflow points rather than logging them twice.
 Tracking is never fatal: a failure is one warning (``on_warning``, i.e. status.warnings) and that sink
 goes quiet.
 """
@@ -83,6 +86,8 @@ class Tracker:
             del epochs[later]
         self._remote = storage.is_remote(cfg.run_dir)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._uploaded: dict[str, int] = {}  # event file name -> the size last uploaded
+        self._pending: tuple[int, dict[str, float | None]] | None = None  # MLflow metrics awaiting their checkpoint
         self.writer: Any = None
         tb = cfg.spec.tracking.tensorboard
         if tb.enabled:
@@ -104,7 +109,14 @@ class Tracker:
         return storage.local_path(storage.join(self.cfg.run_dir, TB_DIR))
 
     def _has_events(self) -> bool:
-        return not self._remote and self.log_dir.is_dir() and any(self.log_dir.glob("events.out.tfevents.*"))
+        """Whether an earlier attempt wrote event files (a relaunch before the first checkpoint must purge them too)."""
+        if not self._remote:
+            return self.log_dir.is_dir() and any(self.log_dir.glob("events.out.tfevents.*"))
+        try:
+            return any(n.startswith("events.out.tfevents.") for n in storage.list_sizes(storage.join(self.cfg.run_dir, TB_DIR)))
+        except OSError as exc:
+            log.warning("could not list the remote event files (%s); assuming an earlier attempt wrote some", exception_line(exc))
+            return True  # a purge of nothing costs nothing; a missed one duplicates steps
 
     def _open_writer(self, resumed: bool) -> None:
         try:
@@ -131,7 +143,12 @@ class Tracker:
         message = f"TensorBoard events could not be written ({what}: {exception_line(exc)}); training goes on without them"
         log.warning("%s", message)
         self._warn(message)
-        self.writer = None
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:  # its event file and flush thread
+                writer.close()
+            except Exception as close_exc:
+                log.warning("TensorBoard writer did not close: %s", exception_line(close_exc))
 
     def _tb(self, what: str, fn: Callable[[Any], None]) -> None:
         if self.writer is None:
@@ -141,23 +158,37 @@ class Tracker:
         except Exception as exc:
             self._tb_failed(what, exc)
 
-    def step(self, global_step: int, loss: float, lrs: Sequence[float], images_per_second: float) -> None:
-        """One per-step point: training loss (mean since the last point), each param group's rate, throughput."""
+    def step(
+        self, global_step: int, loss: float, lrs: Sequence[float], images_per_second: float, accuracy: float | None = None
+    ) -> None:
+        """One per-step point: training loss and accuracy (means since the last point, the first worker's batches),
+        each param group's rate, throughput."""
 
         def write(w: Any) -> None:
             w.add_scalar("step/train_loss", loss, global_step)
+            if accuracy is not None:
+                w.add_scalar("step/train_accuracy", accuracy, global_step)
             w.add_scalar("step/images_per_second", images_per_second, global_step)
             for i, lr in enumerate(lrs):
                 w.add_scalar(f"step/lr/group{i}", lr, global_step)
 
         self._tb("step", write)
 
-    def epoch(self, record: EpochRecord, global_step: int, best: float | None, lrs: Sequence[float]) -> None:
-        """The finished epoch's numbers; remembers the global step it ended at (for a resume)."""
+    def epoch(
+        self,
+        record: EpochRecord,
+        global_step: int,
+        best: float | None,
+        lrs: Sequence[float],
+        train_accuracy: float | None = None,
+    ) -> None:
+        """The finished epoch's numbers (``train_accuracy``: the first worker's shard); remembers the global step it
+        ended at (for a resume)."""
         self.global_step = global_step
         scalars: dict[str, float | None] = {
             "epoch/epoch": record.epoch,
             "epoch/train_loss": record.train_loss,
+            "epoch/train_accuracy": train_accuracy,
             "epoch/val_loss": record.val_loss,
             "epoch/val_accuracy": record.val_accuracy,
             "epoch/val_top5": record.val_top5,
@@ -180,7 +211,13 @@ class Tracker:
         self._upload()
         if self.mlflow is not None:
             named = {k.removeprefix("epoch/").replace("/", "_"): v for k, v in scalars.items() if k != "epoch/epoch"}
-            self.mlflow.log_metrics(named, record.epoch)
+            self._pending = (record.epoch, named)
+
+    def committed(self, epoch: int) -> None:
+        """Epoch ``epoch``'s checkpoint is written: its MLflow metrics may go now (see the module docstring)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == epoch and self.mlflow is not None:
+            self.mlflow.log_metrics(pending[1], epoch)
 
     # ------------------------------------------------------------------------------------ the end
     def finish(self, model: nn.Module, val: Dataset[tuple[Tensor, int]], class_names: list[str], inputs: InputSpec) -> None:
@@ -254,12 +291,17 @@ class Tracker:
             log.warning("could not write %s: %s", STATE_FILE, exception_line(exc))
 
     def _upload(self) -> None:
-        """Copy the local event files to a remote run directory (each whole: they only grow)."""
+        """Copy the local event files that changed since their last upload to a remote run directory (each whole:
+        an object store has no append; the writer starts a new file only when reopened)."""
         if self._tmp is None:
             return
         for path in Path(self._tmp.name).glob("events.out.tfevents.*"):
+            size = path.stat().st_size
+            if self._uploaded.get(path.name) == size:
+                continue
             try:
                 storage.upload_file(path, storage.join(self.cfg.run_dir, TB_DIR, path.name))
+                self._uploaded[path.name] = size
             except OSError as exc:
                 log.warning("could not upload %s: %s", path.name, exception_line(exc))
 
@@ -287,6 +329,8 @@ def _samples(model: nn.Module, val: Dataset[tuple[Tensor, int]], class_names: li
     for ax, image, label, guess in zip(axes.flat, images, labels, predicted, strict=False):
         shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         ax.imshow(shown)
-        ax.set_title(f"{class_names[guess]} ({class_names[label]})", color="black" if guess == label else "red", fontsize=8)
+        # parse_math off: class names are the tenant's folder names, and '$...$' would be parsed as mathtext.
+        title = f"{class_names[guess]} ({class_names[label]})"
+        ax.set_title(title, color="black" if guess == label else "red", fontsize=8, parse_math=False)
     fig.tight_layout()
     return fig

@@ -2,8 +2,9 @@
 
 Its own module so that ``v1alpha1`` only names it. Nothing here changes what is trained, so the section
 stays out of the spec fingerprint (``contract._NOT_TRAINING``): a job may gain an MLflow sink on resume.
-Credentials never live in the spec: an MLflow URI with a user or password in it is refused, and the
-server's token comes through ``runtime.envFrom`` (``MLFLOW_TRACKING_TOKEN`` and friends).
+Credentials never live in the spec: an MLflow URI with a user or password, a query string or a fragment (where
+tokens hide) is refused, and the server's token comes through ``runtime.envFrom`` (``MLFLOW_TRACKING_TOKEN`` and
+friends). Messages show a URI only as ``shown_uri`` draws it: scheme://host[:port]/path.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from pydantic import Field, field_validator
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import fail, quote, uri_scheme
 
-__all__ = ["MlflowSpec", "TensorBoardSpec", "TrackingSpec"]
+__all__ = ["MlflowSpec", "TensorBoardSpec", "TrackingSpec", "shown_uri"]
 
 MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "databricks")
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` without what may hold a secret: no user or password, no query string, no fragment."""
+    head = uri.split("#", 1)[0].split("?", 1)[0]
+    scheme, sep, rest = head.partition("://")
+    if not sep:
+        return head
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class TensorBoardSpec(WireModel):
@@ -37,8 +48,8 @@ class MlflowSpec(WireModel):
     server costs a warning (status.warnings), never the training run."""
 
     tracking_uri: Annotated[str, Field(min_length=1, max_length=2048)]
-    """The server, e.g. https://mlflow.example.com (or file:///PATH). No user or password in it: give credentials
-    (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD) through runtime.envFrom."""
+    """The server, e.g. https://mlflow.example.com (or file:///PATH). No user or password, query string or fragment
+    in it: give credentials (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD) through runtime.envFrom."""
 
     experiment_name: Annotated[str, Field(min_length=1, max_length=500)]
     """The experiment the run is logged under; created when it does not exist."""
@@ -49,24 +60,31 @@ class MlflowSpec(WireModel):
     @field_validator("tracking_uri")
     @classmethod
     def _no_credentials(cls, value: str) -> str:
+        # Never echoed whole: a user, password, query or fragment may hold a secret.
+        shown = quote(shown_uri(value))
         scheme = uri_scheme(value)
         if scheme not in MLFLOW_SCHEMES:
             accepted = ", ".join(f"{s}://" for s in MLFLOW_SCHEMES)
-            fail(None, f"{quote(value)} is not an MLflow tracking URI; accepted: {accepted}")
+            fail(None, f"{shown} is not an MLflow tracking URI; accepted: {accepted}")
         try:
             parts = urlsplit(value)
         except ValueError:
-            fail(None, f"{quote(value)} is not a valid URI; write e.g. https://mlflow.example.com")
+            fail(None, f"{shown} is not a valid URI; write e.g. https://mlflow.example.com")
         if parts.username is not None or parts.password is not None:
-            # The value is not echoed: it holds a password.
-            shown = f"{scheme}://…@{parts.hostname or ''}"
+            host = parts.hostname or ""
             fail(
                 None,
-                f"{quote(shown)} has credentials in the URI; "
+                f"{quote(f'{scheme}://…@{host}')} has credentials in the URI; "
                 "remove the user and password and give them through runtime.envFrom (a Secret)",
             )
+        if "?" in value or "#" in value:
+            fail(
+                None,
+                f"{shown} has a query string or fragment (…?… or …#…), where tokens hide; accepted: "
+                "scheme://HOST[:PORT][/PATH], with credentials through runtime.envFrom (a Secret)",
+            )
         if scheme in ("http", "https") and not parts.hostname:
-            fail(None, f"{quote(value)} has no host; write {scheme}://HOST[:PORT][/PATH]")
+            fail(None, f"{shown} has no host; write {scheme}://HOST[:PORT][/PATH]")
         return value
 
 
