@@ -197,9 +197,17 @@ def test_format_step_line() -> None:
     assert format_step_line(IN_EPOCH, 125) == (
         "epoch  4/10 step 120/500  fine-tune  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s"
     )
-    assert format_step_line(IN_EPOCH.model_copy(update={"eta_seconds": 7300, "loss": None})).endswith(
-        "loss -  1234 img/s  eta epoch -, job 2h01m"
+    assert format_step_line(IN_EPOCH.model_copy(update={"eta_seconds": None, "loss": None})).endswith(
+        "loss -  1234 img/s  eta epoch -, job -"
     )
+
+
+def test_a_step_line_at_the_status_pace_shares_the_jobs_eta_out_over_the_steps_left() -> None:
+    # epoch 4 of 10 at step 120/500: 380 steps left in it, 380 + 6 × 500 = 3380 in the job, which needs 3380 s.
+    line = format_step_line(IN_EPOCH.model_copy(update={"eta_seconds": 3380}))
+    assert line.endswith("eta epoch 6m20s, job 56m20s")
+    last = IN_EPOCH.model_copy(update={"epoch": 9, "step": 500, "eta_seconds": 0})
+    assert format_step_line(last).endswith("eta epoch 0m00s, job 0m00s")
 
 
 def test_console_prints_in_epoch_lines_at_the_status_pace_without_a_tty() -> None:

@@ -82,10 +82,22 @@ def _duration(seconds: int | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _epoch_eta(progress: Progress) -> int | None:
+    """Seconds left in this epoch, from the job's ETA at the job's step rate (every epoch has as many steps)."""
+    if progress.eta_seconds is None or progress.step is None or not progress.steps_per_epoch:
+        return None
+    left_in_epoch = max(progress.steps_per_epoch - progress.step, 0)
+    left_in_job = left_in_epoch + max(progress.total_epochs - progress.epoch - 1, 0) * progress.steps_per_epoch
+    return int(progress.eta_seconds * left_in_epoch / left_in_job) if left_in_job else 0
+
+
 def format_step_line(progress: Progress, epoch_eta: int | None = None) -> str:
     """One human line inside an epoch, e.g.
     ``epoch  4/10 step 120/500  fine-tune  loss 0.4123  1234 img/s  eta epoch 2m05s, job 41m10s`` (never
-    mistaken for an epoch's line, which has the stage right after the epoch)."""
+    mistaken for an epoch's line, which has the stage right after the epoch). Without ``epoch_eta`` (a line at the
+    status pace carries only the Progress) it is the job's ETA shared out over the steps left."""
+    if epoch_eta is None:
+        epoch_eta = _epoch_eta(progress)
     width = len(str(progress.total_epochs or progress.epoch))
     return "  ".join(
         [
