@@ -7,7 +7,7 @@ import base64
 import importlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -72,7 +72,7 @@ class FakeGCS(MemoryFileSystem):
     """gcsfs as it behaves: GCSFileSystem(**kw) swallows unknown options; GCSFile takes kms_key_name from open()."""
 
     protocol = ("gs", "gcs")
-    opened: list[Any] = []
+    opened: ClassVar[list[Any]] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
