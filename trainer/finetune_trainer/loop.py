@@ -394,6 +394,7 @@ def _report(
             fingerprint=worker.cfg.spec_fingerprint(),
             rng=rng,
             keyring=keyring_for(worker.cfg),
+            name=name,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
     if worker.sinks is not None:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.protection import ArtifactProtection
-from finetune_trainer.sealing import ENCRYPTION_KEY_ENV, Keyring, SealError, seal_file
+from finetune_trainer.sealing import ENCRYPTION_KEY_ENV, Keyring, SealError, artifact_binding, seal_file
 from finetune_trainer.signing import (
     SIGNATURE_FILE,
     SIGNING_KEY_ENV,
@@ -80,11 +80,11 @@ def check_keys(cfg: TrainerConfig) -> None:
 
 
 def seal_staged(out: Path, keyring: Keyring) -> None:
-    """Encrypt every model file in the local directory ``out`` in place."""
+    """Encrypt every model file in the local directory ``out`` in place, each bound to its name."""
     for path in sorted(out.iterdir()):
         if path.is_file() and is_model_file(path.name):
             sealed = path.with_name(f".{path.name}.sealed")
-            seal_file(path, sealed, keyring)
+            seal_file(path, sealed, keyring, bind=artifact_binding(path.name))
             sealed.replace(path)
 
 

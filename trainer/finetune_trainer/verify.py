@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
 from finetune_trainer.model_card import CARD_FILE, ModelCard, parse_model_card, read_card_bytes
-from finetune_trainer.sealing import Keyring, SealError, is_sealed, unseal_bytes
+from finetune_trainer.sealing import Keyring, SealError, artifact_binding, check_sealed, is_sealed, unseal_bytes
 from finetune_trainer.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNATURE_FILE,
@@ -113,7 +113,12 @@ def verify_artifacts(
         line = f"sha256 {name}: ok ({len(data)} bytes)"
         if entry.encryption_key_id is not None:
             try:
-                data = unseal_bytes(data, ring, uri)
+                # Only the files asked for are kept in the clear; the others are authenticated chunk by chunk.
+                bind = artifact_binding(name)
+                if name in wanted:
+                    data = unseal_bytes(data, ring, uri, expect=bind)
+                else:
+                    check_sealed(data, ring, uri, expect=bind)
             except SealError as e:
                 raise ArtifactError(str(e)) from None
             line += f"; decrypts with key id {entry.encryption_key_id}"
@@ -146,7 +151,7 @@ def read_verified_file(uri: str, *, require_signed: bool | None = None) -> bytes
     data = storage.read_bytes(uri)
     if is_sealed(data):
         try:
-            data = unseal_bytes(data, Keyring.from_env(), uri)
+            data = unseal_bytes(data, Keyring.from_env(), uri, expect=artifact_binding(name))
         except SealError as e:
             raise ArtifactError(str(e)) from None
     return data
