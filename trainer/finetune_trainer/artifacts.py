@@ -73,7 +73,7 @@ from finetune_trainer.model_card import (
 )
 from finetune_trainer.model_card_md import README_FILE, render_readme
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
-from finetune_trainer.protect import keyring_for, protection_of, seal_staged, sign_staged, signing_key_for
+from finetune_trainer.protect import keyring_for, protection_of, seal_staged, server_side_key, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
 from finetune_trainer.signing import SIGNATURE_FILE
 
@@ -293,8 +293,7 @@ def write_artifacts(
     with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
         staging = Path(tmp)
         card = _stage(staging, **kwargs)
-        enc = cfg.spec.output.encryption
-        kms_key = enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
+        kms_key = server_side_key(cfg)
         if not (staging / SIGNATURE_FILE).exists():
             storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
         for name in _published(staging, card):

@@ -33,6 +33,7 @@ __all__ = [
     "keyring_for",
     "protection_of",
     "seal_staged",
+    "server_side_key",
     "sign_staged",
     "signing_key_for",
 ]
@@ -71,6 +72,12 @@ def signing_key_for(cfg: TrainerConfig) -> Ed25519PrivateKey | None:
             "(PEM) and list it under spec.runtime.envFrom"
         )
     return key
+
+
+def server_side_key(cfg: TrainerConfig) -> str | None:
+    """The KMS key every object this job writes must be encrypted with (``encryption.serverSide``), if any."""
+    enc = cfg.spec.output.encryption
+    return enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
 
 
 def check_keys(cfg: TrainerConfig) -> None:
