@@ -1,6 +1,7 @@
 """Issue 15, what reaches the output store: with client-side encryption the clear weights are staged outside the
 run directory (never on the PVC), and each sealed file is bound to what it is (a checkpoint's name, an artifact's
-file name), so a copy of another sealed file over it is refused although it decrypts."""
+file name), so a copy of another sealed file over it is refused although it decrypts; a directory check reports
+the model files its card does not list."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from finetune_operator.api.contract import TrainerConfig
@@ -25,6 +28,7 @@ from finetune_trainer.sealing import Keyring
 from finetune_trainer.verify import verify_artifacts
 
 KEY = base64.b64encode(bytes(range(32))).decode()
+PEM = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 CLASSES = ["a", "b", "c"]
 INPUT = InputSpec(
     image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True
@@ -38,12 +42,12 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_ENCRYPTION_KEY", f"k1:{KEY}")
 
 
-def write_encrypted(output: Path, exports: list[str]) -> TrainerConfig:
+def write_encrypted(output: Path, exports: list[str], *, sign: bool = False) -> TrainerConfig:
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"name": "resnet18"},
             "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
-            "output": {"uri": str(output), "encryption": {"clientSide": True}, "exports": exports},
+            "output": {"uri": str(output), "encryption": {"clientSide": True}, "exports": exports, "sign": sign},
         }
     )
     cfg = TrainerConfig(job_name="pets", spec=spec, output_root=str(output))
@@ -121,3 +125,36 @@ def test_a_sealed_checkpoint_copied_over_a_newer_one_is_refused(tmp_path: Path) 
         shutil.copyfile(old / name, new / name)
     with pytest.raises(TrainerError, match=r"sealed as 'checkpoint checkpoint_epoch_0001/checkpoint.pt', not 'checkpoint "):
         read_checkpoint(new, "fp", "run", encrypted=True)
+
+
+def test_verify_reports_model_files_the_card_does_not_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory check that says 'verified' while an unlisted model file sits beside the card invites a server that
+    loads what it finds to load it; with signatures required it is refused."""
+    private = Ed25519PrivateKey.generate()
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    monkeypatch.setenv("FINETUNE_SIGNING_KEY", private.private_bytes(*PEM).decode())
+    monkeypatch.setenv("FINETUNE_VERIFY_KEYS", base64.b64encode(raw).decode())
+    cfg = write_encrypted(tmp_path / "out", ["state_dict"], sign=True)
+    (Path(cfg.run_dir) / "model_v2.onnx").write_bytes(b"not listed")
+    checks = verify_artifacts(cfg.run_dir).checks
+    assert "unlisted: model_v2.onnx is not in the model card (not verified; do not load it)" in checks
+    assert verify_artifacts(cfg.run_dir, only=[MODEL_FILE]).checks[-1].startswith("sha256 model.pt: ok")  # one file asked
+    with pytest.raises(ArtifactError, match=r"model_v2.onnx: a model file the model card does not list \(1 such"):
+        verify_artifacts(cfg.run_dir, require_signed=True)
+
+
+def test_the_source_head_is_kept_only_on_a_verified_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """weightsUri: whether the source's head is reused was read from its card unverified; a card whose signature no
+    longer matches (edited) must not decide it."""
+    from finetune_trainer.loop import _same_classes_as_source
+
+    private = Ed25519PrivateKey.generate()
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    monkeypatch.setenv("FINETUNE_SIGNING_KEY", private.private_bytes(*PEM).decode())
+    monkeypatch.setenv("FINETUNE_VERIFY_KEYS", base64.b64encode(raw).decode())
+    cfg = write_encrypted(tmp_path / "out", ["state_dict"], sign=True)
+    weights = str(Path(cfg.run_dir) / MODEL_FILE)
+    assert _same_classes_as_source(weights, CLASSES)
+    card = Path(cfg.run_dir) / "model.json"
+    card.write_text(card.read_text().replace('"createdAt"', '"createdAt" ', 1))  # same content, other bytes
+    assert not _same_classes_as_source(weights, CLASSES)

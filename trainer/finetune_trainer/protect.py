@@ -10,13 +10,20 @@ signs the written card. The crypto itself is in ``sealing`` and ``signing``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.protection import ArtifactProtection
-from finetune_trainer.sealing import ENCRYPTION_KEY_ENV, Keyring, SealError, artifact_binding, seal_file
+from finetune_trainer.sealing import (
+    ENCRYPTION_KEY_ENV,
+    MODEL_SUFFIXES,
+    Keyring,
+    SealError,
+    artifact_binding,
+    is_model_file,
+    seal_file,
+)
 from finetune_trainer.signing import (
     SIGNATURE_FILE,
     SIGNING_KEY_ENV,
@@ -37,14 +44,6 @@ __all__ = [
     "sign_staged",
     "signing_key_for",
 ]
-
-MODEL_SUFFIXES: Final = (".pt", ".pth", ".onnx", ".safetensors", ".bin", ".ckpt")
-"""Files holding weights: these are encrypted. Reports, plots and the card stay readable (the card's class
-names and metrics are what a catalogue shows; the weights are the knowledge to protect)."""
-
-
-def is_model_file(name: str) -> bool:
-    return name.endswith(MODEL_SUFFIXES)
 
 
 def keyring_for(cfg: TrainerConfig) -> Keyring | None:

@@ -49,10 +49,12 @@ from finetune_trainer.errors import TrainerError
 __all__ = [
     "ENCRYPTION_KEY_ENV",
     "MAGIC",
+    "MODEL_SUFFIXES",
     "Keyring",
     "SealError",
     "artifact_binding",
     "check_sealed",
+    "is_model_file",
     "is_sealed",
     "is_sealed_file",
     "seal_file",
@@ -71,6 +73,16 @@ _MAX_CHUNK: Final = 64 << 20
 # Short ids: a base64 key (44 characters, '+', '/', '=') can never pass for one and be quoted as an id.
 _KEY_ID: Final = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
 _KEY_ID_HELP: Final = "1 to 40 letters, digits, '.', '_' or '-'"
+
+
+MODEL_SUFFIXES: Final = (".pt", ".pth", ".onnx", ".safetensors", ".bin", ".ckpt")
+"""Files holding weights: these are encrypted (``protect``) and must be listed by the card (``verify``). Reports,
+plots and the card stay readable (the card's class names and metrics are what a catalogue shows; the weights are
+the knowledge to protect)."""
+
+
+def is_model_file(name: str) -> bool:
+    return name.endswith(MODEL_SUFFIXES)
 
 
 class SealError(TrainerError):

@@ -23,6 +23,7 @@ __all__ = [
     "StorageError",
     "atomic_path",
     "atomic_write_bytes",
+    "file_names",
     "is_remote",
     "join",
     "local_path",
@@ -179,6 +180,23 @@ def remove(uri: str) -> None:
             fs.rm(path)
     except Exception as e:
         raise StorageError(f"{uri}: cannot delete: {exception_line(e)}") from e
+
+
+def file_names(uri: str) -> list[str]:
+    """The names of the plain files directly in the directory (or prefix) ``uri``, sorted; [] when there is none."""
+    if not is_remote(uri):
+        directory = local_path(uri)
+        return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        entries = fs.ls(path, detail=True, refresh=True) if fs.exists(path) else []
+        # s3fs would keep the listing (sizes, ETags) and open a file rewritten since with the stale ETag: forget it.
+        fs.invalidate_cache(path)
+    except Exception as e:
+        raise StorageError(f"{uri}: cannot list: {exception_line(e)}") from e
+    return sorted(str(e["name"]).rstrip("/").rpartition("/")[2] for e in entries if e.get("type") == "file")
 
 
 def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
