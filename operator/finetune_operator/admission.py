@@ -191,11 +191,14 @@ def protection_errors(output: OutputSpec) -> list[str]:
     """What leaves a job's model unencrypted or unsigned, which this operator refuses."""
     why = f"this operator requires protected models ({env_name('require_protected_artifacts')}=true)"
     errors = []
-    if output.encryption is None or not output.encryption.enabled():
-        found = "not set" if output.encryption is None else f"{quote(output.encryption.to_wire())} encrypts nothing"
+    # Client-side encryption is required, not only the store's: checkpoints carry an unsigned sha256 alone, and the
+    # shipped model.pt is read back from the best checkpoint in the bucket before the card is signed; only AES-GCM
+    # (bound to each file's name) proves the trainer wrote what it signs. serverSide may be added on top.
+    if output.encryption is None or not output.encryption.client_side:
+        found = "not set" if output.encryption is None else f"{quote(output.encryption.to_wire())} has no clientSide"
         errors.append(
             f"spec.output.encryption: {found}, but {why}; set encryption.clientSide: true (key in a Secret under "
-            "runtime.envFrom) or encryption.serverSide.kmsKey"
+            "runtime.envFrom); encryption.serverSide.kmsKey may be added, not substituted"
         )
     if not output.sign:
         errors.append(f"spec.output.sign: false, but {why}; set sign: true and list the signing-key Secret under runtime.envFrom")

@@ -13,12 +13,17 @@ Kopf's own settings (finalizer, progress storage, timeouts) are not here: ``hand
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -57,6 +62,31 @@ RAY_TOKEN_AUTH_MIN_VERSION: Final = "2.52.0"
 
 class SettingsError(ValueError):
     """A ``FINETUNE_OPERATOR_*`` variable holds a value the operator cannot use."""
+
+
+_PEM: Final = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.S)
+
+
+def _public_key_problem(text: str) -> str | None:
+    """What in VERIFY_KEYS is not an Ed25519 public key, by position (never quoting the text: it may be a private key
+    put there by mistake, signing.pem for verify.pem, which would otherwise be copied into every RayJob)."""
+    for index, match in enumerate(_PEM.finditer(text)):
+        if "PUBLIC" not in match[1]:
+            return f"PEM block {index + 1} is a {match[1].lower()}"
+        try:
+            key = serialization.load_pem_public_key(match[0].encode())
+        except ValueError:
+            return f"PEM block {index + 1} is not a readable public key"
+        if not isinstance(key, Ed25519PublicKey):
+            return f"PEM block {index + 1} is a {type(key).__name__}"
+    for index, entry in enumerate(e.strip() for e in _PEM.sub("", text).split(",")):
+        try:
+            raw = base64.b64decode(entry, validate=True)
+        except (binascii.Error, ValueError):
+            return f"entry {index + 1} is neither a PEM public key nor base64"
+        if entry and len(raw) != 32:
+            return f"entry {index + 1} has {len(raw)} bytes, not an Ed25519 raw key's 32"
+    return None
 
 
 class OperatorSettings(BaseSettings):
@@ -258,6 +288,11 @@ class OperatorSettings(BaseSettings):
             raise conflict(
                 f"{env_name('leader_election_namespace')} is empty, which {env_name('leader_election')}=true cannot use; "
                 "expected the operator's namespace (the chart sets it from the pod's)"
+            )
+        if self.verify_keys and (problem := _public_key_problem(self.verify_keys)):
+            raise conflict(
+                f"{env_name('verify_keys')} is not accepted: {problem}; expected Ed25519 public keys only "
+                "(PEM PUBLIC KEY blocks or base64 raw keys, comma-separated)"
             )
         if self.require_protected_artifacts and not self.verify_keys:
             raise conflict(

@@ -319,6 +319,7 @@ def checkpoint(directory: Path, keyring: Keyring | None) -> nn.Module:
         state=TrainState(epoch=3),
         fingerprint="fp",
         keyring=keyring,
+        name=directory.name,  # the name it is stored under, which a sealed checkpoint is bound to
     )
     return model
 

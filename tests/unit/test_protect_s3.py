@@ -1,21 +1,24 @@
 """Issue 15 on an object store: `spec.output.encryption.serverSide` reaches S3 as SSE-KMS on every artifact (checked
 with head_object against moto's S3 server on localhost), and client-side encryption and `finetune verify` work on
-an s3:// run directory as on a local one."""
+an s3:// run directory as on a local one; on gs:// the CMEK reaches the object writer (gcsfs's open())."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
+from finetune_trainer import storage
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import build_model
@@ -110,3 +113,31 @@ def test_no_server_side_encryption_unless_asked(s3: Any, tmp_path: Path) -> None
     (tmp_path / "f").write_bytes(b"x")
     storage.upload_file(tmp_path / "f", f"s3://{BUCKET}/plain/f")
     assert s3.head_object(Bucket=BUCKET, Key="plain/f").get("ServerSideEncryption") in (None, "AES256")
+
+
+class FakeGCS(MemoryFileSystem):
+    """gcsfs as it behaves: GCSFileSystem(**kw) swallows unknown options; GCSFile takes kms_key_name from open()."""
+
+    protocol = ("gs", "gcs")
+    opened: ClassVar[list[Any]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        FakeGCS.opened.append(kwargs.pop("kms_key_name", None))
+        return super()._open(path, mode, **kwargs)
+
+
+def test_gcs_cmek_is_passed_to_the_object_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given to the filesystem's constructor, gcsfs would drop kms_key_name and write gs:// objects without the CMEK
+    while status and card say serverSideEncryption: gcs-cmek."""
+    registry = importlib.import_module("fsspec.registry")
+    monkeypatch.setitem(registry._registry, "gs", FakeGCS)
+    FakeGCS.clear_instance_cache()
+    FakeGCS.opened.clear()
+    src = tmp_path / "model.pt"
+    src.write_bytes(b"weights")
+    key = "projects/p/locations/l/keyRings/r/cryptoKeys/k"
+    storage.upload_file(src, "gs://bucket/run/model.pt", kms_key=key)
+    assert FakeGCS.opened == [key]

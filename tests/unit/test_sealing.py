@@ -13,6 +13,7 @@ from finetune_trainer.sealing import (
     MAGIC,
     Keyring,
     SealError,
+    check_sealed,
     is_sealed_file,
     seal_file,
     sealed_key_id,
@@ -27,7 +28,7 @@ CHUNK = 16
 
 def sealed(tmp_path: Path, plain: bytes, ring: Keyring, chunk: int = CHUNK) -> bytes:
     (tmp_path / "plain").write_bytes(plain)
-    seal_file(tmp_path / "plain", tmp_path / "sealed", ring, chunk=chunk)
+    seal_file(tmp_path / "plain", tmp_path / "sealed", ring, bind="artifact plain", chunk=chunk)
     return (tmp_path / "sealed").read_bytes()
 
 
@@ -135,8 +136,8 @@ def test_bare_key_gets_an_id_from_its_hash() -> None:
         ("", "FINETUNE_ENCRYPTION_KEY: empty; expected a base64 key of 32 bytes"),
         ("not base64!", "FINETUNE_ENCRYPTION_KEY entry 1: not base64"),
         (base64.b64encode(b"short").decode(), "FINETUNE_ENCRYPTION_KEY entry 1: 5 bytes; AES-256 needs 32"),
-        (f"a:{KEY_A},b:{KEY_A[:-4]}", "FINETUNE_ENCRYPTION_KEY entry 2 ('b'): "),
-        (f"a:{KEY_A},a:{KEY_B}", "key id 'a' appears twice"),
+        (f"a:{KEY_A},b:{KEY_A[:-4]}", "FINETUNE_ENCRYPTION_KEY entry 2: "),
+        (f"a:{KEY_A},a:{KEY_B}", "entry 2: its key id is already used by an earlier entry"),
     ],
 )
 def test_bad_keyrings_are_one_line_without_the_key(text: str, message: str) -> None:
@@ -149,3 +150,34 @@ def test_bad_keyrings_are_one_line_without_the_key(text: str, message: str) -> N
 def test_not_a_sealed_file(tmp_path: Path) -> None:
     with pytest.raises(SealError, match="not an encrypted file"):
         unseal_bytes(b"PK\x03\x04 a zip", Keyring.parse(KEY_A), "model.pt")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"{KEY_A}:k1", f"{KEY_A}:", f"k1:{KEY_B},{KEY_A}:k2", f"{KEY_A}:{KEY_B}"],
+    ids=["reversed", "colon", "second-reversed", "key-as-id"],
+)
+def test_a_malformed_keyring_entry_is_named_by_position_never_by_its_text(text: str) -> None:
+    """Written KEY:id, the key lands where the id goes: quoting the 'id' would put the key in the job's status."""
+    with pytest.raises(SealError) as info:
+        Keyring.parse(text)
+    assert "entry " in str(info.value) and KEY_A not in str(info.value) and KEY_B not in str(info.value)
+
+
+def test_keyring_repr_shows_only_key_ids() -> None:
+    ring = Keyring.parse(f"new:{KEY_A},old:{KEY_B}")
+    assert repr(ring) == "Keyring(current='new', ids=['new', 'old'])"
+
+
+def test_a_file_sealed_as_something_else_is_refused(tmp_path: Path) -> None:
+    """The header binds what the file is (``bind``): model.onnx copied over model.pt decrypts, yet is refused."""
+    ring = Keyring.parse(KEY_A)
+    (tmp_path / "plain").write_bytes(b"onnx bytes")
+    seal_file(tmp_path / "plain", tmp_path / "sealed", ring, bind="artifact model.onnx")
+    data = (tmp_path / "sealed").read_bytes()
+    assert unseal_bytes(data, ring, "model.onnx", expect="artifact model.onnx") == b"onnx bytes"
+    with pytest.raises(SealError, match=r"^model.pt: sealed as 'artifact model.onnx', not 'artifact model.pt'; "):
+        unseal_bytes(data, ring, "model.pt", expect="artifact model.pt")
+    with pytest.raises(SealError, match="sealed as"):
+        check_sealed(data, ring, "model.pt", expect="artifact model.pt")
+    assert check_sealed(data, ring, "model.onnx", expect="artifact model.onnx") == len(b"onnx bytes")

@@ -23,7 +23,8 @@ With ``spec.output.encryption.clientSide`` the model files are encrypted in the 
 summed (``protect.seal_staged``); with ``serverSide`` every upload asks the store for its KMS encryption.
 
 ``model.json`` is written last, so its presence means the rest is complete. Everything is staged in a
-local directory first and then moved (local run dir) or uploaded (s3://, gs://) into place. Called by
+private local temporary directory first (never in the run dir: clear weights must not reach the output
+store) and then copied (local run dir, atomically per file) or uploaded (s3://, gs://) into place. Called by
 the training loop once training ends; ``predict`` reads the card back with ``load_model_card``.
 """
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -73,7 +73,7 @@ from finetune_trainer.model_card import (
 )
 from finetune_trainer.model_card_md import README_FILE, render_readme
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
-from finetune_trainer.protect import keyring_for, protection_of, seal_staged, sign_staged, signing_key_for
+from finetune_trainer.protect import keyring_for, protection_of, seal_staged, server_side_key, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
 from finetune_trainer.signing import SIGNATURE_FILE
 
@@ -286,29 +286,18 @@ def write_artifacts(
         shipped_epoch=shipped_epoch,
         facts=facts or RunFacts(),
     )
-    if storage.is_remote(run_dir):
-        # Object stores: stage in a local temporary directory, then upload; the card goes last.
-        with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
-            card = _stage(Path(tmp), **kwargs)
-            enc = cfg.spec.output.encryption
-            kms_key = enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
-            if not (Path(tmp) / SIGNATURE_FILE).exists():
-                storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
-            for name in _published(Path(tmp), card):
-                storage.upload_file(Path(tmp) / name, storage.join(run_dir, name), kms_key=kms_key)
-    else:
-        target = storage.local_path(run_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        # Staged inside run_dir so that each file moves into place with an atomic same-filesystem rename.
-        staging = Path(tempfile.mkdtemp(prefix=".artifacts-", dir=target))
-        try:
-            card = _stage(staging, **kwargs)
-            if not (staging / SIGNATURE_FILE).exists():
-                storage.remove(str(target / SIGNATURE_FILE))  # an earlier run's, which this card would contradict
-            for name in _published(staging, card):
-                (staging / name).replace(target / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # Staged in a private local temporary directory (mode 0700), never under run_dir: with client-side
+    # encryption the weights are in the clear until sealed, and a PVC (and its snapshots) must never hold them,
+    # not even after a kill mid-export. Each file is then copied into place atomically (local run dir) or
+    # uploaded (s3://, gs://); the card goes last. The directory is removed whatever happens.
+    with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
+        staging = Path(tmp)
+        card = _stage(staging, **kwargs)
+        kms_key = server_side_key(cfg)
+        if not (staging / SIGNATURE_FILE).exists():
+            storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
+        for name in _published(staging, card):
+            storage.upload_file(staging / name, storage.join(run_dir, name), kms_key=kms_key)
     public = cfg.public_uri
     return Artifacts(
         model_uri=public(storage.join(run_dir, MODEL_FILE)),

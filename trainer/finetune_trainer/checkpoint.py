@@ -6,9 +6,11 @@ relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back f
 ``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict, the optimizer, the
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
 improvement), every worker's random generators (``seeding.rng_state``, absent before they were kept)
-and the spec fingerprint: a checkpoint written for another spec is refused, not resumed.
+and the spec fingerprint: a checkpoint written for another spec is refused, not resumed (the run stops).
 With ``spec.output.encryption.clientSide`` the file is encrypted (``sealing``) before it leaves the
-worker, and a resumed run decrypts it with the same keyring. Beside it, ``checkpoint.sha256`` holds the
+worker, and a resumed run decrypts it with the same keyring; the sealed file is bound to its checkpoint's
+name (``checkpoint_binding``), so an older checkpoint copied over a newer one is
+refused, not resumed (the run stops). Beside it, ``checkpoint.sha256`` holds the
 file's checksum (of the bytes as stored): a truncated or altered copy is refused as corrupt
 (``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
 
@@ -39,6 +41,7 @@ __all__ = [
     "CHECKSUM_FILE",
     "CorruptCheckpoint",
     "TrainState",
+    "checkpoint_binding",
     "checkpoint_dir_name",
     "read_checkpoint",
     "restore_training",
@@ -105,6 +108,12 @@ def checkpoint_dir_name(epoch: int, lineage: int = 0) -> str:
     return f"checkpoint_epoch_{epoch:04d}" + (f"_r{lineage}" if lineage else "")
 
 
+def checkpoint_binding(name: str) -> str:
+    """What a sealed checkpoint says it is (``sealing``'s ``bind``): its directory name. (The spec fingerprint is
+    inside the encrypted payload, so it is authenticated already.)"""
+    return f"checkpoint {name}/{CHECKPOINT_FILE}"
+
+
 def write_checkpoint(
     directory: str | Path,
     *,
@@ -116,9 +125,11 @@ def write_checkpoint(
     fingerprint: str,
     rng: list[dict[str, Any]] | None = None,
     keyring: Keyring | None = None,
+    name: str | None = None,
 ) -> None:
     """Write the checkpoint file and its checksum into ``directory``; encrypted with ``keyring``'s current
-    key when given (``sealing``; the checksum is of the encrypted bytes)."""
+    key when given (``sealing``; the checksum is of the encrypted bytes) and bound to ``name``, the
+    directory name it is stored under (by default ``checkpoint_dir_name`` of the state's epoch and lineage)."""
     torch.save(
         {
             "format": _FORMAT,
@@ -135,18 +146,22 @@ def write_checkpoint(
     if keyring is not None:
         # Encrypted in place before Ray copies the directory to storage: no clear copy reaches the run dir.
         sealed = Path(directory) / f".{CHECKPOINT_FILE}.sealed"
-        seal_file(Path(directory) / CHECKPOINT_FILE, sealed, keyring)
+        bind = checkpoint_binding(name or checkpoint_dir_name(state.epoch, state.lineage))
+        seal_file(Path(directory) / CHECKPOINT_FILE, sealed, keyring, bind=bind)
         sealed.replace(Path(directory) / CHECKPOINT_FILE)
     (Path(directory) / CHECKSUM_FILE).write_text(storage.sha256_file(Path(directory) / CHECKPOINT_FILE) + "\n")
 
 
-def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str, *, encrypted: bool = False) -> dict[str, Any]:
-    """The checkpoint in ``directory`` (as written by ``write_checkpoint``) with ``train_state`` as a
-    TrainState, on the CPU; CorruptCheckpoint when it is unreadable or fails its checksum, a
-    TrainerError when it belongs to another spec, cannot be decrypted (key missing or wrong: the
+def read_checkpoint(
+    directory: str | Path, fingerprint: str, run_dir: str, *, encrypted: bool = False, name: str | None = None
+) -> dict[str, Any]:
+    """The checkpoint in ``directory`` (as written by ``write_checkpoint``; ``name``: the directory name it is
+    stored under, by default ``directory``'s) with ``train_state`` as a TrainState, on the CPU;
+    CorruptCheckpoint when it is unreadable or fails its checksum, a TrainerError when it belongs to
+    another spec, was sealed as another checkpoint, cannot be decrypted (key missing or wrong: the
     ``FINETUNE_ENCRYPTION_KEY`` keyring decrypts it) or is in the clear while ``encrypted`` is asked for."""
     path = Path(directory) / CHECKPOINT_FILE
-    name = Path(directory).name
+    name = name or Path(directory).name
     try:
         expected = (Path(directory) / CHECKSUM_FILE).read_text().strip()
     except FileNotFoundError:
@@ -163,7 +178,10 @@ def read_checkpoint(directory: str | Path, fingerprint: str, run_dir: str, *, en
         if is_sealed_file(path):
             # The checksum matched, so a failure here is the key (missing, wrong): a TrainerError that stops
             # the run in one line, never a silent fallback to an older checkpoint or a fresh start.
-            source = io.BytesIO(unseal_bytes(path.read_bytes(), Keyring.from_env(), f"checkpoint {name}/{CHECKPOINT_FILE}"))
+            # A checkpoint sealed as another one (an older one copied over it) stops the run too: a store someone
+            # tampers with is not one to fall back in silently.
+            label, bind = f"checkpoint {name}/{CHECKPOINT_FILE}", checkpoint_binding(name)
+            source = io.BytesIO(unseal_bytes(path.read_bytes(), Keyring.from_env(), label, expect=bind))
         elif encrypted:
             raise TrainerError(
                 f"checkpoint {name}: {CHECKPOINT_FILE} is not encrypted, but spec.output.encryption.clientSide is true; "

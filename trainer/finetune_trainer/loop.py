@@ -44,7 +44,6 @@ from finetune_trainer.finish import finish_run
 from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
-from finetune_trainer.model_card import load_model_card
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import MultiSink, build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
@@ -56,6 +55,7 @@ from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 from finetune_trainer.tracking import Tracker
+from finetune_trainer.verify import verify_artifacts
 
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
@@ -122,7 +122,8 @@ def _same_classes_as_source(weights_uri: str | None, class_names: list[str]) -> 
     if weights_uri is None:
         return False
     try:
-        card = load_model_card(storage.parent(weights_uri))
+        # Verified (the signature; no file read): this card decides whether the source's head is kept.
+        card = verify_artifacts(storage.parent(weights_uri), only=[]).card
     except ArtifactError:
         return False
     return card.class_names == class_names
@@ -395,6 +396,7 @@ def _report(
             fingerprint=worker.cfg.spec_fingerprint(),
             rng=rng,
             keyring=keyring_for(worker.cfg),
+            name=name,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
     if worker.sinks is not None:

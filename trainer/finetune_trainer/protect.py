@@ -10,13 +10,20 @@ signs the written card. The crypto itself is in ``sealing`` and ``signing``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.protection import ArtifactProtection
-from finetune_trainer.sealing import ENCRYPTION_KEY_ENV, Keyring, SealError, seal_file
+from finetune_trainer.sealing import (
+    ENCRYPTION_KEY_ENV,
+    MODEL_SUFFIXES,
+    Keyring,
+    SealError,
+    artifact_binding,
+    is_model_file,
+    seal_file,
+)
 from finetune_trainer.signing import (
     SIGNATURE_FILE,
     SIGNING_KEY_ENV,
@@ -33,17 +40,10 @@ __all__ = [
     "keyring_for",
     "protection_of",
     "seal_staged",
+    "server_side_key",
     "sign_staged",
     "signing_key_for",
 ]
-
-MODEL_SUFFIXES: Final = (".pt", ".pth", ".onnx", ".safetensors", ".bin", ".ckpt")
-"""Files holding weights: these are encrypted. Reports, plots and the card stay readable (the card's class
-names and metrics are what a catalogue shows; the weights are the knowledge to protect)."""
-
-
-def is_model_file(name: str) -> bool:
-    return name.endswith(MODEL_SUFFIXES)
 
 
 def keyring_for(cfg: TrainerConfig) -> Keyring | None:
@@ -73,6 +73,12 @@ def signing_key_for(cfg: TrainerConfig) -> Ed25519PrivateKey | None:
     return key
 
 
+def server_side_key(cfg: TrainerConfig) -> str | None:
+    """The KMS key every object this job writes must be encrypted with (``encryption.serverSide``), if any."""
+    enc = cfg.spec.output.encryption
+    return enc.server_side.kms_key if enc is not None and enc.server_side is not None else None
+
+
 def check_keys(cfg: TrainerConfig) -> None:
     """Fail now, in one line, when a key the spec needs is missing or unreadable."""
     keyring_for(cfg)
@@ -80,11 +86,11 @@ def check_keys(cfg: TrainerConfig) -> None:
 
 
 def seal_staged(out: Path, keyring: Keyring) -> None:
-    """Encrypt every model file in the local directory ``out`` in place."""
+    """Encrypt every model file in the local directory ``out`` in place, each bound to its name."""
     for path in sorted(out.iterdir()):
         if path.is_file() and is_model_file(path.name):
             sealed = path.with_name(f".{path.name}.sealed")
-            seal_file(path, sealed, keyring)
+            seal_file(path, sealed, keyring, bind=artifact_binding(path.name))
             sealed.replace(path)
 
 

@@ -59,7 +59,9 @@ def _siblings(checkpoint: ray.train.Checkpoint) -> list[str]:
 
 def _read(checkpoint: ray.train.Checkpoint, fingerprint: str, run_dir: str, encrypted: bool) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
-        return read_checkpoint(directory, fingerprint, run_dir, encrypted=encrypted)
+        # The stored name, not the local copy's: a sealed checkpoint is bound to the name it was written under.
+        name = posixpath.basename(checkpoint.path.rstrip("/"))
+        return read_checkpoint(directory, fingerprint, run_dir, encrypted=encrypted, name=name)
 
 
 def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str, *, encrypted: bool = False) -> Resumed:

@@ -23,6 +23,7 @@ __all__ = [
     "StorageError",
     "atomic_path",
     "atomic_write_bytes",
+    "file_names",
     "is_remote",
     "join",
     "list_sizes",
@@ -108,26 +109,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------- local or remote
-def _fs_open(uri: str, mode: str, **options: Any) -> Any:
+def _fs_open(uri: str, mode: str, *, fs_options: dict[str, Any] | None = None, file_options: dict[str, Any] | None = None) -> Any:
+    """Open ``uri`` with fsspec: ``fs_options`` go to the filesystem's constructor, ``file_options`` to its
+    ``open`` (the file object); a backend silently drops what it does not know in either place."""
     try:
         import fsspec
     except ImportError:
         raise StorageError(f"{uri}: object-store URIs need fsspec (and s3fs or gcsfs); install them") from None
-    return fsspec.open(uri, mode, **options)
+    fs, path = fsspec.core.url_to_fs(uri, **(fs_options or {}))
+    return fs.open(path, mode, **(file_options or {}))
 
 
-def server_side_options(uri: str, kms_key: str | None) -> dict[str, Any]:
-    """fsspec open options that make the object store encrypt ``uri`` with ``kms_key``: S3's SSE-KMS
-    (s3fs passes ``s3_additional_kwargs`` to every PutObject / CreateMultipartUpload), GCS's CMEK (gcsfs's
-    ``kms_key_name``). Nothing for other stores or without a key."""
+def server_side_options(uri: str, kms_key: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filesystem options, open options) that make the object store encrypt ``uri`` with ``kms_key``: S3's
+    SSE-KMS is an S3FileSystem option (s3fs passes ``s3_additional_kwargs`` to every PutObject /
+    CreateMultipartUpload); GCS's CMEK is a GCSFile option (gcsfs reads ``kms_key_name`` from ``open()``
+    and ignores it in the constructor). Nothing for other stores or without a key."""
     if kms_key is None:
-        return {}
+        return {}, {}
     scheme = uri.partition("://")[0]
     if scheme == "s3":
-        return {"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key}}
+        return {"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key}}, {}
     if scheme in ("gs", "gcs"):
-        return {"kms_key_name": kms_key}
-    return {}
+        return {}, {"kms_key_name": kms_key}
+    return {}, {}
 
 
 def read_bytes(uri: str) -> bytes:
@@ -179,7 +184,8 @@ def remove(uri: str) -> None:
 
 
 def list_sizes(uri: str) -> dict[str, int]:
-    """The files directly in the folder ``uri``, by name, with their sizes in bytes; {} when it does not exist."""
+    """The plain files directly in the directory (or prefix) ``uri``, by name, with their sizes in bytes; {} when
+    there is none."""
     if not is_remote(uri):
         folder = local_path(uri)
         return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
@@ -188,12 +194,17 @@ def list_sizes(uri: str) -> dict[str, int]:
 
         fs, path = fsspec.core.url_to_fs(uri)
         fs.invalidate_cache(path)  # another attempt of this job may have written there since the last listing
-        if not fs.exists(path):
-            return {}
-        files = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
-        return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in files}
+        entries = fs.ls(path, detail=True, refresh=True) if fs.exists(path) else []
+        # s3fs would keep the listing (sizes, ETags) and open a file rewritten since with the stale ETag: forget it.
+        fs.invalidate_cache(path)
     except Exception as e:
         raise StorageError(f"{uri}: cannot list: {exception_line(e)}") from e
+    return {str(e["name"]).rstrip("/").rpartition("/")[2]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+
+def file_names(uri: str) -> list[str]:
+    """The names of the plain files directly in the directory (or prefix) ``uri``, sorted; [] when there is none."""
+    return sorted(list_sizes(uri))
 
 
 def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
@@ -204,7 +215,8 @@ def upload_file(src: str | Path, uri: str, *, kms_key: str | None = None) -> Non
             shutil.copyfile(src, tmp)
         return
     try:
-        with open(src, "rb") as fin, _fs_open(uri, "wb", **server_side_options(uri, kms_key)) as fout:
+        fs_options, file_options = server_side_options(uri, kms_key)
+        with open(src, "rb") as fin, _fs_open(uri, "wb", fs_options=fs_options, file_options=file_options) as fout:
             while chunk := fin.read(_CHUNK):
                 fout.write(chunk)
     except Exception as e:

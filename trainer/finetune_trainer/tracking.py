@@ -38,6 +38,7 @@ from finetune_trainer.errors import exception_line
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.mlflow_sink import MlflowSink
+from finetune_trainer.protect import server_side_key
 
 __all__ = ["STATE_FILE", "TB_DIR", "Tracker", "hparams_of"]
 
@@ -47,9 +48,9 @@ TB_DIR: Final = "tensorboard"
 STATE_FILE: Final = "tracking.json"
 SAMPLES: Final = 16
 # The run directory's files MLflow receives at the end (checkpoints stay with Ray Train's retention).
-_ARTIFACT_SUFFIXES: Final = (".pt", ".json", ".jsonl", ".png", ".onnx")
+_ARTIFACT_SUFFIXES: Final = (".pt", ".json", ".jsonl", ".png", ".onnx", ".sig")
 _REMOTE_ARTIFACTS: Final = (
-    "model.pt", "model.json", "metrics.jsonl", "evaluation.json", "training_curves.png", "confusion_matrix.png",
+    "model.pt", "model.json", "model.json.sig", "metrics.jsonl", "evaluation.json", "training_curves.png", "confusion_matrix.png",
     "model.torchscript.pt", "model.onnx", STATE_FILE,
 )  # fmt: skip
 
@@ -300,7 +301,7 @@ class Tracker:
             if self._uploaded.get(path.name) == size:
                 continue
             try:
-                storage.upload_file(path, storage.join(self.cfg.run_dir, TB_DIR, path.name))
+                storage.upload_file(path, storage.join(self.cfg.run_dir, TB_DIR, path.name), kms_key=server_side_key(self.cfg))
                 self._uploaded[path.name] = size
             except OSError as exc:
                 log.warning("could not upload %s: %s", path.name, exception_line(exc))

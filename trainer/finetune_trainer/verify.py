@@ -6,7 +6,9 @@ exist when ``FINETUNE_REQUIRE_SIGNED=true`` (or ``require_signed``), and must ve
 public key (``FINETUNE_VERIFY_KEYS``) whenever it exists and keys are configured (without keys and
 without the requirement, unsigned models are accepted anyway, so an unchecked signature is only noted);
 then each file the card lists must have the sha256 the card gives, and an encrypted one must decrypt
-with a key of ``FINETUNE_ENCRYPTION_KEY`` (AES-GCM authenticates every chunk). Every refusal is an ArtifactError naming the file.
+with a key of ``FINETUNE_ENCRYPTION_KEY`` (AES-GCM authenticates every chunk, and the header names the file it was
+sealed as). A whole-directory check also reports model files the card does not list (refused when signatures are
+required). Every refusal is an ArtifactError naming the file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from dataclasses import dataclass, field
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
 from finetune_trainer.model_card import CARD_FILE, ModelCard, parse_model_card, read_card_bytes
-from finetune_trainer.sealing import Keyring, SealError, is_sealed, unseal_bytes
+from finetune_trainer.sealing import (
+    Keyring,
+    SealError,
+    artifact_binding,
+    check_sealed,
+    is_model_file,
+    is_sealed,
+    unseal_bytes,
+)
 from finetune_trainer.signing import (
     REQUIRE_SIGNED_ENV,
     SIGNATURE_FILE,
@@ -113,14 +123,37 @@ def verify_artifacts(
         line = f"sha256 {name}: ok ({len(data)} bytes)"
         if entry.encryption_key_id is not None:
             try:
-                data = unseal_bytes(data, ring, uri)
+                # Only the files asked for are kept in the clear; the others are authenticated chunk by chunk.
+                bind = artifact_binding(name)
+                if name in wanted:
+                    data = unseal_bytes(data, ring, uri, expect=bind)
+                else:
+                    check_sealed(data, ring, uri, expect=bind)
             except SealError as e:
                 raise ArtifactError(str(e)) from None
             line += f"; decrypts with key id {entry.encryption_key_id}"
         verified.checks.append(line)
         if name in wanted:
             verified.contents[name] = data
+    if only is None:
+        _unlisted(artifact_dir, card, verified, required)
     return verified
+
+
+def _unlisted(artifact_dir: str, card: ModelCard, verified: Verified, required: bool) -> None:
+    """Model files beside the card that it does not list: nothing vouches for them, so a whole-directory check says
+    so (and refuses them when signatures are required); a server that loads whatever it finds would load them."""
+    try:
+        names = storage.file_names(artifact_dir)
+    except OSError as e:
+        raise ArtifactError(f"{artifact_dir}: cannot list: {e}") from None
+    extra = [n for n in names if is_model_file(n) and n not in card.files]
+    if extra and required:
+        raise ArtifactError(
+            f"{storage.join(artifact_dir, extra[0])}: a model file the model card does not list ({len(extra)} such: "
+            f"{', '.join(extra)}), and signed artifacts are required ({REQUIRE_SIGNED_ENV}=true); remove them"
+        )
+    verified.checks.extend(f"unlisted: {name} is not in the model card (not verified; do not load it)" for name in extra)
 
 
 def read_verified_file(uri: str, *, require_signed: bool | None = None) -> bytes:
@@ -146,7 +179,7 @@ def read_verified_file(uri: str, *, require_signed: bool | None = None) -> bytes
     data = storage.read_bytes(uri)
     if is_sealed(data):
         try:
-            data = unseal_bytes(data, Keyring.from_env(), uri)
+            data = unseal_bytes(data, Keyring.from_env(), uri, expect=artifact_binding(name))
         except SealError as e:
             raise ArtifactError(str(e)) from None
     return data

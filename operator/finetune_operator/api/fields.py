@@ -66,6 +66,9 @@ PATTERN_MEANINGS = {
     "(no spaces, lower-case repository path)",
 }
 _SECRET_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY)", re.I)
+# The trainer's own key variables (FINETUNE_ENCRYPTION_KEY, FINETUNE_SIGNING_KEY, ...): inline, a key would be copied into
+# the FineTuneJob, the RayJob, the trainer's ConfigMap and the model card's spec.
+_FINETUNE_KEY_ENV = re.compile(r"^FINETUNE_.*KEY", re.I)
 
 _QUANTITY_FACTORS = {
     "": 1,
@@ -241,4 +244,4 @@ def quantity_to_bytes(quantity: str) -> int:
 
 
 def looks_like_secret(env_name: str) -> bool:
-    return bool(_SECRET_ENV.search(env_name))
+    return bool(_SECRET_ENV.search(env_name) or _FINETUNE_KEY_ENV.search(env_name))

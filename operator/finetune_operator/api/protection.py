@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from finetune_operator.api.base import WireModel
+from finetune_operator.api.fields import fail
 
 __all__ = [
     "ENV_ENCRYPTION_KEY",
@@ -59,6 +60,17 @@ class EncryptionSpec(WireModel):
 
     def enabled(self) -> bool:
         return self.client_side or self.server_side is not None
+
+    @model_validator(mode="after")
+    def _encrypts_something(self) -> EncryptionSpec:
+        # An empty block reads as "encrypted" to whoever skims the spec, yet nothing would be: refuse it.
+        if not self.enabled():
+            fail(
+                None,
+                f"{self.to_wire()} encrypts nothing; set clientSide: true (key in a Secret under runtime.envFrom) "
+                "and/or serverSide.kmsKey, or remove encryption",
+            )
+        return self
 
 
 class ArtifactProtection(WireModel):
