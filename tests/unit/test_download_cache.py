@@ -12,11 +12,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from finetune_trainer.download_cache import fetch_to_cache
+from tests.support.s3 import S3, s3_server
 
 BUCKET = "finetune-data"
 REPO = Path(__file__).resolve().parents[2]
@@ -37,27 +36,14 @@ class GetCounter(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    moto = ThreadedMotoServer(port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    yield f"http://{host}:{port}"
-    moto.stop()
+def server() -> Iterator[S3]:
+    with s3_server(BUCKET) as s3:
+        yield s3
 
 
 @pytest.fixture
-def s3(server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[object, GetCounter]]:
-    env = {
-        "AWS_ENDPOINT_URL": server,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=server)
-    if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-        client.create_bucket(Bucket=BUCKET)
+def s3(server: S3, tmp_path: Path) -> Iterator[tuple[object, GetCounter]]:
+    client = server.client
     prefix = tmp_path.name  # one prefix per test: the module shares the server
     for key, body in OBJECTS.items():
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=body)

@@ -24,6 +24,7 @@ from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import build_model
 from finetune_trainer.sealing import is_sealed
 from finetune_trainer.verify_cli import verify_command
+from tests.support.s3 import s3_server
 
 BUCKET = "finetune-models"
 KMS_KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -34,31 +35,10 @@ INPUT = InputSpec(
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def s3() -> Iterator[Any]:
     """moto's S3 API on localhost; s3fs and boto3 reach it through AWS_ENDPOINT_URL."""
-    boto3 = pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = server_module.ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-        client.create_bucket(Bucket=BUCKET)
-        try:
-            yield client
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with s3_server(BUCKET) as server:
+        yield server.client
 
 
 def test_server_side_and_client_side_encryption_on_s3(

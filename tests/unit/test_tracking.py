@@ -19,6 +19,7 @@ from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.tracking import STATE_FILE, TB_DIR, Tracker, hparams_of
+from tests.support.s3 import s3_server
 
 CLASSES = ["a", "b", "c"]
 INPUT = InputSpec(image_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True)
@@ -219,24 +220,9 @@ def test_hparams_are_the_spec_flattened_without_runtime_or_tracking(tmp_path: Pa
 
 def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """s3:// output: events written locally and uploaded under <run dir>/tensorboard/ (a real S3 API on localhost)."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }.items():
-            monkeypatch.setenv(name, value)
+    with s3_server("models") as server:
         monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="models")
+        s3 = server.client
         s3.put_object(Bucket="models", Key="runs/job/model.json", Body=b"{}")
         store = f"file://{tmp_path / 'mlruns'}"
         raw = config(tmp_path, mlflow={"trackingUri": store, "experimentName": "s3"}).spec.model_dump(by_alias=True, mode="json")
@@ -265,8 +251,6 @@ def test_a_remote_run_directory_receives_the_event_files(tmp_path: Path, monkeyp
         assert tracker.mlflow is not None and tracker.mlflow.run_id is not None
         logged = {a.path for a in MlflowClient(tracking_uri=store).list_artifacts(tracker.mlflow.run_id)}
         assert {"model.json", STATE_FILE, TB_DIR} <= logged
-    finally:
-        server.stop()
 
 
 def test_a_failed_run_ends_its_mlflow_run_failed_with_its_events_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
