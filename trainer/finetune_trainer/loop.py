@@ -39,6 +39,7 @@ from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
+from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
 from finetune_trainer.loaders import Shards, build_loaders, workers
@@ -155,14 +156,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # From here each worker draws its own numbers (dropout, stochastic depth): see ``seeding``.
         seed_everything(rank_seed(cfg.spec.hyperparameters.seed, rank))
         device = ray.train.torch.get_device()
+        enable_tf32(device)
+        precision = build_precision(cfg.spec, device, model)
         worker = Worker(
             cfg=cfg,
             rank=rank,
             world=world,
             device=device,
-            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(device),
+            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(device, memory_format=precision.memory_format),
             class_names=class_names,
-            precision=build_precision(cfg.spec, device),
+            precision=precision,
             criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
             sinks=sinks,
             fail_after=config.get(FAIL_AFTER_EPOCH_KEY),
@@ -262,14 +265,14 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
         )
         # Features are tensors in memory: loader processes would only add start-up and copying.
         shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False, passes=worker.passes)
-        return _wrap(head), head, shards
-    return _wrap(groups_model), groups_model, build_loaders(spec, train, val, passes=worker.passes)
+        return _wrap(head, spec.hyperparameters.compile), head, shards
+    return _wrap(groups_model, spec.hyperparameters.compile), groups_model, build_loaders(spec, train, val, passes=worker.passes)
 
 
-def _wrap(module: nn.Module) -> nn.Module:
-    """DDP around ``module`` (a no-op with one worker); rebuilt per stage because DDP hooks only the
-    parameters that require grad when it is constructed."""
-    return ray.train.torch.prepare_model(module)
+def _wrap(module: nn.Module, compiled: bool) -> nn.Module:
+    """DDP around ``module`` (a no-op with one worker), compiled when the job asks; rebuilt per stage because
+    DDP hooks only the parameters that require grad when it is constructed. Checkpoints save ``module``."""
+    return compile_model(ray.train.torch.prepare_model(module), compiled)
 
 
 def _run_stage(
