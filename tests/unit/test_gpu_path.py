@@ -66,7 +66,12 @@ class Recording(nn.Module):
 
 def spec(**hyperparameters: Any) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(
-        {"model": {"name": "resnet18"}, "dataset": {"format": "fake"}, "output": {"uri": "/tmp/out"}, "hyperparameters": hyperparameters}
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake"},
+            "output": {"uri": "/tmp/out"},
+            "hyperparameters": hyperparameters,
+        }
     )
 
 
@@ -128,7 +133,11 @@ def test_step_meter_reads_the_loss_at_log_intervals_only() -> None:
         (torchvision.models.mobilenet_v3_small(num_classes=3), CUDA, torch.channels_last),
         (torchvision.models.resnet18(num_classes=3), CPU, torch.preserve_format),  # CPU: left as it is
         # ViT: a single conv (patch embedding) before matmuls: NCHW
-        (VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8), CUDA, torch.preserve_format),
+        (
+            VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8),
+            CUDA,
+            torch.preserve_format,
+        ),
         (torchvision.models.swin_t(num_classes=3), CUDA, torch.preserve_format),
         (nn.Linear(512, 3), CUDA, torch.preserve_format),  # a head on cached features
     ],
@@ -238,5 +247,6 @@ def test_batch_must_split_over_every_gpu() -> None:
         },
     }
     assert validate_document(document).errors == [
-        "spec.hyperparameters.batchSize: 12 is not divisible by resources.workers × gpusPerWorker (8); use a multiple of 8, e.g. 8"
+        "spec.hyperparameters.batchSize: 12 is not divisible by resources.workers × gpusPerWorker (8); "
+        "use a multiple of 8, e.g. 8"
     ]

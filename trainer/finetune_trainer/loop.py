@@ -39,9 +39,9 @@ from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
-from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
+from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
@@ -163,7 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world=world,
             device=device,
-            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(device, memory_format=precision.memory_format),
+            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(
+                device, memory_format=precision.memory_format
+            ),
             class_names=class_names,
             precision=precision,
             criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
