@@ -1,4 +1,4 @@
-"""``bench/gpu_bench.py --smoke``: the GPU benchmark end to end on the CPU (tiny resnet50, two epochs, every
+"""``bench/gpu_bench.py --smoke``: the GPU benchmark end to end on the CPU (tiny resnet18, two epochs, every
 part through its own `--part` command line), so the script a lent GPU machine runs is known to work before one is lent. It
 measures nothing; the numbers it prints are not checked."""
 
