@@ -224,6 +224,9 @@ def test_compile_is_opt_in_and_saved_weights_keep_their_names() -> None:
         ({"workers": 1, "gpusPerWorker": 1, "cpusPerWorker": 8}, 1, {"CPU": 8.0, "GPU": 1.0}),
         ({"workers": 2, "gpusPerWorker": 4, "cpusPerWorker": 8}, 8, {"CPU": 2.0, "GPU": 1.0}),
         ({"workers": 1, "gpusPerWorker": 8, "cpusPerWorker": 4}, 8, {"CPU": 0.5, "GPU": 1.0}),
+        # Shares rounded down to Ray's 0.0001 so that every worker fits its pod.
+        ({"workers": 1, "gpusPerWorker": 3, "cpusPerWorker": 8}, 3, {"CPU": 2.6666, "GPU": 1.0}),
+        ({"workers": 1, "gpusPerWorker": 3, "cpusPerWorker": 2}, 3, {"CPU": 0.6666, "GPU": 1.0}),
     ],
 )
 def test_one_ray_train_worker_per_gpu(resources: dict[str, Any], workers: int, per_worker: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ resumed, ``finetune run`` again — continues where the last one stopped. The ca
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +76,20 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def cpu_share(cpus: float, processes: int) -> float:
+    """Each of ``processes`` workers' CPUs out of a pod's ``cpus``, rounded down to Ray's resolution (0.0001)
+    so that all of them fit the pod: 2 CPUs for 3 workers are 0.6666 each (0.6667 × 3 would not fit)."""
+    return math.floor(cpus / processes * 10_000) / 10_000
+
+
 def scaling_config(res: ResourcesSpec) -> ScalingConfig:
     """One Ray Train worker per GPU: a pod (or a local machine) with N GPUs runs N 1-GPU workers, each with
     its share of the pod's CPUs, so that Ray packs them onto the pods that hold the GPUs (KubeRay starts
     each worker pod with ``num-gpus`` N) and DDP keeps every card busy. One process driving N cards would
     train on the first and leave the rest idle. On CPU: one worker per pod, as before."""
-    per_pod = max(1, res.gpus_per_worker)
-    resources = {"CPU": res.cpus_per_worker / per_pod, **({"GPU": 1.0} if res.gpus_per_worker else {})}
+    resources = {"CPU": cpu_share(res.cpus_per_worker, max(1, res.gpus_per_worker))}
+    if res.gpus_per_worker:
+        resources["GPU"] = 1.0
     return ScalingConfig(num_workers=res.train_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources)
 
 

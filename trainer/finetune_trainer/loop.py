@@ -163,9 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world=world,
             device=device,
-            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(
-                device, memory_format=precision.memory_format
-            ),
+            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world)
+            .to(device)
+            .to(memory_format=precision.memory_format),
             class_names=class_names,
             precision=precision,
             criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
