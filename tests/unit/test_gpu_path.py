@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -253,3 +254,34 @@ def test_batch_must_split_over_every_gpu() -> None:
         "spec.hyperparameters.batchSize: 12 is not divisible by resources.workers × gpusPerWorker (8); "
         "use a multiple of 8, e.g. 8"
     ]
+
+
+@pytest.mark.parametrize(
+    ("resources", "local_workers", "threads"),
+    [
+        ({"workers": 1, "gpusPerWorker": 4, "cpusPerWorker": 8}, 4, 2),  # 8 CPUs for 4 GPU workers: 2 threads each
+        ({"workers": 1, "gpusPerWorker": 1, "cpusPerWorker": 8}, 1, 8),
+        ({"workers": 2, "cpusPerWorker": 8}, 2, 8),  # CPU workers: each its own reservation
+        ({"workers": 1, "gpusPerWorker": 8, "cpusPerWorker": 4}, 8, 1),  # never below one thread
+    ],
+)
+def test_threads_per_gpu_worker(
+    monkeypatch: pytest.MonkeyPatch, resources: dict[str, Any], local_workers: int, threads: int
+) -> None:
+    """A GPU worker's threads are its share of the pod's CPUs, not the whole pod's (64-core node, 8-CPU pod)."""
+    from finetune_trainer import loop
+
+    class Context:
+        def get_local_world_size(self) -> int:
+            return local_workers
+
+    # _set_threads reads only cfg.spec.resources.
+    cfg: Any = SimpleNamespace(spec=spec().model_copy(update={"resources": ResourcesSpec.model_validate(resources)}))
+    monkeypatch.setattr(loop.ray.train, "get_context", Context)
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    before = torch.get_num_threads()
+    try:
+        loop._set_threads(cfg)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

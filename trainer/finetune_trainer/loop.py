@@ -101,12 +101,13 @@ class Worker:
 
 
 def _set_threads(cfg: TrainerConfig) -> None:
-    """One intra-op thread per CPU the worker reserved, never more than its share of this node: two
-    workers of two threads on a two-core machine run at a third of the speed of one."""
+    """One intra-op thread per CPU the worker reserved (its pod's CPUs ÷ its GPUs: one worker per GPU), never
+    more than its share of this node: two workers of two threads on two cores run at a third of the speed of one."""
     ctx = ray.train.get_context()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(max(1, min(int(cfg.spec.resources.cpus_per_worker), share)))
+    res = cfg.spec.resources
+    torch.set_num_threads(max(1, min(int(res.cpus_per_worker / max(1, res.gpus_per_worker)), share)))
 
 
 def _weights_uri(cfg: TrainerConfig) -> str | None:

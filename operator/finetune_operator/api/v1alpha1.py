@@ -184,7 +184,7 @@ class DatasetSpec(WireModel):
     resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
 
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 2
-    """DataLoader worker processes per training worker."""
+    """DataLoader worker processes per training process (one per GPU on GPU workers, one per pod on CPU)."""
 
     cache_dir: UriStr | None = None
     """Node-local directory where datasets from object stores (s3://, gs://) are downloaded once per node (a path, file:// or
