@@ -233,6 +233,11 @@ def _minimal(**sections: Any) -> dict[str, Any]:
         (_minimal(resources={"workers": 3}, hyperparameters={"batchSize": 63}), True),
         (_minimal(hyperparameters={"batchSize": 63}), True),  # default single worker
         (_minimal(hyperparameters={"batchSize": 63}, resources={"workers": 2}), False),
+        # One data-parallel process per GPU: the batch splits over workers x gpusPerWorker.
+        (_minimal(hyperparameters={"batchSize": 12}, resources={"workers": 2, "gpusPerWorker": 4}), False),
+        (_minimal(hyperparameters={"batchSize": 16}, resources={"workers": 2, "gpusPerWorker": 4}), True),
+        (_minimal(hyperparameters={"batchSize": 6}, resources={"gpusPerWorker": 3}), True),
+        (_minimal(hyperparameters={"batchSize": 4}, resources={"gpusPerWorker": 3}), False),
         (_minimal(dataset={}), False),  # default format imagefolder needs trainUri
         (_minimal(dataset={"trainUri": "s3://b/train"}), True),
         (_minimal(dataset={"format": "digits", "validationUri": "/v", "validationSplit": 0.2}), False),

@@ -12,6 +12,7 @@ resumed, ``finetune run`` again — continues where the last one stopped. The ca
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConf
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import ResourcesSpec
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.exports import check_exports
@@ -74,6 +76,23 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def cpu_share(cpus: float, processes: int) -> float:
+    """Each of ``processes`` workers' CPUs out of a pod's ``cpus``, rounded down to Ray's resolution (0.0001)
+    so that all of them fit the pod: 2 CPUs for 3 workers are 0.6666 each (0.6667 × 3 would not fit)."""
+    return math.floor(cpus / processes * 10_000) / 10_000
+
+
+def scaling_config(res: ResourcesSpec) -> ScalingConfig:
+    """One Ray Train worker per GPU: a pod (or a local machine) with N GPUs runs N 1-GPU workers, each with
+    its share of the pod's CPUs, so that Ray packs them onto the pods that hold the GPUs (KubeRay starts
+    each worker pod with ``num-gpus`` N) and DDP keeps every card busy. One process driving N cards would
+    train on the first and leave the rest idle. On CPU: one worker per pod, as before."""
+    resources = {"CPU": cpu_share(res.cpus_per_worker, max(1, res.gpus_per_worker))}
+    if res.gpus_per_worker:
+        resources["GPU"] = 1.0
+    return ScalingConfig(num_workers=res.train_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources)
+
+
 def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` (whose output root must be absolute or remote). ``local``: an
     embedded Ray (``finetune run``): no placement-group cleaner, and Ray Train's own INFO lines (every
@@ -86,12 +105,11 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     loop_config: dict[str, Any] = {"trainer": cfg.model_dump(mode="json", by_alias=True), QUIET_KEY: local}
     if fail_after_epoch is not None:
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
-    resources = {"CPU": float(res.cpus_per_worker), **({"GPU": float(res.gpus_per_worker)} if res.gpus_per_worker else {})}
     trainer_cls = LocalTorchTrainer if local else TorchTrainer
     return trainer_cls(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources),
+        scaling_config=scaling_config(res),
         run_config=RunConfig(
             name=cfg.job_name,
             storage_path=cfg.output_root,

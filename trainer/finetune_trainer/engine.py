@@ -1,8 +1,9 @@
 """One epoch of training and one pass of evaluation on one worker, in plain torch (no Ray here).
 
 ``train_one_epoch`` and ``evaluate`` follow torchvision's classification reference; ``Precision`` holds
-the mixed-precision settings (autocast on CUDA only, a live GradScaler only for fp16); ``all_reduce``
-sums numbers across the workers of a distributed run when there is one. The loop (``loop.py``) runs
+the device settings (autocast on CUDA only, a live GradScaler only for fp16, the batches' memory format:
+``gpu``); ``all_reduce`` sums numbers across the workers of a distributed run when there is one. Sums stay
+on the device during a pass: the host waits for the GPU once per pass, not once per step. The loop (``loop.py``) runs
 them under Ray Train; ``bench/gpu_bench.py`` runs them in-process.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.gpu import amp_dtype, memory_format, to_device
 from finetune_trainer.seeding import seed_everything
 from finetune_trainer.strategy import set_train_mode
 
@@ -27,11 +29,13 @@ __all__ = ["EvalStats", "Precision", "all_reduce", "build_precision", "evaluate"
 
 @dataclass
 class Precision:
-    """AMP settings: autocast only on CUDA (bf16/fp16), a live GradScaler only for fp16."""
+    """AMP settings: autocast only on CUDA (bf16/fp16), a live GradScaler only for fp16; and the memory
+    format image batches are copied in (channels_last for a conv net on CUDA, ``gpu.memory_format``)."""
 
     device: torch.device
     dtype: torch.dtype | None
     scaler: torch.amp.GradScaler
+    memory_format: torch.memory_format = torch.preserve_format
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -39,12 +43,12 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-def build_precision(spec: FineTuneJobSpec, device: torch.device) -> Precision:
-    mode = spec.hyperparameters.mixed_precision
-    dtype = None
-    if device.type == "cuda" and mode != "no":
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return Precision(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+def build_precision(spec: FineTuneJobSpec, device: torch.device, model: nn.Module | None = None) -> Precision:
+    """The job's precision on ``device``; with ``model``, batches in the memory format it trains fastest in
+    (the caller moves the model to the same format)."""
+    dtype = amp_dtype(spec.hyperparameters.mixed_precision, device)
+    fmt = memory_format(model, device) if model is not None else torch.preserve_format
+    return Precision(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), fmt)
 
 
 def all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -69,12 +73,17 @@ def train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over this worker's shard; returns (summed loss, images) for the cross-worker mean.
     ``on_step(loss, images, correct)`` after every step (rank 0's progress; ``correct``: the batch's right top-1
-    predictions, a device tensor like the loss; the hook must not read either each time)."""
+    predictions, a device tensor like the loss; the hook must not read either each time).
+
+    The loss is summed on the device and read once, at the end: a ``float(loss)`` per step would make
+    the host wait for every step's kernels and leave the GPU idle while it queues the next."""
     set_train_mode(model, frozen_bn=frozen_bn)
-    loss_sum, seen = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
+    seen = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    for images, targets in loader:
-        images, targets = images.to(precision.device, non_blocking=True), targets.to(precision.device, non_blocking=True)
+    for batch, labels in loader:
+        images = to_device(batch, precision.device, precision.memory_format)
+        targets = to_device(labels, precision.device, precision.memory_format)
         with precision.autocast():
             outputs = model(images)
             loss = criterion(outputs, targets)
@@ -88,9 +97,9 @@ def train_one_epoch(
         scheduler.step()
         if on_step is not None:
             on_step(loss, len(targets), (outputs.detach().argmax(dim=1) == targets).sum())
-        loss_sum += float(loss.detach()) * len(targets)
+        loss_sum += loss.detach().double() * len(targets)
         seen += len(targets)
-    return loss_sum, seen
+    return float(loss_sum), seen
 
 
 @dataclass
@@ -117,22 +126,32 @@ def evaluate(
     if isinstance(criterion, nn.CrossEntropyLoss) and criterion.label_smoothing:
         criterion = nn.CrossEntropyLoss(weight=criterion.weight, ignore_index=criterion.ignore_index)
     model.eval()
-    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
-    y_true: list[int] = []
-    y_pred: list[int] = []
+    # Sums and labels stay on the device until the pass ends (one host sync, as in train_one_epoch).
+    sums = torch.zeros(3, dtype=torch.float64, device=precision.device)  # loss, top-1 hits, top-5 hits
+    count = 0
+    labels: list[torch.Tensor] = []
+    predictions: list[torch.Tensor] = []
     k = min(5, num_classes)
-    for images, targets in loader:
-        images, targets = images.to(precision.device), targets.to(precision.device)
+    for batch, batch_targets in loader:
+        images = to_device(batch, precision.device, precision.memory_format)
+        targets = to_device(batch_targets, precision.device, precision.memory_format)
         with precision.autocast():
             logits = model(images)
         logits = logits.float()
-        loss_sum += float(criterion(logits, targets)) * len(targets)
         top = logits.topk(k, dim=1).indices
-        correct1 += float((top[:, 0] == targets).sum())
-        correct5 += float((top == targets[:, None]).any(dim=1).sum())
+        sums += torch.stack(
+            [
+                criterion(logits, targets) * len(targets),
+                (top[:, 0] == targets).sum(),
+                (top == targets[:, None]).any(dim=1).sum(),
+            ]
+        ).double()
         count += len(targets)
-        y_true += targets.tolist()
-        y_pred += top[:, 0].tolist()
+        labels.append(targets)
+        predictions.append(top[:, 0])
+    loss_sum, correct1, correct5 = (float(v) for v in sums.tolist())
+    y_true: list[int] = torch.cat(labels).tolist() if labels else []
+    y_pred: list[int] = torch.cat(predictions).tolist() if predictions else []
     if reduce:
         loss_sum, correct1, correct5, total = all_reduce([loss_sum, correct1, correct5, float(count)], precision.device)
         count = int(total)

@@ -41,6 +41,7 @@ from finetune_trainer.data import build_datasets, cache_features
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
+from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.loaders import Shards, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
@@ -100,12 +101,13 @@ class Worker:
 
 
 def _set_threads(cfg: TrainerConfig) -> None:
-    """One intra-op thread per CPU the worker reserved, never more than its share of this node: two
-    workers of two threads on a two-core machine run at a third of the speed of one."""
+    """One intra-op thread per CPU the worker reserved (its pod's CPUs ÷ its GPUs: one worker per GPU), never
+    more than its share of this node: two workers of two threads on two cores run at a third of the speed of one."""
     ctx = ray.train.get_context()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(max(1, min(int(cfg.spec.resources.cpus_per_worker), share)))
+    res = cfg.spec.resources
+    torch.set_num_threads(max(1, min(int(res.cpus_per_worker / max(1, res.gpus_per_worker)), share)))
 
 
 def _weights_uri(cfg: TrainerConfig) -> str | None:
@@ -156,14 +158,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # From here each worker draws its own numbers (dropout, stochastic depth): see ``seeding``.
         seed_everything(rank_seed(cfg.spec.hyperparameters.seed, rank))
         device = ray.train.torch.get_device()
+        enable_tf32(device)
+        precision = build_precision(cfg.spec, device, model)
         worker = Worker(
             cfg=cfg,
             rank=rank,
             world=world,
             device=device,
-            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world).to(device),
+            model=sync_batch_norm(model, cfg.spec.strategy.sync_batch_norm, world)
+            .to(device)
+            .to(memory_format=precision.memory_format),
             class_names=class_names,
-            precision=build_precision(cfg.spec, device),
+            precision=precision,
             criterion=nn.CrossEntropyLoss(label_smoothing=cfg.spec.hyperparameters.label_smoothing),
             sinks=sinks,
             fail_after=config.get(FAIL_AFTER_EPOCH_KEY),
@@ -263,14 +269,14 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
         )
         # Features are tensors in memory: loader processes would only add start-up and copying.
         shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False, passes=worker.passes)
-        return _wrap(head), head, shards
-    return _wrap(groups_model), groups_model, build_loaders(spec, train, val, passes=worker.passes)
+        return _wrap(head, spec.hyperparameters.compile), head, shards
+    return _wrap(groups_model, spec.hyperparameters.compile), groups_model, build_loaders(spec, train, val, passes=worker.passes)
 
 
-def _wrap(module: nn.Module) -> nn.Module:
-    """DDP around ``module`` (a no-op with one worker); rebuilt per stage because DDP hooks only the
-    parameters that require grad when it is constructed."""
-    return ray.train.torch.prepare_model(module)
+def _wrap(module: nn.Module, compiled: bool) -> nn.Module:
+    """DDP around ``module`` (a no-op with one worker), compiled when the job asks; rebuilt per stage because
+    DDP hooks only the parameters that require grad when it is constructed. Checkpoints save ``module``."""
+    return compile_model(ray.train.torch.prepare_model(module), compiled)
 
 
 def _run_stage(

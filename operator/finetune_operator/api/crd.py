@@ -122,7 +122,10 @@ def _spec_rules() -> list[dict[str, str]]:
     # An absent batch size is the trainer's choice, always a multiple of the workers: 0 passes the rule.
     assert _default(HyperparametersSpec, "batch_size") is None
     batch = _cel_value("self", ["hyperparameters", _wire(HyperparametersSpec, "batch_size")], 0)
-    workers = _cel_value("self", ["resources", _wire(ResourcesSpec, "workers")], _default(ResourcesSpec, "workers"))
+    pods = _cel_value("self", ["resources", _wire(ResourcesSpec, "workers")], _default(ResourcesSpec, "workers"))
+    gpus = _cel_value("self", ["resources", _wire(ResourcesSpec, "gpus_per_worker")], _default(ResourcesSpec, "gpus_per_worker"))
+    # ResourcesSpec.train_workers: one data-parallel process per GPU (CEL has no max()).
+    workers = f"({gpus} > 0 ? {pods} * {gpus} : {pods})"
     optional_sections = [
         name for name, field in FineTuneJobSpec.model_fields.items() if not field.is_required() and name != "run_policy"
     ]
@@ -139,7 +142,7 @@ def _spec_rules() -> list[dict[str, str]]:
     return [
         {
             "rule": f"{batch} % {workers} == 0",
-            "message": "hyperparameters.batchSize must be divisible by resources.workers",
+            "message": "hyperparameters.batchSize must be divisible by resources.workers (times gpusPerWorker on GPUs)",
             "fieldPath": ".hyperparameters.batchSize",
         },
         {

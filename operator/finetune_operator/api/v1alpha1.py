@@ -184,7 +184,7 @@ class DatasetSpec(WireModel):
     resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
 
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 2
-    """DataLoader worker processes per training worker."""
+    """DataLoader worker processes per training process (one per GPU on GPU workers, one per pod on CPU)."""
 
     cache_dir: UriStr | None = None
     """Node-local directory where datasets from object stores (s3://, gs://) are downloaded once per node (a path, file:// or
@@ -346,8 +346,12 @@ class HyperparametersSpec(WireModel):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Label smoothing of the cross-entropy loss."""
 
-    mixed_precision: Literal["bf16", "fp16", "no"] = "no"
-    """Automatic mixed precision on GPU (`bf16` on Ampere and newer); ignored on CPU."""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """Automatic mixed precision on GPU: `auto` is bf16 on a GPU that supports it (Ampere and newer), else fp32; `no` is
+    fp32 always. Ignored on CPU."""
+
+    compile: bool = False
+    """Train the model through `torch.compile` (slower start, faster steps; saved weights are the plain model's)."""
 
     grad_clip_norm: Annotated[float | None, Field(gt=0, le=1e6)] = None
     """Clip the global gradient norm to this value."""
@@ -381,10 +385,10 @@ class ResourcesSpec(WireModel):
     """The Ray cluster's training workers."""
 
     workers: Annotated[int, Field(ge=1, le=1024)] = 1
-    """Data-parallel training workers (one Ray Train worker per pod)."""
+    """Worker pods (one Ray Train worker per GPU of each, one per pod on CPU)."""
 
     gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
-    """Accelerators per worker; 0 trains on CPU."""
+    """Accelerators per worker pod, each trained by its own data-parallel process; 0 trains on CPU."""
 
     cpus_per_worker: Annotated[float, Field(gt=0, le=512)] = 2
     """CPU cores per worker."""
@@ -407,6 +411,12 @@ class ResourcesSpec(WireModel):
 
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Taints the worker pods tolerate (GPU nodes are usually tainted)."""
+
+    @property
+    def train_workers(self) -> int:
+        """Ray Train workers, i.e. data-parallel processes: one per GPU of every pod (a process drives one GPU best),
+        one per pod on CPU. The global batch is split across these."""
+        return self.workers * max(1, self.gpus_per_worker)
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -679,12 +689,13 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
         isinstance(hp, HyperparametersSpec)
         and isinstance(resources, ResourcesSpec)
         and hp.batch_size is not None
-        and hp.batch_size % resources.workers
+        and hp.batch_size % resources.train_workers
     ):
-        workers = resources.workers
+        workers = resources.train_workers
+        split = "resources.workers" if workers == resources.workers else "resources.workers × gpusPerWorker"
         problems.add(
             "hyperparameters.batchSize",
-            f"{hp.batch_size} is not divisible by resources.workers ({workers}); "
+            f"{hp.batch_size} is not divisible by {split} ({workers}); "
             f"use a multiple of {workers}, e.g. {max(workers, hp.batch_size - hp.batch_size % workers)}",
         )
     if isinstance(hp, HyperparametersSpec) and isinstance(strategy, StrategySpec):
