@@ -126,9 +126,13 @@ class StepMeter:
 
     def _read_loss(self) -> None:
         if self._loss_sum is not None and self._loss_count:
-            loss = float(self._loss_sum) / self._loss_count
+            if self._correct is None:
+                loss_sum, correct = float(self._loss_sum), None
+            else:  # one transfer for both: each read from the device waits for the queued steps
+                loss_sum, correct = torch.stack([self._loss_sum.double(), self._correct.double()]).tolist()
+            loss = loss_sum / self._loss_count
             self.loss = loss if math.isfinite(loss) else None  # a diverged loss is not valid JSON for the API server
-            self.accuracy = None if self._correct is None else float(self._correct) / self._loss_count
+            self.accuracy = None if correct is None else correct / self._loss_count
         self._loss_sum, self._loss_count, self._correct = None, 0, None
 
     def epoch_accuracy(self) -> float | None:
