@@ -46,7 +46,7 @@ def invalid_job() -> dict[str, Any]:
     job = copy.deepcopy(VALID)
     job["metadata"]["name"] = "helm-test-invalid"
     job["spec"]["resources"] = {"workers": 1024, "gpusPerWorker": 16, "cpusPerWorker": 1, "memoryPerWorker": "2Gi"}
-    job["spec"]["hyperparameters"]["batchSize"] = 1024
+    job["spec"]["hyperparameters"]["batchSize"] = 1024 * 16  # one image per GPU: the CRD asks for a multiple of them
     return job
 
 

@@ -60,7 +60,7 @@ def test_a_jobs_series_follow_its_status_and_go_with_it(emu: KubeEmulator, opera
         found = job_series(endpoint, "watched")
         return found if found.get("finetune_job_best_val_accuracy") == 0.75 else None
 
-    series = operator.wait_for(running, message="the trainer's metrics on /metrics")
+    series = operator.wait_for(running, timeout=30, message="the trainer's metrics on /metrics")
     assert series["finetune_job_status_phase:Running"] == 1.0
     assert series["finetune_job_status_phase:Provisioning"] == 0.0
     assert series["finetune_job_images_per_second"] == 120.0
@@ -68,5 +68,5 @@ def test_a_jobs_series_follow_its_status_and_go_with_it(emu: KubeEmulator, opera
     assert "finetune_job_duration_seconds" in series and "finetune_job_queued_seconds" in series
 
     emu.delete("finetunejobs", "default", "watched")
-    operator.wait_for(lambda: job_series(endpoint, "watched") == {}, message="the deleted job's series gone")
+    operator.wait_for(lambda: job_series(endpoint, "watched") == {}, timeout=30, message="the deleted job's series gone")
     assert job_series(endpoint, "neighbour")["finetune_job_status_phase:Provisioning"] == 1.0
