@@ -12,12 +12,12 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 stamp=.venv/.finetune-installed
-want=$(cat pyproject.toml scripts/setup.sh scripts/install_k8s_tools.py | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt scripts/install_k8s_tools.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing finetune-operator and its dependencies into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
   # torch/torchvision are pinned in pyproject.toml (trainer extra); pip finds 2.14.1/0.29.1 locally when cached.
-  .venv/bin/python -m pip install -q -e '.[operator,trainer,dev]'
+  .venv/bin/python -m pip install -q -e '.[operator,trainer,dev]' -c scripts/constraints.txt
   .venv/bin/python scripts/install_k8s_tools.py
   echo "$want" > "$stamp"
 fi
