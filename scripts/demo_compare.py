@@ -1,12 +1,12 @@
-"""The demo's baseline and verdict: the transfer job trained from scratch on the same budget, then both
-validation accuracies side by side.
+"""The demo's baseline and verdict: the transfer job trained from scratch on the same budget, then the
+validation accuracies of the models both ship side by side.
 
     python scripts/demo_compare.py [--transfer manifests/examples/digits-transfer.yaml] [--output runs]
 
 Derives the scratch job from the transfer YAML (same data, epochs, batch size, seed; `weightsUri`
 dropped, method `full` at the source job's from-scratch learning rate, no backbone multiplier), writes it
-to `<output>/digits-scratch.yaml`, runs it with `finetune run` like any job, and prints the comparison
-from both runs' `metrics.jsonl`.
+to `<output>/digits-scratch.yaml`, runs it with `finetune run` like any job, and compares the models both
+runs ship (`model.pt`, the epoch each model card names in `metrics.shipped`), with each last epoch beside.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -37,10 +37,33 @@ def scratch_manifest(transfer: dict[str, Any], source: dict[str, Any]) -> dict[s
     return job
 
 
-def final_accuracy(run_dir: Path) -> tuple[float, float]:
-    """(last epoch's, best) validation accuracy from a run's metrics.jsonl."""
+class Outcome(NamedTuple):
+    """One run's validation accuracy: of the model it ships (``model.pt``, the epoch its card names in
+    ``metrics.shipped``) and of its last epoch, which a later epoch that validated worse makes lower."""
+
+    shipped: float
+    shipped_epoch: int
+    last: float
+    last_epoch: int
+
+
+def outcome(run_dir: Path) -> Outcome:
+    """A finished run's Outcome, from its model card (what ships) and its metrics.jsonl (the last epoch)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1]["valAccuracy"], max(r["valAccuracy"] for r in rows)
+    card = json.loads((run_dir / "model.json").read_text())
+    # A card older than metrics.shipped shipped the last epoch's weights.
+    shipped = card.get("metrics", {}).get("shipped") or rows[-1]
+    return Outcome(shipped["valAccuracy"], shipped["epoch"], rows[-1]["valAccuracy"], rows[-1]["epoch"])
+
+
+def comparison(transfer: Outcome, scratch: Outcome) -> list[str]:
+    """The table and the verdict, which compares the shipped models: the ones a user would deploy."""
+    lines = [f"  {'':<34} {'model.pt val acc':>16} {'(epoch)':>8} {'last epoch':>11}"]
+    for label, o in (("transfer (digits-source → LP-FT)", transfer), ("from scratch (same budget)", scratch)):
+        lines.append(f"  {label:<34} {o.shipped:>16.1%} {f'({o.shipped_epoch})':>8} {o.last:>11.1%}")
+    verdict = "transfer wins" if transfer.shipped > scratch.shipped else "transfer does NOT win"
+    lines.append(f"  {verdict} by {100 * (transfer.shipped - scratch.shipped):+.1f} points (shipped model against shipped model)")
+    return lines
 
 
 def main() -> int:
@@ -63,18 +86,14 @@ def main() -> int:
     if code:
         return code
 
-    t_last, t_best = final_accuracy(output / transfer["metadata"]["name"])
-    s_last, s_best = final_accuracy(output / scratch["metadata"]["name"])
+    transfer_outcome = outcome(output / transfer["metadata"]["name"])
+    scratch_outcome = outcome(output / scratch["metadata"]["name"])
     spec = transfer["spec"]
     per_class = spec["dataset"].get("maxPerClass")
     epochs = spec["hyperparameters"]["epochs"]
     print()
     print(f"digits {spec['dataset'].get('classes')}, {per_class} training images per class, {epochs} epochs each:")
-    print(f"  {'':<34} {'final val acc':>13} {'best':>8}")
-    print(f"  {'transfer (digits-source → LP-FT)':<34} {t_last:>13.1%} {t_best:>8.1%}")
-    print(f"  {'from scratch (same budget)':<34} {s_last:>13.1%} {s_best:>8.1%}")
-    verdict = "transfer wins" if t_last > s_last else "transfer does NOT win"
-    print(f"  {verdict} by {100 * (t_last - s_last):+.1f} points")
+    print("\n".join(comparison(transfer_outcome, scratch_outcome)))
     return 0
 
 

@@ -30,7 +30,7 @@ from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.exports import check_exports
 from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
 from finetune_trainer.metrics_log import EpochRecord, read_metrics
-from finetune_trainer.model_card import CARD_FILE
+from finetune_trainer.model_card import CARD_FILE, load_model_card
 from finetune_trainer.ray_compat import LocalTorchTrainer
 
 __all__ = ["RunResult", "absolute_output", "build_trainer", "run"]
@@ -49,6 +49,9 @@ class RunResult:
     best_val_accuracy: float | None
     best_epoch: int | None
     model_card: str
+    shipped: EpochRecord | None = None
+    """The epoch whose weights ``model.pt`` holds, as the card records it (``metrics.shipped``): the best
+    epoch's unless its checkpoint was unusable and the last epoch's shipped instead; None if the card says not."""
 
     @property
     def last_epoch(self) -> int:
@@ -162,4 +165,15 @@ def read_result(cfg: TrainerConfig) -> RunResult:
         best_val_accuracy=best.val_accuracy if best else None,
         best_epoch=best.epoch if best else None,
         model_card=card,
+        shipped=_shipped(cfg.run_dir),
     )
+
+
+def _shipped(run_dir: str) -> EpochRecord | None:
+    # The summary reports what ships; a card it cannot read only costs that line its shipped epoch.
+    try:
+        card = load_model_card(run_dir)
+    except ArtifactError as e:
+        log.warning("%s", e)
+        return None
+    return card.metrics.shipped if card.metrics is not None else None

@@ -134,12 +134,18 @@ def _init_ray(ray: Any, cpus: int, gpus: int | None) -> None:
 
 
 def _summary(result: Any) -> str:
+    """The run's last line: first the model that ships (model.pt's epoch, as the card records it), then the
+    last epoch, which is not the shipped one whenever a later epoch validated worse."""
+
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    best = f"best {pct(result.best_val_accuracy)}" + (f" at epoch {result.best_epoch}" if result.best_epoch else "")
-    accuracy = pct(result.val_accuracy)
-    return f"{result.job_name}: val accuracy {accuracy} ({best}) after {result.last_epoch} epochs; artifacts in {result.run_dir}"
+    if result.shipped is not None:
+        lead = f"model.pt holds epoch {result.shipped.epoch}: val accuracy {pct(result.shipped.val_accuracy)}"
+    else:  # a card without metrics.shipped: the best epoch, which is what the trainer ships
+        lead = f"best epoch {result.best_epoch}: val accuracy {pct(result.best_val_accuracy)}"
+    last = f"last epoch {result.last_epoch}: {pct(result.val_accuracy)}"
+    return f"{result.job_name}: {lead}; {last}; artifacts in {result.run_dir}"
 
 
 def run_command(args: argparse.Namespace) -> int:
