@@ -16,7 +16,11 @@ fi
 # pytest-xdist, each worker its own process, emulator and ports; then the slow tier (Ray, training) and the
 # e2e tier one test at a time, since each Ray run takes the cores it is given and two at once only slow
 # each other down.
+# Both phases run whatever the first one gives, so one run shows every failure; the script exits with the
+# worse of their two statuses (pytest's: 1 tests failed, 2 interrupted, 3 internal error, ...).
+status=0
 echo "== pytest: unit and integration tiers, over $(python -c 'import os; print(os.cpu_count())') cores"
-python -m pytest tests/unit tests/integration -n auto --durations=15
+python -m pytest tests/unit tests/integration -n auto --durations=15 || status=$?
 echo "== pytest: slow and e2e tiers, one test at a time"
-python -m pytest tests/slow tests/e2e --durations=15
+python -m pytest tests/slow tests/e2e --durations=15 || { rc=$?; if [ "$rc" -gt "$status" ]; then status=$rc; fi; }
+exit "$status"
