@@ -18,15 +18,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune_operator.api.contract import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer import artifacts as art
-from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metrics
-from finetune_trainer.model import build_model
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.predict import image_transform, load_for_inference, predict_command
+from tests.support.tiny_model import write_tiny_artifacts
 
 CLASSES = ["cat", "dog", "hamster-long-name"]
 INPUT = InputSpec(
@@ -42,30 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
-    root = tmp_path_factory.mktemp("out")
-    spec = FineTuneJobSpec.model_validate(
-        {
-            "model": {"name": "resnet18"},
-            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
-            "output": {"uri": str(root)},
-        }
-    )
-    cfg = TrainerConfig(job_name="pets", spec=spec, output_root=str(root))
-    torch.manual_seed(0)
-    model = build_model("resnet18", None, len(CLASSES))
-    y = [0, 1, 2, 0]
-    art.write_artifacts(
-        cfg.run_dir,
-        model=model,
-        cfg=cfg,
-        class_names=CLASSES,
-        input_spec=INPUT,
-        evaluation=EvalResult(y, y, CLASSES),
-        best_val_accuracy=1.0,
-        best_epoch=1,
-        checkpoint_uri=None,
-    )
-    return Path(cfg.run_dir), model.eval()
+    run = write_tiny_artifacts(tmp_path_factory.mktemp("out"), CLASSES, INPUT, labels=[0, 1, 2, 0])
+    return run.run_dir, run.model
 
 
 @pytest.fixture(scope="module")
@@ -261,31 +235,15 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
     fsspec = pytest.importorskip("fsspec")
     memory = fsspec.filesystem("memory")
     root = "memory://finetune-test-bucket/out"
-    spec = FineTuneJobSpec.model_validate(
-        {
-            "model": {"name": "resnet18"},
-            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
-            "output": {"uri": "s3://finetune-test-bucket/out"},
-        }
-    )
-    # The spec accepts only real stores; the resolved root is where the trainer writes, here in memory.
-    cfg = TrainerConfig(job_name="remote", spec=spec, output_root=root)
+    # The spec accepts only real stores (s3://); the resolved root is where the trainer writes, here in memory.
+    run_dir = f"{root}/remote"
     try:
-        append_metrics(cfg.run_dir, EpochRecord(1, "fine-tune", 1.0, 1.1, 0.5, None, 10.0, 1.0, 1e-3))
-        append_metrics(cfg.run_dir, EpochRecord(1, "fine-tune", 0.9, 1.0, 0.6, None, 10.0, 1.0, 1e-3))
-        assert [r.val_accuracy for r in read_metrics(cfg.run_dir)] == [0.6]
-        y = [0, 1, 2]
-        artifacts = art.write_artifacts(
-            cfg.run_dir,
-            model=build_model("resnet18", None, 3),
-            cfg=cfg,
-            class_names=CLASSES,
-            input_spec=INPUT,
-            evaluation=EvalResult(y, y, CLASSES),
-            best_val_accuracy=0.6,
-            best_epoch=1,
-            checkpoint_uri=None,
-        )
+        append_metrics(run_dir, EpochRecord(1, "fine-tune", 1.0, 1.1, 0.5, None, 10.0, 1.0, 1e-3))
+        append_metrics(run_dir, EpochRecord(1, "fine-tune", 0.9, 1.0, 0.6, None, 10.0, 1.0, 1e-3))
+        assert [r.val_accuracy for r in read_metrics(run_dir)] == [0.6]
+        artifacts = write_tiny_artifacts(
+            "s3://finetune-test-bucket/out", CLASSES, INPUT, job_name="remote", output_root=root, best_val_accuracy=0.6
+        ).artifacts
         assert artifacts.model_uri == f"{root}/remote/model.pt"
         stored = sorted(p.rsplit("/", 1)[-1] for p in memory.ls("/finetune-test-bucket/out/remote", detail=False))
         assert stored == sorted(
@@ -299,11 +257,11 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
                 "README.md",
             ]
         )
-        card = load_model_card(cfg.run_dir)
+        card = load_model_card(run_dir)
         assert card.files["model.pt"].sha256 == artifacts.sha256
         assert card.metrics is not None and card.metrics.final is not None
         assert card.metrics.final.val_accuracy == 0.6
-        assert run(cfg.run_dir, images[:1], 2) == 0
+        assert run(run_dir, images[:1], 2) == 0
         assert len(parse(capsys.readouterr().out)[str(images[0])]) == 2
     finally:
         if memory.exists("/finetune-test-bucket"):

@@ -22,10 +22,8 @@ from torch import nn
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
-from finetune_trainer import artifacts as art
 from finetune_trainer.checkpoint import CHECKPOINT_FILE, CorruptCheckpoint, TrainState, read_checkpoint, write_checkpoint
 from finetune_trainer.errors import TrainerError, WeightsError
-from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import build_model
 from finetune_trainer.predict import predict_command
@@ -33,6 +31,7 @@ from finetune_trainer.protect import check_keys
 from finetune_trainer.sealing import Keyring, is_sealed_file
 from finetune_trainer.signing import public_key_id
 from finetune_trainer.verify_cli import verify_command
+from tests.support.tiny_model import write_tiny_artifacts
 
 CLASSES = ["cat", "dog", "owl"]
 INPUT = InputSpec(
@@ -60,21 +59,8 @@ def config(root: Path, output: dict[str, Any]) -> TrainerConfig:
 
 
 def write(root: Path, output: dict[str, Any]) -> tuple[Path, Artifacts]:
-    cfg = config(root, output)
-    torch.manual_seed(0)
-    y = [0, 1, 2]
-    artifacts = art.write_artifacts(
-        cfg.run_dir,
-        model=build_model("resnet18", None, 3),
-        cfg=cfg,
-        class_names=CLASSES,
-        input_spec=INPUT,
-        evaluation=EvalResult(y, y, CLASSES),
-        best_val_accuracy=1.0,
-        best_epoch=1,
-        checkpoint_uri=None,
-    )
-    return Path(cfg.run_dir), artifacts
+    run = write_tiny_artifacts(root, CLASSES, INPUT, output=output)
+    return run.run_dir, run.artifacts
 
 
 @pytest.fixture(autouse=True)

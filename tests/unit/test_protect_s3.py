@@ -12,19 +12,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from finetune_operator.api.contract import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer import artifacts as art
 from finetune_trainer import storage
-from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.model import build_model
 from finetune_trainer.sealing import is_sealed
 from finetune_trainer.verify_cli import verify_command
 from tests.support.s3 import s3_server
+from tests.support.tiny_model import write_tiny_artifacts
 
 BUCKET = "finetune-models"
 KMS_KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -48,27 +43,9 @@ def test_server_side_and_client_side_encryption_on_s3(
     monkeypatch.delenv("FINETUNE_SIGNING_KEY", raising=False)
     monkeypatch.delenv("FINETUNE_REQUIRE_SIGNED", raising=False)
     root = f"s3://{BUCKET}/runs"
-    spec = FineTuneJobSpec.model_validate(
-        {
-            "model": {"name": "resnet18"},
-            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 2}},
-            "output": {"uri": root, "encryption": {"clientSide": True, "serverSide": {"kmsKey": KMS_KEY}}},
-        }
-    )
-    cfg = TrainerConfig(job_name="sse", spec=spec, output_root=root)
-    y = [0, 1]
-    torch.manual_seed(0)
-    artifacts = art.write_artifacts(
-        cfg.run_dir,
-        model=build_model("resnet18", None, 2),
-        cfg=cfg,
-        class_names=CLASSES,
-        input_spec=INPUT,
-        evaluation=EvalResult(y, y, CLASSES),
-        best_val_accuracy=1.0,
-        best_epoch=1,
-        checkpoint_uri=None,
-    )
+    output = {"encryption": {"clientSide": True, "serverSide": {"kmsKey": KMS_KEY}}}
+    run = write_tiny_artifacts(root, CLASSES, INPUT, job_name="sse", output=output)
+    cfg, artifacts = run.cfg, run.artifacts
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/sse/")["Contents"])
     assert "runs/sse/model.pt" in keys and "runs/sse/model.json" in keys
     for key in keys:

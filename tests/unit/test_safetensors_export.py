@@ -18,15 +18,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune_operator.api.contract import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer import artifacts as art
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
-from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.model import build_model
 from finetune_trainer.predict import load_for_inference, predict, predict_command
+from tests.support.tiny_model import write_tiny_artifacts
 
 CLASSES = ["cat", "dog", "hamster"]
 INPUT = InputSpec(
@@ -36,29 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write(root: Path, exports: list[str]) -> Path:
-    spec = FineTuneJobSpec.model_validate(
-        {
-            "model": {"name": "resnet18"},
-            "dataset": {"format": "fake", "imageSize": 32, "fake": {"classes": 3}},
-            "output": {"uri": str(root), "exports": exports},
-        }
-    )
-    cfg = TrainerConfig(job_name="pets", spec=spec, output_root=str(root))
-    torch.manual_seed(0)
-    model = build_model("resnet18", None, len(CLASSES))
-    y = [0, 1, 2, 0]
-    art.write_artifacts(
-        cfg.run_dir,
-        model=model,
-        cfg=cfg,
-        class_names=CLASSES,
-        input_spec=INPUT,
-        evaluation=EvalResult(y, y, CLASSES),
-        best_val_accuracy=1.0,
-        best_epoch=1,
-        checkpoint_uri=None,
-    )
-    return Path(cfg.run_dir)
+    return write_tiny_artifacts(root, CLASSES, INPUT, output={"exports": exports}, labels=[0, 1, 2, 0]).run_dir
 
 
 @pytest.fixture(scope="module")
