@@ -16,7 +16,9 @@ from tests.slow.test_resume import curve
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# Two workers (DDP) only: one worker's run is reproduced exactly by test_resume's resumed run, which
+# starts again from the seed, so a run that is not reproducible on one worker fails there.
+@pytest.mark.parametrize("workers", [2])
 def test_one_seed_gives_one_run(make_config: MakeConfig, workers: int) -> None:
     runs = []
     for name in ("first", "again"):

@@ -14,7 +14,6 @@ from tests.slow.conftest import job_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
-SEEDS = (0, 1)
 # The few-shot target of the demo: digits 5-9, 10 training images per class, 45 validation images per class.
 TARGET = {"format": "digits", "classes": [5, 6, 7, 8, 9], "maxPerClass": 10, "validationSplit": 0.25, "augmentation": "none"}
 
@@ -46,22 +45,20 @@ DEFAULTS = {"epochs": 6, "batchSize": None, "learningRate": None}  # the rest of
 def test_the_default_recipe_transfers_to_few_shot_digits(source_weights: str, tmp_path: Path) -> None:
     """The default recipe (no strategy, optimiser, rate or batch size given) from the source's weights on five
     labelled images per class, the issue's few-shot task on a shorter budget (6 epochs, not 15), clears the
-    issue's bar of 0.85 for every seed. Measured: 0.92 and 0.97. Training from scratch is no longer the
+    issue's bar of 0.85. Measured over seeds 0 and 1: 0.92 and 0.97; one seed here, for the slow tier's
+    budget (bench/transfer_quality.py runs three at 15 epochs). Training from scratch is no longer the
     baseline to beat here: with precise BatchNorm the same recipe from scratch reached 0.93 and 0.96 on this
     toy task (see bench/README.md), so a transfer-beats-scratch assertion would test the task, not the code."""
     target = {**TARGET, "maxPerClass": 5, "augmentation": "light"}
-    transfer = [
-        _final_accuracy(
-            f"transfer-{seed}",
-            tmp_path,
-            model={"name": "resnet18", "weightsUri": source_weights},
-            dataset=target,
-            strategy=None,
-            hyperparameters={**DEFAULTS, "seed": seed},
-        )
-        for seed in SEEDS
-    ]
-    assert min(transfer) >= 0.85, transfer
+    accuracy = _final_accuracy(
+        "transfer",
+        tmp_path,
+        model={"name": "resnet18", "weightsUri": source_weights},
+        dataset=target,
+        strategy=None,
+        hyperparameters={**DEFAULTS, "seed": 0},
+    )
+    assert accuracy >= 0.85, accuracy
 
 
 def test_cached_features_match_the_uncached_linear_probe(source_weights: str, tmp_path: Path) -> None:
