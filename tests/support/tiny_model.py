@@ -43,11 +43,13 @@ def write_tiny_artifacts(
     output_root: str | None = None,
     labels: Sequence[int] | None = None,
     best_val_accuracy: float = 1.0,
+    shipped_epoch: int | None = None,
 ) -> TinyRun:
     """resnet18 with random weights (seed 0) for ``classes``, its artifacts written under
     ``<output_root or output_uri>/<job_name>``. ``output``: more of ``spec.output`` (exports, encryption,
     sign); ``output_root``: where the trainer writes when it is not ``output_uri`` (a store the spec refuses,
-    such as fsspec's memory://). The evaluation predicts ``labels`` (default: each class once) right."""
+    such as fsspec's memory://). The evaluation predicts ``labels`` (default: each class once) right; the card's
+    ``metrics.shipped`` is the line of ``shipped_epoch`` in a metrics.jsonl written beforehand."""
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"name": "resnet18"},
@@ -69,5 +71,6 @@ def write_tiny_artifacts(
         best_val_accuracy=best_val_accuracy,
         best_epoch=1,
         checkpoint_uri=None,
+        shipped_epoch=shipped_epoch,
     )
     return TinyRun(cfg=cfg, model=model.eval(), artifacts=artifacts)

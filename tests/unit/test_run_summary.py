@@ -11,9 +11,11 @@ from types import ModuleType
 
 import pytest
 
-from finetune_trainer.driver import RunResult
+from finetune_trainer.driver import RunResult, read_result
+from finetune_trainer.inputs import InputSpec
 from finetune_trainer.local import _summary
-from finetune_trainer.metrics_log import EpochRecord
+from finetune_trainer.metrics_log import EpochRecord, append_metrics
+from tests.support.tiny_model import write_tiny_artifacts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,6 +64,25 @@ def _result(shipped: EpochRecord | None) -> RunResult:
 )
 def test_the_summary_leads_with_the_shipped_model(shipped: EpochRecord | None, expected: str) -> None:
     assert _summary(_result(shipped)) == expected
+
+
+def test_the_run_result_names_the_epoch_the_card_says_ships(tmp_path: Path) -> None:
+    """read_result takes model.pt's epoch from the card a run wrote (not the last line of metrics.jsonl)."""
+    for record in EPOCHS:
+        append_metrics(str(tmp_path / "pets"), record)
+    spec = InputSpec(
+        image_size=32,
+        resize_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        interpolation="bilinear",
+        grayscale_to_rgb=True,
+    )
+    run = write_tiny_artifacts(tmp_path, ["a", "b", "c"], spec, best_val_accuracy=0.875, shipped_epoch=2)
+
+    result = read_result(run.cfg)
+    assert result.shipped == EPOCHS[1] and result.last_epoch == 3
+    assert _summary(result).startswith("pets: model.pt holds epoch 2: val accuracy 87.50%; last epoch 3: 74.10%;")
 
 
 def _demo_compare() -> ModuleType:
