@@ -499,10 +499,14 @@ class _Run:
     def _start_ray(self, cluster_spec: Mapping[str, Any], env: Mapping[str, str]) -> str:
         """Start one local Ray node for the whole cluster; return its GCS address (RAY_ADDRESS)."""
         cpus = 0
+        custom: dict[str, float] = {}
         groups = [(cluster_spec["headGroupSpec"], 1)]
         groups += [(g, int(g.get("replicas", g.get("minReplicas", 1)))) for g in cluster_spec.get("workerGroupSpecs") or []]
         for group, replicas in groups:
             params = group.get("rayStartParams") or {}
+            # Custom resources as KubeRay reads them (common/pod.go getResourcesMap: quotes trimmed, then JSON).
+            for name, amount in json.loads(str(params.get("resources") or "{}").strip("'\"` ")).items():
+                custom[name] = custom.get(name, 0.0) + replicas * float(amount)
             if "num-cpus" in params:
                 cpus += replicas * _cpus(params["num-cpus"])
             else:
@@ -518,6 +522,7 @@ class _Run:
             "--port=0",
             f"--num-cpus={cpus}",
             "--num-gpus=0",
+            *([f"--resources={json.dumps(custom)}"] if custom else []),
             # The dashboard's dependencies are not installed here, so no state API either: Ray Train's
             # PlacementGroupCleaner logs "Failed to query Ray Train Controller actor state" every few seconds.
             "--include-dashboard=false",
