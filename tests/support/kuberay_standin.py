@@ -12,8 +12,9 @@ KubeRay / Kubernetes does               the stand-in does
 creates the RayCluster (owned by the    creates that RayCluster object (owner reference, ``ray.io/originated-from-*``
 RayJob) and its head/worker pods        labels, the RayJob's ``rayClusterSpec``) and starts ONE local Ray node,
                                         ``ray start --head --block``, sized like the worker groups (``num-cpus`` from
-                                        ``rayStartParams`` or the containers' CPU limits × replicas), with the
-                                        worker container's environment: Ray Train workers inherit it, as in the pods
+                                        ``rayStartParams`` or the containers' CPU limits × replicas, custom
+                                        ``resources`` summed alike), with the (training) worker container's
+                                        environment: Ray Train workers inherit it, as in the pods
 cluster ready → dashboard URL,          RayCluster ``status.state: ready``; RayJob ``dashboardURL`` (KubeRay's
 submitter Job → ``Running``             ``<cluster>-head-svc.<ns>.svc.cluster.local:8265`` form) and
                                         ``jobDeploymentStatus: Running`` with ``jobStatus`` still PENDING
