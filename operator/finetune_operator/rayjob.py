@@ -280,7 +280,7 @@ def _pod_template(
         "name": "ray-head" if role == "head" else "ray-worker",
         "image": runtime.image or settings.trainer_image,
         "resources": {"limits": dict(resources), "requests": dict(resources)},
-        "env": [*(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
+        "env": [*_ray_env(job), *(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
         "volumeMounts": mounts,
         "securityContext": security.container_security_context(),
     }
@@ -308,10 +308,7 @@ def _pod_template(
 
 
 def _operator_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Identity and reporting settings for the trainer's Kubernetes sink (after the user's, so they win), and Ray
-    Train's report poll unless the job sets its own (the driver on the head reads it, Ray Train hands it on)."""
-    user = {e.name for e in job.spec.runtime.env}
-    poll = [] if ENV_REPORT_POLL in user else [{"name": ENV_REPORT_POLL, "value": REPORT_POLL_SECONDS}]
+    """Identity and reporting settings for the trainer's Kubernetes sink (after the user's, so they win)."""
     return [
         {"name": ENV_JOB_NAME, "value": job.metadata.name},
         # The downward API cannot disagree with where the pod actually runs.
@@ -321,8 +318,15 @@ def _operator_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str
         # The platform's trust: which keys sign models, and whether unsigned ones are refused (weightsUri).
         *([{"name": ENV_VERIFY_KEYS, "value": settings.verify_keys}] if settings.verify_keys else []),
         *([{"name": ENV_REQUIRE_SIGNED, "value": "true"}] if settings.require_protected_artifacts else []),
-        *poll,
     ]
+
+
+def _ray_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Ray Train's report poll (``contract.REPORT_POLL_SECONDS``), before the user's variables and left out when the
+    job sets its own: the driver on the head reads it and Ray Train hands it on to its controller."""
+    if any(e.name == ENV_REPORT_POLL for e in job.spec.runtime.env):
+        return []
+    return [{"name": ENV_REPORT_POLL, "value": REPORT_POLL_SECONDS}]
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
