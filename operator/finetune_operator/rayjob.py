@@ -7,11 +7,15 @@ share one function (``build_children``) and a reviewer sees exactly what the ope
 Choices that are not obvious from the output:
 - The trainer's configuration travels as a ConfigMap (``trainer.json``) mounted at ``/etc/finetune``,
   not on the entrypoint command line: no quoting problems and no size limit on the entrypoint.
-- The Ray head runs the driver only (``num-cpus: "0"``); training lands on the single worker group,
+- The Ray head runs the driver only (``num-cpus: "0"``); training lands on the training worker group (``workers``),
   sized exactly (``replicas = minReplicas = maxReplicas``, no autoscaling) with Guaranteed resources.
 - Worker scheduling (``nodeSelector``, ``tolerations``) applies to workers only: the head needs no GPU node.
-  The platform's pod defaults and ``spec.runtime.pod`` (``pod_overrides``) go on all three pods, the operator's
+  The platform's pod defaults and ``spec.runtime.pod`` (``pod_overrides``) go on every pod, the operator's
   own labels, volumes and restricted securityContext always winning.
+- ``resources.dataWorkers`` adds a second, CPU-only group (``data``): the same pod as a worker's (image, env,
+  volumes, labels, so the NetworkPolicy covers it) minus the accelerator, scheduling and token. The training
+  group then offers ``TRAIN_RESOURCE``, which only Ray Train's workers ask for: training never lands on a
+  data pod, Ray Data's tasks land anywhere.
 - ``pvc://CLAIM/...`` URIs become a volume mounted at ``PVC_MOUNT_ROOT/CLAIM`` on head and workers,
   read-only unless the claim holds the output or the cache.
 - Owner references are set here from the job's uid (when it has one), so the golden files show them.
@@ -38,11 +42,15 @@ from finetune_operator.api.contract import (
     ENV_CONFIG,
     ENV_JOB_NAME,
     ENV_JOB_NAMESPACE,
+    ENV_REPORT_POLL,
     ENV_THROTTLE,
+    REPORT_POLL_SECONDS,
+    TRAIN_RESOURCE,
     TrainerConfig,
     pvc_mount_path,
     resolve_uri,
 )
+from finetune_operator.api.dataworkers import data_replicas
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.pods import PodOverrides
 from finetune_operator.api.protection import ENV_REQUIRE_SIGNED, ENV_VERIFY_KEYS
@@ -51,6 +59,7 @@ from finetune_operator.api.versions import API_VERSION, GROUP, KIND, PLURAL, RAY
 from finetune_operator.settings import OperatorSettings
 
 WORKER_GROUP: Final = "workers"
+DATA_GROUP: Final = "data"
 TRAINER_VERBS: Final = ("get", "patch")
 
 
@@ -180,7 +189,10 @@ def build_rayjob(job: FineTuneJob, settings: OperatorSettings, *, service_accoun
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": _finish_pod(_pod_template(job, settings, "head", service_account, config_map), job, settings, pod),
         },
-        "workerGroupSpecs": [_worker_group(job, settings, service_account, config_map, pod)],
+        "workerGroupSpecs": [
+            _worker_group(job, settings, service_account, config_map, pod),
+            *_data_group(job, settings, service_account, config_map, pod),
+        ],
     }
     rayjob["spec"] = body
     return rayjob
@@ -202,6 +214,10 @@ def _worker_group(
     if res.gpus_per_worker:
         # KubeRay infers num-gpus only for names ending in "gpu"; the trainer asks Ray for "GPU" whatever the vendor.
         start["num-gpus"] = str(res.gpus_per_worker)
+    if data_replicas(res.data_workers):
+        # One unit per Ray Train worker the pod holds (one per GPU, one on CPU), as `ray start --resources` reads it
+        # (the quoting KubeRay itself writes when it adds accelerators to this parameter).
+        start["resources"] = "'" + json.dumps({TRAIN_RESOURCE: max(1, res.gpus_per_worker)}) + "'"
     return {
         "groupName": WORKER_GROUP,
         "replicas": res.workers,
@@ -210,6 +226,26 @@ def _worker_group(
         "rayStartParams": start,
         "template": _finish_pod(_pod_template(job, settings, "worker", service_account, config_map), job, settings, pod),
     }
+
+
+def _data_group(
+    job: FineTuneJob, settings: OperatorSettings, service_account: str, config_map: str, pod: PodOverrides
+) -> list[dict[str, Any]]:
+    """The CPU-only group of ``resources.dataWorkers`` (none when absent or 0 replicas); Ray's CPUs are the pod's."""
+    replicas = data_replicas(job.spec.resources.data_workers)
+    if not replicas:
+        return []
+    template = _pod_template(job, settings, "data", service_account, config_map)
+    return [
+        {
+            "groupName": DATA_GROUP,
+            "replicas": replicas,
+            "minReplicas": replicas,
+            "maxReplicas": replicas,
+            "rayStartParams": {},
+            "template": _finish_pod(template, job, settings, pod),
+        }
+    ]
 
 
 def _cpu(value: float) -> str:
@@ -221,8 +257,11 @@ def _pod_template(
 ) -> dict[str, Any]:
     spec = job.spec
     runtime, res = spec.runtime, spec.resources
+    data = res.data_workers
     if role == "head":
         resources: dict[str, Any] = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    elif role == "data" and data is not None:
+        resources = {"cpu": _cpu(data.cpus_per_worker), "memory": data.memory_per_worker}
     else:
         resources = {"cpu": _cpu(res.cpus_per_worker), "memory": res.memory_per_worker}
         if res.gpus_per_worker:
@@ -238,10 +277,10 @@ def _pod_template(
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": volume, "mountPath": pvc_mount_path(claim), "readOnly": read_only})
     container: dict[str, Any] = {
-        "name": f"ray-{role}",
+        "name": "ray-head" if role == "head" else "ray-worker",
         "image": runtime.image or settings.trainer_image,
         "resources": {"limits": dict(resources), "requests": dict(resources)},
-        "env": [*(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
+        "env": [*_ray_env(job), *(e.to_wire() for e in runtime.env), *_operator_env(job, settings)],
         "volumeMounts": mounts,
         "securityContext": security.container_security_context(),
     }
@@ -255,7 +294,7 @@ def _pod_template(
         ]
     pod: dict[str, Any] = {
         "serviceAccountName": service_account,
-        # Rank 0 of Ray Train runs on a worker and patches the job's status; nothing on the head calls the API.
+        # Rank 0 of Ray Train runs on a worker and patches the job's status; nothing on the head or a data pod calls the API.
         "automountServiceAccountToken": role == "worker",
         "securityContext": security.pod_security_context(settings),
         "containers": [container],
@@ -280,6 +319,14 @@ def _operator_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str
         *([{"name": ENV_VERIFY_KEYS, "value": settings.verify_keys}] if settings.verify_keys else []),
         *([{"name": ENV_REQUIRE_SIGNED, "value": "true"}] if settings.require_protected_artifacts else []),
     ]
+
+
+def _ray_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """Ray Train's report poll (``contract.REPORT_POLL_SECONDS``), before the user's variables and left out when the
+    job sets its own: the driver on the head reads it and Ray Train hands it on to its controller."""
+    if any(e.name == ENV_REPORT_POLL for e in job.spec.runtime.env):
+        return []
+    return [{"name": ENV_REPORT_POLL, "value": REPORT_POLL_SECONDS}]
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:

@@ -48,7 +48,10 @@ def digits_job() -> dict[str, Any]:
     spec = body["spec"]
     spec["dataset"].update({"imageSize": 32, "augmentation": "none"})
     spec["hyperparameters"].update({"epochs": 2, "seed": 0})
-    spec["resources"] = {"workers": 1, "cpusPerWorker": 2, "memoryPerWorker": "2Gi"}
+    # A data worker too (idle on the map-style digits): training must still find its node through the custom Ray
+    # resource only the training group offers (resources.dataWorkers), which the stand-in's Ray node offers as well.
+    data = {"replicas": 1, "cpusPerWorker": 1, "memoryPerWorker": "1Gi"}
+    spec["resources"] = {"workers": 1, "cpusPerWorker": 2, "memoryPerWorker": "2Gi", "dataWorkers": data}
     spec["output"] = {"uri": "pvc://runs/e2e"}
     return body
 
@@ -121,6 +124,7 @@ def test_digits_job_trains_end_to_end(emu: KubeEmulator, tmp_path: Path) -> None
     # the trainer, driver and Ray Train workers alike, ran behind it without knowing.
     assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert kuberay.ray_auth_modes(NAMESPACE, rayjob_name) == ["token"]
+    assert [g["groupName"] for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == ["workers", "data"]
 
     # The trainer's half: progress to the end, metrics, and artifacts that are on the claim as stated.
     assert status["progress"]["percent"] == 100.0 and status["progress"]["stage"] == "done"

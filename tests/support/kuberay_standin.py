@@ -12,8 +12,9 @@ KubeRay / Kubernetes does               the stand-in does
 creates the RayCluster (owned by the    creates that RayCluster object (owner reference, ``ray.io/originated-from-*``
 RayJob) and its head/worker pods        labels, the RayJob's ``rayClusterSpec``) and starts ONE local Ray node,
                                         ``ray start --head --block``, sized like the worker groups (``num-cpus`` from
-                                        ``rayStartParams`` or the containers' CPU limits × replicas), with the
-                                        worker container's environment: Ray Train workers inherit it, as in the pods
+                                        ``rayStartParams`` or the containers' CPU limits × replicas, custom
+                                        ``resources`` summed alike), with the (training) worker container's
+                                        environment: Ray Train workers inherit it, as in the pods
 cluster ready → dashboard URL,          RayCluster ``status.state: ready``; RayJob ``dashboardURL`` (KubeRay's
 submitter Job → ``Running``             ``<cluster>-head-svc.<ns>.svc.cluster.local:8265`` form) and
                                         ``jobDeploymentStatus: Running`` with ``jobStatus`` still PENDING
@@ -499,10 +500,14 @@ class _Run:
     def _start_ray(self, cluster_spec: Mapping[str, Any], env: Mapping[str, str]) -> str:
         """Start one local Ray node for the whole cluster; return its GCS address (RAY_ADDRESS)."""
         cpus = 0
+        custom: dict[str, float] = {}
         groups = [(cluster_spec["headGroupSpec"], 1)]
         groups += [(g, int(g.get("replicas", g.get("minReplicas", 1)))) for g in cluster_spec.get("workerGroupSpecs") or []]
         for group, replicas in groups:
             params = group.get("rayStartParams") or {}
+            # Custom resources as KubeRay reads them (common/pod.go getResourcesMap: quotes trimmed, then JSON).
+            for name, amount in json.loads(str(params.get("resources") or "{}").strip("'\"` ")).items():
+                custom[name] = custom.get(name, 0.0) + replicas * float(amount)
             if "num-cpus" in params:
                 cpus += replicas * _cpus(params["num-cpus"])
             else:
@@ -518,6 +523,7 @@ class _Run:
             "--port=0",
             f"--num-cpus={cpus}",
             "--num-gpus=0",
+            *([f"--resources={json.dumps(custom)}"] if custom else []),
             # The dashboard's dependencies are not installed here, so no state API either: Ray Train's
             # PlacementGroupCleaner logs "Failed to query Ray Train Controller actor state" every few seconds.
             "--include-dashboard=false",

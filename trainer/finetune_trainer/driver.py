@@ -23,7 +23,8 @@ from typing import Any
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
-from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.contract import TRAIN_RESOURCE, TrainerConfig
+from finetune_operator.api.dataworkers import data_replicas
 from finetune_operator.api.v1alpha1 import ResourcesSpec
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
@@ -85,14 +86,20 @@ def cpu_share(cpus: float, processes: int) -> float:
     return math.floor(cpus / processes * 10_000) / 10_000
 
 
-def scaling_config(res: ResourcesSpec) -> ScalingConfig:
+def scaling_config(res: ResourcesSpec, *, local: bool = False) -> ScalingConfig:
     """One Ray Train worker per GPU: a pod (or a local machine) with N GPUs runs N 1-GPU workers, each with
     its share of the pod's CPUs, so that Ray packs them onto the pods that hold the GPUs (KubeRay starts
     each worker pod with ``num-gpus`` N) and DDP keeps every card busy. One process driving N cards would
-    train on the first and leave the rest idle. On CPU: one worker per pod, as before."""
+    train on the first and leave the rest idle. On CPU: one worker per pod, as before.
+
+    With ``resources.dataWorkers`` on a cluster, each worker also asks for one ``TRAIN_RESOURCE``, which only
+    the training pods offer: a CPU job would otherwise fit on a data pod. Not ``local``: an embedded Ray has
+    no data pods and does not offer it."""
     resources = {"CPU": cpu_share(res.cpus_per_worker, max(1, res.gpus_per_worker))}
     if res.gpus_per_worker:
         resources["GPU"] = 1.0
+    if data_replicas(res.data_workers) and not local:
+        resources[TRAIN_RESOURCE] = 1.0
     return ScalingConfig(num_workers=res.train_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources)
 
 
@@ -112,7 +119,7 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     return trainer_cls(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=scaling_config(res),
+        scaling_config=scaling_config(res, local=local),
         run_config=RunConfig(
             name=cfg.job_name,
             storage_path=cfg.output_root,

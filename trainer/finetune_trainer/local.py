@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.contract import TrainerConfig, resolve_uri
+from finetune_operator.api.contract import ENV_REPORT_POLL, REPORT_POLL_SECONDS, TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
@@ -104,9 +104,9 @@ def start_ray(cfg: TrainerConfig) -> bool:
     if ray.is_initialized():
         return False
     res = cfg.spec.resources
-    # Ray Train's controller collects reports every 2 s and a worker holds only one pending report, so
-    # any epoch shorter than that (a cached-feature linear probe: ~0.1 s) waited ~2 s in report().
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Ray Train's 2 s report poll would stretch every short epoch (contract.REPORT_POLL_SECONDS says why);
+    # the operator sets the same value in the RayJob's pods.
+    os.environ.setdefault(ENV_REPORT_POLL, REPORT_POLL_SECONDS)
     # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
     cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
     try:

@@ -34,6 +34,17 @@ ENV_JOB_NAMESPACE: Final = "FINETUNE_JOB_NAMESPACE"
 ENV_CONFIG: Final = "FINETUNE_CONFIG"
 ENV_THROTTLE: Final = "FINETUNE_STATUS_THROTTLE_SECONDS"
 
+# Ray Train's controller polls its workers for reports every 2 s by default, and a worker holds one pending
+# report, so an epoch shorter than that (a cached-feature linear probe: ~0.1 s) waits ~2 s in report().
+# Both `finetune run` and the RayJob's pods set it; Ray Train hands the driver's value on to its controller.
+ENV_REPORT_POLL: Final = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_SECONDS: Final = "0.2"
+
+# The custom Ray resource each training pod offers (one per Ray Train worker it holds) when the job has data
+# workers (spec.resources.dataWorkers), and each Ray Train worker then asks for: Ray never places training on a
+# data pod, while Ray Data's tasks, which do not ask for it, run on any pod.
+TRAIN_RESOURCE: Final = "finetune-train"
+
 Sink = Literal["console", "file", "kubernetes"]
 
 # Spec fields, by section, that do not change what is trained; a resumed run may differ in them.

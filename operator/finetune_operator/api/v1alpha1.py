@@ -22,6 +22,7 @@ from pydantic import (
 
 from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
+from finetune_operator.api.dataworkers import DataWorkersSpec
 from finetune_operator.api.fields import (
     C_IDENTIFIER,
     DNS1123_LABEL,
@@ -411,6 +412,9 @@ class ResourcesSpec(WireModel):
 
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Taints the worker pods tolerate (GPU nodes are usually tainted)."""
+
+    data_workers: DataWorkersSpec | None = None
+    """CPU-only pods that decode and augment images for the training workers (docs/platform.md); none when absent."""
 
     @property
     def train_workers(self) -> int:
