@@ -3,7 +3,9 @@
 Rank 0 writes one ``checkpoint.pt`` per epoch into a directory it hands to ``ray.train.report``; Ray
 Train copies it to ``<run dir>/checkpoint_epoch_NNNN`` and remembers it in the run's snapshot, so a
 relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back from
-``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict, the optimizer, the
+``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict (of a frozen-backbone
+stage only what trains, with the starting weights' reference and sha256 under ``base``: see
+``stored_weights``), the optimizer, the
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
 improvement), every worker's random generators (``seeding.rng_state``, absent before they were kept)
 and the spec fingerprint: a checkpoint written for another spec is refused, not resumed (the run stops).
@@ -34,6 +36,7 @@ import torch
 
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.model import StartingWeights
 from finetune_trainer.sealing import Keyring, is_sealed_file, seal_file, unseal_bytes
 
 __all__ = [
@@ -43,8 +46,11 @@ __all__ = [
     "TrainState",
     "checkpoint_binding",
     "checkpoint_dir_name",
+    "full_weights",
     "read_checkpoint",
+    "restore_model",
     "restore_training",
+    "stored_weights",
     "write_checkpoint",
 ]
 
@@ -126,14 +132,18 @@ def write_checkpoint(
     rng: list[dict[str, Any]] | None = None,
     keyring: Keyring | None = None,
     name: str | None = None,
+    frozen_from: StartingWeights | None = None,
 ) -> None:
     """Write the checkpoint file and its checksum into ``directory``; encrypted with ``keyring``'s current
     key when given (``sealing``; the checksum is of the encrypted bytes) and bound to ``name``, the
-    directory name it is stored under (by default ``checkpoint_dir_name`` of the state's epoch and lineage)."""
+    directory name it is stored under (by default ``checkpoint_dir_name`` of the state's epoch and lineage).
+    ``frozen_from``: the model's backbone is frozen at these starting weights; only what trains is stored."""
+    weights, base = stored_weights(model, frozen_from)
     torch.save(
         {
             "format": _FORMAT,
-            "model": model.state_dict(),
+            "model": weights,
+            "base": base,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -200,6 +210,63 @@ def read_checkpoint(
         )
     data["train_state"] = TrainState(**data["train_state"])
     return data
+
+
+def stored_weights(model: torch.nn.Module, frozen_from: StartingWeights | None) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """(the tensors a checkpoint stores of ``model``, its ``base`` entry). The whole state_dict and None, unless
+    the backbone is frozen at ``frozen_from`` (a probe stage, which comes first: nothing trained the backbone
+    before): then the trainable parameters, the head, and the buffers that moved away from the starting weights
+    (BatchNorm statistics in train mode without freezeBatchNorm), with the reference and sha256 of those
+    weights. A frozen parameter is not compared: no optimizer holds it, so it cannot have moved, and comparing
+    would copy the whole model off the GPU every epoch, which is what this saves."""
+    state = model.state_dict()
+    if frozen_from is None:
+        return state, None
+    assert frozen_from.state is not None, "the rank that writes checkpoints keeps the starting weights"
+    start, params = frozen_from.state, dict(model.named_parameters())
+    kept = {
+        key: value
+        for key, value in state.items()
+        if key not in start or (params[key].requires_grad if key in params else not torch.equal(value.detach().cpu(), start[key]))
+    }
+    return kept, {"reference": frozen_from.reference, "sha256": frozen_from.sha256}
+
+
+def _check_base(data: dict[str, Any], start: StartingWeights | None, what: str) -> dict[str, str] | None:
+    base: dict[str, str] | None = data.get("base")
+    if base is None:
+        return None
+    if start is None or start.sha256 != base["sha256"]:
+        now = "no starting weights" if start is None else f"{start.reference} (sha256 {start.sha256[:12]}…)"
+        raise TrainerError(
+            f"{what}: stores only what trains on top of {base['reference']} (sha256 {base['sha256'][:12]}…), "
+            f"but this job starts from {now}; restore those weights, or delete the run's folder to start over"
+        )
+    return base
+
+
+def full_weights(data: dict[str, Any], start: StartingWeights | None, what: str = "checkpoint") -> dict[str, Any]:
+    """The whole model state_dict of checkpoint ``data`` (``read_checkpoint``'s dict): its own when it is a full
+    one, else ``start``'s copy of the starting weights with the stored part on top; TrainerError (one line,
+    naming ``what``) when the checkpoint was written on top of other starting weights than ``start``."""
+    if _check_base(data, start, what) is None:
+        weights: dict[str, Any] = data["model"]
+        return weights
+    assert start is not None and start.state is not None, "the caller keeps the starting weights"
+    return {**start.state, **data["model"]}
+
+
+def restore_model(model: torch.nn.Module, data: dict[str, Any], start: StartingWeights | None, what: str = "checkpoint") -> None:
+    """Load checkpoint ``data`` into ``model``, freshly built from its starting weights (``start``, their
+    fingerprint): a full checkpoint whole, a frozen-backbone one on top after its sha256 is checked
+    (a mismatch: TrainerError, one line; never a silently different model)."""
+    if _check_base(data, start, what) is None:
+        model.load_state_dict(data["model"])
+        return
+    unexpected = [k for k in data["model"] if k not in model.state_dict()]
+    if unexpected:
+        raise TrainerError(f"{what}: holds tensors this model does not have ({', '.join(unexpected[:3])})")
+    model.load_state_dict(data["model"], strict=False)
 
 
 def restore_training(

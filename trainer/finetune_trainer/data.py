@@ -9,22 +9,20 @@ weights' preset (resize, crop, mean, std, interpolation from the catalogue) as t
 ``weights.transforms()`` would build them. Bad input fails with a ``TrainerError`` naming the path or
 field. Class folders, dot files and unreadable images of ``imagefolder`` are ``image_folder``'s.
 
-``cache_features`` computes a frozen backbone's features once for the linear-probe fast path. Called
-by every Ray Train worker (``loop``) and, for the cheap layout checks, by ``finetune run`` before it
-starts Ray.
+Called by every Ray Train worker (``loop``) and, for the cheap layout checks, by ``finetune run`` before
+it starts Ray. The linear-probe feature cache is ``feature_cache``'s.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2 as T
 
@@ -43,7 +41,6 @@ __all__ = [
     "DigitsDataset",
     "build_datasets",
     "build_input_spec",
-    "cache_features",
     "check_dataset",
     "eval_transform",
     "fetch_to_cache",
@@ -260,52 +257,6 @@ def check_dataset(cfg: TrainerConfig) -> None:
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     if ds.validation_uri is not None and uri_scheme(ds.validation_uri) not in _OBJECT_STORES:
         same_classes(classes, class_folders("validationUri", ds.validation_uri, resolve_uri(ds.validation_uri)))
-
-
-# ------------------------------------------------------------------------------------- feature cache
-@torch.no_grad()
-def _features(
-    extractor: nn.Module, ds: LabelledDataset, device: torch.device, batch_size: int, loader_workers: int
-) -> LabelledDataset:
-    """Features of every image of ``ds`` in dataset order, on every worker: each computes a strided
-    share (padded to equal length, as collectives need) and all-gather puts them back together."""
-    n = len(ds)  # type: ignore[arg-type]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    share = -(-n // world)
-    idx = list(range(rank, n, world))
-    idx += [idx[-1] if idx else 0] * (share - len(idx))
-    # Its own generator: drawing the loader's base seed from the global one would shift the numbers a
-    # resumed run draws after it (resume is exact only if nothing but training draws from it).
-    loader: DataLoader[tuple[Tensor, int]] = DataLoader(
-        Subset(ds, idx), batch_size=batch_size, num_workers=loader_workers, generator=torch.Generator()
-    )
-    parts, labels = [], []
-    for images, targets in loader:
-        parts.append(extractor(images.to(device)).float())
-        labels.append(targets.to(device))
-    feats, targets_all = torch.cat(parts), torch.cat(labels)
-    if world > 1:
-        gathered = [torch.empty_like(feats) for _ in range(world)]
-        gathered_labels = [torch.empty_like(targets_all) for _ in range(world)]
-        dist.all_gather(gathered, feats)
-        dist.all_gather(gathered_labels, targets_all)
-        # Worker r holds images r, r+world, …: interleave the shares back into dataset order.
-        feats = torch.stack(gathered, dim=1).flatten(0, 1)[:n]
-        targets_all = torch.stack(gathered_labels, dim=1).flatten(0, 1)[:n]
-    return cast(LabelledDataset, TensorDataset(feats.cpu(), targets_all.cpu()))
-
-
-def cache_features(
-    extractor: nn.Module, train: LabelledDataset, val: LabelledDataset, device: torch.device, batch_size: int, loader_workers: int
-) -> tuple[LabelledDataset, LabelledDataset]:
-    """Frozen-backbone features of the training and validation images, computed once in eval mode:
-    a linear probe then trains on tensors instead of running the backbone every epoch. Held in memory
-    (float32, images × feature size)."""
-    extractor.eval()
-    return (
-        _features(extractor, train, device, batch_size, loader_workers),
-        _features(extractor, val, device, batch_size, loader_workers),
-    )
 
 
 # --------------------------------------------------------------------------------------------- the API

@@ -25,6 +25,7 @@ from finetune_trainer.checkpoint import CorruptCheckpoint, TrainState, checkpoin
 from finetune_trainer.engine import Precision, evaluate
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
+from finetune_trainer.model import StartingWeights
 from finetune_trainer.progress import ProgressSink
 from finetune_trainer.protect import keyring_for
 from finetune_trainer.resume import read_weights
@@ -35,16 +36,23 @@ log = logging.getLogger(__name__)
 
 
 def _ship_weights(
-    cfg: TrainerConfig, model: nn.Module, state: TrainState, sinks: ProgressSink | None, warnings: list[str]
+    cfg: TrainerConfig,
+    model: nn.Module,
+    state: TrainState,
+    sinks: ProgressSink | None,
+    warnings: list[str],
+    start: StartingWeights | None,
 ) -> tuple[str, int]:
-    """Put the shipped weights into ``model``; return (their checkpoint's name, their epoch)."""
+    """Put the shipped weights into ``model``; return (their checkpoint's name, their epoch). ``start``: the
+    starting weights, under a frozen-backbone checkpoint's stored part (``checkpoint.full_weights``)."""
     last = (checkpoint_dir_name(state.epoch, state.lineage), state.epoch)
     # A checkpoint written before best_checkpoint existed names its best epoch only (never after a fallback).
     best = state.best_checkpoint or (checkpoint_dir_name(state.best_epoch) if state.best_epoch is not None else None)
     if best is None or state.best_epoch is None or best == last[0]:
         return last  # the loop's model holds them already
     try:
-        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint(), encrypted=keyring_for(cfg) is not None)
+        encrypted = keyring_for(cfg) is not None
+        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint(), encrypted=encrypted, start=start)
     except CorruptCheckpoint as e:
         warning = f"{e}; model.pt holds the last epoch's weights (epoch {state.epoch}) instead of the best"
         log.warning("%s", warning)
@@ -68,6 +76,7 @@ def finish_run(
     input_spec: InputSpec,
     sinks: ProgressSink | None,
     facts: RunFacts | None = None,
+    start: StartingWeights | None = None,
 ) -> None:
     """Rank 0: load the shipped weights into ``model``, evaluate them on the whole validation set,
     write the artifacts and close the sinks. ``facts``: what the loop knows for the model card."""
@@ -77,7 +86,7 @@ def finish_run(
         percent = 100.0 if state.epoch >= total else round(100 * state.epoch / total, 2)
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=percent, stage="evaluate", updated_at=utc_now()))
     facts = facts or RunFacts()
-    name, epoch = _ship_weights(cfg, model, state, sinks, facts.warnings)
+    name, epoch = _ship_weights(cfg, model, state, sinks, facts.warnings, start)
     # Eval mode: any batch size gives the same numbers (a spec not yet planned has none).
     loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size or 64), shuffle=False)
     stats = evaluate(model, loader, criterion, precision, len(class_names), reduce=False)

@@ -8,7 +8,7 @@ out; validation is a strided, unpadded shard, so that every image is evaluated e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import ray.train
 import ray.train.torch
@@ -21,19 +21,25 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.recipe import batch_size
 from finetune_trainer.seeding import EpochSampler, SeededSamples, loader_generator, seed_loader_worker
 
-__all__ = ["Shards", "build_loaders", "workers"]
+__all__ = ["EpochOrder", "Shards", "build_loaders", "workers"]
 
 Labelled = Dataset[tuple[Tensor, int]]
 
 
+class EpochOrder(Protocol):
+    """A sampler told which epoch comes next: it reshuffles by it."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
 @dataclass
 class Shards:
-    """This worker's view of the data: a seeded DistributedSampler (shuffled identically whether the
-    images or their cached features are iterated) and a strided, unpadded validation shard. Images are
+    """This worker's view of the data: a seeded sampler (a DistributedSampler over the images; over cached
+    features, ``feature_cache.RankShuffle``) and a strided, unpadded validation shard. Images are
     augmented as ``seeding`` says: by ``(seed, epoch, index)``, the epoch coming from the sampler."""
 
     train: DataLoader[Any]
-    sampler: DistributedSampler[Any]
+    sampler: EpochOrder
     val: DataLoader[Any]
 
 
@@ -49,16 +55,15 @@ def build_loaders(
     val: Labelled,
     loader_workers: int | None = None,
     *,
-    augmented: bool = True,
     passes: int = 1,
 ) -> Shards:
-    """``augmented``: ``train`` holds images (not cached features), randomly augmented unless the
-    preset is ``none``; only then does each image get its own seed (``seeding.SeededSamples``).
+    """``train`` holds images, randomly augmented unless the preset is ``none``; only then does each image
+    get its own seed (``seeding.SeededSamples``). (Cached features have their own: ``feature_cache``.)
     ``passes`` > 1: an epoch goes that many times over the training images (``recipe``), each pass
     drawing its own augmentation (the seed follows the position in the repeated list)."""
     rank, world = workers()
     seed = spec.hyperparameters.seed
-    augmented = augmented and spec.dataset.augmentation != "none"
+    augmented = spec.dataset.augmentation != "none"
     if passes > 1:
         train = Subset(train, [i for _ in range(passes) for i in range(len(train))])  # type: ignore[arg-type]
     per_worker = max(1, batch_size(spec) // world)

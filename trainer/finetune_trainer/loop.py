@@ -5,10 +5,11 @@ Shape of torchvision's classification reference (``build_datasets`` → ``build_
 ``ray.train.torch``: ``prepare_model`` (DDP, gloo on CPU) and the loaders of ``loaders``. The job runs
 as the stages ``stages.plan_stages`` lays out, each with a fresh optimizer and schedule (``optim``); a
 frozen-backbone stage without random augmentation trains the head on backbone features computed once
-(``data.cache_features``). Random numbers and their states in checkpoints: ``seeding``.
+(``feature_cache``: per rank, float16 on the host). Random numbers and their states in checkpoints: ``seeding``.
 
-Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint,
-appends ``metrics.jsonl`` and feeds the progress sinks. A relaunch resumes from the checkpoint Ray
+Every epoch every worker calls ``ray.train.report`` (a barrier); rank 0 alone attaches the checkpoint
+(a frozen-backbone stage's holds only what trains, on top of the starting weights' sha256), appends
+``metrics.jsonl`` and feeds the progress sinks (``worker_report``). A relaunch resumes from the checkpoint Ray
 Train hands back, or from an older one when that one is corrupt (``resume``). Early stopping ends a
 stage, never the run: lp-ft fine-tunes after a probe that plateaued. At the end rank 0 ships the best
 epoch's weights, evaluated on the whole validation set, with the artifacts (``finish``).
@@ -19,9 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import ray.train
@@ -32,31 +31,32 @@ from torch.utils.data import Dataset
 
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Progress
 from finetune_trainer import storage
 from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
-from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
-from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
+from finetune_trainer.checkpoint import TrainState, restore_model, restore_training
+from finetune_trainer.data import build_datasets
+from finetune_trainer.engine import all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
+from finetune_trainer.feature_cache import Float32Input, cached_shards
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.loaders import Shards, build_loaders, workers
-from finetune_trainer.metrics_log import EpochRecord, append_metrics
-from finetune_trainer.model import build_model
+from finetune_trainer.metrics_log import EpochRecord
+from finetune_trainer.model import StartingWeights, build_model, starting_weights
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
-from finetune_trainer.progress import MultiSink, build_sinks
+from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
 from finetune_trainer.ray_compat import quiet_train_reports
-from finetune_trainer.recipe import batch_size, with_batch_plan
+from finetune_trainer.recipe import with_batch_plan
 from finetune_trainer.resume import resume_from
-from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
+from finetune_trainer.seeding import rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
-from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 from finetune_trainer.tracking import Tracker
 from finetune_trainer.verify import verify_artifacts
+from finetune_trainer.worker_report import Worker, report_epoch, step_meter
 
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
@@ -70,36 +70,6 @@ QUIET_KEY: Final = "quiet"
 Labelled = Dataset[tuple[Tensor, int]]
 
 
-# ----------------------------------------------------------------------------------------- the run
-@dataclass
-class Worker:
-    """What one worker holds for the whole run."""
-
-    cfg: TrainerConfig
-    rank: int
-    world: int
-    device: torch.device
-    model: nn.Module
-    class_names: list[str]
-    precision: Precision
-    criterion: nn.Module
-    sinks: MultiSink | None
-    fail_after: int | None
-    resumed_from: int = 0
-    """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
-    passes: int = 1
-    """Passes over the training images per epoch (``recipe.plan_batches``)."""
-    warned_batch_norm: bool = False
-    tracker: Tracker | None = None
-    """Rank 0's TensorBoard and MLflow (``tracking``)."""
-    warnings: list[str] = field(default_factory=list)
-    """What this attempt warned about, for the model card (rank 0)."""
-
-    @property
-    def spec(self) -> FineTuneJobSpec:
-        return self.cfg.spec
-
-
 def _set_threads(cfg: TrainerConfig) -> None:
     """One intra-op thread per CPU the worker reserved (its pod's CPUs ÷ its GPUs: one worker per GPU), never
     more than its share of this node: two workers of two threads on two cores run at a third of the speed of one."""
@@ -108,6 +78,17 @@ def _set_threads(cfg: TrainerConfig) -> None:
     share = max(1, cores // max(1, ctx.get_local_world_size()))
     res = cfg.spec.resources
     torch.set_num_threads(max(1, min(int(res.cpus_per_worker / max(1, res.gpus_per_worker)), share)))
+
+
+def _starting_weights(cfg: TrainerConfig, model: nn.Module, rank: int) -> StartingWeights | None:
+    """The fingerprint of the model as built, when a stage freezes its backbone (its checkpoints store only
+    what trains on top of it); rank 0, which writes checkpoints and ships the best one, keeps a copy."""
+    if not any(stage.name == "probe" for stage in plan_stages(cfg.spec)):
+        return None
+    spec = cfg.spec.model
+    seed = cfg.spec.hyperparameters.seed
+    reference = spec.weights_uri or (f"{spec.name} {spec.weights}" if spec.weights else f"{spec.name} random (seed {seed})")
+    return starting_weights(model, reference, keep=rank == 0)
 
 
 def _weights_uri(cfg: TrainerConfig) -> str | None:
@@ -155,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(
             spec.name, spec.weights, len(class_names), weights_uri=uri, keep_head=_same_classes_as_source(uri, class_names)
         )
+        start = _starting_weights(cfg, model, rank)
         # From here each worker draws its own numbers (dropout, stochastic depth): see ``seeding``.
         seed_everything(rank_seed(cfg.spec.hyperparameters.seed, rank))
         device = ray.train.torch.get_device()
@@ -174,6 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sinks=sinks,
             fail_after=config.get(FAIL_AFTER_EPOCH_KEY),
             passes=plan.passes,
+            start=start,
         )
         state, resumed = _resume(worker)
         worker.resumed_from = state.epoch
@@ -192,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 input_spec=input_spec,
                 sinks=sinks,
                 facts=RunFacts(train_images=len(train), passes=plan.passes, chosen=plan.chosen, warnings=worker.warnings),  # type: ignore[arg-type]
+                start=start,
             )
             if tracker is not None:
                 tracker.finish(worker.model, val, class_names, input_spec)
@@ -218,8 +202,8 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
         if worker.sinks is not None:
             worker.sinks.warn(warning)
     data = resumed.data
-    worker.model.load_state_dict(data["model"])
     state: TrainState = data["train_state"]
+    restore_model(worker.model, data, worker.start, f"the checkpoint of epoch {state.epoch}")
     log.info("resuming %s after epoch %d (%s stage)", worker.cfg.job_name, state.epoch, state.stage)
     # Nothing draws random numbers between here and the next epoch (loaders have their own generators),
     # so the generators continue as they stood when the checkpoint was written.
@@ -252,7 +236,6 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
     """(module to train, module to evaluate, loaders) for ``stage``: the whole model on images, or the
     head alone on cached backbone features."""
     spec = worker.spec
-    groups_model = worker.model
     if uses_feature_cache(spec, stage):
         if worker.sinks is not None:
             worker.sinks.update(
@@ -264,13 +247,11 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
                 )
             )
         features, head = split_for_feature_cache(worker.model)
-        cached_train, cached_val = cache_features(
-            features, train, val, worker.device, batch_size(spec), spec.dataset.loader_workers
-        )
-        # Features are tensors in memory: loader processes would only add start-up and copying.
-        shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False, passes=worker.passes)
+        shards = cached_shards(spec, features, train, val, worker.device, worker.rank, worker.world, worker.passes)
+        head = Float32Input(head)
         return _wrap(head, spec.hyperparameters.compile), head, shards
-    return _wrap(groups_model, spec.hyperparameters.compile), groups_model, build_loaders(spec, train, val, passes=worker.passes)
+    shards = build_loaders(spec, train, val, passes=worker.passes)
+    return _wrap(worker.model, spec.hyperparameters.compile), worker.model, shards
 
 
 def _wrap(module: nn.Module, compiled: bool) -> nn.Module:
@@ -293,7 +274,7 @@ def _run_stage(
         shards.sampler.set_epoch(epoch)
         started = time.perf_counter()
         first_step = scheduler.last_epoch
-        meter = _step_meter(worker, epoch, stage, len(shards.train), optimizer)
+        meter = step_meter(worker, epoch, stage, len(shards.train), optimizer)
         loss_sum, seen = train_one_epoch(
             trained,
             shards.train,
@@ -341,7 +322,7 @@ def _run_stage(
         if worker.tracker is not None and meter is not None:  # before the checkpoint: a resume purges from its step
             lrs = [float(g["lr"]) for g in optimizer.param_groups]
             worker.tracker.epoch(record, meter.global_step, state.best_val_accuracy, lrs, meter.epoch_accuracy())
-        _report(worker, record, state, optimizer, scheduler, attempt)
+        report_epoch(worker, record, state, optimizer, scheduler, attempt, frozen_backbone=stage.name == "probe")
         if worker.tracker is not None:  # the checkpoint is stored: MLflow, which cannot purge, gets the epoch now
             worker.tracker.committed(epoch)
         if worker.fail_after == epoch:
@@ -349,80 +330,3 @@ def _run_stage(
         if state.stopped_early:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, state.bad_epochs)
             return
-
-
-def _step_meter(worker: Worker, epoch: int, stage: Stage, steps: int, optimizer: torch.optim.Optimizer) -> StepMeter | None:
-    """Rank 0's per-step hook for this epoch (status, console bar, TensorBoard points); None on other ranks."""
-    if worker.rank != 0:
-        return None
-    tracker = worker.tracker
-    return StepMeter(
-        sinks=worker.sinks,
-        tracker=tracker if tracker is not None and tracker.writer is not None else None,
-        optimizer=optimizer,
-        epoch=epoch,
-        total_epochs=worker.spec.hyperparameters.epochs,
-        stage=stage.name,
-        steps_per_epoch=steps,
-        world=worker.world,
-        global_step=tracker.global_step if tracker is not None else 0,
-        log_every=worker.spec.tracking.tensorboard.log_every_steps,
-        report_seconds=report_seconds_from_env(),
-    )
-
-
-def _report(
-    worker: Worker,
-    record: EpochRecord,
-    state: TrainState,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    attempt: dict[str, Any],
-) -> None:
-    """Every worker reports (a barrier); rank 0 adds the checkpoint, metrics.jsonl and progress."""
-    metrics: dict[str, Any] = {k: v for k, v in vars(record).items() if v is not None} | {
-        "best_val_accuracy": state.best_val_accuracy,
-        "best_epoch": state.best_epoch,
-        **attempt,
-    }
-    name = checkpoint_dir_name(record.epoch, state.lineage)
-    rng = gather_rng_states()  # a collective: every worker's generators, for rank 0's checkpoint
-    if worker.rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=name)
-        return
-    append_metrics(worker.cfg.run_dir, record)
-    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
-        write_checkpoint(
-            directory,
-            model=worker.model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=worker.precision.scaler,
-            state=state,
-            fingerprint=worker.cfg.spec_fingerprint(),
-            rng=rng,
-            keyring=keyring_for(worker.cfg),
-            name=name,
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
-    if worker.sinks is not None:
-        total = worker.spec.hyperparameters.epochs
-        worker.sinks.update(
-            Progress(
-                epoch=record.epoch,
-                total_epochs=total,
-                percent=round(100 * record.epoch / total, 2),
-                stage=record.stage,
-                updated_at=utc_now(),
-            ),
-            Metrics(
-                train_loss=record.train_loss,
-                val_loss=record.val_loss,
-                val_accuracy=record.val_accuracy,
-                val_top5=record.val_top5,
-                best_val_accuracy=state.best_val_accuracy,
-                best_epoch=state.best_epoch,
-                images_per_second=record.images_per_second,
-                epoch_seconds=record.epoch_seconds,
-            ),
-        )

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
 
-__all__ = ["METRICS_FILE", "EpochRecord", "append_metrics", "read_metrics"]
+__all__ = ["METRICS_FILE", "EpochRecord", "MetricsLog", "append_metrics", "read_metrics"]
 
 METRICS_FILE: Final = "metrics.jsonl"
 
@@ -66,8 +66,25 @@ def append_metrics(run_dir: str, record: EpochRecord) -> None:
     """Add ``record`` to ``<run_dir>/metrics.jsonl``. A resumed run re-reports epochs it had already
     reported before it stopped: the record replaces that epoch and drops any later ones (they belong to
     the abandoned attempt), so the log is always one line per epoch of the run that continues."""
-    kept = [r for r in read_metrics(run_dir) if r.epoch < record.epoch]
-    lines = [json.dumps(r.to_wire()) for r in [*kept, record]]
+    MetricsLog(run_dir).append(record)
+
+
+class MetricsLog:
+    """``append_metrics`` for a writer that appends every epoch (the loop's rank 0): the file is read once,
+    then kept in memory, so that each epoch costs one write (one PUT on an object store) instead of a read
+    and a write. Only rank 0 of one attempt writes the file, so the copy in memory stays what is stored."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.records = read_metrics(run_dir)
+
+    def append(self, record: EpochRecord) -> None:
+        self.records = [r for r in self.records if r.epoch < record.epoch] + [record]
+        _write(self.run_dir, self.records)
+
+
+def _write(run_dir: str, records: list[EpochRecord]) -> None:
+    lines = [json.dumps(r.to_wire()) for r in records]
     # Rewritten whole (it is a few KiB): atomic locally, one PUT on object stores, which cannot append.
     storage.write_text(storage.join(run_dir, METRICS_FILE), "\n".join(lines) + "\n")
 

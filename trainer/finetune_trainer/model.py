@@ -1,7 +1,9 @@
 """Building a torchvision classifier for a job: ``build_model`` with its starting weights (a torchvision
 weights name, or the state_dict file of an earlier job at ``weights_uri``) and a new head.
 
-Everything here works for every classification model of ``torchvision.models`` through one generic rule
+``starting_weights`` fingerprints what the model started from (the sha256 of its backbone tensors),
+computed once per attempt: a frozen-backbone checkpoint stores only what trains and names these
+(``checkpoint``). Everything here works for every classification model of ``torchvision.models`` through one generic rule
 (the head is the last ``nn.Linear``), with per-family code only where a family breaks it:
 GoogLeNet/Inception's auxiliary heads and SqueezeNet's convolutional classifier. What trains under each
 strategy, and the feature-cache split, live in ``strategy``.
@@ -9,10 +11,12 @@ strategy, and the feature-cache split, live in ``strategy``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import torch
@@ -25,12 +29,14 @@ from finetune_trainer.errors import ArtifactError, WeightsError, exception_line
 from finetune_trainer.verify import read_verified_file
 
 __all__ = [
+    "StartingWeights",
     "build_model",
     "head_module_names",
     "load_state_dict_file",
     "load_weights",
     "replace_head",
     "resolve_weights",
+    "starting_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,34 @@ def build_model(
     replace_head(model, num_classes)
     load_weights(model, state, source=weights_uri, arch=name, load_head=keep_head)
     return model
+
+
+# ----------------------------------------------------------------------------------- starting weights
+@dataclass(frozen=True)
+class StartingWeights:
+    """What a model was built from: ``reference`` for people (the weights name or weightsUri), ``sha256`` of
+    its backbone tensors (everything but the head), and ``state``, a CPU copy of them where the caller asks
+    (rank 0: it ships the best epoch, which a frozen-backbone checkpoint holds only in part)."""
+
+    reference: str
+    sha256: str
+    state: dict[str, Tensor] | None = None
+
+
+def starting_weights(model: nn.Module, reference: str, *, keep: bool = False) -> StartingWeights:
+    """Fingerprint ``model`` as built (before any training): the sha256 of every backbone tensor's name, dtype,
+    shape and bytes, in key order. Of the tensors, not of a file: torchvision weights and a weightsUri file
+    alike, and what is compared is the model a resume rebuilds. ``keep``: also keep a CPU copy."""
+    heads = tuple(f"{h}." for h in head_module_names(model))
+    backbone = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(heads)}
+    digest = hashlib.sha256()
+    for key in sorted(backbone):
+        tensor = backbone[key].cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # clone(): on the CPU, .cpu() returns the model's own tensors, which training changes in place.
+    state = {k: v.cpu().clone() for k, v in backbone.items()} if keep else None
+    return StartingWeights(reference, digest.hexdigest(), state)
 
 
 # ---------------------------------------------------------------------------------------- weights file

@@ -21,8 +21,9 @@ import pyarrow.fs
 import ray.train
 
 from finetune_trainer import storage
-from finetune_trainer.checkpoint import CorruptCheckpoint, read_checkpoint
+from finetune_trainer.checkpoint import CorruptCheckpoint, full_weights, read_checkpoint
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.model import StartingWeights
 
 __all__ = ["Resumed", "order_candidates", "read_weights", "resume_from"]
 
@@ -92,8 +93,10 @@ def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str, *,
     )
 
 
-def read_weights(run_dir: str, name: str, fingerprint: str, *, encrypted: bool = False) -> dict[str, Any]:
-    """The model state_dict of checkpoint ``name`` in ``run_dir`` (CorruptCheckpoint if unusable)."""
+def read_weights(
+    run_dir: str, name: str, fingerprint: str, *, encrypted: bool = False, start: StartingWeights | None = None
+) -> dict[str, Any]:
+    """The whole model state_dict of checkpoint ``name`` in ``run_dir`` (CorruptCheckpoint if unusable); a
+    frozen-backbone checkpoint's on top of ``start``, the starting weights (``checkpoint.full_weights``)."""
     checkpoint = ray.train.Checkpoint(path=storage.join(run_dir, name))
-    weights: dict[str, Any] = _read(checkpoint, fingerprint, run_dir, encrypted)["model"]
-    return weights
+    return full_weights(_read(checkpoint, fingerprint, run_dir, encrypted), start, f"checkpoint {name}")

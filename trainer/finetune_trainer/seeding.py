@@ -136,10 +136,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every worker's ``rng_state``, in rank order, on every worker (a collective: all must call it)."""
+def gather_rng_states() -> list[dict[str, Any]] | None:
+    """Every worker's ``rng_state``, in rank order, on rank 0 (which writes the checkpoints); None on the
+    others (a collective: all must call it). A gather, not an all-gather: the other ranks would only drop
+    world copies of it every epoch."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [rng_state()]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
+    rank0 = dist.get_rank() == 0
+    states: list[Any] | None = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(rng_state(), states, dst=0)
     return states
