@@ -42,7 +42,9 @@ from finetune_trainer.engine import Precision, all_reduce, build_precision, eval
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
-from finetune_trainer.loaders import Shards, build_loaders, workers
+from finetune_trainer.image_folder import StreamedImages
+from finetune_trainer.listing import choose_ingest
+from finetune_trainer.loaders import Source, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 from finetune_trainer.model import build_model
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
@@ -52,7 +54,9 @@ from finetune_trainer.ray_compat import quiet_train_reports
 from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
+from finetune_trainer.reporting import Worker, report, step_meter
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
+from finetune_trainer.streaming import StreamSource
 from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 from finetune_trainer.tracking import Tracker
@@ -71,35 +75,6 @@ Labelled = Dataset[tuple[Tensor, int]]
 
 
 # ----------------------------------------------------------------------------------------- the run
-@dataclass
-class Worker:
-    """What one worker holds for the whole run."""
-
-    cfg: TrainerConfig
-    rank: int
-    world: int
-    device: torch.device
-    model: nn.Module
-    class_names: list[str]
-    precision: Precision
-    criterion: nn.Module
-    sinks: MultiSink | None
-    fail_after: int | None
-    resumed_from: int = 0
-    """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
-    passes: int = 1
-    """Passes over the training images per epoch (``recipe.plan_batches``)."""
-    warned_batch_norm: bool = False
-    tracker: Tracker | None = None
-    """Rank 0's TensorBoard and MLflow (``tracking``)."""
-    warnings: list[str] = field(default_factory=list)
-    """What this attempt warned about, for the model card (rank 0)."""
-
-    @property
-    def spec(self) -> FineTuneJobSpec:
-        return self.cfg.spec
-
-
 def _set_threads(cfg: TrainerConfig) -> None:
     """One intra-op thread per CPU the worker reserved (its pod's CPUs ÷ its GPUs: one worker per GPU), never
     more than its share of this node: two workers of two threads on two cores run at a third of the speed of one."""
@@ -146,7 +121,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker: Tracker | None = None
     try:
         check_keys(cfg)  # a missing or unreadable key fails now, not after the first epoch
-        train, val, class_names, input_spec = build_datasets(cfg)
+        ingest = choose_ingest(cfg.spec.dataset)
+        if rank == 0:
+            log.warning("dataset: %s ingest (%s)", ingest.kind, ingest.why)  # once per run: the path decides speed and disk
+        train, val, class_names, input_spec = build_datasets(cfg, ingest)
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
             print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
@@ -191,7 +169,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state=state,
                 input_spec=input_spec,
                 sinks=sinks,
-                facts=RunFacts(train_images=len(train), passes=plan.passes, chosen=plan.chosen, warnings=worker.warnings),  # type: ignore[arg-type]
+                facts=RunFacts(
+                    train_images=len(train),  # type: ignore[arg-type]
+                    passes=plan.passes,
+                    chosen=plan.chosen,
+                    warnings=worker.warnings,
+                    ingest=ingest.kind if cfg.spec.dataset.format == "imagefolder" else None,
+                ),
             )
             if tracker is not None:
                 tracker.finish(worker.model, val, class_names, input_spec)
@@ -248,7 +232,7 @@ def _run_stages(worker: Worker, train: Labelled, val: Labelled, state: TrainStat
         _run_stage(worker, stage, train, val, state, carried)
 
 
-def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -> tuple[nn.Module, nn.Module, Shards]:
+def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -> tuple[nn.Module, nn.Module, Source]:
     """(module to train, module to evaluate, loaders) for ``stage``: the whole model on images, or the
     head alone on cached backbone features."""
     spec = worker.spec
@@ -270,7 +254,17 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
         # Features are tensors in memory: loader processes would only add start-up and copying.
         shards = build_loaders(spec, cached_train, cached_val, loader_workers=0, augmented=False, passes=worker.passes)
         return _wrap(head, spec.hyperparameters.compile), head, shards
-    return _wrap(groups_model, spec.hyperparameters.compile), groups_model, build_loaders(spec, train, val, passes=worker.passes)
+    return _wrap(groups_model, spec.hyperparameters.compile), groups_model, _source(worker, train, val)
+
+
+def _source(worker: Worker, train: Labelled, val: Labelled) -> Source:
+    """The images of a stage that trains on images: streamed by Ray Data when the dataset was listed for it."""
+    spec = worker.spec
+    if isinstance(train, StreamedImages) and isinstance(val, StreamedImages):
+        per_worker = max(1, batch_size(spec) // worker.world)
+        seed = spec.hyperparameters.seed
+        return StreamSource(train, val, seed=seed, rank=worker.rank, world=worker.world, per_worker=per_worker, passes=worker.passes)
+    return build_loaders(spec, train, val, passes=worker.passes)
 
 
 def _wrap(module: nn.Module, compiled: bool) -> nn.Module:
@@ -290,10 +284,10 @@ def _run_stage(
     if carried is not None:
         restore_training(carried, optimizer, scheduler, worker.precision.scaler)
     for epoch in range(max(stage.first, state.epoch + 1), stage.last + 1):
-        shards.sampler.set_epoch(epoch)
+        shards.set_epoch(epoch)
         started = time.perf_counter()
         first_step = scheduler.last_epoch
-        meter = _step_meter(worker, epoch, stage, len(shards.train), optimizer)
+        meter = step_meter(worker, epoch, stage, len(shards.train), optimizer)
         loss_sum, seen = train_one_epoch(
             trained,
             shards.train,
@@ -310,6 +304,7 @@ def _run_stage(
         if spec.strategy.precise_batch_norm:
             recompute_batch_norm(evaluated, shards.train, worker.device, spec.strategy.freeze_batch_norm)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
+        _warn_once(worker, shards.end_epoch(worker.device))
         warning = batch_norm_collapse(loss_sum / max(seen_all, 1), stats.accuracy, len(worker.class_names), evaluated)
         if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
             worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
@@ -341,7 +336,7 @@ def _run_stage(
         if worker.tracker is not None and meter is not None:  # before the checkpoint: a resume purges from its step
             lrs = [float(g["lr"]) for g in optimizer.param_groups]
             worker.tracker.epoch(record, meter.global_step, state.best_val_accuracy, lrs, meter.epoch_accuracy())
-        _report(worker, record, state, optimizer, scheduler, attempt)
+        report(worker, record, state, optimizer, scheduler, attempt)
         if worker.tracker is not None:  # the checkpoint is stored: MLflow, which cannot purge, gets the epoch now
             worker.tracker.committed(epoch)
         if worker.fail_after == epoch:
@@ -351,78 +346,11 @@ def _run_stage(
             return
 
 
-def _step_meter(worker: Worker, epoch: int, stage: Stage, steps: int, optimizer: torch.optim.Optimizer) -> StepMeter | None:
-    """Rank 0's per-step hook for this epoch (status, console bar, TensorBoard points); None on other ranks."""
-    if worker.rank != 0:
-        return None
-    tracker = worker.tracker
-    return StepMeter(
-        sinks=worker.sinks,
-        tracker=tracker if tracker is not None and tracker.writer is not None else None,
-        optimizer=optimizer,
-        epoch=epoch,
-        total_epochs=worker.spec.hyperparameters.epochs,
-        stage=stage.name,
-        steps_per_epoch=steps,
-        world=worker.world,
-        global_step=tracker.global_step if tracker is not None else 0,
-        log_every=worker.spec.tracking.tensorboard.log_every_steps,
-        report_seconds=report_seconds_from_env(),
-    )
-
-
-def _report(
-    worker: Worker,
-    record: EpochRecord,
-    state: TrainState,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    attempt: dict[str, Any],
-) -> None:
-    """Every worker reports (a barrier); rank 0 adds the checkpoint, metrics.jsonl and progress."""
-    metrics: dict[str, Any] = {k: v for k, v in vars(record).items() if v is not None} | {
-        "best_val_accuracy": state.best_val_accuracy,
-        "best_epoch": state.best_epoch,
-        **attempt,
-    }
-    name = checkpoint_dir_name(record.epoch, state.lineage)
-    rng = gather_rng_states()  # a collective: every worker's generators, for rank 0's checkpoint
-    if worker.rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=name)
+def _warn_once(worker: Worker, warning: str | None) -> None:
+    """A data warning (``Source.end_epoch``) on rank 0: the log, the model card and the job's status."""
+    if warning is None or worker.rank != 0:
         return
-    append_metrics(worker.cfg.run_dir, record)
-    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
-        write_checkpoint(
-            directory,
-            model=worker.model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=worker.precision.scaler,
-            state=state,
-            fingerprint=worker.cfg.spec_fingerprint(),
-            rng=rng,
-            keyring=keyring_for(worker.cfg),
-            name=name,
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    log.warning("%s: %s", worker.cfg.job_name, warning)
+    worker.warnings.append(warning)
     if worker.sinks is not None:
-        total = worker.spec.hyperparameters.epochs
-        worker.sinks.update(
-            Progress(
-                epoch=record.epoch,
-                total_epochs=total,
-                percent=round(100 * record.epoch / total, 2),
-                stage=record.stage,
-                updated_at=utc_now(),
-            ),
-            Metrics(
-                train_loss=record.train_loss,
-                val_loss=record.val_loss,
-                val_accuracy=record.val_accuracy,
-                val_top5=record.val_top5,
-                best_val_accuracy=state.best_val_accuracy,
-                best_epoch=state.best_epoch,
-                images_per_second=record.images_per_second,
-                epoch_seconds=record.epoch_seconds,
-            ),
-        )
+        worker.sinks.warn(warning)

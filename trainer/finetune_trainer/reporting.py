@@ -1,0 +1,136 @@
+"""What one Ray Train worker holds for a run (``Worker``) and what it says at the end of each epoch: the per-step
+meter of rank 0 (``step_meter``) and the report every worker makes (``report``: a barrier; rank 0 attaches the
+checkpoint, appends ``metrics.jsonl`` and feeds the progress sinks). Split from ``loop`` to keep it readable.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import torch
+from torch import nn
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.timestamps import utc_now
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
+from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, write_checkpoint
+from finetune_trainer.engine import Precision
+from finetune_trainer.metrics_log import EpochRecord, append_metrics
+from finetune_trainer.progress import MultiSink
+from finetune_trainer.protect import keyring_for
+from finetune_trainer.seeding import gather_rng_states
+from finetune_trainer.stages import Stage
+from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
+from finetune_trainer.tracking import Tracker
+
+__all__ = ["Worker", "report", "step_meter"]
+
+
+@dataclass
+class Worker:
+    """What one worker holds for the whole run."""
+
+    cfg: TrainerConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    class_names: list[str]
+    precision: Precision
+    criterion: nn.Module
+    sinks: MultiSink | None
+    fail_after: int | None
+    resumed_from: int = 0
+    """The epoch of the checkpoint this attempt started from (0: a fresh start)."""
+    passes: int = 1
+    """Passes over the training images per epoch (``recipe.plan_batches``)."""
+    warned_batch_norm: bool = False
+    tracker: Tracker | None = None
+    """Rank 0's TensorBoard and MLflow (``tracking``)."""
+    warnings: list[str] = field(default_factory=list)
+    """What this attempt warned about, for the model card (rank 0)."""
+
+    @property
+    def spec(self) -> FineTuneJobSpec:
+        return self.cfg.spec
+
+
+
+def step_meter(worker: Worker, epoch: int, stage: Stage, steps: int, optimizer: torch.optim.Optimizer) -> StepMeter | None:
+    """Rank 0's per-step hook for this epoch (status, console bar, TensorBoard points); None on other ranks."""
+    if worker.rank != 0:
+        return None
+    tracker = worker.tracker
+    return StepMeter(
+        sinks=worker.sinks,
+        tracker=tracker if tracker is not None and tracker.writer is not None else None,
+        optimizer=optimizer,
+        epoch=epoch,
+        total_epochs=worker.spec.hyperparameters.epochs,
+        stage=stage.name,
+        steps_per_epoch=steps,
+        world=worker.world,
+        global_step=tracker.global_step if tracker is not None else 0,
+        log_every=worker.spec.tracking.tensorboard.log_every_steps,
+        report_seconds=report_seconds_from_env(),
+    )
+
+
+def report(
+    worker: Worker,
+    record: EpochRecord,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    attempt: dict[str, Any],
+) -> None:
+    """Every worker reports (a barrier); rank 0 adds the checkpoint, metrics.jsonl and progress."""
+    metrics: dict[str, Any] = {k: v for k, v in vars(record).items() if v is not None} | {
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
+        **attempt,
+    }
+    name = checkpoint_dir_name(record.epoch, state.lineage)
+    rng = gather_rng_states()  # a collective: every worker's generators, for rank 0's checkpoint
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint_dir_name=name)
+        return
+    append_metrics(worker.cfg.run_dir, record)
+    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
+        write_checkpoint(
+            directory,
+            model=worker.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=worker.precision.scaler,
+            state=state,
+            fingerprint=worker.cfg.spec_fingerprint(),
+            rng=rng,
+            keyring=keyring_for(worker.cfg),
+            name=name,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    if worker.sinks is not None:
+        total = worker.spec.hyperparameters.epochs
+        worker.sinks.update(
+            Progress(
+                epoch=record.epoch,
+                total_epochs=total,
+                percent=round(100 * record.epoch / total, 2),
+                stage=record.stage,
+                updated_at=utc_now(),
+            ),
+            Metrics(
+                train_loss=record.train_loss,
+                val_loss=record.val_loss,
+                val_accuracy=record.val_accuracy,
+                val_top5=record.val_top5,
+                best_val_accuracy=state.best_val_accuracy,
+                best_epoch=state.best_epoch,
+                images_per_second=record.images_per_second,
+                epoch_seconds=record.epoch_seconds,
+            ),
+        )
