@@ -218,7 +218,9 @@ def test_the_unreadable_limit_fails_with_one_line_naming_files() -> None:
         tally.check(torch.device("cpu"))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("dataset: 2 of 100 images read cannot be decoded (e.g. s3://b/cats/bad.jpg, s3://b/dogs/0.jpg); at most 1%")
+    assert message.startswith(
+        "dataset: 2 of 100 images read cannot be decoded (e.g. s3://b/cats/bad.jpg, s3://b/dogs/0.jpg); at most 1%"
+    )
 
 
 def test_below_the_limit_one_warning_then_silence() -> None:
@@ -231,6 +233,46 @@ def test_below_the_limit_one_warning_then_silence() -> None:
 
 def test_a_worker_fails_early_without_waiting_for_the_epoch() -> None:
     tally = Unreadable()
+    for start in range(0, 900, 100):  # 18 of 900: above 1 %, but too few images for a worker to judge alone
+        tally.add(np.asarray([f"/d/{start + i}.png" if i < 2 else "" for i in range(100)], dtype=object))
     with pytest.raises(TrainerError, match=r"^dataset: 20 of 1000 images read cannot be decoded"):
-        for start in range(0, 1000, 100):
-            tally.add(np.asarray([f"/d/{start + i}.png" if i < 2 else "" for i in range(100)], dtype=object))
+        tally.add(np.asarray(["/d/900.png", "/d/901.png"] + [""] * 98, dtype=object))
+
+
+# ------------------------------------------------------------------------------- jpegDecode: gpu (the batch path)
+def _mixed_files(tmp_path: Path) -> list[str]:
+    """Two JPEGs, a PNG and a corrupt JPEG (valid magic, broken body)."""
+    paths = []
+    for i, suffix in enumerate(["jpg", "png", "jpg", "jpg"]):
+        path = tmp_path / f"{i}.{suffix}"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[2]).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return paths
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")),
+    ],
+)
+def test_device_decode_replaces_a_corrupt_jpeg_and_augments_by_seed(tmp_path: Path, device: str) -> None:
+    paths = _mixed_files(tmp_path)
+    rows = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0, 1, 2, 3]), "key": np.asarray([5, 6, 7, 8])}
+    cfg = config(tmp_path, {"trainUri": str(tmp_path)})
+    transform = train_transform(build_input_spec(cfg), "standard")
+    shipped = Decoder(transform, seed=1, epoch=2, raw=True)(rows)  # what a Ray Data task sends: bytes, not pixels
+    assert set(shipped) == {"data", "path", "label", "key"} and shipped["data"][0][:2] == b"\xff\xd8"
+    images = StreamedImages([(p, 0) for p in paths], transform)
+    source = StreamSource(images, images, seed=1, rank=0, world=1, per_worker=4, decode_device=torch.device(device))
+    out = source._decode_here(shipped, transform, 2, torch.device(device))
+    assert out["image"].shape == (4, 3, 16, 16) and out["image"].device.type == device
+    assert list(out["bad"]) == ["", "", paths[2], ""]
+    assert list(out["label"]) == [0, 1, 3, 3]
+    again = source._decode_here(shipped, transform, 2, torch.device(device))
+    assert torch.equal(again["image"], out["image"])
+    evaluated = source._decode_here(shipped, eval_transform(build_input_spec(cfg)), None, torch.device(device))
+    # Evaluation keeps the row (a placeholder the consumer drops) and its own label.
+    assert list(evaluated["label"]) == [0, 1, 2, 3] and list(evaluated["bad"]) == ["", "", paths[2], ""]

@@ -33,10 +33,10 @@ __all__ = [
     "ImageFiles",
     "StreamedImages",
     "class_folders",
+    "decode_image",
     "image_files",
     "is_hidden",
     "is_image_name",
-    "decode_image",
     "load_image",
     "read_file",
     "same_classes",
@@ -69,7 +69,8 @@ def read_file(path: str) -> bytes:
 def decode_image(data: bytes) -> Image.Image:
     """An RGB PIL image from a file's bytes (decoded now, not lazily); raises one of ``READ_ERRORS``."""
     with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+        rgb: Image.Image = img.convert("RGB")
+    return rgb
 
 
 def load_image(path: str) -> Image.Image:

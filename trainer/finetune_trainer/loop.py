@@ -19,9 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import ray.train
@@ -32,33 +30,32 @@ from torch.utils.data import Dataset
 
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.timestamps import utc_now
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
+from finetune_operator.api.v1alpha1 import Progress
 from finetune_trainer import storage
 from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
-from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
+from finetune_trainer.checkpoint import TrainState, restore_training
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
+from finetune_trainer.engine import all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.listing import choose_ingest
 from finetune_trainer.loaders import Source, build_loaders, workers
-from finetune_trainer.metrics_log import EpochRecord, append_metrics
+from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.model import build_model
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
-from finetune_trainer.progress import MultiSink, build_sinks
+from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
 from finetune_trainer.ray_compat import quiet_train_reports
 from finetune_trainer.recipe import batch_size, with_batch_plan
-from finetune_trainer.resume import resume_from
-from finetune_trainer.seeding import gather_rng_states, rank_seed, seed_everything, set_rng_state
 from finetune_trainer.reporting import Worker, report, step_meter
+from finetune_trainer.resume import resume_from
+from finetune_trainer.seeding import rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
-from finetune_trainer.streaming import StreamSource
-from finetune_trainer.step_progress import StepMeter, report_seconds_from_env
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
+from finetune_trainer.streaming import StreamSource
 from finetune_trainer.tracking import Tracker
 from finetune_trainer.verify import verify_artifacts
 
@@ -263,7 +260,19 @@ def _source(worker: Worker, train: Labelled, val: Labelled) -> Source:
     if isinstance(train, StreamedImages) and isinstance(val, StreamedImages):
         per_worker = max(1, batch_size(spec) // worker.world)
         seed = spec.hyperparameters.seed
-        return StreamSource(train, val, seed=seed, rank=worker.rank, world=worker.world, per_worker=per_worker, passes=worker.passes)
+        on_device = spec.dataset.jpeg_decode == "gpu"
+        if on_device and worker.device.type != "cuda":
+            raise TrainerError(f"dataset.jpegDecode: 'gpu' but this worker has no GPU ({worker.device}); use jpegDecode: cpu")
+        return StreamSource(
+            train,
+            val,
+            seed=seed,
+            rank=worker.rank,
+            world=worker.world,
+            per_worker=per_worker,
+            passes=worker.passes,
+            decode_device=worker.device if on_device else None,
+        )
     return build_loaders(spec, train, val, passes=worker.passes)
 
 

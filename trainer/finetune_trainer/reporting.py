@@ -58,7 +58,6 @@ class Worker:
         return self.cfg.spec
 
 
-
 def step_meter(worker: Worker, epoch: int, stage: Stage, steps: int, optimizer: torch.optim.Optimizer) -> StepMeter | None:
     """Rank 0's per-step hook for this epoch (status, console bar, TensorBoard points); None on other ranks."""
     if worker.rank != 0:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
 from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
 from finetune_trainer.seeding import seeded_sample
 
@@ -46,7 +47,9 @@ _BLOCK_ROWS: Final = 64
 def epoch_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> list[int]:
     """Rank ``rank``'s positions among ``n`` training images in ``epoch``: exactly a seeded DistributedSampler's
     (shuffled by ``(seed, epoch)``, padded with repeats to the same length on every rank)."""
-    sampler: DistributedSampler[Any] = DistributedSampler(cast(Dataset[Any], range(n)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        cast(Dataset[Any], range(n)), num_replicas=world, rank=rank, shuffle=True, seed=seed
+    )
     sampler.set_epoch(epoch)
     return list(sampler)
 
@@ -58,16 +61,40 @@ def steps_per_epoch(share: int, per_worker: int) -> tuple[int, bool]:
     return (share // per_worker if drop_last else math.ceil(share / per_worker)), drop_last
 
 
+def fill_unreadable(
+    images: list[Tensor | None], labels: np.ndarray, paths: Sequence[str], train: bool
+) -> tuple[list[Tensor] | None, np.ndarray, np.ndarray]:
+    """(images, labels, bad) of a batch where ``None`` marks an image that could not be decoded. Training: each such
+    image and its label replaced by the next readable one of the batch (the batch keeps its size, every rank its
+    steps). Evaluation: a zero image the consumer drops. ``bad`` names each unreadable file ('' for the others).
+    Images None: nothing in the batch could be read (evaluation; in training that is a TrainerError)."""
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    bad = np.asarray(["" if image is not None else path for path, image in zip(paths, images, strict=True)], dtype=object)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        if train:
+            raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be decoded (e.g. {paths[0]})")
+        return None, labels, bad
+    first = cast(Tensor, images[good[0]])
+    filled: list[Tensor] = []
+    for i, image in enumerate(images):
+        if image is None and train:
+            j = next((g for g in good if g > i), good[0])
+            image, labels[i] = images[j], labels[j]
+        filled.append(image if image is not None else torch.zeros_like(first))
+    return filled, labels, bad
+
+
 @dataclass(frozen=True)
 class Decoder:
-    """Ray Data's batch function: ``{path, label, key}`` rows to ``{image, label, bad}``. ``epoch`` set: training,
-    each image augmented under ``seeded_sample(seed, epoch, key)`` and an unreadable one replaced by the next
-    readable image of the batch; ``epoch`` None: evaluation, an unreadable row keeps a zero image. ``bad``
-    names the unreadable file of a row ('' when it was read), for ``Unreadable`` to count and drop."""
+    """Ray Data's batch function: ``{path, label, key}`` rows to ``{image, label, bad}`` (``fill_unreadable``). ``epoch``
+    set: training, each image augmented under ``seeded_sample(seed, epoch, key)``; None: evaluation. ``raw``
+    (``jpegDecode: gpu``): the files' bytes only, as ``{data, path, label, key}``, for the worker to decode."""
 
     transform: Callable[[Any], Tensor]
     seed: int
     epoch: int | None
+    raw: bool = False
 
     def _one(self, path: str, key: int) -> Tensor | None:
         try:
@@ -79,24 +106,23 @@ class Decoder:
         with seeded_sample(self.seed, self.epoch, key):
             return self.transform(image)
 
+    @staticmethod
+    def _bytes(path: str) -> bytes:
+        try:
+            return read_file(path)
+        except OSError:
+            return b""  # decodes to None on the worker: counted there with the undecodable ones
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
-        labels = np.asarray(batch["label"], dtype=np.int64).copy()
+        if self.raw:
+            data = np.empty(len(paths), dtype=object)
+            data[:] = [self._bytes(p) for p in paths]
+            return {"data": data, "path": np.asarray(paths, dtype=object), "label": batch["label"], "key": batch["key"]}
         images = [self._one(path, int(key)) for path, key in zip(paths, batch["key"], strict=True)]
-        bad = np.asarray(["" if image is not None else path for path, image in zip(paths, images, strict=True)], dtype=object)
-        good = [i for i, image in enumerate(images) if image is not None]
-        if not good:
-            if self.epoch is not None:
-                raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be read (e.g. {paths[0]})")
-            return {"image": np.zeros((len(paths), 1), np.float32), "label": labels, "bad": bad}
-        filled: list[Tensor] = []
-        for i, image in enumerate(images):
-            if image is None and self.epoch is not None:
-                # The next readable image of the batch (its label too): the batch keeps its size, every rank its steps.
-                j = next((g for g in good if g > i), good[0])
-                image, labels[i] = images[j], labels[j]
-            filled.append(image if image is not None else torch.zeros_like(cast(Tensor, images[good[0]])))
-        return {"image": torch.stack(filled).numpy(), "label": labels, "bad": bad}
+        filled, labels, bad = fill_unreadable(images, batch["label"], paths, train=self.epoch is not None)
+        stacked = torch.stack(filled).numpy() if filled is not None else np.zeros((len(paths), 1), np.float32)
+        return {"image": stacked, "label": labels, "bad": bad}
 
 
 @dataclass
@@ -182,9 +208,20 @@ class StreamSource:
     """This worker's training and validation batches on the streaming path (see the module docstring)."""
 
     def __init__(
-        self, train: StreamedImages, val: StreamedImages, *, seed: int, rank: int, world: int, per_worker: int, passes: int = 1
+        self,
+        train: StreamedImages,
+        val: StreamedImages,
+        *,
+        seed: int,
+        rank: int,
+        world: int,
+        per_worker: int,
+        passes: int = 1,
+        decode_device: torch.device | None = None,
     ) -> None:
+        """``decode_device``: decode JPEGs on this device (``jpegDecode: gpu``) instead of in the Ray Data tasks."""
         self.train_images, self.val_images = train, val
+        self.decode_device = decode_device
         self.seed, self.rank, self.world, self.per_worker, self.passes = seed, rank, world, per_worker, passes
         self.epoch = 0
         self.unreadable = Unreadable()
@@ -210,16 +247,35 @@ class StreamSource:
     def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Positions in the list repeated ``passes`` times, as loaders' Subset: the seed follows the position.
         positions = epoch_indices(len(self.train_images) * self.passes, self.world, self.rank, self.seed, self.epoch)
-        decoder = Decoder(self.train_images.transform, self.seed, self.epoch)
-        for batch in _stream(self._rows(self.train_images, positions), decoder, self.per_worker, self.drop_last):
-            self.unreadable.add(batch["bad"])
-            yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+        return self._batches(self.train_images, positions, self.epoch, self.per_worker, self.drop_last)
 
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         positions = list(range(self.rank, len(self.val_images), self.world))
-        decoder = Decoder(self.val_images.transform, self.seed, None)
-        for batch in _stream(self._rows(self.val_images, positions), decoder, 2 * self.per_worker, False):
+        return self._batches(self.val_images, positions, None, 2 * self.per_worker, False)
+
+    def _batches(
+        self, images: StreamedImages, positions: list[int], epoch: int | None, per_batch: int, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        decoder = Decoder(images.transform, self.seed, epoch, raw=self.decode_device is not None)
+        for batch in _stream(self._rows(images, positions), decoder, per_batch, drop_last):
+            if self.decode_device is not None:
+                batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
             self.unreadable.add(batch["bad"])
+            images_out, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
             keep = torch.from_numpy(np.asarray([not b for b in batch["bad"]], dtype=bool))
-            if bool(keep.any()):
-                yield torch.from_numpy(batch["image"])[keep], torch.from_numpy(batch["label"])[keep]
+            if epoch is not None or bool(keep.all()):  # training: unreadable images were replaced already
+                yield images_out, labels
+            elif bool(keep.any()):  # evaluation: each image counted once, an unreadable one not at all
+                yield images_out[keep.to(images_out.device)], labels[keep]
+
+    def _decode_here(
+        self, batch: dict[str, Any], transform: Callable[[Any], Tensor], epoch: int | None, device: torch.device
+    ) -> dict[str, Any]:
+        """``jpegDecode: gpu``: a batch of file bytes decoded and transformed on this worker's ``device``."""
+        paths = [str(p) for p in batch["path"]]
+        decoded = decode_on_device(list(batch["data"]), device)
+        filled, labels, bad = fill_unreadable(decoded, batch["label"], paths, train=epoch is not None)
+        if filled is None:
+            return {"image": torch.zeros(len(paths), 1), "label": labels, "bad": bad}
+        keys = [int(k) for k in batch["key"]]
+        return {"image": transform_on_device(filled, keys, transform, self.seed, epoch), "label": labels, "bad": bad}

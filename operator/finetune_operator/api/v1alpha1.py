@@ -247,9 +247,13 @@ class DatasetSpec(WireModel):
         if self.validation_uri is not None and self.validation_split is not None:
             problems.add("validationSplit", f"{self.validation_split}: set either `validationUri` or `validationSplit`, not both")
         if self.ingest == "streaming" and self.format != "imagefolder":
-            problems.add("ingest", f"'streaming': applies to format 'imagefolder' only, not {self.format!r}; use 'auto' or 'mapStyle'")
+            problems.add(
+                "ingest", f"'streaming': applies to format 'imagefolder' only, not {self.format!r}; use 'auto' or 'mapStyle'"
+            )
         if self.jpeg_decode == "gpu" and self.ingest != "streaming":
-            problems.add("jpegDecode", f"'gpu': needs ingest 'streaming', not {self.ingest!r}; set ingest: streaming or jpegDecode: cpu")
+            problems.add(
+                "jpegDecode", f"'gpu': needs ingest 'streaming', not {self.ingest!r}; set ingest: streaming or jpegDecode: cpu"
+            )
         problems.raise_any(self)
         return self
 
@@ -725,9 +729,9 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
             "strategy.syncBatchNorm",
             "true needs GPUs (resources.gpusPerWorker ≥ 1): SyncBatchNorm does not run on CPU; remove it or add GPUs",
         )
-    if isinstance(dataset, DatasetSpec) and isinstance(resources, ResourcesSpec) and dataset.jpeg_decode == "gpu":
-        if resources.gpus_per_worker == 0:
-            problems.add("dataset.jpegDecode", "'gpu' needs GPUs (resources.gpusPerWorker ≥ 1); use jpegDecode: cpu or add GPUs")
+    gpu_decode = isinstance(dataset, DatasetSpec) and dataset.jpeg_decode == "gpu"
+    if gpu_decode and isinstance(resources, ResourcesSpec) and resources.gpus_per_worker == 0:
+        problems.add("dataset.jpegDecode", "'gpu' needs GPUs (resources.gpusPerWorker ≥ 1); use jpegDecode: cpu or add GPUs")
     if isinstance(model, ModelSpec) and isinstance(dataset, DatasetSpec):
         _input_problems(model, dataset, problems)
     return problems
