@@ -194,13 +194,14 @@ class DatasetSpec(WireModel):
     fake: FakeDataSpec | None = None
     """Options of the `fake` format."""
 
-    ingest: Literal["auto", "streaming", "mapStyle"] = "auto"
+    # Defaults left out of the wire form: jobs, trainer configs and RayJobs rendered before these fields stay identical.
+    ingest: Literal["auto", "streaming", "mapStyle"] = Field(default="auto", exclude_if=lambda v: v == "auto")
     """How `imagefolder` images reach the workers. `streaming`: the files are listed (not copied) and read, decoded and augmented
     by Ray Data while training runs, on any node of the Ray cluster. `mapStyle`: a copy of the dataset on every node read by
     DataLoader processes. `auto`: `streaming` for an object store (s3://, gs://) or a folder of more than 20,000 files, else
     `mapStyle` (always `mapStyle` for `digits` and `fake`)."""
 
-    jpeg_decode: Literal["cpu", "gpu"] = "cpu"
+    jpeg_decode: Literal["cpu", "gpu"] = Field(default="cpu", exclude_if=lambda v: v == "cpu")
     """Where streamed JPEGs are decoded: `cpu` (Ray Data tasks, with the augmentation) or `gpu` (the training worker decodes each
     batch on its GPU with nvJPEG, then resizes and augments there). `gpu` needs `ingest: streaming` and `gpusPerWorker` ≥ 1."""
 
