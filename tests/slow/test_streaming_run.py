@@ -72,7 +72,7 @@ def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeCon
             # Precise BN streams training batches once more per epoch: the s3 test below covers it.
             strategy={"preciseBatchNorm": False},
             resources={"workers": 2, "cpusPerWorker": 1},
-            hyperparameters={"epochs": 2, "batchSize": 8},
+            hyperparameters={"epochs": 1, "batchSize": 8},
         )
     )
     result = driver.build_trainer(cfg, local=True).fit()
@@ -81,7 +81,7 @@ def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeCon
     assert result.metrics["world_size"] == 2
     # 6 of 24 held out; two workers' strided shards, summed: each image once.
     assert result.metrics["val_images"] == 6
-    assert [r.epoch for r in read_metrics(cfg.run_dir)] == [1, 2]
+    assert [r.epoch for r in read_metrics(cfg.run_dir)] == [1]
     card = json.loads((Path(cfg.run_dir) / "model.json").read_text())
     assert card["classNames"] == list(CLASSES)
     assert card["data"]["ingest"] == "streaming"
