@@ -47,6 +47,25 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
     ),
     ("model-name-missing", {"spec.model.name": _DELETE}, "spec.model.name", ["required"]),
     (
+        "ingest-streaming-digits",
+        {"spec.dataset.ingest": "streaming"},
+        "spec.dataset.ingest",
+        ["'streaming'", "imagefolder", "'digits'", "'mapStyle'"],
+    ),
+    (
+        "jpeg-decode-gpu-map-style",
+        {"spec.dataset": {"trainUri": "/d", "jpegDecode": "gpu"}},
+        "spec.dataset.jpegDecode",
+        ["'gpu'", "ingest 'streaming'", "jpegDecode: cpu"],
+    ),
+    (
+        "jpeg-decode-gpu-no-gpus",
+        {"spec.dataset": {"trainUri": "/d", "ingest": "streaming", "jpegDecode": "gpu"}},
+        "spec.dataset.jpegDecode",
+        ["'gpu'", "gpusPerWorker"],
+    ),
+    ("ingest-unknown", {"spec.dataset.ingest": "copy"}, "spec.dataset.ingest", ["'copy'", "streaming", "mapStyle"]),
+    (
         "weights-wrong-model",
         {"spec.model.name": "resnet50", "spec.model.weights": "ResNet18_Weights.IMAGENET1K_V1"},
         "spec.model.weights",

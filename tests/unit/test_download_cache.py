@@ -143,6 +143,7 @@ def test_an_imagefolder_dataset_on_s3_loads_from_the_cache(s3: tuple[object, Get
                 "cacheDir": str(tmp_path / "cache"),
                 "validationSplit": 0.25,
                 "imageSize": 16,
+                "ingest": "mapStyle",  # an object store streams by default; the download is the map-style path's
             },
             "output": {"uri": str(tmp_path / "out")},
         }

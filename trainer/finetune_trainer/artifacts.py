@@ -93,6 +93,8 @@ class RunFacts:
     passes: int | None = None
     chosen: str | None = None
     warnings: list[str] = field(default_factory=list)
+    ingest: str | None = None
+    """``streaming`` or ``mapStyle`` (``listing.choose_ingest``) for an imagefolder dataset."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -153,6 +155,7 @@ def _data(cfg: TrainerConfig, facts: RunFacts, validation_images: int) -> CardDa
         validation_uri=cfg.public_uri(ds.validation_uri),
         train_images=facts.train_images,
         validation_images=validation_images,
+        ingest=facts.ingest,
     )
 
 

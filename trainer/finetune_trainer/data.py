@@ -32,8 +32,9 @@ from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
 from finetune_trainer.download_cache import fetch_to_cache
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.image_folder import ImageFiles, class_folders, same_classes, scan_images
+from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
+from finetune_trainer.listing import Ingest, choose_ingest, list_image_folder
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -221,6 +222,34 @@ def _local_root(uri: str, cache_dir: str | None) -> str:
     return fetch_to_cache(uri, cache_dir) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
 
 
+def _choose(cfg: TrainerConfig, labels: list[int]) -> tuple[list[int], list[int] | None]:
+    """(training indices, held-out validation indices or None with a validationUri): one rule for both ingest paths,
+    so that they pick the same images for the same seed."""
+    ds, seed = cfg.spec.dataset, cfg.spec.hyperparameters.seed
+    if ds.validation_uri is not None:
+        return _cap_per_class(range(len(labels)), labels, ds.max_per_class, seed), None
+    assert ds.train_uri is not None
+    train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, ds.train_uri)
+    return _cap_per_class(train_idx, labels, ds.max_per_class, seed), val_idx
+
+
+def _streamed_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+    """The streaming path: the listed images (nothing downloaded, nothing opened), split as the map-style path does."""
+    ds = cfg.spec.dataset
+    assert ds.train_uri is not None
+    classes, samples = list_image_folder("trainUri", ds.train_uri)
+    _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
+    train_idx, val_idx = _choose(cfg, [label for _, label in samples])
+    if ds.validation_uri is not None:
+        val_classes, val_samples = list_image_folder("validationUri", ds.validation_uri)
+        same_classes(classes, val_classes)
+    else:
+        assert val_idx is not None
+        val_samples = [samples[i] for i in val_idx]
+    train = StreamedImages([samples[i] for i in train_idx], train_transform(spec, ds.augmentation))
+    return train, StreamedImages(val_samples, eval_transform(spec)), classes
+
+
 def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
@@ -229,17 +258,15 @@ def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
     full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
-    seed = cfg.spec.hyperparameters.seed
     labels = list(full.targets)
-    if ds.validation_uri is not None:
+    train_idx, val_idx = _choose(cfg, labels)
+    if val_idx is None:
+        assert ds.validation_uri is not None
         val_root = _local_root(ds.validation_uri, ds.cache_dir)
         same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
-        train_idx = _cap_per_class(range(len(labels)), labels, ds.max_per_class, seed)
         val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes)
         val: LabelledDataset = ImageFiles(val_samples, eval_transform(spec))
     else:
-        train_idx, val_idx = _split(labels, ds.validation_split or DEFAULT_VALIDATION_SPLIT, seed, ds.train_uri)
-        train_idx = _cap_per_class(train_idx, labels, ds.max_per_class, seed)
         # One folder scan serves both: the validation view differs only in its transform.
         evaluated = copy.copy(full)
         evaluated.transform = eval_transform(spec)
@@ -260,14 +287,19 @@ def check_dataset(cfg: TrainerConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the API
-def build_datasets(cfg: TrainerConfig) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
-    """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``."""
+def build_datasets(
+    cfg: TrainerConfig, ingest: Ingest | None = None
+) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
+    """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``. On the streaming
+    path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams."""
     spec = build_input_spec(cfg)
     fmt = cfg.spec.dataset.format
     if fmt == "digits":
         train, val, names = _digits(cfg, spec)
     elif fmt == "fake":
         train, val, names = _fake(cfg, spec)
+    elif (ingest or choose_ingest(cfg.spec.dataset)).kind == "streaming":
+        train, val, names = _streamed_folders(cfg, spec)
     else:
         train, val, names = _image_folders(cfg, spec)
     if len(train) < 2:  # type: ignore[arg-type]

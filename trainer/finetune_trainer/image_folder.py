@@ -11,6 +11,7 @@ the scan but cannot be decoded later (truncated after its header) fails when rea
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -28,11 +29,19 @@ from finetune_trainer.errors import TrainerError
 __all__ = [
     "IMG_EXTENSIONS",
     "MAX_UNREADABLE_FRACTION",
+    "READ_ERRORS",
     "ImageFiles",
+    "StreamedImages",
     "class_folders",
+    "decode_image",
+    "image_files",
+    "is_hidden",
+    "is_image_name",
     "load_image",
+    "read_file",
     "same_classes",
     "scan_images",
+    "walk_order",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,26 +52,64 @@ MAX_UNREADABLE_FRACTION: Final = 0.01
 should not cost a run, a folder of them is a broken dataset."""
 # Opening a header is I/O-bound: threads overlap the latency of network file systems.
 _SCAN_THREADS: Final = 8
-_READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a local file or of an object-store URI (fsspec: s3's endpoint and credentials from the environment)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return bytes(f.read())
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An RGB PIL image from a file's bytes (decoded now, not lazily); raises one of ``READ_ERRORS``."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb: Image.Image = img.convert("RGB")
+    return rgb
 
 
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except _READ_ERRORS as e:
+        return decode_image(read_file(path))
+    except READ_ERRORS as e:
         raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
+
+
+def is_hidden(name: str) -> bool:
+    """A dot file or dot folder: not data, wherever it is in the tree."""
+    return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    """A file name that counts as an image: one of ``IMG_EXTENSIONS`` (any case), not a dot file."""
+    return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def walk_order(relative_parts: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """The sort key that lists files as ``_image_files`` (``os.walk``, sorted, top-down) does: in each folder its
+    files first, then its sub-folders, each by name. For listings that come back flat (an object store's)."""
+    *folders, name = relative_parts
+    return (*((1, folder) for folder in folders), (0, name))
 
 
 def _image_files(folder: Path) -> Iterator[str]:
     """Image files under ``folder`` (recursively, links followed), sorted, without dot files or folders."""
     for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+            if is_image_name(name):
                 yield os.path.join(current, name)
+
+
+def image_files(folder: str) -> Iterator[str]:
+    """The image files under a local class folder, in the order the map-style path lists them."""
+    return _image_files(Path(folder))
 
 
 def class_folders(field: str, uri: str, root: str) -> list[str]:
@@ -72,7 +119,7 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
         raise TrainerError(f"dataset.{field}: {uri}: no such directory")
     if not path.is_dir():
         raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
     for name in classes:
@@ -98,7 +145,7 @@ def _unreadable(path: str) -> str | None:
     try:
         with Image.open(path):
             return None
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         return str(e) or type(e).__name__
 
 
@@ -141,3 +188,9 @@ class ImageFiles(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
         return self.transform(load_image(path)), label
+
+
+class StreamedImages(ImageFiles):
+    """The listed (not scanned) images of the streaming path: ``listing``'s pairs, read through fsspec. The loop
+    streams them with Ray Data (``streaming``); this map-style view serves what needs random access (the final
+    evaluation on rank 0, sample predictions, a feature cache)."""

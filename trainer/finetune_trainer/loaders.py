@@ -21,7 +21,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.recipe import batch_size
 from finetune_trainer.seeding import EpochSampler, SeededSamples, loader_generator, seed_loader_worker
 
-__all__ = ["EpochOrder", "Shards", "build_loaders", "workers"]
+__all__ = ["EpochOrder", "Shards", "Source", "build_loaders", "workers"]
 
 Labelled = Dataset[tuple[Tensor, int]]
 
@@ -41,6 +41,29 @@ class Shards:
     train: DataLoader[Any]
     sampler: EpochOrder
     val: DataLoader[Any]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def end_epoch(self, device: torch.device) -> str | None:
+        """Nothing to check: unreadable files were skipped when the folder was scanned (``image_folder``)."""
+        return None
+
+
+class Source(Protocol):
+    """What the loop trains and evaluates on: ``Shards`` (map-style) or ``streaming.StreamSource``. ``train`` has a
+    length (steps per epoch: the schedule is sized by it) and is iterated once per epoch after ``set_epoch``;
+    ``end_epoch`` runs on every worker after evaluation (it may be a collective) and returns a warning to give."""
+
+    @property
+    def train(self) -> Any: ...
+
+    @property
+    def val(self) -> Any: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def end_epoch(self, device: torch.device) -> str | None: ...
 
 
 def workers() -> tuple[int, int]:

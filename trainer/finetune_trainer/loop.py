@@ -42,18 +42,21 @@ from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.feature_cache import Float32Input, cached_shards
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
-from finetune_trainer.loaders import Shards, build_loaders, workers
+from finetune_trainer.image_folder import StreamedImages
+from finetune_trainer.listing import choose_ingest
+from finetune_trainer.loaders import Source, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.model import StartingWeights, build_model, starting_weights
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
 from finetune_trainer.ray_compat import quiet_train_reports
-from finetune_trainer.recipe import with_batch_plan
+from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
+from finetune_trainer.streaming import StreamSource
 from finetune_trainer.tracking import Tracker
 from finetune_trainer.verify import verify_artifacts
 from finetune_trainer.worker_report import Worker, report_epoch, step_meter
@@ -127,7 +130,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker: Tracker | None = None
     try:
         check_keys(cfg)  # a missing or unreadable key fails now, not after the first epoch
-        train, val, class_names, input_spec = build_datasets(cfg)
+        ingest = choose_ingest(cfg.spec.dataset)
+        if rank == 0:
+            log.warning("dataset: %s ingest (%s)", ingest.kind, ingest.why)  # once per run: the path decides speed and disk
+        train, val, class_names, input_spec = build_datasets(cfg, ingest)
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
             print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
@@ -174,7 +180,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state=state,
                 input_spec=input_spec,
                 sinks=sinks,
-                facts=RunFacts(train_images=len(train), passes=plan.passes, chosen=plan.chosen, warnings=worker.warnings),  # type: ignore[arg-type]
+                facts=RunFacts(
+                    train_images=len(train),  # type: ignore[arg-type]
+                    passes=plan.passes,
+                    chosen=plan.chosen,
+                    warnings=worker.warnings,
+                    ingest=ingest.kind if cfg.spec.dataset.format == "imagefolder" else None,
+                ),
                 start=start,
             )
             if tracker is not None:
@@ -232,7 +244,7 @@ def _run_stages(worker: Worker, train: Labelled, val: Labelled, state: TrainStat
         _run_stage(worker, stage, train, val, state, carried)
 
 
-def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -> tuple[nn.Module, nn.Module, Shards]:
+def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -> tuple[nn.Module, nn.Module, Source]:
     """(module to train, module to evaluate, loaders) for ``stage``: the whole model on images, or the
     head alone on cached backbone features."""
     spec = worker.spec
@@ -250,8 +262,29 @@ def _stage_model(worker: Worker, stage: Stage, train: Labelled, val: Labelled) -
         shards = cached_shards(spec, features, train, val, worker.device, worker.rank, worker.world, worker.passes)
         head = Float32Input(head)
         return _wrap(head, spec.hyperparameters.compile), head, shards
-    shards = build_loaders(spec, train, val, passes=worker.passes)
-    return _wrap(worker.model, spec.hyperparameters.compile), worker.model, shards
+    return _wrap(worker.model, spec.hyperparameters.compile), worker.model, _source(worker, train, val)
+
+
+def _source(worker: Worker, train: Labelled, val: Labelled) -> Source:
+    """The images of a stage that trains on images: streamed by Ray Data when the dataset was listed for it."""
+    spec = worker.spec
+    if isinstance(train, StreamedImages) and isinstance(val, StreamedImages):
+        per_worker = max(1, batch_size(spec) // worker.world)
+        seed = spec.hyperparameters.seed
+        on_device = spec.dataset.jpeg_decode == "gpu"
+        if on_device and worker.device.type != "cuda":
+            raise TrainerError(f"dataset.jpegDecode: 'gpu' but this worker has no GPU ({worker.device}); use jpegDecode: cpu")
+        return StreamSource(
+            train,
+            val,
+            seed=seed,
+            rank=worker.rank,
+            world=worker.world,
+            per_worker=per_worker,
+            passes=worker.passes,
+            decode_device=worker.device if on_device else None,
+        )
+    return build_loaders(spec, train, val, passes=worker.passes)
 
 
 def _wrap(module: nn.Module, compiled: bool) -> nn.Module:
@@ -271,7 +304,7 @@ def _run_stage(
     if carried is not None:
         restore_training(carried, optimizer, scheduler, worker.precision.scaler)
     for epoch in range(max(stage.first, state.epoch + 1), stage.last + 1):
-        shards.sampler.set_epoch(epoch)
+        shards.set_epoch(epoch)
         started = time.perf_counter()
         first_step = scheduler.last_epoch
         meter = step_meter(worker, epoch, stage, len(shards.train), optimizer)
@@ -291,6 +324,7 @@ def _run_stage(
         if spec.strategy.precise_batch_norm:
             recompute_batch_norm(evaluated, shards.train, worker.device, spec.strategy.freeze_batch_norm)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
+        _warn_once(worker, shards.end_epoch(worker.device))
         warning = batch_norm_collapse(loss_sum / max(seen_all, 1), stats.accuracy, len(worker.class_names), evaluated)
         if warning is not None and worker.rank == 0 and not worker.warned_batch_norm:
             worker.warned_batch_norm = True  # once per run: the cause and the remedy do not change by epoch
@@ -330,3 +364,13 @@ def _run_stage(
         if state.stopped_early:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, state.bad_epochs)
             return
+
+
+def _warn_once(worker: Worker, warning: str | None) -> None:
+    """A data warning (``Source.end_epoch``) on rank 0: the log, the model card and the job's status."""
+    if warning is None or worker.rank != 0:
+        return
+    log.warning("%s: %s", worker.cfg.job_name, warning)
+    worker.warnings.append(warning)
+    if worker.sinks is not None:
+        worker.sinks.warn(warning)

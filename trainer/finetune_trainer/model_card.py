@@ -164,6 +164,9 @@ class CardData(CardPart):
     validation_uri: str | None = None
     train_images: int | None = None
     validation_images: int | None = None
+    ingest: str | None = None
+    """How the images reached the workers: `streaming` (Ray Data, listed not copied) or `mapStyle` (absent for digits/fake
+    and in older cards)."""
 
 
 class CardRecipe(CardPart):

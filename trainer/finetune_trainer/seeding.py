@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "sample_seed",
     "seed_everything",
     "seed_loader_worker",
+    "seeded_sample",
     "set_rng_state",
 ]
 
@@ -102,15 +104,23 @@ class SeededSamples(Dataset[Any]):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        seed = sample_seed(self.seed, epoch, index)
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
+        with seeded_sample(self.seed, epoch, index):
+            return self.dataset[index]
+
+
+@contextmanager
+def seeded_sample(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """Torch's and Python's generators seeded by ``sample_seed`` inside, put back afterwards: the augmentation of
+    image ``index`` in ``epoch``, the same in a DataLoader process (``SeededSamples``) and a Ray Data task
+    (``streaming``)."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        random.seed(sample_seed(seed, epoch, index))
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
 
 
 def rng_state() -> dict[str, Any]:

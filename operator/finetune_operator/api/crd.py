@@ -159,6 +159,8 @@ def _default_or_sentinel(default: Any) -> Any:
 
 
 _FORMAT = _cel_value("self", [_wire(DatasetSpec, "format")], _default(DatasetSpec, "format"))
+_INGEST = _cel_value("self", [_wire(DatasetSpec, "ingest")], _default(DatasetSpec, "ingest"))
+_JPEG = _cel_value("self", [_wire(DatasetSpec, "jpeg_decode")], _default(DatasetSpec, "jpeg_decode"))
 _METHOD = _cel_value("self", [_wire(StrategySpec, "method")], _default(StrategySpec, "method"))
 _SECTION_RULES: dict[str, list[dict[str, str]]] = {
     "model": [{"rule": "!(has(self.weights) && has(self.weightsUri))", "message": "set either weights or weightsUri, not both"}],
@@ -170,6 +172,14 @@ _SECTION_RULES: dict[str, list[dict[str, str]]] = {
         {
             "rule": "!(has(self.validationUri) && has(self.validationSplit))",
             "message": "set either validationUri or validationSplit, not both",
+        },
+        {
+            "rule": f"{_INGEST} != 'streaming' || {_FORMAT} == 'imagefolder'",
+            "message": "ingest streaming applies to format imagefolder only",
+        },
+        {
+            "rule": f"{_JPEG} != 'gpu' || {_INGEST} == 'streaming'",
+            "message": "jpegDecode gpu needs ingest streaming",
         },
     ],
     "strategy": [

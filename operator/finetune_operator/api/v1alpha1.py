@@ -195,6 +195,17 @@ class DatasetSpec(WireModel):
     fake: FakeDataSpec | None = None
     """Options of the `fake` format."""
 
+    # Defaults left out of the wire form: jobs, trainer configs and RayJobs rendered before these fields stay identical.
+    ingest: Literal["auto", "streaming", "mapStyle"] = Field(default="auto", exclude_if=lambda v: v == "auto")
+    """How `imagefolder` images reach the workers. `streaming`: the files are listed (not copied) and read, decoded and augmented
+    by Ray Data while training runs, on any node of the Ray cluster. `mapStyle`: a copy of the dataset on every node read by
+    DataLoader processes. `auto`: `streaming` for an object store (s3://, gs://) or a folder of more than 20,000 files, else
+    `mapStyle` (always `mapStyle` for `digits` and `fake`)."""
+
+    jpeg_decode: Literal["cpu", "gpu"] = Field(default="cpu", exclude_if=lambda v: v == "cpu")
+    """Where streamed JPEGs are decoded: `cpu` (Ray Data tasks, with the augmentation) or `gpu` (the training worker decodes each
+    batch on its GPU with nvJPEG, then resizes and augments there). `gpu` needs `ingest: streaming` and `gpusPerWorker` ≥ 1."""
+
     @field_validator("train_uri", "validation_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
@@ -237,6 +248,14 @@ class DatasetSpec(WireModel):
             problems.add("fake", f"applies to format 'fake' only, not {self.format!r}")
         if self.validation_uri is not None and self.validation_split is not None:
             problems.add("validationSplit", f"{self.validation_split}: set either `validationUri` or `validationSplit`, not both")
+        if self.ingest == "streaming" and self.format != "imagefolder":
+            problems.add(
+                "ingest", f"'streaming': applies to format 'imagefolder' only, not {self.format!r}; use 'auto' or 'mapStyle'"
+            )
+        if self.jpeg_decode == "gpu" and self.ingest != "streaming":
+            problems.add(
+                "jpegDecode", f"'gpu': needs ingest 'streaming', not {self.ingest!r}; set ingest: streaming or jpegDecode: cpu"
+            )
         problems.raise_any(self)
         return self
 
@@ -715,6 +734,9 @@ def cross_section_problems(sections: dict[str, WireModel]) -> Problems:
             "strategy.syncBatchNorm",
             "true needs GPUs (resources.gpusPerWorker ≥ 1): SyncBatchNorm does not run on CPU; remove it or add GPUs",
         )
+    gpu_decode = isinstance(dataset, DatasetSpec) and dataset.jpeg_decode == "gpu"
+    if gpu_decode and isinstance(resources, ResourcesSpec) and resources.gpus_per_worker == 0:
+        problems.add("dataset.jpegDecode", "'gpu' needs GPUs (resources.gpusPerWorker ≥ 1); use jpegDecode: cpu or add GPUs")
     if isinstance(model, ModelSpec) and isinstance(dataset, DatasetSpec):
         _input_problems(model, dataset, problems)
     return problems

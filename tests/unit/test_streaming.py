@@ -1,0 +1,278 @@
+"""The streaming ingest path without Ray: which path a job takes, the listing (same classes, order and labels as
+the map-style path), the split, each rank's per-epoch share, the batch decoder's handling of corrupt files, and
+the unreadable limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler, Subset
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import DatasetSpec, FineTuneJobSpec
+from finetune_trainer import listing
+from finetune_trainer.data import build_datasets, build_input_spec, eval_transform, train_transform
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_folder import StreamedImages, class_folders, scan_images
+from finetune_trainer.listing import choose_ingest, list_image_folder
+from finetune_trainer.streaming import Decoder, StreamSource, Unreadable, epoch_indices, steps_per_epoch
+
+
+def _png(path: Path, shade: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 12), (shade % 255, 90, 160)).save(path)
+
+
+def messy_folder(root: Path) -> Path:
+    """Classes out of order, dot folders and files, nested folders, files beside the folders, a non-image."""
+    for rel in ["zebra/b.png", "zebra/a.PNG", "zebra/sub/c.png", "zebra/sub/deeper/d.png", "zebra/z.png", "apple/1.jpg"]:
+        _png(root / rel, len(rel))
+    for rel in ["apple/.thumbs/x.png", "apple/._1.png", ".hidden/x.png", "apple/sub/.dot/y.png"]:
+        _png(root / rel)
+    (root / "apple" / "notes.txt").write_text("not an image")
+    _png(root / "beside.png")
+    return root
+
+
+def config(tmp_path: Path, dataset: dict[str, Any]) -> TrainerConfig:
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"imageSize": 16, "augmentation": "standard", "loaderWorkers": 0, **dataset},
+            "output": {"uri": str(tmp_path / "runs")},
+        }
+    )
+    return TrainerConfig(job_name="job", spec=spec, output_root=str(tmp_path / "runs"))
+
+
+# ------------------------------------------------------------------------------------------------ which path
+@pytest.mark.parametrize(
+    ("dataset", "kind"),
+    [
+        ({"format": "digits"}, "mapStyle"),
+        ({"format": "fake"}, "mapStyle"),
+        ({"trainUri": "s3://bucket/images"}, "streaming"),
+        ({"trainUri": "LOCAL", "validationUri": "gs://bucket/val"}, "streaming"),
+        ({"trainUri": "LOCAL"}, "mapStyle"),
+        ({"trainUri": "LOCAL", "ingest": "streaming"}, "streaming"),
+        ({"trainUri": "s3://bucket/images", "ingest": "mapStyle"}, "mapStyle"),
+    ],
+)
+def test_auto_chooses_streaming_for_object_stores_and_explicit_choices_win(
+    tmp_path: Path, dataset: dict[str, Any], kind: str
+) -> None:
+    folder = messy_folder(tmp_path / "data")
+    ds = DatasetSpec.model_validate({k: (str(folder) if v == "LOCAL" else v) for k, v in dataset.items()})
+    assert choose_ingest(ds).kind == kind
+
+
+def test_auto_streams_a_local_folder_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = messy_folder(tmp_path / "data")  # 10 image files plus dot files, a text file
+    ds = DatasetSpec.model_validate({"trainUri": str(folder)})
+    monkeypatch.setattr(listing, "STREAMING_THRESHOLD", 8)
+    assert choose_ingest(ds).kind == "streaming"
+    monkeypatch.setattr(listing, "STREAMING_THRESHOLD", 50)
+    assert choose_ingest(ds).kind == "mapStyle"
+
+
+# ------------------------------------------------------------------------------------------------- listing
+def test_listing_gives_the_map_style_classes_order_and_labels(tmp_path: Path) -> None:
+    root = str(messy_folder(tmp_path / "data"))
+    classes = class_folders("trainUri", root, root)
+    listed_classes, listed = list_image_folder("trainUri", root)
+    assert listed_classes == classes == ["apple", "zebra"]
+    assert listed == scan_images("trainUri", root, root, classes)
+    names = [Path(p).relative_to(root).as_posix() for p, _ in listed]
+    assert names == ["apple/1.jpg", "zebra/a.PNG", "zebra/b.png", "zebra/z.png", "zebra/sub/c.png", "zebra/sub/deeper/d.png"]
+
+
+def test_an_object_store_listing_matches_the_local_walk(tmp_path: Path) -> None:
+    """The flat listing of a store, sorted by ``walk_order``, is the order of the local walk (files before sub-folders)."""
+    root = messy_folder(tmp_path / "data")
+    fs = fsspec.filesystem("memory")
+    for path in root.rglob("*"):
+        if path.is_file():
+            fs.pipe(f"/bucket/data/{path.relative_to(root).as_posix()}", path.read_bytes())
+    _, local = list_image_folder("trainUri", str(root))
+    classes, remote = listing._list_remote("trainUri", "memory://bucket/data")
+    assert classes == ["apple", "zebra"]
+    assert [(p.removeprefix("memory:///bucket/data/").removeprefix("memory://bucket/data/"), label) for p, label in remote] == [
+        (Path(p).relative_to(root).as_posix(), label) for p, label in local
+    ]
+
+
+def test_a_class_folder_without_images_in_a_store_names_it() -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/store/ds/cats/1.png", b"x")
+    fs.pipe("/store/ds/dogs/readme.txt", b"x")
+    with pytest.raises(TrainerError, match=r"^dataset.trainUri: class folder memory://store/ds/dogs holds no images"):
+        listing._list_remote("trainUri", "memory://store/ds")
+
+
+@pytest.mark.parametrize("dataset", [{"validationSplit": 0.25}, {"validationSplit": 0.25, "maxPerClass": 3}])
+def test_both_paths_choose_the_same_images_for_the_same_seed(tmp_path: Path, dataset: dict[str, Any]) -> None:
+    root = tmp_path / "data"
+    for name in ("cat", "dog"):
+        for i in range(8):
+            _png(root / name / f"{i}.png", i)
+    cfg = config(tmp_path, {"trainUri": str(root), **dataset})
+    train, val, names, _ = build_datasets(cfg, listing.Ingest("mapStyle", "test"))
+    s_train, s_val, s_names, _ = build_datasets(cfg, listing.Ingest("streaming", "test"))
+    assert isinstance(s_train, StreamedImages) and isinstance(s_val, StreamedImages)
+    assert isinstance(train, Subset) and isinstance(val, Subset)
+    assert s_names == names
+    assert s_train.samples == [train.dataset.samples[i] for i in train.indices]  # type: ignore[attr-defined]
+    assert s_val.samples == [val.dataset.samples[i] for i in val.indices]  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------- per-rank shares
+def test_each_epochs_order_is_reproducible_differs_by_epoch_and_is_the_samplers() -> None:
+    first = epoch_indices(10, 2, 0, seed=7, epoch=1)
+    assert first == epoch_indices(10, 2, 0, seed=7, epoch=1)
+    assert first != epoch_indices(10, 2, 0, seed=7, epoch=2)
+    assert first != epoch_indices(10, 2, 0, seed=8, epoch=1)
+    sampler: DistributedSampler[Any] = DistributedSampler(list(range(10)), num_replicas=2, rank=0, shuffle=True, seed=7)
+    sampler.set_epoch(1)
+    assert first == list(sampler)
+
+
+@pytest.mark.parametrize(("n", "world", "per_worker"), [(7, 2, 2), (9, 2, 4), (5, 3, 2), (4, 2, 3)])
+def test_padding_gives_every_rank_the_same_steps(tmp_path: Path, n: int, world: int, per_worker: int) -> None:
+    shares = [epoch_indices(n, world, rank, seed=0, epoch=3) for rank in range(world)]
+    assert len({len(share) for share in shares}) == 1
+    assert set().union(*map(set, shares)) == set(range(n))  # every image trained on in the epoch
+    images = StreamedImages([(f"/x/{i}.png", i % 2) for i in range(n)], lambda x: x)
+    steps = {len(StreamSource(images, images, seed=0, rank=r, world=world, per_worker=per_worker).train) for r in range(world)}
+    assert len(steps) == 1
+
+
+@pytest.mark.parametrize(("share", "per_worker", "expected"), [(8, 4, (2, False)), (9, 4, (2, True)), (10, 4, (3, False))])
+def test_a_last_batch_of_one_image_is_dropped_and_only_it(share: int, per_worker: int, expected: tuple[int, bool]) -> None:
+    assert steps_per_epoch(share, per_worker) == expected
+
+
+def test_every_validation_image_is_in_exactly_one_ranks_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = StreamedImages([(f"/x/{i}.png", 0) for i in range(11)], lambda x: x)
+    seen: list[int] = []
+
+    def fake_stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
+        assert not drop_last and decoder.epoch is None
+        seen.extend(row["key"] for row in rows)
+        return iter([])
+
+    monkeypatch.setattr("finetune_trainer.streaming._stream", fake_stream)
+    for rank in range(2):
+        list(StreamSource(images, images, seed=0, rank=rank, world=2, per_worker=2).val)
+    assert sorted(seen) == list(range(11))
+
+
+# ---------------------------------------------------------------------------------------- corrupt files
+def _batch(tmp_path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        # Noise, not a flat colour: two different crops of it differ.
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[1]).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    batch = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0, 1, 2, 3]), "key": np.asarray([10, 11, 12, 13])}
+    return batch, paths
+
+
+def test_training_decoder_replaces_and_counts_a_corrupt_file(tmp_path: Path) -> None:
+    batch, paths = _batch(tmp_path)
+    cfg = config(tmp_path, {"trainUri": str(tmp_path)})
+    transform = train_transform(build_input_spec(cfg), "standard")
+    out = Decoder(transform, seed=3, epoch=1)(batch)
+    assert out["image"].shape == (4, 3, 16, 16)
+    assert list(out["bad"]) == ["", paths[1], "", ""]
+    assert list(out["label"]) == [0, 2, 2, 3]  # the next readable image of the batch, with its label
+    assert np.array_equal(out["image"][1], out["image"][2])
+    again = Decoder(transform, seed=3, epoch=1)(batch)
+    assert np.array_equal(again["image"], out["image"])  # augmentation seeded by (seed, epoch, key)
+    assert not np.array_equal(Decoder(transform, seed=3, epoch=2)(batch)["image"], out["image"])
+    tally = Unreadable()
+    tally.add(out["bad"])
+    assert (tally.seen, tally.bad, tally.examples) == (4, 1, [paths[1]])
+
+
+def test_evaluation_decoder_flags_a_corrupt_file_for_dropping(tmp_path: Path) -> None:
+    batch, paths = _batch(tmp_path)
+    cfg = config(tmp_path, {"trainUri": str(tmp_path)})
+    out = Decoder(eval_transform(build_input_spec(cfg)), seed=3, epoch=None)(batch)
+    assert list(out["label"]) == [0, 1, 2, 3]
+    assert list(out["bad"]) == ["", paths[1], "", ""]
+    assert not out["image"][1].any()
+
+
+def test_the_unreadable_limit_fails_with_one_line_naming_files() -> None:
+    tally = Unreadable()
+    tally.add(np.asarray(["", "s3://b/cats/bad.jpg", "s3://b/dogs/0.jpg"] + [""] * 97, dtype=object))
+    with pytest.raises(TrainerError) as info:
+        tally.check(torch.device("cpu"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "dataset: 2 of 100 images read cannot be decoded (e.g. s3://b/cats/bad.jpg, s3://b/dogs/0.jpg); at most 1%"
+    )
+
+
+def test_below_the_limit_one_warning_then_silence() -> None:
+    tally = Unreadable()
+    tally.add(np.asarray(["/d/a/x.png"] + [""] * 199, dtype=object))
+    assert tally.check(torch.device("cpu")) == "dataset: skipped 1 of 200 images that cannot be decoded (e.g. /d/a/x.png)"
+    tally.add(np.asarray([""] * 100, dtype=object))
+    assert tally.check(torch.device("cpu")) is None
+
+
+def test_a_worker_fails_early_without_waiting_for_the_epoch() -> None:
+    tally = Unreadable()
+    for start in range(0, 900, 100):  # 18 of 900: above 1 %, but too few images for a worker to judge alone
+        tally.add(np.asarray([f"/d/{start + i}.png" if i < 2 else "" for i in range(100)], dtype=object))
+    with pytest.raises(TrainerError, match=r"^dataset: 20 of 1000 images read cannot be decoded"):
+        tally.add(np.asarray(["/d/900.png", "/d/901.png"] + [""] * 98, dtype=object))
+
+
+# ------------------------------------------------------------------------------- jpegDecode: gpu (the batch path)
+def _mixed_files(tmp_path: Path) -> list[str]:
+    """Two JPEGs, a PNG and a corrupt JPEG (valid magic, broken body)."""
+    paths = []
+    for i, suffix in enumerate(["jpg", "png", "jpg", "jpg"]):
+        path = tmp_path / f"{i}.{suffix}"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[2]).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return paths
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")),
+    ],
+)
+def test_device_decode_replaces_a_corrupt_jpeg_and_augments_by_seed(tmp_path: Path, device: str) -> None:
+    paths = _mixed_files(tmp_path)
+    rows = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0, 1, 2, 3]), "key": np.asarray([5, 6, 7, 8])}
+    cfg = config(tmp_path, {"trainUri": str(tmp_path)})
+    transform = train_transform(build_input_spec(cfg), "standard")
+    shipped = Decoder(transform, seed=1, epoch=2, raw=True)(rows)  # what a Ray Data task sends: bytes, not pixels
+    assert set(shipped) == {"data", "path", "label", "key"} and shipped["data"][0][:2] == b"\xff\xd8"
+    images = StreamedImages([(p, 0) for p in paths], transform)
+    source = StreamSource(images, images, seed=1, rank=0, world=1, per_worker=4, decode_device=torch.device(device))
+    out = source._decode_here(shipped, transform, 2, torch.device(device))
+    assert out["image"].shape == (4, 3, 16, 16) and out["image"].device.type == device
+    assert list(out["bad"]) == ["", "", paths[2], ""]
+    assert list(out["label"]) == [0, 1, 3, 3]
+    again = source._decode_here(shipped, transform, 2, torch.device(device))
+    assert torch.equal(again["image"], out["image"])
+    evaluated = source._decode_here(shipped, eval_transform(build_input_spec(cfg)), None, torch.device(device))
+    # Evaluation keeps the row (a placeholder the consumer drops) and its own label.
+    assert list(evaluated["label"]) == [0, 1, 2, 3] and list(evaluated["bad"]) == ["", "", paths[2], ""]

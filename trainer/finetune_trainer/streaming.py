@@ -1,0 +1,281 @@
+"""The streaming ingest path: listed images read, decoded and augmented by Ray Data while training runs
+(``StreamSource``), the counterpart of ``loaders.Shards`` behind the same seam (``set_epoch``, ``train``,
+``val``, ``end_epoch``).
+
+Per epoch each worker streams its own share of the training list: the positions a seeded
+``DistributedSampler`` gives that rank for ``(seed, epoch)``, padded alike (``epoch_indices``), so both
+ingest paths see the same images per rank and every rank runs the same number of steps (DDP would hang
+otherwise). Ray Data tasks, on whichever node has CPUs (CPU-only nodes included), read each file through
+fsspec, decode it with PIL and apply the transform seeded by ``(seed, epoch, index)`` as ``seeding`` lays out
+(``Decoder``); order is preserved, so a run is reproducible. Validation is a strided, unpadded shard: each
+image evaluated once. Unreadable files are found while decoding: in training replaced by another image of
+the same batch (step counts stay equal), in validation dropped; both counted (``Unreadable``), a warning
+below ``MAX_UNREADABLE_FRACTION``, a one-line TrainerError naming some files above it. Memory and disk stay
+bounded: nothing is copied, and Ray Data's streaming executor holds only the blocks in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
+from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.seeding import seeded_sample
+
+__all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "steps_per_epoch"]
+
+log = logging.getLogger(__name__)
+
+EARLY_CHECK: Final = 1000
+"""A worker that has read this many images checks the unreadable limit on its own, without waiting for the epoch's end."""
+_EXAMPLES: Final = 3
+_BLOCK_ROWS: Final = 64
+"""Rows per Ray Data block and decode task: small enough that the first batch arrives in seconds."""
+
+
+def epoch_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> list[int]:
+    """Rank ``rank``'s positions among ``n`` training images in ``epoch``: exactly a seeded DistributedSampler's
+    (shuffled by ``(seed, epoch)``, padded with repeats to the same length on every rank)."""
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        cast(Dataset[Any], range(n)), num_replicas=world, rank=rank, shuffle=True, seed=seed
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def steps_per_epoch(share: int, per_worker: int) -> tuple[int, bool]:
+    """(batches of a rank's ``share``, drop_last): as ``loaders``, a last batch of one image is dropped
+    (BatchNorm cannot train on it), any other is kept."""
+    drop_last = share % per_worker == 1
+    return (share // per_worker if drop_last else math.ceil(share / per_worker)), drop_last
+
+
+def fill_unreadable(
+    images: list[Tensor | None], labels: np.ndarray, paths: Sequence[str], train: bool
+) -> tuple[list[Tensor] | None, np.ndarray, np.ndarray]:
+    """(images, labels, bad) of a batch where ``None`` marks an image that could not be decoded. Training: each such
+    image and its label replaced by the next readable one of the batch (the batch keeps its size, every rank its
+    steps). Evaluation: a zero image the consumer drops. ``bad`` names each unreadable file ('' for the others).
+    Images None: nothing in the batch could be read (evaluation; in training that is a TrainerError)."""
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    bad = np.asarray(["" if image is not None else path for path, image in zip(paths, images, strict=True)], dtype=object)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        if train:
+            raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be decoded (e.g. {paths[0]})")
+        return None, labels, bad
+    first = cast(Tensor, images[good[0]])
+    filled: list[Tensor] = []
+    for i, image in enumerate(images):
+        if image is None and train:
+            j = next((g for g in good if g > i), good[0])
+            image, labels[i] = images[j], labels[j]
+        filled.append(image if image is not None else torch.zeros_like(first))
+    return filled, labels, bad
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Ray Data's batch function: ``{path, label, key}`` rows to ``{image, label, bad}`` (``fill_unreadable``). ``epoch``
+    set: training, each image augmented under ``seeded_sample(seed, epoch, key)``; None: evaluation. ``raw``
+    (``jpegDecode: gpu``): the files' bytes only, as ``{data, path, label, key}``, for the worker to decode."""
+
+    transform: Callable[[Any], Tensor]
+    seed: int
+    epoch: int | None
+    raw: bool = False
+
+    def _one(self, path: str, key: int) -> Tensor | None:
+        try:
+            image = decode_image(read_file(path))
+        except READ_ERRORS:  # fsspec raises FileNotFoundError / OSError subclasses: in READ_ERRORS too
+            return None
+        if self.epoch is None:
+            return self.transform(image)
+        with seeded_sample(self.seed, self.epoch, key):
+            return self.transform(image)
+
+    @staticmethod
+    def _bytes(path: str) -> bytes:
+        try:
+            return read_file(path)
+        except OSError:
+            return b""  # decodes to None on the worker: counted there with the undecodable ones
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        if self.raw:
+            data = np.empty(len(paths), dtype=object)
+            data[:] = [self._bytes(p) for p in paths]
+            return {"data": data, "path": np.asarray(paths, dtype=object), "label": batch["label"], "key": batch["key"]}
+        images = [self._one(path, int(key)) for path, key in zip(paths, batch["key"], strict=True)]
+        filled, labels, bad = fill_unreadable(images, batch["label"], paths, train=self.epoch is not None)
+        stacked = torch.stack(filled).numpy() if filled is not None else np.zeros((len(paths), 1), np.float32)
+        return {"image": stacked, "label": labels, "bad": bad}
+
+
+@dataclass
+class Unreadable:
+    """Unreadable files this worker met, with a few of their paths; ``check`` applies the limit."""
+
+    seen: int = 0
+    bad: int = 0
+    examples: list[str] = field(default_factory=list)
+    warned: bool = False
+
+    def add(self, bad: np.ndarray) -> None:
+        self.seen += len(bad)
+        names = [str(b) for b in bad if b]
+        self.bad += len(names)
+        self.examples.extend(n for n in names if n not in self.examples and len(self.examples) < _EXAMPLES)
+        if self.seen >= EARLY_CHECK and self.bad > MAX_UNREADABLE_FRACTION * self.seen:
+            raise self._error(self.bad, self.seen, self.examples)
+
+    @staticmethod
+    def _error(bad: int, seen: int, examples: list[str]) -> TrainerError:
+        return TrainerError(
+            f"dataset: {bad} of {seen} images read cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])}); "
+            f"at most {MAX_UNREADABLE_FRACTION:.0%} may be, and they are skipped: fix or remove them"
+        )
+
+    def check(self, device: torch.device) -> str | None:
+        """Every worker's counts summed (a collective: all must call it): a TrainerError above the limit, else the
+        warning to give once (None when there is nothing new to say)."""
+        bad, seen, examples = self.bad, self.seen, list(self.examples)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            counts = torch.tensor([bad, seen], dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            bad, seen = (int(v) for v in counts.tolist())
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, examples)
+            examples = list(dict.fromkeys(e for part in gathered for e in part))
+        if bad > MAX_UNREADABLE_FRACTION * max(seen, 1):
+            raise self._error(bad, seen, examples)
+        if bad and not self.warned:
+            self.warned = True
+            return f"dataset: skipped {bad} of {seen} images that cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])})"
+        return None
+
+
+def _decode_resources() -> dict[str, Any]:
+    """Decode tasks take a CPU each where the cluster has one free (a data-worker group, a CPU-only node): Ray
+    spreads them over the nodes. Where every CPU is held by training workers (one pod per worker, a small local
+    run) a task asking for a CPU would wait forever: they then run without a reservation, a few at a time."""
+    import ray
+
+    if ray.available_resources().get("CPU", 0.0) >= 1:  # type: ignore[no-untyped-call]
+        return {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    return {"num_cpus": 0, "concurrency": 2}
+
+
+def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+    import ray.data
+
+    # In order: the batches, and so the run, do not depend on which task finished first.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    blocks = max(1, math.ceil(len(rows) / _BLOCK_ROWS))
+    items = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
+    return iter(ds.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
+
+
+class _Batches:
+    """An iterable of ``(images, labels)`` with a length (the scheduler and the progress bar need one)."""
+
+    def __init__(self, length: int, make: Callable[[], Iterator[tuple[Tensor, Tensor]]]) -> None:
+        self.length = length
+        self.make = make
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.make()
+
+
+class StreamSource:
+    """This worker's training and validation batches on the streaming path (see the module docstring)."""
+
+    def __init__(
+        self,
+        train: StreamedImages,
+        val: StreamedImages,
+        *,
+        seed: int,
+        rank: int,
+        world: int,
+        per_worker: int,
+        passes: int = 1,
+        decode_device: torch.device | None = None,
+    ) -> None:
+        """``decode_device``: decode JPEGs on this device (``jpegDecode: gpu``) instead of in the Ray Data tasks."""
+        self.train_images, self.val_images = train, val
+        self.decode_device = decode_device
+        self.seed, self.rank, self.world, self.per_worker, self.passes = seed, rank, world, per_worker, passes
+        self.epoch = 0
+        self.unreadable = Unreadable()
+        share = math.ceil(len(train) * passes / world)
+        steps, self.drop_last = steps_per_epoch(share, per_worker)
+        if steps == 0:
+            raise TrainerError(f"dataset: {len(train)} training images are too few for {world} workers (each needs at least 2)")
+        self.train = _Batches(steps, self._train_batches)
+        val_count = len(range(rank, len(val), world))
+        self.val = _Batches(math.ceil(val_count / (2 * per_worker)), self._val_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def end_epoch(self, device: torch.device) -> str | None:
+        """The unreadable limit over every worker (a collective); the warning to give, if any."""
+        return self.unreadable.check(device)
+
+    def _rows(self, images: StreamedImages, positions: list[int]) -> list[dict[str, Any]]:
+        n = len(images.samples)
+        return [{"path": images.samples[p % n][0], "label": images.samples[p % n][1], "key": p} for p in positions]
+
+    def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # Positions in the list repeated ``passes`` times, as loaders' Subset: the seed follows the position.
+        positions = epoch_indices(len(self.train_images) * self.passes, self.world, self.rank, self.seed, self.epoch)
+        return self._batches(self.train_images, positions, self.epoch, self.per_worker, self.drop_last)
+
+    def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        positions = list(range(self.rank, len(self.val_images), self.world))
+        return self._batches(self.val_images, positions, None, 2 * self.per_worker, False)
+
+    def _batches(
+        self, images: StreamedImages, positions: list[int], epoch: int | None, per_batch: int, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        decoder = Decoder(images.transform, self.seed, epoch, raw=self.decode_device is not None)
+        for batch in _stream(self._rows(images, positions), decoder, per_batch, drop_last):
+            if self.decode_device is not None:
+                batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
+            self.unreadable.add(batch["bad"])
+            images_out, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
+            keep = torch.from_numpy(np.asarray([not b for b in batch["bad"]], dtype=bool))
+            if epoch is not None or bool(keep.all()):  # training: unreadable images were replaced already
+                yield images_out, labels
+            elif bool(keep.any()):  # evaluation: each image counted once, an unreadable one not at all
+                yield images_out[keep.to(images_out.device)], labels[keep]
+
+    def _decode_here(
+        self, batch: dict[str, Any], transform: Callable[[Any], Tensor], epoch: int | None, device: torch.device
+    ) -> dict[str, Any]:
+        """``jpegDecode: gpu``: a batch of file bytes decoded and transformed on this worker's ``device``."""
+        paths = [str(p) for p in batch["path"]]
+        decoded = decode_on_device(list(batch["data"]), device)
+        filled, labels, bad = fill_unreadable(decoded, batch["label"], paths, train=epoch is not None)
+        if filled is None:
+            return {"image": torch.zeros(len(paths), 1), "label": labels, "bad": bad}
+        keys = [int(k) for k in batch["key"]]
+        return {"image": transform_on_device(filled, keys, transform, self.seed, epoch), "label": labels, "bad": bad}
