@@ -16,7 +16,9 @@ What runs (resnet18 at 32×32 on torchvision ``FakeData``, augmentation ``none``
    ``OMP_NUM_THREADS=1`` in both ranks; global batch 64 (32 per process) on both sides.
 3. **Linear probe, cached features ÷ recomputed backbone.** Two ``finetune run`` jobs differing only in
    ``strategy.cacheFeatures``.
-4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step.
+4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step. It comes
+   with 1 and 2; ``--only 4`` takes it alone (1 worker, trainer runs only, no baseline), the cheap way to
+   follow start-up work.
 
 How each number is taken:
 
@@ -670,6 +672,15 @@ def measure_probe(w: Workload, reps: int, workdir: Path, env: dict[str, str], re
     }
 
 
+def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str]) -> list[TrainerRun]:
+    """Row 4 alone: the 1-worker job of row 1, trainer side only (its timings need no baseline)."""
+    runs = []
+    for rep in range(reps):
+        log(f"cold start of finetune run (1 worker), repetition {rep + 1}/{reps}")
+        runs.append(run_trainer(manifest("bench-1w", w, workdir / "out", workers=1, cpus=2), "bench-1w", workdir, env))
+    return runs
+
+
 def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
     total, ray_up, ready = [], [], []
     for r in runs:
@@ -711,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024, help="FakeData training images per epoch (default 1024)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run, the first is warm-up (default 3)")
     parser.add_argument("--probe-epochs", type=int, default=4, help="epochs per linear-probe run (default 4)")
-    parser.add_argument("--only", default="1,2,3", help="measurements to run, of 1,2,3 (cold start comes with 1 and 2)")
+    parser.add_argument("--only", default="1,2,3", help="measurements to run, of 1,2,3,4 (cold start comes with 1 and 2; 4 alone is cold start only)")
     parser.add_argument(
         "--baseline-nice",
         type=int,
@@ -744,8 +755,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Workload(samples=args.samples, epochs=args.epochs)
     started = time.time()
     info = environment(args)
-    log(f"checking that the baseline sees the trainer's images and model ({w.samples} FakeData images, resnet18)")
-    check_same_inputs(w)
+    if only & {"1", "2", "3"}:
+        log(f"checking that the baseline sees the trainer's images and model ({w.samples} FakeData images, resnet18)")
+        check_same_inputs(w)
     res = Results()
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     try:
@@ -754,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cold["1 worker"] = cold_start(measure_one_worker(w, args.reps, workdir, env, args.baseline_nice, res))
         if "2" in only:
             cold["2 workers"] = cold_start(measure_two_workers(w, args.reps, workdir, env, args.baseline_nice, res))
+        if "4" in only and "1" not in only:
+            cold["1 worker"] = cold_start(measure_cold_start(w, args.reps, workdir, env))
         if "3" in only:
             measure_probe(Workload(samples=args.samples, epochs=args.probe_epochs), args.reps, workdir, env, res)
     finally:
