@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -38,6 +38,7 @@ from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
+from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
@@ -61,11 +62,6 @@ from finetune_trainer.verify import verify_artifacts
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
-
-FAIL_AFTER_EPOCH_KEY: Final = "_fail_after_epoch"
-"""Test hook (not part of the spec): raise right after epoch N has been reported, once."""
-QUIET_KEY: Final = "quiet"
-"""Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
 
 Labelled = Dataset[tuple[Tensor, int]]
 
