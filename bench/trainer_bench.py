@@ -722,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024, help="FakeData training images per epoch (default 1024)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run, the first is warm-up (default 3)")
     parser.add_argument("--probe-epochs", type=int, default=4, help="epochs per linear-probe run (default 4)")
-    parser.add_argument("--only", default="1,2,3", help="measurements to run, of 1,2,3,4 (cold start comes with 1 and 2; 4 alone is cold start only)")
+    parser.add_argument("--only", default="1,2,3", help="measurements, of 1,2,3,4 (cold start comes with 1, 2; 4: it alone)")
     parser.add_argument(
         "--baseline-nice",
         type=int,

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +127,8 @@ class FakeRay:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, fake: FakeRay) -> None:
-    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(**{n: getattr(fake, n) for n in dir(fake) if not n.startswith("_")}))
+    api = {name: getattr(fake, name) for name in ("is_initialized", "init", "cluster_resources", "shutdown")}
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(**api))
 
 
 def test_joining_a_running_ray_passes_the_controller_poll_in_the_jobs_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,10 +26,9 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import ResourcesSpec
 from finetune_trainer import storage
+from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_fn
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.exports import check_exports
-# Not ``loop``: the driver ships ``entry.train_fn`` by reference, and only the workers import the loop.
-from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_fn
 from finetune_trainer.metrics_log import EpochRecord, read_metrics
 from finetune_trainer.model_card import CARD_FILE
 from finetune_trainer.ray_compat import LocalTorchTrainer
@@ -108,6 +107,8 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
     trainer_cls = LocalTorchTrainer if local else TorchTrainer
     return trainer_cls(
+        # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
+        # workers only, and this process is spared torchvision and the rest (seconds of start-up).
         train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling_config(res),

@@ -3,8 +3,9 @@
 The same YAML and the same trainer as on a cluster; what differs is only here: the manifest is read
 from a file and validated (with ``--workers``/``--output`` applied), relative paths are taken from the
 current directory, ``pvc://`` is refused (there is no volume to mount), and Ray is started in-process,
-sized to the job and the machine (``local_ray``; or a running Ray on this machine, opt-in). Exit status: 0 done, 1 invalid manifest, 2 a user error
-(``error: <one line>``), anything else a bug with its traceback.
+sized to the job and the machine, or a running Ray is joined when the user asks (``local_ray``).
+Exit status: 0 done, 1 invalid manifest, 2 a user error (``error: <one line>``), anything else a bug
+with its traceback.
 """
 
 from __future__ import annotations

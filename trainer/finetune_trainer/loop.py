@@ -38,8 +38,8 @@ from finetune_trainer.artifacts import RunFacts
 from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, restore_training, write_checkpoint
 from finetune_trainer.data import build_datasets, cache_features
-from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY
 from finetune_trainer.engine import Precision, all_reduce, build_precision, evaluate, train_one_epoch
+from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
