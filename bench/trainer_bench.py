@@ -18,7 +18,7 @@ What runs (resnet18 at 32×32 on torchvision ``FakeData``, augmentation ``none``
    ``strategy.cacheFeatures``.
 4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step. It comes
    with 1 and 2; ``--only 4`` takes it alone (1 worker, trainer runs only, no baseline), the cheap way to
-   follow start-up work.
+   follow start-up work, and adds the same run joining a Ray already running (``finetune run --address``).
 
 How each number is taken:
 
@@ -672,13 +672,44 @@ def measure_probe(w: Workload, reps: int, workdir: Path, env: dict[str, str], re
     }
 
 
-def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str]) -> list[TrainerRun]:
-    """Row 4 alone: the 1-worker job of row 1, trainer side only (its timings need no baseline)."""
-    runs = []
-    for rep in range(reps):
-        log(f"cold start of finetune run (1 worker), repetition {rep + 1}/{reps}")
-        runs.append(run_trainer(manifest("bench-1w", w, workdir / "out", workers=1, cpus=2), "bench-1w", workdir, env))
-    return runs
+_RUNNING_RAY = """
+import sys, time, ray
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(3600)
+"""
+"""A Ray already running on this machine, for ``finetune run --address``: a driver that keeps its own local
+Ray alive (killed by its pid at the end, so that the bench never touches anybody else's Ray)."""
+
+
+def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str]) -> dict[str, list[TrainerRun]]:
+    """Row 4 alone: the 1-worker job of row 1, trainer side only (its timings need no baseline), on an
+    embedded Ray and joining a running one (``FINETUNE_RAY_ADDRESS``), interleaved."""
+    job = manifest("bench-1w", w, workdir / "out", workers=1, cpus=2)
+    holder = subprocess.Popen(
+        [PYTHON, "-c", _RUNNING_RAY, str(len(os.sched_getaffinity(0)))], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout is not None
+        address = holder.stdout.readline().strip()
+        if not address:
+            raise RuntimeError("the running Ray for the --address row did not start")
+        runs: dict[str, list[TrainerRun]] = {"1 worker": [], "1 worker, joining a running Ray": []}
+        # Ray 2.60's local clusters use token authentication; a client reads ~/.ray/auth_token only when told.
+        joined = {**env, "FINETUNE_RAY_ADDRESS": address, "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")}
+        for rep in range(reps):
+            log(f"cold start of finetune run (1 worker, embedded and joined Ray), repetition {rep + 1}/{reps}")
+            a, b = alternate(
+                rep,
+                lambda: run_trainer(job, "bench-1w", workdir, env),
+                lambda: run_trainer(job, "bench-1w", workdir, joined),
+            )
+            runs["1 worker"].append(a)
+            runs["1 worker, joining a running Ray"].append(b)
+        return runs
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
@@ -767,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "2" in only:
             cold["2 workers"] = cold_start(measure_two_workers(w, args.reps, workdir, env, args.baseline_nice, res))
         if "4" in only and "1" not in only:
-            cold["1 worker"] = cold_start(measure_cold_start(w, args.reps, workdir, env))
+            cold |= {label: cold_start(runs) for label, runs in measure_cold_start(w, args.reps, workdir, env).items()}
         if "3" in only:
             measure_probe(Workload(samples=args.samples, epochs=args.probe_epochs), args.reps, workdir, env, res)
     finally:

@@ -163,10 +163,12 @@ def test_a_running_ray_too_small_for_the_job_is_refused_in_one_line(
 
 
 def test_no_ray_at_the_address_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     install(monkeypatch, FakeRay({}, ConnectionError("Could not find any running Ray instance.\nPlease specify ...")))
     with pytest.raises(TrainerError) as caught:
         start_ray(digits(), "auto")
-    assert str(caught.value).startswith("--address: auto: cannot join a running Ray: ")
+    assert str(caught.value).startswith("--address: auto: cannot join a running Ray: ConnectionError: Could not find any")
+    assert str(caught.value).endswith("(a Ray with token authentication: set RAY_AUTH_MODE=token)")
     assert "\n" not in str(caught.value)
 
 

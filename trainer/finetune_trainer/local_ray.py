@@ -91,7 +91,10 @@ def start_ray(cfg: TrainerConfig, address: str | None = None) -> bool:
             raise TrainerError(
                 f"the local Ray did not start: {exception_line(e)}; retry when the machine is less busy, or see /tmp/ray/"
             ) from None
-        raise TrainerError(f"--address: {address}: cannot join a running Ray: {exception_line(e)}") from None
+        # Ray 2.60 starts local clusters with token authentication; a client finds the token in ~/.ray only
+        # when told to look (Ray's own switch, left to the user).
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else " (a Ray with token authentication: set RAY_AUTH_MODE=token)"
+        raise TrainerError(f"--address: {address}: cannot join a running Ray: {exception_line(e)}{hint}") from None
     if address is not None:
         _check_fits(ray, cfg, address)
     return True
