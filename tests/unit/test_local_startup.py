@@ -150,6 +150,7 @@ def test_joining_a_running_ray_passes_the_controller_poll_in_the_jobs_runtime_en
         ({"CPU": 1.0}, 2, 0, "--address: auto: the job needs 2 CPU (resources.workers × cpusPerWorker), the running Ray has 1"),
         ({"CPU": 8.0}, 1, 1, "--address: auto: the job needs 1 GPU (resources.workers × gpusPerWorker), the running Ray has 0"),
     ],
+    ids=["cpus", "gpus"],
 )
 def test_a_running_ray_too_small_for_the_job_is_refused_in_one_line(
     resources: dict[str, float], workers: int, gpus: int, message: str, monkeypatch: pytest.MonkeyPatch
