@@ -16,7 +16,9 @@ What runs (resnet18 at 32×32 on torchvision ``FakeData``, augmentation ``none``
    ``OMP_NUM_THREADS=1`` in both ranks; global batch 64 (32 per process) on both sides.
 3. **Linear probe, cached features ÷ recomputed backbone.** Two ``finetune run`` jobs differing only in
    ``strategy.cacheFeatures``.
-4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step.
+4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step. It comes
+   with 1 and 2; ``--only 4`` takes it alone (1 worker, trainer runs only, no baseline), the cheap way to
+   follow start-up work, and adds the same run joining a Ray already running (``finetune run --address``).
 
 How each number is taken:
 
@@ -670,6 +672,46 @@ def measure_probe(w: Workload, reps: int, workdir: Path, env: dict[str, str], re
     }
 
 
+_RUNNING_RAY = """
+import sys, time, ray
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(3600)
+"""
+"""A Ray already running on this machine, for ``finetune run --address``: a driver that keeps its own local
+Ray alive (killed by its pid at the end, so that the bench never touches anybody else's Ray)."""
+
+
+def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str]) -> dict[str, list[TrainerRun]]:
+    """Row 4 alone: the 1-worker job of row 1, trainer side only (its timings need no baseline), on an
+    embedded Ray and joining a running one (``FINETUNE_RAY_ADDRESS``), interleaved."""
+    job = manifest("bench-1w", w, workdir / "out", workers=1, cpus=2)
+    holder = subprocess.Popen(
+        [PYTHON, "-c", _RUNNING_RAY, str(len(os.sched_getaffinity(0)))], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout is not None
+        address = holder.stdout.readline().strip()
+        if not address:
+            raise RuntimeError("the running Ray for the --address row did not start")
+        runs: dict[str, list[TrainerRun]] = {"1 worker": [], "1 worker, joining a running Ray": []}
+        # Ray 2.60's local clusters use token authentication; a client reads ~/.ray/auth_token only when told.
+        joined = {**env, "FINETUNE_RAY_ADDRESS": address, "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")}
+        for rep in range(reps):
+            log(f"cold start of finetune run (1 worker, embedded and joined Ray), repetition {rep + 1}/{reps}")
+            a, b = alternate(
+                rep,
+                lambda: run_trainer(job, "bench-1w", workdir, env),
+                lambda: run_trainer(job, "bench-1w", workdir, joined),
+            )
+            runs["1 worker"].append(a)
+            runs["1 worker, joining a running Ray"].append(b)
+        return runs
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
     total, ray_up, ready = [], [], []
     for r in runs:
@@ -711,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024, help="FakeData training images per epoch (default 1024)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run, the first is warm-up (default 3)")
     parser.add_argument("--probe-epochs", type=int, default=4, help="epochs per linear-probe run (default 4)")
-    parser.add_argument("--only", default="1,2,3", help="measurements to run, of 1,2,3 (cold start comes with 1 and 2)")
+    parser.add_argument("--only", default="1,2,3", help="measurements, of 1,2,3,4 (cold start comes with 1, 2; 4: it alone)")
     parser.add_argument(
         "--baseline-nice",
         type=int,
@@ -744,8 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Workload(samples=args.samples, epochs=args.epochs)
     started = time.time()
     info = environment(args)
-    log(f"checking that the baseline sees the trainer's images and model ({w.samples} FakeData images, resnet18)")
-    check_same_inputs(w)
+    if only & {"1", "2", "3"}:
+        log(f"checking that the baseline sees the trainer's images and model ({w.samples} FakeData images, resnet18)")
+        check_same_inputs(w)
     res = Results()
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     try:
@@ -754,6 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cold["1 worker"] = cold_start(measure_one_worker(w, args.reps, workdir, env, args.baseline_nice, res))
         if "2" in only:
             cold["2 workers"] = cold_start(measure_two_workers(w, args.reps, workdir, env, args.baseline_nice, res))
+        if "4" in only and "1" not in only:
+            cold |= {label: cold_start(runs) for label, runs in measure_cold_start(w, args.reps, workdir, env).items()}
         if "3" in only:
             measure_probe(Workload(samples=args.samples, epochs=args.probe_epochs), args.reps, workdir, env, res)
     finally:

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workers", type=int, help="override spec.resources.workers")
     p.add_argument("--output", metavar="DIR", help="override spec.output.uri")
     p.add_argument("--json-status", metavar="FILE", help="also write progress as JSON to FILE")
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join a running Ray (auto, HOST:PORT, ray://HOST:PORT) instead of starting one: saves Ray's start-up; "
+        "default FINETUNE_RAY_ADDRESS, else an embedded Ray (RAY_ADDRESS is never followed)",
+    )
     p.set_defaults(func=_run)
 
     p = sub.add_parser("predict", help="classify images with a fine-tuned model's artifact directory")

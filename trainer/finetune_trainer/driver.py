@@ -27,9 +27,9 @@ from finetune_operator.api.contract import TRAIN_RESOURCE, TrainerConfig
 from finetune_operator.api.dataworkers import data_replicas
 from finetune_operator.api.v1alpha1 import ResourcesSpec
 from finetune_trainer import storage
+from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_fn
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.exports import check_exports
-from finetune_trainer.loop import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_loop_per_worker
 from finetune_trainer.metrics_log import EpochRecord, read_metrics
 from finetune_trainer.model_card import CARD_FILE, load_model_card
 from finetune_trainer.ray_compat import LocalTorchTrainer
@@ -117,7 +117,9 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
     trainer_cls = LocalTorchTrainer if local else TorchTrainer
     return trainer_cls(
-        train_loop_per_worker,
+        # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
+        # workers only, and this process is spared torchvision and the rest (seconds of start-up).
+        train_fn,
         train_loop_config=loop_config,
         scaling_config=scaling_config(res, local=local),
         run_config=RunConfig(

@@ -3,26 +3,25 @@
 The same YAML and the same trainer as on a cluster; what differs is only here: the manifest is read
 from a file and validated (with ``--workers``/``--output`` applied), relative paths are taken from the
 current directory, ``pvc://`` is refused (there is no volume to mount), and Ray is started in-process,
-sized to the job and the machine. Exit status: 0 done, 1 invalid manifest, 2 a user error
-(``error: <one line>``), anything else a bug with its traceback.
+sized to the job and the machine, or a running Ray is joined when the user asks (``local_ray``).
+Exit status: 0 done, 1 invalid manifest, 2 a user error (``error: <one line>``), anything else a bug
+with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.contract import ENV_REPORT_POLL, REPORT_POLL_SECONDS, TrainerConfig, resolve_uri
+from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
-from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.errors import TrainerError
 from finetune_trainer.gate import check_accuracy_gate
+from finetune_trainer.local_ray import ray_address, start_ray
 
 __all__ = ["local_job", "run_command", "start_ray"]
 
@@ -71,16 +70,15 @@ def local_job(
     return result.job
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _preflight(cfg: TrainerConfig) -> None:
     """Checks that take a second here rather than a Ray start-up there; the workers repeat them."""
-    from finetune_trainer.data import check_dataset
     from finetune_trainer.protect import check_keys
 
-    check_dataset(cfg)
+    if cfg.spec.dataset.format == "imagefolder":
+        # Only then: `data` imports torchvision, seconds of start-up that digits/fake jobs do not need here.
+        from finetune_trainer.data import check_dataset
+
+        check_dataset(cfg)
     check_keys(cfg)  # spec.output.encryption / sign without their key: one line now, not after Ray starts
     uri = cfg.spec.model.weights_uri
     if uri is not None and uri_scheme(uri) in (None, "file") and not Path(resolve_uri(uri)).is_file():
@@ -94,43 +92,6 @@ def _preflight(cfg: TrainerConfig) -> None:
                 f"resources.gpusPerWorker: the job needs {gpus} GPU(s), this machine has {torch.cuda.device_count()}; "
                 "set gpusPerWorker: 0"
             )
-
-
-def start_ray(cfg: TrainerConfig) -> bool:
-    """Start an embedded Ray sized to the job (its workers must fit, or Train would wait for them
-    forever) and to the machine; False if Ray was already running (a test, a notebook)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    res = cfg.spec.resources
-    # Ray Train's 2 s report poll would stretch every short epoch (contract.REPORT_POLL_SECONDS says why);
-    # the operator sets the same value in the RayJob's pods.
-    os.environ.setdefault(ENV_REPORT_POLL, REPORT_POLL_SECONDS)
-    # Logical CPUs: enough for every worker's reservation; threads are capped to the real cores in the loop.
-    cpus = max(_cores(), math.ceil(res.workers * res.cpus_per_worker))
-    try:
-        _init_ray(ray, cpus, res.workers * res.gpus_per_worker or None)
-    except Exception as e:
-        # Ray's own start-up failures (a raylet or GCS that did not come up in time on an overloaded machine,
-        # no free ports, /tmp full) are not the job's fault and are not worth a traceback.
-        raise TrainerError(
-            f"the local Ray did not start: {exception_line(e)}; retry when the machine is less busy, or see /tmp/ray/"
-        ) from None
-    return True
-
-
-def _init_ray(ray: Any, cpus: int, gpus: int | None) -> None:
-    ray.init(
-        # A new Ray of its own, always: without an address Ray joins the cluster named by RAY_ADDRESS or the last
-        # `ray start` on this machine, which refuses num_cpus and is not what "runs on this laptop" means.
-        address="local",
-        num_cpus=cpus,
-        num_gpus=gpus,
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-    )
 
 
 def _summary(result: Any) -> str:
@@ -160,22 +121,23 @@ def run_command(args: argparse.Namespace) -> int:
         status_file = str(Path(args.json_status).resolve()) if args.json_status else None
         cfg = TrainerConfig.from_job(job, sinks=["console", "file"] if status_file else ["console"], status_file=status_file)
         _preflight(cfg)
+        address = ray_address(getattr(args, "address", None))
     except ManifestError as e:
         _print_manifest_error(e)
         return 1
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _train(cfg)
+    return _train(cfg, address)
 
 
-def _train(cfg: TrainerConfig) -> int:
+def _train(cfg: TrainerConfig, address: str | None) -> int:
     import ray
 
     from finetune_trainer import driver
 
     try:
-        started = start_ray(cfg)
+        started = start_ray(cfg, address)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Final
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -38,6 +38,7 @@ from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm
 from finetune_trainer.checkpoint import TrainState, restore_model, restore_training
 from finetune_trainer.data import build_datasets
 from finetune_trainer.engine import all_reduce, build_precision, evaluate, train_one_epoch
+from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.feature_cache import Float32Input, cached_shards
 from finetune_trainer.finish import finish_run
@@ -64,11 +65,6 @@ from finetune_trainer.worker_report import Worker, report_epoch, step_meter
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
-
-FAIL_AFTER_EPOCH_KEY: Final = "_fail_after_epoch"
-"""Test hook (not part of the spec): raise right after epoch N has been reported, once."""
-QUIET_KEY: Final = "quiet"
-"""Keep Ray Train's per-report INFO lines off the console (local runs, where the console sink speaks)."""
 
 Labelled = Dataset[tuple[Tensor, int]]
 

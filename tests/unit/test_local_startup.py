@@ -1,0 +1,184 @@
+"""Start-up of ``finetune`` (issue 14 item 5): what each command imports, and how ``finetune run`` starts or
+joins Ray (``finetune_trainer.local_ray``). The import checks run a fresh interpreter each: a module already
+imported by another test would hide what a command pulls in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.validate import load_job
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.local_ray import ADDRESS_ENV, embedded_options, ray_address, start_ray
+from tests.support.schemas import REPO
+
+HEAVY = ("torch", "torchvision", "ray", "numpy")
+DIGITS = REPO / "manifests" / "examples" / "digits-cpu.yaml"
+
+# (what runs, Python code, modules it must not have imported). Code runs in the repository root.
+IMPORT_CASES = [
+    (
+        "finetune --help",
+        "import contextlib, io\nfrom finetune_operator import cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])",
+        HEAVY,
+    ),
+    (
+        "finetune verify on a directory without a card",
+        "from finetune_operator import cli\nassert cli.main(['verify', 'no-such-dir']) != 0",
+        HEAVY,
+    ),
+    ("finetune predict's module (it needs torch, never Ray)", "import finetune_trainer.predict", ("ray",)),
+    (
+        "finetune run's checks of a digits job, up to Ray's start",
+        "import argparse\nfrom finetune_operator.api.contract import TrainerConfig\n"
+        "from finetune_operator.api.validate import decode_manifest, read_manifest\n"
+        "from finetune_trainer import local\n"
+        f"job = local.local_job(decode_manifest(read_manifest({str(DIGITS)!r}), 'j'), 'j', output='/tmp/x')\n"
+        "local._preflight(TrainerConfig.from_job(job))",
+        HEAVY,
+    ),
+    (
+        "the driver process (finetune run, the RayJob's entrypoint) imports Ray Train but not the training loop",
+        "import finetune_trainer.driver, finetune_trainer.__main__",
+        ("torchvision", "finetune_trainer.loop", "finetune_trainer.data", "finetune_trainer.model"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "code", "forbidden"), IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+def test_a_command_imports_only_what_it_needs(label: str, code: str, forbidden: tuple[str, ...]) -> None:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {list(forbidden)!r} if m in sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], f"{label}: imported {done.stdout.strip()}"
+
+
+def digits(workers: int = 1, cpus: float = 1.0, gpus: int = 0) -> TrainerConfig:
+    job = load_job(DIGITS.read_text(), DIGITS.name)
+    job.spec.resources.workers, job.spec.resources.cpus_per_worker = workers, cpus
+    job.spec.resources.gpus_per_worker = gpus
+    return TrainerConfig.from_job(job, output_root="/tmp/unused")
+
+
+def test_the_embedded_ray_is_a_new_local_one_without_dashboard_sized_to_the_job() -> None:
+    options = embedded_options(digits(workers=4, cpus=4.0))
+    assert options["address"] == "local"  # never RAY_ADDRESS or the last `ray start`
+    assert options["include_dashboard"] is False
+    assert options["num_cpus"] >= 16  # every worker's reservation fits, or Train waits forever
+    assert options["num_gpus"] is None
+    assert embedded_options(digits(workers=2, gpus=2))["num_gpus"] == 4
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "expected"),
+    [
+        (None, {}, None),  # default: an embedded Ray
+        (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, None),  # never followed implicitly
+        ("auto", {}, "auto"),
+        (None, {ADDRESS_ENV: "127.0.0.1:6379"}, "127.0.0.1:6379"),
+        ("ray://head:10001", {ADDRESS_ENV: "auto"}, "ray://head:10001"),  # the flag wins
+        ("local", {ADDRESS_ENV: "auto"}, None),  # asks for the embedded Ray explicitly
+    ],
+)
+def test_a_running_ray_is_joined_only_when_asked(
+    flag: str | None, env: dict[str, str], expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert ray_address(flag) == expected
+
+
+def test_a_bad_address_is_one_line() -> None:
+    with pytest.raises(TrainerError, match=r"^--address: 'a b': not an address; use auto, HOST:PORT or ray://HOST:PORT$"):
+        ray_address("a b")
+
+
+class FakeRay:
+    def __init__(self, resources: dict[str, float], fail: Exception | None = None) -> None:
+        self.resources, self.fail = resources, fail
+        self.calls: list[dict[str, Any]] = []
+        self.shut = False
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        if self.fail is not None:
+            raise self.fail
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+def install(monkeypatch: pytest.MonkeyPatch, fake: FakeRay) -> None:
+    api = {name: getattr(fake, name) for name in ("is_initialized", "init", "cluster_resources", "shutdown")}
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(**api))
+
+
+def test_joining_a_running_ray_passes_the_controller_poll_in_the_jobs_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRay({"CPU": 8.0})
+    install(monkeypatch, fake)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert start_ray(digits(workers=2), "auto") is True
+    (call,) = fake.calls
+    assert call["address"] == "auto"
+    assert "num_cpus" not in call  # a running Ray refuses resource arguments
+    # Its processes do not inherit this one's environment: the 0.2 s poll travels in the runtime env.
+    assert call["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
+    assert not fake.shut
+
+
+@pytest.mark.parametrize(
+    ("resources", "workers", "gpus", "message"),
+    [
+        ({"CPU": 1.0}, 2, 0, "--address: auto: the job needs 2 CPU (resources.workers × cpusPerWorker), the running Ray has 1"),
+        ({"CPU": 8.0}, 1, 1, "--address: auto: the job needs 1 GPU (resources.workers × gpusPerWorker), the running Ray has 0"),
+    ],
+    ids=["cpus", "gpus"],
+)
+def test_a_running_ray_too_small_for_the_job_is_refused_in_one_line(
+    resources: dict[str, float], workers: int, gpus: int, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRay(resources)
+    install(monkeypatch, fake)
+    with pytest.raises(TrainerError) as caught:
+        start_ray(digits(workers=workers, gpus=gpus), "auto")
+    assert str(caught.value) == message
+    assert fake.shut  # disconnected: Train would have waited for the workers forever
+
+
+def test_no_ray_at_the_address_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    install(monkeypatch, FakeRay({}, ConnectionError("Could not find any running Ray instance.\nPlease specify ...")))
+    with pytest.raises(TrainerError) as caught:
+        start_ray(digits(), "auto")
+    assert str(caught.value).startswith("--address: auto: cannot join a running Ray: ConnectionError: Could not find any")
+    assert str(caught.value).endswith("(a Ray with token authentication: set RAY_AUTH_MODE=token)")
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_run_has_the_address_option() -> None:
+    import argparse
+
+    from finetune_trainer.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["run", "job.yaml", "--address", "auto"]).address == "auto"
+    assert parser.parse_args(["run", "job.yaml"]).address is None
