@@ -249,6 +249,8 @@ def _first_batch(side: str, uri: str, transform: Any, workers: int, exclude: Seq
     row: dict[str, Any] = {"side": side, "uri": uri}
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     disk_before = ingest_data.du(session)
+    idle = ingest_data.TreeMemory(exclude)
+    idle.sample()  # what the tree holds before the job: Ray's daemons and idle workers
     with tempfile.TemporaryDirectory(prefix="ingest-cache-") as cache, ingest_data.TreeMemory(exclude) as mem:
         started = time.perf_counter()
         if side == "dataloader":
@@ -266,7 +268,12 @@ def _first_batch(side: str, uri: str, transform: Any, workers: int, exclude: Seq
             run = ray_data_images_per_second(paths, labels, transform=transform, limit=batches * BATCH)
         row["first_batch_s"] = run.first_batch_at - started
         row["disk_bytes"] = ingest_data.du(Path(cache)) + max(0, ingest_data.du(session) - disk_before)
-    row.update(private_bytes=mem.private_kb * 1024, shared_bytes=mem.shared_kb * 1024, processes=mem.processes)
+    row.update(
+        private_bytes=mem.private_kb * 1024,
+        idle_private_bytes=idle.private_kb * 1024,
+        shared_bytes=mem.shared_kb * 1024,
+        processes=mem.processes,
+    )
     return row
 
 
@@ -309,7 +316,8 @@ def part_first_batch(args: argparse.Namespace, folders: dict[int, Path], transfo
                 print(
                     f"  first batch {store:<5} {n:>6} files {side:<10}: {row['first_batch_s']:6.1f} s "
                     f"(listing {row['listed_s']:.1f} s{extra}); disk written {mib(row['disk_bytes'])}, "
-                    f"private memory {mib(row['private_bytes'])}, object store {mib(row['shared_bytes'])}",
+                    f"private memory {mib(row['private_bytes'])} ({mib(row['private_bytes'] - row['idle_private_bytes'])} above "
+                    f"idle), object store {mib(row['shared_bytes'])}",
                     flush=True,
                 )
     for store in ("local", "s3"):
