@@ -76,9 +76,11 @@ def test_cached_features_match_the_uncached_linear_probe(source_weights: str, tm
         assert result.metrics is not None and result.metrics["cached_features"] is cached
         accuracies[cached] = [r.val_accuracy for r in read_metrics(cfg.run_dir)]
 
-    # Same features (frozen, eval-mode backbone), same shuffling: the same head up to float rounding.
-    for with_cache, without in zip(accuracies[True], accuracies[False], strict=True):
-        assert abs(with_cache - without) <= 0.02, accuracies
+    # Same features (frozen, eval-mode backbone; cached as float16), but since issue 14 item 4 the cached path
+    # shuffles each rank's own share by (seed, epoch, rank), not with the images' DistributedSampler: the head
+    # sees other batches, so epochs differ on the way (0.54 vs 0.62 after epoch 1 here) and only the end
+    # must agree (0.629 vs 0.634 when this was written).
+    assert abs(accuracies[True][-1] - accuracies[False][-1]) <= 0.03, accuracies
     assert accuracies[True][-1] > 0.5  # and the probe did learn something on five unseen classes
 
 
