@@ -7,7 +7,7 @@ prints ratios; it asserts nothing about speed. Parts (``--only`` picks some):
    (``data.build_input_spec`` + ``data.train_transform``), on a generated ImageFolder (``--ingest-files``, 20,000
    by default), on the same ``--workers`` cores: (a) today's path, ``image_folder.ImageFiles`` in a torch
    ``DataLoader`` with W worker processes; (b) Ray Data on a local ``ray.init(num_cpus=W)``:
-   ``ray_data_images_per_second``. Ratio (b) ÷ (a), target ≥ 1.0×.
+   ``ray_data_images_per_second``: the trainer's own ``streaming.StreamSource``. Ratio (b) ÷ (a), target ≥ 1.0×.
 2. **first batch**: time from "job given" (the dataset URI) to the first training batch delivered, and peak
    memory and disk, for each of ``--sizes`` (2k, 20k, 100k) from a local folder and from S3 (moto's server on
    localhost, in a child process). Today's path lists and opens every header (``scan_images``) and, from S3,
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -119,40 +118,20 @@ def dataloader_images_per_second(
         del batches  # the workers exit now
 
 
-def _decode_batch(batch: dict[str, Any], transform: Callable[[Any], Any]) -> dict[str, Any]:
-    """One Ray Data batch of paths -> transformed images: bytes fetched in one ``cat`` (concurrent on object
-    stores), decoded with PIL, the trainer's transform applied image by image."""
-    import io
-
-    import fsspec
-    import numpy as np
-    from PIL import Image
-
-    paths = [str(p) for p in batch["path"]]
-    fs, _ = fsspec.core.url_to_fs(paths[0])
-    blobs = fs.cat(paths)
-    images = []
-    for path in paths:
-        key = path if path in blobs else fs._strip_protocol(path)
-        with Image.open(io.BytesIO(blobs[key])) as img:
-            images.append(transform(img.convert("RGB")).numpy())
-    return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
-
-
 def ray_data_images_per_second(
     paths: Sequence[str], labels: Sequence[int], *, transform: Callable[[Any], Any], limit: int, seed: int = 0
 ) -> Run:
-    """(b) Ray Data on the Ray this process is connected to: the path list shuffled by ``seed`` (in memory, no
-    Ray shuffle: nothing waits for the whole dataset), ``map_batches`` decoding and transforming, consumed with
-    ``iter_torch_batches``. The one seam to swap for the trainer's streaming pipeline."""
-    import ray.data
+    """(b) The trainer's own streaming pipeline (``streaming.StreamSource``, one worker) on the Ray this process is
+    connected to: the epoch's order drawn from ``seed``, Ray Data tasks decoding and augmenting, uint8 across the
+    object store and normalised here, as a training worker receives its batches."""
+    from finetune_trainer.image_folder import StreamedImages
+    from finetune_trainer.streaming import StreamSource
 
     started = time.perf_counter()
-    order = list(range(len(paths)))
-    random.Random(seed).shuffle(order)
-    ds = ray.data.from_items([{"path": paths[i], "label": labels[i]} for i in order])
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"transform": transform}, batch_size=BATCH // 2, batch_format="numpy")
-    return _consume(iter(ds.iter_torch_batches(batch_size=BATCH)), limit, started)
+    images = StreamedImages(list(zip(paths, labels, strict=True)), transform)
+    source = StreamSource(images, images, seed=seed, rank=0, world=1, per_worker=BATCH)
+    source.set_epoch(1)
+    return _consume(iter(source.train), limit, started)
 
 
 # ------------------------------------------------------------------------------------------ helpers

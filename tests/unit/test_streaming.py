@@ -276,3 +276,39 @@ def test_device_decode_replaces_a_corrupt_jpeg_and_augments_by_seed(tmp_path: Pa
     evaluated = source._decode_here(shipped, eval_transform(build_input_spec(cfg)), None, torch.device(device))
     # Evaluation keeps the row (a placeholder the consumer drops) and its own label.
     assert list(evaluated["label"]) == [0, 1, 2, 3] and list(evaluated["bad"]) == ["", "", paths[2], ""]
+
+
+# ------------------------------------------------------------------------------ uint8 across the object store
+@pytest.mark.parametrize("train", [True, False])
+def test_images_cross_the_object_store_as_uint8_and_are_normalised_on_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train: bool
+) -> None:
+    """The decode tasks ship uint8 (a quarter of float32's bytes); the worker's batches equal the whole preset
+    applied image by image, and the unreadable file is still replaced (training) or dropped (evaluation)."""
+    _, paths = _batch(tmp_path)
+    cfg = config(tmp_path, {"trainUri": str(tmp_path)})
+    spec = build_input_spec(cfg)
+    transform = train_transform(spec, "standard") if train else eval_transform(spec)
+    images = StreamedImages([(p, i) for i, p in enumerate(paths)], transform)
+    shipped: list[np.ndarray] = []
+    whole: list[dict[str, np.ndarray]] = []
+
+    def in_process(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
+        block = {k: np.asarray([row[k] for row in rows], dtype=object if k == "path" else None) for k in ("path", "label", "key")}
+        out = decoder(block)
+        shipped.append(out["image"])
+        whole.append(Decoder(transform, decoder.seed, decoder.epoch)(block))  # the preset applied whole, per image
+        return iter([out])
+
+    monkeypatch.setattr("finetune_trainer.streaming._stream", in_process)
+    source = StreamSource(images, images, seed=3, rank=0, world=1, per_worker=4)
+    source.set_epoch(1)
+    got, labels = next(iter(source.train if train else source.val))
+    assert shipped[0].dtype == np.uint8
+    assert got.dtype == torch.float32
+    expected, keep = torch.as_tensor(whole[0]["image"]), [b == "" for b in whole[0]["bad"]]
+    if not train:  # evaluation drops the unreadable image; training replaced it
+        assert not all(keep)
+        expected = expected[torch.as_tensor(keep)]
+    assert labels.tolist() == [int(v) for v, k in zip(whole[0]["label"], keep, strict=True) if train or k]
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -279,6 +279,7 @@ def _source(worker: Worker, train: Labelled, val: Labelled) -> Source:
             per_worker=per_worker,
             passes=worker.passes,
             decode_device=worker.device if on_device else None,
+            device=worker.device,
         )
     return build_loaders(spec, train, val, passes=worker.passes)
 

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
+from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
 from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
 from finetune_trainer.seeding import seeded_sample
 
-__all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "steps_per_epoch"]
+__all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ def epoch_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> list[
     )
     sampler.set_epoch(epoch)
     return list(sampler)
+
+
+def split_finish(transform: Callable[[Any], Tensor]) -> tuple[Callable[[Any], Tensor], Callable[[Tensor], Tensor] | None]:
+    """(per-image part, batch part) of a ``data`` preset: the float conversion and normalisation that end it run on the
+    training worker, on a whole batch, so images cross Ray's object store as uint8 (a quarter of float32's bytes,
+    measured in bench/ingest_bench.py). A transform of another shape is applied whole in the decode tasks."""
+    steps = transform.transforms if isinstance(transform, T.Compose) else []
+    if len(steps) >= 2 and isinstance(steps[-2], T.ToDtype) and isinstance(steps[-1], T.Normalize):
+        return T.Compose(steps[:-2]), T.Compose(steps[-2:])
+    return transform, None
 
 
 def steps_per_epoch(share: int, per_worker: int) -> tuple[int, bool]:
@@ -218,10 +229,13 @@ class StreamSource:
         per_worker: int,
         passes: int = 1,
         decode_device: torch.device | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """``decode_device``: decode JPEGs on this device (``jpegDecode: gpu``) instead of in the Ray Data tasks."""
+        """``decode_device``: decode JPEGs on this device (``jpegDecode: gpu``) instead of in the Ray Data tasks.
+        ``device``: where a batch's uint8 images become normalised floats (``split_finish``; the CPU by default)."""
         self.train_images, self.val_images = train, val
         self.decode_device = decode_device
+        self.device = device or torch.device("cpu")
         self.seed, self.rank, self.world, self.per_worker, self.passes = seed, rank, world, per_worker, passes
         self.epoch = 0
         self.unreadable = Unreadable()
@@ -256,17 +270,23 @@ class StreamSource:
     def _batches(
         self, images: StreamedImages, positions: list[int], epoch: int | None, per_batch: int, drop_last: bool
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        decoder = Decoder(images.transform, self.seed, epoch, raw=self.decode_device is not None)
+        raw = self.decode_device is not None
+        per_image, finish = (images.transform, None) if raw else split_finish(images.transform)
+        decoder = Decoder(per_image, self.seed, epoch, raw=raw)
         for batch in _stream(self._rows(images, positions), decoder, per_batch, drop_last):
             if self.decode_device is not None:
                 batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
             self.unreadable.add(batch["bad"])
             images_out, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
             keep = torch.from_numpy(np.asarray([not b for b in batch["bad"]], dtype=bool))
-            if epoch is not None or bool(keep.all()):  # training: unreadable images were replaced already
-                yield images_out, labels
-            elif bool(keep.any()):  # evaluation: each image counted once, an unreadable one not at all
-                yield images_out[keep.to(images_out.device)], labels[keep]
+            if epoch is None and not bool(keep.all()):  # evaluation: each image counted once, an unreadable one not at all
+                if not bool(keep.any()):
+                    continue
+                images_out, labels = images_out[keep.to(images_out.device)], labels[keep]
+            # Training: unreadable images were replaced already.
+            if finish is not None:
+                images_out = finish(images_out.to(self.device, non_blocking=True))
+            yield images_out, labels
 
     def _decode_here(
         self, batch: dict[str, Any], transform: Callable[[Any], Tensor], epoch: int | None, device: torch.device
