@@ -48,6 +48,9 @@ from finetune_operator.stuck import PodsAndEvents, StuckReader
 log = logging.getLogger(__name__)
 
 EVENT_MESSAGE_MAX = 1000
+CONFLICT_ATTEMPTS = 5
+"""Status writes per mirror when each meets a 409 (client-go's ``retry.DefaultRetry`` makes 5 too): a job whose
+status other writers keep changing (the create handler, the trainer's progress) is re-read and re-decided."""
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """``emit(object, type, reason, message)``: records a Kubernetes Event about ``object``."""
@@ -348,9 +351,10 @@ class Reconciler:
         cluster is not up (None: not looked, ``status.map_status`` keeps the last one).
 
         The patch carries the job's resourceVersion as a precondition; on 409 the job is read again and the
-        decision taken anew once, so that two writers racing (an event and a handler) never undo each other.
+        decision taken anew (up to ``CONFLICT_ATTEMPTS`` writes), so that two writers racing (an event and a handler)
+        never undo each other, and a busy job is not left for the resync round (a minute) after two conflicts.
         """
-        for attempt in range(2):
+        for attempt in range(CONFLICT_ATTEMPTS):
             patch: dict[str, Any] = {}
             if record and not parent.rayjob_name:
                 patch = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
@@ -367,7 +371,7 @@ class Reconciler:
                 self._write_status(parent, {**patch, **mirrored})
                 return
             except ApiFailure as exc:
-                if exc.status != 409 or attempt:
+                if exc.status != 409 or attempt == CONFLICT_ATTEMPTS - 1:
                     raise
             fresh = self.kube.read(KIND, parent.namespace, parent.name)
             if fresh is None or fresh["metadata"].get("uid") != parent.uid:
@@ -396,4 +400,4 @@ class Reconciler:
         self.emit(obj, type_, reason, message[:EVENT_MESSAGE_MAX])
 
 
-__all__ = ["EventSink", "KubeApi", "Reconciler", "log_event"]
+__all__ = ["CONFLICT_ATTEMPTS", "EventSink", "KubeApi", "Reconciler", "log_event"]

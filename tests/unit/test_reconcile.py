@@ -7,6 +7,7 @@ The same flows run against the HTTP emulator and Kopf in tests/integration/test_
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +18,7 @@ from finetune_operator.admission import admit
 from finetune_operator.failures import RETRY_CAP_SECONDS, ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.ownership import ParentJob, controller_of
 from finetune_operator.rayjob import build_children
-from finetune_operator.reconcile import Reconciler
+from finetune_operator.reconcile import CONFLICT_ATTEMPTS, Reconciler
 from finetune_operator.settings import OperatorSettings
 from tests.support.fake_kube import Events, FakeKube
 
@@ -778,3 +779,33 @@ def test_a_running_queued_job_costs_no_workload_list(kube: FakeKube, rec: Reconc
     kube.calls.clear()
     rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
     assert kube.count("list", "Workload") == 0 and kube.count("patch", "Workload") == 0
+
+
+@pytest.mark.parametrize(("conflicts", "mirrored"), [(1, True), (CONFLICT_ATTEMPTS - 1, True), (CONFLICT_ATTEMPTS, False)])
+def test_a_status_write_that_keeps_conflicting_is_redecided_until_it_lands(
+    kube: FakeKube, rec: Reconciler, conflicts: int, mirrored: bool
+) -> None:
+    """Other writers (the trainer's progress, the create handler) change the job between each read and write: the
+    mirror re-reads and writes again, up to CONFLICT_ATTEMPTS times, instead of leaving it to the minute's resync."""
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    running = kube.patch_status("RayJob", "team", name, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    parent = ParentJob.of(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    left = [conflicts]
+    write = kube.patch_status
+
+    def racing(kind: str, namespace: str, name: str, status: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+        if kind == "FineTuneJob" and left[0] > 0:  # another writer lands first: this write's resourceVersion is stale
+            left[0] -= 1
+            write(kind, namespace, name, {"progress": {"epoch": left[0]}})
+        return write(kind, namespace, name, status, **kw)
+
+    kube.patch_status = racing  # type: ignore[method-assign]
+    if mirrored:
+        rec.mirror(parent, running)
+        assert status(kube)["phase"] == "Running"
+    else:
+        with pytest.raises(ApiFailure) as failure:
+            rec.mirror(parent, running)
+        assert failure.value.status == 409
+        assert status(kube)["phase"] != "Running"
