@@ -89,26 +89,34 @@ def _renice() -> None:
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
 
 
-def _renice_worker(_worker_id: int) -> None:
+def _renice_worker(worker_id: int) -> None:
+    from finetune_trainer.seeding import seed_loader_worker
+
     _renice()
+    seed_loader_worker(worker_id)
 
 
 def dataloader_images_per_second(
     samples: Sequence[tuple[str, int]], transform: Callable[[Any], Any], *, workers: int, limit: int, seed: int = 0
 ) -> Run:
-    """(a) Today's path: ``ImageFiles`` in a shuffled DataLoader with ``workers`` processes."""
-    import torch
+    """(a) Today's path as ``loaders.build_loaders`` builds it for one worker: ``ImageFiles`` under ``SeededSamples``
+    (each image augmented under its own seed) through an ``EpochSampler``, in a DataLoader with ``workers``
+    processes; whole batches of normalised float32, as the training step receives them."""
     from torch.utils.data import DataLoader
 
     from finetune_trainer.image_folder import ImageFiles
+    from finetune_trainer.seeding import EpochSampler, SeededSamples, loader_generator
 
     started = time.perf_counter()
+    images = SeededSamples(ImageFiles(samples, transform), seed)
+    sampler = EpochSampler(images, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler.set_epoch(1)
     loader = DataLoader(
-        ImageFiles(samples, transform),
+        images,
         batch_size=BATCH,
-        shuffle=True,
+        sampler=sampler,
         num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=loader_generator(seed, 0),
         worker_init_fn=_renice_worker,
     )
     batches = iter(loader)
@@ -169,7 +177,8 @@ def start_ray(workers: int, env: dict[str, str]) -> None:
     import ray
 
     os.environ.update(env)
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of its own, never one already running on the machine (ray.init would join it)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     _quiet_ray_data()
 
 

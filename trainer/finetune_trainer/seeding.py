@@ -110,17 +110,21 @@ class SeededSamples(Dataset[Any]):
 
 @contextmanager
 def seeded_sample(seed: int, epoch: int, index: int) -> Iterator[None]:
-    """Torch's and Python's generators seeded by ``sample_seed`` inside, put back afterwards: the augmentation of
+    """Torch's CPU generator and Python's seeded by ``sample_seed`` inside, put back afterwards: the augmentation of
     image ``index`` in ``epoch``, the same in a DataLoader process (``SeededSamples``) and a Ray Data task
-    (``streaming``)."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(seed, epoch, index))
-        random.seed(sample_seed(seed, epoch, index))
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
+    (``streaming``). Only the CPU generators: transforms draw their parameters there, even for images on a GPU
+    (``torch.manual_seed`` would also seed every accelerator, left seeded afterwards, and costs ~0.13 ms an image;
+    this costs a fifth of that, the same stream)."""
+    sample = sample_seed(seed, epoch, index)
+    generator = torch.default_generator
+    python_state, torch_state = random.getstate(), generator.get_state()
+    generator.manual_seed(sample)
+    random.seed(sample)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        generator.set_state(torch_state)
 
 
 def rng_state() -> dict[str, Any]:

@@ -32,6 +32,7 @@ from torchvision.transforms import v2 as T
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
 from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.normalize import BatchNormalize
 from finetune_trainer.seeding import seeded_sample
 
 __all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
@@ -58,11 +59,17 @@ def epoch_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> list[
 def split_finish(transform: Callable[[Any], Tensor]) -> tuple[Callable[[Any], Tensor], Callable[[Tensor], Tensor] | None]:
     """(per-image part, batch part) of a ``data`` preset: the float conversion and normalisation that end it run on the
     training worker, on a whole batch, so images cross Ray's object store as uint8 (a quarter of float32's bytes,
-    measured in bench/ingest_bench.py). A transform of another shape is applied whole in the decode tasks."""
+    measured in bench/ingest_bench.py), fused into one operation (``normalize.BatchNormalize``). A transform of another
+    shape is applied whole in the decode tasks."""
     steps = transform.transforms if isinstance(transform, T.Compose) else []
-    if len(steps) >= 2 and isinstance(steps[-2], T.ToDtype) and isinstance(steps[-1], T.Normalize):
-        return T.Compose(steps[:-2]), T.Compose(steps[-2:])
+    if len(steps) >= 2 and _scales_to_float(steps[-2]) and isinstance(steps[-1], T.Normalize) and not steps[-1].inplace:
+        return T.Compose(steps[:-2]), BatchNormalize(steps[-1].mean, steps[-1].std)
     return transform, None
+
+
+def _scales_to_float(step: Any) -> bool:
+    """``ToDtype(torch.float32, scale=True)``: uint8 [0, 255] to float32 [0, 1], what ``BatchNormalize`` fuses."""
+    return isinstance(step, T.ToDtype) and step.dtype == torch.float32 and bool(step.scale)
 
 
 def steps_per_epoch(share: int, per_worker: int) -> tuple[int, bool]:
@@ -132,7 +139,8 @@ class Decoder:
             return {"data": data, "path": np.asarray(paths, dtype=object), "label": batch["label"], "key": batch["key"]}
         images = [self._one(path, int(key)) for path, key in zip(paths, batch["key"], strict=True)]
         filled, labels, bad = fill_unreadable(images, batch["label"], paths, train=self.epoch is not None)
-        stacked = torch.stack(filled).numpy() if filled is not None else np.zeros((len(paths), 1), np.float32)
+        # Stacked by NumPy: a block's buffer gets huge pages (see normalize), torch's would be faulted in page by page.
+        stacked = np.stack([image.numpy() for image in filled]) if filled is not None else np.zeros((len(paths), 1), np.float32)
         return {"image": stacked, "label": labels, "bad": bad}
 
 
