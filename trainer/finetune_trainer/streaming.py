@@ -181,13 +181,22 @@ class Unreadable:
 
 def _decode_resources() -> dict[str, Any]:
     """Decode tasks take a CPU each where the cluster has one free (a data-worker group, a CPU-only node): Ray
-    spreads them over the nodes. Where every CPU is held by training workers (one pod per worker, a small local
-    run) a task asking for a CPU would wait forever: they then run without a reservation, a few at a time."""
+    Data spreads them over the nodes (its tasks' default scheduling strategy is SPREAD). Where every CPU is held
+    by training workers (one pod per worker, a small local run) a task asking for a CPU would wait forever: they
+    then run without a reservation, at most two at a time. Only ``map_batches``' named parameters: Ray 2.60
+    deprecates remote options passed through ``**ray_remote_args`` (``scheduling_strategy``; removed in 2.64),
+    and ``concurrency`` since 2.51 (``compute`` replaces it)."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     if ray.available_resources().get("CPU", 0.0) >= 1:  # type: ignore[no-untyped-call]
-        return {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
-    return {"num_cpus": 0, "concurrency": 2}
+        return {"num_cpus": 1}
+    return {"num_cpus": 0, "compute": TaskPoolStrategy(size=2)}
+
+
+def _decoded(items: Any, decoder: Decoder) -> Any:
+    """``items`` (a Ray Data Dataset of rows) decoded block by block in Ray Data tasks."""
+    return items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
 
 
 def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
@@ -196,8 +205,7 @@ def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_l
     # In order: the batches, and so the run, do not depend on which task finished first.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     blocks = max(1, math.ceil(len(rows) / _BLOCK_ROWS))
-    items = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
+    ds = _decoded(ray.data.from_items(rows, override_num_blocks=blocks), decoder)
     return iter(ds.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
 
