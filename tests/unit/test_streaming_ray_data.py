@@ -1,25 +1,75 @@
-"""What the streaming path hands Ray Data, without a Ray runtime: the decode step is configured with
-``map_batches``' named parameters only (Ray 2.60 deprecates the rest)."""
+"""What the streaming path hands Ray Data, without a Ray runtime: every decoded block has one dtype and one image
+shape, a block none of whose images can be read included (Ray Data concatenates blocks into batches), and the
+decode step is configured with ``map_batches``' named parameters only (Ray 2.60 deprecates the rest)."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 import ray.data
+import torch
+from PIL import Image
 from ray.data import TaskPoolStrategy
 from ray.util.annotations import RayDeprecationWarning
 
 from finetune_trainer import streaming
 from finetune_trainer.data import eval_transform
+from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.streaming import Decoder
+from finetune_trainer.streaming import Decoder, StreamSource, split_finish
 
 INPUT = InputSpec(
     image_size=16, resize_size=18, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True
 )
+
+
+def rows(root: Path, count: int, readable: bool) -> dict[str, np.ndarray]:
+    """A block of ``count`` rows as Ray Data hands it to the decoder: JPEGs of odd sizes, or broken ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"{i}.jpg"
+        if readable:
+            Image.new("RGB", (20 + 3 * i, 17 + i), (i * 30 % 255, 90, 160)).save(path)
+        else:
+            path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG's magic, then nothing readable")
+        paths.append(str(path))
+    return {"path": np.asarray(paths, dtype=object), "label": np.arange(count) % 2, "key": np.arange(count)}
+
+
+@pytest.mark.parametrize("shipped", ["uint8", "float32"], ids=["split-preset", "whole-preset"])
+def test_an_evaluation_block_with_nothing_readable_concatenates_with_a_normal_one(tmp_path: Path, shipped: str) -> None:
+    """Before: ``np.zeros((n, 1), float32)`` beside ``(n, 3, H, W)`` uint8 blocks, which Ray Data cannot batch together."""
+    transform = eval_transform(INPUT)
+    per_image = split_finish(transform)[0] if shipped == "uint8" else transform  # what StreamSource ships, or the whole
+    good = Decoder(per_image, seed=0, epoch=None)(rows(tmp_path / "good", 3, readable=True))
+    broken_rows = rows(tmp_path / "broken", 4, readable=False)
+    broken = Decoder(per_image, seed=0, epoch=None)(broken_rows)
+    assert good["image"].dtype == np.dtype(shipped) and good["image"].shape == (3, 3, 16, 16)
+    assert broken["image"].dtype == good["image"].dtype and broken["image"].shape == (4, 3, 16, 16)
+    batch = {k: np.concatenate([good[k], broken[k]]) for k in ("image", "label", "bad")}
+    assert batch["image"].shape == (7, 3, 16, 16)
+    assert list(batch["bad"]) == ["", "", "", *broken_rows["path"]]  # the consumer drops and counts these four
+    assert list(batch["label"]) == [0, 1, 0, 0, 1, 0, 1]
+
+
+def test_a_device_decoded_batch_with_nothing_readable_has_the_shape_of_the_others(tmp_path: Path) -> None:
+    """``jpegDecode: gpu`` (exercised on the CPU): before, ``torch.zeros(n, 1)``."""
+    transform = eval_transform(INPUT)
+    images = StreamedImages([("/unused.jpg", 0)] * 4, transform)
+    source = StreamSource(images, images, seed=0, rank=0, world=1, per_worker=4, decode_device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    raw = Decoder(transform, seed=0, epoch=None, raw=True)
+    good = source._decode_here(raw(rows(tmp_path / "good", 3, readable=True)), transform, None, cpu)
+    broken = source._decode_here(raw(rows(tmp_path / "broken", 2, readable=False)), transform, None, cpu)
+    assert good["image"].shape == (3, 3, 16, 16)
+    assert broken["image"].shape == (2, 3, 16, 16) and broken["image"].dtype == good["image"].dtype
+    assert all(broken["bad"])
 
 
 class Unexecuted(ray.data.Dataset):
