@@ -1,13 +1,14 @@
 """Unreadable images of the streaming path, which lists files and never scans them: ``fill_unreadable`` replaces
 (training) or marks for dropping (evaluation) the images of a batch that cannot be decoded, ``blank_images`` gives
 a block none of whose images can be read the shape of the others (Ray Data concatenates blocks into batches),
-and ``Unreadable`` counts them against ``MAX_UNREADABLE_FRACTION`` (a warning below, a one-line TrainerError
-naming some files above).
+``Unreadable`` counts them against ``MAX_UNREADABLE_FRACTION`` (a warning below, a one-line TrainerError naming
+some files above), and ``readable_batches`` reads the validation images map-style for rank 0's final evaluation
+with the same skipping and the same limit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION
+from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
 
-__all__ = ["BLANK_SIDE", "EARLY_CHECK", "Unreadable", "blank_images", "fill_unreadable"]
+__all__ = ["BLANK_SIDE", "EARLY_CHECK", "Unreadable", "blank_images", "fill_unreadable", "readable_batches"]
 
 EARLY_CHECK: Final = 1000
 """A worker that has read this many images checks the unreadable limit on its own, without waiting for the epoch's end."""
@@ -96,9 +98,46 @@ class Unreadable:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, examples)
             examples = list(dict.fromkeys(e for part in gathered for e in part))
+        return self._judge(bad, seen, examples)
+
+    def check_here(self) -> str | None:
+        """``check`` of this process's counts alone (no collective): rank 0's final evaluation."""
+        return self._judge(self.bad, self.seen, list(self.examples))
+
+    def _judge(self, bad: int, seen: int, examples: list[str]) -> str | None:
         if bad > MAX_UNREADABLE_FRACTION * max(seen, 1):
             raise self._error(bad, seen, examples)
         if bad and not self.warned:
             self.warned = True
             return f"dataset: skipped {bad} of {seen} images that cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])})"
         return None
+
+
+class _ReadOrNone(Dataset[tuple[Tensor | None, int, str]]):
+    """``(image, label, '')`` of each listed image, ``(None, label, path)`` for one that cannot be read or decoded."""
+
+    def __init__(self, images: StreamedImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        path, label = self.images.samples[index]
+        try:
+            image = decode_image(read_file(path))
+        except READ_ERRORS:
+            return None, label, path
+        return self.images.transform(image), label, ""
+
+
+def readable_batches(images: StreamedImages, per_batch: int, tally: Unreadable) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every listed image in order, read map-style in this process (rank 0's final evaluation, no Ray Data), in
+    ``(images, labels)`` batches: an unreadable one dropped and counted in ``tally``, as the streamed evaluation
+    does; ``tally.check_here()`` after the pass applies the same limit."""
+    loader: DataLoader[Any] = DataLoader(_ReadOrNone(images), batch_size=per_batch, shuffle=False, collate_fn=list)
+    for items in loader:
+        tally.add(np.asarray([path for _, _, path in items], dtype=object))
+        good = [(image, label) for image, label, _ in items if image is not None]
+        if good:
+            yield torch.stack([image for image, _ in good]), torch.as_tensor([label for _, label in good])
