@@ -58,17 +58,25 @@ def test_an_evaluation_block_with_nothing_readable_concatenates_with_a_normal_on
     assert list(batch["label"]) == [0, 1, 0, 0, 1, 0, 1]
 
 
-def test_a_device_decoded_batch_with_nothing_readable_has_the_shape_of_the_others(tmp_path: Path) -> None:
-    """``jpegDecode: gpu`` (exercised on the CPU): before, ``torch.zeros(n, 1)``."""
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")),
+    ],
+)
+def test_a_device_decoded_batch_with_nothing_readable_has_the_shape_of_the_others(tmp_path: Path, device: str) -> None:
+    """``jpegDecode: gpu`` (on the CPU where there is no GPU): before, ``torch.zeros(n, 1)`` on the host."""
     transform = eval_transform(INPUT)
     images = StreamedImages([("/unused.jpg", 0)] * 4, transform)
-    source = StreamSource(images, images, seed=0, rank=0, world=1, per_worker=4, decode_device=torch.device("cpu"))
-    cpu = torch.device("cpu")
+    where = torch.device(device)
+    source = StreamSource(images, images, seed=0, rank=0, world=1, per_worker=4, decode_device=where)
     raw = Decoder(transform, seed=0, epoch=None, raw=True)
-    good = source._decode_here(raw(rows(tmp_path / "good", 3, readable=True)), transform, None, cpu)
-    broken = source._decode_here(raw(rows(tmp_path / "broken", 2, readable=False)), transform, None, cpu)
+    good = source._decode_here(raw(rows(tmp_path / "good", 3, readable=True)), transform, None, where)
+    broken = source._decode_here(raw(rows(tmp_path / "broken", 2, readable=False)), transform, None, where)
     assert good["image"].shape == (3, 3, 16, 16)
     assert broken["image"].shape == (2, 3, 16, 16) and broken["image"].dtype == good["image"].dtype
+    assert broken["image"].device == good["image"].device
     assert all(broken["bad"])
 
 
