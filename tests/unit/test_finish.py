@@ -1,6 +1,7 @@
 """The end of a run (issue 11 item 3), on the CPU without a Ray runtime: model.pt holds the best checkpoint's
 weights, not the last epoch's, and evaluation.json, the model card and status.artifacts describe them; an
-unusable best checkpoint ships the last epoch's weights with a warning, and says so everywhere."""
+unusable best checkpoint ships the last epoch's weights with a warning, and says so everywhere. The final
+evaluation of a streamed dataset skips and counts an unreadable image under the per-epoch limit (issue 14)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
 from finetune_trainer.checkpoint import CHECKPOINT_FILE, TrainState, checkpoint_dir_name, write_checkpoint
+from finetune_trainer.data import eval_transform
 from finetune_trainer.engine import Precision
+from finetune_trainer.errors import TrainerError
 from finetune_trainer.finish import finish_run
+from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
 
@@ -160,3 +165,67 @@ def test_a_checkpoint_without_the_best_ones_name_still_ships_the_best(tmp_path: 
     state.best_checkpoint = best_checkpoint
     finish(cfg, state, last_model, Recorder())
     assert read(cfg, "model.json")["metrics"]["shipped"]["epoch"] == 2
+
+
+# ------------------------------------------------------- the final evaluation of a streamed (listed) dataset
+def streamed_val(root: Path, count: int, corrupt: int) -> tuple[StreamedImages, list[str]]:
+    """An ImageFolder of ``count`` tiny JPEGs over the three classes, listed (not scanned) as the streaming path
+    lists it, whose file number ``corrupt`` is a JPEG with a broken body; returns it and the corrupt file's path."""
+    samples = []
+    for i in range(count):
+        label = i % len(CLASSES)
+        path = root / CLASSES[label] / f"{i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 6), (40 * label, 90, 160)).save(path)
+        samples.append((str(path), label))
+    broken = root / CLASSES[samples[corrupt][1]] / f"{corrupt:03d}.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 a JPEG's magic, then nothing readable")
+    return StreamedImages(samples, eval_transform(INPUT)), [str(broken)]
+
+
+def test_the_final_evaluation_skips_and_counts_an_unreadable_streamed_image(tmp_path: Path) -> None:
+    """One unreadable image of 100 (the 1 % limit): the per-epoch evaluation skipped it, so does the final one,
+    and the model card says so; before, reading it map-style failed the run at its very end."""
+    cfg = config(tmp_path / "runs")
+    state, last_model = train(cfg)
+    val, (broken,) = streamed_val(tmp_path / "val", 100, corrupt=7)
+    finish_run(
+        cfg,
+        model=last_model,
+        class_names=CLASSES,
+        precision=Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False)),
+        criterion=nn.CrossEntropyLoss(),
+        val=val,
+        state=state,
+        input_spec=INPUT,
+        sinks=Recorder(),
+    )
+    evaluation = read(cfg, "evaluation.json")
+    assert evaluation["numSamples"] == 99
+    # Epoch 2's weights predict "a": right for the 34 "a" images (the 7th, a "b", is the one skipped).
+    assert evaluation["accuracy"] == 34 / 99
+    assert read(cfg, "model.json")["warnings"] == [
+        f"final evaluation: dataset: skipped 1 of 100 images that cannot be decoded (e.g. {broken})"
+    ]
+
+
+def test_above_the_limit_the_final_evaluation_fails_with_the_one_line_error(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "runs")
+    state, last_model = train(cfg)
+    val, (broken,) = streamed_val(tmp_path / "val", 50, corrupt=0)
+    with pytest.raises(TrainerError) as info:
+        finish_run(
+            cfg,
+            model=last_model,
+            class_names=CLASSES,
+            precision=Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False)),
+            criterion=nn.CrossEntropyLoss(),
+            val=val,
+            state=state,
+            input_spec=INPUT,
+            sinks=Recorder(),
+        )
+    assert str(info.value) == (
+        f"dataset: 1 of 50 images read cannot be decoded (e.g. {broken}); "
+        "at most 1% may be, and they are skipped: fix or remove them"
+    )

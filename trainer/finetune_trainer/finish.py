@@ -24,11 +24,13 @@ from finetune_trainer.artifacts import RunFacts, write_artifacts
 from finetune_trainer.checkpoint import CorruptCheckpoint, TrainState, checkpoint_dir_name
 from finetune_trainer.engine import Precision, evaluate
 from finetune_trainer.evaluation import EvalResult
+from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import StartingWeights
 from finetune_trainer.progress import ProgressSink
 from finetune_trainer.protect import keyring_for
 from finetune_trainer.resume import read_weights
+from finetune_trainer.unreadable import Unreadable, readable_batches
 
 __all__ = ["finish_run"]
 
@@ -88,8 +90,21 @@ def finish_run(
     facts = facts or RunFacts()
     name, epoch = _ship_weights(cfg, model, state, sinks, facts.warnings, start)
     # Eval mode: any batch size gives the same numbers (a spec not yet planned has none).
-    loader: DataLoader[Any] = DataLoader(val, batch_size=max(2, spec.hyperparameters.batch_size or 64), shuffle=False)
-    stats = evaluate(model, loader, criterion, precision, len(class_names), reduce=False)
+    per_batch = max(2, spec.hyperparameters.batch_size or 64)
+    tally = Unreadable()
+    # Streamed images were listed, never scanned: an unreadable one is skipped and counted, as in the per-epoch
+    # evaluation and under the same limit, instead of failing the run at its very end.
+    batches: Any = (
+        readable_batches(val, per_batch, tally)
+        if isinstance(val, StreamedImages)
+        else DataLoader(val, batch_size=per_batch, shuffle=False)
+    )
+    stats = evaluate(model, batches, criterion, precision, len(class_names), reduce=False)
+    warning = tally.check_here()
+    if warning is not None:
+        warning = f"final evaluation: {warning}"
+        log.warning("%s", warning)
+        facts.warnings.append(warning)
     if sinks is not None:
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=100.0, stage="export", updated_at=utc_now()))
     artifacts = write_artifacts(

@@ -9,8 +9,8 @@ otherwise). Ray Data tasks, on whichever node has CPUs (CPU-only nodes included)
 fsspec, decode it with PIL and apply the transform seeded by ``(seed, epoch, index)`` as ``seeding`` lays out
 (``Decoder``); order is preserved, so a run is reproducible. Validation is a strided, unpadded shard: each
 image evaluated once. Unreadable files are found while decoding: in training replaced by another image of
-the same batch (step counts stay equal), in validation dropped; both counted (``Unreadable``), a warning
-below ``MAX_UNREADABLE_FRACTION``, a one-line TrainerError naming some files above it. Memory and disk stay
+the same batch (step counts stay equal), in validation dropped; both counted, a warning below
+``MAX_UNREADABLE_FRACTION``, a one-line TrainerError naming some files above it (``unreadable``). Memory and disk stay
 bounded: nothing is copied, and Ray Data's streaming executor holds only the blocks in flight.
 """
 
@@ -18,30 +18,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
-from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, read_file
 from finetune_trainer.normalize import BatchNormalize
 from finetune_trainer.seeding import seeded_sample
+from finetune_trainer.unreadable import BLANK_SIDE, Unreadable, blank_images, fill_unreadable
 
 __all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
-EARLY_CHECK: Final = 1000
-"""A worker that has read this many images checks the unreadable limit on its own, without waiting for the epoch's end."""
-_EXAMPLES: Final = 3
 _BLOCK_ROWS: Final = 64
 """Rows per Ray Data block and decode task: small enough that the first batch arrives in seconds."""
 
@@ -77,30 +75,6 @@ def steps_per_epoch(share: int, per_worker: int) -> tuple[int, bool]:
     (BatchNorm cannot train on it), any other is kept."""
     drop_last = share % per_worker == 1
     return (share // per_worker if drop_last else math.ceil(share / per_worker)), drop_last
-
-
-def fill_unreadable(
-    images: list[Tensor | None], labels: np.ndarray, paths: Sequence[str], train: bool
-) -> tuple[list[Tensor] | None, np.ndarray, np.ndarray]:
-    """(images, labels, bad) of a batch where ``None`` marks an image that could not be decoded. Training: each such
-    image and its label replaced by the next readable one of the batch (the batch keeps its size, every rank its
-    steps). Evaluation: a zero image the consumer drops. ``bad`` names each unreadable file ('' for the others).
-    Images None: nothing in the batch could be read (evaluation; in training that is a TrainerError)."""
-    labels = np.asarray(labels, dtype=np.int64).copy()
-    bad = np.asarray(["" if image is not None else path for path, image in zip(paths, images, strict=True)], dtype=object)
-    good = [i for i, image in enumerate(images) if image is not None]
-    if not good:
-        if train:
-            raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be decoded (e.g. {paths[0]})")
-        return None, labels, bad
-    first = cast(Tensor, images[good[0]])
-    filled: list[Tensor] = []
-    for i, image in enumerate(images):
-        if image is None and train:
-            j = next((g for g in good if g > i), good[0])
-            image, labels[i] = images[j], labels[j]
-        filled.append(image if image is not None else torch.zeros_like(first))
-    return filled, labels, bad
 
 
 @dataclass(frozen=True)
@@ -139,63 +113,31 @@ class Decoder:
             return {"data": data, "path": np.asarray(paths, dtype=object), "label": batch["label"], "key": batch["key"]}
         images = [self._one(path, int(key)) for path, key in zip(paths, batch["key"], strict=True)]
         filled, labels, bad = fill_unreadable(images, batch["label"], paths, train=self.epoch is not None)
+        blank = Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))  # shapes the placeholders of a block with nothing readable
+        if filled is None:
+            return {"image": blank_images(self.transform, len(paths), blank).numpy(), "label": labels, "bad": bad}
         # Stacked by NumPy: a block's buffer gets huge pages (see normalize), torch's would be faulted in page by page.
-        stacked = np.stack([image.numpy() for image in filled]) if filled is not None else np.zeros((len(paths), 1), np.float32)
-        return {"image": stacked, "label": labels, "bad": bad}
-
-
-@dataclass
-class Unreadable:
-    """Unreadable files this worker met, with a few of their paths; ``check`` applies the limit."""
-
-    seen: int = 0
-    bad: int = 0
-    examples: list[str] = field(default_factory=list)
-    warned: bool = False
-
-    def add(self, bad: np.ndarray) -> None:
-        self.seen += len(bad)
-        names = [str(b) for b in bad if b]
-        self.bad += len(names)
-        self.examples.extend(n for n in names if n not in self.examples and len(self.examples) < _EXAMPLES)
-        if self.seen >= EARLY_CHECK and self.bad > MAX_UNREADABLE_FRACTION * self.seen:
-            raise self._error(self.bad, self.seen, self.examples)
-
-    @staticmethod
-    def _error(bad: int, seen: int, examples: list[str]) -> TrainerError:
-        return TrainerError(
-            f"dataset: {bad} of {seen} images read cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])}); "
-            f"at most {MAX_UNREADABLE_FRACTION:.0%} may be, and they are skipped: fix or remove them"
-        )
-
-    def check(self, device: torch.device) -> str | None:
-        """Every worker's counts summed (a collective: all must call it): a TrainerError above the limit, else the
-        warning to give once (None when there is nothing new to say)."""
-        bad, seen, examples = self.bad, self.seen, list(self.examples)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = torch.tensor([bad, seen], dtype=torch.float64, device=device)
-            dist.all_reduce(counts)
-            bad, seen = (int(v) for v in counts.tolist())
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, examples)
-            examples = list(dict.fromkeys(e for part in gathered for e in part))
-        if bad > MAX_UNREADABLE_FRACTION * max(seen, 1):
-            raise self._error(bad, seen, examples)
-        if bad and not self.warned:
-            self.warned = True
-            return f"dataset: skipped {bad} of {seen} images that cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])})"
-        return None
+        return {"image": np.stack([image.numpy() for image in filled]), "label": labels, "bad": bad}
 
 
 def _decode_resources() -> dict[str, Any]:
     """Decode tasks take a CPU each where the cluster has one free (a data-worker group, a CPU-only node): Ray
-    spreads them over the nodes. Where every CPU is held by training workers (one pod per worker, a small local
-    run) a task asking for a CPU would wait forever: they then run without a reservation, a few at a time."""
+    Data spreads them over the nodes (its tasks' default scheduling strategy is SPREAD). Where every CPU is held
+    by training workers (one pod per worker, a small local run) a task asking for a CPU would wait forever: they
+    then run without a reservation, at most two at a time. Only ``map_batches``' named parameters: Ray 2.60
+    deprecates remote options passed through ``**ray_remote_args`` (``scheduling_strategy``; removed in 2.64),
+    and ``concurrency`` since 2.51 (``compute`` replaces it)."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     if ray.available_resources().get("CPU", 0.0) >= 1:  # type: ignore[no-untyped-call]
-        return {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
-    return {"num_cpus": 0, "concurrency": 2}
+        return {"num_cpus": 1}
+    return {"num_cpus": 0, "compute": TaskPoolStrategy(size=2)}
+
+
+def _decoded(items: Any, decoder: Decoder) -> Any:
+    """``items`` (a Ray Data Dataset of rows) decoded block by block in Ray Data tasks."""
+    return items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
 
 
 def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
@@ -204,8 +146,7 @@ def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_l
     # In order: the batches, and so the run, do not depend on which task finished first.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     blocks = max(1, math.ceil(len(rows) / _BLOCK_ROWS))
-    items = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
+    ds = _decoded(ray.data.from_items(rows, override_num_blocks=blocks), decoder)
     return iter(ds.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
 
@@ -304,6 +245,7 @@ class StreamSource:
         decoded = decode_on_device(list(batch["data"]), device)
         filled, labels, bad = fill_unreadable(decoded, batch["label"], paths, train=epoch is not None)
         if filled is None:
-            return {"image": torch.zeros(len(paths), 1), "label": labels, "bad": bad}
+            blank = torch.zeros((3, BLANK_SIDE, BLANK_SIDE), dtype=torch.uint8, device=device)
+            return {"image": blank_images(transform, len(paths), blank), "label": labels, "bad": bad}
         keys = [int(k) for k in batch["key"]]
         return {"image": transform_on_device(filled, keys, transform, self.seed, epoch), "label": labels, "bad": bad}
