@@ -1,6 +1,6 @@
 """A run that fails after epoch k resumes at epoch k+1 when the same job is launched again, keeping its
-best metric and every finished epoch, and trains on exactly as the uninterrupted run does; a checkpoint
-of another spec is refused, not resumed."""
+best metric and every finished epoch, and trains on exactly as the uninterrupted run does, its TensorBoard steps
+going on from the checkpoint's; a checkpoint of another spec is refused, not resumed."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from ray.train import TrainingFailedError
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
@@ -25,8 +26,14 @@ def curve(records: list[EpochRecord]) -> list[tuple[object, ...]]:
     return [(r.epoch, r.stage, r.train_loss, r.val_loss, r.val_accuracy, r.val_top5, r.lr) for r in records]
 
 
-# Random numbers every epoch: crops and flips, and dropout in MobileNet's classifier.
-RANDOM_JOB = {"model": {"name": "mobilenet_v3_small"}, "dataset": {"augmentation": "standard"}, "hyperparameters": {"epochs": 4}}
+# Random numbers every epoch: crops and flips, and dropout in MobileNet's classifier. TensorBoard at every step,
+# to see that the relaunch goes on from the checkpoint's step.
+RANDOM_JOB = {
+    "model": {"name": "mobilenet_v3_small"},
+    "dataset": {"augmentation": "standard"},
+    "hyperparameters": {"epochs": 4},
+    "tracking": {"tensorboard": {"logEverySteps": 1}},
+}
 
 
 def test_a_relaunch_resumes_after_the_last_checkpoint_as_the_uninterrupted_run_trains(make_config: MakeConfig) -> None:
@@ -63,6 +70,14 @@ def test_a_relaunch_resumes_after_the_last_checkpoint_as_the_uninterrupted_run_t
     ]
     assert models[0].keys() == models[1].keys()
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+    # TensorBoard: one point per optimizer step across both launches, the relaunch going on from epoch 2's last step.
+    tensorboard = EventAccumulator(str(Path(resumed.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    tensorboard.Reload()
+    epochs = tensorboard.Scalars("epoch/epoch")
+    assert [e.value for e in epochs] == [1.0, 2.0, 3.0, 4.0]
+    assert [e.step for e in tensorboard.Scalars("step/train_loss")] == list(range(1, int(epochs[-1].step) + 1))
+    assert epochs[2].step - epochs[1].step == epochs[0].step
 
     # The same job relaunched with another spec finds these checkpoints and refuses them in one line.
     changed = make_config("resumed", **{**RANDOM_JOB, "hyperparameters": {"epochs": 4, "learningRate": 0.01}})
