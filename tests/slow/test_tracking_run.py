@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.slow.conftest import MakeConfig
-
 pytestmark = pytest.mark.slow
 
 JOB = """
@@ -86,26 +84,3 @@ def test_finetune_run_writes_tensorboard_events_and_an_mlflow_run(tmp_path: Path
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_accuracy")] == [1, 2]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model.json", "metrics.jsonl", "confusion_matrix.png", "tensorboard"} <= names
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_a_relaunched_run_continues_the_tensorboard_steps(make_config: MakeConfig) -> None:
-    from ray.train import TrainingFailedError
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from finetune_trainer import driver
-
-    cfg = driver.absolute_output(
-        make_config("tb-resume", hyperparameters={"epochs": 3}, tracking={"tensorboard": {"logEverySteps": 1}})
-    )
-    with pytest.raises(TrainingFailedError, match="injected failure after epoch 1"):
-        driver.build_trainer(cfg, fail_after_epoch=1, local=True).fit()
-    driver.build_trainer(cfg, local=True).fit()
-
-    acc = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    epochs = acc.Scalars("epoch/epoch")
-    assert [e.value for e in epochs] == [1.0, 2.0, 3.0]
-    # One point per optimizer step across both launches: the relaunch went on from epoch 1's last step.
-    assert [e.step for e in acc.Scalars("step/train_loss")] == list(range(1, int(epochs[-1].step) + 1))
-    assert epochs[1].step - epochs[0].step == epochs[0].step

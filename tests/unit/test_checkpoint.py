@@ -23,31 +23,20 @@ from finetune_trainer.checkpoint import (
     checkpoint_dir_name,
     read_checkpoint,
     restore_training,
-    write_checkpoint,
 )
 from finetune_trainer.engine import Precision, train_one_epoch
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.resume import order_candidates, read_weights, resume_from
+from tests.support.checkpoints import save_checkpoint
 
 FP = "fp-1"
 
 
 def save(directory: Path, state: TrainState, seed: int = 0, scaler: torch.amp.GradScaler | None = None) -> nn.Module:
     """A checkpoint of a small model (its weights drawn from ``seed``) in ``directory``; returns the model."""
-    directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    write_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler or torch.amp.GradScaler("cpu", enabled=False),
-        state=state,
-        fingerprint=FP,
-    )
+    save_checkpoint(directory, model, state, FP, scaler=scaler)
     return model
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec, Metrics, Progress
-from finetune_trainer.checkpoint import CHECKPOINT_FILE, TrainState, checkpoint_dir_name, write_checkpoint
+from finetune_trainer.checkpoint import CHECKPOINT_FILE, TrainState, checkpoint_dir_name
 from finetune_trainer.data import eval_transform
 from finetune_trainer.engine import Precision
 from finetune_trainer.errors import TrainerError
@@ -25,6 +25,7 @@ from finetune_trainer.finish import finish_run
 from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, append_metrics
+from tests.support.checkpoints import save_checkpoint
 
 CLASSES = ["a", "b", "c"]
 SIZE = 4
@@ -80,18 +81,7 @@ def train(cfg: TrainerConfig) -> tuple[TrainState, nn.Module]:
     for epoch, (bias, acc) in EPOCHS.items():
         model = model_of(bias)
         state.observe(epoch, acc, 0.0)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        directory = Path(cfg.run_dir) / checkpoint_dir_name(epoch)
-        directory.mkdir(parents=True)
-        write_checkpoint(
-            directory,
-            model=model,
-            optimizer=optimizer,
-            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            state=state,
-            fingerprint=cfg.spec_fingerprint(),
-        )
+        save_checkpoint(Path(cfg.run_dir) / checkpoint_dir_name(epoch), model, state, cfg.spec_fingerprint())
         values: dict[str, Any] = dict(
             train_loss=1.0, val_loss=1.0, val_top5=None, images_per_second=1.0, epoch_seconds=1.0, lr=0.1
         )

@@ -11,24 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.checkpoint import (
-    CHECKPOINT_FILE,
-    TrainState,
-    full_weights,
-    read_checkpoint,
-    restore_model,
-    stored_weights,
-    write_checkpoint,
-)
+from finetune_trainer.checkpoint import TrainState, full_weights, read_checkpoint, restore_model, stored_weights
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.model import StartingWeights, build_model, starting_weights
 from finetune_trainer.resume import read_weights
 from finetune_trainer.sealing import Keyring, is_sealed_file
 from finetune_trainer.strategy import apply_strategy, set_train_mode
+from tests.support.checkpoints import save_checkpoint
 
 FP = "fp-probe"
 KEY = base64.b64encode(bytes(range(32))).decode()
 HEAD = {"fc.weight", "fc.bias"}
+STATE = TrainState(epoch=1, stage="probe")
 
 
 def resnet18(seed: int = 0) -> nn.Module:
@@ -48,29 +42,11 @@ def probe(model: nn.Module, freeze_batch_norm: bool = True) -> StartingWeights:
     return start
 
 
-def save(directory: Path, model: nn.Module, start: StartingWeights | None, keyring: Keyring | None = None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    write_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=TrainState(epoch=1, stage="probe"),
-        fingerprint=FP,
-        keyring=keyring,
-        name=directory.name,
-        frozen_from=start,
-    )
-    return directory / CHECKPOINT_FILE
-
-
 def test_a_linear_probe_checkpoint_stores_the_head_alone(tmp_path: Path) -> None:
     model = resnet18()
     start = probe(model)
-    full = save(tmp_path / "full", model, None)  # what every epoch wrote before
-    partial = save(tmp_path / "probe", model, start)
+    full = save_checkpoint(tmp_path / "full", model, STATE, FP)  # what every epoch wrote before
+    partial = save_checkpoint(tmp_path / "probe", model, STATE, FP, frozen_from=start)
     saved = torch.load(partial, weights_only=True)
     assert set(saved["model"]) == HEAD
     assert saved["base"] == {"reference": "resnet18 random (seed 0)", "sha256": start.sha256}
@@ -94,7 +70,7 @@ def test_batch_norm_statistics_that_moved_are_stored_too(tmp_path: Path) -> None
 def test_resume_rebuilds_the_probed_model_bit_for_bit(tmp_path: Path) -> None:
     model = resnet18()
     start = probe(model, freeze_batch_norm=False)
-    save(tmp_path / "ckpt", model, start)
+    save_checkpoint(tmp_path / "ckpt", model, STATE, FP, frozen_from=start)
     data = read_checkpoint(tmp_path / "ckpt", FP, "run")
 
     rebuilt = resnet18()  # the relaunched attempt builds the model from its starting weights again
@@ -109,7 +85,7 @@ def test_resume_rebuilds_the_probed_model_bit_for_bit(tmp_path: Path) -> None:
 
 def test_other_starting_weights_fail_in_one_line(tmp_path: Path) -> None:
     model = resnet18()
-    save(tmp_path / "ckpt", model, probe(model))
+    save_checkpoint(tmp_path / "ckpt", model, STATE, FP, frozen_from=probe(model))
     data = read_checkpoint(tmp_path / "ckpt", FP, "run")
     other = resnet18(seed=7)  # a weights file replaced since: another backbone under the same name
     with pytest.raises(TrainerError) as info:
@@ -125,7 +101,7 @@ def test_other_starting_weights_fail_in_one_line(tmp_path: Path) -> None:
 def test_a_sealed_probe_checkpoint_resumes_with_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = resnet18()
     start = probe(model)
-    path = save(tmp_path / "ckpt", model, start, Keyring.parse(f"k1:{KEY}"))
+    path = save_checkpoint(tmp_path / "ckpt", model, STATE, FP, keyring=Keyring.parse(f"k1:{KEY}"), frozen_from=start)
     assert is_sealed_file(path)
     monkeypatch.setenv("FINETUNE_ENCRYPTION_KEY", f"k1:{KEY}")
     data = read_checkpoint(tmp_path / "ckpt", FP, "run", encrypted=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
-from finetune_trainer.checkpoint import CHECKPOINT_FILE, CorruptCheckpoint, TrainState, read_checkpoint, write_checkpoint
+from finetune_trainer.checkpoint import CHECKPOINT_FILE, CorruptCheckpoint, TrainState, read_checkpoint
 from finetune_trainer.errors import TrainerError, WeightsError
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import build_model
@@ -31,6 +31,7 @@ from finetune_trainer.protect import check_keys
 from finetune_trainer.sealing import Keyring, is_sealed_file
 from finetune_trainer.signing import public_key_id
 from finetune_trainer.verify_cli import verify_command
+from tests.support.checkpoints import save_checkpoint
 from tests.support.tiny_model import write_tiny_artifacts
 
 CLASSES = ["cat", "dog", "owl"]
@@ -292,21 +293,9 @@ def test_a_job_without_its_key_fails_before_training(tmp_path: Path, output: dic
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def checkpoint(directory: Path, keyring: Keyring | None) -> nn.Module:
-    directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    write_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=TrainState(epoch=3),
-        fingerprint="fp",
-        keyring=keyring,
-        name=directory.name,  # the name it is stored under, which a sealed checkpoint is bound to
-    )
+    save_checkpoint(directory, model, TrainState(epoch=3), "fp", keyring=keyring)
     return model
 
 

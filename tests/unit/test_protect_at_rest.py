@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
@@ -18,7 +17,7 @@ from torch import nn
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
-from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from finetune_trainer.checkpoint import TrainState, read_checkpoint
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
@@ -26,6 +25,7 @@ from finetune_trainer.model import build_model
 from finetune_trainer.model_card import MODEL_FILE
 from finetune_trainer.sealing import Keyring
 from finetune_trainer.verify import verify_artifacts
+from tests.support.checkpoints import save_checkpoint
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 PEM = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -97,29 +97,13 @@ def test_a_sealed_model_file_copied_over_another_is_refused(tmp_path: Path) -> N
         verify_artifacts(cfg.run_dir, only=[MODEL_FILE])
 
 
-def checkpoint(directory: Path, epoch: int, keyring: Keyring) -> None:
-    directory.mkdir(parents=True)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    write_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=TrainState(epoch=epoch),
-        fingerprint="fp",
-        keyring=keyring,
-    )
-
-
 def test_a_sealed_checkpoint_copied_over_a_newer_one_is_refused(tmp_path: Path) -> None:
     """Same key, same spec: epoch 1's checkpoint.pt and its sidecar copied over checkpoint_epoch_0005 would roll back
     the resume (or the shipped 'best') without a word; it stops the run instead, naming what it was sealed as."""
     ring = Keyring.parse(f"k1:{KEY}")
     old, new = tmp_path / "checkpoint_epoch_0001", tmp_path / "checkpoint_epoch_0005"
-    checkpoint(old, 1, ring)
-    checkpoint(new, 5, ring)
+    save_checkpoint(old, nn.Linear(4, 3), TrainState(epoch=1), "fp", keyring=ring)
+    save_checkpoint(new, nn.Linear(4, 3), TrainState(epoch=5), "fp", keyring=ring)
     assert read_checkpoint(new, "fp", "run", encrypted=True)["train_state"].epoch == 5
     for name in ("checkpoint.pt", "checkpoint.sha256"):
         shutil.copyfile(old / name, new / name)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import loaders
-from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from finetune_trainer.checkpoint import TrainState, read_checkpoint
 from finetune_trainer.data import DigitsDataset, train_transform
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.seeding import (
@@ -29,6 +29,7 @@ from finetune_trainer.seeding import (
     seed_loader_worker,
     set_rng_state,
 )
+from tests.support.checkpoints import save_checkpoint
 
 SPEC = InputSpec(image_size=16, resize_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear", grayscale_to_rgb=True)
 
@@ -123,18 +124,7 @@ def test_generator_states_survive_a_checkpoint(tmp_path: Path) -> None:
     torch.rand(5), np.random.rand(5), random.random()  # advance them somewhere
     saved = rng_state()
     expected = (torch.rand(4), np.random.rand(4), random.random())
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    write_checkpoint(
-        tmp_path,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=TrainState(epoch=2),
-        fingerprint="f",
-        rng=[saved],
-    )
+    save_checkpoint(tmp_path, torch.nn.Linear(2, 2), TrainState(epoch=2), "f", rng=[saved])
     seed_everything(99)
     data: dict[str, Any] = read_checkpoint(tmp_path, "f", "run")  # weights_only: plain values and tensors
 

@@ -21,11 +21,12 @@ from torch.utils.data import ConcatDataset, DataLoader
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.validate import ManifestError, load_job
-from finetune_trainer.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from finetune_trainer.checkpoint import TrainState, read_checkpoint
 from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
 from finetune_trainer.errors import TrainerError, WeightsError, exception_line, find_user_error, one_line
 from finetune_trainer.local import local_job
 from finetune_trainer.model import build_model
+from tests.support.checkpoints import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -268,19 +269,8 @@ def test_exception_line(error: BaseException, line: str) -> None:
 
 # ---------------------------------------------------------------------------------------- checkpoint
 def test_checkpoint_of_another_spec_is_refused(tmp_path: Path) -> None:
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     state = TrainState(epoch=3, stage="probe", best_val_accuracy=0.5, best_epoch=2)
-    write_checkpoint(
-        tmp_path,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=state,
-        fingerprint="aaaa",
-    )
+    save_checkpoint(tmp_path, torch.nn.Linear(2, 2), state, "aaaa")
 
     assert read_checkpoint(tmp_path, "aaaa", "runs/x")["train_state"] == state
     with pytest.raises(TrainerError, match=r"runs/x holds checkpoints of a different spec \(fingerprint aaaa, this job bbbb\)"):

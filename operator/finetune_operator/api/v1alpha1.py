@@ -3,11 +3,12 @@
 These models are the single source of truth: the CRD schema is generated from them (``crd.py``),
 ``finetune validate`` and the operator validate with them, ``finetune explain`` reads their
 docstrings, and the trainer takes its configuration from them. Field docstrings are user-facing.
+The spec's larger sections and the status live beside it (``training.py``: model, dataset, strategy,
+hyperparameters; ``runtime.py``; ``job_status.py``), re-exported here: the code imports the API from here.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -24,380 +25,59 @@ from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.dataworkers import DataWorkersSpec
 from finetune_operator.api.fields import (
-    C_IDENTIFIER,
     DNS1123_LABEL,
-    DNS1123_SUBDOMAIN,
-    ENV_NAME,
     EXTENDED_RESOURCE,
     FIELDS_ONLY,
-    IMAGE_REFERENCE,
     QUANTITY,
-    RAY_VERSION,
     Problems,
     check_extended_resource,
     check_uri,
     fail,
     fields_only,
-    looks_like_secret,
     quote,
     uri_scheme,
 )
-from finetune_operator.api.pods import PodOverrides
-from finetune_operator.api.protection import ArtifactProtection, EncryptionSpec
+
+# The status models live in job_status.py; re-exported here, where the rest of the code finds the API.
+from finetune_operator.api.job_status import MAX_WARNING_LENGTH as MAX_WARNING_LENGTH
+from finetune_operator.api.job_status import MAX_WARNINGS as MAX_WARNINGS
+from finetune_operator.api.job_status import TERMINAL_PHASES as TERMINAL_PHASES
+from finetune_operator.api.job_status import Artifacts as Artifacts
+from finetune_operator.api.job_status import Condition as Condition
+from finetune_operator.api.job_status import FineTuneJobStatus as FineTuneJobStatus
+from finetune_operator.api.job_status import Metrics as Metrics
+from finetune_operator.api.job_status import Phase as Phase
+from finetune_operator.api.job_status import Progress as Progress
+from finetune_operator.api.job_status import Stage as Stage
+from finetune_operator.api.job_status import WarningLine as WarningLine
+from finetune_operator.api.job_status import newest_warnings as newest_warnings
+from finetune_operator.api.protection import EncryptionSpec
+
+# The runtime section lives in runtime.py; re-exported here too.
+from finetune_operator.api.runtime import EnvFromSource as EnvFromSource
+from finetune_operator.api.runtime import EnvVar as EnvVar
+from finetune_operator.api.runtime import LocalObjectReference as LocalObjectReference
+from finetune_operator.api.runtime import Name as Name
+from finetune_operator.api.runtime import RuntimeSpec as RuntimeSpec
 from finetune_operator.api.scheduling import LabelKey, LabelValue, Toleration
 from finetune_operator.api.tracking import TrackingSpec
+
+# The model, dataset, strategy and hyperparameters sections live in training.py; re-exported here too.
+from finetune_operator.api.training import DatasetSpec as DatasetSpec
+from finetune_operator.api.training import EarlyStoppingSpec as EarlyStoppingSpec
+from finetune_operator.api.training import FakeDataSpec as FakeDataSpec
+from finetune_operator.api.training import HyperparametersSpec as HyperparametersSpec
+from finetune_operator.api.training import Method as Method
+from finetune_operator.api.training import ModelSpec as ModelSpec
+from finetune_operator.api.training import StrategySpec as StrategySpec
+from finetune_operator.api.training import UriStr as UriStr
 from finetune_operator.api.versions import KIND
 
 INT32_MAX: Final = 2**31 - 1
 """KubeRay's and Kubernetes' int32 fields (activeDeadlineSeconds) overflow above this."""
 
 ShortStr = Annotated[str, Field(max_length=253)]
-UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
-Method = Literal["linear-probe", "partial", "full", "lp-ft"]
-Stage = Literal["starting", "caching-features", "probe", "fine-tune", "evaluate", "export", "done"]
 ExportFormat = Literal["state_dict", "torchscript", "onnx", "safetensors"]
-WarningLine = Annotated[str, Field(max_length=1024)]  # MAX_WARNING_LENGTH
-
-
-class Phase(str, Enum):
-    # No docstring on purpose: pydantic would copy it into the CRD schema as the field's description.
-    # A str Enum, so that a phase compares equal to the plain string a status dict holds ("Running").
-    PENDING = "Pending"
-    PROVISIONING = "Provisioning"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-
-
-TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value})
-"""Phases a job never leaves."""
-
-MAX_WARNINGS: Final = 16
-"""``status.warnings`` keeps the newest this many: a status must stay small whatever happens to a run."""
-MAX_WARNING_LENGTH: Final = 1024
-
-
-def newest_warnings(warnings: list[str]) -> list[str]:
-    """What ``status.warnings`` holds of ``warnings``: the newest ``MAX_WARNINGS``, each cut to fit."""
-    cut = MAX_WARNING_LENGTH - 1
-    return [w if len(w) <= MAX_WARNING_LENGTH else w[:cut] + "…" for w in warnings[-MAX_WARNINGS:]]
-
-
-# --------------------------------------------------------------------------------------------- model
-class ModelSpec(WireModel):
-    """Which torchvision classification model to fine-tune, and where its starting weights come from."""
-
-    name: Annotated[str, Field(min_length=1, max_length=64, examples=["resnet50", "vit_b_16"])]
-    """torchvision classification model name, as `torchvision.models.list_models()` spells it (`finetune models` lists them)."""
-
-    weights: Annotated[str | None, Field(max_length=128)] = None
-    """torchvision weights of that model: `DEFAULT`, `IMAGENET1K_V2` or `ResNet50_Weights.IMAGENET1K_V2`; null trains from random
-    initialisation unless `weightsUri` is set."""
-
-    weights_uri: UriStr | None = None
-    """A state_dict or trainer checkpoint to start from (s3://, gs://, file://, pvc:// or a path): offline clusters, or chaining
-    from an earlier job's `model.pt`. Excludes `weights`."""
-
-    num_classes: Annotated[int | None, Field(ge=2, le=100_000)] = None
-    """Number of output classes of the new head; inferred from the dataset when absent."""
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        names = catalog.model_names()
-        if value in names:
-            return value
-        hint = catalog.suggest(value, names)
-        did_you_mean = f"did you mean {' or '.join(repr(h) for h in hint)}? " if hint else ""
-        fail(
-            None,
-            f"{quote(value)} is not a torchvision classification model; {did_you_mean}"
-            f"`finetune models` lists all {len(names)} (e.g. resnet18, resnet50, efficientnet_b0, vit_b_16, convnext_tiny)",
-        )
-
-    @field_validator("weights_uri")
-    @classmethod
-    def _uri(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value)
-
-    @model_validator(mode="after")
-    def _weights_of_model(self, info: ValidationInfo) -> ModelSpec:
-        if fields_only(info):
-            return self
-        problems = Problems()
-        if self.weights is not None and self.weights_uri is not None:
-            problems.add("weightsUri", "set either `weights` (torchvision) or `weightsUri` (a file of yours), not both")
-        entry = catalog.load_catalog().get(self.name)
-        if entry is not None and self.weights is not None and entry.resolve_weights(self.weights) is None:
-            problems.add(
-                "weights",
-                f"{quote(self.weights)}: torchvision ships no weights for {self.name}; use weights: null or weightsUri"
-                if not entry.weights
-                else f"{quote(self.weights)} is not a weight of {self.name}; accepted: {', '.join(entry.weight_choices())}",
-            )
-        problems.raise_any(self)
-        return self
-
-
-# ------------------------------------------------------------------------------------------- dataset
-class FakeDataSpec(WireModel):
-    """Random images from torchvision `FakeData`, for tests and throughput benchmarks."""
-
-    samples: Annotated[int, Field(ge=2, le=10_000_000)] = 1024
-    """Number of training images; validation gets a quarter as many."""
-
-    classes: Annotated[int, Field(ge=2, le=100_000)] = 10
-    """Number of classes."""
-
-
-class DatasetSpec(WireModel):
-    """Where the images come from and how they are prepared."""
-
-    format: Literal["imagefolder", "digits", "fake"] = "imagefolder"
-    """`imagefolder`: one folder per class (torchvision ImageFolder). `digits`: scikit-learn's bundled 8×8 handwritten digits,
-    upsampled (works offline). `fake`: torchvision FakeData."""
-
-    train_uri: UriStr | None = None
-    """Training images for `imagefolder`: s3://, gs://, file://, pvc://CLAIM/PATH or a path; object stores are downloaded once per
-    node into `cacheDir`."""
-
-    validation_uri: UriStr | None = None
-    """Validation images (same layout and classes as `trainUri`). Excludes `validationSplit`."""
-
-    validation_split: Annotated[float | None, Field(gt=0, lt=1)] = None
-    """Fraction of the training images held out (stratified, by `seed`) when there is no `validationUri`; 0.2 when neither is
-    given. """
-
-    classes: Annotated[list[Annotated[int, Field(ge=0, le=9)]] | None, Field(min_length=2, max_length=10)] = None
-    """`digits` only: the digit classes to use, e.g. [5, 6, 7, 8, 9]; labels are renumbered 0..n-1 in this order."""
-
-    max_per_class: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
-    """Cap on training images per class (few-shot transfer); the held-out validation set is not capped."""
-
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 224
-    """Side of the square image the model sees, in pixels. Fixed-input models take exactly their weights' size (`finetune models`,
-    INPUT), e.g. 384 for vit_b_16 with IMAGENET1K_SWAG_E2E_V1 and 224 without torchvision weights."""
-
-    augmentation: Literal["none", "light", "standard", "trivialaugment"] = "standard"
-    """Training augmentation preset. `none`: resize only. `light`: small affine jitter (digits, documents). `standard`: random
-    resized crop + horizontal flip. `trivialaugment`: standard + TrivialAugmentWide."""
-
-    loader_workers: Annotated[int, Field(ge=0, le=64)] = 2
-    """DataLoader worker processes per training process (one per GPU on GPU workers, one per pod on CPU)."""
-
-    cache_dir: UriStr | None = None
-    """Node-local directory where datasets from object stores (s3://, gs://) are downloaded once per node (a path, file:// or
-    pvc://CLAIM/PATH); a temporary directory by default. Cached backbone features (`strategy.cacheFeatures`) are kept in
-    memory, not here."""
-
-    fake: FakeDataSpec | None = None
-    """Options of the `fake` format."""
-
-    # Defaults left out of the wire form: jobs, trainer configs and RayJobs rendered before these fields stay identical.
-    ingest: Literal["auto", "streaming", "mapStyle"] = Field(default="auto", exclude_if=lambda v: v == "auto")
-    """How `imagefolder` images reach the workers. `streaming`: the files are listed (not copied) and read, decoded and augmented
-    by Ray Data while training runs, on any node of the Ray cluster. `mapStyle`: a copy of the dataset on every node read by
-    DataLoader processes. `auto`: `streaming` for an object store (s3://, gs://) or a folder of more than 20,000 files, else
-    `mapStyle` (always `mapStyle` for `digits` and `fake`)."""
-
-    jpeg_decode: Literal["cpu", "gpu"] = Field(default="cpu", exclude_if=lambda v: v == "cpu")
-    """Where streamed JPEGs are decoded: `cpu` (Ray Data tasks, with the augmentation) or `gpu` (the training worker decodes each
-    batch on its GPU with nvJPEG, then resizes and augments there). `gpu` needs `ingest: streaming` and `gpusPerWorker` ≥ 1."""
-
-    @field_validator("train_uri", "validation_uri")
-    @classmethod
-    def _uri(cls, value: str | None) -> str | None:
-        return None if value is None else check_uri(value)
-
-    @field_validator("cache_dir")
-    @classmethod
-    def _directory(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if uri_scheme(check_uri(value)) in ("s3", "gs"):
-            fail(None, f"{quote(value)}: the cache is a directory on the node; give a path, file:///PATH or pvc://CLAIM/PATH")
-        return value
-
-    @field_validator("classes")
-    @classmethod
-    def _unique(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            fail(None, f"{quote(value)} repeats a class; list each digit once")
-        return value
-
-    @model_validator(mode="after")
-    def _by_format(self, info: ValidationInfo) -> DatasetSpec:
-        if fields_only(info):
-            return self
-        problems = Problems()
-        if self.format == "imagefolder" and self.train_uri is None:
-            problems.add("trainUri", "is required for format 'imagefolder': the folder holding one sub-folder per class")
-        if self.format != "imagefolder":
-            for field, value in (("trainUri", self.train_uri), ("validationUri", self.validation_uri)):
-                if value is not None:
-                    problems.add(
-                        field,
-                        f"{quote(value)}: format {self.format!r} brings its own images; "
-                        f"remove {field} or use format 'imagefolder'",
-                    )
-        if self.classes is not None and self.format != "digits":
-            problems.add("classes", f"{quote(self.classes)}: applies to format 'digits' only, not {self.format!r}")
-        if self.fake is not None and self.format != "fake":
-            problems.add("fake", f"applies to format 'fake' only, not {self.format!r}")
-        if self.validation_uri is not None and self.validation_split is not None:
-            problems.add("validationSplit", f"{self.validation_split}: set either `validationUri` or `validationSplit`, not both")
-        if self.ingest == "streaming" and self.format != "imagefolder":
-            problems.add(
-                "ingest", f"'streaming': applies to format 'imagefolder' only, not {self.format!r}; use 'auto' or 'mapStyle'"
-            )
-        if self.jpeg_decode == "gpu" and self.ingest != "streaming":
-            problems.add(
-                "jpegDecode", f"'gpu': needs ingest 'streaming', not {self.ingest!r}; set ingest: streaming or jpegDecode: cpu"
-            )
-        problems.raise_any(self)
-        return self
-
-
-# ------------------------------------------------------------------------------------------ strategy
-class StrategySpec(WireModel):
-    """What is trained: the head alone, the last blocks, everything, or the head first and then everything."""
-
-    method: Method = "full"
-    """`linear-probe`: frozen backbone, new head only. `partial`: head + the last `unfreezeBlocks` blocks. `full`: every
-    parameter (the default: it won the measurements in bench/README.md). `lp-ft`: `probeEpochs` of linear probe, then full
-    fine-tuning with the backbone at a lower rate (Kumar et al., 2022)."""
-
-    unfreeze_blocks: Annotated[int | None, Field(ge=1, le=1000)] = None
-    """`partial` only: how many of the backbone's last blocks train besides the head."""
-
-    probe_epochs: Annotated[int | None, Field(ge=1, le=10_000)] = None
-    """`lp-ft` only: epochs of the linear-probe stage (default: a third of `epochs`, at least 1)."""
-
-    cache_features: bool = True
-    """Train a frozen-backbone stage on backbone features computed once (much faster); used only when the training augmentation is
-    `none`."""
-
-    freeze_batch_norm: bool = True
-    """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
-
-    precise_batch_norm: bool = True
-    """Before each evaluation and the export, recompute the running statistics of the BatchNorm layers that train over up to 50
-    training batches (precise BN). Costs at most a third of an epoch of forward passes, and prevents models whose running
-    statistics lag their weights (small BatchNorm momentum, few steps) from evaluating at chance. No effect without BatchNorm."""
-
-    sync_batch_norm: bool = False
-    """With several workers, BatchNorm layers that train compute their batch statistics over the global batch
-    (SyncBatchNorm) rather than each worker's share: for per-worker batches too small for stable statistics."""
-
-    @model_validator(mode="after")
-    def _knobs(self, info: ValidationInfo) -> StrategySpec:
-        if fields_only(info):
-            return self
-        problems = Problems()
-        if self.method == "partial" and self.unfreeze_blocks is None:
-            problems.add("unfreezeBlocks", "is required for method 'partial': how many last blocks of the backbone to train")
-        if self.method != "partial" and self.unfreeze_blocks is not None:
-            problems.add("unfreezeBlocks", f"{self.unfreeze_blocks}: applies to method 'partial' only, not {self.method!r}")
-        if self.method != "lp-ft" and self.probe_epochs is not None:
-            problems.add("probeEpochs", f"{self.probe_epochs}: applies to method 'lp-ft' only, not {self.method!r}")
-        problems.raise_any(self)
-        return self
-
-
-# ----------------------------------------------------------------------------------- hyperparameters
-class EarlyStoppingSpec(WireModel):
-    """Stop a stage when its validation accuracy has not improved for `patience` epochs; with lp-ft a probe stage that stops is
-    still followed by fine-tuning, with a fresh patience."""
-
-    patience: Annotated[int, Field(ge=1, le=10_000)] = 3
-    """Epochs without improvement before stopping."""
-
-    min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Smallest rise in validation accuracy that counts as an improvement."""
-
-
-class HyperparametersSpec(WireModel):
-    """Optimisation settings."""
-
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
-    """Total epochs, probe stage included."""
-
-    batch_size: Annotated[int | None, Field(ge=1, le=65_536)] = None
-    """Global batch size, split evenly across `resources.workers` (must be divisible by it). Default: chosen from the training
-    set and logged: up to 64, smaller for small sets, and for very small ones several passes over the images per epoch so that the
-    job gets at least 200 optimiser steps. A value set here is used as it is, one pass per epoch."""
-
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer."""
-
-    learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
-    """Learning rate of the new head (and of the whole model when nothing is frozen and no backbone rate is set). In the
-    fine-tune stage of `lp-ft` the probed head trains at the backbone's rate: at this rate it would unlearn what the probe
-    taught it while the backbone starts to move."""
-
-    backbone_learning_rate: Annotated[float | None, Field(gt=0, le=10)] = None
-    """Absolute learning rate of unfrozen backbone parameters. Excludes `backboneLrMultiplier`."""
-
-    backbone_lr_multiplier: Annotated[float | None, Field(gt=0, le=1)] = None
-    """Backbone rate as a fraction of `learningRate` (default 0.1 for `partial` and `lp-ft`, 1 for `full`)."""
-
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    """SGD momentum (Nesterov); ignored by AdamW."""
-
-    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
-    """Weight decay (not applied to biases and normalisation parameters)."""
-
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
-    """Learning-rate schedule after warm-up."""
-
-    warmup_epochs: Annotated[int | None, Field(ge=0, le=10_000)] = None
-    """Epochs of linear warm-up from 1% of the rate (per stage for `lp-ft`). Default: a share of the steps of each stage
-    that trains the backbone (a tenth for `full` and `partial`, a fifth for the fine-tune stage of `lp-ft`, so that the
-    unfrozen backbone does not wreck the probed head); none for a frozen backbone."""
-
-    step_size: Annotated[int | None, Field(ge=1, le=10_000)] = None
-    """`step` scheduler: epochs between decays (default: a third of the epochs)."""
-
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
-    """`step` scheduler: decay factor."""
-
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Label smoothing of the cross-entropy loss."""
-
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """Automatic mixed precision on GPU: `auto` is bf16 on a GPU that supports it (Ampere and newer), else fp32; `no` is
-    fp32 always. Ignored on CPU."""
-
-    compile: bool = False
-    """Train the model through `torch.compile` (slower start, faster steps; saved weights are the plain model's)."""
-
-    grad_clip_norm: Annotated[float | None, Field(gt=0, le=1e6)] = None
-    """Clip the global gradient norm to this value."""
-
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
-    """Seed for initialisation, splits, shuffling and augmentation."""
-
-    early_stopping: EarlyStoppingSpec | None = None
-    """Stop early when validation accuracy stalls."""
-
-    @model_validator(mode="after")
-    def _consistent(self, info: ValidationInfo) -> HyperparametersSpec:
-        if fields_only(info):
-            return self
-        problems = Problems()
-        if self.backbone_learning_rate is not None and self.backbone_lr_multiplier is not None:
-            problems.add(
-                "backboneLrMultiplier",
-                f"{self.backbone_lr_multiplier}: set either `backboneLearningRate` or `backboneLrMultiplier`, not both",
-            )
-        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
-            problems.add("warmupEpochs", f"{self.warmup_epochs} must be less than epochs ({self.epochs})")
-        if self.step_size is not None and self.scheduler != "step":
-            problems.add("stepSize", f"{self.step_size}: applies to scheduler 'step' only, not {self.scheduler!r}")
-        problems.raise_any(self)
-        return self
 
 
 # ----------------------------------------------------------------------------------------- resources
@@ -487,94 +167,6 @@ class OutputSpec(WireModel):
     def _unique(cls, value: list[ExportFormat]) -> list[ExportFormat]:
         if len(set(value)) != len(value):
             fail(None, f"{quote(value)} repeats a format; list each once")
-        return value
-
-
-# ------------------------------------------------------------------------------------------- runtime
-class EnvVar(WireModel):
-    """A literal environment variable. Credentials go through `envFrom` secret references, never here."""
-
-    name: Annotated[str, Field(min_length=1, max_length=253, pattern=ENV_NAME)]
-    """Variable name, as Kubernetes accepts it: letters, digits, `_`, `-` and `.`, not starting with a digit or `..`."""
-
-    value: Annotated[str, Field(max_length=32_768)] = ""
-    """Literal value."""
-
-    @model_validator(mode="after")
-    def _no_inline_secret(self) -> EnvVar:
-        if self.value and looks_like_secret(self.name):
-            fail(
-                "value",
-                f"{self.name} looks like a credential; never inline secrets: "
-                "put it in a Secret and list it under runtime.envFrom",
-            )
-        return self
-
-
-class LocalObjectReference(WireModel):
-    """A reference to an object in the job's namespace."""
-
-    name: Name
-    """Name of the object."""
-
-
-class EnvFromSource(WireModel):
-    """Environment variables from a Secret or ConfigMap in the job's namespace."""
-
-    secret_ref: LocalObjectReference | None = None
-    """A Secret whose keys become environment variables (storage credentials)."""
-
-    config_map_ref: LocalObjectReference | None = None
-    """A ConfigMap whose keys become environment variables."""
-
-    prefix: Annotated[str | None, Field(max_length=253, pattern=C_IDENTIFIER)] = None
-    """Prefix added to every variable name: a C identifier such as `S3_`."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvFromSource:
-        if (self.secret_ref is None) == (self.config_map_ref is None):
-            fail(None, "give exactly one of secretRef or configMapRef")
-        return self
-
-
-class RuntimeSpec(WireModel):
-    """The trainer's container and scheduling."""
-
-    image: Annotated[str | None, Field(min_length=1, max_length=512, pattern=IMAGE_REFERENCE)] = None
-    """Trainer image reference such as `ghcr.io/acme/trainer:1.2` (with torch, torchvision, Ray and this trainer); the operator's
-    default when absent."""
-
-    ray_version: Annotated[str | None, Field(max_length=32, pattern=RAY_VERSION)] = None
-    """Ray version in the image (KubeRay's `rayVersion`); the operator's default when absent."""
-
-    env: Annotated[list[EnvVar], Field(max_length=128)] = Field(default_factory=list)
-    """Literal environment variables for the trainer."""
-
-    env_from: Annotated[list[EnvFromSource], Field(max_length=32)] = Field(default_factory=list)
-    """Secrets or ConfigMaps whose keys become environment variables (e.g. AWS_ACCESS_KEY_ID for s3://)."""
-
-    service_account_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
-    """Service account of the Ray pods; the operator's default when absent. The trainer reports progress with it."""
-
-    queue_name: Annotated[str | None, Field(max_length=63, pattern=DNS1123_LABEL)] = None
-    """Kueue LocalQueue: sets the `kueue.x-k8s.io/queue-name` label on the RayJob."""
-
-    priority_class_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
-    """PriorityClass of the Ray pods; the operator's default (FINETUNE_OPERATOR_DEFAULT_PRIORITY_CLASS_NAME) when absent."""
-
-    # Left out of the wire form while empty: jobs, trainer configs and RayJobs rendered before it stay identical.
-    pod: PodOverrides = Field(default_factory=PodOverrides, exclude_if=lambda p: p == PodOverrides())
-    """Image pull secrets, labels, annotations, volumes, affinity, scheduling and a stricter securityContext for every Ray
-    pod (head, workers, KubeRay's submitter), merged with the platform's defaults (docs/platform.md, "Pod overrides")."""
-
-    @field_validator("env")
-    @classmethod
-    def _unique_env(cls, value: list[EnvVar]) -> list[EnvVar]:
-        seen: set[str] = set()
-        for var in value:
-            if var.name in seen:
-                fail(None, f"{quote(var.name)} is set twice; set each variable once")
-            seen.add(var.name)
         return value
 
 
@@ -787,163 +379,6 @@ def _input_problems(model: ModelSpec, dataset: DatasetSpec, problems: Problems) 
         fake = dataset.fake or FakeDataSpec()
         if model.num_classes != fake.classes:
             problems.add("model.numClasses", f"{model.num_classes} does not match dataset.fake.classes ({fake.classes})")
-
-
-# -------------------------------------------------------------------------------------------- status
-class Condition(WireModel):
-    """A standard Kubernetes condition (metav1.Condition)."""
-
-    type: Annotated[str, Field(max_length=316)]
-    """Validated, ClusterReady, Training, Succeeded, Failed or Suspended."""
-
-    status: Literal["True", "False", "Unknown"]
-    """Whether the condition holds."""
-
-    reason: Annotated[str, Field(max_length=1024)] = ""
-    """CamelCase reason for the last transition."""
-
-    message: Annotated[str, Field(max_length=32_768)] = ""
-    """Human-readable details."""
-
-    last_transition_time: str | None = None
-    """When the status last changed (RFC 3339)."""
-
-    observed_generation: Annotated[int | None, Field(ge=0)] = None
-    """The spec generation the condition was set from."""
-
-
-class Progress(WireModel):
-    """Where training is, written by the trainer's rank-0 worker."""
-
-    epoch: Annotated[int, Field(ge=0)] = 0
-    """Epochs completed."""
-
-    total_epochs: Annotated[int, Field(ge=0)] = 0
-    """Epochs planned."""
-
-    percent: Annotated[float, Field(ge=0, le=100)] = 0
-    """Completion in percent."""
-
-    stage: Stage = "starting"
-    """What the trainer is doing."""
-
-    # In-epoch fields: written every few seconds during an epoch (the status throttle), absent between epochs.
-    step: Annotated[int | None, Field(ge=0)] = None
-    """Optimizer steps done in the current epoch."""
-
-    steps_per_epoch: Annotated[int | None, Field(ge=0)] = None
-    """Optimizer steps in one epoch."""
-
-    loss: float | None = None
-    """Mean training loss of the first worker's batches since the last report, in the current epoch."""
-
-    images_per_second: Annotated[float | None, Field(ge=0)] = None
-    """Training throughput of the current epoch, all workers together."""
-
-    eta_seconds: Annotated[int | None, Field(ge=0)] = None
-    """Estimated seconds until the last epoch ends (at the current epoch's pace)."""
-
-    updated_at: str | None = None
-    """When the trainer last reported (RFC 3339)."""
-
-
-class Metrics(WireModel):
-    """Latest and best metrics, written by the trainer."""
-
-    train_loss: float | None = None
-    """Training loss of the last epoch (with the job's label smoothing)."""
-
-    val_loss: float | None = None
-    """Validation loss of the last epoch: plain cross-entropy, without label smoothing."""
-
-    val_accuracy: float | None = None
-    """Top-1 validation accuracy of the last epoch (0–1)."""
-
-    val_top5: float | None = None
-    """Top-5 validation accuracy of the last epoch (more than five classes)."""
-
-    best_val_accuracy: float | None = None
-    """Best top-1 validation accuracy so far."""
-
-    best_epoch: int | None = None
-    """Epoch of the best validation accuracy."""
-
-    images_per_second: float | None = None
-    """Training throughput of the last epoch, all workers together."""
-
-    epoch_seconds: float | None = None
-    """Wall time of the last epoch."""
-
-
-class Artifacts(WireModel):
-    """What the finished job produced."""
-
-    model_uri: str | None = None
-    """The fine-tuned state_dict (`model.pt`)."""
-
-    model_card_uri: str | None = None
-    """The model card (`model.json`): architecture, classes, transforms, metrics, checksums."""
-
-    checkpoint_uri: str | None = None
-    """The checkpoint of the weights in `model.pt`, the best epoch's (model, optimizer, scheduler, epoch); retention keeps it."""
-
-    sha256: str | None = None
-    """SHA-256 of `model.pt`."""
-
-    exports: dict[str, str] = Field(default_factory=dict)
-    """Exported format → URI."""
-
-    class_names: list[str] = Field(default_factory=list)
-    """Class names in output-index order."""
-
-    protection: ArtifactProtection | None = None
-    """Whether the artifacts are encrypted and signed, and with which key ids."""
-
-
-class FineTuneJobStatus(WireModel):
-    """Observed state. The operator owns phase and conditions; the trainer owns progress, metrics and artifacts."""
-
-    phase: Phase | None = None
-    """Pending, Provisioning, Running, Succeeded, Failed or Suspended."""
-
-    message: str | None = None
-    """Why the job is in its phase, for people."""
-
-    conditions: list[Condition] = Field(default_factory=list)
-    """Validated, ClusterReady, Training, Succeeded, Failed, Suspended."""
-
-    observed_generation: int | None = None
-    """The spec generation the operator last acted on."""
-
-    start_time: str | None = None
-    """When training started (RFC 3339)."""
-
-    completion_time: str | None = None
-    """When the job finished (RFC 3339)."""
-
-    progress: Progress | None = None
-    """Training progress."""
-
-    metrics: Metrics | None = None
-    """Training and validation metrics."""
-
-    artifacts: Artifacts | None = None
-    """Model files of the finished job."""
-
-    ray_job_name: str | None = None
-    """The KubeRay RayJob running this job."""
-
-    ray_cluster_name: str | None = None
-    """The Ray cluster KubeRay created for it."""
-
-    dashboard_url: str | None = Field(default=None, alias="dashboardURL")
-    """The Ray dashboard of that cluster."""
-
-    attempts: int | None = None
-    """Times the RayJob has been started (1 + retries)."""
-
-    warnings: Annotated[list[WarningLine], Field(max_length=MAX_WARNINGS)] = Field(default_factory=list)
-    """Problems the trainer worked around, newest last (e.g. a corrupt checkpoint skipped on resume)."""
 
 
 # -------------------------------------------------------------------------------------------- object
