@@ -80,7 +80,8 @@ def test_only_the_local_trainer_leaves_the_unused_helpers_out(tmp_path: Path, lo
     for helper in _unused_helpers():
         found = any(isinstance(c, helper) for c in callbacks)
         # A TorchTrainer without the helper means Ray stopped adding it: the override is dead weight.
-        assert found is present, _moved(f"{helper.__name__}: TorchTrainer's default callbacks {[type(c).__name__ for c in callbacks]}")
+        names = [type(c).__name__ for c in callbacks]
+        assert found is present, _moved(f"{helper.__name__}: TorchTrainer's default callbacks {names}")
     assert not ray.is_initialized()
 
 

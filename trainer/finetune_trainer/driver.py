@@ -115,12 +115,7 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     loop_config: dict[str, Any] = {"trainer": cfg.model_dump(mode="json", by_alias=True), QUIET_KEY: local}
     if fail_after_epoch is not None:
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
-    local_options = {"uses_ray_data": may_stream(spec)} if local else {}
-    trainer_cls = LocalTorchTrainer if local else TorchTrainer
-    return trainer_cls(
-        # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
-        # workers only, and this process is spared torchvision and the rest (seconds of start-up).
-        train_fn,
+    options: dict[str, Any] = dict(
         train_loop_config=loop_config,
         scaling_config=scaling_config(res, local=local),
         run_config=RunConfig(
@@ -135,8 +130,12 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
             worker_runtime_env={"env_vars": worker_env()},
             logging_config=LoggingConfig(log_level="WARNING" if local else "INFO"),
         ),
-        **local_options,
     )
+    # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
+    # workers only, and this process is spared torchvision and the rest (seconds of start-up).
+    if local:
+        return LocalTorchTrainer(train_fn, uses_ray_data=may_stream(spec), **options)
+    return TorchTrainer(train_fn, **options)
 
 
 def may_stream(spec: FineTuneJobSpec) -> bool:

@@ -74,7 +74,9 @@ class LocalTorchTrainer(TorchTrainer):
 
     # Private: TorchTrainer's own list of default callbacks, the only place they can be left out.
     def _create_default_callbacks(self) -> list[Any]:
-        unused: tuple[type, ...] = (PlacementGroupCleanerCallback,) if self.datasets else (PlacementGroupCleanerCallback, DatasetsCallback)
+        unused: tuple[type, ...] = (PlacementGroupCleanerCallback,)
+        if not self.datasets:
+            unused += (DatasetsCallback,)
         return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
     # Private: where fit() hands the controller its scaling policy (made by create_scaling_policy).
