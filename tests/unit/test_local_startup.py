@@ -77,6 +77,18 @@ def test_the_embedded_ray_is_a_new_local_one_without_dashboard_sized_to_the_job(
     assert options["num_cpus"] >= 16  # every worker's reservation fits, or Train waits forever
     assert options["num_gpus"] is None
     assert embedded_options(digits(workers=2, gpus=2))["num_gpus"] == 4
+    # No Ray Train process takes a worker prestarted for the driver's runtime env: they only load the machine.
+    assert options["_system_config"] == {"prestart_worker_first_driver": False}
+
+
+def test_the_embedded_ray_runs_no_preemption_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRay({})
+    install(monkeypatch, fake)
+    unset(monkeypatch, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    assert start_ray(digits()) is True
+    assert fake.calls[0]["address"] == "local"
+    # The embedded Ray's processes inherit this environment; Ray Train's controller reads it when it starts.
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
 
 @pytest.mark.parametrize(
@@ -126,21 +138,31 @@ class FakeRay:
         self.shut = True
 
 
+def unset(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Absent for the test and afterwards: start_ray sets them in os.environ (set first so that pytest
+    restores the absence; a delenv of an absent variable records nothing)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def install(monkeypatch: pytest.MonkeyPatch, fake: FakeRay) -> None:
     api = {name: getattr(fake, name) for name in ("is_initialized", "init", "cluster_resources", "shutdown")}
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(**api))
 
 
-def test_joining_a_running_ray_passes_the_controller_poll_in_the_jobs_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_joining_a_running_ray_passes_the_local_settings_in_the_jobs_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeRay({"CPU": 8.0})
     install(monkeypatch, fake)
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    unset(monkeypatch, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     assert start_ray(digits(workers=2), "auto") is True
     (call,) = fake.calls
     assert call["address"] == "auto"
     assert "num_cpus" not in call  # a running Ray refuses resource arguments
-    # Its processes do not inherit this one's environment: the 0.2 s poll travels in the runtime env.
-    assert call["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
+    # Its processes do not inherit this one's environment: the 0.2 s poll (and no preemption watcher on one
+    # machine) travel in the runtime env.
+    expected = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert call["runtime_env"] == {"env_vars": expected}
     assert not fake.shut
 
 
@@ -171,6 +193,25 @@ def test_no_ray_at_the_address_is_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert str(caught.value).startswith("--address: auto: cannot join a running Ray: ConnectionError: Could not find any")
     assert str(caught.value).endswith("(a Ray with token authentication: set RAY_AUTH_MODE=token)")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "may"),
+    [
+        ({"format": "digits"}, False),
+        ({"format": "fake"}, False),
+        ({"format": "imagefolder", "trainUri": "/data/train", "ingest": "mapStyle"}, False),
+        ({"format": "imagefolder", "trainUri": "/data/train"}, True),  # auto: decided on the workers
+        ({"format": "imagefolder", "trainUri": "s3://b/train", "ingest": "streaming"}, True),
+    ],
+    ids=["digits", "fake", "imagefolder-mapStyle", "imagefolder-auto", "imagefolder-streaming"],
+)
+def test_only_a_job_that_may_stream_keeps_ray_datas_coordinator(dataset: dict[str, str], may: bool) -> None:
+    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+    from finetune_trainer.driver import may_stream
+
+    spec = FineTuneJobSpec.model_validate({"model": {"name": "resnet18"}, "dataset": dataset, "output": {"uri": "/tmp/o"}})
+    assert may_stream(spec) is may
 
 
 def test_cli_run_has_the_address_option() -> None:

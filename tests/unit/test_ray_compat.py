@@ -67,15 +67,73 @@ def _config(tmp_path: Path) -> TrainerConfig:
     return TrainerConfig(job_name="compat", spec=spec, output_root=str(tmp_path), sinks=["console"])
 
 
-@pytest.mark.parametrize(("local", "has_cleaner"), [(False, True), (True, False)])
-def test_only_the_local_trainer_leaves_the_cleaner_out(tmp_path: Path, local: bool, has_cleaner: bool) -> None:
+def _unused_helpers() -> list[type]:
+    ray_compat = _ray_compat()
+    return [ray_compat.PlacementGroupCleanerCallback, ray_compat.DatasetsCallback]
+
+
+@pytest.mark.parametrize(("local", "present"), [(False, True), (True, False)], ids=["cluster", "local"])
+def test_only_the_local_trainer_leaves_the_unused_helpers_out(tmp_path: Path, local: bool, present: bool) -> None:
+    from finetune_trainer.driver import build_trainer
+
+    callbacks = build_trainer(_config(tmp_path), local=local)._create_default_callbacks()
+    for helper in _unused_helpers():
+        found = any(isinstance(c, helper) for c in callbacks)
+        # A TorchTrainer without the helper means Ray stopped adding it: the override is dead weight.
+        names = [type(c).__name__ for c in callbacks]
+        assert found is present, _moved(f"{helper.__name__}: TorchTrainer's default callbacks {names}")
+    assert not ray.is_initialized()
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("dataset", "policy"),
+    [
+        ({"format": "fake", "imageSize": 32}, "UnannouncedFixedScalingPolicy"),
+        ({"format": "imagefolder", "trainUri": "/data/train", "ingest": "mapStyle"}, "UnannouncedFixedScalingPolicy"),
+        ({"format": "imagefolder", "trainUri": "/data/train"}, "FixedScalingPolicy"),  # auto: it may stream
+    ],
+    ids=["fake", "imagefolder-mapStyle", "imagefolder-auto"],
+)
+def test_a_local_job_that_never_streams_makes_no_autoscaling_requests(
+    tmp_path: Path, dataset: dict[str, object], policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
     from finetune_trainer.driver import build_trainer
 
     ray_compat = _ray_compat()
-    callbacks = build_trainer(_config(tmp_path), local=local)._create_default_callbacks()
-    found = any(isinstance(c, ray_compat.PlacementGroupCleanerCallback) for c in callbacks)
-    # A TorchTrainer without the cleaner means Ray stopped adding it: the override is dead weight.
-    assert found is has_cleaner, _moved(f"TorchTrainer's default callbacks {[type(c).__name__ for c in callbacks]}")
+    seen: dict[str, object] = {}
+
+    def capture(self: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Captured
+
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", capture)
+    spec = FineTuneJobSpec.model_validate({"model": {"name": "resnet18"}, "dataset": dataset, "output": {"uri": str(tmp_path)}})
+    cfg = TrainerConfig(job_name="compat", spec=spec, output_root=str(tmp_path), sinks=["console"])
+    trainer = build_trainer(cfg, local=True)
+    given = ray_compat.FixedScalingPolicy(scaling_config=trainer.scaling_config)
+    with pytest.raises(_Captured):
+        trainer._initialize_and_run_controller(scaling_policy=given, callbacks=[])
+    assert type(seen["scaling_policy"]).__name__ == policy, _moved("the controller no longer takes scaling_policy from fit()")
+    assert not ray.is_initialized()
+
+
+def test_the_unannounced_policy_still_sizes_the_worker_group_without_the_coordinator(tmp_path: Path) -> None:
+    from finetune_trainer.driver import build_trainer
+
+    ray_compat = _ray_compat()
+    scaling = build_trainer(_config(tmp_path), local=True).scaling_config
+    policy = ray_compat.UnannouncedFixedScalingPolicy(scaling_config=scaling)
+    policy.after_controller_start(object())  # Ray's would start the AutoscalingCoordinator actor here
+    decision = policy.make_decision_for_non_running_worker_group()
+    wanted = (scaling.num_workers, scaling._resources_per_worker_not_none)
+    assert (decision.num_workers, decision.resources_per_worker) == wanted, _moved(f"decision {decision!r}")
+    assert policy._coordinator_client is None  # nothing asked Ray Data's coordinator
     assert not ray.is_initialized()
 
 

@@ -25,7 +25,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from finetune_operator.api.contract import TRAIN_RESOURCE, TrainerConfig
 from finetune_operator.api.dataworkers import data_replicas
-from finetune_operator.api.v1alpha1 import ResourcesSpec
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec, ResourcesSpec
 from finetune_trainer import storage
 from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY, train_fn
 from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
@@ -34,7 +34,7 @@ from finetune_trainer.metrics_log import EpochRecord, read_metrics
 from finetune_trainer.model_card import CARD_FILE, load_model_card
 from finetune_trainer.ray_compat import LocalTorchTrainer
 
-__all__ = ["RunResult", "absolute_output", "build_trainer", "run"]
+__all__ = ["RunResult", "absolute_output", "build_trainer", "may_stream", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,7 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     loop_config: dict[str, Any] = {"trainer": cfg.model_dump(mode="json", by_alias=True), QUIET_KEY: local}
     if fail_after_epoch is not None:
         loop_config[FAIL_AFTER_EPOCH_KEY] = fail_after_epoch
-    trainer_cls = LocalTorchTrainer if local else TorchTrainer
-    return trainer_cls(
-        # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
-        # workers only, and this process is spared torchvision and the rest (seconds of start-up).
-        train_fn,
+    options: dict[str, Any] = dict(
         train_loop_config=loop_config,
         scaling_config=scaling_config(res, local=local),
         run_config=RunConfig(
@@ -135,6 +131,18 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
             logging_config=LoggingConfig(log_level="WARNING" if local else "INFO"),
         ),
     )
+    # Not ``loop.train_loop_per_worker``: shipped by reference, ``entry.train_fn`` imports the loop on the
+    # workers only, and this process is spared torchvision and the rest (seconds of start-up).
+    if local:
+        return LocalTorchTrainer(train_fn, uses_ray_data=may_stream(spec), **options)
+    return TorchTrainer(train_fn, **options)
+
+
+def may_stream(spec: FineTuneJobSpec) -> bool:
+    """Whether the job's workers may read with Ray Data (the streaming ingest): an ``imagefolder`` not pinned
+    to ``mapStyle``, as ``listing.choose_ingest`` decides on the workers (``digits`` and ``fake`` never do)."""
+    ds = spec.dataset
+    return ds.format == "imagefolder" and ds.train_uri is not None and ds.ingest != "mapStyle"
 
 
 def run(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> RunResult:

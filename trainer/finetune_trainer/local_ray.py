@@ -2,7 +2,8 @@
 running one on this machine the user names with ``--address`` / ``FINETUNE_RAY_ADDRESS`` (opt-in).
 
 Start-up is most of a short local run (bench/README.md, "Start-up of finetune run"), so the embedded
-Ray starts only what a run uses: no dashboard, Ray's own log lines at WARNING. Joining a running Ray
+Ray starts only what a run uses: no dashboard, no prestarted workers, no preemption watcher, Ray's own
+log lines at WARNING (and ``ray_compat.LocalTorchTrainer`` leaves out Ray Train's unused helper actors). Joining a running Ray
 skips its start (GCS, raylet, agents: about 3 s here) but is never implicit: ``RAY_ADDRESS`` and the
 last ``ray start`` are ignored unless the user says so, because a job that lands on somebody else's
 cluster is worse than a slow start.
@@ -23,10 +24,16 @@ __all__ = ["ADDRESS_ENV", "embedded_options", "ray_address", "start_ray"]
 ADDRESS_ENV: Final = "FINETUNE_RAY_ADDRESS"
 """Opt-in address of a running Ray for ``finetune run`` (as ``--address``; the flag wins)."""
 
-# Ray Train's controller collects reports every 2 s and a worker holds only one pending report, so
-# any epoch shorter than that (a cached-feature linear probe: ~0.1 s) waited ~2 s in report().
-# The operator sets the same value in the RayJob's pods (contract.REPORT_POLL_SECONDS).
-_POLL_ENV: Final = {ENV_REPORT_POLL: REPORT_POLL_SECONDS}
+# The environment of the local Ray's processes (the controller reads both when it starts).
+_LOCAL_ENV: Final = {
+    # Ray Train's controller collects reports every 2 s and a worker holds only one pending report, so
+    # any epoch shorter than that (a cached-feature linear probe: ~0.1 s) waited ~2 s in report().
+    # The operator sets the same value in the RayJob's pods (contract.REPORT_POLL_SECONDS).
+    ENV_REPORT_POLL: REPORT_POLL_SECONDS,
+    # The preemption watcher (an actor: one more process importing Ray Train while the run starts) polls
+    # for nodes being drained, which one machine never is. Kept on a cluster, where spot nodes are.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 def ray_address(flag: str | None) -> str | None:
@@ -61,6 +68,11 @@ def embedded_options(cfg: TrainerConfig) -> dict[str, Any]:
         # Workers' output is the job's console (our progress sink prints from rank 0).
         "log_to_driver": True,
         "logging_level": logging.WARNING,
+        # Ray prestarts one worker per CPU for the driver's runtime env, which no Ray Train process uses:
+        # the controller has a runtime env of its own and its actors and the training workers inherit it,
+        # so each gets a new process anyway. On a small machine the unused ones start (import Ray) while
+        # the controller and the worker do, and slow them down.
+        "_system_config": {"prestart_worker_first_driver": False},
     }
 
 
@@ -71,7 +83,7 @@ def start_ray(cfg: TrainerConfig, address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    for key, value in _POLL_ENV.items():
+    for key, value in _LOCAL_ENV.items():
         os.environ.setdefault(key, value)
     try:
         if address is None:
@@ -81,7 +93,7 @@ def start_ray(cfg: TrainerConfig, address: str | None = None) -> bool:
             # the controller and the workers.
             ray.init(
                 address=address,
-                runtime_env={"env_vars": {k: os.environ[k] for k in _POLL_ENV}},
+                runtime_env={"env_vars": {k: os.environ[k] for k in _LOCAL_ENV}},
                 log_to_driver=True,
                 logging_level=logging.WARNING,
             )
