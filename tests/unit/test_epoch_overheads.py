@@ -24,6 +24,7 @@ from finetune_trainer import metrics_log, storage, worker_report
 from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, TrainState, checkpoint_dir_name, read_checkpoint
 from finetune_trainer.engine import Precision
 from finetune_trainer.metrics_log import EpochRecord, MetricsLog, read_metrics
+from finetune_trainer.sealing import Keyring
 from finetune_trainer.seeding import gather_rng_states
 from finetune_trainer.worker_report import Worker
 
@@ -135,6 +136,24 @@ def test_an_object_store_run_dir_gets_a_temporary_directory_that_ray_uploads(mon
     assert call.mode == ray.train.CheckpointUploadMode.SYNC  # uploaded before report() returns
     assert call.files == [CHECKPOINT_FILE, CHECKSUM_FILE]
     assert not Path(call.path).exists()  # the local copy goes once Ray has uploaded it
+
+
+def test_an_encrypted_checkpoint_is_never_in_the_clear_under_the_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = Keyring({"k1": bytes(32)}, "k1")
+    monkeypatch.setattr(worker_report, "keyring_for", lambda cfg: ring)
+    seen: list[str] = []
+    real_save = torch.save
+
+    def save(obj: object, f: Any) -> None:
+        seen.append(str(f))  # where the clear bytes go, before sealing
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    worker = _worker(str(tmp_path / "out"))
+    call, _ = _report(worker, monkeypatch)
+    assert call.mode == ray.train.CheckpointUploadMode.SYNC  # the sealed file, copied by Ray
+    assert seen and not any(path.startswith(str(tmp_path / "out")) for path in seen)
+    assert not Path(call.path).exists()
 
 
 def _fail(_: Path) -> None:

@@ -111,6 +111,7 @@ def report_epoch(
     if worker.metrics_log is None:
         worker.metrics_log = MetricsLog(worker.cfg.run_dir)
     worker.metrics_log.append(record)
+    keyring = keyring_for(worker.cfg)
 
     def write(directory: str | Path) -> None:
         write_checkpoint(
@@ -122,14 +123,16 @@ def report_epoch(
             state=state,
             fingerprint=worker.cfg.spec_fingerprint(),
             rng=rng,
-            keyring=keyring_for(worker.cfg),
+            keyring=keyring,
             name=name,
             frozen_from=worker.start if frozen_backbone else None,
         )
 
     run_dir = worker.cfg.run_dir
-    if storage.is_remote(run_dir):
+    if storage.is_remote(run_dir) or keyring is not None:
         # An object store: Ray Train uploads the directory before report() returns (durable when it does).
+        # Encrypted: the clear file is written before it is sealed, so never under the run directory but in
+        # a private temporary one (mode 0700), whose sealed content Ray copies.
         with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
             write(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
