@@ -164,6 +164,7 @@ def _fail(_: Path) -> None:
 @pytest.mark.parametrize("fill", ["ok", "fails"])
 def test_an_atomic_directory_appears_whole_or_not_at_all(tmp_path: Path, before: str | None, fill: str) -> None:
     target = tmp_path / "checkpoint_epoch_0002"
+    (tmp_path / ".checkpoint_epoch_0002.0123456789ab.tmp").mkdir()  # a killed writer's staging
     if before is not None:
         target.mkdir()
         (target / "checkpoint.pt").write_text(before)

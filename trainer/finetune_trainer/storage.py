@@ -125,9 +125,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """A hidden temporary directory beside ``path`` to fill; renamed to ``path`` when the block succeeds
     (replacing an older ``path``), removed when it fails: readers (a resumed run listing checkpoints, Ray's
-    retention) find no directory or a complete one, never a half-written one."""
+    retention) find no directory or a complete one, never a half-written one. One writer per ``path``: the
+    staging left by a writer that was killed (a crashed attempt, an epoch being re-run) is removed first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     # Beside the target: os.rename is atomic only within a filesystem. Hidden, so that name patterns
     # (checkpoint_epoch_NNNN) never match it.
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
