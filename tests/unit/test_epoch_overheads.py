@@ -1,18 +1,32 @@
 """What each epoch's report costs besides the checkpoint (issue 14 item 4): ``metrics.jsonl`` is read once per
 attempt, not before every epoch's write (one PUT per epoch on an object store, no GET), and the random states
-go to rank 0 alone (a gather, not an all-gather)."""
+go to rank 0 alone (a gather, not an all-gather); the checkpoint is written once, straight into a local run
+directory (whole or not at all), and hashed as it is written."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import ray.train
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from finetune_trainer import metrics_log, storage
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer import metrics_log, storage, worker_report
+from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, TrainState, checkpoint_dir_name, read_checkpoint
+from finetune_trainer.engine import Precision
 from finetune_trainer.metrics_log import EpochRecord, MetricsLog, read_metrics
+from finetune_trainer.sealing import Keyring
 from finetune_trainer.seeding import gather_rng_states
+from finetune_trainer.worker_report import Worker
 
 
 def record(epoch: int, lr: float = 0.1) -> EpochRecord:
@@ -53,3 +67,112 @@ def test_random_states_are_gathered_onto_rank_0_alone(tmp_path: Path) -> None:
     mp.spawn(_gather, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
     assert Path(f"{out}.0").read_text() == "2"  # every worker's states, for rank 0's checkpoint
     assert Path(f"{out}.1").read_text() == "none"  # before: all of them, on every rank, every epoch
+
+
+# ------------------------------------------------------------------------ the checkpoint, written once
+def _worker(output_root: str) -> Worker:
+    spec = FineTuneJobSpec.model_validate(
+        {"model": {"name": "resnet18"}, "dataset": {"format": "digits"}, "output": {"uri": output_root}}
+    )
+    cfg = TrainerConfig(job_name="job", spec=spec, output_root=output_root)
+    model = nn.Linear(4, 3)
+    precision = Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    return Worker(cfg, 0, 1, torch.device("cpu"), model, ["a", "b", "c"], precision, nn.CrossEntropyLoss(), None, None)
+
+
+@dataclass
+class Reported:
+    path: str
+    mode: object
+    files: list[str]
+    """The checkpoint directory's files when report() was called (a temporary one is gone afterwards)."""
+
+
+def _report(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> tuple[Reported, list[str]]:
+    """One epoch's ``report_epoch`` on rank 0 with ``ray.train.report`` recorded; (what it was handed, the
+    files ``storage.sha256_file`` read back)."""
+    calls: list[Reported] = []
+    hashed: list[str] = []
+
+    def report(metrics: dict[str, Any], *, checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str, **kw: Any) -> None:
+        files = sorted(p.name for p in Path(checkpoint.path).iterdir())
+        calls.append(Reported(checkpoint.path, kw.get("checkpoint_upload_mode", ray.train.CheckpointUploadMode.SYNC), files))
+
+    real_sha = storage.sha256_file
+
+    def sha(path: str | Path) -> str:
+        hashed.append(str(path))
+        return real_sha(path)
+
+    monkeypatch.setattr(ray.train, "report", report)  # looked up by worker_report at each call
+    monkeypatch.setattr(storage, "sha256_file", sha)
+    optimizer = torch.optim.SGD(worker.model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = TrainState(epoch=1, stage="fine-tune")
+    worker_report.report_epoch(worker, record(1), state, optimizer, scheduler, {})
+    (call,) = calls
+    return call, hashed
+
+
+def test_a_local_run_dir_gets_the_checkpoint_written_once_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = _worker(str(tmp_path))
+    call, hashed = _report(worker, monkeypatch)
+    name = checkpoint_dir_name(1)
+    # Where Ray Train would have copied it (its run dir, RunConfig(storage_path, name)), and no copy asked for;
+    # before: a temporary directory, copied by Ray (SYNC).
+    assert Path(call.path) == tmp_path / "job" / name
+    assert call.mode == ray.train.CheckpointUploadMode.NO_UPLOAD
+    assert call.files == [CHECKPOINT_FILE, CHECKSUM_FILE]
+    assert hashed == []  # hashed as written, never read back for its checksum
+    assert read_checkpoint(call.path, worker.cfg.spec_fingerprint(), worker.cfg.run_dir)["train_state"].epoch == 1
+    # The staging directory is gone: the run dir holds the metrics log and the checkpoint alone.
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == sorted([name, "metrics.jsonl"])
+
+
+def test_an_object_store_run_dir_gets_a_temporary_directory_that_ray_uploads(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = _worker("s3://bucket/out")
+    monkeypatch.setattr(worker_report, "MetricsLog", lambda run_dir: SimpleNamespace(append=lambda record: None))
+    call, _ = _report(worker, monkeypatch)
+    assert call.mode == ray.train.CheckpointUploadMode.SYNC  # uploaded before report() returns
+    assert call.files == [CHECKPOINT_FILE, CHECKSUM_FILE]
+    assert not Path(call.path).exists()  # the local copy goes once Ray has uploaded it
+
+
+def test_an_encrypted_checkpoint_is_never_in_the_clear_under_the_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = Keyring({"k1": bytes(32)}, "k1")
+    monkeypatch.setattr(worker_report, "keyring_for", lambda cfg: ring)
+    seen: list[str] = []
+    real_save = torch.save
+
+    def save(obj: object, f: Any) -> None:
+        seen.append(str(f))  # where the clear bytes go, before sealing
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    worker = _worker(str(tmp_path / "out"))
+    call, _ = _report(worker, monkeypatch)
+    assert call.mode == ray.train.CheckpointUploadMode.SYNC  # the sealed file, copied by Ray
+    assert seen and not any(path.startswith(str(tmp_path / "out")) for path in seen)
+    assert not Path(call.path).exists()
+
+
+def _fail(_: Path) -> None:
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("before", [None, "old"], ids=["new", "replaces-leftover"])
+@pytest.mark.parametrize("fill", ["ok", "fails"])
+def test_an_atomic_directory_appears_whole_or_not_at_all(tmp_path: Path, before: str | None, fill: str) -> None:
+    target = tmp_path / "checkpoint_epoch_0002"
+    (tmp_path / ".checkpoint_epoch_0002.0123456789ab.tmp").mkdir()  # a killed writer's staging
+    if before is not None:
+        target.mkdir()
+        (target / "checkpoint.pt").write_text(before)
+    with contextlib.suppress(OSError), storage.atomic_directory(target) as directory:
+        (directory / "checkpoint.pt").write_text("new")
+        if fill == "fails":
+            _fail(directory)
+    expected = {"ok": "new", "fails": before}[fill]
+    found = (target / "checkpoint.pt").read_text() if target.exists() else None
+    assert found == expected
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind

@@ -1,9 +1,10 @@
 """What a training checkpoint holds, and how a relaunched run takes it back.
 
-Rank 0 writes one ``checkpoint.pt`` per epoch into a directory it hands to ``ray.train.report``; Ray
-Train copies it to ``<run dir>/checkpoint_epoch_NNNN`` and remembers it in the run's snapshot, so a
-relaunch of the same job (same ``RunConfig(name, storage_path)``) gets it back from
-``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict (of a frozen-backbone
+Rank 0 writes one ``checkpoint.pt`` per epoch into ``<run dir>/checkpoint_epoch_NNNN`` (in a local or
+mounted run directory directly, complete before it is renamed into place; into a temporary directory that
+Ray Train uploads for an object store: ``worker_report``) and hands it to ``ray.train.report``; Ray Train
+remembers it in the run's snapshot, so a relaunch of the same job (same ``RunConfig(name, storage_path)``)
+gets it back from ``ray.train.get_checkpoint()``. The file holds the unwrapped model's state_dict (of a frozen-backbone
 stage only what trains, with the starting weights' reference and sha256 under ``base``: see
 ``stored_weights``), the optimizer, the
 scheduler, the AMP scaler, where training stood (epoch, stage, best metric, epochs without
@@ -30,7 +31,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final, cast
 
 import torch
 
@@ -139,27 +140,34 @@ def write_checkpoint(
     directory name it is stored under (by default ``checkpoint_dir_name`` of the state's epoch and lineage).
     ``frozen_from``: the model's backbone is frozen at these starting weights; only what trains is stored."""
     weights, base = stored_weights(model, frozen_from)
-    torch.save(
-        {
-            "format": _FORMAT,
-            "model": weights,
-            "base": base,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "train_state": dataclasses.asdict(state),
-            "fingerprint": fingerprint,
-            "rng": rng,
-        },
-        Path(directory) / CHECKPOINT_FILE,
-    )
-    if keyring is not None:
-        # Encrypted in place before Ray copies the directory to storage: no clear copy reaches the run dir.
+    content = {
+        "format": _FORMAT,
+        "model": weights,
+        "base": base,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "train_state": dataclasses.asdict(state),
+        "fingerprint": fingerprint,
+        "rng": rng,
+    }
+    path = Path(directory) / CHECKPOINT_FILE
+    if keyring is None:
+        # Hashed as it is written: reading the file back for its checksum cost as much as writing it.
+        with open(path, "wb") as f:
+            writer = storage.HashingWriter(f)
+            # torch.save needs only write() (and flush()) of a file object: typed IO[bytes], hence the cast.
+            torch.save(content, cast(BinaryIO, writer))
+        digest = writer.hexdigest()
+    else:
+        torch.save(content, path)
+        # Encrypted in place before it is stored: no clear copy reaches the run dir.
         sealed = Path(directory) / f".{CHECKPOINT_FILE}.sealed"
         bind = checkpoint_binding(name or checkpoint_dir_name(state.epoch, state.lineage))
-        seal_file(Path(directory) / CHECKPOINT_FILE, sealed, keyring, bind=bind)
-        sealed.replace(Path(directory) / CHECKPOINT_FILE)
-    (Path(directory) / CHECKSUM_FILE).write_text(storage.sha256_file(Path(directory) / CHECKPOINT_FILE) + "\n")
+        seal_file(path, sealed, keyring, bind=bind)
+        sealed.replace(path)
+        digest = storage.sha256_file(path)
+    (Path(directory) / CHECKSUM_FILE).write_text(digest + "\n")
 
 
 def read_checkpoint(

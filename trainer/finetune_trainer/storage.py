@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from finetune_trainer.errors import exception_line
 
 __all__ = [
+    "HashingWriter",
     "StorageError",
+    "atomic_directory",
     "atomic_path",
     "atomic_write_bytes",
     "file_names",
@@ -83,6 +85,25 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class HashingWriter:
+    """A binary file open for writing that keeps the sha256 of the bytes written through it: the checksum of
+    a file as it is written, without reading it back (a checkpoint: hundreds of MB, every epoch)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; renamed over ``path`` when the block succeeds,
@@ -97,6 +118,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary directory beside ``path`` to fill; renamed to ``path`` when the block succeeds
+    (replacing an older ``path``), removed when it fails: readers (a resumed run listing checkpoints, Ray's
+    retention) find no directory or a complete one, never a half-written one. One writer per ``path``: the
+    staging left by a writer that was killed (a crashed attempt, an epoch being re-run) is removed first."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # Beside the target: os.rename is atomic only within a filesystem. Hidden, so that name patterns
+    # (checkpoint_epoch_NNNN) never match it.
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            # Left by an attempt that died between writing and reporting it (the epoch is being re-run):
+            # never registered, so nothing refers to it.
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

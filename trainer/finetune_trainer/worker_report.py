@@ -1,6 +1,7 @@
 """What one Ray Train worker holds for the run (``Worker``) and what it does at the end of every epoch
 (``report_epoch``): every worker reports (a barrier); rank 0 alone writes the checkpoint (of a
-frozen-backbone stage only what trains: ``checkpoint.stored_weights``), rewrites ``metrics.jsonl`` and
+frozen-backbone stage only what trains: ``checkpoint.stored_weights``; once, straight into a local run
+directory, or into a temporary one that Ray uploads to an object store), rewrites ``metrics.jsonl`` and
 feeds the progress sinks. ``step_meter`` is rank 0's per-step hook. Split out of ``loop``.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -17,6 +19,7 @@ from torch import nn
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Metrics, Progress
+from finetune_trainer import storage
 from finetune_trainer.checkpoint import TrainState, checkpoint_dir_name, write_checkpoint
 from finetune_trainer.engine import Precision
 from finetune_trainer.metrics_log import EpochRecord, MetricsLog
@@ -108,7 +111,9 @@ def report_epoch(
     if worker.metrics_log is None:
         worker.metrics_log = MetricsLog(worker.cfg.run_dir)
     worker.metrics_log.append(record)
-    with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
+    keyring = keyring_for(worker.cfg)
+
+    def write(directory: str | Path) -> None:
         write_checkpoint(
             directory,
             model=worker.model,
@@ -118,11 +123,32 @@ def report_epoch(
             state=state,
             fingerprint=worker.cfg.spec_fingerprint(),
             rng=rng,
-            keyring=keyring_for(worker.cfg),
+            keyring=keyring,
             name=name,
             frozen_from=worker.start if frozen_backbone else None,
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+
+    run_dir = worker.cfg.run_dir
+    if storage.is_remote(run_dir) or keyring is not None:
+        # An object store: Ray Train uploads the directory before report() returns (durable when it does).
+        # Encrypted: the clear file is written before it is sealed, so never under the run directory but in
+        # a private temporary one (mode 0700), whose sealed content Ray copies.
+        with tempfile.TemporaryDirectory(prefix="finetune-ckpt-") as directory:
+            write(directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    else:
+        # A local or mounted run directory, which is Ray Train's own (RunConfig(storage_path, name)): written
+        # once where Ray would have copied it, complete before it appears under its name, and reported
+        # without Ray's copy (NO_UPLOAD), which doubled the epoch's checkpoint time.
+        target = storage.local_path(run_dir) / name
+        with storage.atomic_directory(target) as staging:
+            write(staging)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(target)),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
     if worker.sinks is not None:
         total = worker.spec.hyperparameters.epochs
         worker.sinks.update(
