@@ -3,15 +3,12 @@ every epoch's losses and accuracies, and the final model."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from tests.slow.conftest import MakeConfig
-from tests.slow.test_resume import curve
+from tests.support.runs import curve, same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -37,6 +34,4 @@ def test_one_seed_gives_one_run(make_config: MakeConfig, workers: int) -> None:
 
     first, again = (curve(read_metrics(run)) for run in runs)
     assert len(first) == 2 and first == again
-    models = [torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in runs]
-    assert models[0].keys() == models[1].keys()
-    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert same_weights(*runs)

@@ -4,18 +4,15 @@ of another spec is refused, not resumed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 from ray.train import TrainingFailedError
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from finetune_trainer.checkpoint import read_checkpoint
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.metrics_log import EpochRecord
 from tests.slow.conftest import MakeConfig
+from tests.support.runs import curve, same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -46,11 +43,6 @@ def test_relaunch_continues_after_the_last_checkpoint(make_config: MakeConfig) -
     assert result.metrics["best_val_accuracy"] == best.val_accuracy
 
 
-def curve(records: list[EpochRecord]) -> list[tuple[object, ...]]:
-    """What a run computed, epoch by epoch (not its timings)."""
-    return [(r.epoch, r.stage, r.train_loss, r.val_loss, r.val_accuracy, r.val_top5, r.lr) for r in records]
-
-
 # Random numbers every epoch: crops and flips, and dropout in MobileNet's classifier.
 RANDOM_JOB = {"model": {"name": "mobilenet_v3_small"}, "dataset": {"augmentation": "standard"}, "hyperparameters": {"epochs": 4}}
 
@@ -68,11 +60,7 @@ def test_a_resumed_run_matches_the_uninterrupted_one(make_config: MakeConfig) ->
     # Exactly, on CPU: the same numbers are drawn and summed in the same order. Epochs 1-2 of both runs
     # start from the seed alone: this is also the one-worker case of test_reproducibility.
     assert curve(read_metrics(resumed.run_dir)) == curve(read_metrics(straight.run_dir))
-    models = [
-        torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in (straight.run_dir, resumed.run_dir)
-    ]
-    assert models[0].keys() == models[1].keys()
-    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert same_weights(straight.run_dir, resumed.run_dir)
 
 
 def test_a_checkpoint_of_another_spec_is_refused(make_config: MakeConfig) -> None:
