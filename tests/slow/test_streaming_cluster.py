@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 
 from finetune_operator.api.contract import TRAIN_RESOURCE, TrainerConfig
 from finetune_trainer import driver
-from finetune_trainer.artifacts import read_metrics
+from finetune_trainer.metrics_log import read_metrics
 from tests.slow.conftest import MakeConfig
 from tests.support.ray_nodes import NodeTitles
 from tests.support.runs import curve, same_weights, wait_for_path, write_image_folder
