@@ -4,7 +4,6 @@ from the last checkpoint once a node is back, and the run completes with every e
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from finetune_trainer.checkpoint import checkpoint_dir_name
 from tests.slow.conftest import MakeConfig
+from tests.support.runs import wait_for_path
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,6 @@ def cluster() -> Iterator[Cluster]:
     yield cluster
     ray.shutdown()
     cluster.shutdown()  # type: ignore[no-untyped-call]
-
-
-def _wait_for(path: Path, done: threading.Event) -> None:
-    # Not a timing assertion: a bounded wait for the first registered checkpoint to exist.
-    deadline = time.monotonic() + 300
-    while not path.exists() and not done.is_set() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def test_run_recovers_from_a_lost_node(cluster: Cluster, make_config: MakeConfig) -> None:
@@ -69,7 +62,7 @@ def test_run_recovers_from_a_lost_node(cluster: Cluster, make_config: MakeConfig
     # add_node must run in the main thread, so fit() runs beside it.
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    _wait_for(Path(cfg.run_dir) / checkpoint_dir_name(2), done)
+    wait_for_path(Path(cfg.run_dir) / checkpoint_dir_name(2), done)
     assert not done.is_set(), f"training ended before a node could be removed: {outcome}"
     victim = next(node for node in cluster.worker_nodes)
     cluster.remove_node(victim)

@@ -16,7 +16,7 @@ import torchvision
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from tests.slow.conftest import MakeConfig
-from tests.slow.test_resume import curve
+from tests.support.runs import curve, same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -44,9 +44,7 @@ def test_two_workers_train_write_artifacts_and_one_seed_gives_one_run(make_confi
 
     first, again = (curve(read_metrics(run)) for run in runs)
     assert len(first) == 2 and first == again
-    models = [torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in runs]
-    assert models[0].keys() == models[1].keys()
-    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert same_weights(*runs)
 
 
 def check_ddp_run(run: str, result: Any, summary: driver.RunResult) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from ray.train import TrainingFailedError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -15,15 +14,10 @@ from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from finetune_trainer.checkpoint import read_checkpoint
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.metrics_log import EpochRecord
 from tests.slow.conftest import MakeConfig
+from tests.support.runs import curve, same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
-
-
-def curve(records: list[EpochRecord]) -> list[tuple[object, ...]]:
-    """What a run computed, epoch by epoch (not its timings)."""
-    return [(r.epoch, r.stage, r.train_loss, r.val_loss, r.val_accuracy, r.val_top5, r.lr) for r in records]
 
 
 # Random numbers every epoch: crops and flips, and dropout in MobileNet's classifier. TensorBoard at every step,
@@ -67,11 +61,7 @@ def test_a_relaunch_resumes_after_the_last_checkpoint_as_the_uninterrupted_run_t
     # Exactly, on CPU: the same numbers are drawn and summed in the same order. Epochs 1-2 of both runs
     # start from the seed alone: this is also the one-worker case of test_reproducibility.
     assert curve(after) == curve(read_metrics(straight.run_dir))
-    models = [
-        torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in (straight.run_dir, resumed.run_dir)
-    ]
-    assert models[0].keys() == models[1].keys()
-    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert same_weights(straight.run_dir, resumed.run_dir)
 
     # TensorBoard: one point per optimizer step across both launches, the relaunch going on from epoch 2's last step.
     tensorboard = EventAccumulator(str(Path(resumed.run_dir) / "tensorboard"), size_guidance={"scalars": 0})

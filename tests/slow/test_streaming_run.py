@@ -8,35 +8,18 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from tests.slow.conftest import MakeConfig
+from tests.support.runs import write_image_folder
 from tests.support.s3 import S3, s3_server
 
 pytestmark = pytest.mark.slow
 
 CLASSES = ("circle", "square")
 PER_CLASS = 12
-
-
-def _image(label: int, i: int) -> Image.Image:
-    """A class you can learn: bright top half for one class, bright bottom half for the other, plus noise."""
-    pixels = np.random.default_rng(100 * label + i).integers(0, 80, (32, 32, 3), dtype=np.uint8)
-    rows = slice(0, 16) if label == 0 else slice(16, 32)
-    pixels[rows] += 150
-    return Image.fromarray(pixels)
-
-
-def _write_folder(root: Path) -> Path:
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            _image(label, i).save(root / name / f"{i:02d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +39,7 @@ def s3_ray() -> Iterator[S3]:
 
 
 def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
-    folder = _write_folder(tmp_path / "shapes")
+    folder = write_image_folder(tmp_path / "shapes", CLASSES, PER_CLASS)
     cfg = driver.absolute_output(
         make_config(
             "stream-local",
@@ -89,7 +72,7 @@ def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeCon
 
 
 def test_an_s3_dataset_is_streamed_not_downloaded_and_resumes(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
-    folder = _write_folder(tmp_path / "shapes")
+    folder = write_image_folder(tmp_path / "shapes", CLASSES, PER_CLASS)
     for path in sorted(folder.rglob("*.png")):
         s3_ray.client.put_object(Bucket="data", Key=f"shapes/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
     cache = tmp_path / "cache"

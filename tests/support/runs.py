@@ -1,0 +1,54 @@
+"""Helpers the slow tier's training tests share: a small learnable ImageFolder written on disk, a bounded wait
+for a file a running job writes (a checkpoint, Ray Train's checkpoint snapshot), and what two runs are compared
+by (their per-epoch curves and their shipped weights)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finetune_trainer.metrics_log import EpochRecord
+
+__all__ = ["curve", "learnable_image", "same_weights", "wait_for_path", "write_image_folder"]
+
+
+def learnable_image(label: int, i: int, size: int = 32) -> Image.Image:
+    """A class you can learn: bright top half for class 0, bright bottom half for the others, plus noise."""
+    pixels = np.random.default_rng(100 * label + i).integers(0, 80, (size, size, 3), dtype=np.uint8)
+    rows = slice(0, size // 2) if label == 0 else slice(size // 2, size)
+    pixels[rows] += 150
+    return Image.fromarray(pixels)
+
+
+def write_image_folder(root: Path, classes: Sequence[str], per_class: int, suffix: str = ".png") -> Path:
+    """``root/<class>/<nn><suffix>`` for each class, ``per_class`` images each (PIL picks the format by suffix)."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            learnable_image(label, i).save(root / name / f"{i:02d}{suffix}")
+    return root
+
+
+def wait_for_path(path: Path, done: threading.Event, timeout: float = 300) -> None:
+    """Until ``path`` exists, ``done`` is set or ``timeout`` seconds have passed. Not a timing assertion: the
+    caller asserts on what happened (e.g. that the run had not ended), never on how long it took."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and not done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def curve(records: list[EpochRecord]) -> list[tuple[object, ...]]:
+    """What a run computed, epoch by epoch (not its timings)."""
+    return [(r.epoch, r.stage, r.train_loss, r.val_loss, r.val_accuracy, r.val_top5, r.lr) for r in records]
+
+
+def same_weights(*run_dirs: str) -> bool:
+    """Whether the runs' ``model.pt`` hold exactly the same tensors under the same names."""
+    models = [torch.load(Path(run) / "model.pt", map_location="cpu", weights_only=True) for run in run_dirs]
+    return all(m.keys() == models[0].keys() and all(torch.equal(m[k], models[0][k]) for k in m) for m in models[1:])
