@@ -235,6 +235,9 @@ def _minimal(**sections: Any) -> dict[str, Any]:
     return spec
 
 
+GPU_DECODE: dict[str, Any] = {"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "gpu"}
+
+
 @pytest.mark.parametrize(
     ("spec", "accepted"),
     [
@@ -257,10 +260,10 @@ def _minimal(**sections: Any) -> dict[str, Any]:
         (_minimal(strategy={"method": "partial", "unfreezeBlocks": 1}), True),
         (_minimal(model={"name": "resnet18", "weights": "DEFAULT", "weightsUri": "/m.pt"}), False),
         # Review F9: GPU JPEG decoding on a CPU-only job (gpusPerWorker's default is 0), refused by both.
-        (_minimal(dataset={"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "gpu"}), False),
-        (_minimal(dataset={"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "gpu"}, resources={"gpusPerWorker": 0}), False),
-        (_minimal(dataset={"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "gpu"}, resources={"gpusPerWorker": 1}), True),
-        (_minimal(dataset={"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "cpu"}), True),
+        (_minimal(dataset=GPU_DECODE), False),
+        (_minimal(dataset=GPU_DECODE, resources={"gpusPerWorker": 0}), False),
+        (_minimal(dataset=GPU_DECODE, resources={"gpusPerWorker": 1}), True),
+        (_minimal(dataset={**GPU_DECODE, "jpegDecode": "cpu"}), True),
     ],
     ids=lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v),
 )
