@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from finetune_operator import pod_overrides
 from finetune_operator.api.base import WireModel
+from finetune_operator.api.dataworkers import data_replicas
 from finetune_operator.api.fields import quote, uri_scheme
 from finetune_operator.api.v1alpha1 import (
     DatasetSpec,
@@ -170,6 +171,13 @@ def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: Ope
         errors.append(
             f"spec.resources.workers: {res.workers} exceeds this operator's limit of {settings.max_workers} "
             "(FINETUNE_OPERATOR_MAX_WORKERS); ask for fewer workers"
+        )
+    # Data pods are a second pod group beside the workers: without their own bound, a job held to maxWorkers could
+    # still ask for MAX_DATA_WORKERS (256) CPU-only pods.
+    if isinstance(res, ResourcesSpec) and data_replicas(res.data_workers) > settings.max_data_workers:
+        errors.append(
+            f"spec.resources.dataWorkers.replicas: {data_replicas(res.data_workers)} exceeds this operator's limit of "
+            f"{settings.max_data_workers} (FINETUNE_OPERATOR_MAX_DATA_WORKERS); ask for fewer data workers"
         )
     if isinstance(res, ResourcesSpec) and res.gpus_per_worker > settings.max_gpus_per_worker:
         errors.append(

@@ -108,6 +108,10 @@ class OperatorSettings(BaseSettings):
     max_workers: Annotated[int, Field(ge=1, le=1024), Accepts("an integer from 1 to 1024")] = 64
     """``FINETUNE_OPERATOR_MAX_WORKERS``: largest ``spec.resources.workers`` accepted; bigger jobs fail validation."""
 
+    max_data_workers: Annotated[int, Field(ge=0, le=256), Accepts("an integer from 0 to 256")] = 16
+    """``FINETUNE_OPERATOR_MAX_DATA_WORKERS``: largest ``spec.resources.dataWorkers.replicas`` accepted (CPU-only data
+    pods, which ``maxWorkers`` does not count); 0 refuses every job that asks for data workers."""
+
     max_gpus_per_worker: Annotated[int, Field(ge=0, le=16), Accepts("an integer from 0 to 16")] = 8
     """``FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER``: largest ``spec.resources.gpusPerWorker`` accepted."""
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.admission import AdmissionError, admit
+from finetune_operator.admission import AdmissionError, admit, policy_errors
 from finetune_operator.api import catalog
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.validate import validate_document, validate_spec
 from finetune_operator.settings import OperatorSettings
 
@@ -150,6 +151,24 @@ def test_admit_reports_policy_errors_with_validation_errors() -> None:
     with pytest.raises(AdmissionError) as info:
         admit({"metadata": {"name": "j"}, "spec": spec}, OperatorSettings(max_workers=8))
     assert _paths(info.value.lines) == ["spec.hyperparameters.learningRate", "spec.output.uri", "spec.resources.workers"]
+
+
+def test_data_workers_are_bounded_by_the_operators_limits() -> None:
+    """Review F7: maxWorkers bounded the worker pods only; the data pods beside them went unchecked."""
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "digits"},
+            "output": {"uri": "s3://bucket/runs"},
+            "resources": {"workers": 1, "dataWorkers": {"replicas": 256, "cpusPerWorker": 512, "memoryPerWorker": "4Ti"}},
+        }
+    )
+    errors = policy_errors(spec, OperatorSettings(max_workers=2))
+    assert errors == [
+        "spec.resources.dataWorkers.replicas: 256 exceeds this operator's limit of 16 "
+        "(FINETUNE_OPERATOR_MAX_DATA_WORKERS); ask for fewer data workers"
+    ]
+    assert policy_errors(spec, OperatorSettings(max_data_workers=256)) == []
 
 
 # ------------------------------------------------------------ Kubernetes syntax: what must stay accepted

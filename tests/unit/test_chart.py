@@ -259,6 +259,7 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_TRAINER_IMAGE": settings["trainerImage"] or versions.DEFAULT_TRAINER_IMAGE,
         "FINETUNE_OPERATOR_RAY_VERSION": settings["rayVersion"],
         "FINETUNE_OPERATOR_MAX_WORKERS": str(settings["maxWorkers"]),
+        "FINETUNE_OPERATOR_MAX_DATA_WORKERS": str(settings["maxDataWorkers"]),
         "FINETUNE_OPERATOR_MAX_GPUS_PER_WORKER": str(settings["maxGpusPerWorker"]),
         "FINETUNE_OPERATOR_DEFAULT_TTL_SECONDS": str(settings["defaultTtlSeconds"]),
         "FINETUNE_OPERATOR_PRE_RUNNING_DEADLINE_SECONDS": str(settings["preRunningDeadlineSeconds"]),
@@ -304,6 +305,7 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
     parsed = OperatorSettings.from_env(env)
     assert parsed.namespaces == tuple(values["watchNamespaces"])
     assert parsed.max_workers == settings["maxWorkers"]
+    assert parsed.max_data_workers == settings["maxDataWorkers"]
     assert parsed.status_throttle_seconds == float(settings["statusThrottleSeconds"])
     assert parsed.log_level == settings["logLevel"]
 

@@ -203,6 +203,17 @@ def test_cel_rules(new: dict[str, Any], old: dict[str, Any] | None, accepted: bo
     assert _spec_ok(new, old) is accepted
 
 
+def test_the_crd_refuses_gpu_jpeg_decoding_without_gpus() -> None:
+    """Review F9: pydantic refused jpegDecode gpu without GPUs, the CRD's CEL did not (kubectl apply took it)."""
+    spec = _with(
+        dataset={"format": "imagefolder", "trainUri": "s3://b/train", "ingest": "streaming", "jpegDecode": "gpu"},
+        resources={"workers": 1, "gpusPerWorker": 0},
+    )
+    with pytest.raises(ValueError, match="jpegDecode"):
+        FineTuneJobSpec.model_validate(spec)  # pydantic refuses it (one line, field named) ...
+    assert not _spec_ok(spec)  # ... and so does the API server
+
+
 def test_generation_is_deterministic() -> None:
     assert build_crd() == build_crd()
 
@@ -222,6 +233,9 @@ def _minimal(**sections: Any) -> dict[str, Any]:
     for name, value in sections.items():
         spec[name] = value
     return spec
+
+
+GPU_DECODE: dict[str, Any] = {"trainUri": "s3://b/t", "ingest": "streaming", "jpegDecode": "gpu"}
 
 
 @pytest.mark.parametrize(
@@ -245,6 +259,11 @@ def _minimal(**sections: Any) -> dict[str, Any]:
         (_minimal(strategy={"method": "partial"}), False),
         (_minimal(strategy={"method": "partial", "unfreezeBlocks": 1}), True),
         (_minimal(model={"name": "resnet18", "weights": "DEFAULT", "weightsUri": "/m.pt"}), False),
+        # Review F9: GPU JPEG decoding on a CPU-only job (gpusPerWorker's default is 0), refused by both.
+        (_minimal(dataset=GPU_DECODE), False),
+        (_minimal(dataset=GPU_DECODE, resources={"gpusPerWorker": 0}), False),
+        (_minimal(dataset=GPU_DECODE, resources={"gpusPerWorker": 1}), True),
+        (_minimal(dataset={**GPU_DECODE, "jpegDecode": "cpu"}), True),
     ],
     ids=lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v),
 )
@@ -262,6 +281,7 @@ def test_cel_rules_and_pydantic_agree(spec: dict[str, Any], accepted: bool) -> N
     [
         # batchSize has no default (the trainer chooses one); test_cel_rules_and_pydantic_agree covers its absence
         (ResourcesSpec, "workers", "self.resources.workers"),
+        (DatasetSpec, "jpeg_decode", "self.dataset.jpegDecode"),
         (DatasetSpec, "format", "self.format"),
         (StrategySpec, "method", "self.method"),
     ],

@@ -109,3 +109,25 @@ def test_a_sealed_probe_checkpoint_resumes_with_the_key(tmp_path: Path, monkeypa
     rebuilt = resnet18()
     restore_model(rebuilt, data, starting_weights(rebuilt, "resnet18 random (seed 0)"))
     assert torch.equal(rebuilt.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+
+
+def test_a_frozen_backbone_checkpoint_missing_a_trained_tensor_is_refused() -> None:
+    """Review F13: only unexpected keys were checked, so a checkpoint without the head's bias resumed silently with
+    that tensor at its fresh initialisation beside a restored optimizer."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("0.")}
+    start = StartingWeights("backbone", "f" * 64, backbone)
+    data = {"base": {"reference": "backbone", "sha256": "f" * 64}, "model": {"1.weight": torch.ones(2, 4)}}
+    with pytest.raises(TrainerError, match=r"1\.bias") as info:
+        restore_model(model, data, start, "checkpoint_epoch_0001")
+    assert "\n" not in str(info.value) and str(info.value).startswith("checkpoint_epoch_0001: lacks tensors that trained")
+
+
+def test_a_probe_checkpoint_without_its_head_bias_is_refused(tmp_path: Path) -> None:
+    model = resnet18()
+    save(tmp_path / "ckpt", model, probe(model))
+    data = read_checkpoint(tmp_path / "ckpt", FP, "run")
+    del data["model"]["fc.bias"]
+    rebuilt = resnet18()
+    with pytest.raises(TrainerError, match=r"the checkpoint of epoch 1: lacks tensors that trained \(fc\.bias\)"):
+        restore_model(rebuilt, data, starting_weights(rebuilt, "resnet18 random (seed 0)"), "the checkpoint of epoch 1")

@@ -37,7 +37,7 @@ import torch
 
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError, exception_line
-from finetune_trainer.model import StartingWeights
+from finetune_trainer.model import StartingWeights, head_module_names
 from finetune_trainer.sealing import Keyring, is_sealed_file, seal_file, unseal_bytes
 
 __all__ = [
@@ -274,6 +274,15 @@ def restore_model(model: torch.nn.Module, data: dict[str, Any], start: StartingW
     unexpected = [k for k in data["model"] if k not in model.state_dict()]
     if unexpected:
         raise TrainerError(f"{what}: holds tensors this model does not have ({', '.join(unexpected[:3])})")
+    # strict=False lets the frozen backbone come from the rebuilt model (its sha256 was just checked); anything
+    # else missing, the head's tensors above all, would stay at its fresh initialisation beside a restored optimizer.
+    heads = tuple(f"{h}." for h in head_module_names(model))
+    missing = [k for k in model.state_dict() if k not in data["model"] and k.startswith(heads)]
+    if missing:
+        raise TrainerError(
+            f"{what}: lacks tensors that trained ({', '.join(missing[:3])}), which the starting weights do not "
+            "hold; the checkpoint is incomplete: delete it (or the run's folder) to start over"
+        )
     model.load_state_dict(data["model"], strict=False)
 
 

@@ -35,6 +35,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import Ingest, choose_ingest, list_image_folder
+from finetune_trainer.listing_record import check_listing
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -239,6 +240,7 @@ def _streamed_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledData
     assert ds.train_uri is not None
     classes, samples = list_image_folder("trainUri", ds.train_uri)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
+    check_listing(cfg, samples, ds.train_uri)  # before the split: an attempt must split what the first one did
     train_idx, val_idx = _choose(cfg, [label for _, label in samples])
     if ds.validation_uri is not None:
         val_classes, val_samples = list_image_folder("validationUri", ds.validation_uri)
@@ -258,6 +260,7 @@ def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
     full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
+    check_listing(cfg, full.samples, root)  # before the split: an attempt must split what the first one did
     labels = list(full.targets)
     train_idx, val_idx = _choose(cfg, labels)
     if val_idx is None:

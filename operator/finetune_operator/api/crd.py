@@ -126,6 +126,7 @@ def _spec_rules() -> list[dict[str, str]]:
     gpus = _cel_value("self", ["resources", _wire(ResourcesSpec, "gpus_per_worker")], _default(ResourcesSpec, "gpus_per_worker"))
     # ResourcesSpec.train_workers: one data-parallel process per GPU (CEL has no max()).
     workers = f"({gpus} > 0 ? {pods} * {gpus} : {pods})"
+    jpeg = _cel_value("self", ["dataset", _wire(DatasetSpec, "jpeg_decode")], _default(DatasetSpec, "jpeg_decode"))
     optional_sections = [
         name for name, field in FineTuneJobSpec.model_fields.items() if not field.is_required() and name != "run_policy"
     ]
@@ -144,6 +145,13 @@ def _spec_rules() -> list[dict[str, str]]:
             "rule": f"{batch} % {workers} == 0",
             "message": "hyperparameters.batchSize must be divisible by resources.workers (times gpusPerWorker on GPUs)",
             "fieldPath": ".hyperparameters.batchSize",
+        },
+        {
+            # Spans two sections (dataset, resources), so it lives here, not in _SECTION_RULES: without it only the
+            # webhook refused a CPU-only job that decodes on the GPU, and the trainer failed it after scheduling.
+            "rule": f"{jpeg} != 'gpu' || {gpus} > 0",
+            "message": "dataset.jpegDecode gpu needs GPUs (resources.gpusPerWorker >= 1); use jpegDecode cpu or add GPUs",
+            "fieldPath": ".dataset.jpegDecode",
         },
         {
             "rule": presence,

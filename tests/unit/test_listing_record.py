@@ -1,0 +1,112 @@
+"""A retried attempt splits what the first one did (review F11): the first attempt records the training listing's
+size and sha256 in the run folder, a later attempt of the same spec that lists other files stops in one line, on the
+streaming and the map-style path alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.data import build_datasets
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.listing import Ingest
+from finetune_trainer.listing_record import RECORD_FILE, listing_digest
+
+STREAMING = Ingest("streaming", "test")
+MAP_STYLE = Ingest("mapStyle", "test")
+
+
+def _png(path: Path, shade: int = 0, size: int = 4) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(shade).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _config(tmp_path: Path, dataset: dict[str, Any], **spec: Any) -> TrainerConfig:
+    body = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "imagefolder", "imageSize": 16, "augmentation": "none", "loaderWorkers": 0, **dataset},
+            "output": {"uri": str(tmp_path / "runs")},
+            **spec,
+        }
+    )
+    return TrainerConfig(job_name="job", spec=body, output_root=str(tmp_path / "runs"))
+
+
+def _folder(root: Path, per_class: int = 40) -> Path:
+    for label in ("cat", "dog"):
+        for i in range(per_class):
+            _png(root / label / f"{i:03d}.png", i)
+    return root
+
+
+def test_a_resumed_attempt_never_validates_on_images_an_earlier_attempt_trained_on(tmp_path: Path) -> None:
+    """The review's reproduction: one object added between attempts moved trained images into validation."""
+    _folder(tmp_path / "data")
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "validationSplit": 0.25, "ingest": "streaming"})
+    first, _, _, _ = build_datasets(cfg, STREAMING)
+    trained = {path for path, _ in first.samples}  # type: ignore[attr-defined]
+    _png(tmp_path / "data" / "cat" / "040.png", 40)  # the bucket grows while the job is retried
+    try:
+        _, val, _, _ = build_datasets(cfg, STREAMING)
+    except TrainerError:
+        return  # refusing a changed dataset with one line is a fix too
+    leaked = trained & {path for path, _ in val.samples}  # type: ignore[attr-defined]
+    assert not leaked, f"{len(leaked)} of {len(val)} validation images were trained on by the earlier attempt"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ingest", [STREAMING, MAP_STYLE], ids=lambda i: i.kind)
+def test_a_changed_listing_stops_the_next_attempt_in_one_line(tmp_path: Path, ingest: Ingest) -> None:
+    _folder(tmp_path / "data", per_class=8)
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "validationSplit": 0.25})
+    build_datasets(cfg, ingest)
+    build_datasets(cfg, ingest)  # an unchanged listing resumes as before
+    _png(tmp_path / "data" / "dog" / "100.png", 100)
+    with pytest.raises(TrainerError) as info:
+        build_datasets(cfg, ingest)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("dataset: the training listing changed since the run started (16 -> 17 files);")
+    assert str(tmp_path / "runs" / "job") in message
+
+
+def test_a_renamed_file_of_the_same_count_is_a_change_too(tmp_path: Path) -> None:
+    _folder(tmp_path / "data", per_class=4)
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "validationSplit": 0.25, "ingest": "streaming"})
+    build_datasets(cfg, STREAMING)
+    (tmp_path / "data" / "cat" / "000.png").rename(tmp_path / "data" / "dog" / "zzz.png")  # relabelled, same count
+    with pytest.raises(TrainerError, match=r"\(8 -> 8 files \(other names or labels\)\)"):
+        build_datasets(cfg, STREAMING)
+
+
+def test_another_spec_in_the_same_folder_records_its_own_listing(tmp_path: Path) -> None:
+    _folder(tmp_path / "data", per_class=4)
+    build_datasets(_config(tmp_path, {"trainUri": str(tmp_path / "data"), "ingest": "streaming"}), STREAMING)
+    _png(tmp_path / "data" / "dog" / "100.png", 100)
+    other = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "ingest": "streaming"}, hyperparameters={"seed": 7})
+    build_datasets(other, STREAMING)  # another run's record is replaced, not held against this one
+    record = json.loads((tmp_path / "runs" / "job" / RECORD_FILE).read_text())
+    assert (record["spec"], record["files"]) == (other.spec_fingerprint(), 9)
+
+
+@pytest.mark.parametrize(
+    ("samples", "root", "expected"),
+    [
+        ([("/data/cat/a.png", 0)], "/data", [("cat/a.png", 0)]),
+        ([("/data/cat/a.png", 0)], "/data/", [("cat/a.png", 0)]),
+        ([("/mnt/cache/cat/a.png", 0)], "/mnt/cache", [("cat/a.png", 0)]),  # another node's cache: the same digest
+        ([("s3://b/t/cat/a.png", 1)], "s3://b/t", [("cat/a.png", 1)]),
+    ],
+)
+def test_the_digest_does_not_depend_on_where_the_folder_is(
+    samples: list[tuple[str, int]], root: str, expected: list[tuple[str, int]]
+) -> None:
+    assert listing_digest(samples, root) == listing_digest(expected, "")

@@ -1,0 +1,58 @@
+"""What a run's train/validation split depends on, recorded once per run so that a retried attempt cannot re-split.
+
+Each attempt lists the training folder anew and splits it by position (``data._choose``); an image added or removed
+between attempts would move images the restored model trained on into validation, and change the steps per epoch
+under a restored scheduler. The first attempt writes the listing's size and sha256 to ``<run dir>/dataset-listing.json``;
+a later one that lists something else stops with one line. Hashed while iterating the listing: no second copy of a
+million-file list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Final
+
+from finetune_operator.api.contract import TrainerConfig
+from finetune_trainer import storage
+from finetune_trainer.errors import TrainerError
+
+RECORD_FILE: Final = "dataset-listing.json"
+
+
+def listing_digest(samples: Iterable[tuple[str, int]], root: str) -> tuple[int, str]:
+    """(files, sha256) of ``samples`` in their listing order: each path relative to ``root`` (so a node's cache or
+    mount directory does not matter) and its label."""
+    prefix = root.rstrip("/") + "/"
+    digest, count = hashlib.sha256(), 0
+    for path, label in samples:
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        digest.update(f"{label}\t{name}\n".encode())
+        count += 1
+    return count, digest.hexdigest()
+
+
+def check_listing(cfg: TrainerConfig, samples: Iterable[tuple[str, int]], root: str) -> None:
+    """Record the training listing on the run's first attempt; TrainerError (one line) when a later attempt of the
+    same spec lists different files. Every rank may call it: they write the same bytes."""
+    files, sha256 = listing_digest(samples, root)
+    uri = storage.join(cfg.run_dir, RECORD_FILE)
+    fingerprint = cfg.spec_fingerprint()
+    try:
+        recorded = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        recorded = None
+    except ValueError:
+        raise TrainerError(f"{uri}: is not the JSON this trainer writes; delete it (or the run's folder) to start over") from None
+    # Another spec's record belongs to another run in this folder, whose checkpoints are refused anyway.
+    if isinstance(recorded, dict) and recorded.get("spec") == fingerprint:
+        if (recorded.get("files"), recorded.get("sha256")) != (files, sha256):
+            same = " (other names or labels)" if recorded.get("files") == files else ""
+            raise TrainerError(
+                f"dataset: the training listing changed since the run started ({recorded.get('files')} -> {files} "
+                f"files{same}); a new split would validate on images the checkpoints trained on: restore "
+                f"dataset.trainUri as it was, or delete the run's folder ({cfg.run_dir}) to start over"
+            )
+        return
+    storage.write_text(uri, json.dumps({"spec": fingerprint, "files": files, "sha256": sha256}, sort_keys=True) + "\n")
