@@ -1,7 +1,10 @@
-"""A streamed validation set that begins with a run of unreadable images, on a real Ray with one CPU: Ray Data
-batches a block of 64 that holds nothing readable together with the next, normal one (before, the first block's
-placeholder array had another dtype and shape, and Ray Data failed the run with a traceback); the worker drops
-and counts them, and the job fails with the one-line unreadable-limit error naming some of them."""
+"""A streamed validation set that begins with a run of unreadable images, through Ray Data on a real Ray with one
+CPU (the decode tasks run unreserved beside a training worker, as in a small local run): Ray Data batches a block
+of 64 that holds nothing readable together with the next, normal one (before, the first block's placeholder array
+had another dtype and shape, and Ray Data failed the epoch with a traceback); the worker drops and counts them, and
+the epoch's check fails with the one-line unreadable-limit error naming some of them. The StreamSource is driven
+directly, without a Ray Train fit: a fit adds a minute and nothing this test looks at (the loop's use of
+``end_epoch`` is covered in tests/unit/test_streaming.py)."""
 
 from __future__ import annotations
 
@@ -10,63 +13,61 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from finetune_trainer import driver
+from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.data import build_input_spec, eval_transform
 from finetune_trainer.errors import TrainerError
-from tests.slow.conftest import MakeConfig
+from finetune_trainer.image_folder import StreamedImages
+from finetune_trainer.streaming import StreamSource
 
 pytestmark = pytest.mark.slow
 
-CLASSES = ("circle", "square")
 UNREADABLE = 70
 """More than a block (64 rows) in a row, at the start of the validation list: one block has nothing readable."""
+GOOD = 8
 
 
 @pytest.fixture(scope="module")
-def one_cpu_ray() -> Iterator[None]:
-    """One logical CPU, held by the training worker: decode tasks run beside it without a reservation."""
+def no_free_cpu_ray() -> Iterator[None]:
+    """No free CPU, as when the training workers hold them all: decode tasks go without a reservation."""
     import ray
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=0, include_dashboard=False)  # every CPU held: the unreserved branch
     yield
     ray.shutdown()
 
 
-def _images(folder: Path, count: int, seed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        pixels = np.random.default_rng(seed + i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"good-{i:02d}.png")
-
-
-def test_a_block_of_unreadable_validation_images_is_counted_and_fails_the_job_in_one_line(
-    one_cpu_ray: None, make_config: MakeConfig, tmp_path: Path
+def test_a_block_of_unreadable_validation_images_is_counted_and_fails_the_epoch_in_one_line(
+    no_free_cpu_ray: None, tmp_path: Path
 ) -> None:
-    for label, name in enumerate(CLASSES):
-        _images(tmp_path / "train" / name, 6, 100 * label)
-        _images(tmp_path / "val" / name, 4, 1000 + 100 * label)
-    for i in range(UNREADABLE):  # listed before the good ones ("00.jpg" < "good-00.png")
-        (tmp_path / "val" / "circle" / f"{i:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG's magic, then nothing")
-    cfg = make_config(
-        "stream-unreadable",
-        dataset={
-            "format": "imagefolder",
-            "classes": None,
-            "maxPerClass": None,
-            "trainUri": str(tmp_path / "train"),
-            "validationUri": str(tmp_path / "val"),
-            "ingest": "streaming",
-        },
-        strategy={"preciseBatchNorm": False},
-        hyperparameters={"epochs": 1, "batchSize": 8},
+    folder = tmp_path / "val" / "circle"
+    folder.mkdir(parents=True)
+    samples: list[tuple[str, int]] = []
+    for i in range(UNREADABLE):  # listed first: the first block (64 rows) holds nothing readable
+        path = folder / f"{i:02d}.jpg"
+        path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG's magic, then nothing")
+        samples.append((str(path), 0))
+    for i in range(GOOD):
+        path = folder / f"good-{i:02d}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), 0))
+    spec = FineTuneJobSpec.model_validate(
+        {"model": {"name": "resnet18"}, "dataset": {"imageSize": 16, "trainUri": str(tmp_path)}, "output": {"uri": "/out"}}
     )
-    with pytest.raises(TrainerError) as info:
-        driver.run(cfg, local=True)
+    transform = eval_transform(build_input_spec(TrainerConfig(job_name="job", spec=spec, output_root="/out")))
+    images = StreamedImages(samples, transform)
+    source = StreamSource(images, images, seed=0, rank=0, world=1, per_worker=32)
 
+    batches = list(source.val)  # per_worker 32: validation batches of 64, the first all unreadable
+
+    assert sum(len(labels) for _, labels in batches) == GOOD  # each readable image once, the unreadable dropped
+    assert all(images_.shape[1:] == (3, 16, 16) and images_.dtype == torch.float32 for images_, _ in batches)
+    with pytest.raises(TrainerError) as info:
+        source.end_epoch(torch.device("cpu"))
     message = str(info.value)
     assert "\n" not in message
-    circle = tmp_path / "val" / "circle"
-    # All 70 counted (the training images read count too); the first files named; the limit said.
-    assert message.startswith(f"dataset: {UNREADABLE} of "), message
-    assert f"cannot be decoded (e.g. {circle}/00.jpg, {circle}/01.jpg, {circle}/02.jpg); at most 1% may be" in message
+    assert message.startswith(f"dataset: {UNREADABLE} of {UNREADABLE + GOOD} images read cannot be decoded"), message
+    assert f"(e.g. {folder}/00.jpg, {folder}/01.jpg, {folder}/02.jpg); at most 1% may be" in message

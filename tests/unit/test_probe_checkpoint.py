@@ -125,7 +125,7 @@ def test_a_frozen_backbone_checkpoint_missing_a_trained_tensor_is_refused() -> N
 
 def test_a_probe_checkpoint_without_its_head_bias_is_refused(tmp_path: Path) -> None:
     model = resnet18()
-    save(tmp_path / "ckpt", model, probe(model))
+    save_checkpoint(tmp_path / "ckpt", model, STATE, FP, frozen_from=probe(model))
     data = read_checkpoint(tmp_path / "ckpt", FP, "run")
     del data["model"]["fc.bias"]
     rebuilt = resnet18()
