@@ -52,7 +52,9 @@ MAX_UNREADABLE_FRACTION: Final = 0.01
 should not cost a run, a folder of them is a broken dataset."""
 # Opening a header is I/O-bound: threads overlap the latency of network file systems.
 _SCAN_THREADS: Final = 8
-READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# DecompressionBombError (a header declaring over twice PIL's MAX_IMAGE_PIXELS) derives from Exception, not OSError:
+# an oversized image is an unreadable one, skipped and counted like the rest.
+READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_file(path: str) -> bytes:
@@ -62,7 +64,10 @@ def read_file(path: str) -> bytes:
             return f.read()
     import fsspec
 
-    with fsspec.open(path, "rb") as f:
+    # Through the protocol's filesystem, not fsspec.open / url_to_fs: both read '::' as URL chaining, and an object
+    # may be named 'a::b.png'. The instance is fsspec's cached one, the listing's.
+    fs = fsspec.filesystem(path.split("://", 1)[0])
+    with fs.open(path, "rb") as f:
         return bytes(f.read())
 
 

@@ -1,0 +1,88 @@
+"""Files the image readers must survive (from the adversarial review of issue 14): an oversized image, an object
+name with '::', a storage error, a symlink loop. Each is skipped and counted, read, retried or refused in one line,
+never a traceback; on the streaming decoder and the map-style scan alike."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_folder import load_image, scan_images
+from finetune_trainer.listing import list_image_folder
+from finetune_trainer.streaming import Decoder
+from tests.support.s3 import s3_server
+
+_UINT8 = T.Compose([T.ToImage(), T.Resize((8, 8))])  # the per-image part split_finish leaves to the decode tasks
+
+
+def _png(path: Path, shade: int = 0, size: int = 12) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(shade).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _encoded_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bomb_png(path: Path) -> str:
+    """A 20000×20000 PNG header (4e8 pixels, over twice PIL's MAX_IMAGE_PIXELS) in 70 bytes: PIL refuses to open it
+    with ``DecompressionBombError``, which derives from Exception, not OSError."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    return str(path)
+
+
+def _rows(paths: list[str]) -> dict[str, np.ndarray]:
+    n = len(paths)
+    return {"path": np.asarray(paths, dtype=object), "label": np.zeros(n, dtype=np.int64), "key": np.arange(n)}
+
+
+# ------------------------------------------------------------------------------------------------ oversized (F1)
+@pytest.mark.parametrize("epoch", [1, None], ids=["train", "validation"])
+def test_an_oversized_image_is_skipped_and_counted_by_the_streaming_decoder(tmp_path: Path, epoch: int | None) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _bomb_png(tmp_path / "bomb.png"), _png(tmp_path / "b.png", 2)]
+    out = Decoder(_UINT8, seed=0, epoch=epoch)(_rows(paths))
+    assert list(out["bad"]) == ["", paths[1], ""]
+
+
+def test_an_oversized_image_is_skipped_and_counted_by_the_map_style_scan(tmp_path: Path) -> None:
+    for i in range(200):
+        _png(tmp_path / "cat" / f"{i}.png", i, size=4)
+    _bomb_png(tmp_path / "cat" / "bomb.png")
+    samples = scan_images("trainUri", str(tmp_path), str(tmp_path), ["cat"])
+    assert len(samples) == 200
+
+
+def test_an_oversized_image_read_map_style_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = _bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(TrainerError, match=r"^dataset: cannot read image .*bomb\.png: .*exceeds limit") as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ '::' in a name (F5)
+def test_an_object_name_with_a_double_colon_is_read_not_a_crash() -> None:
+    with s3_server("review") as s3:
+        for name in ("a.png", "a::b.png"):
+            s3.client.put_object(Bucket="review", Key=f"train/cat/{name}", Body=_encoded_png())
+        _, samples = list_image_folder("trainUri", "s3://review/train")
+        out = Decoder(_UINT8, seed=0, epoch=1)(_rows([path for path, _ in samples]))
+    assert sorted(path.rsplit("/", 1)[1] for path, _ in samples) == ["a.png", "a::b.png"]
+    assert list(out["bad"]) == ["", ""]
