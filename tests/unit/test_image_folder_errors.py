@@ -11,13 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.image_folder import load_image, scan_images
+from finetune_trainer.image_folder import StreamedImages, load_image, scan_images
+from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import list_image_folder
 from finetune_trainer.streaming import Decoder
+from finetune_trainer.tracking import _samples
 from tests.support.s3 import s3_server
 
 _UINT8 = T.Compose([T.ToImage(), T.Resize((8, 8))])  # the per-image part split_finish leaves to the decode tasks
@@ -86,3 +90,22 @@ def test_an_object_name_with_a_double_colon_is_read_not_a_crash() -> None:
         out = Decoder(_UINT8, seed=0, epoch=1)(_rows([path for path, _ in samples]))
     assert sorted(path.rsplit("/", 1)[1] for path, _ in samples) == ["a.png", "a::b.png"]
     assert list(out["bad"]) == ["", ""]
+
+
+# ------------------------------------------------------------------------------------------------ sample predictions (F3)
+def test_sample_predictions_pass_over_an_unreadable_streamed_image(tmp_path: Path) -> None:
+    """The streamed validation images are listed, not scanned: the first one unreadable must not cost the run its
+    sample-prediction figure (before: a TrainerError inside the TensorBoard write closed the writer for the run)."""
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    samples = [(str(tmp_path / "cat" / "0.png"), 0)] + [(_png(tmp_path / "cat" / f"{i}.png", i), i % 2) for i in (1, 2, 3)]
+    val = StreamedImages(samples, T.Compose([T.ToImage(), T.Resize((8, 8)), T.ToDtype(torch.float32, scale=True)]))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    inputs = InputSpec(
+        image_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True
+    )
+    figure = _samples(model, val, ["cat", "dog"], inputs)
+    assert figure is not None
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()][-1].endswith("(dog)")
+    assert sum(1 for ax in figure.axes if ax.get_title()) == 3

@@ -131,11 +131,15 @@ class _ReadOrNone(Dataset[tuple[Tensor | None, int, str]]):
         return self.images.transform(image), label, ""
 
 
-def readable_batches(images: StreamedImages, per_batch: int, tally: Unreadable) -> Iterator[tuple[Tensor, Tensor]]:
-    """Every listed image in order, read map-style in this process (rank 0's final evaluation, no Ray Data), in
-    ``(images, labels)`` batches: an unreadable one dropped and counted in ``tally``, as the streamed evaluation
-    does; ``tally.check_here()`` after the pass applies the same limit."""
-    loader: DataLoader[Any] = DataLoader(_ReadOrNone(images), batch_size=per_batch, shuffle=False, collate_fn=list)
+def readable_batches(
+    images: StreamedImages, per_batch: int, tally: Unreadable, workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every listed image in order, read map-style in this process (rank 0's final evaluation, a feature cache; no
+    Ray Data), in ``(images, labels)`` batches: an unreadable one dropped and counted in ``tally``, as the streamed
+    evaluation does; ``tally.check_here()`` after the pass applies the same limit."""
+    loader: DataLoader[Any] = DataLoader(
+        _ReadOrNone(images), batch_size=per_batch, shuffle=False, collate_fn=list, num_workers=workers
+    )
     for items in loader:
         tally.add(np.asarray([path for _, _, path in items], dtype=object))
         good = [(image, label) for image, label, _ in items if image is not None]
