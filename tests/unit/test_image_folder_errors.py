@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from finetune_trainer import image_folder, streaming
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import StreamedImages, load_image, scan_images
 from finetune_trainer.inputs import InputSpec
@@ -109,3 +110,51 @@ def test_sample_predictions_pass_over_an_unreadable_streamed_image(tmp_path: Pat
     assert figure is not None
     assert [ax.get_title() for ax in figure.axes if ax.get_title()][-1].endswith("(dog)")
     assert sum(1 for ax in figure.axes if ax.get_title()) == 3
+
+
+# ------------------------------------------------------------------------------------------------ storage errors (F6)
+def test_a_transient_storage_error_is_retried_not_counted_as_a_corrupt_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)]
+    real, failed = streaming.read_file, []
+
+    def flaky(path: str) -> bytes:
+        if path == paths[0] and not failed:
+            failed.append(path)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(path)
+
+    monkeypatch.setattr(image_folder, "READ_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(streaming, "read_file", flaky)
+    out = Decoder(_UINT8, seed=0, epoch=1)(_rows(paths))
+    assert failed == [paths[0]]
+    assert list(out["bad"]) == ["", ""]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["cpu-decode", "bytes-for-device-decode"])
+def test_a_lasting_storage_error_fails_in_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: bool
+) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)]
+    real, tries = streaming.read_file, []
+
+    def down(path: str) -> bytes:
+        if path == paths[1]:
+            tries.append(path)
+            raise PermissionError(13, "Access Denied")
+        return real(path)
+
+    monkeypatch.setattr(image_folder, "READ_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(streaming, "read_file", down)
+    decoder = Decoder(_UINT8, seed=0, epoch=1, raw=raw)
+    with pytest.raises(TrainerError, match=r"^dataset: cannot read .*b\.png from its storage \(4 tries\): PermissionError") as e:
+        decoder(_rows(paths))
+    assert "\n" not in str(e.value) and len(tries) == 4
+
+
+@pytest.mark.parametrize("epoch", [1, None], ids=["train", "validation"])
+def test_a_file_deleted_after_the_listing_is_skipped_and_counted(tmp_path: Path, epoch: int | None) -> None:
+    paths = [_png(tmp_path / "a.png", 1), str(tmp_path / "gone.png"), _png(tmp_path / "b.png", 2)]
+    out = Decoder(_UINT8, seed=0, epoch=epoch)(_rows(paths))
+    assert list(out["bad"]) == ["", paths[1], ""]

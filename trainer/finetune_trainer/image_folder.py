@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,10 +31,12 @@ __all__ = [
     "IMG_EXTENSIONS",
     "MAX_UNREADABLE_FRACTION",
     "READ_ERRORS",
+    "READ_RETRY_DELAYS",
     "ImageFiles",
     "StreamedImages",
     "class_folders",
     "decode_image",
+    "fetch",
     "image_files",
     "is_hidden",
     "is_image_name",
@@ -71,6 +74,31 @@ def read_file(path: str) -> bytes:
         return bytes(f.read())
 
 
+READ_RETRY_DELAYS: Final = (0.5, 2.0, 8.0)
+"""Seconds slept before each retry of a file the storage failed to return (after s3fs/botocore's own retries)."""
+
+
+def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
+    """``read(path)``, telling a storage error from a missing file: None when the file is gone
+    (``FileNotFoundError``, deleted after the listing: skipped and counted like an undecodable file); any other
+    ``OSError`` (a reset connection, throttling, expired credentials, a permission) is retried after each of
+    ``READ_RETRY_DELAYS``, then a one-line TrainerError naming the file: counting it as a corrupt image would
+    silently swap training images and tell the user to fix files that are fine."""
+    for delay in (*READ_RETRY_DELAYS, None):
+        try:
+            return read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if delay is None:
+                tries = len(READ_RETRY_DELAYS) + 1
+                raise TrainerError(
+                    f"dataset: cannot read {path} from its storage ({tries} tries): {type(e).__name__}: {e}"
+                ) from None
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def decode_image(data: bytes) -> Image.Image:
     """An RGB PIL image from a file's bytes (decoded now, not lazily); raises one of ``READ_ERRORS``."""
     with Image.open(io.BytesIO(data)) as img:
@@ -80,8 +108,11 @@ def decode_image(data: bytes) -> Image.Image:
 
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
+    data = fetch(path)
+    if data is None:
+        raise TrainerError(f"dataset: cannot read image {path}: no such file")
     try:
-        return decode_image(read_file(path))
+        return decode_image(data)
     except READ_ERRORS as e:
         raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
 

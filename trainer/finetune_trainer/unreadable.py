@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, fetch
 
 __all__ = ["BLANK_SIDE", "EARLY_CHECK", "Unreadable", "blank_images", "fill_unreadable", "readable_batches"]
 
@@ -124,8 +124,11 @@ class _ReadOrNone(Dataset[tuple[Tensor | None, int, str]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
         path, label = self.images.samples[index]
+        data = fetch(path)  # a storage error: retried, then a TrainerError naming the file
+        if data is None:
+            return None, label, path
         try:
-            image = decode_image(read_file(path))
+            image = decode_image(data)
         except READ_ERRORS:
             return None, label, path
         return self.images.transform(image), label, ""
