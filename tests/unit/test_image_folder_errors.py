@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -158,3 +159,15 @@ def test_a_file_deleted_after_the_listing_is_skipped_and_counted(tmp_path: Path,
     paths = [_png(tmp_path / "a.png", 1), str(tmp_path / "gone.png"), _png(tmp_path / "b.png", 2)]
     out = Decoder(_UINT8, seed=0, epoch=epoch)(_rows(paths))
     assert list(out["bad"]) == ["", paths[1], ""]
+
+
+# ------------------------------------------------------------------------------------------------ listing memory (F12)
+def test_the_listing_of_a_bucket_is_not_kept_in_memory_after_it_is_read() -> None:
+    with s3_server("review") as s3:
+        for i in range(20):
+            s3.client.put_object(Bucket="review", Key=f"train/c{i % 2}/{i}.png", Body=b"x")
+        _, samples = list_image_folder("trainUri", "s3://review/train")
+        fs, _ = fsspec.core.url_to_fs("s3://review/train")  # the same cached instance the listing used
+        retained = sum(len(entries) for entries in fs.dircache.values())
+    assert len(samples) == 20
+    assert retained == 0, f"{retained} object infos kept in s3fs's dircache after the listing"
