@@ -5,6 +5,7 @@ never a traceback; on the streaming decoder and the map-style scan alike."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -171,3 +172,23 @@ def test_the_listing_of_a_bucket_is_not_kept_in_memory_after_it_is_read() -> Non
         retained = sum(len(entries) for entries in fs.dircache.values())
     assert len(samples) == 20
     assert retained == 0, f"{retained} object infos kept in s3fs's dircache after the listing"
+
+
+# ------------------------------------------------------------------------------------------------ symlink loops (F8)
+def test_a_symlink_loop_neither_multiplies_nor_relabels_images(tmp_path: Path) -> None:
+    _png(tmp_path / "cat" / "a.png", 1)
+    _png(tmp_path / "dog" / "b.png", 2)
+    os.symlink("..", tmp_path / "cat" / "up")
+    _, samples = list_image_folder("trainUri", str(tmp_path))
+    assert sorted((os.path.basename(p), label) for p, label in samples) == [("a.png", 0), ("b.png", 1)]
+    scanned = scan_images("trainUri", str(tmp_path), str(tmp_path), ["cat", "dog"])
+    assert sorted((os.path.basename(p), label) for p, label in scanned) == [("a.png", 0), ("b.png", 1)]
+
+
+def test_a_link_to_a_folder_outside_the_tree_is_still_followed(tmp_path: Path) -> None:
+    _png(tmp_path / "elsewhere" / "x.png", 3)
+    _png(tmp_path / "data" / "cat" / "a.png", 1)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "cat" / "more")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "cat" / "same")  # the same folder again: listed once
+    _, samples = list_image_folder("trainUri", str(tmp_path / "data"))
+    assert sorted(os.path.relpath(p, tmp_path / "data") for p, _ in samples) == ["cat/a.png", "cat/more/x.png"]

@@ -43,6 +43,7 @@ __all__ = [
     "load_image",
     "read_file",
     "same_classes",
+    "walk",
     "scan_images",
     "walk_order",
 ]
@@ -134,10 +135,28 @@ def walk_order(relative_parts: Sequence[str]) -> tuple[tuple[int, str], ...]:
     return (*((1, folder) for folder in folders), (0, name))
 
 
-def _image_files(folder: Path) -> Iterator[str]:
-    """Image files under ``folder`` (recursively, links followed), sorted, without dot files or folders."""
+def walk(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder)`` top-down with links followed, dot folders left out, sub-folders sorted, and no folder
+    walked twice: a link back to a folder above it (``cat/up -> ..``, a loop that would list every image ~40 times
+    and give the other classes' images this class's label) or to one already walked is not followed (a warning)."""
+    seen = {os.path.realpath(folder)}
     for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        here = os.path.realpath(current)
+        kept = []
+        for name in sorted(d for d in dirs if not is_hidden(d)):
+            real = os.path.realpath(os.path.join(current, name))
+            if real in seen or here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+                log.warning("dataset: not following %s: it leads to a folder already listed or above it (a loop)", os.path.join(current, name))
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirs[:] = kept
+        yield current, dirs, files
+
+
+def _image_files(folder: Path) -> Iterator[str]:
+    """Image files under ``folder`` (recursively, links followed, loops not: ``walk``), sorted, without dot files or folders."""
+    for current, _dirs, files in walk(folder):
         for name in sorted(files):
             if is_image_name(name):
                 yield os.path.join(current, name)

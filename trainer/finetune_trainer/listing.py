@@ -24,6 +24,7 @@ from finetune_trainer.image_folder import (
     image_files,
     is_hidden,
     is_image_name,
+    walk,
     walk_order,
 )
 
@@ -51,8 +52,7 @@ def is_object_store(uri: str) -> bool:
 def _more_files_than(folder: str, limit: int) -> bool:
     """Whether ``folder`` holds more than ``limit`` files (stops counting there: names only, nothing opened)."""
     seen = 0
-    for _, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not is_hidden(d)]
+    for _, _dirs, files in walk(folder):
         seen += len(files)
         if seen > limit:
             return True
