@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_operator.api.contract import TrainerConfig

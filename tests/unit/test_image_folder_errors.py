@@ -86,10 +86,10 @@ def test_an_oversized_image_read_map_style_is_one_line_naming_it(tmp_path: Path)
 
 # ------------------------------------------------------------------------------------------------ '::' in a name (F5)
 def test_an_object_name_with_a_double_colon_is_read_not_a_crash() -> None:
-    with s3_server("review") as s3:
+    with s3_server("colons") as s3:
         for name in ("a.png", "a::b.png"):
-            s3.client.put_object(Bucket="review", Key=f"train/cat/{name}", Body=_encoded_png())
-        _, samples = list_image_folder("trainUri", "s3://review/train")
+            s3.client.put_object(Bucket="colons", Key=f"train/cat/{name}", Body=_encoded_png())
+        _, samples = list_image_folder("trainUri", "s3://colons/train")
         out = Decoder(_UINT8, seed=0, epoch=1)(_rows([path for path, _ in samples]))
     assert sorted(path.rsplit("/", 1)[1] for path, _ in samples) == ["a.png", "a::b.png"]
     assert list(out["bad"]) == ["", ""]
@@ -164,11 +164,11 @@ def test_a_file_deleted_after_the_listing_is_skipped_and_counted(tmp_path: Path,
 
 # ------------------------------------------------------------------------------------------------ listing memory (F12)
 def test_the_listing_of_a_bucket_is_not_kept_in_memory_after_it_is_read() -> None:
-    with s3_server("review") as s3:
+    with s3_server("memory") as s3:
         for i in range(20):
-            s3.client.put_object(Bucket="review", Key=f"train/c{i % 2}/{i}.png", Body=b"x")
-        _, samples = list_image_folder("trainUri", "s3://review/train")
-        fs, _ = fsspec.core.url_to_fs("s3://review/train")  # the same cached instance the listing used
+            s3.client.put_object(Bucket="memory", Key=f"train/c{i % 2}/{i}.png", Body=b"x")
+        _, samples = list_image_folder("trainUri", "s3://memory/train")
+        fs, _ = fsspec.core.url_to_fs("s3://memory/train")  # the same cached instance the listing used
         retained = sum(len(entries) for entries in fs.dircache.values())
     assert len(samples) == 20
     assert retained == 0, f"{retained} object infos kept in s3fs's dircache after the listing"

@@ -43,8 +43,8 @@ __all__ = [
     "load_image",
     "read_file",
     "same_classes",
-    "walk",
     "scan_images",
+    "walk",
     "walk_order",
 ]
 
@@ -146,7 +146,8 @@ def walk(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
         for name in sorted(d for d in dirs if not is_hidden(d)):
             real = os.path.realpath(os.path.join(current, name))
             if real in seen or here == real or here.startswith(real.rstrip(os.sep) + os.sep):
-                log.warning("dataset: not following %s: it leads to a folder already listed or above it (a loop)", os.path.join(current, name))
+                link = os.path.join(current, name)
+                log.warning("dataset: not following %s: it leads to a folder already listed or above it (a loop)", link)
                 continue
             seen.add(real)
             kept.append(name)
