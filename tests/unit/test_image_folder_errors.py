@@ -192,3 +192,12 @@ def test_a_link_to_a_folder_outside_the_tree_is_still_followed(tmp_path: Path) -
     os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "cat" / "same")  # the same folder again: listed once
     _, samples = list_image_folder("trainUri", str(tmp_path / "data"))
     assert sorted(os.path.relpath(p, tmp_path / "data") for p, _ in samples) == ["cat/a.png", "cat/more/x.png"]
+
+
+def test_a_class_folder_linking_back_to_the_dataset_is_not_a_class(tmp_path: Path) -> None:
+    _png(tmp_path / "cat" / "a.png", 1)
+    _png(tmp_path / "dog" / "b.png", 2)
+    os.symlink(".", tmp_path / "all")
+    classes, samples = list_image_folder("trainUri", str(tmp_path))
+    assert classes == ["cat", "dog"]
+    assert sorted((os.path.basename(p), label) for p, label in samples) == [("a.png", 0), ("b.png", 1)]

@@ -168,6 +168,16 @@ def image_files(folder: str) -> Iterator[str]:
     return _image_files(Path(folder))
 
 
+def _loops(root: Path, name: str) -> bool:
+    """A class folder that is a link to ``root`` or above it (``all -> .``): a loop, not a class (a warning);
+    as a class it would take every other class's images."""
+    real, top = os.path.realpath(root / name), os.path.realpath(root)
+    if real == top or top.startswith(real.rstrip(os.sep) + os.sep):
+        log.warning("dataset: not following %s: it leads to the dataset's folder or above it (a loop)", root / name)
+        return True
+    return False
+
+
 def class_folders(field: str, uri: str, root: str) -> list[str]:
     """The class folder names under ``root``, sorted; dot folders are not classes; each must hold an image."""
     path = Path(root)
@@ -175,7 +185,7 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
         raise TrainerError(f"dataset.{field}: {uri}: no such directory")
     if not path.is_dir():
         raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name) and not _loops(path, e.name))
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
     for name in classes:
