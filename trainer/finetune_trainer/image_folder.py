@@ -69,8 +69,11 @@ def read_file(path: str) -> bytes:
     import fsspec
 
     # Through the protocol's filesystem, not fsspec.open / url_to_fs: both read '::' as URL chaining, and an object
-    # may be named 'a::b.png'. The instance is fsspec's cached one, the listing's.
-    fs = fsspec.filesystem(path.split("://", 1)[0])
+    # may be named 'a::b.png'. Options the URL carries (adlfs' account in 'abfs://c@account...') as url_to_fs takes
+    # them; the instance is then fsspec's cached one, the listing's.
+    protocol = path.split("://", 1)[0]
+    options = fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(path)
+    fs = fsspec.filesystem(protocol, **options)
     with fs.open(path, "rb") as f:
         return bytes(f.read())
 
