@@ -4,16 +4,23 @@ of steps, and validation covers every image exactly once. On the CPU, without Ra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.data import build_datasets
 from finetune_trainer.feature_cache import Float32Input, RankShuffle, cached_shards, extract_features
+from finetune_trainer.image_folder import StreamedImages
+from finetune_trainer.listing import Ingest
 
 
 def job(batch: int = 4) -> FineTuneJobSpec:
@@ -109,3 +116,39 @@ def test_the_head_trains_in_float32_on_float16_features() -> None:
     head = Float32Input(nn.Linear(3, 2))
     out = head(torch.ones(4, 3, dtype=torch.float16))
     assert out.dtype == torch.float32 and head.head.weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ streamed images
+def test_feature_cache_on_the_streaming_path_skips_an_unreadable_image(tmp_path: Path) -> None:
+    """A streamed dataset is listed, never scanned: one corrupt validation file of 200 (within the 1% allowed) is
+    dropped and counted, as the streamed epochs do, not a failure before the first epoch."""
+    for split, count in (("train", 20), ("val", 100)):
+        for label in ("cat", "dog"):
+            for i in range(count):
+                path = tmp_path / split / label / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "val" / "dog" / "050.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {
+                "format": "imagefolder",
+                "trainUri": str(tmp_path / "train"),
+                "validationUri": str(tmp_path / "val"),
+                "ingest": "streaming",
+                "imageSize": 16,
+                "augmentation": "none",
+                "loaderWorkers": 0,
+            },
+            "strategy": {"method": "linear-probe", "cacheFeatures": True},
+            "hyperparameters": {"batchSize": 16},
+            "output": {"uri": str(tmp_path / "runs")},
+        }
+    )
+    cfg = TrainerConfig(job_name="job", spec=spec, output_root=str(tmp_path / "runs"))
+    train, val, _, _ = build_datasets(cfg, Ingest("streaming", "test"))
+    assert isinstance(val, StreamedImages)
+    shards = cached_shards(cfg.spec, nn.Flatten(), train, val, torch.device("cpu"), rank=0, world=1)
+    assert sum(len(labels) for _, labels in shards.val) == 199
+    assert len(shards.train.dataset) == 40  # type: ignore[arg-type]

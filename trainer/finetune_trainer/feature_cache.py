@@ -8,11 +8,13 @@ images under the evaluation transform: the cache is used only without random aug
 builds the loaders the head trains on: each rank reshuffles its own share every epoch, seeded by
 ``(seed, epoch, rank)``, padded as ``DistributedSampler`` pads, so that every rank runs the same number of
 steps (DDP needs it); validation stays a strided, unpadded shard, every image evaluated exactly once. The
-head trains in float32: ``Float32Input`` casts each batch up on the device.
+head trains in float32: ``Float32Input`` casts each batch up on the device. Streamed (listed, never scanned)
+images are read with ``unreadable.readable_batches``: an unreadable one is dropped and counted, under the same limit.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
@@ -22,11 +24,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_folder import StreamedImages
 from finetune_trainer.loaders import Shards
 from finetune_trainer.recipe import batch_size
 from finetune_trainer.seeding import derive_seed
+from finetune_trainer.unreadable import Unreadable, readable_batches
 
 __all__ = ["Float32Input", "RankShuffle", "cached_shards", "extract_features"]
+
+log = logging.getLogger(__name__)
 
 _FP16_MAX: Final = float(torch.finfo(torch.float16).max)
 
@@ -107,14 +113,25 @@ def cached_shards(
         raise TrainerError(f"dataset: {n} training images are too few for {world} workers (each needs at least 2)")
     extractor.eval()
 
-    def batches(ds: Dataset[Any]) -> DataLoader[Any]:
+    workers = spec.dataset.loader_workers
+
+    def batches(ds: Dataset[Any], tally: Unreadable) -> Iterable[tuple[Tensor, Tensor]]:
+        if isinstance(ds, StreamedImages):
+            # Listed, never scanned (the streaming path): an unreadable image is dropped and counted, as the
+            # streamed epochs do, instead of failing the job before its first epoch.
+            share = StreamedImages(ds.samples[rank::world], ds.transform)
+            return readable_batches(share, batch_size(spec), tally, workers)
         # Its own generator: drawing the loader's base seed from the global one would shift the numbers a
         # resumed run draws after it (resume is exact only if nothing but training draws from it).
-        workers = spec.dataset.loader_workers
         return DataLoader(_share(ds, rank, world), batch_size=batch_size(spec), num_workers=workers, generator=torch.Generator())
 
-    cached_train = extract_features(extractor, batches(train), device)
-    cached_val = extract_features(extractor, batches(val), device)
+    # Each rank judges its own share against the limit (no collective here: ranks extract at their own pace).
+    tally = Unreadable()
+    cached_train = extract_features(extractor, batches(train, tally), device)
+    cached_val = extract_features(extractor, batches(val, tally), device)
+    warning = tally.check_here()
+    if warning:
+        log.warning("%s", warning)
     sampler = RankShuffle(len(cached_train), length, spec.hyperparameters.seed, rank, passes)
     # Tensors in memory: loader processes would only add start-up and copying.
     pin = torch.cuda.is_available()

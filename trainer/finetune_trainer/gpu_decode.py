@@ -3,9 +3,10 @@ batch on its GPU (nvJPEG through ``torchvision.io.decode_jpeg``, one batched cal
 there, each image under ``seeding.seeded_sample`` as on the CPU path.
 
 Why: a ResNet-50 in bf16 wants ~3,000 images/s per GPU, 15–30 cores of PIL decoding; nvJPEG does it on the card.
-Files that are not JPEGs (PNG, …) are decoded one by one by ``torchvision.io.decode_image`` on the CPU and moved;
-an unreadable one is ``None`` and handled as ``streaming`` handles one (replaced in training, dropped in
-validation). Runs on the CPU too (``device="cpu"``), which is how the unit tests exercise it.
+A batch holding a corrupt JPEG is decoded again one JPEG at a time on the device: only the corrupt one is lost.
+Files that are not JPEGs (PNG, BMP, TIFF, PPM, …) are decoded one by one by PIL on the CPU, as on the CPU path,
+and moved; an unreadable one is ``None`` and handled as ``streaming`` handles one (replaced in training, dropped
+in validation). Runs on the CPU too (``device="cpu"``), which is how the unit tests exercise it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from finetune_trainer.image_folder import READ_ERRORS, decode_image
 from finetune_trainer.seeding import seeded_sample
 
 __all__ = ["decode_on_device", "transform_on_device"]
@@ -28,26 +30,46 @@ def _is_jpeg(data: Tensor) -> bool:
     return len(data) > 2 and (int(data[0]), int(data[1])) == _JPEG_MAGIC
 
 
+def _decode_jpegs(tensors: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """The JPEGs decoded on ``device`` in one batched call; when it fails (one corrupt file fails the whole call),
+    each one alone on the same device, so that only the failing ones are None and the batch stays on the card."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    out: list[Tensor | None] = []
+    for data in tensors:
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def _decode_other(data: bytes, device: torch.device) -> Tensor | None:
+    """A file that is not a JPEG, decoded by PIL on the CPU (BMP, TIFF, PPM, PGM: every listed image type, which
+    ``torchvision.io.decode_image`` is not) as a 3×H×W uint8 RGB tensor moved to ``device``; None if unreadable."""
+    try:
+        image = decode_image(data)
+    except READ_ERRORS:
+        return None
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous().to(device)
+
+
 def decode_on_device(blobs: Sequence[Any], device: torch.device) -> list[Tensor | None]:
     """Each file's bytes as a 3×H×W uint8 RGB tensor on ``device``, or None where it cannot be decoded."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    tensors = [torch.from_numpy(np.frombuffer(bytes(b), dtype=np.uint8).copy()) for b in blobs]
+    raw = [bytes(b) for b in blobs]
+    tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in raw]
     out: list[Tensor | None] = [None] * len(tensors)
     jpegs = [i for i, t in enumerate(tensors) if _is_jpeg(t)]
     if jpegs:
-        try:
-            decoded = decode_jpeg([tensors[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            for i, image in zip(jpegs, decoded, strict=True):
-                out[i] = image
-        except RuntimeError:
-            pass  # a corrupt JPEG fails the whole call: the rest one by one below, which finds it
-    for i, data in enumerate(tensors):
-        if out[i] is None and len(data):
-            try:
-                out[i] = decode_image(data, mode=ImageReadMode.RGB).to(device)
-            except RuntimeError:
-                out[i] = None
+        for i, image in zip(jpegs, _decode_jpegs([tensors[i] for i in jpegs], device), strict=True):
+            out[i] = image
+    for i, data in enumerate(raw):
+        if i not in jpegs and data:
+            out[i] = _decode_other(data, device)
     return out
 
 

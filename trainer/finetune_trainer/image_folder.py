@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,10 +31,12 @@ __all__ = [
     "IMG_EXTENSIONS",
     "MAX_UNREADABLE_FRACTION",
     "READ_ERRORS",
+    "READ_RETRY_DELAYS",
     "ImageFiles",
     "StreamedImages",
     "class_folders",
     "decode_image",
+    "fetch",
     "image_files",
     "is_hidden",
     "is_image_name",
@@ -41,6 +44,7 @@ __all__ = [
     "read_file",
     "same_classes",
     "scan_images",
+    "walk",
     "walk_order",
 ]
 
@@ -52,7 +56,9 @@ MAX_UNREADABLE_FRACTION: Final = 0.01
 should not cost a run, a folder of them is a broken dataset."""
 # Opening a header is I/O-bound: threads overlap the latency of network file systems.
 _SCAN_THREADS: Final = 8
-READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# DecompressionBombError (a header declaring over twice PIL's MAX_IMAGE_PIXELS) derives from Exception, not OSError:
+# an oversized image is an unreadable one, skipped and counted like the rest.
+READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_file(path: str) -> bytes:
@@ -62,8 +68,39 @@ def read_file(path: str) -> bytes:
             return f.read()
     import fsspec
 
-    with fsspec.open(path, "rb") as f:
+    # Through the protocol's filesystem, not fsspec.open / url_to_fs: both read '::' as URL chaining, and an object
+    # may be named 'a::b.png'. Options the URL carries (adlfs' account in 'abfs://c@account...') as url_to_fs takes
+    # them; the instance is then fsspec's cached one, the listing's.
+    protocol = path.split("://", 1)[0]
+    options = fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(path)
+    fs = fsspec.filesystem(protocol, **options)
+    with fs.open(path, "rb") as f:
         return bytes(f.read())
+
+
+READ_RETRY_DELAYS: Final = (0.5, 2.0, 8.0)
+"""Seconds slept before each retry of a file the storage failed to return (after s3fs/botocore's own retries)."""
+
+
+def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
+    """``read(path)``, telling a storage error from a missing file: None when the file is gone
+    (``FileNotFoundError``, deleted after the listing: skipped and counted like an undecodable file); any other
+    ``OSError`` (a reset connection, throttling, expired credentials, a permission) is retried after each of
+    ``READ_RETRY_DELAYS``, then a one-line TrainerError naming the file: counting it as a corrupt image would
+    silently swap training images and tell the user to fix files that are fine."""
+    for delay in (*READ_RETRY_DELAYS, None):
+        try:
+            return read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if delay is None:
+                tries = len(READ_RETRY_DELAYS) + 1
+                raise TrainerError(
+                    f"dataset: cannot read {path} from its storage ({tries} tries): {type(e).__name__}: {e}"
+                ) from None
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -75,8 +112,11 @@ def decode_image(data: bytes) -> Image.Image:
 
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
+    data = fetch(path)
+    if data is None:
+        raise TrainerError(f"dataset: cannot read image {path}: no such file")
     try:
-        return decode_image(read_file(path))
+        return decode_image(data)
     except READ_ERRORS as e:
         raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
 
@@ -98,10 +138,29 @@ def walk_order(relative_parts: Sequence[str]) -> tuple[tuple[int, str], ...]:
     return (*((1, folder) for folder in folders), (0, name))
 
 
-def _image_files(folder: Path) -> Iterator[str]:
-    """Image files under ``folder`` (recursively, links followed), sorted, without dot files or folders."""
+def walk(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder)`` top-down with links followed, dot folders left out, sub-folders sorted, and no folder
+    walked twice: a link back to a folder above it (``cat/up -> ..``, a loop that would list every image ~40 times
+    and give the other classes' images this class's label) or to one already walked is not followed (a warning)."""
+    seen = {os.path.realpath(folder)}
     for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        here = os.path.realpath(current)
+        kept = []
+        for name in sorted(d for d in dirs if not is_hidden(d)):
+            real = os.path.realpath(os.path.join(current, name))
+            if real in seen or here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+                link = os.path.join(current, name)
+                log.warning("dataset: not following %s: it leads to a folder already listed or above it (a loop)", link)
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirs[:] = kept
+        yield current, dirs, files
+
+
+def _image_files(folder: Path) -> Iterator[str]:
+    """Image files under ``folder`` (recursively, links followed, loops not: ``walk``), sorted, without dot files or folders."""
+    for current, _dirs, files in walk(folder):
         for name in sorted(files):
             if is_image_name(name):
                 yield os.path.join(current, name)
@@ -112,6 +171,16 @@ def image_files(folder: str) -> Iterator[str]:
     return _image_files(Path(folder))
 
 
+def _loops(root: Path, name: str) -> bool:
+    """A class folder that is a link to ``root`` or above it (``all -> .``): a loop, not a class (a warning);
+    as a class it would take every other class's images."""
+    real, top = os.path.realpath(root / name), os.path.realpath(root)
+    if real == top or top.startswith(real.rstrip(os.sep) + os.sep):
+        log.warning("dataset: not following %s: it leads to the dataset's folder or above it (a loop)", root / name)
+        return True
+    return False
+
+
 def class_folders(field: str, uri: str, root: str) -> list[str]:
     """The class folder names under ``root``, sorted; dot folders are not classes; each must hold an image."""
     path = Path(root)
@@ -119,7 +188,7 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
         raise TrainerError(f"dataset.{field}: {uri}: no such directory")
     if not path.is_dir():
         raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name) and not _loops(path, e.name))
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
     for name in classes:

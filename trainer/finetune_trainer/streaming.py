@@ -31,7 +31,7 @@ from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
-from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, fetch, read_file
 from finetune_trainer.normalize import BatchNormalize
 from finetune_trainer.seeding import seeded_sample
 from finetune_trainer.unreadable import BLANK_SIDE, Unreadable, blank_images, fill_unreadable
@@ -89,9 +89,12 @@ class Decoder:
     raw: bool = False
 
     def _one(self, path: str, key: int) -> Tensor | None:
+        data = fetch(path, read_file)  # a storage error: retried, then the job fails naming the file
+        if data is None:
+            return None
         try:
-            image = decode_image(read_file(path))
-        except READ_ERRORS:  # fsspec raises FileNotFoundError / OSError subclasses: in READ_ERRORS too
+            image = decode_image(data)
+        except READ_ERRORS:  # a file that cannot be decoded: skipped and counted
             return None
         if self.epoch is None:
             return self.transform(image)
@@ -100,10 +103,9 @@ class Decoder:
 
     @staticmethod
     def _bytes(path: str) -> bytes:
-        try:
-            return read_file(path)
-        except OSError:
-            return b""  # decodes to None on the worker: counted there with the undecodable ones
+        data = fetch(path, read_file)
+        # A file gone since the listing: b"" decodes to None on the worker, counted there with the undecodable ones.
+        return b"" if data is None else data
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from finetune_operator.api.contract import TrainerConfig
 from finetune_trainer import storage
-from finetune_trainer.errors import exception_line
+from finetune_trainer.errors import TrainerError, exception_line
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.mlflow_sink import MlflowSink
@@ -226,10 +226,13 @@ class Tracker:
         step = self.global_step
         self._tb("confusion matrix", lambda w: self._add_png(w, "eval/confusion_matrix", "confusion_matrix.png", step))
         self._tb("training curves", lambda w: self._add_png(w, "eval/training_curves", "training_curves.png", step))
-        self._tb(
-            "sample predictions",
-            lambda w: w.add_figure("eval/sample_predictions", _samples(model, val, class_names, inputs), step),
-        )
+
+        def samples(w: Any) -> None:
+            figure = _samples(model, val, class_names, inputs)
+            if figure is not None:  # None: none of the first images could be read
+                w.add_figure("eval/sample_predictions", figure, step)
+
+        self._tb("sample predictions", samples)
         self._tb("close", lambda w: w.close())
         self._upload()
         if self.mlflow is not None:
@@ -307,6 +310,21 @@ class Tracker:
                 log.warning("could not upload %s: %s", path.name, exception_line(exc))
 
 
+def _first_readable(val: Dataset[tuple[Tensor, int]], count: int) -> list[tuple[Tensor, int]]:
+    """The first ``count`` validation images that can be read. A streamed dataset is listed, never scanned: an
+    unreadable image (skipped and counted in the evaluation) is passed over here too, among at most 4 × ``count``
+    tried, rather than costing the run its figure and its TensorBoard log."""
+    found: list[tuple[Tensor, int]] = []
+    for i in range(min(4 * count, len(val))):  # type: ignore[arg-type]
+        try:
+            found.append(val[i])
+        except TrainerError:
+            continue
+        if len(found) == count:
+            break
+    return found
+
+
 def _samples(model: nn.Module, val: Dataset[tuple[Tensor, int]], class_names: list[str], inputs: InputSpec) -> Any:
     """A grid of the first validation images, each titled with its predicted and true label (red when wrong)."""
     import matplotlib
@@ -314,9 +332,12 @@ def _samples(model: nn.Module, val: Dataset[tuple[Tensor, int]], class_names: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    count = min(SAMPLES, len(val))  # type: ignore[arg-type]
-    images = torch.stack([val[i][0] for i in range(count)])
-    labels = [int(val[i][1]) for i in range(count)]
+    shown_items = _first_readable(val, SAMPLES)
+    count = len(shown_items)
+    if not count:
+        return None
+    images = torch.stack([image for image, _ in shown_items])
+    labels = [int(label) for _, label in shown_items]
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():

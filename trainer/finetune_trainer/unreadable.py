@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, read_file
+from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, fetch
 
 __all__ = ["BLANK_SIDE", "EARLY_CHECK", "Unreadable", "blank_images", "fill_unreadable", "readable_batches"]
 
@@ -124,18 +124,25 @@ class _ReadOrNone(Dataset[tuple[Tensor | None, int, str]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
         path, label = self.images.samples[index]
+        data = fetch(path)  # a storage error: retried, then a TrainerError naming the file
+        if data is None:
+            return None, label, path
         try:
-            image = decode_image(read_file(path))
+            image = decode_image(data)
         except READ_ERRORS:
             return None, label, path
         return self.images.transform(image), label, ""
 
 
-def readable_batches(images: StreamedImages, per_batch: int, tally: Unreadable) -> Iterator[tuple[Tensor, Tensor]]:
-    """Every listed image in order, read map-style in this process (rank 0's final evaluation, no Ray Data), in
-    ``(images, labels)`` batches: an unreadable one dropped and counted in ``tally``, as the streamed evaluation
-    does; ``tally.check_here()`` after the pass applies the same limit."""
-    loader: DataLoader[Any] = DataLoader(_ReadOrNone(images), batch_size=per_batch, shuffle=False, collate_fn=list)
+def readable_batches(
+    images: StreamedImages, per_batch: int, tally: Unreadable, workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every listed image in order, read map-style in this process (rank 0's final evaluation, a feature cache; no
+    Ray Data), in ``(images, labels)`` batches: an unreadable one dropped and counted in ``tally``, as the streamed
+    evaluation does; ``tally.check_here()`` after the pass applies the same limit."""
+    loader: DataLoader[Any] = DataLoader(
+        _ReadOrNone(images), batch_size=per_batch, shuffle=False, collate_fn=list, num_workers=workers
+    )
     for items in loader:
         tally.add(np.asarray([path for _, _, path in items], dtype=object))
         good = [(image, label) for image, label, _ in items if image is not None]

@@ -1,0 +1,203 @@
+"""Files the image readers must survive (from the adversarial review of issue 14): an oversized image, an object
+name with '::', a storage error, a symlink loop. Each is skipped and counted, read, retried or refused in one line,
+never a traceback; on the streaming decoder and the map-style scan alike."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2 as T
+
+from finetune_trainer import image_folder, streaming
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_folder import StreamedImages, load_image, scan_images
+from finetune_trainer.inputs import InputSpec
+from finetune_trainer.listing import list_image_folder
+from finetune_trainer.streaming import Decoder
+from finetune_trainer.tracking import _samples
+from tests.support.s3 import s3_server
+
+_UINT8 = T.Compose([T.ToImage(), T.Resize((8, 8))])  # the per-image part split_finish leaves to the decode tasks
+
+
+def _png(path: Path, shade: int = 0, size: int = 12) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(shade).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _encoded_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bomb_png(path: Path) -> str:
+    """A 20000×20000 PNG header (4e8 pixels, over twice PIL's MAX_IMAGE_PIXELS) in 70 bytes: PIL refuses to open it
+    with ``DecompressionBombError``, which derives from Exception, not OSError."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    return str(path)
+
+
+def _rows(paths: list[str]) -> dict[str, np.ndarray]:
+    n = len(paths)
+    return {"path": np.asarray(paths, dtype=object), "label": np.zeros(n, dtype=np.int64), "key": np.arange(n)}
+
+
+# ------------------------------------------------------------------------------------------------ oversized (F1)
+@pytest.mark.parametrize("epoch", [1, None], ids=["train", "validation"])
+def test_an_oversized_image_is_skipped_and_counted_by_the_streaming_decoder(tmp_path: Path, epoch: int | None) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _bomb_png(tmp_path / "bomb.png"), _png(tmp_path / "b.png", 2)]
+    out = Decoder(_UINT8, seed=0, epoch=epoch)(_rows(paths))
+    assert list(out["bad"]) == ["", paths[1], ""]
+
+
+def test_an_oversized_image_is_skipped_and_counted_by_the_map_style_scan(tmp_path: Path) -> None:
+    for i in range(200):
+        _png(tmp_path / "cat" / f"{i}.png", i, size=4)
+    _bomb_png(tmp_path / "cat" / "bomb.png")
+    samples = scan_images("trainUri", str(tmp_path), str(tmp_path), ["cat"])
+    assert len(samples) == 200
+
+
+def test_an_oversized_image_read_map_style_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = _bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(TrainerError, match=r"^dataset: cannot read image .*bomb\.png: .*exceeds limit") as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ '::' in a name (F5)
+def test_an_object_name_with_a_double_colon_is_read_not_a_crash() -> None:
+    with s3_server("colons") as s3:
+        for name in ("a.png", "a::b.png"):
+            s3.client.put_object(Bucket="colons", Key=f"train/cat/{name}", Body=_encoded_png())
+        _, samples = list_image_folder("trainUri", "s3://colons/train")
+        out = Decoder(_UINT8, seed=0, epoch=1)(_rows([path for path, _ in samples]))
+    assert sorted(path.rsplit("/", 1)[1] for path, _ in samples) == ["a.png", "a::b.png"]
+    assert list(out["bad"]) == ["", ""]
+
+
+# ------------------------------------------------------------------------------------------------ sample predictions (F3)
+def test_sample_predictions_pass_over_an_unreadable_streamed_image(tmp_path: Path) -> None:
+    """The streamed validation images are listed, not scanned: the first one unreadable must not cost the run its
+    sample-prediction figure (before: a TrainerError inside the TensorBoard write closed the writer for the run)."""
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    samples = [(str(tmp_path / "cat" / "0.png"), 0)] + [(_png(tmp_path / "cat" / f"{i}.png", i), i % 2) for i in (1, 2, 3)]
+    val = StreamedImages(samples, T.Compose([T.ToImage(), T.Resize((8, 8)), T.ToDtype(torch.float32, scale=True)]))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    inputs = InputSpec(
+        image_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear", grayscale_to_rgb=True
+    )
+    figure = _samples(model, val, ["cat", "dog"], inputs)
+    assert figure is not None
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()][-1].endswith("(dog)")
+    assert sum(1 for ax in figure.axes if ax.get_title()) == 3
+
+
+# ------------------------------------------------------------------------------------------------ storage errors (F6)
+def test_a_transient_storage_error_is_retried_not_counted_as_a_corrupt_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)]
+    real, failed = streaming.read_file, []
+
+    def flaky(path: str) -> bytes:
+        if path == paths[0] and not failed:
+            failed.append(path)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(path)
+
+    monkeypatch.setattr(image_folder, "READ_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(streaming, "read_file", flaky)
+    out = Decoder(_UINT8, seed=0, epoch=1)(_rows(paths))
+    assert failed == [paths[0]]
+    assert list(out["bad"]) == ["", ""]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["cpu-decode", "bytes-for-device-decode"])
+def test_a_lasting_storage_error_fails_in_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: bool
+) -> None:
+    paths = [_png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)]
+    real, tries = streaming.read_file, []
+
+    def down(path: str) -> bytes:
+        if path == paths[1]:
+            tries.append(path)
+            raise PermissionError(13, "Access Denied")
+        return real(path)
+
+    monkeypatch.setattr(image_folder, "READ_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(streaming, "read_file", down)
+    decoder = Decoder(_UINT8, seed=0, epoch=1, raw=raw)
+    with pytest.raises(TrainerError, match=r"^dataset: cannot read .*b\.png from its storage \(4 tries\): PermissionError") as e:
+        decoder(_rows(paths))
+    assert "\n" not in str(e.value) and len(tries) == 4
+
+
+@pytest.mark.parametrize("epoch", [1, None], ids=["train", "validation"])
+def test_a_file_deleted_after_the_listing_is_skipped_and_counted(tmp_path: Path, epoch: int | None) -> None:
+    paths = [_png(tmp_path / "a.png", 1), str(tmp_path / "gone.png"), _png(tmp_path / "b.png", 2)]
+    out = Decoder(_UINT8, seed=0, epoch=epoch)(_rows(paths))
+    assert list(out["bad"]) == ["", paths[1], ""]
+
+
+# ------------------------------------------------------------------------------------------------ listing memory (F12)
+def test_the_listing_of_a_bucket_is_not_kept_in_memory_after_it_is_read() -> None:
+    with s3_server("memory") as s3:
+        for i in range(20):
+            s3.client.put_object(Bucket="memory", Key=f"train/c{i % 2}/{i}.png", Body=b"x")
+        _, samples = list_image_folder("trainUri", "s3://memory/train")
+        fs, _ = fsspec.core.url_to_fs("s3://memory/train")  # the same cached instance the listing used
+        retained = sum(len(entries) for entries in fs.dircache.values())
+    assert len(samples) == 20
+    assert retained == 0, f"{retained} object infos kept in s3fs's dircache after the listing"
+
+
+# ------------------------------------------------------------------------------------------------ symlink loops (F8)
+def test_a_symlink_loop_neither_multiplies_nor_relabels_images(tmp_path: Path) -> None:
+    _png(tmp_path / "cat" / "a.png", 1)
+    _png(tmp_path / "dog" / "b.png", 2)
+    os.symlink("..", tmp_path / "cat" / "up")
+    _, samples = list_image_folder("trainUri", str(tmp_path))
+    assert sorted((os.path.basename(p), label) for p, label in samples) == [("a.png", 0), ("b.png", 1)]
+    scanned = scan_images("trainUri", str(tmp_path), str(tmp_path), ["cat", "dog"])
+    assert sorted((os.path.basename(p), label) for p, label in scanned) == [("a.png", 0), ("b.png", 1)]
+
+
+def test_a_link_to_a_folder_outside_the_tree_is_still_followed(tmp_path: Path) -> None:
+    _png(tmp_path / "elsewhere" / "x.png", 3)
+    _png(tmp_path / "data" / "cat" / "a.png", 1)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "cat" / "more")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "cat" / "same")  # the same folder again: listed once
+    _, samples = list_image_folder("trainUri", str(tmp_path / "data"))
+    assert sorted(os.path.relpath(p, tmp_path / "data") for p, _ in samples) == ["cat/a.png", "cat/more/x.png"]
+
+
+def test_a_class_folder_linking_back_to_the_dataset_is_not_a_class(tmp_path: Path) -> None:
+    _png(tmp_path / "cat" / "a.png", 1)
+    _png(tmp_path / "dog" / "b.png", 2)
+    os.symlink(".", tmp_path / "all")
+    classes, samples = list_image_folder("trainUri", str(tmp_path))
+    assert classes == ["cat", "dog"]
+    assert sorted((os.path.basename(p), label) for p, label in samples) == [("a.png", 0), ("b.png", 1)]
