@@ -3,10 +3,8 @@ from the last checkpoint once a node is back, and the run completes with every e
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from ray.cluster_utils import Cluster
@@ -15,7 +13,7 @@ from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from finetune_trainer.checkpoint import checkpoint_dir_name
 from tests.slow.conftest import MakeConfig
-from tests.support.runs import wait_for_path
+from tests.support.runs import BackgroundFit, wait_for_path
 
 pytestmark = pytest.mark.slow
 
@@ -48,30 +46,14 @@ def test_run_recovers_from_a_lost_node(cluster: Cluster, make_config: MakeConfig
             runPolicy={"maxWorkerFailures": 2},
         )
     )
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def fit() -> None:
-        try:
-            outcome["result"] = driver.build_trainer(cfg, local=True).fit()
-        except BaseException as e:  # handed to the main thread's assertions
-            outcome["error"] = e
-        finally:
-            done.set()
-
-    # add_node must run in the main thread, so fit() runs beside it.
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    wait_for_path(Path(cfg.run_dir) / checkpoint_dir_name(2), done)
-    assert not done.is_set(), f"training ended before a node could be removed: {outcome}"
+    # add_node must run in the main thread, so the fit runs beside it.
+    fit = BackgroundFit(driver.build_trainer(cfg, local=True).fit)
+    wait_for_path(Path(cfg.run_dir) / checkpoint_dir_name(2), fit.done)
+    assert not fit.done.is_set(), f"training ended before a node could be removed: {fit}"
     victim = next(node for node in cluster.worker_nodes)
     cluster.remove_node(victim)
     cluster.add_node(num_cpus=1)
-    thread.join(timeout=600)
-
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
+    result = fit.result()
     assert result.metrics["epoch"] == epochs
     assert result.metrics["world_size"] == 2
     # The attempt that finished started from a checkpoint, not from scratch.

@@ -5,7 +5,6 @@ ends exactly where an uninterrupted run on the same cluster ends (per-epoch curv
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from finetune_trainer import driver
 from finetune_trainer.metrics_log import read_metrics
 from tests.slow.conftest import MakeConfig
 from tests.support.ray_nodes import NodeTitles
-from tests.support.runs import curve, same_weights, wait_for_path, write_image_folder
+from tests.support.runs import BackgroundFit, curve, same_weights, streamed_folder, wait_for_path, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -56,16 +55,7 @@ def _config(make_config: MakeConfig, name: str, folder: Path) -> TrainerConfig:
     return driver.absolute_output(
         make_config(
             name,
-            dataset={
-                "format": "imagefolder",
-                "classes": None,
-                "maxPerClass": None,
-                "trainUri": str(folder),
-                "validationSplit": 0.25,
-                "ingest": "streaming",
-                # Random crops and flips every epoch, seeded by (seed, epoch, index): a resumed epoch must draw the same.
-                "augmentation": "standard",
-            },
+            dataset=streamed_folder(folder),
             strategy={"preciseBatchNorm": False},
             # dataWorkers: the training workers ask for TRAIN_RESOURCE (not local: no embedded Ray here).
             resources={"workers": 1, "cpusPerWorker": 1, "dataWorkers": {"replicas": 1, "cpusPerWorker": 2}},
@@ -79,29 +69,14 @@ def _config(make_config: MakeConfig, name: str, folder: Path) -> TrainerConfig:
 def _fit_killing_the_train_node(cluster: Cluster, data_node: str, cfg: TrainerConfig) -> Any:
     """Fit ``cfg`` while the training worker's node is removed (its worker dies with it) once Ray Train has
     registered a checkpoint, and a new training node joins; the result of the run that continues."""
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def fit() -> None:
-        try:
-            outcome["result"] = driver.build_trainer(cfg).fit()
-        except BaseException as e:  # handed to the main thread's assertions
-            outcome["error"] = e
-        finally:
-            done.set()
-
-    # add_node and remove_node must run in the main thread, so fit() runs beside them.
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    wait_for_path(Path(cfg.run_dir) / SNAPSHOT, done)
-    assert not done.is_set(), f"training ended before its node could be removed: {outcome}"
+    # add_node and remove_node must run in the main thread, so the fit runs beside them.
+    fit = BackgroundFit(driver.build_trainer(cfg).fit)
+    wait_for_path(Path(cfg.run_dir) / SNAPSHOT, fit.done)
+    assert not fit.done.is_set(), f"training ended before its node could be removed: {fit}"
     victim = next(node for node in cluster.worker_nodes if node.node_id != data_node)
     cluster.remove_node(victim)
     _add_train_node(cluster)
-    thread.join(timeout=600)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    return outcome["result"]
+    return fit.result()
 
 
 def test_streamed_run_on_a_data_node_survives_a_killed_worker(

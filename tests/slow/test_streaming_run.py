@@ -13,7 +13,7 @@ import pytest
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from tests.slow.conftest import MakeConfig
-from tests.support.runs import write_image_folder
+from tests.support.runs import streamed_folder, write_image_folder
 from tests.support.s3 import S3, s3_server
 
 pytestmark = pytest.mark.slow
@@ -43,15 +43,7 @@ def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeCon
     cfg = driver.absolute_output(
         make_config(
             "stream-local",
-            dataset={
-                "format": "imagefolder",
-                "classes": None,
-                "maxPerClass": None,
-                "trainUri": str(folder),
-                "validationSplit": 0.25,
-                "ingest": "streaming",
-                "augmentation": "standard",
-            },
+            dataset=streamed_folder(folder),
             # Precise BN streams training batches once more per epoch: the s3 test below covers it.
             strategy={"preciseBatchNorm": False},
             resources={"workers": 2, "cpusPerWorker": 1},

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,49 @@ def write_image_folder(root: Path, classes: Sequence[str], per_class: int, suffi
         for i in range(per_class):
             learnable_image(label, i).save(root / name / f"{i:02d}{suffix}")
     return root
+
+
+def streamed_folder(folder: Path) -> dict[str, Any]:
+    """``spec.dataset`` of ``folder`` streamed with Ray Data, a quarter held out, randomly cropped and flipped every
+    epoch (seeded by (seed, epoch, index): a resumed epoch must draw the same)."""
+    return {
+        "format": "imagefolder",
+        "classes": None,
+        "maxPerClass": None,
+        "trainUri": str(folder),
+        "validationSplit": 0.25,
+        "ingest": "streaming",
+        "augmentation": "standard",
+    }
+
+
+class BackgroundFit:
+    """``fit()`` run in a thread while the test changes the cluster (Ray's ``Cluster.add_node``/``remove_node`` must
+    run in the main thread): ``done`` is set once it returns or raises; ``result`` joins it and gives what it returned,
+    failing the test with its error."""
+
+    def __init__(self, fit: Callable[[], Any]) -> None:
+        self.done = threading.Event()
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fit,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fit: Callable[[], Any]) -> None:
+        try:
+            self._outcome["result"] = fit()
+        except BaseException as e:  # handed to the main thread's assertions
+            self._outcome["error"] = e
+        finally:
+            self.done.set()
+
+    def __repr__(self) -> str:
+        return f"BackgroundFit({self._outcome})"
+
+    def result(self, timeout: float = 600) -> Any:
+        self._thread.join(timeout=timeout)
+        assert not self._thread.is_alive(), f"the fit did not end within {timeout} s"
+        assert "error" not in self._outcome, self._outcome.get("error")
+        return self._outcome["result"]
 
 
 def wait_for_path(path: Path, done: threading.Event, timeout: float = 300) -> None:

@@ -89,14 +89,14 @@ def train(cfg: TrainerConfig) -> tuple[TrainState, nn.Module]:
     return state, model
 
 
-def finish(cfg: TrainerConfig, state: TrainState, model: nn.Module, sinks: Recorder) -> None:
+def finish(cfg: TrainerConfig, state: TrainState, model: nn.Module, sinks: Recorder, val: Any = VAL) -> None:
     finish_run(
         cfg,
         model=model,
         class_names=CLASSES,
         precision=Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False)),
         criterion=nn.CrossEntropyLoss(),
-        val=VAL,
+        val=val,
         state=state,
         input_spec=INPUT,
         sinks=sinks,
@@ -179,17 +179,7 @@ def test_the_final_evaluation_skips_and_counts_an_unreadable_streamed_image(tmp_
     cfg = config(tmp_path / "runs")
     state, last_model = train(cfg)
     val, (broken,) = streamed_val(tmp_path / "val", 100, corrupt=7)
-    finish_run(
-        cfg,
-        model=last_model,
-        class_names=CLASSES,
-        precision=Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False)),
-        criterion=nn.CrossEntropyLoss(),
-        val=val,
-        state=state,
-        input_spec=INPUT,
-        sinks=Recorder(),
-    )
+    finish(cfg, state, last_model, Recorder(), val)
     evaluation = read(cfg, "evaluation.json")
     assert evaluation["numSamples"] == 99
     # Epoch 2's weights predict "a": right for the 34 "a" images (the 7th, a "b", is the one skipped).
@@ -204,17 +194,7 @@ def test_above_the_limit_the_final_evaluation_fails_with_the_one_line_error(tmp_
     state, last_model = train(cfg)
     val, (broken,) = streamed_val(tmp_path / "val", 50, corrupt=0)
     with pytest.raises(TrainerError) as info:
-        finish_run(
-            cfg,
-            model=last_model,
-            class_names=CLASSES,
-            precision=Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False)),
-            criterion=nn.CrossEntropyLoss(),
-            val=val,
-            state=state,
-            input_spec=INPUT,
-            sinks=Recorder(),
-        )
+        finish(cfg, state, last_model, Recorder(), val)
     assert str(info.value) == (
         f"dataset: 1 of 50 images read cannot be decoded (e.g. {broken}); "
         "at most 1% may be, and they are skipped: fix or remove them"
