@@ -21,7 +21,8 @@ from finetune_trainer.data import build_datasets, build_input_spec, eval_transfo
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import StreamedImages, class_folders, scan_images
 from finetune_trainer.listing import choose_ingest, list_image_folder
-from finetune_trainer.streaming import Decoder, StreamSource, Unreadable, epoch_indices, steps_per_epoch
+from finetune_trainer.sample_rows import PositionRows
+from finetune_trainer.streaming import Decoder, EpochRows, StreamSource, Unreadable, epoch_indices, steps_per_epoch
 
 
 def _png(path: Path, shade: int = 0) -> None:
@@ -161,9 +162,9 @@ def test_every_validation_image_is_in_exactly_one_ranks_shard(tmp_path: Path, mo
     images = StreamedImages([(f"/x/{i}.png", 0) for i in range(11)], lambda x: x)
     seen: list[int] = []
 
-    def fake_stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
+    def fake_stream(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
         assert not drop_last and decoder.epoch is None
-        seen.extend(row["key"] for row in rows)
+        seen.extend(int(key) for key in rows.positions)
         return iter([])
 
     monkeypatch.setattr("finetune_trainer.streaming._stream", fake_stream)
@@ -293,8 +294,11 @@ def test_images_cross_the_object_store_as_uint8_and_are_normalised_on_the_worker
     shipped: list[np.ndarray] = []
     whole: list[dict[str, np.ndarray]] = []
 
-    def in_process(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
-        block = {k: np.asarray([row[k] for row in rows], dtype=object if k == "path" else None) for k in ("path", "label", "key")}
+    def in_process(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
+        # The rows as the read task builds them, in one block, as a Ray Data task hands them to the decoder.
+        (task,) = PositionRows(rows.table, rows.positions, len(rows.positions), len(rows.positions)).get_read_tasks(1)
+        (frame,) = task()
+        block = {k: frame[k].to_numpy() for k in ("path", "label", "key")}
         out = decoder(block)
         shipped.append(out["image"])
         whole.append(Decoder(transform, decoder.seed, decoder.epoch)(block))  # the preset applied whole, per image

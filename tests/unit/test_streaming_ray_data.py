@@ -112,7 +112,7 @@ def test_the_decode_step_uses_map_batches_named_parameters_only(
     dataset = Unexecuted()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
-        streaming._decoded(dataset, Decoder(eval_transform(INPUT), seed=0, epoch=None))
+        streaming._decoded(dataset, Decoder(eval_transform(INPUT), seed=0, epoch=None), streaming._decode_resources())
     remote = {k: v for k, v in received.items() if v is not None and k not in ("fn", "batch_size", "batch_format")}
     assert received["concurrency"] is None
     assert {"num_cpus": received["num_cpus"], "compute": received["compute"]} == resources

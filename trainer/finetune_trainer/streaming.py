@@ -33,10 +33,11 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
 from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, fetch, read_file
 from finetune_trainer.normalize import BatchNormalize
+from finetune_trainer.sample_rows import PositionRows, SampleTable
 from finetune_trainer.seeding import seeded_sample
 from finetune_trainer.unreadable import BLANK_SIDE, Unreadable, blank_images, fill_unreadable
 
-__all__ = ["Decoder", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
+__all__ = ["Decoder", "EpochRows", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,22 @@ def _decode_resources() -> dict[str, Any]:
     return {"num_cpus": 0, "compute": TaskPoolStrategy(size=2)}
 
 
-def _decoded(items: Any, decoder: Decoder) -> Any:
+def _decoded(items: Any, decoder: Decoder, resources: dict[str, Any]) -> Any:
     """``items`` (a Ray Data Dataset of rows) decoded block by block in Ray Data tasks."""
-    return items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **_decode_resources())
+    return items.map_batches(decoder, batch_size=_BLOCK_ROWS, batch_format="numpy", **resources)
 
 
-def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class EpochRows:
+    """What one pass streams: the listing (``table``) and the positions in it, in order (a position past the table's
+    end wraps around: the list repeated ``passes`` times)."""
+
+    table: SampleTable
+    positions: np.ndarray
+
+
+def _stream(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+    import ray
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -152,9 +163,14 @@ def _stream(rows: list[dict[str, Any]], decoder: Decoder, per_batch: int, drop_l
     # resources per operator held half the CPUs back for operators this pipeline does not have (2 cores: one
     # decode task at a time; 320 -> 554 images/s, bench/README.md "Ingest").
     context.op_resource_reservation_enabled = False
-    blocks = max(1, math.ceil(len(rows) / _BLOCK_ROWS))
-    ds = _decoded(ray.data.from_items(rows, override_num_blocks=blocks), decoder)
-    return iter(ds.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
+    resources = _decode_resources()
+    count = len(rows.positions)
+    # The rows are built in the read tasks from the listing put once (``sample_rows``), and the read asks for what the
+    # decoding asks for, so Ray Data fuses the two into one task per block (and where no CPU is free, neither waits).
+    source = PositionRows(rows.table.placed(), ray.put(rows.positions), count, _BLOCK_ROWS)
+    items = ray.data.read_datasource(source, override_num_blocks=max(1, math.ceil(count / _BLOCK_ROWS)), **resources)
+    batches = _decoded(items, decoder, resources)
+    return iter(batches.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
 
 class _Batches:
@@ -195,6 +211,7 @@ class StreamSource:
         self.seed, self.rank, self.world, self.per_worker, self.passes = seed, rank, world, per_worker, passes
         self.epoch = 0
         self.unreadable = Unreadable()
+        self._tables: dict[int, SampleTable] = {}
         share = math.ceil(len(train) * passes / world)
         steps, self.drop_last = steps_per_epoch(share, per_worker)
         if steps == 0:
@@ -210,9 +227,11 @@ class StreamSource:
         """The unreadable limit over every worker (a collective); the warning to give, if any."""
         return self.unreadable.check(device)
 
-    def _rows(self, images: StreamedImages, positions: list[int]) -> list[dict[str, Any]]:
-        n = len(images.samples)
-        return [{"path": images.samples[p % n][0], "label": images.samples[p % n][1], "key": p} for p in positions]
+    def _table(self, images: StreamedImages) -> SampleTable:
+        """``images``' listing packed once for the object store (``sample_rows``), reused by every epoch."""
+        if id(images) not in self._tables:
+            self._tables[id(images)] = SampleTable(images.samples)
+        return self._tables[id(images)]
 
     def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Positions in the list repeated ``passes`` times, as loaders' Subset: the seed follows the position.
@@ -229,7 +248,8 @@ class StreamSource:
         raw = self.decode_device is not None
         per_image, finish = (images.transform, None) if raw else split_finish(images.transform)
         decoder = Decoder(per_image, self.seed, epoch, raw=raw)
-        for batch in _stream(self._rows(images, positions), decoder, per_batch, drop_last):
+        rows = EpochRows(self._table(images), np.asarray(positions, dtype=np.int64))
+        for batch in _stream(rows, decoder, per_batch, drop_last):
             if self.decode_device is not None:
                 batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
             self.unreadable.add(batch["bad"])
