@@ -67,22 +67,26 @@ def _rows(table: Any, positions: Any, start: int, stop: int) -> list[pd.DataFram
 
 
 class PositionRows(Datasource):
-    """An epoch's rows of ``table`` in ``positions`` order, cut into read tasks of ``rows_per_task`` rows.
-    ``table`` and ``positions``: ObjectRefs (a run) or the objects themselves (tests, no Ray)."""
+    """An epoch's rows of ``table`` in ``positions`` order, ``task_rows`` to a read task. ``table`` and ``positions``:
+    ObjectRefs (a run) or the objects themselves (tests, no Ray).
 
-    def __init__(self, table: Any, positions: Any, count: int, rows_per_task: int) -> None:
+    Why not one small task a block: Ray Data puts every read task in the object store before the first one runs
+    (~0.5 ms each here): 1.4 s at 100k images in blocks of 64, growing with the dataset. A task's rows are decoded
+    and sent on a block at a time (``streaming``), so a larger task does not delay the first batch."""
+
+    def __init__(self, table: Any, positions: Any, count: int, task_rows: int) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.table, self.positions, self.count, self.rows_per_task = table, positions, count, rows_per_task
+        self.table, self.positions, self.count, self.task_rows = table, positions, count, task_rows
 
     def estimate_inmemory_data_size(self) -> int:
         return self.count * 80  # a path and two integers per row: a guess Ray Data only uses for its own plans
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
-        # ``parallelism`` is what ``override_num_blocks`` asked for; the cut is fixed here so blocks stay small.
+        # ``parallelism`` is what ``override_num_blocks`` asked for; the cut is fixed here.
         table, positions = self.table, self.positions
         tasks = []
-        for start in range(0, self.count, self.rows_per_task):
-            stop = min(start + self.rows_per_task, self.count)
+        for start in range(0, self.count, self.task_rows):
+            stop = min(start + self.task_rows, self.count)
 
             def read(start: int = start, stop: int = stop) -> Iterable[pd.DataFrame]:
                 return _rows(table, positions, start, stop)
