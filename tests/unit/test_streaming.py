@@ -4,6 +4,9 @@ the unreadable limit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from finetune_trainer.image_folder import StreamedImages, class_folders, scan_im
 from finetune_trainer.listing import choose_ingest, list_image_folder
 from finetune_trainer.sample_rows import PositionRows
 from finetune_trainer.streaming import Decoder, EpochRows, StreamSource, Unreadable, epoch_indices, steps_per_epoch
+from tests.support.schemas import REPO
 
 
 def _png(path: Path, shade: int = 0) -> None:
@@ -316,3 +320,22 @@ def test_images_cross_the_object_store_as_uint8_and_are_normalised_on_the_worker
         expected = expected[torch.as_tensor(keep)]
     assert labels.tolist() == [int(v) for v, k in zip(whole[0]["label"], keep, strict=True) if train or k]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_a_read_only_block_becomes_a_tensor_without_a_copy_or_a_warning() -> None:
+    """In a fresh process: torch warns once per process, so an earlier test could hide the warning here (and once
+    silenced here it cannot be seen again in that process)."""
+    code = """
+import warnings, numpy as np
+from finetune_trainer import streaming
+block = np.arange(12, dtype=np.uint8).reshape(2, 6)
+block.flags.writeable = False  # as Ray hands a block over from its object store
+warnings.simplefilter("error")  # torch's warning, unfiltered, would be an error here
+tensor = streaming._tensor(block)
+assert tensor.data_ptr() == block.ctypes.data and tensor.tolist() == block.tolist()
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("trainer", "operator"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

@@ -55,7 +55,7 @@ def _decode_other(data: bytes, device: torch.device) -> Tensor | None:
         image = decode_image(data)
     except READ_ERRORS:
         return None
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous().to(device)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().to(device)
 
 
 def decode_on_device(blobs: Sequence[Any], device: torch.device) -> list[Tensor | None]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -206,6 +207,18 @@ def _stream(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) 
     return iter(batches.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
 
+def _tensor(images: Any) -> Tensor:
+    """A batch's images as a tensor, without a copy. Ray hands a block over read-only (it lives in the object store)
+    and torch warns about that once per process, a line in every run's log; nothing writes into these images (the
+    normalisation and the device copy make new tensors; the engine only reads its inputs), so the warning is dropped
+    here and only here."""
+    if isinstance(images, Tensor):  # decoded on the device already (``jpegDecode: gpu``)
+        return images
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(images)
+
+
 def _row_bytes(transform: Callable[[Any], Tensor], raw: bool) -> int:
     """Bytes of one decoded row: what ``transform`` makes of an image (its output has one shape: the presets end in a
     fixed-size crop); for ``raw`` rows (a file's bytes) a guess, whose only effect is how many blocks go on together."""
@@ -295,7 +308,7 @@ class StreamSource:
             if self.decode_device is not None:
                 batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
             self.unreadable.add(batch["bad"])
-            images_out, labels = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
+            images_out, labels = _tensor(batch["image"]), torch.as_tensor(np.array(batch["label"]))
             keep = torch.from_numpy(np.asarray([not b for b in batch["bad"]], dtype=bool))
             if epoch is None and not bool(keep.all()):  # evaluation: each image counted once, an unreadable one not at all
                 if not bool(keep.any()):
