@@ -47,6 +47,15 @@ IMPORT_CASES = [
         HEAVY,
     ),
     (
+        "a worker's digits datasets: the digits and their split without scikit-learn (a second of start-up)",
+        "from finetune_operator.api.contract import TrainerConfig\nfrom finetune_operator.api.validate import load_job\n"
+        "from finetune_trainer.data import build_datasets\n"
+        f"job = load_job(open({str(DIGITS)!r}).read(), 'j')\n"
+        "train, val, names, _ = build_datasets(TrainerConfig.from_job(job, output_root='/tmp/x'))\n"
+        "assert len(train) + len(val) == 1797 and names == [str(d) for d in range(10)]",
+        ("sklearn", "scipy"),
+    ),
+    (
         "the driver process (finetune run, the RayJob's entrypoint) imports Ray Train but not the training loop",
         "import finetune_trainer.driver, finetune_trainer.__main__",
         ("torchvision", "finetune_trainer.loop", "finetune_trainer.data", "finetune_trainer.model"),
