@@ -52,8 +52,8 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
 def _approximate_mode(counts: NDArray[np.int64], draws: int, rng: np.random.RandomState) -> NDArray[np.int64]:
     """How many of ``draws`` each class gets: floors of the proportional shares, then one more to the largest
     remainders, ties drawn at random (scikit-learn's ``utils.extmath._approximate_mode``, same draws)."""
-    continuous = counts / counts.sum() * draws
-    floored = np.floor(continuous)
+    continuous: NDArray[np.float64] = counts / counts.sum() * draws
+    floored: NDArray[np.float64] = np.floor(continuous)
     missing = int(draws - floored.sum())
     if missing > 0:
         remainder = continuous - floored
@@ -64,4 +64,4 @@ def _approximate_mode(counts: NDArray[np.int64], draws: int, rng: np.random.Rand
             missing -= now
             if missing == 0:
                 break
-    return floored.astype(int)
+    return floored.astype(np.int64)
