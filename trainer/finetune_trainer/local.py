@@ -140,9 +140,9 @@ def _train(cfg: TrainerConfig, address: str | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        # Only now: `driver` imports Ray Train's TorchTrainer, and with it torch (2-3 s of CPU). Imported after
-        # ray.init, it runs while Ray's agents finish starting instead of before Ray starts at all, and it no
-        # longer competes with the raylet for its start-up deadline (bench/README.md, "Start-up").
+        # Only now: `driver` imports Ray Train's TorchTrainer, and with it torch (2-3 s of CPU). After ray.init,
+        # a Ray that cannot start says so before that import, and the import no longer competes with the raylet
+        # for its start-up deadline; what it overlaps of the agents' start is small (bench/README.md, "Start-up").
         from finetune_trainer import driver
 
         result = driver.run(cfg, local=True)
