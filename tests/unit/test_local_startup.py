@@ -47,6 +47,15 @@ IMPORT_CASES = [
         HEAVY,
     ),
     (
+        "a worker's digits datasets: the digits and their split without scikit-learn (a second of start-up)",
+        "from finetune_operator.api.contract import TrainerConfig\nfrom finetune_operator.api.validate import load_job\n"
+        "from finetune_trainer.data import build_datasets\n"
+        f"job = load_job(open({str(DIGITS)!r}).read(), 'j')\n"
+        "train, val, names, _ = build_datasets(TrainerConfig.from_job(job, output_root='/tmp/x'))\n"
+        "assert len(train) + len(val) == 1797 and names == [str(d) for d in range(10)]",
+        ("sklearn", "scipy"),
+    ),
+    (
         "the driver process (finetune run, the RayJob's entrypoint) imports Ray Train but not the training loop",
         "import finetune_trainer.driver, finetune_trainer.__main__",
         ("torchvision", "finetune_trainer.loop", "finetune_trainer.data", "finetune_trainer.model"),
@@ -61,6 +70,26 @@ def test_a_command_imports_only_what_it_needs(label: str, code: str, forbidden: 
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [], f"{label}: imported {done.stdout.strip()}"
+
+
+def test_finetune_run_starts_ray_before_it_imports_ray_train_and_torch() -> None:
+    # A fresh interpreter: this one may have imported the driver already. Ray's start is stopped with a one-line
+    # error, as a raylet that missed its deadline would be.
+    code = (
+        "import sys\nfrom finetune_trainer import local\nfrom finetune_trainer.errors import TrainerError\n"
+        "from tests.unit.test_local_startup import digits\nseen = []\n"
+        "def start_ray(cfg, address):\n"
+        "    seen.append(sorted(m for m in ('finetune_trainer.driver', 'torch') if m in sys.modules))\n"
+        "    raise TrainerError('the local Ray did not start')\n"
+        "local.start_ray = start_ray\n"
+        "assert local._train(digits(), None) == 2\n"
+        "print(seen)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[[]]"  # Ray asked to start before either was imported
+    assert "error: the local Ray did not start" in done.stderr
 
 
 def digits(workers: int = 1, cpus: float = 1.0, gpus: int = 0) -> TrainerConfig:

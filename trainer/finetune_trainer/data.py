@@ -30,12 +30,14 @@ from finetune_operator.api import catalog
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec, FakeDataSpec
+from finetune_trainer.digits import load_digits
 from finetune_trainer.download_cache import fetch_to_cache
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import Ingest, choose_ingest, list_image_folder
 from finetune_trainer.listing_record import check_listing
+from finetune_trainer.split import stratified_split
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -125,17 +127,13 @@ def train_transform(spec: InputSpec, augmentation: str, *, resized: bool = False
 
 # ---------------------------------------------------------------------------------------------- splits
 def _split(labels: Sequence[int], fraction: float, seed: int, what: str) -> tuple[list[int], list[int]]:
-    """Stratified (train, validation) indices: every class keeps its share in both."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
+    """Stratified (train, validation) indices: every class keeps its share in both (scikit-learn's split, see ``split``)."""
     try:
-        train, val = train_test_split(indices, test_size=fraction, stratify=np.asarray(labels), random_state=seed)
+        return stratified_split(labels, fraction, seed)
     except ValueError as e:
         raise TrainerError(
             f"dataset.validationSplit: cannot hold out {fraction:g} of {what} per class ({e}); add images or give validationUri"
         ) from None
-    return sorted(int(i) for i in train), sorted(int(i) for i in val)
 
 
 def _cap_per_class(indices: Sequence[int], labels: Sequence[int], cap: int | None, seed: int) -> list[int]:
@@ -181,15 +179,13 @@ class DigitsDataset(Dataset[tuple[Tensor, int]]):
 
 
 def _digits(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
-    from sklearn.datasets import load_digits
-
     ds = cfg.spec.dataset
-    bunch = load_digits()
+    pixels, targets = load_digits()
     chosen = list(ds.classes) if ds.classes else list(range(10))
     renumber = {digit: i for i, digit in enumerate(chosen)}
-    keep = [i for i, t in enumerate(bunch.target) if int(t) in renumber]
-    labels = [renumber[int(bunch.target[i])] for i in keep]
-    images = torch.from_numpy((bunch.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    keep = [i for i, t in enumerate(targets) if int(t) in renumber]
+    labels = [renumber[int(targets[i])] for i in keep]
+    images = torch.from_numpy((pixels[keep] * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
     # Upsample all images in one batched call: per-image resizing cost more than training a small model.
     images = T.Compose(_resize(spec))(images)
     seed = cfg.spec.hyperparameters.seed

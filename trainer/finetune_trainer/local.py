@@ -134,14 +134,17 @@ def run_command(args: argparse.Namespace) -> int:
 def _train(cfg: TrainerConfig, address: str | None) -> int:
     import ray
 
-    from finetune_trainer import driver
-
     try:
         started = start_ray(cfg, address)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        # Only now: `driver` imports Ray Train's TorchTrainer, and with it torch (2-3 s of CPU). After ray.init,
+        # a Ray that cannot start says so before that import, and the import no longer competes with the raylet
+        # for its start-up deadline; what it overlaps of the agents' start is small (bench/README.md, "Start-up").
+        from finetune_trainer import driver
+
         result = driver.run(cfg, local=True)
         check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
     except TrainerError as e:
