@@ -140,11 +140,23 @@ def flip_last_byte(directory: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def flip_a_weight(directory: Path) -> None:
+    """One bit of the stored weights: torch.load would load it without a word (it never checks the zip's CRC32)."""
+    path = directory / CHECKPOINT_FILE
+    raw = bytearray(path.read_bytes())
+    torch.manual_seed(0)  # save()'s model
+    at = raw.find(nn.Linear(4, 3).weight.detach().numpy().tobytes())
+    assert at > 0
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (truncate, r"^checkpoint ckpt: checkpoint\.pt has sha256 \w+…, written as \w+… \(\d+ bytes; truncated or altered\)$"),
         (flip_last_byte, r"^checkpoint ckpt: checkpoint\.pt has sha256 .* truncated or altered\)$"),
+        (flip_a_weight, r"^checkpoint ckpt: checkpoint\.pt has sha256 .* truncated or altered\)$"),
         (lambda d: (d / CHECKPOINT_FILE).unlink(), r"^checkpoint ckpt: checkpoint\.pt is unreadable: FileNotFoundError: "),
         # Written before checksums: torch.load's own error, as one line of ours.
         (

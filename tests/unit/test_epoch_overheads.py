@@ -6,6 +6,7 @@ directory (whole or not at all), and hashed as it is written."""
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils.serialization
 from torch import nn
 
 from finetune_operator.api.contract import TrainerConfig
@@ -27,6 +29,7 @@ from finetune_trainer.metrics_log import EpochRecord, MetricsLog, read_metrics
 from finetune_trainer.sealing import Keyring
 from finetune_trainer.seeding import gather_rng_states
 from finetune_trainer.worker_report import Worker
+from tests.support.checkpoints import save_checkpoint
 
 
 def record(epoch: int, lr: float = 0.1) -> EpochRecord:
@@ -176,3 +179,15 @@ def test_an_atomic_directory_appears_whole_or_not_at_all(tmp_path: Path, before:
     found = (target / "checkpoint.pt").read_text() if target.exists() else None
     assert found == expected
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_a_checkpoint_is_saved_without_the_zip_crc32_that_nothing_checks(tmp_path: Path) -> None:
+    # torch.save computes a CRC32 per record (a third of the CPU of saving resnet18 + AdamW) that torch.load never
+    # checks; the checkpoint's sha256, checked before every load, is what protects it (test_checkpoint's damage cases).
+    before = torch.utils.serialization.config.save.compute_crc32
+    save_checkpoint(tmp_path, nn.Linear(4, 3), TrainState(epoch=1), "fp")
+    with zipfile.ZipFile(tmp_path / CHECKPOINT_FILE) as archive:
+        crcs = {info.filename: info.CRC for info in archive.infolist()}
+    assert crcs and set(crcs.values()) == {0}, crcs  # torch writes 0 where it computes none
+    assert torch.utils.serialization.config.save.compute_crc32 == before  # process-wide: left as found
+    assert read_checkpoint(tmp_path, "fp", "runs/x")["train_state"].epoch == 1
