@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.batchnorm import batch_norm_collapse, precise_batch_norm
+from finetune_trainer.batchnorm import (
+    PRECISE_BN_BATCHES,
+    PRECISE_BN_IMAGES,
+    batch_norm_collapse,
+    precise_batch_norm,
+    recompute_batch_norm,
+)
 
 CPU = torch.device("cpu")
 
@@ -45,6 +51,17 @@ def test_precise_bn_replaces_stale_running_statistics() -> None:
 @pytest.mark.parametrize(("max_batches", "used"), [(3, 3), (100, 8), (0, 0)])
 def test_precise_bn_uses_at_most_max_batches(max_batches: int, used: int) -> None:
     assert precise_batch_norm(_model().train(), _batches(1.0, 1.0, 8), CPU, max_batches) == used
+
+
+@pytest.mark.parametrize(("max_images", "used"), [(40, 3), (48, 3), (49, 4), (None, 8)])
+def test_precise_bn_stops_once_it_has_max_images(max_images: int | None, used: int) -> None:
+    assert precise_batch_norm(_model().train(), _batches(1.0, 1.0, 8), CPU, 8, max_images=max_images) == used  # 16 a batch
+
+
+def test_the_recomputation_takes_512_images_not_a_whole_small_epoch_again() -> None:
+    # 64 batches of 16 (1024 images): before, min(50, 64) batches; 512 images evaluate as well (bench/precise_bn.py).
+    assert recompute_batch_norm(_model(), _batches(1.0, 1.0, 64), CPU, frozen_bn=True) == PRECISE_BN_IMAGES // 16
+    assert recompute_batch_norm(_model(), _batches(1.0, 1.0, 64, size=2), CPU, frozen_bn=True) == PRECISE_BN_BATCHES
 
 
 def test_precise_bn_leaves_frozen_layers_alone() -> None:

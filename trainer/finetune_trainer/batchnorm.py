@@ -23,6 +23,7 @@ from finetune_trainer.strategy import set_train_mode
 
 __all__ = [
     "PRECISE_BN_BATCHES",
+    "PRECISE_BN_IMAGES",
     "batch_norm_collapse",
     "batch_norm_layers",
     "precise_batch_norm",
@@ -37,11 +38,14 @@ def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def precise_batch_norm(model: nn.Module, batches: Iterable[Any], device: torch.device, max_batches: int) -> int:
+def precise_batch_norm(
+    model: nn.Module, batches: Iterable[Any], device: torch.device, max_batches: int, max_images: int | None = None
+) -> int:
     """Replace the running mean and variance of every BatchNorm layer that is in train mode in ``model``
     by their average over up to ``max_batches`` of ``batches`` ((images, labels) pairs), computed with the
-    weights as they are now. Layers in eval mode (frozen ones, see ``strategy.set_train_mode``) keep theirs.
-    Returns the number of batches used (0: nothing changed). The model's modes are left as found."""
+    weights as they are now, stopping once ``max_images`` images are in. Layers in eval mode (frozen ones,
+    see ``strategy.set_train_mode``) keep theirs. Returns the number of batches used (0: nothing changed).
+    The model's modes are left as found."""
     layers = [m for m in batch_norm_layers(model) if m.training]
     if not layers or max_batches < 1:
         return 0
@@ -50,13 +54,14 @@ def precise_batch_norm(model: nn.Module, batches: Iterable[Any], device: torch.d
         # momentum None: a cumulative average over the batches seen since the reset, equally weighted.
         m.reset_running_stats()
         m.momentum = None
-    used = 0
+    used = seen = 0
     for images, _ in batches:
-        if used >= max_batches:
+        if used >= max_batches or (max_images is not None and seen >= max_images):
             break
         images = images.to(device) if isinstance(images, Tensor) else images
         model(images)
         used += 1
+        seen += len(images)
     for m, (momentum, mean, var) in zip(layers, saved, strict=True):
         m.momentum = momentum
         if used == 0:
@@ -86,22 +91,30 @@ def batch_norm_collapse(train_loss: float, val_accuracy: float, num_classes: int
 
 
 PRECISE_BN_BATCHES: Final = 50
-"""At most this many batches per recomputation: about a third of an epoch of 150 steps in forward passes."""
+"""At most this many batches per worker and recomputation: about a third of an epoch of 150 steps in forward passes."""
+PRECISE_BN_IMAGES: Final = 512
+"""Images per recomputation, over all workers, beyond which more batches change nothing measurable: on the digits
+at 32 px (1×1 feature maps in the last layers, the fewest values per image), statistics over 512 images evaluate
+within 0.005 of those over the whole epoch (bench/precise_bn.py; bench/README.md). Small epochs, where the
+forward passes were a whole epoch again, pay for 512 images instead."""
 
 
 def recompute_batch_norm(model: nn.Module, batches: Sized, device: torch.device, frozen_bn: bool) -> int:
     """``precise_batch_norm`` of ``model`` (not a DDP wrapper: it would broadcast rank 0's buffers at every
-    forward) over up to ``PRECISE_BN_BATCHES`` of this worker's ``batches``, then the statistics averaged
-    over the workers so that every replica evaluates and saves the same model. Returns the batches used."""
+    forward) over up to ``PRECISE_BN_BATCHES`` of this worker's ``batches`` and its share of ``PRECISE_BN_IMAGES``,
+    then the statistics averaged over the workers so that every replica evaluates and saves the same model.
+    Returns the batches used."""
     set_train_mode(model, frozen_bn=frozen_bn)
     layers = [m for m in batch_norm_layers(model) if m.training]
-    used = precise_batch_norm(model, cast(Iterable[Any], batches), device, min(PRECISE_BN_BATCHES, len(batches)))
-    if used and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    share = math.ceil(PRECISE_BN_IMAGES / world)
+    used = precise_batch_norm(model, cast(Iterable[Any], batches), device, min(PRECISE_BN_BATCHES, len(batches)), share)
+    if used and world > 1:
         for m in layers:
             for buffer in (m.running_mean, m.running_var):
                 assert buffer is not None
                 dist.all_reduce(buffer)
-                buffer /= dist.get_world_size()
+                buffer /= world
     return used
 
 

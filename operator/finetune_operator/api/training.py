@@ -214,9 +214,10 @@ class StrategySpec(WireModel):
     """Keep frozen layers' BatchNorm statistics fixed (eval mode) while the rest trains."""
 
     precise_batch_norm: bool = True
-    """Before each evaluation and the export, recompute the running statistics of the BatchNorm layers that train over up to 50
-    training batches (precise BN). Costs at most a third of an epoch of forward passes, and prevents models whose running
-    statistics lag their weights (small BatchNorm momentum, few steps) from evaluating at chance. No effect without BatchNorm."""
+    """Before each evaluation and the export, recompute the running statistics of the BatchNorm layers that train over 512
+    training images, all workers together (at most 50 batches per worker and one epoch): precise BN. Costs their forward
+    passes, and prevents models whose running statistics lag their weights (small BatchNorm momentum, few steps) from
+    evaluating at chance. No effect without BatchNorm."""
 
     sync_batch_norm: bool = False
     """With several workers, BatchNorm layers that train compute their batch statistics over the global batch
