@@ -19,7 +19,8 @@ What runs (resnet18 at 32×32 on torchvision ``FakeData``, augmentation ``none``
    as the trainer's run directory (issue 14 item 4's targets: ≥ 1.0× for 2 and 2c). Row 2c runs the trainer
    with ``strategy.preciseBatchNorm: false`` so that both sides do the same work (training, evaluation,
    a checkpoint); row 2d is the trainer's default, which before every evaluation recomputes BatchNorm
-   statistics with a forward pass over up to 50 training batches per worker (here the whole epoch's).
+   statistics with forward passes over 512 training images, all workers together (here 8 of each
+   worker's 16 batches; the whole epoch's until 2026-12-01).
 3. **Linear probe, cached features ÷ recomputed backbone.** Two ``finetune run`` jobs differing only in
    ``strategy.cacheFeatures``.
 4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step. It comes
@@ -128,7 +129,7 @@ def manifest(
     precise_bn: bool = True,
 ) -> str:
     """A FineTuneJob for ``finetune run``: the trainer side of every measurement. ``precise_bn``:
-    ``strategy.preciseBatchNorm`` (on by default: a forward pass over up to 50 training batches per worker
+    ``strategy.preciseBatchNorm`` (on by default: forward passes over 512 training images, all workers together,
     before every evaluation, which the plain loops do not do)."""
     doc = {
         "apiVersion": "finetune.dev/v1alpha1",
@@ -684,7 +685,7 @@ def measure_two_workers(w: Workload, reps: int, workdir: Path, env: dict[str, st
             [w.samples / s for s in bn_walls], [plain_wall_rate(c) for c in saving_runs], "img/s", 1.0)
     )  # fmt: skip
     res.rows.append(
-        Row("2d. same, the trainer as configured by default (preciseBatchNorm on: a forward pass per epoch more)",
+        Row("2d. same, the trainer as configured by default (preciseBatchNorm on: forward passes over 512 images more)",
             [w.samples / s for s in walls], [plain_wall_rate(c) for c in saving_runs], "img/s")
     )  # fmt: skip
     res.details["torchrun_checkpoint_runs"] = [[e["images"] / e["epoch_seconds"] for e in c.epochs] for c in saving_runs]
