@@ -89,4 +89,4 @@ def test_the_rows_are_read_in_the_decode_task(
     streamed(samples, np.arange(200) % len(samples), decoder, per_batch=8)  # 4 read tasks
     (dataset,) = seen
     stats = dataset.stats()
-    assert "ReadPositionRows->MapBatches(_InBlocks)" in stats, stats
+    assert "ReadPositionRows->MapBatches(BlockDecoder)" in stats, stats

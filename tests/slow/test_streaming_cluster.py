@@ -102,8 +102,8 @@ def test_streamed_run_on_a_data_node_survives_a_killed_worker(
 
     # Where things ran, as the operating system and Ray's process titles show it (nothing the trainer reports).
     train_nodes = [node for node in titles.seen if node != data_node]
-    assert titles.ran(data_node, "Decoder"), dict(titles.seen)
-    assert not any(titles.ran(node, "Decoder") for node in train_nodes), dict(titles.seen)
+    assert titles.ran(data_node, "BlockDecoder"), dict(titles.seen)  # the decode stage: Ray Data names the tasks after it
+    assert not any(titles.ran(node, "BlockDecoder") for node in train_nodes), dict(titles.seen)
     assert not titles.ran(data_node, "RayTrainWorker"), dict(titles.seen)
     # The first training node and the one that replaced it: the test saw both workers.
     assert sum(titles.ran(node, "RayTrainWorker") for node in train_nodes) == 2, dict(titles.seen)

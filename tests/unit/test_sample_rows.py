@@ -1,6 +1,6 @@
 """The streaming path's rows built in the read tasks (``sample_rows``): the same rows ``from_items`` was given before,
 whatever the cut into tasks, names that are not plain ASCII, and a listing repeated ``passes`` times; then decoded a
-block at a time (``streaming._InBlocks``). No Ray runtime: the read tasks are run here, as a Ray Data task runs them,
+block at a time (``streaming.BlockDecoder``). No Ray runtime: the read tasks are run here, as a Ray Data task runs them,
 on the objects themselves."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from finetune_trainer.data import eval_transform
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.sample_rows import PositionRows, SampleTable
-from finetune_trainer.streaming import _RAW_ROW_BYTES, _InBlocks, _row_bytes, split_finish
+from finetune_trainer.streaming import _RAW_ROW_BYTES, BlockDecoder, _row_bytes, split_finish
 
 SAMPLES = [
     ("/data/cat/1.jpg", 0),
@@ -80,7 +80,7 @@ def test_a_read_tasks_rows_are_decoded_and_handed_on_a_block_at_a_time() -> None
         return {"image": batch["key"] * 10, "label": batch["label"]}
 
     batch = {"key": np.arange(10), "label": np.arange(10) % 3, "path": np.asarray([f"/p/{i}" for i in range(10)], dtype=object)}
-    out = _InBlocks(decoder, 4)(batch)  # type: ignore[arg-type]
+    out = BlockDecoder(decoder, 4)(batch)  # type: ignore[arg-type]
     first = next(out)
     assert calls == [[0, 1, 2, 3]]  # the first block is out before the next is decoded
     rest = list(out)

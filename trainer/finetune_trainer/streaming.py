@@ -150,7 +150,7 @@ def _decode_resources() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _InBlocks:
+class BlockDecoder:
     """``decoder`` over a read task's rows ``rows`` at a time, each decoded block handed on as soon as it is done (a
     generator: Ray Data sends a task's output on while the task runs), so a task of many rows delays nobody's first
     batch."""
@@ -168,7 +168,7 @@ def _decoded(items: Any, decoder: Decoder, resources: dict[str, Any]) -> Any:
     is the read task's rows (``batch_size=None``): with a batch size Ray Data would not fuse the decoding into the
     read (it never fuses a read into a ``map_batches`` that asks for a number of rows), and every block would be
     read by one task and decoded by another."""
-    return items.map_batches(_InBlocks(decoder, _BLOCK_ROWS), batch_size=None, batch_format="numpy", **resources)
+    return items.map_batches(BlockDecoder(decoder, _BLOCK_ROWS), batch_size=None, batch_format="numpy", **resources)
 
 
 @dataclass(frozen=True)
