@@ -50,8 +50,9 @@ one runs, ~0.5 ms each)..."""
 _MAX_BLOCKS_PER_TASK: Final = 2
 """...with at most this many blocks a task. More cost throughput: the order being kept, the blocks of the task beside
 the first wait until it is done, and Ray Data pauses a task two blocks ahead of what it has taken. Measured (100k
-JPEGs, 2 cores, bench/README.md "First batch"): 7 blocks a task 689-705 images/s against 872-901 for one; 2 blocks
-825-909."""
+JPEGs, 2 cores; bench/README.md "The start grows little with the dataset now"): 7 blocks a task 689-705 images/s
+against 872-901 for one; 2 blocks 825-909. (``_stream``'s other settings, the order kept, no reservation and the
+block size, go on the training worker's DataContext, process-wide: only this pipeline runs there.)"""
 _RAW_ROW_BYTES: Final = 64 * 1024
 """A JPEG's size, guessed, for ``jpegDecode: gpu`` blocks (file bytes, decoded on the worker)."""
 
