@@ -166,3 +166,58 @@ def test_only_ray_compat_imports_ray_private_modules() -> None:
     offenders = [hit for path in sorted(TRAINER.glob("*.py")) if path.name != "ray_compat.py" for hit in _private_imports(path)]
     assert offenders == [], f"import these through finetune_trainer.ray_compat instead: {offenders}"
     assert _private_imports(TRAINER / "ray_compat.py"), "the guard above must see ray_compat's own private imports"
+
+
+def _failure_logged_by_ray(exc: BaseException, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What Ray Train's own code logs for ``exc`` raised by a training function (its real call)."""
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="ray.train.v2._internal.util"):
+        try:
+            raise exc
+        except BaseException as e:
+            construct_user_exception_with_traceback(e)
+    return [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(
+    ("exc", "drop", "expected"),
+    [
+        # the job's input at fault: one line on a cluster's worker log, none where the driver prints it
+        ("weights", False, ["error in training function: weights_uri w.pt does not fit resnet18"]),
+        ("weights", True, []),
+        ("trainer", False, ["error in training function: dataset.trainUri: x: no such folder"]),
+        ("wrapped", False, ["error in training function: dataset.trainUri: x: no such folder"]),
+        # a bug keeps its traceback, whatever the setting
+        ("bug", False, ["Traceback", "ZeroDivisionError: boom"]),
+        ("bug", True, ["Traceback", "ZeroDivisionError: boom"]),
+    ],
+)
+def test_a_user_error_is_one_line_in_the_worker_log(
+    exc: str, drop: bool, expected: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from finetune_trainer.errors import TrainerError, WeightsError, find_user_error
+
+    def line(e: BaseException) -> str | None:
+        error = find_user_error(e)
+        return None if error is None else str(error)
+
+    errors: dict[str, BaseException] = {
+        "weights": WeightsError("weights_uri w.pt does not fit resnet18"),
+        "trainer": TrainerError("dataset.trainUri: x: no such folder"),
+        "bug": ZeroDivisionError("boom"),
+    }
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = errors["trainer"]
+    errors["wrapped"] = wrapped
+    _ray_compat().user_errors_in_one_line(line, drop=drop)
+    try:
+        logged = _failure_logged_by_ray(errors[exc], caplog)
+    finally:
+        _ray_compat().user_errors_in_one_line(lambda e: None, drop=False)
+    if exc == "bug":
+        assert len(logged) == 1 and all(part in logged[0] for part in expected), logged
+    else:
+        assert logged == expected
+        assert not any("Traceback" in m for m in logged)

@@ -139,6 +139,7 @@ def _train(cfg: TrainerConfig, address: str | None) -> int:
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    error: TrainerError | None = None
     try:
         # Only now: `driver` imports Ray Train's TorchTrainer, and with it torch (2-3 s of CPU). After ray.init,
         # a Ray that cannot start says so before that import, and the import no longer competes with the raylet
@@ -148,10 +149,14 @@ def _train(cfg: TrainerConfig, address: str | None) -> int:
         result = driver.run(cfg, local=True)
         check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
     except TrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        error = e
     finally:
         if started:
+            # Before the last line is printed: Ray's log thread copies the workers' output to this stderr
+            # asynchronously and shutdown joins it, so no worker line can land after "error: ...".
             ray.shutdown()
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(_summary(result))
     return 0

@@ -39,7 +39,7 @@ from finetune_trainer.checkpoint import TrainState, restore_model, restore_train
 from finetune_trainer.data import build_datasets
 from finetune_trainer.engine import all_reduce, build_precision, evaluate, train_one_epoch
 from finetune_trainer.entry import FAIL_AFTER_EPOCH_KEY, QUIET_KEY
-from finetune_trainer.errors import ArtifactError, TrainerError
+from finetune_trainer.errors import ArtifactError, TrainerError, find_user_error
 from finetune_trainer.feature_cache import Float32Input, cached_shards
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
@@ -51,7 +51,7 @@ from finetune_trainer.model import StartingWeights, build_model, starting_weight
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
-from finetune_trainer.ray_compat import quiet_train_reports
+from finetune_trainer.ray_compat import quiet_train_reports, user_errors_in_one_line
 from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import rank_seed, seed_everything, set_rng_state
@@ -111,11 +111,17 @@ def _same_classes_as_source(weights_uri: str | None, class_names: list[str]) -> 
     return card.class_names == class_names
 
 
+def _user_error_line(exc: BaseException) -> str | None:
+    error = find_user_error(exc)
+    return None if error is None else str(error)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
         quiet_train_reports()
+    user_errors_in_one_line(_user_error_line, drop=bool(config.get(QUIET_KEY)))
     rank, world = workers()
     _set_threads(cfg)
     # One seed on every worker until the model is built: DDP starts from one model.

@@ -11,7 +11,12 @@ external package only as a whole (``ray``), so no contract can say it. Written a
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
+
+# Private: the module whose logger writes that traceback on the worker (see user_errors_in_one_line).
+from ray.train.v2._internal import util as _train_util
 
 # Private: the callback classes are the only handles on what TorchTrainer adds unconditionally.
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -32,7 +37,11 @@ __all__ = [
     "PlacementGroupCleanerCallback",
     "UnannouncedFixedScalingPolicy",
     "quiet_train_reports",
+    "user_errors_in_one_line",
 ]
+
+# The start of the line Ray Train logs, with a traceback, for whatever the training function raised.
+_USER_FAILURE_PREFIX = "Error in training function"
 
 
 class UnannouncedFixedScalingPolicy(FixedScalingPolicy):
@@ -93,3 +102,33 @@ def quiet_train_reports() -> None:
     Ray 2.60 logs every report through a logger named after its source file rather than under
     "ray.train", so RunConfig's LoggingConfig does not reach it."""
     logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+
+
+class _UserErrorFilter(logging.Filter):
+    def __init__(self, user_error: Callable[[BaseException], str | None], drop: bool) -> None:
+        super().__init__()
+        self._user_error = user_error
+        self._drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Ray logs from inside its `except`, so the exception is the one being handled on this thread.
+        exc = sys.exc_info()[1]
+        if exc is None or not str(record.msg).startswith(_USER_FAILURE_PREFIX):
+            return True
+        message = self._user_error(exc)
+        if message is None:
+            return True  # a bug: its traceback is what whoever fixes it needs
+        if self._drop:
+            return False
+        record.msg, record.args = "%s: %s", (_USER_FAILURE_PREFIX.lower(), message)
+        return True
+
+
+def user_errors_in_one_line(user_error: Callable[[BaseException], str | None], *, drop: bool) -> None:
+    """Ray Train logs a traceback on the worker for anything the training function raises. A user error
+    (``user_error`` returns its one line, None for anything else) is the job's input at fault: it gets one
+    line, or none where the driver prints it anyway (``drop``: ``finetune run``); other failures keep theirs."""
+    logger: logging.Logger = _train_util.logger
+    for old in [f for f in logger.filters if isinstance(f, _UserErrorFilter)]:
+        logger.removeFilter(old)  # one per process: a worker reused by the next run gets that run's choice
+    logger.addFilter(_UserErrorFilter(user_error, drop))
