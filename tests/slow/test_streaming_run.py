@@ -12,6 +12,7 @@ import pytest
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
+from finetune_trainer.listing import list_image_folder
 from tests.slow.conftest import MakeConfig
 from tests.support.runs import streamed_folder, write_image_folder
 from tests.support.s3 import S3, s3_server
@@ -93,3 +94,35 @@ def test_an_s3_dataset_is_streamed_not_downloaded_and_resumes(s3_ray: S3, make_c
     assert card["data"]["ingest"] == "streaming"  # auto: an object store
     assert card["classNames"] == list(CLASSES)
     assert not cache.exists()  # nothing downloaded: the map-style path would have filled it
+
+
+def test_rank_zero_lists_a_bucket_for_every_worker(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
+    """Every worker listing the bucket itself costs one listing's requests per worker (ImageNet: over a thousand
+    each) and, on a bucket being written to, gives workers different files, splits and step counts."""
+    folder = write_image_folder(tmp_path / "shapes", CLASSES, PER_CLASS)
+    for path in sorted(folder.rglob("*.png")):
+        s3_ray.client.put_object(Bucket="data", Key=f"ranks/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    before = s3_ray.listings()
+    list_image_folder("trainUri", "s3://data/ranks")
+    one_listing = s3_ray.listings() - before
+    cfg = driver.absolute_output(
+        make_config(
+            "stream-s3-ranks",
+            dataset={
+                "format": "imagefolder",
+                "classes": None,
+                "maxPerClass": None,
+                "trainUri": "s3://data/ranks",
+                "validationSplit": 0.25,
+            },
+            strategy={"preciseBatchNorm": False},
+            resources={"workers": 2, "cpusPerWorker": 1},
+            hyperparameters={"epochs": 1, "batchSize": 8},
+        )
+    )
+    result = driver.build_trainer(cfg, local=True).fit()
+
+    assert result.metrics is not None and result.metrics["world_size"] == 2
+    assert s3_ray.listings() - before - one_listing == one_listing, s3_ray.requests[-40:]
+    # Both workers trained on rank 0's listing: its split holds out 6 of 24, each evaluated once.
+    assert result.metrics["val_images"] == 6

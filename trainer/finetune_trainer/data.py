@@ -35,7 +35,7 @@ from finetune_trainer.download_cache import fetch_to_cache
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
-from finetune_trainer.listing import Ingest, choose_ingest, list_image_folder
+from finetune_trainer.listing import Ingest, Lister, choose_ingest, list_image_folder
 from finetune_trainer.listing_record import check_listing
 from finetune_trainer.split import stratified_split
 
@@ -230,16 +230,16 @@ def _choose(cfg: TrainerConfig, labels: list[int]) -> tuple[list[int], list[int]
     return _cap_per_class(train_idx, labels, ds.max_per_class, seed), val_idx
 
 
-def _streamed_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+def _streamed_folders(cfg: TrainerConfig, spec: InputSpec, lister: Lister) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     """The streaming path: the listed images (nothing downloaded, nothing opened), split as the map-style path does."""
     ds = cfg.spec.dataset
     assert ds.train_uri is not None
-    classes, samples = list_image_folder("trainUri", ds.train_uri)
+    classes, samples = lister("trainUri", ds.train_uri)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     check_listing(cfg, samples, ds.train_uri)  # before the split: an attempt must split what the first one did
     train_idx, val_idx = _choose(cfg, [label for _, label in samples])
     if ds.validation_uri is not None:
-        val_classes, val_samples = list_image_folder("validationUri", ds.validation_uri)
+        val_classes, val_samples = lister("validationUri", ds.validation_uri)
         same_classes(classes, val_classes)
     else:
         assert val_idx is not None
@@ -287,10 +287,11 @@ def check_dataset(cfg: TrainerConfig) -> None:
 
 # --------------------------------------------------------------------------------------------- the API
 def build_datasets(
-    cfg: TrainerConfig, ingest: Ingest | None = None
+    cfg: TrainerConfig, ingest: Ingest | None = None, lister: Lister = list_image_folder
 ) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
     """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``. On the streaming
-    path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams."""
+    path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams, of the
+    listings ``lister`` gives (the workers of a run: rank 0's, ``rank_zero``)."""
     spec = build_input_spec(cfg)
     fmt = cfg.spec.dataset.format
     if fmt == "digits":
@@ -298,7 +299,7 @@ def build_datasets(
     elif fmt == "fake":
         train, val, names = _fake(cfg, spec)
     elif (ingest or choose_ingest(cfg.spec.dataset)).kind == "streaming":
-        train, val, names = _streamed_folders(cfg, spec)
+        train, val, names = _streamed_folders(cfg, spec, lister)
     else:
         train, val, names = _image_folders(cfg, spec)
     if len(train) < 2:  # type: ignore[arg-type]

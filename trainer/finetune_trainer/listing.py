@@ -15,6 +15,7 @@ worker.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -33,7 +34,7 @@ from finetune_trainer.image_folder import (
     walk_order,
 )
 
-__all__ = ["OBJECT_STORES", "STREAMING_THRESHOLD", "Ingest", "choose_ingest", "is_object_store", "list_image_folder"]
+__all__ = ["OBJECT_STORES", "STREAMING_THRESHOLD", "Ingest", "Lister", "choose_ingest", "is_object_store", "list_image_folder"]
 
 OBJECT_STORES: Final = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 STREAMING_THRESHOLD: Final = 20_000
@@ -158,6 +159,10 @@ def _list_remote(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]
             )
     samples = [(path, label) for label, name in enumerate(classes) for _, path in sorted(by_class[name])]
     return classes, samples
+
+
+Lister = Callable[[str, str], tuple[list[str], list[tuple[str, int]]]]
+"""``list_image_folder``'s signature: (field name, URI) -> (class names, samples)."""
 
 
 def list_image_folder(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]]:

@@ -21,7 +21,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray.train
 import ray.train.torch
@@ -44,13 +45,14 @@ from finetune_trainer.feature_cache import Float32Input, cached_shards
 from finetune_trainer.finish import finish_run
 from finetune_trainer.gpu import compile_model, enable_tf32
 from finetune_trainer.image_folder import StreamedImages
-from finetune_trainer.listing import choose_ingest
+from finetune_trainer.listing import choose_ingest, list_image_folder
 from finetune_trainer.loaders import Source, build_loaders, workers
 from finetune_trainer.metrics_log import EpochRecord
 from finetune_trainer.model import StartingWeights, build_model, starting_weights
 from finetune_trainer.optim import build_optimizer, build_scheduler, epoch_lr
 from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
+from finetune_trainer.rank_zero import from_rank_zero, torch_broadcast
 from finetune_trainer.ray_compat import quiet_train_reports, user_errors_in_one_line
 from finetune_trainer.recipe import batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
@@ -65,6 +67,7 @@ from finetune_trainer.worker_report import Worker, report_epoch, step_meter
 __all__ = ["FAIL_AFTER_EPOCH_KEY", "QUIET_KEY", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Labelled = Dataset[tuple[Tensor, int]]
 
@@ -132,10 +135,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker: Tracker | None = None
     try:
         check_keys(cfg)  # a missing or unreadable key fails now, not after the first epoch
-        ingest = choose_ingest(cfg.spec.dataset)
+        # Rank 0 decides the ingest path and lists the dataset, for every worker: see ``rank_zero``.
+        broadcast = torch_broadcast(ray.train.torch.get_device())
+
+        def once(compute: Callable[[], T]) -> T:
+            return from_rank_zero(compute, rank, world, broadcast)
+
+        ingest = once(lambda: choose_ingest(cfg.spec.dataset))
         if rank == 0:
             log.warning("dataset: %s ingest (%s)", ingest.kind, ingest.why)  # once per run: the path decides speed and disk
-        train, val, class_names, input_spec = build_datasets(cfg, ingest)
+        train, val, class_names, input_spec = build_datasets(
+            cfg, ingest, lister=lambda field, uri: once(lambda: list_image_folder(field, uri))
+        )
+        # The map-style path scans the folder on every worker: one that changed while they did would give them
+        # different splits and step counts (a collective that never completes). Said in one line instead.
+        sizes = (len(train), len(val), len(class_names))  # type: ignore[arg-type]
+        if once(lambda: sizes) != sizes:
+            raise TrainerError(
+                f"dataset: rank {rank} found {sizes[0]} training / {sizes[1]} validation images, rank 0 other numbers: "
+                "the dataset changed while the workers read it; keep it unchanged while a job starts"
+            )
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
             print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
