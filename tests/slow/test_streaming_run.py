@@ -124,5 +124,8 @@ def test_rank_zero_lists_a_bucket_for_every_worker(s3_ray: S3, make_config: Make
 
     assert result.metrics is not None and result.metrics["world_size"] == 2
     assert s3_ray.listings() - before - one_listing == one_listing, s3_ray.requests[-40:]
-    # Both workers trained on rank 0's listing: its split holds out 6 of 24, each evaluated once.
+    # Both workers trained on rank 0's listing: its split holds out 6 of 24, each evaluated once, per epoch and in
+    # rank 0's final evaluation (streamed through Ray Data as well).
     assert result.metrics["val_images"] == 6
+    card = json.loads((Path(cfg.run_dir) / "model.json").read_text())
+    assert card["evaluation"]["numSamples"] == 6

@@ -75,3 +75,18 @@ def test_a_block_of_unreadable_validation_images_is_counted_and_fails_the_epoch_
     assert "\n" not in message
     assert message.startswith(f"dataset: {UNREADABLE} of {UNREADABLE + GOOD} images read cannot be decoded"), message
     assert f"(e.g. {folder}/00.jpg, {folder}/01.jpg, {folder}/02.jpg); at most 1% may be" in message
+
+    # Rank 0's final evaluation streams the whole validation set through Ray Data too, with its own count: the same
+    # images, labels and pixels as reading them in this process (the map-style fallback; the streamed path normalises
+    # the decoded uint8 images in another order of float operations: last-bit differences), the same one-line limit.
+    from finetune_trainer.unreadable import Unreadable, readable_batches
+
+    streamed, read_here = Unreadable(), Unreadable()
+    final = list(source.evaluation_batches(40, streamed))
+    local = list(readable_batches(images, 40, read_here))
+    assert sum(len(labels) for _, labels in final) == GOOD
+    torch.testing.assert_close(torch.cat([i for i, _ in final]), torch.cat([i for i, _ in local]), atol=1e-5, rtol=0)
+    assert torch.equal(torch.cat([lab for _, lab in final]), torch.cat([lab for _, lab in local]))
+    for tally in (streamed, read_here):
+        with pytest.raises(TrainerError, match=f"^dataset: {UNREADABLE} of {UNREADABLE + GOOD} images read cannot be decoded"):
+            tally.check_here()

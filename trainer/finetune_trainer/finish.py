@@ -11,9 +11,10 @@ epoch's weights ship instead, with a warning, and everything describes them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune_operator.api.contract import TrainerConfig
@@ -79,9 +80,11 @@ def finish_run(
     sinks: ProgressSink | None,
     facts: RunFacts | None = None,
     start: StartingWeights | None = None,
+    streamed: Callable[[int, Unreadable], Iterable[tuple[Tensor, Tensor]]] | None = None,
 ) -> None:
     """Rank 0: load the shipped weights into ``model``, evaluate them on the whole validation set,
-    write the artifacts and close the sinks. ``facts``: what the loop knows for the model card."""
+    write the artifacts and close the sinks. ``facts``: what the loop knows for the model card.
+    ``streamed``: the validation batches (batch size, tally) streamed by Ray Data, when they were listed for it."""
     spec = cfg.spec
     total = spec.hyperparameters.epochs
     if sinks is not None:
@@ -94,11 +97,13 @@ def finish_run(
     tally = Unreadable()
     # Streamed images were listed, never scanned: an unreadable one is skipped and counted, as in the per-epoch
     # evaluation and under the same limit, instead of failing the run at its very end.
-    batches: Any = (
-        readable_batches(val, per_batch, tally)
-        if isinstance(val, StreamedImages)
-        else DataLoader(val, batch_size=per_batch, shuffle=False)
-    )
+    batches: Any
+    if streamed is not None:
+        batches = streamed(per_batch, tally)
+    elif isinstance(val, StreamedImages):  # listed, read here: a caller without Ray Data
+        batches = readable_batches(val, per_batch, tally)
+    else:
+        batches = DataLoader(val, batch_size=per_batch, shuffle=False)
     stats = evaluate(model, batches, criterion, precision, len(class_names), reduce=False)
     warning = tally.check_here()
     if warning is not None:

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import ray.train
@@ -61,6 +61,7 @@ from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
 from finetune_trainer.strategy import apply_strategy, split_for_feature_cache
 from finetune_trainer.streaming import StreamSource
 from finetune_trainer.tracking import Tracker
+from finetune_trainer.unreadable import Unreadable
 from finetune_trainer.verify import verify_artifacts
 from finetune_trainer.worker_report import Worker, report_epoch, step_meter
 
@@ -209,6 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ingest=ingest.kind if cfg.spec.dataset.format == "imagefolder" else None,
                 ),
                 start=start,
+                streamed=_final_stream(worker, train, val),
             )
             if tracker is not None:
                 tracker.finish(worker.model, val, class_names, input_spec)
@@ -307,6 +309,18 @@ def _source(worker: Worker, train: Labelled, val: Labelled) -> Source:
             device=worker.device,
         )
     return build_loaders(spec, train, val, passes=worker.passes)
+
+
+FinalStream = Callable[[int, Unreadable], Iterator[tuple[Tensor, Tensor]]]
+
+
+def _final_stream(worker: Worker, train: Labelled, val: Labelled) -> FinalStream | None:
+    """Rank 0's final evaluation streamed by Ray Data, as every epoch's was, when the dataset was listed for it."""
+    if not (isinstance(train, StreamedImages) and isinstance(val, StreamedImages)):
+        return None
+    source = _source(worker, train, val)
+    assert isinstance(source, StreamSource)
+    return source.evaluation_batches
 
 
 def _wrap(module: nn.Module, compiled: bool) -> nn.Module:

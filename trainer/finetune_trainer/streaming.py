@@ -298,9 +298,24 @@ class StreamSource:
         positions = list(range(self.rank, len(self.val_images), self.world))
         return self._batches(self.val_images, positions, None, 2 * self.per_worker, False)
 
+    def evaluation_batches(self, per_batch: int, tally: Unreadable) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every validation image, in order, on this worker alone (rank 0's final evaluation), decoded by Ray Data as
+        the per-epoch evaluation is, on whichever nodes have the cores; an unreadable one is dropped and counted in
+        ``tally`` (its own: the per-epoch count is a collective). Before, rank 0 read them one at a time in its own
+        process: for ImageNet's 50,000 from an object store, one request's latency after another."""
+        positions = list(range(len(self.val_images)))
+        return self._batches(self.val_images, positions, None, per_batch, False, tally)
+
     def _batches(
-        self, images: StreamedImages, positions: list[int], epoch: int | None, per_batch: int, drop_last: bool
+        self,
+        images: StreamedImages,
+        positions: list[int],
+        epoch: int | None,
+        per_batch: int,
+        drop_last: bool,
+        tally: Unreadable | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        tally = tally or self.unreadable
         raw = self.decode_device is not None
         per_image, finish = (images.transform, None) if raw else split_finish(images.transform)
         decoder = Decoder(per_image, self.seed, epoch, raw=raw)
@@ -308,7 +323,7 @@ class StreamSource:
         for batch in _stream(rows, decoder, per_batch, drop_last):
             if self.decode_device is not None:
                 batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
-            self.unreadable.add(batch["bad"])
+            tally.add(batch["bad"])
             images_out, labels = _tensor(batch["image"]), torch.as_tensor(np.array(batch["label"]))
             keep = torch.from_numpy(np.asarray([not b for b in batch["bad"]], dtype=bool))
             if epoch is None and not bool(keep.all()):  # evaluation: each image counted once, an unreadable one not at all
