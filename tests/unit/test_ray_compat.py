@@ -192,6 +192,8 @@ def _failure_logged_by_ray(exc: BaseException, caplog: pytest.LogCaptureFixture)
         # a bug keeps its traceback, whatever the setting
         ("bug", False, ["Traceback", "ZeroDivisionError: boom"]),
         ("bug", True, ["Traceback", "ZeroDivisionError: boom"]),
+        # a bug raised while a user error was being reported: the user error is only its context
+        ("bug in an error path", True, ["Traceback", "ZeroDivisionError: boom"]),
     ],
 )
 def test_a_user_error_is_one_line_in_the_worker_log(
@@ -211,12 +213,15 @@ def test_a_user_error_is_one_line_in_the_worker_log(
     wrapped = RuntimeError("wrapped")
     wrapped.__cause__ = errors["trainer"]
     errors["wrapped"] = wrapped
+    in_error_path = ZeroDivisionError("boom")
+    in_error_path.__context__ = errors["trainer"]
+    errors["bug in an error path"] = in_error_path
     _ray_compat().user_errors_in_one_line(line, drop=drop)
     try:
         logged = _failure_logged_by_ray(errors[exc], caplog)
     finally:
         _ray_compat().user_errors_in_one_line(lambda e: None, drop=False)
-    if exc == "bug":
+    if exc.startswith("bug"):
         assert len(logged) == 1 and all(part in logged[0] for part in expected), logged
     else:
         assert logged == expected

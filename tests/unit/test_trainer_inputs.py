@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,50 @@ def test_user_errors_are_found_inside_ray_train_failures() -> None:
     found = find_user_error(wrapped)
     assert found is not None and str(found) == "dataset.trainUri: /data: no such directory"
     assert find_user_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("a bug")})) is None
+
+
+def _raised(make: Callable[[], None]) -> BaseException:
+    try:
+        make()
+    except BaseException as e:
+        return e
+    raise AssertionError("nothing raised")
+
+
+def _bug_in_an_error_path() -> None:
+    try:
+        raise TrainerError("dataset.trainUri: x: no such folder")
+    except TrainerError:
+        {}["status"]
+
+
+def _wrapped_on_purpose() -> None:
+    try:
+        raise TrainerError("dataset.trainUri: x: no such folder")
+    except TrainerError as e:
+        raise RuntimeError("the worker failed") from e
+
+
+def _other_failure_from_none() -> None:
+    try:
+        raise TrainerError("dataset.trainUri: x: no such folder")
+    except TrainerError:
+        raise RuntimeError("an internal failure") from None
+
+
+@pytest.mark.parametrize(
+    ("make", "found"),
+    [
+        # a bug raised while a user error was handled is a bug: its traceback is what is needed
+        (_bug_in_an_error_path, None),
+        (_other_failure_from_none, None),
+        # a user error wrapped on purpose (raise ... from it) is still the user's
+        (_wrapped_on_purpose, "dataset.trainUri: x: no such folder"),
+    ],
+)
+def test_only_explicit_causes_make_a_failure_the_users(make: Callable[[], None], found: str | None) -> None:
+    error = find_user_error(_raised(make))
+    assert (None if error is None else str(error)) == found
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,9 @@ def find_user_error(exc: BaseException) -> TrainerError | None:
         if isinstance(failures, dict):
             # Rank order, so that the message is the same on every run.
             stack.extend(failures[rank] for rank in sorted(failures, reverse=True) if isinstance(failures[rank], BaseException))
-        for inner in (getattr(current, "cause", None), current.__cause__, current.__context__):
+        # Explicit causes only: an exception raised while a user error was being handled (a bug in an error path)
+        # has that user error as its __context__, and is a bug, whose traceback is what is needed.
+        for inner in (getattr(current, "cause", None), current.__cause__):
             if isinstance(inner, BaseException):
                 stack.append(inner)
     return None
