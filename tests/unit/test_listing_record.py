@@ -110,3 +110,34 @@ def test_the_digest_does_not_depend_on_where_the_folder_is(
     samples: list[tuple[str, int]], root: str, expected: list[tuple[str, int]]
 ) -> None:
     assert listing_digest(samples, root) == listing_digest(expected, "")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [("add", "listed 81 training files, rank 0 80:"), ("rename", "listed 80 training files, rank 0 80 (other names or labels):")],
+)
+def test_a_map_style_worker_that_listed_other_files_than_rank_zero_stops_in_one_line(
+    tmp_path: Path, change: str, expected: str
+) -> None:
+    """Workers of one attempt scan a map-style folder each; one that changed between their scans (an image added, or
+    renamed: the same count) would split other images and run another number of steps than the rest. The worker
+    compares its listing with rank 0's (``agree``) before the run's record: not "changed since the run started",
+    which is advice for a retried attempt."""
+    _folder(tmp_path / "data")
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "validationSplit": 0.25, "ingest": "mapStyle"})
+    seen: list[tuple[int, str]] = []
+
+    def rank_zero(digest: tuple[int, str]) -> tuple[int, str]:
+        seen.append(digest)
+        return seen[0]
+
+    build_datasets(cfg, MAP_STYLE, agree=rank_zero)  # rank 0: scans, records
+    if change == "add":
+        _png(tmp_path / "data" / "cat" / "040.png", 40)
+    else:
+        (tmp_path / "data" / "cat" / "000.png").rename(tmp_path / "data" / "cat" / "zzz.png")
+    with pytest.raises(TrainerError) as info:
+        build_datasets(cfg, MAP_STYLE, agree=rank_zero)  # rank 1, a moment later
+    message = str(info.value)
+    assert message.startswith(f"dataset: this worker {expected} the dataset changed while the job's workers listed it"), message
+    assert "\n" not in message

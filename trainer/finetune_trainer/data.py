@@ -39,6 +39,9 @@ from finetune_trainer.listing import Ingest, Lister, choose_ingest, list_image_f
 from finetune_trainer.listing_record import check_listing
 from finetune_trainer.split import stratified_split
 
+Agree = Callable[[tuple[int, str]], tuple[int, str]]
+"""Rank 0's listing digest for this worker's (``listing_record.check_listing``)."""
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -248,7 +251,7 @@ def _streamed_folders(cfg: TrainerConfig, spec: InputSpec, lister: Lister) -> tu
     return train, StreamedImages(val_samples, eval_transform(spec)), classes
 
 
-def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+def _image_folders(cfg: TrainerConfig, spec: InputSpec, agree: Agree) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
     root = _local_root(ds.train_uri, ds.cache_dir)
@@ -256,7 +259,8 @@ def _image_folders(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
     full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
-    check_listing(cfg, full.samples, root)  # before the split: an attempt must split what the first one did
+    # Before the split: an attempt must split what the first one did, and each worker what rank 0 does.
+    check_listing(cfg, full.samples, root, agree)
     labels = list(full.targets)
     train_idx, val_idx = _choose(cfg, labels)
     if val_idx is None:
@@ -287,11 +291,13 @@ def check_dataset(cfg: TrainerConfig) -> None:
 
 # --------------------------------------------------------------------------------------------- the API
 def build_datasets(
-    cfg: TrainerConfig, ingest: Ingest | None = None, lister: Lister = list_image_folder
+    cfg: TrainerConfig, ingest: Ingest | None = None, lister: Lister = list_image_folder, agree: Agree | None = None
 ) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
     """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``. On the streaming
     path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams, of the
-    listings ``lister`` gives (the workers of a run: rank 0's, ``rank_zero``)."""
+    listings ``lister`` gives (the workers of a run: rank 0's, ``rank_zero``). On the map-style path each worker
+    scans the folder and ``agree`` gives rank 0's listing digest to compare with (``listing_record.check_listing``)."""
+    agree = agree or (lambda digest: digest)
     spec = build_input_spec(cfg)
     fmt = cfg.spec.dataset.format
     if fmt == "digits":
@@ -301,7 +307,7 @@ def build_datasets(
     elif (ingest or choose_ingest(cfg.spec.dataset)).kind == "streaming":
         train, val, names = _streamed_folders(cfg, spec, lister)
     else:
-        train, val, names = _image_folders(cfg, spec)
+        train, val, names = _image_folders(cfg, spec, agree)
     if len(train) < 2:  # type: ignore[arg-type]
         raise TrainerError(f"dataset: only {len(train)} training image(s) after the split and maxPerClass; need at least 2")  # type: ignore[arg-type]
     return train, val, names, spec

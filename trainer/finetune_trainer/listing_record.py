@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from finetune_operator.api.contract import TrainerConfig
@@ -33,10 +33,28 @@ def listing_digest(samples: Iterable[tuple[str, int]], root: str) -> tuple[int, 
     return count, digest.hexdigest()
 
 
-def check_listing(cfg: TrainerConfig, samples: Iterable[tuple[str, int]], root: str) -> None:
+def _same(digest: tuple[int, str]) -> tuple[int, str]:
+    return digest
+
+
+def check_listing(
+    cfg: TrainerConfig,
+    samples: Iterable[tuple[str, int]],
+    root: str,
+    agree: Callable[[tuple[int, str]], tuple[int, str]] = _same,
+) -> None:
     """Record the training listing on the run's first attempt; TrainerError (one line) when a later attempt of the
-    same spec lists different files. Every rank may call it: they write the same bytes."""
+    same spec lists different files. Every rank calls it; ``agree`` gives rank 0's digest (``rank_zero``), and a
+    worker that listed other files than rank 0 (a folder changed while the workers of one attempt scanned it) stops
+    in one line, before it could split other images and run another number of steps than the rest."""
     files, sha256 = listing_digest(samples, root)
+    first_files, first_sha256 = agree((files, sha256))
+    if (first_files, first_sha256) != (files, sha256):
+        same = " (other names or labels)" if first_files == files else ""
+        raise TrainerError(
+            f"dataset: this worker listed {files} training files, rank 0 {first_files}{same}: the dataset changed while "
+            "the job's workers listed it; keep dataset.trainUri unchanged while a job starts"
+        )
     uri = storage.join(cfg.run_dir, RECORD_FILE)
     fingerprint = cfg.spec_fingerprint()
     try:

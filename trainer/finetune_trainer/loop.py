@@ -146,16 +146,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.warning("dataset: %s ingest (%s)", ingest.kind, ingest.why)  # once per run: the path decides speed and disk
         train, val, class_names, input_spec = build_datasets(
-            cfg, ingest, lister=lambda field, uri: once(lambda: list_image_folder(field, uri))
+            cfg,
+            ingest,
+            lister=lambda field, uri: once(lambda: list_image_folder(field, uri)),
+            agree=lambda digest: once(lambda: digest),
         )
-        # The map-style path scans the folder on every worker: one that changed while they did would give them
-        # different splits and step counts (a collective that never completes). Said in one line instead.
-        sizes = (len(train), len(val), len(class_names))  # type: ignore[arg-type]
-        if once(lambda: sizes) != sizes:
-            raise TrainerError(
-                f"dataset: rank {rank} found {sizes[0]} training / {sizes[1]} validation images, rank 0 other numbers: "
-                "the dataset changed while the workers read it; keep it unchanged while a job starts"
-            )
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
             print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
