@@ -127,3 +127,30 @@ def test_two_processes_on_gloo_share_rank_zeros_listing(tmp_path: Path) -> None:
     shared = ["value 2 50000 s3://bucket/b/0049999.jpg", "user error dataset.trainUri: s3://x: no such bucket"]
     assert rank0 == [*shared, "computed 1"]
     assert rank1 == [*shared, "computed 0"]
+
+
+def _slow_rank(rank: int, world: int, port: int, out: str, barrier: Any) -> None:
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A process group whose collectives give up after 2 s, and a listing that takes 4.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=2))
+    broadcast = torch_broadcast(torch.device("cpu"), wait=barrier.wait)
+
+    def listing() -> Any:
+        time.sleep(4)
+        return ["a", "b"]
+
+    result = from_rank_zero(listing, rank, world, broadcast)
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(" ".join(result))
+
+
+def test_a_listing_longer_than_the_process_groups_timeout_is_waited_for(tmp_path: Path) -> None:
+    """The workers wait for rank 0 in a barrier without a deadline (Ray Train's, in a run), not in the broadcast,
+    which would time out with the process group's collectives (gloo here: 2 s)."""
+    barrier = mp.get_context("spawn").Barrier(2)
+    mp.spawn(_slow_rank, args=(2, _free_port(), str(tmp_path), barrier), nprocs=2, join=True)
+
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["a b", "a b"]

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 from torch import Tensor, nn
@@ -137,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         check_keys(cfg)  # a missing or unreadable key fails now, not after the first epoch
         # Rank 0 decides the ingest path and lists the dataset, for every worker: see ``rank_zero``.
-        broadcast = torch_broadcast(ray.train.torch.get_device())
+        broadcast = torch_broadcast(ray.train.torch.get_device(), wait=ray.train.collective.barrier)
 
         def once(compute: Callable[[], T]) -> T:
             return from_rank_zero(compute, rank, world, broadcast)

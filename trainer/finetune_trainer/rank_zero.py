@@ -30,11 +30,16 @@ Broadcast = Callable[[Any], Any]
 """Rank 0's argument, returned on every rank (the others pass None)."""
 
 
-def torch_broadcast(device: torch.device) -> Broadcast:
+def torch_broadcast(device: torch.device, wait: Callable[[], None] | None = None) -> Broadcast:
     """``broadcast_object_list`` from rank 0 on the default process group, staged on ``device`` (NCCL needs the
-    worker's own GPU; gloo the CPU)."""
+    worker's own GPU; gloo the CPU). ``wait``: a barrier without a deadline, entered first (Ray Train's: it only
+    warns, once a minute, naming the ranks not there yet). The process group's collectives time out (Ray Train's
+    default: 30 minutes) and a listing of tens of millions of objects can take longer; the broadcast itself then
+    starts when rank 0 is ready."""
 
     def broadcast(data: Any) -> Any:
+        if wait is not None:
+            wait()
         box = [data]
         torch.distributed.broadcast_object_list(box, src=0, device=device)
         return box[0]
