@@ -105,3 +105,27 @@ def test_finetune_run_reports_weights_of_another_architecture(tmp_path: Path) ->
     # training function raises; a user error is one line, printed once, last, after Ray has stopped).
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert sum("does not fit resnet18" in line for line in out.stderr.splitlines()) == 1, out.stderr[-3000:]
+
+
+def test_a_user_error_met_while_decoding_is_one_line_not_ray_datas_tracebacks(tmp_path: Path) -> None:
+    """Every training image undecodable on the streaming path: the decode task meets the user error, and Ray Data
+    would print its tracebacks (several, with "please open an issue on the Ray project") if it were raised there."""
+    for name in ("circle", "square"):
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        for i in range(20):
+            (folder / f"{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the magic")
+    streamed = "dataset: {format: imagefolder, trainUri: data, ingest: streaming, imageSize: 16, augmentation: none}"
+    job = re.sub(r"dataset: \{[^}]*\}", streamed, JOB).replace(
+        "strategy: {method: lp-ft, probeEpochs: 1}", "strategy: {method: full}"
+    )
+    (tmp_path / "job.yaml").write_text(job)
+
+    out = finetune("run", "job.yaml", cwd=tmp_path)
+
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: dataset: none of the "), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    # Once as the run's error (the progress display's own "failed: ..." line aside), from neither Ray Data nor Ray Train.
+    lines = [line for line in out.stderr.splitlines() if "images of a batch can be decoded" in line]
+    assert sum(line.startswith("error: ") for line in lines) == 1 and len(lines) <= 2, out.stderr[-3000:]

@@ -23,7 +23,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import StreamedImages, load_image, scan_images
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import list_image_folder
-from finetune_trainer.streaming import Decoder
+from finetune_trainer.streaming import Decoder, check_block
 from finetune_trainer.tracking import _samples
 from tests.support.s3 import s3_server
 
@@ -150,9 +150,25 @@ def test_a_lasting_storage_error_fails_in_one_line_naming_the_file(
     monkeypatch.setattr(image_folder, "READ_RETRY_DELAYS", (0.0, 0.0, 0.0))
     monkeypatch.setattr(streaming, "read_file", down)
     decoder = Decoder(_UINT8, seed=0, epoch=1, raw=raw)
+    good, failed = Decoder(_UINT8, seed=0, epoch=1, raw=raw)(_rows(paths[:1])), decoder(_rows(paths))
+    # Not raised in the decode task (Ray Data would print its tracebacks): carried in the block, raised by the worker.
     with pytest.raises(TrainerError, match=r"^dataset: cannot read .*b\.png from its storage \(4 tries\): PermissionError") as e:
-        decoder(_rows(paths))
+        check_block(failed)
     assert "\n" not in str(e.value) and len(tries) == 4
+    assert len(set(failed["error"])) == 1 and list(good["error"]) == [""]
+    check_block(good)
+    # The same columns, dtypes and image shape as a good block: Ray Data concatenates blocks into batches.
+    assert {k: (v.dtype, v.shape[1:]) for k, v in failed.items()} == {k: (v.dtype, v.shape[1:]) for k, v in good.items()}
+
+
+def test_a_training_block_with_nothing_readable_is_raised_by_the_worker_in_one_line(tmp_path: Path) -> None:
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for path in paths:
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    out = Decoder(_UINT8, seed=0, epoch=1)(_rows(paths))
+    with pytest.raises(TrainerError, match=r"^dataset: none of the 3 images of a batch can be decoded \(e\.g\. .*0\.png\)$"):
+        check_block(out)
+    assert list(out["bad"]) == paths
 
 
 @pytest.mark.parametrize("epoch", [1, None], ids=["train", "validation"])

@@ -269,7 +269,7 @@ def test_device_decode_replaces_a_corrupt_jpeg_and_augments_by_seed(tmp_path: Pa
     cfg = config(tmp_path, {"trainUri": str(tmp_path)})
     transform = train_transform(build_input_spec(cfg), "standard")
     shipped = Decoder(transform, seed=1, epoch=2, raw=True)(rows)  # what a Ray Data task sends: bytes, not pixels
-    assert set(shipped) == {"data", "path", "label", "key"} and shipped["data"][0][:2] == b"\xff\xd8"
+    assert set(shipped) == {"data", "path", "label", "key", "error"} and shipped["data"][0][:2] == b"\xff\xd8"
     images = StreamedImages([(p, 0) for p in paths], transform)
     source = StreamSource(images, images, seed=1, rank=0, world=1, per_worker=4, decode_device=torch.device(device))
     out = source._decode_here(shipped, transform, 2, torch.device(device))

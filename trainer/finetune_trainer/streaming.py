@@ -38,7 +38,16 @@ from finetune_trainer.sample_rows import PositionRows, SampleTable
 from finetune_trainer.seeding import seeded_sample
 from finetune_trainer.unreadable import BLANK_SIDE, Unreadable, blank_images, fill_unreadable
 
-__all__ = ["Decoder", "EpochRows", "StreamSource", "Unreadable", "epoch_indices", "split_finish", "steps_per_epoch"]
+__all__ = [
+    "Decoder",
+    "EpochRows",
+    "StreamSource",
+    "Unreadable",
+    "check_block",
+    "epoch_indices",
+    "split_finish",
+    "steps_per_epoch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +130,28 @@ class Decoder:
         return b"" if data is None else data
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoded block, with an ``error`` column: empty, or on every row the one line of a user error met here
+        (a storage error past its retries, a training block with nothing readable), for the training worker to raise
+        (``check_block``). Raised in a Ray Data task it would print Ray Data's tracebacks, several times, before the
+        job's one line; a block of the usual columns keeps the blocks concatenable."""
+        try:
+            out, message = self._decoded(batch), ""
+        except TrainerError as e:
+            out, message = self._failed(batch), str(e)
+        out["error"] = np.full(len(batch["key"]), message, dtype=object)
+        return out
+
+    def _failed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(batch["key"])
+        if self.raw:
+            data = np.empty(rows, dtype=object)
+            data[:] = [b""] * rows
+            return {"data": data, "path": np.asarray(batch["path"], dtype=object), "label": batch["label"], "key": batch["key"]}
+        blank = Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))
+        images = blank_images(self.transform, rows, blank).numpy()
+        return {"image": images, "label": batch["label"], "bad": np.asarray([str(p) for p in batch["path"]], dtype=object)}
+
+    def _decoded(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
         if self.raw:
             data = np.empty(len(paths), dtype=object)
@@ -133,6 +164,13 @@ class Decoder:
             return {"image": blank_images(self.transform, len(paths), blank).numpy(), "label": labels, "bad": bad}
         # Stacked by NumPy: a block's buffer gets huge pages (see normalize), torch's would be faulted in page by page.
         return {"image": np.stack([image.numpy() for image in filled]), "label": labels, "bad": bad}
+
+
+def check_block(batch: dict[str, Any]) -> None:
+    """Raise here, on the training worker, the user error a decode task met (``Decoder``'s ``error`` column)."""
+    for message in batch.get("error", ()):
+        if message:
+            raise TrainerError(str(message))
 
 
 def _decode_resources() -> dict[str, Any]:
@@ -321,6 +359,7 @@ class StreamSource:
         decoder = Decoder(per_image, self.seed, epoch, raw=raw)
         rows = EpochRows(self._table(images), np.asarray(positions, dtype=np.int64))
         for batch in _stream(rows, decoder, per_batch, drop_last):
+            check_block(batch)
             if self.decode_device is not None:
                 batch = self._decode_here(batch, images.transform, epoch, self.decode_device)
             tally.add(batch["bad"])
