@@ -126,6 +126,5 @@ def test_a_user_error_met_while_decoding_is_one_line_not_ray_datas_tracebacks(tm
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: dataset: none of the "), out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    # Once as the run's error (the progress display's own "failed: ..." line aside), from neither Ray Data nor Ray Train.
-    lines = [line for line in out.stderr.splitlines() if "images of a batch can be decoded" in line]
-    assert sum(line.startswith("error: ") for line in lines) == 1 and len(lines) <= 2, out.stderr[-3000:]
+    # Once, as the run's error: not from Ray Data, Ray Train or the progress display.
+    assert sum("images of a batch can be decoded" in line for line in out.stderr.splitlines()) == 1, out.stderr[-3000:]

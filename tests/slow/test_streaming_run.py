@@ -1,6 +1,7 @@
-"""The streaming ingest path on a real Ray: Ray Data reads a small ImageFolder (32 px PNGs) while two workers
-train, every validation image is evaluated once, and an ``s3://`` dataset is read through a real S3 API
-(moto's server) with the code a cluster runs, without a copy in the cache directory, and resumes after a failure."""
+"""The streaming ingest path on a real Ray: Ray Data reads a small ImageFolder (32 px PNGs) from an ``s3://`` bucket
+through a real S3 API (moto's server) with the code a cluster runs: two workers train on rank 0's one listing, every
+validation image evaluated once, and a run reads it without a copy in the cache directory and resumes after a
+failure. A local folder streamed: tests/slow/test_streaming_cluster.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
 from finetune_trainer.listing import list_image_folder
 from tests.slow.conftest import MakeConfig
-from tests.support.runs import streamed_folder, write_image_folder
+from tests.support.runs import write_image_folder
 from tests.support.s3 import S3, s3_server
 
 pytestmark = pytest.mark.slow
@@ -37,31 +38,6 @@ def s3_ray() -> Iterator[S3]:
             yield s3
         finally:
             ray.shutdown()
-
-
-def test_two_workers_train_on_a_streamed_folder(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
-    folder = write_image_folder(tmp_path / "shapes", CLASSES, PER_CLASS)
-    cfg = driver.absolute_output(
-        make_config(
-            "stream-local",
-            dataset=streamed_folder(folder),
-            # Precise BN streams training batches once more per epoch: the s3 test below covers it.
-            strategy={"preciseBatchNorm": False},
-            resources={"workers": 2, "cpusPerWorker": 1},
-            hyperparameters={"epochs": 1, "batchSize": 8},
-        )
-    )
-    result = driver.build_trainer(cfg, local=True).fit()
-
-    assert result.metrics is not None
-    assert result.metrics["world_size"] == 2
-    # 6 of 24 held out; two workers' strided shards, summed: each image once.
-    assert result.metrics["val_images"] == 6
-    assert [r.epoch for r in read_metrics(cfg.run_dir)] == [1]
-    card = json.loads((Path(cfg.run_dir) / "model.json").read_text())
-    assert card["classNames"] == list(CLASSES)
-    assert card["data"]["ingest"] == "streaming"
-    assert card["data"]["trainImages"] == 18
 
 
 def test_an_s3_dataset_is_streamed_not_downloaded_and_resumes(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
@@ -96,9 +72,12 @@ def test_an_s3_dataset_is_streamed_not_downloaded_and_resumes(s3_ray: S3, make_c
     assert not cache.exists()  # nothing downloaded: the map-style path would have filled it
 
 
-def test_rank_zero_lists_a_bucket_for_every_worker(s3_ray: S3, make_config: MakeConfig, tmp_path: Path) -> None:
-    """Every worker listing the bucket itself costs one listing's requests per worker (ImageNet: over a thousand
-    each) and, on a bucket being written to, gives workers different files, splits and step counts."""
+def test_two_workers_train_on_a_streamed_bucket_that_rank_zero_lists_once(
+    s3_ray: S3, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """Two workers stream an s3 folder, each validation image evaluated once. Rank 0 lists it for both: every worker
+    listing the bucket itself cost one listing's requests per worker (ImageNet: over a thousand each) and, on a bucket
+    being written to, could give workers different files, splits and step counts."""
     folder = write_image_folder(tmp_path / "shapes", CLASSES, PER_CLASS)
     for path in sorted(folder.rglob("*.png")):
         s3_ray.client.put_object(Bucket="data", Key=f"ranks/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
@@ -124,8 +103,12 @@ def test_rank_zero_lists_a_bucket_for_every_worker(s3_ray: S3, make_config: Make
 
     assert result.metrics is not None and result.metrics["world_size"] == 2
     assert s3_ray.listings() - before - one_listing == one_listing, s3_ray.requests[-40:]
-    # Both workers trained on rank 0's listing: its split holds out 6 of 24, each evaluated once, per epoch and in
-    # rank 0's final evaluation (streamed through Ray Data as well).
+    # Both workers trained on rank 0's listing: its split holds out 6 of 24, each evaluated once (two workers' strided
+    # shards, summed), per epoch and in rank 0's final evaluation (streamed through Ray Data as well).
     assert result.metrics["val_images"] == 6
+    assert [r.epoch for r in read_metrics(cfg.run_dir)] == [1]
     card = json.loads((Path(cfg.run_dir) / "model.json").read_text())
     assert card["evaluation"]["numSamples"] == 6
+    assert card["classNames"] == list(CLASSES)
+    assert card["data"]["ingest"] == "streaming"  # auto: an object store
+    assert card["data"]["trainImages"] == 18

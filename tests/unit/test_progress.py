@@ -296,3 +296,12 @@ def test_build_sinks_uses_the_kubernetes_sink_when_available(tmp_path: Path, mon
     (sink,) = built.sinks
     assert isinstance(sink, FakeKubernetesSink)
     assert sink.cfg is cfg
+
+
+def test_finetune_runs_console_leaves_a_failure_to_the_driver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``finetune run`` prints the error as its own last line after Ray stops; the console saying it too showed it twice."""
+    cfg = _config(tmp_path, ["console"])
+    for local, expected in ((True, []), (False, ["failed: dataset: none of the 8 images of a batch can be decoded"])):
+        sinks = build_sinks(cfg, local=local)
+        sinks.finish(error="dataset: none of the 8 images of a batch can be decoded")
+        assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed")] == expected

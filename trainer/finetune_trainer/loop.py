@@ -131,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _set_threads(cfg)
     # One seed on every worker until the model is built: DDP starts from one model.
     seed_everything(cfg.spec.hyperparameters.seed)
-    sinks = build_sinks(cfg) if rank == 0 else None
+    sinks = build_sinks(cfg, local=bool(config.get(QUIET_KEY))) if rank == 0 else None
     if sinks is not None:
         sinks.update(Progress(total_epochs=cfg.spec.hyperparameters.epochs, stage="starting", updated_at=utc_now()))
     tracker: Tracker | None = None

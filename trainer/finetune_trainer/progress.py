@@ -115,7 +115,12 @@ class ConsoleSink:
     """A tqdm bar over epochs and one line per finished epoch, on ``stream`` (default stderr); plain lines
     only when it is not a terminal (CI logs, Ray's forwarded worker output), where a redrawn bar is noise."""
 
-    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None, label: str = "training") -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, bar: bool | None = None, label: str = "training", say_failure: bool = True
+    ) -> None:
+        """``say_failure``: end a failed run with ``failed: <error>``; off where the caller prints the error as its
+        own last line (``finetune run``), which would otherwise show it twice."""
+        self._say_failure = say_failure
         # Resolved on each write when not given, so that redirections after construction are honoured.
         self._stream = stream
         self._bar_wanted = bar
@@ -202,7 +207,8 @@ class ConsoleSink:
             self._bar.close()
             self._bar = None
         if error is not None:
-            self._write(f"failed: {error}")
+            if self._say_failure:
+                self._write(f"failed: {error}")
         elif artifacts is not None and artifacts.model_uri:
             self._write(f"done: model {artifacts.model_uri}, model card {artifacts.model_card_uri}")
         else:
@@ -290,14 +296,15 @@ class MultiSink:
             self._call(sink, "finish", artifacts, error)
 
 
-def build_sinks(cfg: TrainerConfig) -> MultiSink:
+def build_sinks(cfg: TrainerConfig, *, local: bool = False) -> MultiSink:
     """The sinks ``cfg.sinks`` names, behind one ``MultiSink``. ``file`` writes ``cfg.status_file``
     (default ``<run dir>/status.json`` for a local run dir); ``kubernetes`` is skipped with a warning
-    when its module cannot be imported (no kubernetes client in this image)."""
+    when its module cannot be imported (no kubernetes client in this image). ``local``: ``finetune run``, whose
+    driver prints a failure's one line itself (the console does not repeat it)."""
     sinks: list[ProgressSink] = []
     for name in dict.fromkeys(cfg.sinks):  # each once, in the order given
         if name == "console":
-            sinks.append(ConsoleSink(label=cfg.job_name))
+            sinks.append(ConsoleSink(label=cfg.job_name, say_failure=not local))
         elif name == "file":
             path = cfg.status_file
             if path is None and not storage.is_remote(cfg.run_dir):
