@@ -353,7 +353,7 @@ class StreamSource:
         drop_last: bool,
         tally: Unreadable | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        tally = tally or self.unreadable
+        tally = self.unreadable if tally is None else tally
         raw = self.decode_device is not None
         per_image, finish = (images.transform, None) if raw else split_finish(images.transform)
         decoder = Decoder(per_image, self.seed, epoch, raw=raw)
