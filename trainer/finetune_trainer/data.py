@@ -36,11 +36,8 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import Ingest, Lister, choose_ingest, list_image_folder
-from finetune_trainer.listing_record import check_listing
+from finetune_trainer.listing_record import Agree, check_listing
 from finetune_trainer.split import stratified_split
-
-Agree = Callable[[tuple[int, str]], tuple[int, str]]
-"""Rank 0's listing digest for this worker's (``listing_record.check_listing``)."""
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -251,7 +248,9 @@ def _streamed_folders(cfg: TrainerConfig, spec: InputSpec, lister: Lister) -> tu
     return train, StreamedImages(val_samples, eval_transform(spec)), classes
 
 
-def _image_folders(cfg: TrainerConfig, spec: InputSpec, agree: Agree) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+def _image_folders(
+    cfg: TrainerConfig, spec: InputSpec, agree: Agree | None
+) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
     root = _local_root(ds.train_uri, ds.cache_dir)
@@ -297,7 +296,6 @@ def build_datasets(
     path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams, of the
     listings ``lister`` gives (the workers of a run: rank 0's, ``rank_zero``). On the map-style path each worker
     scans the folder and ``agree`` gives rank 0's listing digest to compare with (``listing_record.check_listing``)."""
-    agree = agree or (lambda digest: digest)
     spec = build_input_spec(cfg)
     fmt = cfg.spec.dataset.format
     if fmt == "digits":

@@ -33,22 +33,17 @@ def listing_digest(samples: Iterable[tuple[str, int]], root: str) -> tuple[int, 
     return count, digest.hexdigest()
 
 
-def _same(digest: tuple[int, str]) -> tuple[int, str]:
-    return digest
+Agree = Callable[[tuple[int, str]], tuple[int, str]]
+"""Rank 0's listing digest for this worker's (``rank_zero``)."""
 
 
-def check_listing(
-    cfg: TrainerConfig,
-    samples: Iterable[tuple[str, int]],
-    root: str,
-    agree: Callable[[tuple[int, str]], tuple[int, str]] = _same,
-) -> None:
+def check_listing(cfg: TrainerConfig, samples: Iterable[tuple[str, int]], root: str, agree: Agree | None = None) -> None:
     """Record the training listing on the run's first attempt; TrainerError (one line) when a later attempt of the
     same spec lists different files. Every rank calls it; ``agree`` gives rank 0's digest (``rank_zero``), and a
     worker that listed other files than rank 0 (a folder changed while the workers of one attempt scanned it) stops
     in one line, before it could split other images and run another number of steps than the rest."""
     files, sha256 = listing_digest(samples, root)
-    first_files, first_sha256 = agree((files, sha256))
+    first_files, first_sha256 = (files, sha256) if agree is None else agree((files, sha256))
     if (first_files, first_sha256) != (files, sha256):
         same = " (other names or labels)" if first_files == files else ""
         raise TrainerError(
