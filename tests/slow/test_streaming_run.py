@@ -1,7 +1,8 @@
 """The streaming ingest path on a real Ray: Ray Data reads a small ImageFolder (32 px PNGs) from an ``s3://`` bucket
 through a real S3 API (moto's server) with the code a cluster runs: two workers train on rank 0's one listing, every
 validation image evaluated once, and a run reads it without a copy in the cache directory and resumes after a
-failure. A local folder streamed: tests/slow/test_streaming_cluster.py."""
+failure; a listing that fails on rank 0 ends the run in its one line. A local folder streamed:
+tests/slow/test_streaming_cluster.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 from finetune_trainer import driver
 from finetune_trainer.artifacts import read_metrics
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_folder import IMG_EXTENSIONS
 from finetune_trainer.listing import list_image_folder
 from tests.slow.conftest import MakeConfig
 from tests.support.runs import write_image_folder
@@ -112,3 +115,35 @@ def test_two_workers_train_on_a_streamed_bucket_that_rank_zero_lists_once(
     assert card["classNames"] == list(CLASSES)
     assert card["data"]["ingest"] == "streaming"  # auto: an object store
     assert card["data"]["trainImages"] == 18
+
+
+def test_a_listing_that_fails_on_rank_zero_fails_both_workers_in_its_one_line(
+    s3_ray: S3, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """Rank 0 alone lists the bucket while the other worker waits for its answer (in a barrier without a deadline). A
+    user error there (a class folder with no images) must end the run at once with that line: not a wait for the
+    collective's 30-minute timeout, not another rank's message, not a traceback. (That every rank raises the same line
+    is tests/unit/test_rank_zero.py's, on real gloo: here Ray Train stops the waiting worker when rank 0 fails, so the
+    job's error is rank 0's either way.)"""
+    for key in ("broken/circle/0.png", "broken/square/notes.txt"):
+        s3_ray.client.put_object(Bucket="data", Key=key, Body=b"not read: the listing fails first")
+    before = s3_ray.listings()
+    with pytest.raises(TrainerError) as raised:
+        list_image_folder("trainUri", "s3://data/broken")
+    one_listing = s3_ray.listings() - before
+    cfg = make_config(
+        "stream-s3-broken",
+        dataset={"format": "imagefolder", "classes": None, "maxPerClass": None, "trainUri": "s3://data/broken"},
+        resources={"workers": 2, "cpusPerWorker": 1},
+        hyperparameters={"epochs": 1, "batchSize": 8},
+    )
+    with pytest.raises(TrainerError) as failed:
+        driver.run(cfg, local=True)
+
+    assert str(failed.value) == str(raised.value)
+    assert str(failed.value) == (
+        "dataset.trainUri: class folder s3://data/broken/square holds no images "
+        f"({', '.join(IMG_EXTENSIONS)}); add some or remove it"
+    )
+    # One attempt (no maxWorkerFailures), one listing in it: rank 0's.
+    assert s3_ray.listings() - before - one_listing == one_listing, s3_ray.requests[-40:]
