@@ -5,6 +5,7 @@ streaming and the map-style path alike."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,74 @@ def test_a_map_style_worker_that_listed_other_files_than_rank_zero_stops_in_one_
     message = str(info.value)
     assert message.startswith(f"dataset: this worker {expected} the dataset changed while the job's workers listed it"), message
     assert "\n" not in message
+
+
+def test_a_map_style_worker_that_listed_another_validation_folder_than_rank_zero_stops_in_one_line(tmp_path: Path) -> None:
+    """Each worker evaluates every world-th image of its own scan of validationUri: an image written between two
+    workers' scans shifted one's list, and evaluation scored 9 of 21 images twice and 9 never (the review's run)."""
+    _folder(tmp_path / "train", per_class=4)
+    _folder(tmp_path / "val", per_class=5)
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "train"), "validationUri": str(tmp_path / "val"), "ingest": "mapStyle"})
+    rank_zeros: list[tuple[int, str]] = []  # rank 0's digests, in the order of the collectives
+
+    def rank_zero(digest: tuple[int, str]) -> tuple[int, str]:
+        rank_zeros.append(digest)
+        return digest
+
+    build_datasets(cfg, MAP_STYLE, agree=rank_zero)  # rank 0: training listing, then validation listing
+    assert len(rank_zeros) == 2
+    _png(tmp_path / "val" / "cat" / "000a.png", 99)
+    answers = iter(rank_zeros)
+    with pytest.raises(TrainerError) as info:  # rank 1, a moment later: the same training files, one more to evaluate
+        build_datasets(cfg, MAP_STYLE, agree=lambda digest: next(answers))
+    message = str(info.value)
+    assert message == (
+        "dataset: this worker listed 11 validation files, rank 0 10: the dataset changed while the job's workers listed "
+        "it; keep dataset.validationUri unchanged while a job starts"
+    )
+
+
+@pytest.mark.parametrize("ingest", [STREAMING, MAP_STYLE], ids=lambda i: i.kind)
+def test_a_file_name_that_is_not_utf8_is_listed_recorded_and_split(tmp_path: Path, ingest: Ingest) -> None:
+    """os.walk gives such a name as surrogate escapes: the digest encoded it strictly and failed every run with a
+    UnicodeEncodeError traceback (SampleTable and Ray Data already carried it)."""
+    root = tmp_path / "data"
+    for label in ("cat", "dog"):
+        for i in range(4):
+            _png(Path(os.fsdecode(os.fsencode(root / label) + b"/%d\xff.png" % i)), i)
+    cfg = _config(tmp_path, {"trainUri": str(root), "validationSplit": 0.25})
+    train, val, names, _ = build_datasets(cfg, ingest)
+    assert (len(train), len(val), names) == (6, 2, ["cat", "dog"])  # type: ignore[arg-type]
+    record = json.loads((tmp_path / "runs" / "job" / RECORD_FILE).read_text())
+    assert record["files"] == 8
+    build_datasets(cfg, ingest)  # and the next attempt finds the same digest
+
+
+def test_an_attempt_with_no_checkpoint_to_resume_records_its_own_listing(tmp_path: Path) -> None:
+    """The record protects what a checkpoint trained on. An attempt that failed before its first checkpoint (its
+    workers listed a folder that changed under them, say) left a record of a listing nobody trained on: the retry,
+    resuming nothing, lists the settled folder and must start, not fail for good with "delete the run's folder"."""
+    _folder(tmp_path / "data", per_class=8)
+    cfg = _config(tmp_path, {"trainUri": str(tmp_path / "data"), "validationSplit": 0.25, "ingest": "mapStyle"})
+    seen: list[tuple[int, str]] = []
+
+    def rank_zero(digest: tuple[int, str]) -> tuple[int, str]:
+        seen.append(digest)
+        return seen[0]
+
+    build_datasets(cfg, MAP_STYLE, agree=rank_zero, resuming=False)  # attempt 1, rank 0: records 16 files
+    _png(tmp_path / "data" / "dog" / "100.png", 100)
+    with pytest.raises(TrainerError, match="this worker listed 17 training files, rank 0 16"):
+        build_datasets(cfg, MAP_STYLE, agree=rank_zero, resuming=False)  # attempt 1, rank 1: the attempt fails
+    build_datasets(cfg, MAP_STYLE, agree=lambda digest: digest, resuming=False)  # attempt 2: starts
+    assert json.loads((tmp_path / "runs" / "job" / RECORD_FILE).read_text())["files"] == 17
+    # Once an attempt resumes a checkpoint, the record holds again.
+    _png(tmp_path / "data" / "dog" / "101.png", 101)
+    with pytest.raises(TrainerError, match=r"changed since the run started \(17 -> 18 files\)"):
+        build_datasets(cfg, MAP_STYLE, resuming=True)
+    # A record that is not this trainer's JSON: in the way of a resumed attempt only.
+    (tmp_path / "runs" / "job" / RECORD_FILE).write_text("{not json")
+    with pytest.raises(TrainerError, match="is not the JSON this trainer writes"):
+        build_datasets(cfg, MAP_STYLE, resuming=True)
+    build_datasets(cfg, MAP_STYLE, resuming=False)
+    assert json.loads((tmp_path / "runs" / "job" / RECORD_FILE).read_text())["files"] == 18

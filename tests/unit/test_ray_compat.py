@@ -226,3 +226,26 @@ def test_a_user_error_is_one_line_in_the_worker_log(
     else:
         assert logged == expected
         assert not any("Traceback" in m for m in logged)
+
+
+@pytest.mark.parametrize(
+    ("quiet", "failures", "dropped"),
+    [(True, 0, True), (True, 2, False), (False, 0, False), (False, 2, False)],
+    ids=["finetune-run", "finetune-run-retried", "cluster", "cluster-retried"],
+)
+def test_a_worker_leaves_its_user_error_to_the_driver_only_where_no_attempt_is_retried(
+    tmp_path: Path, quiet: bool, failures: int, dropped: bool
+) -> None:
+    """``finetune run`` prints the run's error once; with retries the driver sees only the last attempt's, so a worker
+    must say each earlier attempt's itself (before, a retried attempt's reason was said nowhere)."""
+    from finetune_trainer.loop import _driver_says_it
+
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {"format": "fake"},
+            "runPolicy": {"maxWorkerFailures": failures},
+            "output": {"uri": str(tmp_path)},
+        }
+    )
+    assert _driver_says_it(TrainerConfig(job_name="j", spec=spec, output_root=str(tmp_path)), quiet=quiet) is dropped

@@ -36,7 +36,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_folder import ImageFiles, StreamedImages, class_folders, same_classes, scan_images
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.listing import Ingest, Lister, choose_ingest, list_image_folder
-from finetune_trainer.listing_record import Agree, check_listing
+from finetune_trainer.listing_record import Agree, agree_with_rank_zero, check_listing
 from finetune_trainer.split import stratified_split
 
 __all__ = [
@@ -230,13 +230,16 @@ def _choose(cfg: TrainerConfig, labels: list[int]) -> tuple[list[int], list[int]
     return _cap_per_class(train_idx, labels, ds.max_per_class, seed), val_idx
 
 
-def _streamed_folders(cfg: TrainerConfig, spec: InputSpec, lister: Lister) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
+def _streamed_folders(
+    cfg: TrainerConfig, spec: InputSpec, lister: Lister, resuming: bool
+) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     """The streaming path: the listed images (nothing downloaded, nothing opened), split as the map-style path does."""
     ds = cfg.spec.dataset
     assert ds.train_uri is not None
     classes, samples = lister("trainUri", ds.train_uri)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
-    check_listing(cfg, samples, ds.train_uri)  # before the split: an attempt must split what the first one did
+    # Before the split: an attempt must split what the one whose checkpoint it resumes did.
+    check_listing(cfg, samples, ds.train_uri, resuming=resuming)
     train_idx, val_idx = _choose(cfg, [label for _, label in samples])
     if ds.validation_uri is not None:
         val_classes, val_samples = lister("validationUri", ds.validation_uri)
@@ -249,7 +252,7 @@ def _streamed_folders(cfg: TrainerConfig, spec: InputSpec, lister: Lister) -> tu
 
 
 def _image_folders(
-    cfg: TrainerConfig, spec: InputSpec, agree: Agree | None
+    cfg: TrainerConfig, spec: InputSpec, agree: Agree | None, resuming: bool
 ) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
@@ -259,7 +262,7 @@ def _image_folders(
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
     full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
     # Before the split: an attempt must split what the first one did, and each worker what rank 0 does.
-    check_listing(cfg, full.samples, root, agree)
+    check_listing(cfg, full.samples, root, agree, resuming=resuming)
     labels = list(full.targets)
     train_idx, val_idx = _choose(cfg, labels)
     if val_idx is None:
@@ -267,6 +270,9 @@ def _image_folders(
         val_root = _local_root(ds.validation_uri, ds.cache_dir)
         same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
         val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes)
+        # Each worker evaluates every world-th image of its own scan: the scans must be rank 0's, or images are
+        # evaluated twice and others never.
+        agree_with_rank_zero("validationUri", val_samples, val_root, agree)
         val: LabelledDataset = ImageFiles(val_samples, eval_transform(spec))
     else:
         # One folder scan serves both: the validation view differs only in its transform.
@@ -290,12 +296,18 @@ def check_dataset(cfg: TrainerConfig) -> None:
 
 # --------------------------------------------------------------------------------------------- the API
 def build_datasets(
-    cfg: TrainerConfig, ingest: Ingest | None = None, lister: Lister = list_image_folder, agree: Agree | None = None
+    cfg: TrainerConfig,
+    ingest: Ingest | None = None,
+    lister: Lister = list_image_folder,
+    agree: Agree | None = None,
+    *,
+    resuming: bool = True,
 ) -> tuple[LabelledDataset, LabelledDataset, list[str], InputSpec]:
     """``(train, validation, class_names, input_spec)`` for the job; labels index ``class_names``. On the streaming
     path (``ingest``, else ``listing.choose_ingest``) both are ``StreamedImages``, which the loop streams, of the
     listings ``lister`` gives (the workers of a run: rank 0's, ``rank_zero``). On the map-style path each worker
-    scans the folder and ``agree`` gives rank 0's listing digest to compare with (``listing_record.check_listing``)."""
+    scans the folders and ``agree`` gives rank 0's listing digest to compare with (``listing_record``). ``resuming``:
+    whether the attempt restores a checkpoint, which must have been trained on this split (``check_listing``)."""
     spec = build_input_spec(cfg)
     fmt = cfg.spec.dataset.format
     if fmt == "digits":
@@ -303,9 +315,9 @@ def build_datasets(
     elif fmt == "fake":
         train, val, names = _fake(cfg, spec)
     elif (ingest or choose_ingest(cfg.spec.dataset)).kind == "streaming":
-        train, val, names = _streamed_folders(cfg, spec, lister)
+        train, val, names = _streamed_folders(cfg, spec, lister, resuming)
     else:
-        train, val, names = _image_folders(cfg, spec, agree)
+        train, val, names = _image_folders(cfg, spec, agree, resuming)
     if len(train) < 2:  # type: ignore[arg-type]
         raise TrainerError(f"dataset: only {len(train)} training image(s) after the split and maxPerClass; need at least 2")  # type: ignore[arg-type]
     return train, val, names, spec

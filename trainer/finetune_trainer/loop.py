@@ -121,12 +121,19 @@ def _user_error_line(exc: BaseException) -> str | None:
     return None if error is None else str(error)
 
 
+def _driver_says_it(cfg: TrainerConfig, *, quiet: bool) -> bool:
+    """Whether a worker's user error can be left out of its log: ``finetune run`` (``quiet``) prints the run's error
+    itself, but not where Ray Train retries (``runPolicy.maxWorkerFailures``): the driver sees the last attempt's
+    error only, so each earlier attempt's must be said where it happened, in its one line."""
+    return quiet and cfg.spec.run_policy.max_worker_failures == 0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker; ``config["trainer"]`` is the TrainerConfig as JSON-ready dict."""
     cfg = TrainerConfig.model_validate(config["trainer"])
     if config.get(QUIET_KEY):
         quiet_train_reports()
-    user_errors_in_one_line(_user_error_line, drop=bool(config.get(QUIET_KEY)))
+    user_errors_in_one_line(_user_error_line, drop=_driver_says_it(cfg, quiet=bool(config.get(QUIET_KEY))))
     rank, world = workers()
     _set_threads(cfg)
     # One seed on every worker until the model is built: DDP starts from one model.
@@ -151,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ingest,
             lister=lambda field, uri: once(lambda: list_image_folder(field, uri)),
             agree=lambda digest: once(lambda: digest),
+            resuming=ray.train.get_checkpoint() is not None,
         )
         cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
