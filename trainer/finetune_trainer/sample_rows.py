@@ -20,7 +20,20 @@ import pandas as pd
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-__all__ = ["PositionRows", "SampleTable"]
+__all__ = ["PositionRows", "SampleTable", "pieces"]
+
+
+def pieces(count: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``count`` rows cut every ``size``, a last piece shorter than half of ``size`` joined to the
+    one before. Why: an epoch's last block could hold a single image, and a training block with nothing readable has
+    nothing to replace its images with (``unreadable.fill_unreadable``): one unreadable image among thousands, shuffled
+    there, failed the job."""
+    starts = list(range(0, count, size))
+    if not starts:
+        return []
+    if len(starts) > 1 and count - starts[-1] < (size + 1) // 2:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], count], strict=True))
 
 
 class SampleTable:
@@ -86,8 +99,7 @@ class PositionRows(Datasource):
         # ``parallelism`` is what ``override_num_blocks`` asked for; the cut is fixed here.
         table, positions = self.table, self.positions
         tasks = []
-        for start in range(0, self.count, self.task_rows):
-            stop = min(start + self.task_rows, self.count)
+        for start, stop in pieces(self.count, self.task_rows):
 
             def read(start: int = start, stop: int = stop) -> Iterable[pd.DataFrame]:
                 return _rows(table, positions, start, stop)

@@ -34,7 +34,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
 from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, fetch, read_file
 from finetune_trainer.normalize import BatchNormalize
-from finetune_trainer.sample_rows import PositionRows, SampleTable
+from finetune_trainer.sample_rows import PositionRows, SampleTable, pieces
 from finetune_trainer.seeding import seeded_sample
 from finetune_trainer.unreadable import BLANK_SIDE, Unreadable, blank_images, fill_unreadable
 
@@ -198,8 +198,8 @@ class BlockDecoder:
     rows: int
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for first in range(0, len(batch["key"]), self.rows):
-            yield self.decoder({name: column[first : first + self.rows] for name, column in batch.items()})
+        for start, stop in pieces(len(batch["key"]), self.rows):  # no block of a few rows at the end (``pieces``)
+            yield self.decoder({name: column[start:stop] for name, column in batch.items()})
 
 
 def _decoded(items: Any, decoder: Decoder, resources: dict[str, Any]) -> Any:
@@ -241,7 +241,10 @@ def _stream(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) 
     blocks = math.ceil(count / _BLOCK_ROWS)
     per_task = min(_MAX_BLOCKS_PER_TASK, max(1, math.ceil(blocks / _READ_TASKS)))
     source = PositionRows(rows.table.placed(), ray.put(rows.positions), count, per_task * _BLOCK_ROWS)
-    items = ray.data.read_datasource(source, override_num_blocks=max(1, math.ceil(blocks / per_task)), **resources)
+    # As many as the source gives: asked for more, Ray Data splits the blocks it reads, and no longer fuses the decoding
+    # into the read.
+    tasks = len(pieces(count, per_task * _BLOCK_ROWS))
+    items = ray.data.read_datasource(source, override_num_blocks=max(1, tasks), **resources)
     batches = _decoded(items, decoder, resources)
     return iter(batches.iter_batches(batch_size=per_batch, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
