@@ -91,9 +91,11 @@ def label_value(text: str) -> str:
 
 
 def pvc_volume_name(claim: str) -> str:
-    """Pod volume name for a claim: ``pvc-<claim>`` cut to a DNS-1123 label, hashed when cut."""
+    """Pod volume name for a claim: ``pvc-<claim>`` cut to a DNS-1123 label, hashed when cut or when the claim has a
+    '.' (a label has none: 'runs.v2' and 'runs-v2' would give one volume name to two claims, and the API server
+    refuses a pod with two volumes of one name)."""
     name = f"pvc-{claim.replace('.', '-')}"
-    if len(name) <= VOLUME_NAME_MAX:
+    if len(name) <= VOLUME_NAME_MAX and "." not in claim:
         return name
     return f"{_fit(name, VOLUME_NAME_MAX - HASH_LEN - 1)}-{short_hash(claim)}"
 

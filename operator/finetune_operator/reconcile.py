@@ -131,11 +131,13 @@ class Reconciler:
         return current is not None and current["metadata"].get("uid") == parent.uid and not ParentJob.of(current).deleting
 
     def suspend_changed(self, body: Mapping[str, Any], wanted: bool) -> None:
-        """Suspend or resume the RayJob (idempotent; a missing RayJob is reconcile's or resync's business)."""
+        """Suspend or resume the RayJob (idempotent; a missing RayJob is reconcile's or resync's business). Only a
+        RayJob this job controls: the name comes from the status, which the job's trainer may write, and another
+        job's RayJob named there must not be suspended (or its Ray cluster torn down, again and again)."""
         parent = ParentJob.of(body)
         if parent.finished:
             return
-        rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name or naming.rayjob_name(parent.name))
+        rayjob = self._started(parent)
         if rayjob is not None:
             self._align_suspend(parent.body, wanted, rayjob)
 

@@ -545,3 +545,19 @@ def test_a_spec_at_the_bound_renders_within_every_limit() -> None:
     assert len(json.dumps(children.rayjob).encode()) < 1_500_000  # etcd's request limit
     assert len(json.dumps(children.config_map).encode()) < 1_048_576  # a ConfigMap's limit
     assert spec_bytes < 256 * 1024  # Kopf's last-handled-configuration annotation
+
+
+def test_two_claims_that_differ_only_by_a_dot_get_two_volumes() -> None:
+    """'runs.v2' and 'runs-v2' made one volume name for two claims: the API server refuses such a pod, and the job
+    would wait in Provisioning for Ray pods that are never created."""
+    job = body(output={"uri": "pvc://runs.v2/out"}, dataset={"format": "imagefolder", "trainUri": "pvc://runs-v2/train"})
+    rayjob = children_of(job).rayjob
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        assert sorted(claims.values()) == ["runs-v2", "runs.v2"], pod["volumes"]
+        assert all(len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) for name in claims)
+        mounts = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert set(claims) <= mounts
+    assert naming.pvc_volume_name("runs-v2") == "pvc-runs-v2"  # names without a dot are as they were

@@ -809,3 +809,19 @@ def test_a_status_write_that_keeps_conflicting_is_redecided_until_it_lands(
             rec.mirror(parent, running)
         assert failure.value.status == 409
         assert status(kube)["phase"] != "Running"
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_a_job_never_suspends_a_rayjob_it_does_not_control(kube: FakeKube, events: Events, rec: Reconciler, wanted: bool) -> None:
+    """The review's attack: a job's trainer may patch its own status, so ``rayJobName`` there can name another job's
+    RayJob; the job's suspend then flipped that RayJob (and tore its Ray cluster down, at every resync)."""
+    rec.reconcile(created(kube, job("victim", uid="uid-v", runPolicy={"suspend": not wanted})))
+    rec.reconcile(created(kube, job("evil", uid="uid-e", runPolicy={"suspend": not wanted})))
+    evil = kube.get("FineTuneJob", "team", "evil")
+    assert evil is not None
+    evil["status"]["rayJobName"] = naming.rayjob_name("victim")  # written through the trainer's status Role
+    events.clear()
+    kube.calls.clear()
+    rec.suspend_changed(evil, wanted)
+    assert rayjob_of(kube, "victim")["spec"]["suspend"] is (not wanted)
+    assert kube.count("patch") == 0 and events.reasons == []
