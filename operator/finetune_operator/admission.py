@@ -41,7 +41,7 @@ from finetune_operator.api.v1alpha1 import (
 )
 from finetune_operator.api.validate import DocumentResult, validate_document, validate_spec
 from finetune_operator.api.versions import KIND
-from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSettings, env_name, ray_version_at_least
+from finetune_operator.settings import RAY_TOKEN_AUTH_MIN_VERSION, OperatorSettings, env_name, labels_of, ray_version_at_least
 
 # KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN only where the container's env has no such name (common/pod.go,
 # SetContainerTokenAuthEnvVars): a user's entry would switch authentication off or replace the token.
@@ -189,9 +189,34 @@ def policy_errors(spec: FineTuneJobSpec | Mapping[str, WireModel], settings: Ope
         errors += ray_auth_errors(runtime)
     if isinstance(runtime, RuntimeSpec):
         errors += pod_overrides.merge_errors(settings.pod_defaults, runtime.pod)
+        errors += peer_label_errors(runtime.pod.labels, settings)
     output = spec.output if isinstance(spec, FineTuneJobSpec) else spec.get("output")
     if settings.require_protected_artifacts and isinstance(output, OutputSpec):
         errors += protection_errors(output)
+    return errors
+
+
+def peer_label_errors(labels: Mapping[str, str], settings: OperatorSettings) -> list[str]:
+    """Pod labels that make a job's Ray pods look like KubeRay's operator or the metrics scraper: every job's
+    NetworkPolicy admits those to Ray's dashboard or metrics port (``security.network_policy_spec``), so a job
+    carrying them could reach every other job's Ray cluster. The platform's own labels (pod defaults) count with
+    the job's: together they must not complete a peer's selector."""
+    if not settings.job_network_policy or not labels:
+        return []
+    merged = {**settings.pod_defaults.labels, **labels}
+    errors = []
+    for setting, peer in (
+        ("kuberay_pod_labels", settings.kuberay_pod_labels),
+        ("metrics_scraper_pod_labels", settings.metrics_scraper_pod_labels),
+    ):
+        wanted = labels_of(peer)
+        if wanted and all(merged.get(k) == v for k, v in wanted.items()) and any(labels.get(k) == v for k, v in wanted.items()):
+            mine = ", ".join(f"{k}={v}" for k, v in wanted.items() if labels.get(k) == v)
+            errors.append(
+                f"spec.runtime.pod.labels: {quote(mine)} gives the job's pods the labels this operator's NetworkPolicies "
+                f"admit as {'KubeRay' if setting == 'kuberay_pod_labels' else 'the metrics scraper'} ({env_name(setting)}); "
+                "use other labels"
+            )
     return errors
 
 

@@ -217,3 +217,42 @@ def test_network_policy_can_be_turned_off() -> None:
     built = children(settings=OperatorSettings(job_network_policy=False))
     assert built.network_policy is None
     assert "NetworkPolicy" not in [child["kind"] for child in built.all()]
+
+
+SCRAPED = OperatorSettings(metrics_scraper_pod_labels=("app.kubernetes.io/name=prometheus", "team=observability"))
+
+
+def _admitted_to(peer: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy peer selects a pod of ``namespace`` with ``labels`` (matchLabels only, as we write them)."""
+    names = (peer.get("namespaceSelector") or {}).get("matchLabels") or {}
+    pods = (peer.get("podSelector") or {}).get("matchLabels") or {}
+    return names.get("kubernetes.io/metadata.name", namespace) == namespace and all(labels.get(k) == v for k, v in pods.items())
+
+
+@pytest.mark.parametrize(
+    ("labels", "refused"),
+    [
+        ({"app.kubernetes.io/component": "kuberay-operator"}, "as KubeRay (FINETUNE_OPERATOR_KUBERAY_POD_LABELS)"),
+        ({"app.kubernetes.io/name": "prometheus", "team": "observability"}, "as the metrics scraper"),
+        ({"app.kubernetes.io/name": "prometheus"}, None),  # half the scraper's selector: no pod of it matches
+        ({"app.kubernetes.io/component": "trainer", "team": "observability"}, None),
+    ],
+)
+def test_a_job_cannot_label_its_pods_as_a_peer_every_jobs_policy_admits(labels: dict[str, str], refused: str | None) -> None:
+    """The review's attack: with the default KubeRay namespace ('': any) a job labelled like KubeRay's operator (or the
+    scraper) was admitted by every other job's NetworkPolicy to its Ray dashboard (8265) and metrics (8080) ports."""
+    hostile = manifest("evil", pod={"labels": labels})
+    hostile["metadata"]["namespace"] = "team-b"
+    if refused is None:
+        victim = children(manifest("victim"), SCRAPED).network_policy
+        assert victim is not None
+        pods = templates(children(hostile, SCRAPED).rayjob)
+        for rule in victim["spec"]["ingress"][1:]:
+            for role, template in pods.items():
+                assert not _admitted_to(rule["from"][0], "team-b", template["metadata"]["labels"]), (role, rule)
+        return
+    with pytest.raises(AdmissionError) as info:
+        admit(hostile, SCRAPED)
+    (line,) = [line for line in info.value.lines if line.startswith("spec.runtime.pod.labels")]
+    assert refused in line and line.endswith("use other labels")
+    admit(hostile, OperatorSettings(job_network_policy=False, metrics_scraper_pod_labels=SCRAPED.metrics_scraper_pod_labels))
