@@ -113,7 +113,9 @@ def test_the_entrypoint_fails_a_finished_run_below_the_gate(
     job = FineTuneJob.model_validate(wire)
     config = tmp_path / "trainer.json"
     config.write_text(TrainerConfig.from_job(job, sinks=["console"]).model_dump_json(by_alias=True))
-    result = types.SimpleNamespace(job_name="g", run_dir="/runs/g", val_accuracy=0.4, best_val_accuracy=0.42, best_epoch=4)
+    result = types.SimpleNamespace(
+        job_name="g", run_dir="/runs/g", val_accuracy=0.4, best_val_accuracy=0.42, best_epoch=4, shipped_accuracy=(0.42, 4)
+    )
     fake_driver = types.SimpleNamespace(run=lambda cfg: result)
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=lambda: None))
     monkeypatch.setitem(sys.modules, "finetune_trainer.driver", fake_driver)
@@ -122,3 +124,22 @@ def test_the_entrypoint_fails_a_finished_run_below_the_gate(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: BelowAccuracyGate: best validation accuracy 0.4200 (epoch 4) is below")
     assert verdict({"jobDeploymentStatus": "Failed", "reason": "AppFailed", "message": err}).reason == "BelowAccuracyGate"
+
+
+@pytest.mark.parametrize(
+    ("shipped", "message"),
+    [
+        ((0.95, 3), None),  # the best epoch's weights ship: judged as before
+        ((0.5833, 4), "BelowAccuracyGate: validation accuracy of the shipped model (not the best epoch's) 0.5833 (epoch 4)"),
+        ((0.93, 4), None),  # the last epoch's ship and clear the gate
+    ],
+)
+def test_the_gate_judges_the_model_that_ships(shipped: tuple[float, int], message: str | None) -> None:
+    """The review's run: the best checkpoint (epoch 3, 0.95) was unusable, model.pt held epoch 4's weights at 0.58,
+    and the gate, judging the best epoch, let a model below minAccuracy be promoted."""
+    if message is None:
+        check_accuracy_gate(spec_with(0.9), 0.95, 3, "/runs/x", shipped)
+        return
+    with pytest.raises(TrainerError) as error:
+        check_accuracy_gate(spec_with(0.9), 0.95, 3, "/runs/x", shipped)
+    assert str(error.value).startswith(message)

@@ -80,7 +80,19 @@ def _worker(output_root: str) -> Worker:
     cfg = TrainerConfig(job_name="job", spec=spec, output_root=output_root)
     model = nn.Linear(4, 3)
     precision = Precision(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
-    return Worker(cfg, 0, 1, torch.device("cpu"), model, ["a", "b", "c"], precision, nn.CrossEntropyLoss(), None, None)
+    return Worker(
+        cfg,
+        cfg.spec_fingerprint(),
+        0,
+        1,
+        torch.device("cpu"),
+        model,
+        ["a", "b", "c"],
+        precision,
+        nn.CrossEntropyLoss(),
+        None,
+        None,
+    )
 
 
 @dataclass

@@ -205,6 +205,20 @@ def test_unreadable_images_are_named_and_the_rest_predicted(
     assert list(parse(captured.out)) == [str(images[0]), str(images[1])]
 
 
+def test_an_image_over_pils_pixel_limit_is_one_line_not_a_traceback(
+    model_dir: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL's DecompressionBombError (past twice MAX_IMAGE_PIXELS: ~358 Mpx) is an Exception of its own, and escaped."""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (100, 100)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: past twice the limit, as a real bomb is
+    assert run(model_dir[0], [bomb]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {bomb}: not a readable image (DecompressionBombError: Image size (10000 pixels) exceeds")
+
+
 def test_bad_top_k(model_dir: tuple[Path, nn.Module], images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert run(model_dir[0], images, top_k=0) == 2
     assert one_error_line(capsys.readouterr().err) == "error: --top-k 0: must be at least 1"

@@ -249,3 +249,19 @@ def test_a_worker_leaves_its_user_error_to_the_driver_only_where_no_attempt_is_r
         }
     )
     assert _driver_says_it(TrainerConfig(job_name="j", spec=spec, output_root=str(tmp_path)), quiet=quiet) is dropped
+
+
+def test_the_checkpoints_fingerprint_does_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    """With the batch size left to the trainer, the planned batch is rounded to a multiple of the workers (64 for 2,
+    66 for 3), and the fingerprint of the planned spec refused a relaunch on 3 workers of a run begun on 2 ("holds
+    checkpoints of a different spec; delete that folder"). The checkpoints carry the spec's as written."""
+    from finetune_trainer.loop import _planned
+
+    spec = FineTuneJobSpec.model_validate(
+        {"model": {"name": "resnet18"}, "dataset": {"format": "fake"}, "output": {"uri": str(tmp_path)}}
+    )
+    cfg = TrainerConfig(job_name="j", spec=spec, output_root=str(tmp_path))
+    on_two, on_three = _planned(cfg, 1000, 2), _planned(cfg, 1000, 3)
+    assert (on_two[2].batch_size, on_three[2].batch_size) == (64, 66)  # the premise: plans differ
+    assert on_two[1].spec_fingerprint() != on_three[1].spec_fingerprint()
+    assert on_two[0] == on_three[0] == cfg.spec_fingerprint()

@@ -117,3 +117,15 @@ def test_safetensors_of_another_architecture_is_refused(
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="metadata names architecture 'vgg11' but the model card 'resnet18'"):
         load_for_inference(str(copy), "safetensors")
+
+
+def test_a_relaunch_without_an_export_removes_the_earlier_one(tmp_path: Path) -> None:
+    """output.exports is not part of the spec's fingerprint, so a relaunch may drop one: the earlier launch's
+    model.safetensors (old weights under a model file's name, unlisted by the new card) stayed beside the new card."""
+    from finetune_trainer.verify import verify_artifacts
+
+    first = write(tmp_path, ["state_dict", "safetensors"])
+    assert (first / "model.safetensors").exists()
+    again = write(tmp_path, ["state_dict"])
+    assert again == first and not (again / "model.safetensors").exists()
+    verify_artifacts(str(again))  # nothing unlisted, nothing missing

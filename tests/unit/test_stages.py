@@ -74,8 +74,12 @@ def test_plan_stages(method: str, epochs: int, probe: int | None, expected: list
         ("lp-ft", True, "none", [True, False]),  # only the probe stage has a frozen backbone
         ("full", True, "none", [False]),
         ("partial", True, "none", [False]),
+        # BatchNorm statistics that move in the probe (as the uncached path lets them): other features every epoch
+        ("linear-probe", "moving BN", "none", [False]),
+        ("lp-ft", "moving BN", "none", [False, False]),
     ],
 )
-def test_uses_feature_cache(method: str, cache: bool, augmentation: str, expected: list[bool]) -> None:
-    spec = make_spec(method, 6, cacheFeatures=cache, augmentation=augmentation)
+def test_uses_feature_cache(method: str, cache: bool | str, augmentation: str, expected: list[bool]) -> None:
+    moving = {"freezeBatchNorm": False} if cache == "moving BN" else {}
+    spec = make_spec(method, 6, cacheFeatures=bool(cache), augmentation=augmentation, **moving)
     assert [uses_feature_cache(spec, stage) for stage in plan_stages(spec)] == expected

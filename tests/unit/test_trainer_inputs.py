@@ -350,6 +350,15 @@ def test_local_job_applies_overrides_and_absolute_paths(tmp_path: Path) -> None:
     assert job.spec.model.weights_uri == str(tmp_path / "runs/src/model.pt")
 
 
+@pytest.mark.parametrize("written", ["~/runs", "file://~/runs"])
+def test_local_job_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str) -> None:
+    """'~' was joined to the working directory first, and the run went to a folder named '~' there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    job = local_job(JOB.replace("OUT", written), "job.yaml", cwd=tmp_path / "work")
+    assert job.spec.output.uri == str(tmp_path / "home" / "runs")
+    assert job.spec.model.weights_uri == str(tmp_path / "work" / "runs/src/model.pt")  # relative: to the working folder
+
+
 def test_local_job_revalidates_the_overrides(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as raised:
         local_job(JOB.replace("OUT", "runs"), "job.yaml", workers=4, cwd=tmp_path)

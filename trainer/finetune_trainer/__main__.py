@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ray.init()
         result = driver.run(cfg)
-        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
+        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir, result.shipped_accuracy)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

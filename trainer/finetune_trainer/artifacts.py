@@ -299,6 +299,10 @@ def write_artifacts(
         kms_key = server_side_key(cfg)
         if not (staging / SIGNATURE_FILE).exists():
             storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
+        # An earlier launch's exports that this card does not list (output.exports changed since): old weights under
+        # a model file's name, which `finetune verify` calls unlisted and a signed-only consumer refuses.
+        for name in sorted(set(EXPORT_FILES.values()) - set(card.files)):
+            storage.remove(storage.join(run_dir, name))
         for name in _published(staging, card):
             storage.upload_file(staging / name, storage.join(run_dir, name), kms_key=kms_key)
     public = cfg.public_uri

@@ -55,6 +55,11 @@ class RunResult:
     epoch's unless its checkpoint was unusable and the last epoch's shipped instead; None if the card says not."""
 
     @property
+    def shipped_accuracy(self) -> tuple[float | None, int] | None:
+        """(validation accuracy, epoch) of the weights ``model.pt`` holds, as the card records them (for the gate)."""
+        return None if self.shipped is None else (self.shipped.val_accuracy, self.shipped.epoch)
+
+    @property
     def last_epoch(self) -> int:
         return self.epochs[-1].epoch if self.epochs else 0
 

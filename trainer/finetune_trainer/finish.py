@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def _ship_weights(
     cfg: TrainerConfig,
+    fingerprint: str,
     model: nn.Module,
     state: TrainState,
     sinks: ProgressSink | None,
@@ -55,7 +56,7 @@ def _ship_weights(
         return last  # the loop's model holds them already
     try:
         encrypted = keyring_for(cfg) is not None
-        weights = read_weights(cfg.run_dir, best, cfg.spec_fingerprint(), encrypted=encrypted, start=start)
+        weights = read_weights(cfg.run_dir, best, fingerprint, encrypted=encrypted, start=start)
     except CorruptCheckpoint as e:
         warning = f"{e}; model.pt holds the last epoch's weights (epoch {state.epoch}) instead of the best"
         log.warning("%s", warning)
@@ -70,6 +71,7 @@ def _ship_weights(
 def finish_run(
     cfg: TrainerConfig,
     *,
+    fingerprint: str | None = None,
     model: nn.Module,
     class_names: list[str],
     precision: Precision,
@@ -84,14 +86,16 @@ def finish_run(
 ) -> None:
     """Rank 0: load the shipped weights into ``model``, evaluate them on the whole validation set,
     write the artifacts and close the sinks. ``facts``: what the loop knows for the model card.
-    ``streamed``: the validation batches (batch size, tally) streamed by Ray Data, when they were listed for it."""
+    ``streamed``: the validation batches (batch size, tally) streamed by Ray Data, when they were listed for it.
+    ``fingerprint``: the checkpoints' (``worker_report.Worker.fingerprint``; default: ``cfg``'s)."""
     spec = cfg.spec
     total = spec.hyperparameters.epochs
     if sinks is not None:
         percent = 100.0 if state.epoch >= total else round(100 * state.epoch / total, 2)
         sinks.update(Progress(epoch=state.epoch, total_epochs=total, percent=percent, stage="evaluate", updated_at=utc_now()))
     facts = facts or RunFacts()
-    name, epoch = _ship_weights(cfg, model, state, sinks, facts.warnings, start)
+    fingerprint = fingerprint or cfg.spec_fingerprint()
+    name, epoch = _ship_weights(cfg, fingerprint, model, state, sinks, facts.warnings, start)
     # Eval mode: any batch size gives the same numbers (a spec not yet planned has none).
     per_batch = max(2, spec.hyperparameters.batch_size or 64)
     tally = Unreadable()

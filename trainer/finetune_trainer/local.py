@@ -63,7 +63,8 @@ def local_job(
             hint = " (pass --output DIR)" if section == "output" else ""
             raise TrainerError(f"spec.{section}.{field}: {value}: pvc:// volumes exist only in a cluster; use a local path{hint}")
         if uri_scheme(value) in (None, "file"):
-            spec[section][field] = str((base / resolve_uri(value)).expanduser().resolve())
+            # '~' expanded before the join: joined to the working directory first, it is a folder named '~'.
+            spec[section][field] = str((base / Path(resolve_uri(value)).expanduser()).resolve())
     result = validate_document(doc, source)
     if not result.ok or result.job is None:
         raise ManifestError(result.label, result.errors)
@@ -147,7 +148,7 @@ def _train(cfg: TrainerConfig, address: str | None) -> int:
         from finetune_trainer import driver
 
         result = driver.run(cfg, local=True)
-        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir)
+        check_accuracy_gate(cfg.spec, result.best_val_accuracy, result.best_epoch, result.run_dir, result.shipped_accuracy)
     except TrainerError as e:
         error = e
     finally:

@@ -55,7 +55,7 @@ from finetune_trainer.progress import build_sinks
 from finetune_trainer.protect import check_keys, keyring_for
 from finetune_trainer.rank_zero import from_rank_zero, torch_broadcast
 from finetune_trainer.ray_compat import quiet_train_reports, user_errors_in_one_line
-from finetune_trainer.recipe import batch_size, with_batch_plan
+from finetune_trainer.recipe import BatchPlan, batch_size, with_batch_plan
 from finetune_trainer.resume import resume_from
 from finetune_trainer.seeding import rank_seed, seed_everything, set_rng_state
 from finetune_trainer.stages import Stage, plan_stages, uses_feature_cache
@@ -121,6 +121,15 @@ def _user_error_line(exc: BaseException) -> str | None:
     return None if error is None else str(error)
 
 
+def _planned(cfg: TrainerConfig, train_images: int, world: int) -> tuple[str, TrainerConfig, BatchPlan]:
+    """(the checkpoints' fingerprint, ``cfg`` with its batch plan, the plan). The fingerprint is the spec's as written:
+    the planned batch size depends on the number of workers (rounded to a multiple of it), and a relaunch on another
+    number must resume (inexactly, with a warning), not be refused as another spec."""
+    fingerprint = cfg.spec_fingerprint()
+    planned, plan = with_batch_plan(cfg, train_images, world)
+    return fingerprint, planned, plan
+
+
 def _driver_says_it(cfg: TrainerConfig, *, quiet: bool) -> bool:
     """Whether a worker's user error can be left out of its log: ``finetune run`` (``quiet``) prints the run's error
     itself, but not where Ray Train retries (``runPolicy.maxWorkerFailures``): the driver sees the last attempt's
@@ -160,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             agree=lambda digest: once(lambda: digest),
             resuming=ray.train.get_checkpoint() is not None,
         )
-        cfg, plan = with_batch_plan(cfg, len(train), world)  # type: ignore[arg-type]
+        fingerprint, cfg, plan = _planned(cfg, len(train), world)  # type: ignore[arg-type]
         if plan.chosen is not None and rank == 0:
             print(f"recipe: {plan.chosen}", file=sys.stderr, flush=True)
         spec = cfg.spec.model
@@ -176,6 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         precision = build_precision(cfg.spec, device, model)
         worker = Worker(
             cfg=cfg,
+            fingerprint=fingerprint,
             rank=rank,
             world=world,
             device=device,
@@ -198,6 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             finish_run(
                 worker.cfg,
+                fingerprint=worker.fingerprint,
                 model=worker.model,
                 class_names=class_names,
                 precision=worker.precision,
@@ -232,9 +243,7 @@ def _resume(worker: Worker) -> tuple[TrainState, dict[str, Any] | None]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState(), None
-    resumed = resume_from(
-        checkpoint, worker.cfg.spec_fingerprint(), worker.cfg.run_dir, encrypted=keyring_for(worker.cfg) is not None
-    )
+    resumed = resume_from(checkpoint, worker.fingerprint, worker.cfg.run_dir, encrypted=keyring_for(worker.cfg) is not None)
     for warning in resumed.warnings:
         log.warning("%s", warning)
         worker.warnings.append(warning)

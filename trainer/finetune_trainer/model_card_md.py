@@ -113,10 +113,15 @@ def _limitations(card: ModelCard) -> list[str]:
         items.append(
             f"Evaluated on {ev.num_samples} validation images{smallest}: the numbers above carry that much sampling error."
         )
-        best = card.metrics.best.val_accuracy if card.metrics else None
+        # The gate judges what ships (``gate.check_accuracy_gate``): the best epoch's weights, or the last epoch's.
+        shipped = card.metrics.shipped if card.metrics else None
+        other = shipped is not None and card.metrics is not None and shipped.epoch != card.metrics.best.epoch
+        judged = shipped if other else (card.metrics.best if card.metrics else None)
+        best = judged.val_accuracy if judged is not None else None
+        what = "validation accuracy of the shipped model (not the best epoch's)" if other else "best validation accuracy"
         if ev.min_accuracy is not None and (best is None or best < ev.min_accuracy):
             items.append(
-                f"**Below the accuracy gate**: best validation accuracy {_num(best)} is below "
+                f"**Below the accuracy gate**: {what} {_num(best)} is below "
                 f"minAccuracy {ev.min_accuracy:g}; this model was not promoted."
             )
     items += [f"**Warning**: {md_text(w)}" for w in card.warnings]

@@ -111,8 +111,9 @@ def _open_image(path: str) -> Image.Image:
         raise ArtifactError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path}: is a directory, not an image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        # PIL raises UnidentifiedImageError for non-images and OSError/SyntaxError for truncated ones.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL raises UnidentifiedImageError for non-images, OSError/SyntaxError for truncated ones, and
+        # DecompressionBombError (an Exception, nothing more specific) past twice its MAX_IMAGE_PIXELS.
         raise ArtifactError(f"{path}: not a readable image ({exception_line(e)})") from None
 
 

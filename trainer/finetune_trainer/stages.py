@@ -41,5 +41,12 @@ def plan_stages(spec: FineTuneJobSpec) -> list[Stage]:
 
 
 def uses_feature_cache(spec: FineTuneJobSpec, stage: Stage) -> bool:
-    """A frozen backbone sees the same images every epoch only without random augmentation."""
-    return stage.name == "probe" and spec.strategy.cache_features and spec.dataset.augmentation == "none"
+    """A frozen backbone sees the same images every epoch only without random augmentation, and gives the same
+    features only with its BatchNorm frozen too (``freezeBatchNorm: false`` lets the statistics move in the probe, as
+    the uncached path does, so every epoch's features differ)."""
+    return (
+        stage.name == "probe"
+        and spec.strategy.cache_features
+        and spec.dataset.augmentation == "none"
+        and spec.strategy.freeze_batch_norm
+    )

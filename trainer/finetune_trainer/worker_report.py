@@ -39,6 +39,9 @@ class Worker:
     """What one worker holds for the whole run."""
 
     cfg: TrainerConfig
+    fingerprint: str
+    """The spec's fingerprint as written, before ``recipe.with_batch_plan`` chose a batch size: checkpoints carry it, so
+    that a relaunch on another number of workers (whose planned batch differs) resumes instead of being refused."""
     rank: int
     world: int
     device: torch.device
@@ -121,7 +124,7 @@ def report_epoch(
             scheduler=scheduler,
             scaler=worker.precision.scaler,
             state=state,
-            fingerprint=worker.cfg.spec_fingerprint(),
+            fingerprint=worker.fingerprint,
             rng=rng,
             keyring=keyring,
             name=name,
