@@ -51,6 +51,7 @@ from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
 from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timing
+from finetune_operator.metrics_server import TokenReviewer, kube_reviews, serve_once
 from finetune_operator.reconcile import EventSink, Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
 
@@ -139,11 +140,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
-    if metrics.serve(reconciler.settings.metrics_port):
-        log.info("serving Prometheus metrics on :%d/metrics", reconciler.settings.metrics_port)
+    port = reconciler.settings.metrics_port
+    if port and serve_once(port, metrics.REGISTRY, _metrics_review(reconciler.settings, memo)):
+        how = "HTTPS, to tokens the API server allows" if reconciler.settings.metrics_auth else "plain HTTP, to anyone"
+        log.info("serving Prometheus metrics on :%d/metrics (%s)", port, how)
     # Kopf refuses to start with admission handlers and no server: turned off, the webhook gets one that never listens.
     settings.admission.server = _webhook_server(reconciler, memo) if reconciler.settings.webhook_port else _listen_nowhere
     settings.admission.managed = None  # the chart or kustomize installs the configuration, with our choices
+
+
+def _metrics_review(operator: OperatorSettings, memo: kopf.Memo) -> Callable[[str], int] | None:
+    """Who may read /metrics (``metrics_server``): the API server's reviews of bearer tokens, on the operator's own
+    credentials (the memo's ``metrics_review`` in tests); None when FINETUNE_OPERATOR_METRICS_AUTH is off."""
+    if not operator.metrics_auth:
+        return None
+    review = memo.get("metrics_review")
+    return review if callable(review) else TokenReviewer(*kube_reviews(load_client()))
 
 
 async def _listen_nowhere(fn: Any) -> AsyncIterator[Any]:

@@ -4,8 +4,7 @@
 ``Counter.count_exceptions()``); ``record_phase`` and ``forget`` keep the per-phase gauge in step with what the
 handlers write; ``JOB_SERIES`` (``job_metrics.JobSeries``) holds the job-level series. Both are filled only by the
 handlers of the replica that leads, and ``step_down`` empties them when it stops leading, so that two replicas
-never export the same job twice. ``serve(port)`` starts the ``/metrics`` endpoint (prometheus_client's own HTTP
-thread) once; port 0 leaves it off.
+never export the same job twice. ``metrics_server.serve_once`` serves ``REGISTRY`` on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ REGISTRY.register(JOB_SERIES)
 
 _lock = threading.Lock()
 _phases: dict[str, str] = {}
-_served: list[int] = []
 _counting = [True]  # False between ``step_down`` and ``take_over``: a stopping Kopf's late handlers count nothing
 
 
@@ -120,16 +118,6 @@ def instrumented(name: str) -> Callable[[F], F]:
         return cast(F, handler)
 
     return wrap
-
-
-def serve(port: int) -> bool:
-    """Start the /metrics endpoint on ``port`` (once per process); False when off or already serving."""
-    with _lock:
-        if port == 0 or _served:
-            return False
-        prometheus_client.start_http_server(port, registry=REGISTRY)
-        _served.append(port)
-        return True
 
 
 def exposition() -> str:

@@ -135,6 +135,11 @@ class OperatorSettings(BaseSettings):
     metrics_port: Port = 8080
     """``FINETUNE_OPERATOR_METRICS_PORT``: port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
 
+    metrics_auth: Boolean = True
+    """``FINETUNE_OPERATOR_METRICS_AUTH``: serve ``/metrics`` over HTTPS to bearer tokens the API server authenticates
+    and allows to ``get`` the non-resource URL ``/metrics`` (``metrics_server``); false: plain HTTP to anyone who
+    reaches the port, for a cluster that puts its own authenticating proxy in front."""
+
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         BeforeValidator(upper),

@@ -1,7 +1,9 @@
 """The job-level series on the operator's /metrics, scraped over real HTTP while the operator runs against the emulator.
 
-The endpoint is prometheus_client's HTTP server on the operator's registry (``metrics.REGISTRY``), as ``metrics.serve``
-starts it in production; the text is parsed with prometheus_client's parser, as Prometheus reads it.
+The endpoint is prometheus_client's HTTP server on the operator's registry (``metrics.REGISTRY``), in plain HTTP as
+``metrics_server.serve`` starts it with FINETUNE_OPERATOR_METRICS_AUTH=false (its HTTPS and token reviews:
+tests/unit/test_metrics_server.py, test_operator.py); the text is parsed with prometheus_client's parser, as Prometheus
+reads it.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -300,8 +302,16 @@ def test_entrypoint_runs_with_kubeconfig_liveness_and_metrics(emu: KubeEmulator,
         health = wait_for(lambda: _get(f"http://127.0.0.1:{liveness_port}/healthz"), timeout=10)
         assert '"jobs"' in health
 
+        # /metrics is HTTPS to tokens the API server (here the emulator) authenticates and allows: not to anyone.
+        emu.add_token("scraper-token", "system:serviceaccount:monitoring:prometheus")
+        emu.allow("system:serviceaccount:monitoring:prometheus", "/metrics")
+        emu.add_token("tenant-token", "system:serviceaccount:team-a:default")
+        url = f"https://127.0.0.1:{metrics_port}/metrics"
+        assert wait_for(lambda: _status(url, None) == 401 or None, timeout=10)
+        assert _status(url, "tenant-token") == 403
+
         def scraped() -> str | None:
-            text = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+            text = _get(url, "scraper-token")
             # The RayJob's first event may report Provisioning before the create handler returns: wait for both.
             reconciled = 'finetune_operator_handler_duration_seconds_count{handler="reconcile"} 1.0'
             return text if text and 'finetune_operator_jobs{phase="Provisioning"} 1.0' in text and reconciled in text else None
@@ -314,12 +324,31 @@ def test_entrypoint_runs_with_kubeconfig_liveness_and_metrics(emu: KubeEmulator,
     assert proc.returncode in (0, -15), output
 
 
-def _get(url: str) -> str | None:
+def _get(url: str, token: str | None = None) -> str | None:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(_request(url, token), timeout=2, context=_NO_VERIFY) as response:
             return str(response.read().decode())
     except OSError:
         return None
+
+
+def _status(url: str, token: str | None) -> int | None:
+    try:
+        with urllib.request.urlopen(_request(url, token), timeout=2, context=_NO_VERIFY) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return None
+
+
+def _request(url: str, token: str | None) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+# The operator's /metrics certificate is its own (a ServiceMonitor skips verifying it): what is checked is the token.
+_NO_VERIFY = ssl.create_default_context()
+_NO_VERIFY.check_hostname, _NO_VERIFY.verify_mode = False, ssl.CERT_NONE
 
 
 def test_resync_timer_heals_missed_events(emu: KubeEmulator) -> None:

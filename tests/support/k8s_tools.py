@@ -134,6 +134,14 @@ KOPF_CLUSTER_RULES: Permissions = {
 }
 
 
+# What /metrics asks of the API server about each scraper's token (finetune_operator.metrics_server; cluster-scoped in
+# every mode). tests/integration/test_metrics_auth.py derives it from the requests the reviews make.
+METRICS_AUTH_RULES: Permissions = {
+    ("authentication.k8s.io", "tokenreviews"): frozenset({"create"}),
+    ("authorization.k8s.io", "subjectaccessreviews"): frozenset({"create"}),
+}
+
+
 # What leader election calls on its Lease, in the operator's own namespace (tests/unit/test_rbac.py derives it).
 LEADER_ELECTION_RULES: Permissions = {("coordination.k8s.io", "leases"): frozenset({"get", "create", "update"})}
 

@@ -1102,6 +1102,11 @@ class EmulatorHandler(kmock.KubernetesEmulator):
     _counts_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     # By bearer token too: tests give each operator replica a token of its own to tell their requests apart.
     _token_counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
+    # TokenReview and SubjectAccessReview (what an authenticating server such as the operator's /metrics asks):
+    # bearer token -> the user it is (``username``, ``uid``, ``groups``), and the (user, non-resource path, verb)
+    # allowed. A review of anything else says no, as the API server does for an unknown token.
+    tokens: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    allowed: set[tuple[str, str, str]] = attrs.field(factory=set)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -1195,9 +1200,24 @@ class EmulatorHandler(kmock.KubernetesEmulator):
             status, payload = e.code, e.status()
         return _kmock_rendering.Response(status=status, payload=payload)
 
+    def _review(self, plural: str, body: Any) -> tuple[int, Any]:
+        spec = (body or {}).get("spec") or {}
+        if plural == "tokenreviews":
+            user = self.tokens.get(str(spec.get("token", "")))
+            status: dict[str, Any] = {"authenticated": True, "user": user} if user else {"authenticated": False}
+            return 201, {**body, "status": status}
+        attributes = spec.get("nonResourceAttributes") or {}
+        allowed = (spec.get("user"), attributes.get("path"), attributes.get("verb")) in self.allowed
+        return 201, {**body, "status": {"allowed": allowed}}
+
     def _dispatch(self, request: kmock.Request) -> tuple[int, Any]:
         resource = request.resource
         assert resource is not None and resource.plural is not None
+        reviews = {("authentication.k8s.io", "tokenreviews"), ("authorization.k8s.io", "subjectaccessreviews")}
+        if (resource.group, resource.plural) in reviews and request.method is not None:
+            if request.method.value.upper() != "POST":
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            return self._review(resource.plural, request.data)
         spec = self.store.lookup(resource.group or "", resource.version or "", resource.plural)
         if spec is None or (request.namespace is not None and not spec.namespaced):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -1620,6 +1640,14 @@ class KubeEmulator:
         return list(self.kmock.errors) if self.kmock.active else []
 
     # ---- clients
+
+    def add_token(self, token: str, username: str, groups: Iterable[str] = ()) -> None:
+        """A bearer token the emulator's TokenReview says is ``username`` (in ``groups``)."""
+        self.kmock.tokens[token] = {"username": username, "uid": f"uid-{username}", "groups": list(groups)}
+
+    def allow(self, username: str, path: str, verb: str = "get") -> None:
+        """Let the emulator's SubjectAccessReview allow ``username`` to ``verb`` the non-resource URL ``path``."""
+        self.kmock.allowed.add((username, path, verb))
 
     def kubeconfig(self, *, namespace: str = "default") -> Body:
         return {

@@ -54,6 +54,8 @@ OWN_CERTIFICATE = WEBHOOK_KINDS | {"ClusterRole": 1, "ClusterRoleBinding": 1}
 CERT_MANAGER = WEBHOOK_KINDS | {"Certificate": 1}
 # Two replicas under leader election (the default): the Lease's Role and RoleBinding, and a PodDisruptionBudget.
 HA = {"Role": 1, "RoleBinding": 1, "PodDisruptionBudget": 1}
+# /metrics behind token reviews (metrics.auth, the default): the reviews' ClusterRole and binding, and metrics-reader.
+METRICS_AUTH = {"ClusterRole": 2, "ClusterRoleBinding": 1}
 
 
 def _plus(*parts: dict[str, int]) -> dict[str, int]:
@@ -61,16 +63,17 @@ def _plus(*parts: dict[str, int]) -> dict[str, int]:
 
 
 EXPECTED_KINDS = {
-    "default": _plus(BASE_KINDS, OWN_CERTIFICATE, HA),
-    "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE, HA),
-    "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA),
-    "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA),
-    "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE, HA),
-    "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE, HA),
-    "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}, HA),
-    "webhook-certmanager-namespaced": _plus(NAMESPACED_KINDS, CERT_MANAGER, HA),
-    "webhook-off": _plus(BASE_KINDS, HA),
-    "single-replica": _plus(BASE_KINDS, OWN_CERTIFICATE),
+    "default": _plus(BASE_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
+    "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
+    "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA, METRICS_AUTH),
+    "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA, METRICS_AUTH),
+    "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE, HA, METRICS_AUTH),
+    "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
+    "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}, HA, METRICS_AUTH),
+    "webhook-certmanager-namespaced": _plus(NAMESPACED_KINDS, CERT_MANAGER, HA, METRICS_AUTH),
+    "webhook-off": _plus(BASE_KINDS, HA, METRICS_AUTH),
+    "single-replica": _plus(BASE_KINDS, OWN_CERTIFICATE, METRICS_AUTH),
+    "metrics-plain": _plus(BASE_KINDS, OWN_CERTIFICATE, HA),
 }
 
 
@@ -122,8 +125,9 @@ def without_platform(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those), the Lease's
-    RBAC (test_leader_election_rbac_is_the_lease_alone) and PLATFORM_COMPONENTS."""
-    aside = ("webhook", "leader-election", *PLATFORM_COMPONENTS)
+    RBAC (test_leader_election_rbac_is_the_lease_alone), /metrics' (test_metrics_rbac_is_the_token_reviews_alone) and
+    PLATFORM_COMPONENTS."""
+    aside = ("webhook", "leader-election", "metrics-auth", *PLATFORM_COMPONENTS)
     return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in aside]
 
 
@@ -267,6 +271,7 @@ def test_env_mirrors_values(renders: dict[str, list[dict[str, Any]]], variant: s
         "FINETUNE_OPERATOR_HEAD_CPU": str(settings["headCpu"]),
         "FINETUNE_OPERATOR_HEAD_MEMORY": settings["headMemory"],
         "FINETUNE_OPERATOR_METRICS_PORT": str(values["metrics"]["port"]),
+        "FINETUNE_OPERATOR_METRICS_AUTH": str(values["metrics"]["auth"]).lower(),
         "FINETUNE_OPERATOR_LOG_LEVEL": settings["logLevel"],
         # trainerPods, empty fields left out (priorityClassName has a variable of its own).
         "FINETUNE_OPERATOR_POD_DEFAULTS": json.dumps(
@@ -414,6 +419,33 @@ def test_leader_election_rbac_is_the_lease_alone(renders: dict[str, list[dict[st
     assert {tuple(rule.get("resourceNames", ())) for rule in role["rules"] if "create" not in rule["verbs"]} == {(FULLNAME,)}
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_metrics_rbac_is_the_token_reviews_alone(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    """/metrics asks the API server about each scraper's token (k8s_tools.METRICS_AUTH_RULES, derived from the calls in
+    tests/integration/test_metrics_auth.py), and offers a ClusterRole to bind a Prometheus to; a ServiceMonitor then
+    scrapes over HTTPS with its token. metrics.auth false: none of it, and plain HTTP."""
+    objects = [o for o in renders[variant] if _component(o) == "metrics-auth"]
+    monitors = [o for o in renders[variant] if o["kind"] == "ServiceMonitor"]
+    if not values_of(variant)["metrics"]["auth"]:
+        assert objects == []
+        assert all("scheme" not in endpoint for m in monitors for endpoint in m["spec"]["endpoints"])
+        return
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    assert permission_table(roles[f"{FULLNAME}-metrics-auth"]) == k8s_tools.METRICS_AUTH_RULES
+    assert roles[f"{FULLNAME}-metrics-reader"]["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": f"{FULLNAME}-metrics-auth",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+        assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 def test_replicas_without_leader_election_fail_to_render() -> None:

@@ -57,7 +57,7 @@ def _component(obj: dict[str, Any]) -> str | None:
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those), the Lease's
     RBAC (test_leader_election_matches_the_chart) and PLATFORM_COMPONENTS."""
-    aside = ("webhook", "leader-election", *PLATFORM_COMPONENTS)
+    aside = ("webhook", "leader-election", "metrics-auth", *PLATFORM_COMPONENTS)
     return [obj for obj in objects if _component(obj) not in aside]
 
 
@@ -173,6 +173,26 @@ def test_leader_election_matches_the_chart(renders: dict[str, list[dict[str, Any
     assert role["metadata"]["namespace"] == one(elected, "RoleBinding")["metadata"]["namespace"] == OPERATOR_NAMESPACE
     assert role["rules"] == chart_role["rules"] and permission_table(role) == k8s_tools.LEADER_ELECTION_RULES
     assert one(elected, "RoleBinding")["subjects"] == one(chart, "RoleBinding")["subjects"]
+
+
+@pytest.mark.parametrize("target", NAMES)
+def test_metrics_rbac_matches_the_chart(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
+    """The /metrics token reviews' ClusterRole and binding, and metrics-reader: as the chart's defaults render them."""
+    rendered = k8s_tools.helm_template(CHART, release="finetune-operator", namespace=OPERATOR_NAMESPACE)
+
+    def essentials(objects: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+        return sorted(
+            (o["kind"], o["metadata"]["name"], o.get("rules") or (o.get("roleRef"), o.get("subjects")))
+            for o in objects
+            if _component(o) == "metrics-auth"
+        )
+
+    ours = essentials(renders[target])
+    assert ours == essentials(rendered) and len(ours) == 3
+    role = next(
+        o for o in renders[target] if o["metadata"]["name"] == "finetune-operator-metrics-auth" and o["kind"] == "ClusterRole"
+    )
+    assert permission_table(role) == k8s_tools.METRICS_AUTH_RULES
 
 
 def test_namespaced_overlay_role_matches_the_chart_role() -> None:

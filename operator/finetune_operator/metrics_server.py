@@ -1,0 +1,211 @@
+"""The operator's ``/metrics`` endpoint: ``serve(port, auth=...)``.
+
+With ``auth`` (``FINETUNE_OPERATOR_METRICS_AUTH``, on by default) it is what controller-runtime's secure metrics
+are: HTTPS on a certificate the operator makes itself (``certificates.issue``; a scraper skips its verification or
+trusts nothing: the CA never leaves the pod), and a request must carry a bearer token that the API server
+authenticates (a TokenReview) and authorises to ``get`` the non-resource URL ``/metrics`` (a SubjectAccessReview),
+as the chart's ``metrics-reader`` ClusterRole grants it. Without a token: 401; a token not allowed: 403; the API
+server unreachable: 503. Why: the per-job series name every tenant's jobs (namespace, name, phase), and a plain
+HTTP port is open to every pod of the cluster. Answers are kept ``CACHE_SECONDS`` per token (a Prometheus scrapes
+every few seconds; each review is an API request), at most ``CACHE_SIZE`` tokens.
+
+Without ``auth``: plain HTTP, for a cluster that puts its own authenticating proxy or mesh in front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from finetune_operator import certificates
+
+__all__ = ["CACHE_SECONDS", "CACHE_SIZE", "METRICS_PATH", "TokenReviewer", "kube_reviews", "metrics_app", "serve", "serve_once"]
+
+log = logging.getLogger(__name__)
+
+METRICS_PATH: Final = "/metrics"
+CACHE_SECONDS: Final = 60.0
+CACHE_SIZE: Final = 256
+RENEWAL_CHECK_SECONDS: Final = 3600.0
+CONNECTION_SECONDS: Final = 30.0
+"""A connection's handshake and request must arrive within this (a scrape takes milliseconds)."""
+UNAVAILABLE: Final = 503
+
+Authenticate = Callable[[str], Mapping[str, Any] | None]
+"""A bearer token → the user the API server says it is (TokenReview's ``status.user``), None when it is no one."""
+Authorize = Callable[[Mapping[str, Any]], bool]
+"""A user → whether it may ``get`` ``/metrics`` (SubjectAccessReview's ``status.allowed``)."""
+
+
+class TokenReviewer:
+    """A bearer token → the HTTP status its request gets (200, 401, 403; 503 when the API server did not answer, which
+    is not cached)."""
+
+    def __init__(self, authenticate: Authenticate, authorize: Authorize, clock: Callable[[], float] = time.monotonic) -> None:
+        self.authenticate, self.authorize, self.clock = authenticate, authorize, clock
+        self._answers: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, token: str) -> int:
+        key = hashlib.sha256(token.encode()).hexdigest()  # the token itself is never kept
+        now = self.clock()
+        with self._lock:
+            cached = self._answers.get(key)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        try:
+            user = self.authenticate(token)
+            status = 401 if user is None else (200 if self.authorize(user) else 403)
+        except Exception as e:  # the API server unreachable, throttling, our RBAC missing: say so, keep nothing
+            log.warning("metrics: cannot review a scraper's token: %s: %s", type(e).__name__, str(e).splitlines()[0][:200])
+            return UNAVAILABLE
+        with self._lock:
+            self._answers[key] = (status, now + CACHE_SECONDS)
+            self._answers.move_to_end(key)
+            while len(self._answers) > CACHE_SIZE:
+                self._answers.popitem(last=False)
+        return status
+
+
+def kube_reviews(api_client: Any) -> tuple[Authenticate, Authorize]:
+    """The TokenReview and SubjectAccessReview calls on ``api_client`` (the operator's ClusterRole creates both)."""
+    import kubernetes
+
+    authn = kubernetes.client.AuthenticationV1Api(api_client)
+    authz = kubernetes.client.AuthorizationV1Api(api_client)
+
+    client = kubernetes.client
+
+    def authenticate(token: str) -> Mapping[str, Any] | None:
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+        status = api_client.sanitize_for_serialization(authn.create_token_review(review)).get("status") or {}
+        return (status.get("user") or {}) if status.get("authenticated") else None
+
+    def authorize(user: Mapping[str, Any]) -> bool:
+        spec = client.V1SubjectAccessReviewSpec(
+            user=user.get("username", ""),
+            uid=user.get("uid"),
+            groups=user.get("groups"),
+            extra=user.get("extra"),
+            non_resource_attributes=client.V1NonResourceAttributes(path=METRICS_PATH, verb="get"),
+        )
+        review = client.V1SubjectAccessReview(spec=spec)
+        status = api_client.sanitize_for_serialization(authz.create_subject_access_review(review)).get("status") or {}
+        return bool(status.get("allowed"))
+
+    return authenticate, authorize
+
+
+_REASONS: Final = {401: "Unauthorized", 403: "Forbidden", UNAVAILABLE: "Service Unavailable"}
+_SAY: Final = {
+    401: b"a bearer token is required (a ServiceAccount allowed to get the non-resource URL /metrics)\n",
+    403: b"this token may not get the non-resource URL /metrics (bind the metrics-reader ClusterRole)\n",
+    UNAVAILABLE: b"the API server could not review the token; try again\n",
+}
+
+
+def metrics_app(registry: CollectorRegistry, review: Callable[[str], int] | None) -> Callable[..., Iterable[bytes]]:
+    """prometheus_client's WSGI app behind ``review`` (None: no authentication)."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if review is not None:
+            scheme, _, token = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+            status = review(token.strip()) if scheme.lower() == "bearer" and token.strip() else 401
+            if status != 200:
+                headers = [("Content-Type", "text/plain; charset=utf-8")]
+                if status == 401:
+                    headers.append(("WWW-Authenticate", 'Bearer realm="finetune-operator metrics"'))
+                start_response(f"{status} {_REASONS[status]}", headers)
+                return [_SAY[status]]
+        return exposition(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    """One request, in its own thread: the TLS handshake happens here, under ``timeout``, not in the accepting thread,
+    where one connection that never says hello would stop every scrape."""
+
+    timeout = CONNECTION_SECONDS
+
+    def setup(self) -> None:
+        super().setup()  # applies ``timeout`` to the connection
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape is noise; refusals are the scraper's to report
+
+
+class _Server(ThreadingWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: a connection from %s failed", client_address, exc_info=True)  # a failed handshake, a reset
+
+
+_served: list[int] = []
+_serving = threading.Lock()
+
+
+def serve_once(port: int, registry: CollectorRegistry, review: Callable[[str], int] | None) -> bool:
+    """``serve`` on ``port`` once per process (Kopf runs the start-up handlers of each of its registries); False when
+    ``port`` is 0 (off) or it is served already."""
+    with _serving:
+        if port == 0 or _served:
+            return False
+        serve(port, registry, review)
+        _served.append(port)
+        return True
+
+
+def serve(
+    port: int,
+    registry: CollectorRegistry,
+    review: Callable[[str], int] | None,
+    *,
+    host: str = "",
+    tls_name: str = "localhost",
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> ThreadingWSGIServer:
+    """Start serving ``registry`` on ``host:port`` in a daemon thread; HTTPS behind ``review`` when it is given, on a
+    certificate for ``tls_name`` renewed before it expires. Returns the server (``server_port``; ``shutdown()``)."""
+    server = make_server(host, port, metrics_app(registry, review), _Server, handler_class=_Quiet)
+    if review is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        folder = Path(tempfile.mkdtemp(prefix="finetune-metrics-tls-"))  # 0700: the key never leaves the pod
+        issued = _load(context, folder, tls_name, clock())
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+
+        def renew() -> None:
+            nonlocal issued
+            while True:
+                time.sleep(RENEWAL_CHECK_SECONDS)
+                if issued.renewal_due(clock()):
+                    issued = _load(context, folder, tls_name, clock())  # new handshakes get the new certificate
+
+        threading.Thread(target=renew, name="metrics-tls-renewal", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+def _load(context: ssl.SSLContext, folder: Path, name: str, now: datetime) -> certificates.Issued:
+    issued = certificates.issue(name, now)
+    chain = folder / "tls.pem"
+    chain.touch(mode=0o600)
+    chain.write_bytes(issued.chain)
+    context.load_cert_chain(chain)
+    return issued
