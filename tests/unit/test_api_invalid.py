@@ -537,6 +537,25 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "spec.runtime.envFrom[0].secret_ref",
         ["'secret_ref'", "write it as 'secretRef'"],
     ),
+    # Inside the Kubernetes objects a job passes through as written: the RayJob's schema would prune these silently.
+    (
+        "snake-case-in-a-volume-source",
+        {"spec.runtime.pod": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claim_name": "runs"}}]}},
+        "spec.runtime.pod.volumes[0].persistentVolumeClaim.claim_name",
+        ["'claim_name'", "drop without a word", "write it as 'claimName'"],
+    ),
+    (
+        "snake-case-in-an-affinity",
+        {"spec.runtime.pod": {"affinity": {"nodeAffinity": {"required_during_scheduling_ignored_during_execution": {}}}}},
+        "spec.runtime.pod.affinity.nodeAffinity.required_during_scheduling_ignored_during_execution",
+        ["write it as 'requiredDuringSchedulingIgnoredDuringExecution'"],
+    ),
+    (
+        "typo-deep-in-a-projected-volume",
+        {"spec.runtime.pod": {"volumes": [{"name": "p", "projected": {"sources": [{"secrets": {"name": "ca"}}]}}]}},
+        "spec.runtime.pod.volumes[0].projected.sources[0].secrets",
+        ["'secrets'", "accepted fields: clusterTrustBundle, configMap, downwardAPI"],
+    ),
     ("spec-not-object", {"spec": "train please"}, "spec", ["'train please'"]),
     ("metadata-bad-name", {"metadata.name": "My_Job"}, "metadata.name", ["'My_Job'", "DNS-1123"]),
     (

@@ -105,6 +105,15 @@ def test_worker_scheduling_of_the_job_adds_to_the_pod_overrides() -> None:
 
 
 # --------------------------------------------------------------------------------------- merge rule
+def _nodes(pool: str) -> dict[str, Any]:
+    term = {"matchExpressions": [{"key": "pool", "operator": "In", "values": [pool]}]}
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+
+
+PLATFORM_NODES, JOB_NODES = _nodes("batch"), _nodes("gpu")
+SPREAD = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {"topologyKey": "zone"}}]}
+
+
 def test_platform_defaults_merge_with_the_job() -> None:
     settings = platform(
         imagePullSecrets=[{"name": "regcred"}],
@@ -112,7 +121,7 @@ def test_platform_defaults_merge_with_the_job() -> None:
         annotations={"example.com/owner": "platform"},
         volumes=[{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
         volumeMounts=[{"name": "corp-ca", "mountPath": "/etc/ssl/corp"}],
-        affinity={"nodeAffinity": {"a": 1}, "podAntiAffinity": {"b": 2}},
+        affinity={"nodeAffinity": PLATFORM_NODES, "podAntiAffinity": SPREAD},
         tolerations=[{"key": "dedicated", "operator": "Exists"}],
         securityContext={"readOnlyRootFilesystem": True},
     )
@@ -122,7 +131,7 @@ def test_platform_defaults_merge_with_the_job() -> None:
         "volumes": [{"name": "scratch", "emptyDir": {}}],
         # A job may mount the platform's volume elsewhere, and its own.
         "volumeMounts": [{"name": "corp-ca", "mountPath": "/certs"}, {"name": "scratch", "mountPath": "/tmp"}],
-        "affinity": {"nodeAffinity": {"c": 3}},
+        "affinity": {"nodeAffinity": JOB_NODES},
         "tolerations": [{"key": "dedicated", "operator": "Exists"}, {"key": "spot", "operator": "Exists"}],
     }
     for role, template in pod_templates(rayjob_of(job, settings=settings, runtime={"priorityClassName": "high"})).items():
@@ -132,7 +141,7 @@ def test_platform_defaults_merge_with_the_job() -> None:
         assert template["metadata"]["annotations"] == {"example.com/owner": "platform"}
         assert [v["name"] for v in pod["volumes"]][-2:] == ["corp-ca", "scratch"], role
         assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]][-3:] == ["/etc/ssl/corp", "/certs", "/tmp"]
-        assert pod["affinity"] == {"nodeAffinity": {"c": 3}, "podAntiAffinity": {"b": 2}}, role  # per kind, job wins
+        assert pod["affinity"] == {"nodeAffinity": JOB_NODES, "podAntiAffinity": SPREAD}, role  # per kind, job wins
         assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}, {"key": "spot", "operator": "Exists"}]
         assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True, role
         assert pod["priorityClassName"] == "high", role

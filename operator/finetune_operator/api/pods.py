@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, Problems, fail, quote
+from finetune_operator.api.kube_fields import unknown_fields
 from finetune_operator.api.scheduling import LabelKey, LabelValue, Toleration
 
 # The restricted profile's volume types (Pod Security Standards, "Volume Types"); hostPath and the node's other
@@ -60,6 +61,18 @@ def _preserved(schema: dict[str, Any]) -> None:
 
 
 KubeObject = Annotated[dict[str, Any], Field(json_schema_extra=_preserved)]
+
+
+def declared_only(model: WireModel, kind: str) -> None:
+    """Every key of ``model``'s pass-through objects is one core/v1 declares (``kube_fields``): one it does not would be
+    pruned from the RayJob by the API server, silently."""
+    problems = Problems()
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is not None and name != "name":
+            for path, message in unknown_fields(kind, field.alias or name, value):
+                problems.add(path, message)
+    problems.raise_any(model)
 
 
 def reserved(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -124,6 +137,7 @@ class Volume(WireModel):
         given = [name for name in type(self).model_fields if name != "name" and getattr(self, name) is not None]
         if len(given) != 1:
             fail(None, f"{quote(self.name)} gives {len(given)} sources; give exactly one of {', '.join(ALLOWED_VOLUME_SOURCES)}")
+        declared_only(self, "volume")
         return self
 
     @field_validator("name")
@@ -169,6 +183,11 @@ class Affinity(WireModel):
 
     pod_anti_affinity: KubeObject | None = None
     """Pods to keep away from (core/v1 PodAntiAffinity)."""
+
+    @model_validator(mode="after")
+    def _declared_only(self) -> Affinity:
+        declared_only(self, "affinity")
+        return self
 
 
 class Profile(WireModel):
