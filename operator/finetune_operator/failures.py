@@ -55,9 +55,11 @@ class Conflict(Exception):
     """A child's name is taken by an object this job must not adopt; ``reason`` is the condition's reason
     (``NameCollision``: another job's child; ``ChildConflict``: an object no FineTuneJob owns)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, kind: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.kind = kind
+        """The kind of the child whose name is taken (``RayJob``, ``ConfigMap``, ...), when known."""
 
 
 def api_failure_verdict(exc: ApiFailure) -> tuple[str, str, bool] | None:

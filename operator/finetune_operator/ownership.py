@@ -114,5 +114,8 @@ def check_owner(existing: Mapping[str, Any], admitted: AdmittedJob) -> None:
         raise Conflict(
             "NameCollision",
             f"{what} belongs to {KIND} {owner.get('name')!r}: both job names map to this child's name; rename this job",
+            kind=existing.get("kind"),
         )
-    raise Conflict("ChildConflict", f"{what} exists and no {KIND} controls it; delete it or rename this job")
+    raise Conflict(
+        "ChildConflict", f"{what} exists and no {KIND} controls it; delete it or rename this job", kind=existing.get("kind")
+    )

@@ -42,7 +42,14 @@ from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api
 from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import blocked_status, failed_status, map_status, phase_event, provisioning_status
+from finetune_operator.status import (
+    blocked_status,
+    failed_status,
+    lost_rayjob_status,
+    map_status,
+    phase_event,
+    provisioning_status,
+)
 from finetune_operator.stuck import PodsAndEvents, StuckReader
 
 log = logging.getLogger(__name__)
@@ -320,6 +327,10 @@ class Reconciler:
             return self.ensure_children(admitted, fresh=fresh, parent=parent)
         except Conflict as exc:
             if parent.rayjob_name:
+                if exc.kind == RAYJOB_KIND:  # its RayJob is gone and another object has its name: say so
+                    self._write_status(
+                        parent, lost_rayjob_status(exc.reason, str(exc), parent.generation, self.clock(), parent.status)
+                    )
                 self._emit(parent.body, "Warning", exc.reason, str(exc))
                 raise Retry(str(exc), OWNED_RETRY_SECONDS) from exc
             self._give_up(parent, exc.reason, str(exc))

@@ -329,6 +329,21 @@ def blocked_status(
     return {k: v for k, v in patch.items() if cur.get(k) != v}
 
 
+def lost_rayjob_status(
+    reason: str, message: str, generation: int | None, now: datetime, current: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A started job whose RayJob is gone and whose RayJob name another object holds now: its phase stays (a running
+    job is never failed over a child, and it comes back once the name is free), but ``ClusterReady`` and ``Training``
+    say it has no Ray cluster, and why, instead of mirroring a RayJob that is no longer there."""
+    cur = current or {}
+    stamp = rfc3339(now)
+    conditions: list[dict[str, Any]] = [dict(c) for c in cur.get("conditions") or []]
+    for type_ in ("ClusterReady", "Training"):
+        conditions = set_condition(conditions, type_, False, reason, message, stamp, generation)
+    patch: dict[str, Any] = {"message": message, "conditions": conditions}
+    return {k: v for k, v in patch.items() if cur.get(k) != v}
+
+
 def provisioning_status(
     rayjob_name: str, generation: int | None, now: datetime, current: Mapping[str, Any] | None
 ) -> dict[str, Any]:

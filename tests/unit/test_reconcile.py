@@ -825,3 +825,29 @@ def test_a_job_never_suspends_a_rayjob_it_does_not_control(kube: FakeKube, event
     rec.suspend_changed(evil, wanted)
     assert rayjob_of(kube, "victim")["spec"]["suspend"] is (not wanted)
     assert kube.count("patch") == 0 and events.reasons == []
+
+
+def test_a_rayjob_replaced_by_a_foreign_one_is_said_in_the_conditions_not_mirrored(
+    kube: FakeKube, events: Events, rec: Reconciler
+) -> None:
+    """The review's case: the job's RayJob deleted and another (no owner) created under its name. Each resync met a
+    ChildConflict and only emitted an Event: the status went on saying Running / Training=True for a Ray cluster that
+    was gone. Now the phase stays (never Failed over a child) and ClusterReady and Training say why."""
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    kube.patch_status("RayJob", "team", name, RUNNING)
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert status(kube)["phase"] == "Running"
+    gone = kube.objects.pop(("RayJob", "team", name))
+    kube.put({"apiVersion": gone["apiVersion"], "kind": "RayJob", "metadata": {"name": name, "namespace": "team"}, "spec": {}})
+    events.clear()
+    for _ in range(2):
+        with pytest.raises(Retry):
+            rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    st = status(kube)
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]}
+    assert st["phase"] == "Running"
+    assert conditions["ClusterReady"] == conditions["Training"] == ("False", "ChildConflict")
+    assert st["message"].startswith(f"RayJob team/{name} exists and no FineTuneJob controls it")
+    assert events.reasons == ["ChildConflict", "ChildConflict"]
+    assert kube.get("RayJob", "team", name)["spec"] == {}  # type: ignore[index]  # never adopted nor changed
