@@ -556,6 +556,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "spec.runtime.pod.volumes[0].projected.sources[0].secrets",
         ["'secrets'", "accepted fields: clusterTrustBundle, configMap, downwardAPI"],
     ),
+    (
+        "another-jobs-service-account",
+        {"spec.runtime.serviceAccountName": "payroll-model-trainer"},
+        "spec.runtime.serviceAccountName",
+        ["'payroll-model-trainer'", "the ServiceAccount the operator makes for one job", "<job>-trainer"],
+    ),
     ("spec-not-object", {"spec": "train please"}, "spec", ["'train please'"]),
     ("metadata-bad-name", {"metadata.name": "My_Job"}, "metadata.name", ["'My_Job'", "DNS-1123"]),
     (

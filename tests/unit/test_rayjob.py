@@ -421,6 +421,15 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
         assert template["spec"]["serviceAccountName"] == "narrow-trainer"
 
 
+@pytest.mark.parametrize("name", ["narrow", "a" * 253])
+def test_the_operators_own_accounts_end_as_admission_reserves(name: str) -> None:
+    """Admission refuses a serviceAccountName of this form (another job's own account: its token patches that job's
+    status); the operator's own names, long ones cut and hashed included, must keep having it."""
+    from finetune_operator.api.runtime import JOB_ACCOUNT_SUFFIX
+
+    assert naming.service_account_name(name).endswith(JOB_ACCOUNT_SUFFIX)
+
+
 def test_given_service_account_is_bound_not_created() -> None:
     children = children_of(EDGE_CASES["service-account"], SETTINGS)
     assert children.service_account is None

@@ -4,7 +4,7 @@ them beside the rest of the spec. Field docstrings are user-facing (the CRD sche
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Final
 
 from pydantic import Field, field_validator, model_validator
 
@@ -21,6 +21,9 @@ from finetune_operator.api.fields import (
     quote,
 )
 from finetune_operator.api.pods import PodOverrides
+
+JOB_ACCOUNT_SUFFIX: Final = "-trainer"
+"""How the ServiceAccount the operator makes for each job ends (``naming.service_account_name``)."""
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 
@@ -89,7 +92,8 @@ class RuntimeSpec(WireModel):
     """Secrets or ConfigMaps whose keys become environment variables (e.g. AWS_ACCESS_KEY_ID for s3://)."""
 
     service_account_name: Annotated[str | None, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] = None
-    """Service account of the Ray pods; the operator's default when absent. The trainer reports progress with it."""
+    """Service account of the Ray pods; the operator's default when absent. The trainer reports progress with it. Not
+    a name ending in `-trainer`: those are the accounts the operator makes for one job each."""
 
     queue_name: Annotated[str | None, Field(max_length=63, pattern=DNS1123_LABEL)] = None
     """Kueue LocalQueue: sets the `kueue.x-k8s.io/queue-name` label on the RayJob."""
@@ -101,6 +105,20 @@ class RuntimeSpec(WireModel):
     pod: PodOverrides = Field(default_factory=PodOverrides, exclude_if=lambda p: p == PodOverrides())
     """Image pull secrets, labels, annotations, volumes, affinity, scheduling and a stricter securityContext for every Ray
     pod (head, workers, KubeRay's submitter), merged with the platform's defaults (docs/platform.md, "Pod overrides")."""
+
+    @field_validator("service_account_name")
+    @classmethod
+    def _not_a_jobs_own(cls, value: str | None) -> str | None:
+        # Another job's own account (`<job>-trainer`): this job's pods would carry its token and could patch that
+        # job's status, and the operator would bind this job's Role to it too.
+        if value is not None and value.endswith(JOB_ACCOUNT_SUFFIX):
+            fail(
+                None,
+                f"{quote(value)} has the form of the ServiceAccount the operator makes for one job "
+                f"(`<job>{JOB_ACCOUNT_SUFFIX}`), whose token lets a pod report that job's status; leave it out for this "
+                "job's own, or name an account of yours",
+            )
+        return value
 
     @field_validator("env")
     @classmethod
