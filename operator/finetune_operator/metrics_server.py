@@ -14,8 +14,10 @@ Without ``auth``: plain HTTP, for a cluster that puts its own authenticating pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -41,7 +43,11 @@ CACHE_SECONDS: Final = 60.0
 CACHE_SIZE: Final = 256
 RENEWAL_CHECK_SECONDS: Final = 3600.0
 CONNECTION_SECONDS: Final = 30.0
-"""A connection's handshake and request must arrive within this (a scrape takes milliseconds)."""
+"""A connection is closed this long after it was accepted, whatever it is doing (a scrape takes milliseconds)."""
+MAX_CONNECTIONS: Final = 16
+"""Connections served at once; one more is closed at once. A Prometheus or two scrape a few at a time."""
+REVIEW_TIMEOUT: Final = (5, 10)
+"""(connect, read) seconds of a review's request to the API server: a stalled API server is a 503, not a hung scrape."""
 UNAVAILABLE: Final = 503
 
 Authenticate = Callable[[str], Mapping[str, Any] | None]
@@ -52,31 +58,37 @@ Authorize = Callable[[Mapping[str, Any]], bool]
 
 class TokenReviewer:
     """A bearer token → the HTTP status its request gets (200, 401, 403; 503 when the API server did not answer, which
-    is not cached)."""
+    is not cached). Allowed tokens and refused ones are kept apart, each least recently used first out: a flood of
+    made-up tokens (any pod can send them) cannot push a scraper's answer out and make every scrape a review again."""
 
     def __init__(self, authenticate: Authenticate, authorize: Authorize, clock: Callable[[], float] = time.monotonic) -> None:
         self.authenticate, self.authorize, self.clock = authenticate, authorize, clock
-        self._answers: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._allowed: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._refused: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __call__(self, token: str) -> int:
         key = hashlib.sha256(token.encode()).hexdigest()  # the token itself is never kept
         now = self.clock()
         with self._lock:
-            cached = self._answers.get(key)
-            if cached is not None and cached[1] > now:
-                return cached[0]
+            for answers in (self._allowed, self._refused):
+                cached = answers.get(key)
+                if cached is not None and cached[1] > now:
+                    answers.move_to_end(key)
+                    return cached[0]
         try:
             user = self.authenticate(token)
             status = 401 if user is None else (200 if self.authorize(user) else 403)
         except Exception as e:  # the API server unreachable, throttling, our RBAC missing: say so, keep nothing
-            log.warning("metrics: cannot review a scraper's token: %s: %s", type(e).__name__, str(e).splitlines()[0][:200])
+            detail = (str(e).splitlines() or [""])[0][:200]
+            log.warning("metrics: cannot review a scraper's token: %s: %s", type(e).__name__, detail)
             return UNAVAILABLE
         with self._lock:
-            self._answers[key] = (status, now + CACHE_SECONDS)
-            self._answers.move_to_end(key)
-            while len(self._answers) > CACHE_SIZE:
-                self._answers.popitem(last=False)
+            answers = self._allowed if status == 200 else self._refused
+            answers[key] = (status, now + CACHE_SECONDS)
+            answers.move_to_end(key)
+            while len(answers) > CACHE_SIZE:
+                answers.popitem(last=False)
         return status
 
 
@@ -91,7 +103,8 @@ def kube_reviews(api_client: Any) -> tuple[Authenticate, Authorize]:
 
     def authenticate(token: str) -> Mapping[str, Any] | None:
         review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
-        status = api_client.sanitize_for_serialization(authn.create_token_review(review)).get("status") or {}
+        reviewed = authn.create_token_review(review, _request_timeout=REVIEW_TIMEOUT)
+        status = api_client.sanitize_for_serialization(reviewed).get("status") or {}
         return (status.get("user") or {}) if status.get("authenticated") else None
 
     def authorize(user: Mapping[str, Any]) -> bool:
@@ -103,7 +116,8 @@ def kube_reviews(api_client: Any) -> tuple[Authenticate, Authorize]:
             non_resource_attributes=client.V1NonResourceAttributes(path=METRICS_PATH, verb="get"),
         )
         review = client.V1SubjectAccessReview(spec=spec)
-        status = api_client.sanitize_for_serialization(authz.create_subject_access_review(review)).get("status") or {}
+        reviewed = authz.create_subject_access_review(review, _request_timeout=REVIEW_TIMEOUT)
+        status = api_client.sanitize_for_serialization(reviewed).get("status") or {}
         return bool(status.get("allowed"))
 
     return authenticate, authorize
@@ -152,8 +166,41 @@ class _Quiet(WSGIRequestHandler):
 
 
 class _Server(ThreadingWSGIServer):
+    """At most ``MAX_CONNECTIONS`` at once, each closed ``CONNECTION_SECONDS`` after it was accepted: a socket timeout
+    alone bounds each read, and a client sending a byte at a time, or many clients saying nothing, would hold threads
+    in the operator's process for ever."""
+
+    request_queue_size = 128  # the listen backlog: socketserver's 5 drops a burst's connections into SYN retries
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            request.close()  # no TLS goodbye: the handshake never happened
+            return
+        deadline = threading.Timer(CONNECTION_SECONDS, _close, args=(request,))
+        deadline.daemon = True
+        deadline.start()
+
+        def served() -> None:
+            try:
+                self.process_request_thread(request, client_address)
+            finally:
+                deadline.cancel()
+                self.slots.release()
+
+        threading.Thread(target=served, name="metrics-request", daemon=True).start()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics: a connection from %s failed", client_address, exc_info=True)  # a failed handshake, a reset
+
+
+def _close(connection: Any) -> None:
+    """End ``connection`` from another thread: its reads and writes fail at once, and its thread finishes."""
+    with contextlib.suppress(OSError):  # closed already
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 _served: list[int] = []

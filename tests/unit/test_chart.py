@@ -549,3 +549,14 @@ def test_readme_parser_reads_helm_docs_comments() -> None:
     text = "# -- first\n# continued\na:\n  # -- nested\n  b: 1\n  c: 2\n\n# plain comment\nd: []\n"
     parsed = [(e.path, e.description) for e in readme.parse_values(text)]
     assert parsed == [("a", "first continued"), ("a.b", "nested"), ("a.c", None), ("d", None)]
+
+
+def test_metrics_stay_authenticated_when_an_upgrade_reuses_values_without_the_switch() -> None:
+    """`helm upgrade --reuse-values` from a release before metrics.auth carries no such value: the token reviews must
+    stay on (the env and their RBAC), not turn off because the value is missing."""
+    objects = k8s_tools.helm_template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=["metrics.auth=null"])
+    assert k8s_tools.container_env(_container(objects))["FINETUNE_OPERATOR_METRICS_AUTH"] == "true"
+    assert {o["metadata"]["name"] for o in objects if _component(o) == "metrics-auth" and o["kind"] == "ClusterRole"} == {
+        f"{FULLNAME}-metrics-auth",
+        f"{FULLNAME}-metrics-reader",
+    }

@@ -63,7 +63,7 @@ def test_answers_expire_and_the_cache_is_bounded() -> None:
     assert reviews.calls.count("TokenReview") == 2
     for i in range(CACHE_SIZE + 10):  # a flood of made-up tokens cannot grow it without end
         reviewer(f"forged-{i}")
-    assert len(reviewer._answers) == CACHE_SIZE
+    assert len(reviewer._refused) == CACHE_SIZE
 
 
 def test_an_api_server_that_does_not_answer_is_503_and_not_remembered() -> None:
@@ -142,3 +142,98 @@ def test_a_connection_that_never_says_hello_stops_no_scrape(https: str) -> None:
     with socket.create_connection((host, int(port)), timeout=5):
         got, body, _ = _get(f"https://{https}/metrics", "prometheus-token")
     assert got == 200 and "finetune_test_total 1.0" in body
+
+
+# ------------------------------------------------------------------- the review's attacks on the first version
+def test_an_error_with_no_message_is_a_503_not_a_500() -> None:
+    def authenticate(token: str) -> Mapping[str, Any] | None:
+        raise ConnectionResetError()  # str() is '': splitlines()[0] raised IndexError out of the reviewer
+
+    assert TokenReviewer(authenticate, lambda user: True)("token") == 503
+
+
+def test_a_flood_of_made_up_tokens_cannot_push_the_scrapers_answer_out() -> None:
+    reviews = Reviews()
+    reviewer = TokenReviewer(reviews.authenticate, reviews.authorize)
+    reviewer("prometheus-token")
+    for i in range(CACHE_SIZE * 2):
+        reviewer(f"forged-{i}")
+    before = len(reviews.calls)
+    assert reviewer("prometheus-token") == 200
+    assert len(reviews.calls) == before  # still cached: refused tokens are kept apart
+
+
+def _tls(port: int) -> ssl.SSLSocket:
+    import socket
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+
+def test_a_client_dripping_its_request_is_cut_off_at_the_deadline(https: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket timeout bounds each read only: a byte every half second held a thread for ever."""
+    import time
+
+    from finetune_operator import metrics_server
+
+    monkeypatch.setattr(metrics_server, "CONNECTION_SECONDS", 1.0)
+    started = time.monotonic()
+    answer = _drip(_tls(int(https.split(":")[1])), until=started + 4)
+    assert not answer.startswith(b"HTTP/1.0 200"), answer[:40]
+    assert time.monotonic() - started < 3.5
+
+
+def _drip(connection: ssl.SSLSocket, until: float) -> bytes:
+    """A request sent a header byte at a time until ``until``, then finished; the answer (b"": cut off)."""
+    import time
+
+    try:
+        connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        while time.monotonic() < until:
+            connection.sendall(b"a")
+            time.sleep(0.25)
+        connection.sendall(b"\r\nAuthorization: Bearer prometheus-token\r\n\r\n")
+        return connection.recv(4096)
+    except OSError:
+        return b""
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads(https: str) -> None:
+    import socket
+    import threading
+    import time
+
+    from finetune_operator.metrics_server import MAX_CONNECTIONS
+
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", int(https.split(":")[1]))) for _ in range(200)]
+    try:
+        time.sleep(1)
+        assert threading.active_count() - before <= 2 * MAX_CONNECTIONS  # a thread and a deadline each, at most
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_a_stalled_api_server_is_a_503_within_the_review_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    import kubernetes
+
+    from finetune_operator import metrics_server
+
+    monkeypatch.setattr(metrics_server, "REVIEW_TIMEOUT", (1, 1))
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    try:
+        configuration = kubernetes.client.Configuration(host=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        configuration.retries = 0
+        reviewer = TokenReviewer(*metrics_server.kube_reviews(kubernetes.client.ApiClient(configuration)))
+        answers: list[int] = []
+        scrape = threading.Thread(target=lambda: answers.append(reviewer("token")), daemon=True)
+        scrape.start()
+        scrape.join(8)
+        assert answers == [503]
+    finally:
+        listener.close()

@@ -143,3 +143,12 @@ name the API server calls and the certificate names, and the directory where a c
 {{- define "finetune-operator.webhookCertDir" -}}
 {{- if and .Values.webhook.enabled .Values.webhook.certManager.enabled }}/etc/finetune-operator/webhook{{ end }}
 {{- end }}
+
+{{/*
+Whether /metrics reviews tokens: "true" unless metrics.auth is false. Not `default true`, which turns false into true,
+and not a bare `.Values.metrics.auth`: an upgrade with --reuse-values from a release before it has no such value, and
+secure must stay the default then.
+*/}}
+{{- define "finetune-operator.metricsAuth" -}}
+{{- ne (toString .Values.metrics.auth) "false" -}}
+{{- end }}
