@@ -260,9 +260,7 @@ class Reconciler:
         operator admitted the job. Its status is none (the trainer's Role may patch it: ``Validated=True`` or a
         ``rayJobName`` there could have been written by a stale pod of a deleted namesake)."""
         rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name or naming.rayjob_name(parent.name))
-        if rayjob is None or (controller_of(rayjob) or {}).get("uid") != parent.uid:
-            return None
-        return rayjob if (rayjob["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID) == parent.uid else None
+        return rayjob if _controlled(rayjob, parent.uid) else None
 
     def ensure_children(
         self, admitted: AdmittedJob, *, fresh: bool = True, parent: ParentJob | None = None
@@ -272,13 +270,18 @@ class Reconciler:
         ``fresh``: a job seen for the first time, so create first (a 409 reads the object back); otherwise
         (restart, resync) read first and create only what is missing, so a healthy job costs GETs, not POSTs.
         An existing child must be controlled by this job's uid (``ownership.check_owner``), or nothing goes on.
-        A job that already has a RayJob keeps the name its status records (an older operator may have named it
-        differently), and gets no NetworkPolicy it was not started with: its running pods may not carry the
-        labels the policy admits.
+        A job whose status records another RayJob name keeps it while a RayJob of that name is this job's (an older
+        operator may have named it differently); any other name there is ignored, since the job's trainer may write
+        the status: a RayJob is only ever created under the job's own name (a made-up name once created an extra Ray
+        cluster at every resync, and another job's future name stole it). A started job gets no NetworkPolicy it
+        was not started with: its running pods may not carry the labels the policy admits.
         """
         children = build_children(admitted, self.settings)
-        if parent is not None and parent.rayjob_name:
-            children.rayjob["metadata"]["name"] = parent.rayjob_name
+        recorded = parent.rayjob_name if parent is not None else None
+        if recorded and recorded != children.rayjob["metadata"]["name"]:
+            legacy = self.kube.read(RAYJOB_KIND, admitted.metadata.namespace or "", recorded)
+            if _controlled(legacy, admitted.metadata.uid):
+                children.rayjob["metadata"]["name"] = recorded
         running = (
             None if fresh else self.kube.read(RAYJOB_KIND, admitted.metadata.namespace or "", children.rayjob["metadata"]["name"])
         )
@@ -369,7 +372,8 @@ class Reconciler:
         """
         for attempt in range(CONFLICT_ATTEMPTS):
             patch: dict[str, Any] = {}
-            if record and not parent.rayjob_name:
+            # Recorded on the first status, and put right when the status names another (``ensure_children``).
+            if (record and not parent.rayjob_name) or parent.rayjob_name not in (None, "", rayjob["metadata"]["name"]):
                 patch = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
             mirrored = map_status(
                 rayjob.get("status"),
@@ -414,3 +418,11 @@ class Reconciler:
 
 
 __all__ = ["CONFLICT_ATTEMPTS", "EventSink", "KubeApi", "Reconciler", "log_event"]
+
+
+def _controlled(rayjob: Mapping[str, Any] | None, uid: str | None) -> bool:
+    """Whether ``rayjob`` is the job ``uid``'s: controlled by it and labelled with its uid (a renamed copy keeps both,
+    which is why its name is checked by whoever asks)."""
+    if rayjob is None or uid is None or (controller_of(rayjob) or {}).get("uid") != uid:
+        return False
+    return (rayjob["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID) == uid

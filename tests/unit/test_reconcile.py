@@ -851,3 +851,31 @@ def test_a_rayjob_replaced_by_a_foreign_one_is_said_in_the_conditions_not_mirror
     assert st["message"].startswith(f"RayJob team/{name} exists and no FineTuneJob controls it")
     assert events.reasons == ["ChildConflict", "ChildConflict"]
     assert kube.get("RayJob", "team", name)["spec"] == {}  # type: ignore[index]  # never adopted nor changed
+
+
+@pytest.mark.parametrize("written", ["another-cluster", naming.rayjob_name("victim")])
+def test_a_rayjob_name_the_trainer_wrote_is_never_created(kube: FakeKube, rec: Reconciler, written: str) -> None:
+    """The review's attacks through a job's own status (its trainer's Role may patch it): a made-up rayJobName made
+    each resync create one more Ray cluster of the job's size, and a job's future RayJob name, taken first, failed that
+    job as a name collision. Only a RayJob the job controls is followed under a recorded name; the status is put right."""
+    rec.reconcile(created(kube, job("evil", uid="uid-e")))
+    evil = kube.get("FineTuneJob", "team", "evil")
+    assert evil is not None
+    kube.patch_status("FineTuneJob", "team", "evil", {"rayJobName": written})
+    rec.resync(kube.get("FineTuneJob", "team", "evil"))  # type: ignore[arg-type]
+    assert sorted(k[2] for k in kube.objects if k[0] == "RayJob") == [naming.rayjob_name("evil")]
+    assert status(kube, "evil")["rayJobName"] == naming.rayjob_name("evil")
+    rec.reconcile(created(kube, job("victim", uid="uid-v")))
+    assert status(kube, "victim")["phase"] == "Provisioning"
+    assert controller_of(rayjob_of(kube, "victim"))["uid"] == "uid-v"  # type: ignore[index]
+
+
+def test_a_rayjob_name_an_older_operator_recorded_is_followed_while_it_is_the_jobs(kube: FakeKube, rec: Reconciler) -> None:
+    rec.reconcile(created(kube, job()))
+    ours = kube.objects.pop(("RayJob", "team", naming.rayjob_name("job")))
+    legacy = {**ours, "metadata": {**ours["metadata"], "name": "job-legacy-name"}}
+    kube.put(legacy)
+    kube.patch_status("FineTuneJob", "team", "job", {"rayJobName": "job-legacy-name"})
+    rec.resync(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
+    assert sorted(k[2] for k in kube.objects if k[0] == "RayJob") == ["job-legacy-name"]  # not a second cluster
+    assert status(kube)["rayJobName"] == "job-legacy-name"
