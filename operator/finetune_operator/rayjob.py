@@ -60,7 +60,8 @@ from finetune_operator.settings import OperatorSettings
 
 WORKER_GROUP: Final = "workers"
 DATA_GROUP: Final = "data"
-TRAINER_VERBS: Final = ("get", "patch")
+TRAINER_VERBS: Final = ("patch",)
+"""What the trainer's reporter calls on its job's status (``status_reporter``: a merge patch, never a read)."""
 
 
 @dataclass(frozen=True)

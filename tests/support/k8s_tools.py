@@ -107,7 +107,7 @@ Permissions = dict[tuple[str, str], frozenset[str]]
 # What the operator does in every namespace it watches (docs/platform.md explains each line).
 OPERATOR_RULES: Permissions = {
     ("finetune.dev", "finetunejobs"): frozenset({"get", "list", "watch", "patch"}),
-    ("finetune.dev", "finetunejobs/status"): frozenset({"get", "patch"}),
+    ("finetune.dev", "finetunejobs/status"): frozenset({"patch"}),
     # blockOwnerDeletion on children, under the OwnerReferencesPermissionEnforcement admission plugin.
     ("finetune.dev", "finetunejobs/finalizers"): frozenset({"update"}),
     # Children: created once, read back on a conflict and at every resync, never changed except the RayJob's suspend

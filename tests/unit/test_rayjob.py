@@ -407,7 +407,7 @@ def test_role_is_exactly_get_and_patch_on_this_jobs_status() -> None:
             "apiGroups": ["finetune.dev"],
             "resources": ["finetunejobs/status"],
             "resourceNames": ["narrow"],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         }
     ]
     assert children.role_binding["roleRef"] == {

@@ -49,8 +49,8 @@ KOPF: Permissions = {
     ("", "events"): frozenset({"create"}),
     # blockOwnerDeletion on children: OwnerReferencesPermissionEnforcement asks for update on the owner's finalizers.
     (versions.GROUP, f"{versions.PLURAL}/finalizers"): frozenset({"update"}),
-    # RBAC's escalation rule: the operator must hold what it grants each trainer's Role.
-    (versions.GROUP, f"{versions.PLURAL}/status"): frozenset({"get", "patch"}),
+    # RBAC's escalation rule: the operator must hold what it grants each trainer's Role (and patches status itself).
+    (versions.GROUP, f"{versions.PLURAL}/status"): frozenset({"patch"}),
 }
 
 

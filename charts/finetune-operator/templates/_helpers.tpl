@@ -74,11 +74,11 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
-# Status subresource: the operator writes phase/conditions. It must also HOLD get+patch here because it grants
-# exactly that to each job's trainer Role, and RBAC forbids granting what one does not hold (escalation rule).
+# Status subresource: the operator writes phase/conditions, and grants patch to each job's trainer Role, which RBAC
+# allows only to who holds it (escalation rule).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # Children carry ownerReferences with blockOwnerDeletion: true; clusters running the
 # OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) only allow that to whoever may update the
 # owner's finalizers. Adds no power: `patch` on finetunejobs already reaches metadata.finalizers.
