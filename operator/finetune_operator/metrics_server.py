@@ -242,7 +242,10 @@ def serve(
             while True:
                 time.sleep(RENEWAL_CHECK_SECONDS)
                 if issued.renewal_due(clock()):
-                    issued = _load(context, folder, tls_name, clock())  # new handshakes get the new certificate
+                    try:
+                        issued = _load(context, folder, tls_name, clock())  # new handshakes get the new certificate
+                    except Exception as e:  # a full disk: try again next hour, the current one has a month left
+                        log.warning("metrics: the certificate was not renewed: %s: %s", type(e).__name__, e)
 
         threading.Thread(target=renew, name="metrics-tls-renewal", daemon=True).start()
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
