@@ -189,6 +189,34 @@ def test_every_validation_image_is_in_exactly_one_ranks_shard(tmp_path: Path, mo
     assert sorted(seen) == list(range(11))
 
 
+def test_precise_batch_norm_streams_its_own_batches_alone_and_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It forwarded the first batches of a second stream of the whole epoch, dropped after a few: Ray Data planned every
+    read task of it and decoded ahead for nothing, and the images it read counted twice against the unreadable limit.
+    Now a stream of those rows alone, the same images (seeded by epoch and position) as the epoch's first batches."""
+    images = StreamedImages([(f"/x/{i}.png", i % 3) for i in range(40)], lambda x: x)
+    asked: list[list[int]] = []
+
+    def fake_stream(rows: EpochRows, decoder: Decoder, per_batch: int, drop_last: bool) -> Any:
+        asked.append([int(p) for p in rows.positions])
+        for start in range(0, len(rows.positions), per_batch):
+            keys = np.asarray(rows.positions[start : start + per_batch])
+            bad = np.asarray(["/x/bad.png" if k == keys[0] else "" for k in keys], dtype=object)  # one each
+            yield {"image": np.full((len(keys), 3, 2, 2), decoder.epoch, np.uint8), "label": keys % 3, "bad": bad}
+
+    monkeypatch.setattr("finetune_trainer.streaming._stream", fake_stream)
+    source = StreamSource(images, images, seed=5, rank=1, world=2, per_worker=4)
+    source.set_epoch(3)
+    first = source.first_batches(images=10, most=50)
+    assert len(first) == 3  # 10 images in batches of 4
+    got = [labels.tolist() for _, labels in first]
+    assert asked == [epoch_indices(40, 2, 1, seed=5, epoch=3)[:12]]  # those rows and no others
+    assert (source.unreadable.seen, source.unreadable.bad) == (0, 0)
+    epoch = [labels.tolist() for _, labels in source.train]
+    assert got == epoch[:3]
+    assert source.unreadable.seen == 20  # the epoch's own images, counted once
+    assert len(source.first_batches(images=10, most=2)) == 2
+
+
 # ---------------------------------------------------------------------------------------- corrupt files
 def _batch(tmp_path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     paths = []

@@ -27,6 +27,7 @@ __all__ = [
     "batch_norm_collapse",
     "batch_norm_layers",
     "precise_batch_norm",
+    "precise_bn_share",
     "recompute_batch_norm",
     "sync_batch_norm",
 ]
@@ -107,7 +108,7 @@ def recompute_batch_norm(model: nn.Module, batches: Sized, device: torch.device,
     set_train_mode(model, frozen_bn=frozen_bn)
     layers = [m for m in batch_norm_layers(model) if m.training]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    share = math.ceil(PRECISE_BN_IMAGES / world)
+    share = precise_bn_share(world)
     used = precise_batch_norm(model, cast(Iterable[Any], batches), device, min(PRECISE_BN_BATCHES, len(batches)), share)
     if used and world > 1:
         for m in layers:
@@ -116,6 +117,11 @@ def recompute_batch_norm(model: nn.Module, batches: Sized, device: torch.device,
                 dist.all_reduce(buffer)
                 buffer /= world
     return used
+
+
+def precise_bn_share(world: int) -> int:
+    """Images of ``PRECISE_BN_IMAGES`` each of ``world`` workers recomputes the statistics over."""
+    return math.ceil(PRECISE_BN_IMAGES / world)
 
 
 def sync_batch_norm(model: nn.Module, enabled: bool, workers: int) -> nn.Module:

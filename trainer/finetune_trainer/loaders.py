@@ -49,6 +49,11 @@ class Shards:
         """Nothing to check: unreadable files were skipped when the folder was scanned (``image_folder``)."""
         return None
 
+    def first_batches(self, images: int, most: int) -> Any:
+        """This epoch's training batches, of which precise BatchNorm takes the first (a DataLoader stops its workers
+        when the iteration is dropped)."""
+        return self.train
+
 
 class Source(Protocol):
     """What the loop trains and evaluates on: ``Shards`` (map-style) or ``streaming.StreamSource``. ``train`` has a
@@ -64,6 +69,11 @@ class Source(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def end_epoch(self, device: torch.device) -> str | None: ...
+
+    def first_batches(self, images: int, most: int) -> Any:
+        """This epoch's first training batches, enough for ``images`` images in at most ``most`` batches, as an
+        iterable with a length: what precise BatchNorm forwards (``batchnorm.recompute_batch_norm``)."""
+        ...
 
 
 def workers() -> tuple[int, int]:

@@ -36,7 +36,13 @@ from finetune_operator.api.timestamps import utc_now
 from finetune_operator.api.v1alpha1 import Progress
 from finetune_trainer import storage
 from finetune_trainer.artifacts import RunFacts
-from finetune_trainer.batchnorm import batch_norm_collapse, recompute_batch_norm, sync_batch_norm
+from finetune_trainer.batchnorm import (
+    PRECISE_BN_BATCHES,
+    batch_norm_collapse,
+    precise_bn_share,
+    recompute_batch_norm,
+    sync_batch_norm,
+)
 from finetune_trainer.checkpoint import TrainState, restore_model, restore_training
 from finetune_trainer.data import build_datasets
 from finetune_trainer.engine import all_reduce, build_precision, evaluate, train_one_epoch
@@ -371,7 +377,8 @@ def _run_stage(
         train_seconds = time.perf_counter() - started
         loss_sum, seen_all = all_reduce([loss_sum, float(seen)], worker.device)
         if spec.strategy.precise_batch_norm:
-            recompute_batch_norm(evaluated, shards.train, worker.device, spec.strategy.freeze_batch_norm)
+            first = shards.first_batches(precise_bn_share(worker.world), PRECISE_BN_BATCHES)
+            recompute_batch_norm(evaluated, first, worker.device, spec.strategy.freeze_batch_norm)
         stats = evaluate(evaluated, shards.val, worker.criterion, worker.precision, len(worker.class_names))
         _warn_once(worker, shards.end_epoch(worker.device))
         warning = batch_norm_collapse(loss_sum / max(seen_all, 1), stats.accuracy, len(worker.class_names), evaluated)

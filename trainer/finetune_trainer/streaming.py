@@ -335,6 +335,20 @@ class StreamSource:
         positions = epoch_indices(len(self.train_images) * self.passes, self.world, self.rank, self.seed, self.epoch)
         return self._batches(self.train_images, positions, self.epoch, self.per_worker, self.drop_last)
 
+    def first_batches(self, images: int, most: int) -> _Batches:
+        """This epoch's first training batches, enough for ``images`` in at most ``most`` (precise BatchNorm's), as a
+        stream of those rows alone: the same images, augmented alike, as the epoch's own first batches. Not a second
+        stream of the whole epoch dropped after a few batches: Ray Data planned every read task of it and decoded
+        blocks ahead for nothing, and the images it read were counted again against the unreadable limit."""
+        steps = min(len(self.train), most, math.ceil(images / self.per_worker))
+
+        def make() -> Iterator[tuple[Tensor, Tensor]]:
+            positions = epoch_indices(len(self.train_images) * self.passes, self.world, self.rank, self.seed, self.epoch)
+            rows = positions[: steps * self.per_worker]
+            return self._batches(self.train_images, rows, self.epoch, self.per_worker, False, Unreadable())
+
+        return _Batches(steps, make)
+
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         positions = list(range(self.rank, len(self.val_images), self.world))
         return self._batches(self.val_images, positions, None, 2 * self.per_worker, False)
