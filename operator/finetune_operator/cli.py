@@ -191,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # every verb: the cluster ones say more themselves (cli_cluster._run)
+        print("error: interrupted", file=sys.stderr)
+        return cli_cluster.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import yaml
 
+from finetune_operator.api.job_status import Phase
+
 if TYPE_CHECKING:
     from finetune_operator.client import FineTuneJobClient
 
@@ -28,8 +30,10 @@ EXIT_USAGE: Final = 2
 EXIT_TIMEOUT: Final = 3
 EXIT_UNREACHABLE: Final = 4
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+PHASES: Final = tuple(phase.value for phase in Phase)
 _DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNIT: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION: Final = 365 * 86400.0
 EXIT_CODES: Final = (
     "exit codes: 0 done (with --wait: the job Succeeded), 1 the job Failed, 2 usage error or invalid job, "
     "3 timeout, 4 job not found, API server unreachable or access denied, 130 interrupted (Ctrl-C)"
@@ -38,10 +42,13 @@ EXIT_CODES: Final = (
 
 def duration(text: str) -> float:
     """Seconds of ``90``, ``30s``, ``10m``, ``6h``, ``1d`` (argparse type: a bad value is a one-line usage error)."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.match(text.strip()[:64])
     if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use seconds or a number with s, m, h or d, e.g. 30m")
-    return float(match[1]) * _UNIT[match[2] or "s"]
+        raise argparse.ArgumentTypeError(f"{text[:64]!r} is not a duration; use seconds or a number with s, m, h or d, e.g. 30m")
+    seconds = float(match[1]) * _UNIT[match[2] or "s"]
+    if seconds > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"{text[:64]!r} is longer than a year; give at most 365d")
+    return seconds
 
 
 def _err(message: str) -> None:
@@ -325,7 +332,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("wait", help="wait until a job ends (exit 0 Succeeded, 1 Failed, 3 timeout)", epilog=EXIT_CODES)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--for", dest="phases", action="append", metavar="PHASE", help="phase to wait for (repeatable)")
+    p.add_argument(
+        "--for",
+        dest="phases",
+        action="append",
+        metavar="PHASE",
+        choices=PHASES,
+        help=f"phase to wait for (repeatable): {', '.join(PHASES)}",
+    )
     p.add_argument("--timeout", type=duration, default=86400.0, help=timeout_help)
     _common(p)
     p.set_defaults(func=_run(cmd_wait))

@@ -21,6 +21,7 @@ from typing import Any, Final
 import kubernetes.client
 import kubernetes.config
 import urllib3
+import yaml
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -82,9 +83,26 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         contexts, current = config.list_kube_config_contexts(config_file=path)
     except (config.ConfigException, OSError) as exc:
         raise ClientError(f"no Kubernetes credentials: not in a pod, and the kubeconfig cannot be used: {exc}") from None
+    except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        # A file that is not a kubeconfig at all (a string, a list, broken YAML, base64 that is not): the library
+        # trips over it with whatever its code meets first.
+        where = path or "~/.kube/config"
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise ClientError(
+            f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
+        ) from None
     chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
     namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
     return kubernetes.client.ApiClient(configuration=configuration), str(namespace)
+
+
+def _own_cluster(name: str, status: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(RayJob name, Ray cluster name) whose pods hold job ``name``'s output: the RayJob the operator makes under the
+    job's own name, never one its status names (the job's trainer may write the status, and a name written there
+    showed another job's pods), and a cluster only when KubeRay named it after that RayJob."""
+    rayjob = naming.rayjob_name(name)
+    cluster = status.get("rayClusterName")
+    return rayjob, cluster if isinstance(cluster, str) and cluster.startswith(f"{rayjob}-") else None
 
 
 def _api_detail(exc: ApiException) -> tuple[str, list[str]]:
@@ -96,7 +114,10 @@ def _api_detail(exc: ApiException) -> tuple[str, list[str]]:
     if not isinstance(body, dict):
         body = {}
     message = str(body.get("message") or exc.reason or f"HTTP {exc.status}")
-    causes = (body.get("details") or {}).get("causes") or []
+    details = body.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    # Whatever a proxy or a webhook put there: only causes that are objects are read.
+    causes = [c for c in causes if isinstance(c, dict)] if isinstance(causes, list) else []
     lines = [f"{c.get('field')}: {c.get('message')}" if c.get("field") else str(c.get("message")) for c in causes]
     return message, lines or [message]
 
@@ -327,18 +348,14 @@ class FineTuneJobClient:
     def log_source(self, name: str, namespace: str | None = None) -> LogSource | None:
         """The pod holding the trainer's output now (KubeRay's submitter, else the head), None when it is gone."""
         ns = self._ns(namespace)
-        status = self.get_object(name, ns).get("status") or {}
-        rayjob = str(status.get("rayJobName") or naming.rayjob_name(name))
-        return log_source(self.core, ns, rayjob, status.get("rayClusterName"))
+        return log_source(self.core, ns, *_own_cluster(name, self.get_object(name, ns).get("status") or {}))
 
     def logs(self, name: str, follow: bool = False, *, namespace: str | None = None) -> Iterator[str]:
         """The trainer's output, line by line; ``follow``: until it ends. LogsUnavailable (saying where the results
         are instead) when no pod holds it: not started yet, or deleted by KubeRay after the job."""
         ns = self._ns(namespace)
         obj = self.get_object(name, ns)
-        status = obj.get("status") or {}
-        rayjob = str(status.get("rayJobName") or naming.rayjob_name(name))
-        source = log_source(self.core, ns, rayjob, status.get("rayClusterName"))
+        source = log_source(self.core, ns, *_own_cluster(name, obj.get("status") or {}))
         if source is None:
             raise LogsUnavailable(f"{KIND} {ns}/{name}: {logs_gone_reason(obj)}")
         return log_lines(self.core, source, follow=follow)

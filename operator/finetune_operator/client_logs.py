@@ -94,6 +94,10 @@ def log_source(core: kubernetes.client.CoreV1Api, namespace: str, rayjob: str, c
 def log_lines(core: kubernetes.client.CoreV1Api, source: LogSource, *, follow: bool = False) -> Iterator[str]:
     """The source's log, line by line (without newlines); with ``follow`` until the container ends."""
     kwargs: dict[str, Any] = {"follow": follow, "_preload_content": False}
+    if not follow:
+        # A log read at once must come within the timeout. A followed one may be quiet for a whole epoch (an hour on
+        # ImageNet), and the client takes no connect-only timeout: it is left without one, as kubectl's is.
+        kwargs["_request_timeout"] = (5.0, 60.0)
     if source.container:
         kwargs["container"] = source.container
     try:
@@ -116,6 +120,10 @@ def log_lines(core: kubernetes.client.CoreV1Api, source: LogSource, *, follow: b
         pending += decoder.decode(b"", final=True)
         if pending:
             yield pending
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # cut mid-stream, or silent past the read timeout
+        if pending:
+            yield pending
+        raise ApiError(f"read log of pod {source.namespace}/{source.pod}: the stream broke: {exc}", None) from None
     finally:
         response.release_conn()
 

@@ -245,3 +245,20 @@ def test_ctrl_c_in_logs_follow_exits_130_with_one_line(kube: KubeEmulator) -> No
     reading = lambda: kube.request_counts("pods", subresource="log")["get"] >= 1  # noqa: E731
     done = interrupted(kube, ["logs", "chatty", "-f"], reading)
     assert (done.returncode, done.stderr) == (130, "error: interrupted; logs stopped (the job itself goes on)\n")
+
+
+def test_logs_never_show_another_jobs_pods(kube: KubeEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """The review's case: status.rayJobName (the job's trainer may write its status) named another job's RayJob, and
+    `finetune logs` printed that job's output. The client reads the pods of the job's own RayJob only."""
+    running_with_submitter(kube, "victim")
+    kube.set_pod_log("default", f"{naming.rayjob_name('victim')}-p", "victim's own output\n")
+    kube.create(job("mine"))
+    kube.patch_status("finetunejobs", "default", "mine", {"phase": "Running", "rayJobName": naming.rayjob_name("victim")})
+    main(["logs", "mine"])
+    assert "victim's own output" not in capsys.readouterr().out
+
+
+def test_wait_for_a_phase_that_does_not_exist_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["wait", "w", "--for", "Sucseeded", "--timeout", "2s"])
+    assert exited.value.code == 2 and "--for: invalid choice: 'Sucseeded'" in capsys.readouterr().err

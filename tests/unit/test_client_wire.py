@@ -176,3 +176,96 @@ def test_in_a_pod_the_service_account_and_its_namespace_are_used(monkeypatch: py
     assert in_pod.namespace == "ml-pipelines"
     assert in_pod.api_client.configuration.host == "https://10.0.0.1:443"
     assert FineTuneJobClient("other").namespace == "other"
+
+
+# --------------------------------------------------------------------- the review's inputs (each a traceback before)
+@pytest.mark.parametrize(("text", "message"), [("1" + "0" * 400, "is longer than a year"), ("366d", "is longer than a year")])
+def test_a_duration_past_a_year_is_a_usage_error(text: str, message: str) -> None:
+    """A 400-digit --timeout became inf, and int(inf) an OverflowError deep in the watch."""
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        duration(text)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "foo\n",  # a string
+        "- a\n- b\n",  # a list
+        "clusters: [\n",  # broken YAML
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "clusters: [{name: k, cluster: {server: 'https://x', certificate-authority-data: '!!notbase64'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n",  # base64 that is not
+    ],
+    ids=["string", "list", "broken-yaml", "bad-base64"],
+)
+def test_a_file_that_is_no_kubeconfig_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    path = tmp_path / "config"
+    path.write_text(content)
+    with pytest.raises(ClientError, match=rf"^the kubeconfig {path} cannot be used: it is not a valid kubeconfig \(") as info:
+        FineTuneJobClient(config_file=str(path))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "lines"),
+    [
+        ({"message": "bad", "details": "oops"}, ["bad"]),
+        ({"message": "bad", "details": {"causes": ["x", {"field": "spec.a", "message": "no"}]}}, ["spec.a: no"]),
+        ({"message": "bad", "details": {"causes": "x"}}, ["bad"]),
+        (["not", "an", "object"], ["Unprocessable"]),
+    ],
+)
+def test_an_error_body_of_any_shape_is_reported(body: Any, lines: list[str]) -> None:
+    """A proxy's or a webhook's 4xx body with `details` not an object, or causes not objects, crashed the report."""
+    import json
+
+    from kubernetes.client.exceptions import ApiException
+
+    from finetune_operator.client import _api_detail
+
+    exc = ApiException(status=422, reason="Unprocessable")
+    exc.body = json.dumps(body)
+    assert _api_detail(exc)[1] == lines
+
+
+def test_ctrl_c_in_any_verb_is_one_line_and_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_operator import cli
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(func=interrupted))
+    assert cli.main(["validate", "-"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+class _Broken:
+    """A log response that sends one line and half of the next, then the connection breaks."""
+
+    def stream(self, size: int) -> Any:
+        import urllib3
+
+        yield b"epoch 1\nepo"
+        raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead(7 bytes read, 25 more expected)")
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_a_log_stream_cut_mid_transfer_is_one_line() -> None:
+    from finetune_operator.client_errors import ApiError
+    from finetune_operator.client_logs import LogSource, log_lines
+
+    class Core:
+        def read_namespaced_pod_log(self, pod: str, namespace: str, **kwargs: Any) -> _Broken:
+            assert kwargs["_request_timeout"] == (5.0, 60.0)  # a read at once never waits for ever
+            return _Broken()
+
+    lines = log_lines(Core(), LogSource("ns", "p", None, "submitter"))  # type: ignore[arg-type]
+    assert next(lines) == "epoch 1"
+    with pytest.raises(ApiError, match=r"^read log of pod ns/p: the stream broke: .*IncompleteRead") as info:
+        list(lines)
+    assert "\n" not in str(info.value)
