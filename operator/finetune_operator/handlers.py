@@ -172,7 +172,7 @@ def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServ
     common: dict[str, Any] = {"port": operator.webhook_port, "host": operator.webhook_host}
     if operator.webhook_cert_dir:
         directory = Path(operator.webhook_cert_dir)
-        return kopf.WebhookServer(**common, certfile=directory / "tls.crt", pkeyfile=directory / "tls.key")
+        return GuardedWebhookServer(**common, certfile=directory / "tls.crt", pkeyfile=directory / "tls.key")
     kube = reconciler.kube
     if not isinstance(kube, Kube):
         raise kopf.PermanentError("the webhook's own certificate needs a Kubernetes client to publish its CA")
@@ -180,7 +180,39 @@ def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServ
     tls = SelfSignedTLS(operator.webhook_host, Path(tempfile.mkdtemp(prefix="finetune-webhook-")), publish)
     memo["webhook_tls"] = tls
     # Certificate and key in one file (replaced atomically on renewal): Kopf restarts its server when it changes.
-    return kopf.WebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
+    return GuardedWebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
+
+
+class GuardedWebhookServer(kopf.WebhookServer):
+    """Kopf's HTTPS server, whose every answer to a JSON body is an AdmissionReview. Kopf turns a request it cannot
+    take apart (no ``request``, an ``object`` that is a list or null, ``metadata`` a string) into an HTTP 500 or 400
+    and a traceback in the log; here it is a refusal naming what is wrong, as the API server expects an answer."""
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async def guarded(request: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(request, **kwargs)
+            except Exception as exc:  # what Kopf raises, or trips over, on a malformed review
+                return malformed_review_answer(request, exc)
+
+        async for config in super().__call__(guarded):
+            yield config
+
+
+def malformed_review_answer(review: Any, exc: Exception) -> dict[str, Any]:
+    """An AdmissionReview v1 refusing a request that could not be read, with its uid when there is one."""
+    request = review.get("request") if isinstance(review, dict) else None
+    uid = request.get("uid") if isinstance(request, dict) else None
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid if isinstance(uid, str) else "",
+            "allowed": False,
+            "status": {"code": 400, "message": f"malformed AdmissionReview: {type(exc).__name__}: {detail}"},
+        },
+    }
 
 
 @kopf.on.login(registry=WEBHOOK_REGISTRY)

@@ -290,3 +290,38 @@ def test_publishing_the_ca_names_what_is_missing_and_writes_only_changes() -> No
         stored = emu.get("validatingwebhookconfigurations", None, "finetune-operator")
         assert stored["metadata"]["resourceVersion"] == version, "an unchanged bundle is not written again"
         assert stored["webhooks"][0]["clientConfig"]["caBundle"] == base64.b64encode(b"CA").decode()
+
+
+def _raw(port: int, ca: bytes, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    connection = http.client.HTTPSConnection(HOST, port, context=ssl.create_default_context(cadata=ca.decode()), timeout=20)
+    try:
+        connection.request("POST", f"/{naming.WEBHOOK_PATH}", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+def _malformed(case: str) -> dict[str, Any]:
+    review = admission_review("CREATE", _stored(EXAMPLE))
+    if case == "object-is-a-list":
+        review["request"]["object"] = ["not", "an", "object"]
+    elif case == "no-request":
+        del review["request"]
+    elif case == "no-object":
+        review["request"]["object"] = None
+    elif case == "metadata-is-a-string":
+        review["request"]["object"]["metadata"] = "x"
+    return review
+
+
+@pytest.mark.parametrize("case", ["object-is-a-list", "no-request", "no-object", "metadata-is-a-string"])
+def test_a_malformed_review_gets_an_admission_review_refusal(served: tuple[int, bytes, OperatorSettings], case: str) -> None:
+    """The review's requests: Kopf answered HTTP 500 (a traceback in the operator's log) or 400 with no review."""
+    port, ca, _ = served
+    review = _malformed(case)
+    status, answer = _raw(port, ca, review)
+    assert status == 200 and answer["kind"] == "AdmissionReview", answer
+    response = answer["response"]
+    assert response["allowed"] is False and response["status"]["message"].startswith("malformed AdmissionReview: ")
+    assert response["uid"] == ("" if case == "no-request" else review["request"]["uid"])
