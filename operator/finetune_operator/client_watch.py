@@ -79,13 +79,23 @@ def follow(
     backoff = backoff or Backoff()
     last: dict[str, Any] | None = None
     watch_module: Any = kubernetes.watch  # untyped
+    followed: list[str] = []  # the uid of the job first seen: a job of the same name made since is another job
+
+    def same_job(obj: Mapping[str, Any]) -> dict[str, Any]:
+        uid = str((obj.get("metadata") or {}).get("uid") or "")
+        if not followed:
+            followed.append(uid)
+        elif uid and uid != followed[0]:
+            # Deleted and made again while no watch saw it (a dropped connection, a 410): its end is not this job's.
+            raise JobNotFound(f"{KIND} {ns}/{name} was deleted (a new {KIND} of that name exists now)")
+        return dict(obj)
 
     def pause() -> None:
         sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
 
     while True:
         try:
-            last = read()
+            last = same_job(read())
         except AccessDenied:
             raise
         except ApiError:  # the API server is away: retry after the back-off
@@ -113,7 +123,7 @@ def follow(
                 if kind == "DELETED":
                     raise JobNotFound(f"{KIND} {ns}/{name} was deleted")
                 if kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
-                    last = obj
+                    last = same_job(obj)
                     if done(obj):
                         return obj, True
                 if time.monotonic() >= deadline:
@@ -122,8 +132,10 @@ def follow(
             if exc.status in DENIED:
                 raise denied(f"watch {KIND} {ns}/{name}", exc) from None
             # 410 Expired, a 5xx: read again and watch from there
-        except (urllib3.exceptions.HTTPError, OSError, ValueError):
-            pass  # a dropped connection: read again and watch from there
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, KeyError, TypeError):
+            # A dropped connection, or an ERROR event the watch library cannot take apart (no code, no reason: it
+            # indexes them): read again and watch from there.
+            pass
         finally:
             watch.stop()
         if delivered or time.monotonic() - started >= HEALTHY_SECONDS:

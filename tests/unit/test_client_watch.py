@@ -69,3 +69,54 @@ def test_failed_watches_back_off_and_a_watch_that_delivered_resets_it(monkeypatc
     )
     assert reached and last is not None and last["status"]["phase"] == "Succeeded"
     assert pauses == [0.25, 0.5, 1.0, 0.25]  # growing; none after the watch that delivered; then from the start
+
+
+def test_a_job_made_again_under_the_same_name_is_not_the_one_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted and created again while no watch was open (a dropped connection): reads went by name alone, and `wait`
+    reported the new job's Succeeded for the one it was following."""
+    from finetune_operator.client_errors import JobNotFound
+
+    monkeypatch.setattr(kubernetes.watch, "Watch", ScriptedWatch)
+    ScriptedWatch.rounds = ["fail"]
+    reads = iter(
+        [
+            {"metadata": {"name": "j", "uid": "first", "resourceVersion": "1"}, "status": {"phase": "Running"}},
+            {"metadata": {"name": "j", "uid": "second", "resourceVersion": "9"}, "status": {"phase": "Succeeded"}},
+        ]
+    )
+    with pytest.raises(JobNotFound, match=r"^FineTuneJob ns/j was deleted \(a new FineTuneJob of that name exists now\)"):
+        follow(
+            SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]
+            lambda: next(reads),
+            "j",
+            "ns",
+            3600,
+            lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
+            backoff=Backoff(rng=lambda: 1.0),
+            sleep=lambda seconds: None,
+        )
+
+
+class ErrorEventWatch(ScriptedWatch):
+    """A watch whose stream dies on an ERROR event without the fields the library indexes (as it does on one)."""
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        if ScriptedWatch.rounds.pop(0) == "error":
+            raise KeyError("code")
+        yield {"type": "MODIFIED", "object": {"metadata": {"name": "j"}, "status": {"phase": "Succeeded"}}}
+
+
+def test_an_error_event_the_library_cannot_read_is_watched_past(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubernetes.watch, "Watch", ErrorEventWatch)
+    ScriptedWatch.rounds = ["error", "done"]
+    last, reached = follow(
+        SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]
+        lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Running"}},
+        "j",
+        "ns",
+        3600,
+        lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
+        backoff=Backoff(rng=lambda: 1.0),
+        sleep=lambda seconds: None,
+    )
+    assert reached and last is not None
