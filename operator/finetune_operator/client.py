@@ -264,7 +264,15 @@ class FineTuneJobClient:
         if force:
             kwargs["force"] = True
         response = self._call(what, fn, GROUP, VERSION, ns, PLURAL, meta["name"], wire, **kwargs)
-        return to_job(json.loads(response.data))
+        try:
+            answer = json.loads(response.data)
+        except ValueError:  # a proxy's HTML page with a 200, say: the apply may have happened, its answer is not JSON
+            raise ApiError(
+                f"{what}: the answer is not JSON ({bytes(response.data[:80])!r}); check with finetune get", None
+            ) from None
+        if not isinstance(answer, dict):
+            raise ApiError(f"{what}: the answer is not an object; check with finetune get", None)
+        return to_job(answer)
 
     def get_object(self, name: str, namespace: str | None = None) -> dict[str, Any]:
         """The object as the API server returns it (metadata and status in full)."""

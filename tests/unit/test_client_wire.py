@@ -269,3 +269,17 @@ def test_a_log_stream_cut_mid_transfer_is_one_line() -> None:
     with pytest.raises(ApiError, match=r"^read log of pod ns/p: the stream broke: .*IncompleteRead") as info:
         list(lines)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data", [b"<html>proxy says hi</html>", b"[1, 2]"])
+def test_an_apply_answered_with_something_else_than_an_object_is_one_line(
+    client: FineTuneJobClient, monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    from types import SimpleNamespace
+
+    from finetune_operator.client_errors import ApiError
+
+    monkeypatch.setattr(client, "_call", lambda *args, **kwargs: SimpleNamespace(data=data))
+    with pytest.raises(ApiError, match=r"^apply FineTuneJob .*: the answer is not (JSON|an object)") as info:
+        client.apply(EXAMPLE)
+    assert "\n" not in str(info.value)
