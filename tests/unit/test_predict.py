@@ -4,6 +4,7 @@ missing files and unreadable images give one clear line and exit status 2, never
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -165,6 +166,7 @@ def test_tampered_model_is_refused(
         ("no-card", "no model card; --model must be the artifact directory of a finished job"),
         ("no-model", "model.pt: missing; the model card lists it"),
         ("other-architecture", "cannot rebuild architecture 'not_a_model'"),
+        ("zero-std", "std"),  # an unsigned card edited by hand: a torchvision ValueError traceback before
     ],
 )
 def test_broken_artifact_directory(
@@ -181,6 +183,10 @@ def test_broken_artifact_directory(
         (copy / "model.json").unlink()
     elif damage == "no-model":
         (copy / "model.pt").unlink()
+    elif damage == "zero-std":
+        card = json.loads((copy / "model.json").read_text())
+        card["input"]["std"] = [0.0, 0.2, 0.2]
+        (copy / "model.json").write_text(json.dumps(card))
     else:
         card = (copy / "model.json").read_text().replace('"name": "resnet18"', '"name": "not_a_model"', 1)
         (copy / "model.json").write_text(card)

@@ -7,7 +7,9 @@ so that inference prepares images exactly as validation did.
 
 from __future__ import annotations
 
-from pydantic import ConfigDict
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
 
 from finetune_operator.api.base import WireModel
 
@@ -23,10 +25,11 @@ class InputSpec(WireModel):
     # version does not know rather than refuse the card (WireModel forbids unknown keys in manifests).
     model_config = ConfigDict(extra="ignore")
 
-    image_size: int
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    # Bounded: a card is read back from storage, and a zero std or size failed deep in torchvision with a traceback.
+    image_size: Annotated[int, Field(ge=1, le=16384)]
+    resize_size: Annotated[int, Field(ge=1, le=16384)]
+    mean: Annotated[tuple[Annotated[float, Field(allow_inf_nan=False)], ...], Field(min_length=1, max_length=4)]
+    std: Annotated[tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...], Field(min_length=1, max_length=4)]
     interpolation: str
     grayscale_to_rgb: bool
     # The same for every torchvision classifier; recorded for consumers other than `finetune predict`.
