@@ -110,13 +110,15 @@ def follow(
             return last, False
         rv = str((last.get("metadata") or {}).get("resourceVersion") or "")
         seconds = max(1, min(WATCH_SECONDS, int(remaining + 0.999)))
+        # The server ends the watch after ``seconds``; a silent one (a proxy that holds it) is given up 2 s later, so
+        # --timeout is kept within 2 s (it was 10).
         watch: Any = watch_module.Watch()
         started, delivered = time.monotonic(), 0
         try:
             for event in watch.stream(
                 custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
                 field_selector=f"metadata.name={name}", resource_version=rv, timeout_seconds=seconds,
-                allow_watch_bookmarks=True, _request_timeout=(5.0, seconds + 10.0),
+                allow_watch_bookmarks=True, _request_timeout=(5.0, seconds + 2.0),
             ):  # fmt: skip
                 delivered += 1
                 kind, obj = event.get("type"), event.get("object")
