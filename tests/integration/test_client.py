@@ -233,8 +233,15 @@ def test_logs_come_from_the_submitter_pod_else_the_head(emu: KubeEmulator, clien
     emu.add_resource(PODS)
     emu.create(job("chatty"))
     rayjob = naming.rayjob_name("chatty")
-    emu.patch_status("finetunejobs", "default", "chatty", {"phase": "Running", "rayJobName": rayjob, "rayClusterName": "c1"})
-    head = emu.create(_pod("c1-head", {"ray.io/cluster": "c1", "ray.io/node-type": "head"}, ["ray-head", "autoscaler"]))
+    # Another job's Ray cluster named in the status (the trainer may write it): never read.
+    other = emu.create(_pod("other-head", {"ray.io/cluster": "other-x", "ray.io/node-type": "head"}, ["ray-head"]))
+    emu.set_pod_log("default", other["metadata"]["name"], "another job's output\n", container="ray-head")
+    emu.patch_status("finetunejobs", "default", "chatty", {"phase": "Running", "rayJobName": rayjob, "rayClusterName": "other-x"})
+    with pytest.raises(LogsUnavailable):
+        list(client.logs("chatty"))
+    cluster = f"{rayjob}-raycluster-c1a2b"  # KubeRay names a RayJob's cluster after it
+    emu.patch_status("finetunejobs", "default", "chatty", {"rayClusterName": cluster})
+    head = emu.create(_pod("c1-head", {"ray.io/cluster": cluster, "ray.io/node-type": "head"}, ["ray-head", "autoscaler"]))
     emu.set_pod_log("default", head["metadata"]["name"], "head says hi\n", container="ray-head")
     assert list(client.logs("chatty")) == ["head says hi"]  # HTTPMode: no submitter, the head's own log
     emu.create(_pod(f"{rayjob}-x1", {"batch.kubernetes.io/job-name": rayjob}, ["ray-job-submitter"]))
