@@ -370,3 +370,19 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
     return bool(a == b)
+
+
+def malformed_review_answer(review: Any, exc: Exception) -> dict[str, Any]:
+    """An AdmissionReview v1 refusing a request that could not be read, with its uid when there is one."""
+    request = review.get("request") if isinstance(review, dict) else None
+    uid = request.get("uid") if isinstance(request, dict) else None
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid if isinstance(uid, str) else "",
+            "allowed": False,
+            "status": {"code": 400, "message": f"malformed AdmissionReview: {type(exc).__name__}: {detail}"},
+        },
+    }

@@ -193,26 +193,10 @@ class GuardedWebhookServer(kopf.WebhookServer):
             try:
                 return await fn(request, **kwargs)
             except Exception as exc:  # what Kopf raises, or trips over, on a malformed review
-                return malformed_review_answer(request, exc)
+                return admission.malformed_review_answer(request, exc)
 
         async for config in super().__call__(guarded):
             yield config
-
-
-def malformed_review_answer(review: Any, exc: Exception) -> dict[str, Any]:
-    """An AdmissionReview v1 refusing a request that could not be read, with its uid when there is one."""
-    request = review.get("request") if isinstance(review, dict) else None
-    uid = request.get("uid") if isinstance(request, dict) else None
-    detail = (str(exc).splitlines() or [""])[0][:200]
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": {
-            "uid": uid if isinstance(uid, str) else "",
-            "allowed": False,
-            "status": {"code": 400, "message": f"malformed AdmissionReview: {type(exc).__name__}: {detail}"},
-        },
-    }
 
 
 @kopf.on.login(registry=WEBHOOK_REGISTRY)

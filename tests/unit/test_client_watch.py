@@ -85,16 +85,7 @@ def test_a_job_made_again_under_the_same_name_is_not_the_one_followed(monkeypatc
         ]
     )
     with pytest.raises(JobNotFound, match=r"^FineTuneJob ns/j was deleted \(a new FineTuneJob of that name exists now\)"):
-        follow(
-            SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]
-            lambda: next(reads),
-            "j",
-            "ns",
-            3600,
-            lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
-            backoff=Backoff(rng=lambda: 1.0),
-            sleep=lambda seconds: None,
-        )
+        _until_succeeded(lambda: next(reads))
 
 
 class ErrorEventWatch(ScriptedWatch):
@@ -109,9 +100,15 @@ class ErrorEventWatch(ScriptedWatch):
 def test_an_error_event_the_library_cannot_read_is_watched_past(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kubernetes.watch, "Watch", ErrorEventWatch)
     ScriptedWatch.rounds = ["error", "done"]
-    last, reached = follow(
+    last, reached = _until_succeeded(lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Running"}})
+    assert reached and last is not None
+
+
+def _until_succeeded(read: Any) -> Any:
+    """``follow`` of job ns/j until it Succeeded, over the scripted watch (it calls nothing), without pauses."""
+    return follow(
         SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]
-        lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Running"}},
+        read,
         "j",
         "ns",
         3600,
@@ -119,4 +116,3 @@ def test_an_error_event_the_library_cannot_read_is_watched_past(monkeypatch: pyt
         backoff=Backoff(rng=lambda: 1.0),
         sleep=lambda seconds: None,
     )
-    assert reached and last is not None
