@@ -60,15 +60,27 @@ IMPORT_CASES = [
         "import finetune_trainer.driver, finetune_trainer.__main__",
         ("torchvision", "finetune_trainer.loop", "finetune_trainer.data", "finetune_trainer.model"),
     ),
+    (
+        "finetune run's driver builds its trainer without torch (the workers and the controller import it)",
+        "from finetune_trainer.driver import build_trainer\nfrom tests.unit.test_local_startup import digits\n"
+        "trainer = build_trainer(digits(), local=True)\nassert trainer.backend_config.backend == 'gloo'",
+        ("torch", "torchvision"),
+    ),
 ]
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter in the repository root (this one may have imported anything already)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 @pytest.mark.parametrize(("label", "code", "forbidden"), IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
 def test_a_command_imports_only_what_it_needs(label: str, code: str, forbidden: tuple[str, ...]) -> None:
     probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {list(forbidden)!r} if m in sys.modules)))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = fresh_python(probe)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [], f"{label}: imported {done.stdout.strip()}"
 
 
@@ -85,11 +97,24 @@ def test_finetune_run_starts_ray_before_it_imports_ray_train_and_torch() -> None
         "assert local._train(digits(), None) == 2\n"
         "print(seen)"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = fresh_python(code)
     assert done.stdout.strip().splitlines()[-1] == "[[]]"  # Ray asked to start before either was imported
     assert "error: the local Ray did not start" in done.stderr
+
+
+def test_the_controller_imports_torch_while_it_starts_the_workers() -> None:
+    # The controller unpickles the local trainer's backend config when its actor starts, and then waits seconds
+    # for its workers: torch is imported meanwhile, in a thread, not when the process group is set up. Building
+    # the config (the driver) starts nothing. A fresh interpreter: this one may have imported torch already.
+    code = (
+        "import pickle, sys\nfrom finetune_trainer import ray_compat\n"
+        "blob = pickle.dumps(ray_compat.LazyTorchConfig(backend='gloo'))\n"
+        "built = (ray_compat._torch_import, 'torch' in sys.modules)\n"
+        "config = pickle.loads(blob)\nray_compat._torch_import.join(240)\n"
+        "print(built, ray_compat._torch_import.name, 'torch' in sys.modules, config.backend)"
+    )
+    done = fresh_python(code)
+    assert done.stdout.strip().splitlines()[-1] == "(None, False) import-torch True gloo"
 
 
 def digits(workers: int = 1, cpus: float = 1.0, gpus: int = 0) -> TrainerConfig:

@@ -4,6 +4,7 @@ the trainer reaches for it. Imports Ray, never starts it."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +49,26 @@ def _report_logger_is_named_after_its_file() -> bool:
     return isinstance(logger, logging.Logger) and logger.name == context.__file__
 
 
+def _lazy_config_mirrors_torch_config() -> bool:
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    ray_compat = _ray_compat()
+    ours, theirs = ray_compat.LazyTorchConfig(backend="gloo"), TorchConfig(backend="gloo")
+    lazy = ray_compat._LazyTorchBackend
+    return (
+        [(f.name, f.default) for f in dataclasses.fields(ours)] == [(f.name, f.default) for f in dataclasses.fields(theirs)]
+        and ours.to_dict() == theirs.to_dict()
+        and ours.framework == theirs.framework
+        and (lazy.share_cuda_visible_devices, lazy.has_replica_groups)
+        == (_TorchBackend.share_cuda_visible_devices, _TorchBackend.has_replica_groups)
+        and all(callable(getattr(_TorchBackend, m, None)) for m in ("on_start", "on_training_start", "on_shutdown"))
+    )
+
+
 @pytest.mark.parametrize(
     ("check", "what"),
     [
+        (_lazy_config_mirrors_torch_config, "TorchConfig or its backend changed; LazyTorchConfig no longer mirrors them"),
         (_cleaner_is_a_class, "PlacementGroupCleanerCallback is no longer a class"),
         (_torch_trainer_builds_its_callbacks_privately, "TorchTrainer._create_default_callbacks is gone"),
         (_report_logger_is_named_after_its_file, "the per-report logger is no longer named after context.py"),
@@ -83,6 +101,48 @@ def test_only_the_local_trainer_leaves_the_unused_helpers_out(tmp_path: Path, lo
         names = [type(c).__name__ for c in callbacks]
         assert found is present, _moved(f"{helper.__name__}: TorchTrainer's default callbacks {names}")
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("local", "gpus", "config", "backend"),
+    [
+        (True, 0, "LazyTorchConfig", "gloo"),
+        (True, 1, "LazyTorchConfig", "nccl"),
+        (False, 0, "TorchConfig", "gloo"),
+        (False, 1, "TorchConfig", "nccl"),
+    ],
+    ids=["local-cpu", "local-gpu", "cluster-cpu", "cluster-gpu"],
+)
+def test_each_trainer_sets_up_the_process_group_as_torch_trainer_does(
+    tmp_path: Path, local: bool, gpus: int, config: str, backend: str
+) -> None:
+    from finetune_trainer.driver import build_trainer
+
+    cfg = _config(tmp_path)
+    cfg.spec.resources.gpus_per_worker = gpus
+    trainer = build_trainer(cfg, local=local)
+    assert (type(trainer.backend_config).__name__, trainer.backend_config.backend) == (config, backend)
+    assert not ray.is_initialized()
+
+
+def test_the_lazy_training_context_is_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.train.torch.config as torch_config
+
+    seen: list[object] = []
+
+    class Recording:
+        def __enter__(self) -> None:
+            seen.append("enter")
+
+        def __exit__(self, *exc: object) -> bool:
+            seen.append(exc[0])
+            return False
+
+    monkeypatch.setattr(torch_config, "TorchConfigContextManager", Recording)
+    context = _ray_compat().LazyTorchConfig().train_func_context
+    with pytest.raises(KeyError), context():
+        raise KeyError("the training function's error goes on")
+    assert seen == ["enter", KeyError]
 
 
 class _Captured(Exception):

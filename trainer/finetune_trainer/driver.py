@@ -21,7 +21,7 @@ from typing import Any
 # The V2 classes by their defining modules (the very objects ``ray.train`` exports when Train V2 is on,
 # the 2.60 default): type checkers otherwise see the V1 classes behind ``ray.train``'s conditional import.
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.v2.torch.torch_trainer import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from finetune_operator.api.contract import TRAIN_RESOURCE, TrainerConfig
 from finetune_operator.api.dataworkers import data_replicas
@@ -108,7 +108,7 @@ def scaling_config(res: ResourcesSpec, *, local: bool = False) -> ScalingConfig:
     return ScalingConfig(num_workers=res.train_workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources)
 
 
-def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> TorchTrainer:
+def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, local: bool = False) -> DataParallelTrainer:
     """The TorchTrainer for ``cfg`` (whose output root must be absolute or remote). ``local``: an
     embedded Ray (``finetune run``): no placement-group cleaner, and Ray Train's own INFO lines (every
     report, every checkpoint) kept off the console, where the progress sink already speaks.
@@ -140,6 +140,9 @@ def build_trainer(cfg: TrainerConfig, *, fail_after_epoch: int | None = None, lo
     # workers only, and this process is spared torchvision and the rest (seconds of start-up).
     if local:
         return LocalTorchTrainer(train_fn, uses_ray_data=may_stream(spec), **options)
+    # Here, not at the top: ray.train.v2.torch imports torch, which a local run's driver does without.
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
     return TorchTrainer(train_fn, **options)
 
 

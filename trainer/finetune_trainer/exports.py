@@ -4,7 +4,8 @@
 ``export_model`` writes the requested exports of a model and checks that each reproduces the model's
 outputs on a fixed example batch; ``export_safetensors`` writes the state_dict itself as safetensors (no
 pickle: loading it cannot run code) and ``read_safetensors`` reads it back for ``predict``. Called by
-``artifacts`` (and the driver, for the early check).
+``artifacts`` (and the driver, for the early check). Torch is imported by the functions that use it: a
+local run's driver calls ``check_exports`` and otherwise needs no torch (seconds of its start).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Final
 
 from finetune_trainer.errors import ArtifactError
 from finetune_trainer.model_card import MODEL_FILE
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["EXPORT_FILES", "SAFETENSORS_FILE", "check_exports", "export_model", "export_safetensors", "read_safetensors"]
 
@@ -51,6 +53,8 @@ def check_exports(formats: list[str]) -> None:
 def export_model(model: nn.Module, image_size: int, num_classes: int, formats: Sequence[str], out: Path) -> None:
     """Write the exports among ``formats`` (the state_dict is the caller's) into the folder ``out``,
     after checking that ``model`` gives ``num_classes`` logits per ``image_size`` image."""
+    import torch
+
     # Exports and checks run on a CPU copy in eval mode: the caller's model is left as it was.
     cpu_model = copy.deepcopy(model).cpu().eval()
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -65,12 +69,16 @@ def export_model(model: nn.Module, image_size: int, num_classes: int, formats: S
 
 
 def _verify(name: str, expected: torch.Tensor, got: torch.Tensor) -> None:
+    import torch
+
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         diff = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {list(got.shape)}"
         raise ArtifactError(f"{name} export does not reproduce the model's outputs (max difference {diff})")
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, expected: torch.Tensor, path: Path) -> None:
+    import torch
+
     with warnings.catch_warnings():
         # torch.jit is deprecated upstream, yet TorchScript is still what many serving stacks load.
         warnings.simplefilter("ignore", FutureWarning)
@@ -86,6 +94,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, expected: torch
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, expected: torch.Tensor, path: Path) -> None:
     import onnx
+    import torch
 
     # torch's default (dynamo) exporter needs onnxscript; without it the TorchScript-based one still works.
     dynamo = importlib.util.find_spec("onnxscript") is not None
@@ -110,6 +119,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, expected: torch.Tensor
 def export_safetensors(state: dict[str, torch.Tensor], path: Path, *, architecture: str, class_names: Sequence[str]) -> None:
     """Write ``state`` (model.pt's tensors) to ``path`` as safetensors, the metadata naming the architecture
     and the classes in output order, and check that it reads back equal."""
+    import torch
     from safetensors.torch import save_file
 
     metadata = {"format": "pt", "architecture": architecture, "classNames": json.dumps(list(class_names))}

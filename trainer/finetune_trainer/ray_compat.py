@@ -10,10 +10,17 @@ external package only as a whole (``ray``), so no contract can say it. Written a
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
+
+from ray.train.backend import Backend, BackendConfig
 
 # Private: the module whose logger writes that traceback on the worker (see user_errors_in_one_line).
 from ray.train.v2._internal import util as _train_util
@@ -28,11 +35,15 @@ from ray.train.v2._internal.execution import context as _train_context
 # Private: the policy a fixed-size run gets (scaling_policy.factory), whose resource requests go to Ray
 # Data's AutoscalingCoordinator actor.
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+# Private: the framework tag TorchConfig reports (Ray's state export reads it).
+from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 __all__ = [
     "DatasetsCallback",
     "FixedScalingPolicy",
+    "LazyTorchConfig",
     "LocalTorchTrainer",
     "PlacementGroupCleanerCallback",
     "UnannouncedFixedScalingPolicy",
@@ -65,9 +76,102 @@ class UnannouncedFixedScalingPolicy(FixedScalingPolicy):
         return None
 
 
-class LocalTorchTrainer(TorchTrainer):
-    """A TorchTrainer for an embedded (or joined local) Ray, without the helper actors a local run does
-    not use; each is a Ray worker process that imports Ray Train, started while the run starts:
+class _TorchFuncContext:
+    """TorchConfig's context around the training function (it picks the worker's CUDA device), imported on
+    the worker when entered rather than in the driver that builds the trainer."""
+
+    def __enter__(self) -> None:
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._inner = TorchConfigContextManager()
+        self._inner.__enter__()  # type: ignore[no-untyped-call]  # Ray's, untyped
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        return bool(self._inner.__exit__(kind, exc, tb))  # type: ignore[no-untyped-call]
+
+
+class _LazyTorchBackend(Backend):
+    """Ray's torch backend (``_TorchBackend``, private), imported when the worker group starts."""
+
+    # As Ray's: the workers on one node see all of that node's GPUs, which DDP needs.
+    share_cuda_visible_devices: bool = True
+
+    @staticmethod
+    def _torch() -> Any:
+        # Private: Ray Train's torch backend; its module imports torch.
+        from ray.train.torch.config import _TorchBackend
+
+        return _TorchBackend()
+
+    def on_start(self, worker_group: Any, backend_config: Any) -> None:
+        self._torch().on_start(worker_group, backend_config)
+
+    def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
+        self._torch().on_training_start(worker_group, backend_config)
+
+    def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
+        self._torch().on_shutdown(worker_group, backend_config)
+
+
+@dataclass
+class LazyTorchConfig(BackendConfig):
+    """Ray's ``TorchConfig`` without importing torch where it is defined: ``ray.train.torch.config`` imports
+    torch at its top, so the driver building a TorchTrainer and the controller unpickling its config each
+    spent 2-3 s of a local run's start importing torch, on the path to the first step (bench/README.md,
+    "Start-up"). Torch is imported where it is used: by the controller when the worker group starts (to set
+    up the process group), and on the workers. Same fields and meaning as TorchConfig's."""
+
+    backend: str | None = None
+    init_method: str = "env"
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self) -> type:
+        return _LazyTorchBackend
+
+    @property
+    def train_func_context(self) -> type:
+        return _TorchFuncContext
+
+    @property
+    def framework(self) -> Any:
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled: this is the controller (or a worker), which will need torch when the worker group starts.
+        self.__dict__.update(state)
+        _import_torch_soon()
+
+
+_torch_import: threading.Thread | None = None
+_torch_import_lock = threading.Lock()
+
+
+def _import_torch_quietly() -> None:
+    # A failure here is raised again by the backend's own import, where Ray reports it.
+    with contextlib.suppress(BaseException):
+        importlib.import_module("torch")
+
+
+def _import_torch_soon() -> None:
+    """Start importing torch in a thread of this process: the controller gets its config as its actor starts,
+    then starts the workers and waits for them (seconds); importing torch meanwhile takes the backend's import
+    off the path to the first step. Torch alone: it imports nothing of Ray, so it cannot meet this process's
+    own imports of Ray modules halfway."""
+    global _torch_import
+    with _torch_import_lock:
+        if _torch_import is None:
+            _torch_import = threading.Thread(target=_import_torch_quietly, name="import-torch", daemon=True)
+            _torch_import.start()
+
+
+class LocalTorchTrainer(DataParallelTrainer):
+    """Ray Train's TorchTrainer for an embedded (or joined local) Ray: its backend (``LazyTorchConfig``,
+    gloo, or NCCL for GPU workers, as TorchTrainer chooses), without the helper actors a local run does not
+    use; each is a Ray worker process that imports Ray Train, started while the run starts:
 
     - the placement-group cleaner: the Ray dies with this process anyway; the cleaner asks the state API
       (the dashboard, not installed locally) whether the controller lives, and logs a warning every few
@@ -77,8 +181,10 @@ class LocalTorchTrainer(TorchTrainer):
     - with ``uses_ray_data=False`` (a job that never streams), the AutoscalingCoordinator requests
       (``UnannouncedFixedScalingPolicy``)."""
 
-    def __init__(self, *args: Any, uses_ray_data: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, train_fn: Callable[..., Any], *, uses_ray_data: bool = True, **kwargs: Any) -> None:
+        scaling = kwargs["scaling_config"]
+        backend = LazyTorchConfig(backend="nccl" if scaling.use_gpu else "gloo")
+        super().__init__(train_fn, backend_config=backend, **kwargs)
         self.uses_ray_data = uses_ray_data
 
     # Private: TorchTrainer's own list of default callbacks, the only place they can be left out.
