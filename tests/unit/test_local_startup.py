@@ -117,6 +117,35 @@ def test_the_controller_imports_torch_while_it_starts_the_workers() -> None:
     assert done.stdout.strip().splitlines()[-1] == "(None, False) import-torch True gloo"
 
 
+# The finder fails the thread's import of torch once (an I/O error, EMFILE, ENOMEM: nothing certain to recur), as a
+# controller's or worker's disk may; then the backend's own import runs, as on_start does when the workers start.
+_TRANSIENT_IMPORT_FAILURE = """
+import pickle, sys, threading, traceback
+class FailsOnce:
+    done = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn" and not FailsOnce.done and threading.current_thread().name == "import-torch":
+            FailsOnce.done = True
+            raise OSError(5, "Input/output error (the real cause)")
+        return None
+sys.meta_path.insert(0, FailsOnce())
+from finetune_trainer import ray_compat
+config = pickle.loads(pickle.dumps(ray_compat.LazyTorchConfig(backend="gloo")))
+try:
+    ray_compat._LazyTorchBackend()._torch()
+    print("IMPORTED")
+except BaseException as e:
+    print("RAISED " + "".join(traceback.format_exception(e)).replace("\\n", " | "))
+"""
+
+
+def test_a_failed_torch_import_in_the_thread_is_the_cause_the_backend_reports() -> None:
+    # Torch's half-imported submodules stay behind, so the backend's own import can fail with "partially initialized
+    # module 'torch'"; the thread's error must come with it (reviewer's reproduction).
+    last = fresh_python(_TRANSIENT_IMPORT_FAILURE).stdout.strip().splitlines()[-1]
+    assert last == "IMPORTED" or "the real cause" in last, last[-600:]
+
+
 def digits(workers: int = 1, cpus: float = 1.0, gpus: int = 0) -> TrainerConfig:
     job = load_job(DIGITS.read_text(), DIGITS.name)
     job.spec.resources.workers, job.spec.resources.cpus_per_worker = workers, cpus

@@ -50,6 +50,7 @@ def _report_logger_is_named_after_its_file() -> bool:
 
 
 def _lazy_config_mirrors_torch_config() -> bool:
+    from ray.train.backend import Backend
     from ray.train.torch.config import TorchConfig, _TorchBackend
 
     ray_compat = _ray_compat()
@@ -61,7 +62,10 @@ def _lazy_config_mirrors_torch_config() -> bool:
         and ours.framework == theirs.framework
         and (lazy.share_cuda_visible_devices, lazy.has_replica_groups)
         == (_TorchBackend.share_cuda_visible_devices, _TorchBackend.has_replica_groups)
-        and all(callable(getattr(_TorchBackend, m, None)) for m in ("on_start", "on_training_start", "on_shutdown"))
+        # Ray's backend still does its work in these hooks, and the lazy one hands on every hook Ray's overrides
+        # (a hook it did not would be Backend's no-op in local runs).
+        and all(m in vars(_TorchBackend) for m in ("on_start", "on_training_start", "on_shutdown"))
+        and {m for m, v in vars(_TorchBackend).items() if callable(v) and hasattr(Backend, m)} <= set(vars(lazy))
     )
 
 
@@ -101,6 +105,25 @@ def test_only_the_local_trainer_leaves_the_unused_helpers_out(tmp_path: Path, lo
         names = [type(c).__name__ for c in callbacks]
         assert found is present, _moved(f"{helper.__name__}: TorchTrainer's default callbacks {names}")
     assert not ray.is_initialized()
+
+
+def test_the_mirror_check_sees_ray_move_the_process_group_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ray whose torch backend no longer sets up the process group in on_start: the lazy backend would hand on to
+    # Backend's no-op, and DDP would run without a process group.
+    from ray.train.torch.config import _TorchBackend
+
+    assert _lazy_config_mirrors_torch_config()
+    monkeypatch.delattr(_TorchBackend, "on_start")
+    assert not _lazy_config_mirrors_torch_config()
+
+
+def test_the_mirror_check_sees_a_torch_backend_hook_the_lazy_backend_does_not_hand_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.backend import Backend
+    from ray.train.torch.config import _TorchBackend
+
+    monkeypatch.setattr(Backend, "on_worker_group_restart", lambda self, group, config: None, raising=False)
+    monkeypatch.setattr(_TorchBackend, "on_worker_group_restart", lambda self, group, config: group, raising=False)
+    assert not _lazy_config_mirrors_torch_config()
 
 
 @pytest.mark.parametrize(

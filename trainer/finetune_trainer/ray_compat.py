@@ -10,7 +10,6 @@ external package only as a whole (``ray``), so no contract can say it. Written a
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import sys
@@ -98,9 +97,15 @@ class _LazyTorchBackend(Backend):
 
     @staticmethod
     def _torch() -> Any:
-        # Private: Ray Train's torch backend; its module imports torch.
-        from ray.train.torch.config import _TorchBackend
-
+        if _torch_import is not None:
+            _torch_import.join()  # a torch import under way in this process's thread (see LazyTorchConfig)
+        try:
+            # Private: Ray Train's torch backend; its module imports torch.
+            from ray.train.torch.config import _TorchBackend
+        except BaseException as e:
+            # After a failed import in the thread, this one may fail only on what it left half-imported:
+            # the thread's error is the cause worth reading.
+            raise e from _torch_import_error
         return _TorchBackend()
 
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
@@ -148,12 +153,15 @@ class LazyTorchConfig(BackendConfig):
 
 _torch_import: threading.Thread | None = None
 _torch_import_lock = threading.Lock()
+_torch_import_error: BaseException | None = None
 
 
 def _import_torch_quietly() -> None:
-    # A failure here is raised again by the backend's own import, where Ray reports it.
-    with contextlib.suppress(BaseException):
+    global _torch_import_error
+    try:
         importlib.import_module("torch")
+    except BaseException as e:  # raised where the backend imports it (_LazyTorchBackend._torch), as its cause
+        _torch_import_error = e
 
 
 def _import_torch_soon() -> None:
