@@ -1,7 +1,8 @@
 """Issue 15, what reaches the output store: with client-side encryption the clear weights are staged outside the
 run directory (never on the PVC), and each sealed file is bound to what it is (a checkpoint's name, an artifact's
 file name), so a copy of another sealed file over it is refused although it decrypts; a directory check reports
-the model files its card does not list."""
+the model files its card does not list. A sealed checkpoint cut short without its checksum is corrupt (skipped for an
+older one), not a key problem."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import ray.train
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
@@ -17,12 +19,13 @@ from torch import nn
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
-from finetune_trainer.checkpoint import TrainState, read_checkpoint
+from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, TrainState, checkpoint_dir_name, read_checkpoint
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model import build_model
 from finetune_trainer.model_card import MODEL_FILE
+from finetune_trainer.resume import resume_from
 from finetune_trainer.sealing import Keyring
 from finetune_trainer.verify import verify_artifacts
 from tests.support.checkpoints import save_checkpoint
@@ -142,3 +145,22 @@ def test_the_source_head_is_kept_only_on_a_verified_card(tmp_path: Path, monkeyp
     card = Path(cfg.run_dir) / "model.json"
     card.write_text(card.read_text().replace('"createdAt"', '"createdAt" ', 1))  # same content, other bytes
     assert not _same_classes_as_source(weights, CLASSES)
+
+
+def test_a_sealed_checkpoint_cut_short_without_its_checksum_is_skipped_for_the_previous_one(tmp_path: Path) -> None:
+    """An encrypted checkpoint that Ray Train was copying into a local run directory when the attempt was killed:
+    checkpoint.pt cut short, checkpoint.sha256 not there. Corrupt like any other damaged checkpoint (the run falls
+    back to the previous one), not a key problem that stops the run."""
+    ring, run = Keyring.parse(f"k1:{KEY}"), tmp_path / "job"
+    for epoch in (1, 2):
+        save_checkpoint(run / checkpoint_dir_name(epoch), nn.Linear(4, 3), TrainState(epoch=epoch), "fp", keyring=ring)
+    cut = run / checkpoint_dir_name(2)
+    (cut / CHECKSUM_FILE).unlink()
+    (cut / CHECKPOINT_FILE).write_bytes((cut / CHECKPOINT_FILE).read_bytes()[:-100])
+
+    resumed = resume_from(ray.train.Checkpoint(path=str(cut)), "fp", str(run), encrypted=True)
+
+    assert resumed.data["train_state"].epoch == 1
+    (warning,) = resumed.warnings
+    assert warning.startswith("checkpoint checkpoint_epoch_0002: ")
+    assert warning.endswith("; resumed from checkpoint checkpoint_epoch_0001 (epoch 1)")
