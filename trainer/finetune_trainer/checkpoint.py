@@ -14,8 +14,9 @@ With ``spec.output.encryption.clientSide`` the file is encrypted (``sealing``) b
 worker, and a resumed run decrypts it with the same keyring; the sealed file is bound to its checkpoint's
 name (``checkpoint_binding``), so an older checkpoint copied over a newer one is
 refused, not resumed (the run stops). Beside it, ``checkpoint.sha256`` holds the
-file's checksum (of the bytes as stored): a truncated or altered copy is refused as corrupt
-(``CorruptCheckpoint``), so that the caller can fall back to an older one (``resume``).
+file's checksum (of the bytes as stored): a truncated or altered copy, or an encrypted one without its checksum
+(an incomplete copy), is refused as corrupt (``CorruptCheckpoint``), so that the caller can fall back to an older
+one (``resume``).
 
 The best epoch follows Ray Train's retention rule (``CheckpointConfig(checkpoint_score_attribute=
 "val_accuracy", order="max")``): on equal scores the later report ranks higher, so the checkpoint the
@@ -193,8 +194,8 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint in ``directory`` (as written by ``write_checkpoint``; ``name``: the directory name it is
     stored under, by default ``directory``'s) with ``train_state`` as a TrainState, on the CPU;
-    CorruptCheckpoint when it is unreadable or fails its checksum, a TrainerError when it belongs to
-    another spec, was sealed as another checkpoint, cannot be decrypted (key missing or wrong: the
+    CorruptCheckpoint when it is unreadable, fails its checksum or is encrypted without one, a TrainerError when
+    it belongs to another spec, was sealed as another checkpoint, cannot be decrypted (key missing or wrong: the
     ``FINETUNE_ENCRYPTION_KEY`` keyring decrypts it) or is in the clear while ``encrypted`` is asked for."""
     path = Path(directory) / CHECKPOINT_FILE
     name = name or Path(directory).name
@@ -212,6 +213,13 @@ def read_checkpoint(
             )
         source: Path | io.BytesIO = path
         if is_sealed_file(path):
+            if expected is None:
+                # Every sealed checkpoint was written with its checksum (sealing came after checksums): without one it
+                # is an incomplete copy (Ray's copy into the run dir killed between the two files, the data maybe cut
+                # short), whose decryption failure would be taken for a key problem below and stop the run.
+                raise CorruptCheckpoint(
+                    f"checkpoint {name}: {CHECKPOINT_FILE} is encrypted but has no {CHECKSUM_FILE} (an incomplete copy)"
+                )
             # The checksum matched, so a failure here is the key (missing, wrong): a TrainerError that stops
             # the run in one line, never a silent fallback to an older checkpoint or a fresh start.
             # A checkpoint sealed as another one (an older one copied over it) stops the run too: a store someone
