@@ -244,6 +244,24 @@ def test_no_usable_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     assert not isinstance(raised.value, CorruptCheckpoint)
 
 
+def test_a_newer_checkpoint_ray_never_registered_is_no_fallback(tmp_path: Path) -> None:
+    """checkpoint_epoch_0004 renamed into place by rank 0, then the attempt was killed before ``ray.train.report``
+    recorded it: Ray hands back epoch 3 (corrupt here), and the run falls back to epoch 2, behind Ray's latest,
+    never ahead of it to an epoch that was never reported (no MLflow points, no status, unknown to Ray's retention)."""
+    run = tmp_path / "job"
+    write_run(run, 4)
+    truncate(run / checkpoint_dir_name(3))
+
+    resumed = resume_from(latest_of(run, 3), FP, str(run))
+
+    state = resumed.data["train_state"]
+    assert state.epoch == 2
+    # Past every lineage on disk, the unreported folder too: re-run epochs never write into it.
+    assert state.lineage == 1
+    (warning,) = resumed.warnings
+    assert warning.endswith("; resumed from checkpoint checkpoint_epoch_0002 (epoch 2)")
+
+
 def test_a_checkpoint_of_another_spec_is_not_skipped_but_refused(tmp_path: Path) -> None:
     run = tmp_path / "job"
     write_run(run, 2)
