@@ -1,9 +1,10 @@
 """Which checkpoint a relaunched run resumes from, and which one its shipped model comes from.
 
 ``resume_from`` reads the checkpoint Ray Train hands back (its latest) and, when that one is corrupt
-(``checkpoint.CorruptCheckpoint``: truncated, altered, unreadable), the other checkpoints beside it in
-the run directory, newest first: the first usable one wins, and each one skipped becomes a warning for
-the job's status. Only when none is usable does the run fail, in one line naming each and why.
+(``checkpoint.CorruptCheckpoint``: truncated, altered, unreadable), the checkpoints of earlier epochs beside it
+in the run directory, newest first (never a later one, which Ray never registered): the first usable one wins,
+and each one skipped becomes a warning for the job's status. Only when none is usable does the run fail, in one
+line naming each and why.
 After a fallback the run's ``lineage`` moves past every checkpoint name on disk, so that re-run epochs
 never write into (and Ray's retention never deletes) the directory of an abandoned one.
 
@@ -45,8 +46,13 @@ def _key(name: str) -> tuple[int, int] | None:
 
 
 def order_candidates(latest: str, names: list[str]) -> list[str]:
-    """``latest`` first, then the other checkpoint names among ``names``, newest (epoch, lineage) first."""
-    keyed = [(key, n) for n in set(names) if n != latest and (key := _key(n)) is not None]
+    """``latest`` first, then the checkpoint names among ``names`` of earlier epochs, newest (epoch, lineage) first.
+    A later epoch's (or the same epoch's of another lineage) is left out: Ray Train never registered it (rank 0
+    renamed it into place, or Ray's copy began, and the attempt died before ``ray.train.report`` recorded it), or
+    it was abandoned; resuming from it would skip an epoch whose report never happened (its MLflow points, its
+    status) and disagree with Ray's own checkpoint manager."""
+    top = _key(latest)
+    keyed = [(key, n) for n in set(names) if (key := _key(n)) is not None and (top is None or key[0] < top[0])]
     return [latest, *(n for _, n in sorted(keyed, reverse=True))]
 
 
