@@ -2,11 +2,12 @@
 run directory (never on the PVC), and each sealed file is bound to what it is (a checkpoint's name, an artifact's
 file name), so a copy of another sealed file over it is refused although it decrypts; a directory check reports
 the model files its card does not list. A sealed checkpoint cut short without its checksum is corrupt (skipped for an
-older one), not a key problem."""
+older one), not a key problem. A relaunch killed while it writes the artifacts again leaves a model that verifies."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 from finetune_operator.api.contract import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import artifacts as art
+from finetune_trainer import storage
 from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, TrainState, checkpoint_dir_name, read_checkpoint
 from finetune_trainer.errors import ArtifactError, TrainerError
 from finetune_trainer.evaluation import EvalResult
@@ -29,6 +31,7 @@ from finetune_trainer.resume import resume_from
 from finetune_trainer.sealing import Keyring
 from finetune_trainer.verify import verify_artifacts
 from tests.support.checkpoints import save_checkpoint
+from tests.support.tiny_model import write_tiny_artifacts
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 PEM = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -164,3 +167,30 @@ def test_a_sealed_checkpoint_cut_short_without_its_checksum_is_skipped_for_the_p
     (warning,) = resumed.warnings
     assert warning.startswith("checkpoint checkpoint_epoch_0002: ")
     assert warning.endswith("; resumed from checkpoint checkpoint_epoch_0001 (epoch 1)")
+
+
+class Killed(BaseException):
+    """The trainer's process killed at this step: nothing on the way out handles it."""
+
+
+def test_a_relaunch_killed_while_republishing_leaves_the_published_model_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relaunch of a finished run (a retry after a crash past the artifacts, `finetune run` again) ships the same
+    weights and wrote them again, sealed afresh under the same names: killed right after model.pt landed, the old
+    card was left beside the new model.pt, and no model verified where one had."""
+    output = {"exports": ["state_dict"], "encryption": {"clientSide": True}}
+    run = write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+    published = verify_artifacts(str(run.run_dir)).card
+    upload = storage.upload_file
+
+    def killed_after_model_pt(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
+        upload(src, uri, kms_key=kms_key)
+        if uri.endswith(f"/{MODEL_FILE}"):
+            raise Killed
+
+    monkeypatch.setattr(storage, "upload_file", killed_after_model_pt)
+    with contextlib.suppress(Killed):
+        write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+
+    assert verify_artifacts(str(run.run_dir)).card.files == published.files
