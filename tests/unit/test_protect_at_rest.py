@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray.train
+import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
@@ -194,3 +195,28 @@ def test_a_relaunch_killed_while_republishing_leaves_the_published_model_valid(
         write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
 
     assert verify_artifacts(str(run.run_dir)).card.files == published.files
+
+
+def test_a_relaunch_publishes_other_weights_and_completes_a_publication_killed_midway(tmp_path: Path) -> None:
+    """What a relaunch keeps is only the very model it would publish, verified: other weights are published, and so
+    is the same model over a directory left incomplete (a file that no longer matches its card)."""
+    run = write_tiny_artifacts(tmp_path, CLASSES, INPUT)
+    (run.run_dir / "README.md").write_text("cut short")
+    assert write_tiny_artifacts(tmp_path, CLASSES, INPUT).artifacts == run.artifacts
+    verify_artifacts(str(run.run_dir))
+
+    torch.manual_seed(1)
+    other = build_model("resnet18", None, len(CLASSES))
+    shipped = art.write_artifacts(
+        run.cfg.run_dir,
+        model=other,
+        cfg=run.cfg,
+        class_names=CLASSES,
+        input_spec=INPUT,
+        evaluation=EvalResult([0, 1, 2], [0, 1, 2], CLASSES),
+        best_val_accuracy=1.0,
+        best_epoch=1,
+        checkpoint_uri=None,
+    )
+    assert shipped.sha256 != run.artifacts.sha256
+    assert verify_artifacts(str(run.run_dir)).card.files[MODEL_FILE].sha256 == shipped.sha256

@@ -24,8 +24,11 @@ summed (``protect.seal_staged``); with ``serverSide`` every upload asks the stor
 
 ``model.json`` is written last, so its presence means the rest is complete. Everything is staged in a
 private local temporary directory first (never in the run dir: clear weights must not reach the output
-store) and then copied (local run dir, atomically per file) or uploaded (s3://, gs://) into place. Called by
-the training loop once training ends; ``predict`` reads the card back with ``load_model_card``.
+store) and then copied (local run dir, atomically per file) or uploaded (s3://, gs://) into place. A relaunch
+that stages the very model already published there, verified (``_already_published``), rewrites nothing: every
+file would change in place (sealed afresh), and a kill midway would leave the old card beside new files, no
+model verifying where one did. Called by the training loop once training ends; ``predict`` reads the card back
+with ``load_model_card``.
 """
 
 from __future__ import annotations
@@ -70,18 +73,24 @@ from finetune_trainer.model_card import (
     UriWeights,
     Versions,
     WeightsSource,
+    load_model_card,
 )
 from finetune_trainer.model_card_md import README_FILE, render_readme
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 from finetune_trainer.protect import keyring_for, protection_of, seal_staged, server_side_key, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
 from finetune_trainer.signing import SIGNATURE_FILE
+from finetune_trainer.verify import verify_artifacts
 
 __all__ = ["RunFacts", "unwrap_model", "write_artifacts"]
 
 EVALUATION_FILE: Final = "evaluation.json"
 CONFUSION_PNG: Final = "confusion_matrix.png"
 CURVES_PNG: Final = "training_curves.png"
+_UNSTABLE: Final = {"created_at", "files", "warnings"}
+"""What a card of the same model may differ in when staged again: when it was written, its files' bytes (sealed
+afresh, safetensors' header in another order) and the warnings (of the attempt that trained, not of one that only
+finishes); ``_already_published`` compares the rest, and the files' names."""
 
 
 @dataclass(frozen=True)
@@ -187,11 +196,13 @@ def _stage(
     best_epoch: int | None,
     shipped_epoch: int | None,
     facts: RunFacts,
-) -> ModelCard:
-    """Write every artifact into the local directory ``out``; return the model card (also written)."""
+) -> tuple[ModelCard, str]:
+    """Write every artifact into the local directory ``out``; return the model card (also written) and the sha256
+    of model.pt as it was before sealing (what ``_already_published`` compares)."""
     model = unwrap_model(model)
     state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / MODEL_FILE)
+    weights = storage.sha256_file(out / MODEL_FILE)
     formats = list(cfg.spec.output.exports)
     export_model(model, input_spec.image_size, len(class_names), formats, out)
     if "safetensors" in formats:
@@ -253,7 +264,38 @@ def _stage(
     (out / CARD_FILE).write_text(card.to_json())
     if signing is not None:
         sign_staged(out, CARD_FILE, signing)
-    return card
+    return card, weights
+
+
+def _already_published(run_dir: str, card: ModelCard, weights: str) -> ModelCard | None:
+    """The card in ``run_dir`` when it is ``card`` but for what ``_UNSTABLE`` names, everything it lists verifies
+    and its model.pt holds the same bytes as the staged one before sealing (``weights``, their sha256); else None."""
+    try:
+        published = load_model_card(run_dir)
+    except ArtifactError:
+        return None  # none yet, or not one: publish
+
+    def stable(c: ModelCard) -> dict[str, Any]:
+        return c.model_dump(mode="json", exclude=_UNSTABLE) | {"files": sorted(c.files)}
+
+    if stable(published) != stable(card):
+        return None
+    try:
+        # Whole: a mix left by a publication killed midway (files beside a card they do not match) is published again.
+        verified = verify_artifacts(run_dir, read=[MODEL_FILE])
+    except ArtifactError:
+        return None
+    return published if storage.sha256_bytes(verified.contents[MODEL_FILE]) == weights else None
+
+
+def _remove_contradicted(staging: Path, card: ModelCard, run_dir: str) -> None:
+    """Remove from ``run_dir`` what ``card`` (staged in ``staging``, or its published twin) would contradict."""
+    if not (staging / SIGNATURE_FILE).exists():
+        storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
+    # An earlier launch's exports that this card does not list (output.exports changed since): old weights under
+    # a model file's name, which `finetune verify` calls unlisted and a signed-only consumer refuses.
+    for name in sorted(set(EXPORT_FILES.values()) - set(card.files)):
+        storage.remove(storage.join(run_dir, name))
 
 
 def write_artifacts(
@@ -295,16 +337,15 @@ def write_artifacts(
     # uploaded (s3://, gs://); the card goes last. The directory is removed whatever happens.
     with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
         staging = Path(tmp)
-        card = _stage(staging, **kwargs)
-        kms_key = server_side_key(cfg)
-        if not (staging / SIGNATURE_FILE).exists():
-            storage.remove(storage.join(run_dir, SIGNATURE_FILE))  # an earlier run's, which this card would contradict
-        # An earlier launch's exports that this card does not list (output.exports changed since): old weights under
-        # a model file's name, which `finetune verify` calls unlisted and a signed-only consumer refuses.
-        for name in sorted(set(EXPORT_FILES.values()) - set(card.files)):
-            storage.remove(storage.join(run_dir, name))
-        for name in _published(staging, card):
-            storage.upload_file(staging / name, storage.join(run_dir, name), kms_key=kms_key)
+        card, weights = _stage(staging, **kwargs)
+        published = _already_published(run_dir, card, weights)
+        _remove_contradicted(staging, card, run_dir)
+        if published is not None:
+            card = published
+        else:
+            kms_key = server_side_key(cfg)
+            for name in _published(staging, card):
+                storage.upload_file(staging / name, storage.join(run_dir, name), kms_key=kms_key)
     public = cfg.public_uri
     return Artifacts(
         model_uri=public(storage.join(run_dir, MODEL_FILE)),
