@@ -12,7 +12,7 @@ a file cut at a chunk boundary, or a header edited (key id swapped) all fail aut
 ends with a final chunk shorter than ``chunk`` (possibly empty), so the reader knows where it ends
 without trusting a length field. Sealing and ``unseal_file`` go a chunk at a time (a model of many GiB is
 never in memory whole); ``unseal_bytes`` holds the ciphertext and the plaintext together, and
-``sealed_sha256`` hashes the plaintext a chunk at a time without keeping it.
+``check_sealed`` authenticates every chunk of a sealed file in memory without keeping the plaintext.
 
 The header also names what the file is (``bind``: e.g. ``checkpoint checkpoint_epoch_0005/checkpoint.pt``
 or ``artifact model.pt``), so it is authenticated with every chunk; a reader that passes ``expect`` refuses
