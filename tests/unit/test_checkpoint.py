@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,3 +316,34 @@ def test_a_live_scalers_state_resumes_on_the_cpu(tmp_path: Path) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     restore_training(data, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
     assert optimizer.state_dict()["param_groups"][0]["momentum"] == 0.9
+
+
+def test_a_fallback_never_resurrects_the_unregistered_checkpoint_of_an_abandoned_lineage(tmp_path: Path) -> None:
+    """(review) The unregistered checkpoint_epoch_0004 of the test above, two attempts later: lineage 1 re-ran epochs
+    3..5, Ray's retention (keep_checkpoints: 2) deleted checkpoint_epoch_0004_r1, and checkpoint_epoch_0005_r1 is
+    corrupt. The fallback must be lineage 1's epoch 3, never lineage 0's abandoned epoch 4 that Ray never registered."""
+    run = tmp_path / "job"
+    write_run(run, 4)
+    truncate(run / checkpoint_dir_name(3))
+    assert resume_from(latest_of(run, 3), FP, str(run)).data["train_state"].epoch == 2  # lineage 1 forks at epoch 2
+    for epoch in (3, 4, 5):
+        save(run / checkpoint_dir_name(epoch, 1), TrainState(epoch=epoch, lineage=1), seed=10 + epoch)
+    shutil.rmtree(run / checkpoint_dir_name(4, 1))  # Ray's retention
+    truncate(run / checkpoint_dir_name(5, 1))
+
+    resumed = resume_from(ray.train.Checkpoint(path=str(run / checkpoint_dir_name(5, 1))), FP, str(run))
+
+    (warning,) = resumed.warnings
+    assert warning.endswith("; resumed from checkpoint checkpoint_epoch_0003_r1 (epoch 3)")
+
+
+def test_no_usable_earlier_checkpoint_names_the_later_one_it_ignored(tmp_path: Path) -> None:
+    """(review) Ray's latest (epoch 1) corrupt, an intact checkpoint_epoch_0002 renamed into place but never
+    reported: the run fails, as it should, in one line; that line names only epoch 1 and tells the user to delete
+    the folder, silently discarding the intact epoch 2 it never mentions."""
+    run = tmp_path / "job"
+    write_run(run, 2)
+    truncate(run / checkpoint_dir_name(1))
+    with pytest.raises(TrainerError) as raised:
+        resume_from(latest_of(run, 1), FP, str(run))
+    assert "checkpoint_epoch_0002" in str(raised.value)

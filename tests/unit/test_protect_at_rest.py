@@ -220,3 +220,43 @@ def test_a_relaunch_publishes_other_weights_and_completes_a_publication_killed_m
     )
     assert shipped.sha256 != run.artifacts.sha256
     assert verify_artifacts(str(run.run_dir)).card.files[MODEL_FILE].sha256 == shipped.sha256
+
+
+def test_a_relaunch_repairs_a_signature_left_by_a_republication_killed_before_the_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(review) A signed run's evaluation.json cut short: a relaunch republishes the same model and is killed right
+    after model.json.sig landed, before model.json, so the old card sits beside a signature of the new one. Every
+    file the card lists verifies again, and the trainer checks no signature (no FINETUNE_VERIFY_KEYS), so the next
+    relaunch keeps that directory for good: a signed-only consumer refuses the model for ever."""
+    private = Ed25519PrivateKey.generate()
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    monkeypatch.setenv("FINETUNE_SIGNING_KEY", private.private_bytes(*PEM).decode())
+    output = {"exports": ["state_dict"], "sign": True}
+    run = write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+    (run.run_dir / "evaluation.json").write_text("{")
+    upload = storage.upload_file
+
+    def killed_after_the_signature(src: str | Path, uri: str, *, kms_key: str | None = None) -> None:
+        upload(src, uri, kms_key=kms_key)
+        if uri.endswith("/model.json.sig"):
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "upload_file", killed_after_the_signature)
+        with contextlib.suppress(Killed):
+            write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+    write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)  # the next relaunch
+
+    monkeypatch.setenv("FINETUNE_VERIFY_KEYS", base64.b64encode(raw).decode())
+    verify_artifacts(str(run.run_dir))
+
+
+def test_a_relaunch_restores_a_missing_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(review) The smallest form of the above: a signed card whose model.json.sig is gone is kept as published."""
+    monkeypatch.setenv("FINETUNE_SIGNING_KEY", Ed25519PrivateKey.generate().private_bytes(*PEM).decode())
+    output = {"exports": ["state_dict"], "sign": True}
+    run = write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+    (run.run_dir / "model.json.sig").unlink()
+    write_tiny_artifacts(tmp_path, CLASSES, INPUT, output=output)
+    assert (run.run_dir / "model.json.sig").exists()
