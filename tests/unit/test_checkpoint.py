@@ -182,8 +182,14 @@ def test_a_damaged_checkpoint_is_corrupt_in_one_line(tmp_path: Path, damage: Cal
         ("0003", ["0001", "0003", "0002"], ["0003", "0002", "0001"]),
         # Ray keeps the best and the latest, not every epoch; foreign folders are no candidates.
         ("0009", ["0004", "0009", ".tmp", "model.pt", "checkpoint_epoch_x"], ["0009", "0004"]),
-        # After a fallback: by epoch, then by lineage.
-        ("0006_r1", ["0005", "0005_r1", "0004", "0006_r1", "0004_r1"], ["0006_r1", "0005_r1", "0005", "0004_r1", "0004"]),
+        # After a fallback: by epoch, then by lineage; an older lineage only before the epochs a newer one re-ran
+        # (lineage 1 began at epoch 4 or before: lineage 0's 0004 and 0005 were abandoned).
+        ("0006_r1", ["0005", "0005_r1", "0004", "0006_r1", "0004_r1"], ["0006_r1", "0005_r1", "0004_r1"]),
+        ("0006_r1", ["0002", "0003", "0004_r1", "0005_r1", "0006_r1"], ["0006_r1", "0005_r1", "0004_r1", "0003", "0002"]),
+        # Two fallbacks: lineage 2 began at epoch 3, lineage 1 at epoch 5 (or before).
+        ("0004_r2", ["0001", "0002", "0005", "0006_r1", "0005_r1", "0003_r2", "0004_r2"], ["0004_r2", "0003_r2", "0002", "0001"]),
+        # Later epochs than Ray's latest, and its own epoch in another lineage, were never registered.
+        ("0003", ["0001", "0002", "0003", "0004", "0003_r1"], ["0003", "0002", "0001"]),
     ],
 )
 def test_fallback_order_is_newest_first(latest: str, names: list[str], expected: list[str]) -> None:

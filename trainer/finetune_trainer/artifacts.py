@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 import finetune_operator
@@ -74,12 +75,13 @@ from finetune_trainer.model_card import (
     Versions,
     WeightsSource,
     load_model_card,
+    read_card_bytes,
 )
 from finetune_trainer.model_card_md import README_FILE, render_readme
 from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 from finetune_trainer.protect import keyring_for, protection_of, seal_staged, server_side_key, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
-from finetune_trainer.signing import SIGNATURE_FILE
+from finetune_trainer.signing import SIGNATURE_FILE, SignatureError, public_key_id, verify_card
 from finetune_trainer.verify import verify_artifacts
 
 __all__ = ["RunFacts", "unwrap_model", "write_artifacts"]
@@ -267,9 +269,10 @@ def _stage(
     return card, weights
 
 
-def _already_published(run_dir: str, card: ModelCard, weights: str) -> ModelCard | None:
-    """The card in ``run_dir`` when it is ``card`` but for what ``_UNSTABLE`` names, everything it lists verifies
-    and its model.pt holds the same bytes as the staged one before sealing (``weights``, their sha256); else None."""
+def _already_published(run_dir: str, card: ModelCard, weights: str, signing: Ed25519PrivateKey | None) -> ModelCard | None:
+    """The card in ``run_dir`` when it is ``card`` but for what ``_UNSTABLE`` names, everything it lists verifies,
+    its model.pt holds the same bytes as the staged one before sealing (``weights``, their sha256) and, for a signed
+    job, its signature verifies with this job's key (``signing``); else None."""
     try:
         published = load_model_card(run_dir)
     except ArtifactError:
@@ -283,7 +286,13 @@ def _already_published(run_dir: str, card: ModelCard, weights: str) -> ModelCard
     try:
         # Whole: a mix left by a publication killed midway (files beside a card they do not match) is published again.
         verified = verify_artifacts(run_dir, read=[MODEL_FILE])
-    except ArtifactError:
+        if signing is not None:
+            # verify_artifacts checks a signature only with the verifier's keys, which the trainer has not: a
+            # signature missing, or left by a publication killed before its card, is repaired by publishing again.
+            public = signing.public_key()
+            signature = storage.read_bytes(storage.join(run_dir, SIGNATURE_FILE))
+            verify_card(read_card_bytes(run_dir), signature, {public_key_id(public): public}, storage.join(run_dir, CARD_FILE))
+    except (ArtifactError, SignatureError, OSError):
         return None
     return published if storage.sha256_bytes(verified.contents[MODEL_FILE]) == weights else None
 
@@ -338,7 +347,7 @@ def write_artifacts(
     with tempfile.TemporaryDirectory(prefix="finetune-artifacts-") as tmp:
         staging = Path(tmp)
         card, weights = _stage(staging, **kwargs)
-        published = _already_published(run_dir, card, weights)
+        published = _already_published(run_dir, card, weights, signing_key_for(cfg))
         _remove_contradicted(staging, card, run_dir)
         if published is not None:
             card = published

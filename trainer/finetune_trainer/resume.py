@@ -2,7 +2,7 @@
 
 ``resume_from`` reads the checkpoint Ray Train hands back (its latest) and, when that one is corrupt
 (``checkpoint.CorruptCheckpoint``: truncated, altered, unreadable), the checkpoints of earlier epochs beside it
-in the run directory, newest first (never a later one, which Ray never registered): the first usable one wins,
+in the run directory, newest first (never one Ray never registered or a fallback abandoned): the first usable one wins,
 and each one skipped becomes a warning for the job's status. Only when none is usable does the run fail, in one
 line naming each and why.
 After a fallback the run's ``lineage`` moves past every checkpoint name on disk, so that re-run epochs
@@ -26,7 +26,7 @@ from finetune_trainer.checkpoint import CorruptCheckpoint, full_weights, read_ch
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.model import StartingWeights
 
-__all__ = ["Resumed", "order_candidates", "read_weights", "resume_from"]
+__all__ = ["Resumed", "order_candidates", "read_weights", "resume_from", "unregistered"]
 
 _NAME: Final = re.compile(r"^checkpoint_epoch_(\d+)(?:_r(\d+))?$")
 
@@ -47,13 +47,33 @@ def _key(name: str) -> tuple[int, int] | None:
 
 def order_candidates(latest: str, names: list[str]) -> list[str]:
     """``latest`` first, then the checkpoint names among ``names`` of earlier epochs, newest (epoch, lineage) first.
-    A later epoch's (or the same epoch's of another lineage) is left out: Ray Train never registered it (rank 0
-    renamed it into place, or Ray's copy began, and the attempt died before ``ray.train.report`` recorded it), or
-    it was abandoned; resuming from it would skip an epoch whose report never happened (its MLflow points, its
-    status) and disagree with Ray's own checkpoint manager."""
-    top = _key(latest)
-    keyed = [(key, n) for n in set(names) if (key := _key(n)) is not None and (top is None or key[0] < top[0])]
+    Left out (``unregistered``): a later epoch's, or the same epoch's of another lineage, and an older lineage's from
+    an epoch a newer lineage (the latest's included) re-ran. Ray Train never registered them (rank 0 renamed one into
+    place, or Ray's copy began, and the attempt died before ``ray.train.report`` recorded it), or a fallback abandoned
+    them; resuming from one would skip an epoch whose report never happened (its MLflow points, its status) and
+    disagree with Ray's own checkpoint manager."""
+    skipped = set(unregistered(latest, names))
+    keyed = [(key, n) for n in set(names) if n != latest and n not in skipped and (key := _key(n)) is not None]
     return [latest, *(n for _, n in sorted(keyed, reverse=True))]
+
+
+def unregistered(latest: str, names: list[str]) -> list[str]:
+    """The checkpoint names among ``names`` that ``order_candidates`` leaves out, in name order. A newer lineage
+    began after an older one's epoch it resumed from, so an older lineage's checkpoint at or after the first epoch
+    a newer lineage has on disk was abandoned. (Retention may have deleted a newer lineage's first checkpoints;
+    its first one left on disk then bounds its start from above.)"""
+    top = _key(latest)
+    if top is None:
+        return []
+    keys = {n: k for n in set(names) if (k := _key(n)) is not None} | {latest: top}
+    first: dict[int, int] = {}  # lineage -> the first epoch of it on disk
+    for epoch, lineage in keys.values():
+        first[lineage] = min(epoch, first.get(lineage, epoch))
+
+    def abandoned(epoch: int, lineage: int) -> bool:
+        return any(newer > lineage and start <= epoch for newer, start in first.items())
+
+    return sorted(n for n, (e, lin) in keys.items() if n != latest and (e >= top[0] or abandoned(e, lin)))
 
 
 def _siblings(checkpoint: ray.train.Checkpoint) -> list[str]:
@@ -93,8 +113,11 @@ def resume_from(latest: ray.train.Checkpoint, fingerprint: str, run_dir: str, *,
         state.lineage = 1 + max(k[1] for n in names if (k := _key(n)) is not None)
         warnings = [f"{p}; resumed from checkpoint {name} (epoch {state.epoch})" for p in problems]
         return Resumed(data, warnings)
+    ignored = unregistered(latest_name, names)
+    # Named, since deleting the folder deletes them too: a user may want to look at one before starting over.
+    never = f"; not resumed from, never reported: {', '.join(ignored)}" if ignored else ""
     raise TrainerError(
-        f"output: no usable checkpoint in {run_dir}: {'; '.join(problems)}; "
+        f"output: no usable checkpoint in {run_dir}: {'; '.join(problems)}{never}; "
         "delete that folder to start over, or rename the job or change output.uri"
     )
 
