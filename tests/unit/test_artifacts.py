@@ -398,6 +398,9 @@ CARD: dict[str, Any] = {
             json.dumps({**CARD, "metrics": {"final": {"stage": "probe"}, "best": {}, "epochs": 1}}),
             "metrics.final: not an epoch record (KeyError: 'epoch')",
         ),
+        # A card is read before its signature can vouch for anything: each of these was a traceback.
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested deeper than Python's JSON reader goes)"),
+        ('{"numClasses": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit (4300 digits) for integer string"),
     ],
 )
 def test_load_model_card_errors(tmp_path: Path, content: str | None, message: str) -> None:
@@ -407,6 +410,16 @@ def test_load_model_card_errors(tmp_path: Path, content: str | None, message: st
         load_model_card(str(tmp_path))
     assert str(tmp_path / "model.json") in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../../../dev/zero", "../model.pt", "/etc/passwd", "sub/model.pt", "..", ".", ""])
+def test_a_card_may_list_only_files_of_its_own_directory(tmp_path: Path, name: str) -> None:
+    """verify and predict read every name the card lists beside it: '../../dev/zero' read until memory ran out,
+    '../../etc/passwd' read a file outside the artifact directory (and its sha256 said whether it was a guess)."""
+    files = {**CARD["files"], name: {"sha256": "0" * 64, "bytes": 1}}
+    (tmp_path / "model.json").write_text(json.dumps({**CARD, "files": files}))
+    with pytest.raises(ArtifactError, match=re.escape(f"files: {name!r} is not a file name of the artifact directory")):
+        load_model_card(str(tmp_path))
 
 
 def test_least_card_loads(tmp_path: Path) -> None:
