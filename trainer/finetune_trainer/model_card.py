@@ -203,6 +203,15 @@ class FileEntry(CardPart):
 def _lists_the_model(files: dict[str, FileEntry]) -> dict[str, FileEntry]:
     if MODEL_FILE not in files:
         raise PydanticCustomError("model_file", "no entry for {name}", {"name": MODEL_FILE})
+    # verify and predict read each name beside the card: '../../dev/zero' read until memory ran out, and
+    # '../../etc/passwd' a file outside the directory (the trainer writes plain names only).
+    for name in files:
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise PydanticCustomError(
+                "file_name",
+                "{name} is not a file name of the artifact directory (a plain name: no '/', not '..')",
+                {"name": repr(name[:120])},
+            )
     return files
 
 
@@ -282,6 +291,10 @@ def parse_model_card(data: bytes, uri: str) -> ModelCard:
         raise ArtifactError(f"{uri}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{uri}: not valid JSON ({e})") from None
+    except RecursionError:  # json's reader recurses per level: a card is a few levels deep
+        raise ArtifactError(f"{uri}: not valid JSON (nested deeper than Python's JSON reader goes)") from None
+    except ValueError as e:  # a number past Python's 4300-digit limit; its advice (set_int_max_str_digits) is not ours
+        raise ArtifactError(f"{uri}: not valid JSON ({str(e).split(';', 1)[0]})") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{uri}: not a model card (a JSON {type(raw).__name__}, expected an object)")
     try:
