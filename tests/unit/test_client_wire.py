@@ -207,6 +207,37 @@ def test_a_file_that_is_no_kubeconfig_is_one_line(tmp_path: Path, monkeypatch: p
     assert "\n" not in str(info.value)
 
 
+def _alias_bomb(levels: int) -> str:
+    """A kubeconfig whose aliases expand to 9**levels strings (a 'billion laughs' at 9)."""
+    rows = ["a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    rows += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(rows) + "\ncurrent-context: c\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("a: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than 64 levels deep at line 1"),  # a RecursionError dump
+        (_alias_bomb(7), "its aliases expand to more than 100000 values"),  # at 9 levels: 5.5 GB and counting
+        ("# " + "x" * (4 << 20) + "\n", "larger than 4 MiB"),  # 100 MB: a minute and more in PyYAML's pure reader
+    ],
+    ids=["deep", "alias-bomb", "huge"],
+)
+@pytest.mark.parametrize("how", ["--kubeconfig", "KUBECONFIG"])
+def test_a_kubeconfig_too_big_to_load_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, problem: str, how: str
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    path = tmp_path / "config"
+    path.write_text(content)
+    if how == "KUBECONFIG":  # a list of files, as kubectl reads it: the bad one second
+        (tmp_path / "first").write_text("apiVersion: v1\nkind: Config\n")
+        monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'first'}:{path}")
+    with pytest.raises(ClientError, match=rf"^the kubeconfig {path} cannot be used: {problem}") as info:
+        FineTuneJobClient(config_file=str(path) if how == "--kubeconfig" else None, context="c")
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("body", "lines"),
     [
