@@ -225,6 +225,49 @@ def test_an_image_over_pils_pixel_limit_is_one_line_not_a_traceback(
     assert line.startswith(f"error: {bomb}: not a readable image (DecompressionBombError: Image size (10000 pixels) exceeds")
 
 
+def test_an_image_past_pils_warning_limit_is_one_line_not_a_warning_dump(
+    model_dir: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between MAX_IMAGE_PIXELS and twice it (89-179 Mpx), PIL only warns: a two-line DecompressionBombWarning dump on
+    stderr, then the image decoded anyway (a 12 KB PNG of 100 Mpx took 2 GB)."""
+    import warnings
+
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (100, 100)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10,000 pixels: past the limit, not past twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # as outside pytest: shown, once
+        assert run(model_dir[0], [bomb]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {bomb}: not a readable image (DecompressionBombWarning: Image size (10000 pixels) exceeds")
+
+
+def test_decoded_images_are_not_held_while_the_next_are_read(
+    model_dir: tuple[Path, nn.Module], images: list[Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch held 32 decoded images before any was shrunk: 32 copies of one small 81 Mpx PNG took 8 GB."""
+    import gc
+    import weakref
+
+    from finetune_trainer import predict as predict_module
+
+    opened: list[weakref.ref[Image.Image]] = []
+    original = predict_module._open_image
+
+    def open_image(path: str) -> Image.Image:
+        gc.collect()
+        assert [ref for ref in opened if ref() is not None] == [], "a decoded image is still held"
+        image = original(path)
+        opened.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(predict_module, "_open_image", open_image)
+    assert run(model_dir[0], images * 3) == 0
+    assert len(parse(capsys.readouterr().out)) == len(images)  # the same three paths, each printed three times
+
+
 def test_bad_top_k(model_dir: tuple[Path, nn.Module], images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert run(model_dir[0], images, top_k=0) == 2
     assert one_error_line(capsys.readouterr().err) == "error: --top-k 0: must be at least 1"
