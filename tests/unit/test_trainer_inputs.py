@@ -359,6 +359,13 @@ def test_local_job_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.M
     assert job.spec.model.weights_uri == str(tmp_path / "work" / "runs/src/model.pt")  # relative: to the working folder
 
 
+@pytest.mark.parametrize("written", ["~no-such-user-here/runs", "file://~no-such-user-here/runs"])
+def test_a_home_folder_of_no_user_is_one_line(tmp_path: Path, written: str) -> None:
+    """pathlib's expanduser raised RuntimeError('Could not determine home directory.'): a traceback."""
+    with pytest.raises(TrainerError, match=rf"^spec\.output\.uri: {written}: '~no-such-user-here' names no user of this machine"):
+        local_job(JOB.replace("OUT", written), "job.yaml", cwd=tmp_path)
+
+
 def test_local_job_revalidates_the_overrides(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as raised:
         local_job(JOB.replace("OUT", "runs"), "job.yaml", workers=4, cwd=tmp_path)
