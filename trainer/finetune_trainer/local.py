@@ -64,11 +64,20 @@ def local_job(
             raise TrainerError(f"spec.{section}.{field}: {value}: pvc:// volumes exist only in a cluster; use a local path{hint}")
         if uri_scheme(value) in (None, "file"):
             # '~' expanded before the join: joined to the working directory first, it is a folder named '~'.
-            spec[section][field] = str((base / Path(resolve_uri(value)).expanduser()).resolve())
+            spec[section][field] = str((base / _home_expanded(resolve_uri(value), f"spec.{section}.{field}: {value}")).resolve())
     result = validate_document(doc, source)
     if not result.ok or result.job is None:
         raise ManifestError(result.label, result.errors)
     return result.job
+
+
+def _home_expanded(path: str, where: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; TrainerError (``where`` first) when there is no such home."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        user = Path(path).parts[0]
+        raise TrainerError(f"{where}: {user!r} names no user of this machine (no home folder); write the path out") from None
 
 
 def _preflight(cfg: TrainerConfig) -> None:
