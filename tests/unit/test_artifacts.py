@@ -30,6 +30,7 @@ from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metrics
 from finetune_trainer.model_card import MODEL_FILE, FileEntry, load_model_card
 from finetune_trainer.plots import plot_training_curves
+from finetune_trainer.verify import verify_artifacts
 
 CLASSES = ["zero", "one", "two"]
 INPUT = InputSpec(
@@ -420,6 +421,30 @@ def test_a_card_may_list_only_files_of_its_own_directory(tmp_path: Path, name: s
     (tmp_path / "model.json").write_text(json.dumps({**CARD, "files": files}))
     with pytest.raises(ArtifactError, match=re.escape(f"files: {name!r} is not a file name of the artifact directory")):
         load_model_card(str(tmp_path))
+
+
+def test_a_card_with_a_negative_size_is_refused(tmp_path: Path) -> None:
+    files = {**CARD["files"], "model.pt": {"sha256": "0" * 64, "bytes": -1}}
+    (tmp_path / "model.json").write_text(json.dumps({**CARD, "files": files}))
+    with pytest.raises(ArtifactError, match=re.escape("files.model.pt.bytes: Input should be greater than or equal to 0")):
+        load_model_card(str(tmp_path))
+
+
+@pytest.mark.parametrize("swapped", ["model.pt", "model.json"])
+def test_a_file_swapped_for_an_endless_one_is_read_no_further_than_the_card_allows(
+    written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path, swapped: str
+) -> None:
+    """An artifact directory someone hands over with model.pt (or the card) linked to /dev/zero: verify and predict
+    read it until memory ran out (std::bad_alloc). Now at most the size the card lists (16 MiB for the card)."""
+    copy = tmp_path / "artifacts"
+    copy.mkdir()
+    for path in run_dir(written).iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / swapped).unlink()
+    (copy / swapped).symlink_to("/dev/zero")
+    message = "does not match the model card's" if swapped == "model.pt" else "larger than 16 MiB, so not a model card"
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        verify_artifacts(str(copy), read=["model.pt"])
 
 
 def test_least_card_loads(tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ class Versions(CardPart):
 class FileEntry(CardPart):
     sha256: str
     """Of the bytes as stored: the ciphertext of an encrypted file, so sums are checked without the key."""
-    size: int = Field(alias="bytes")
+    size: int = Field(alias="bytes", ge=0)
     # Left out of the card for files in the clear: cards of unencrypted runs read as they always did.
     encryption_key_id: str | None = Field(None, exclude_if=lambda value: value is None)
     """The file is encrypted (``sealing``) with this key id; None: stored in the clear."""
@@ -265,11 +265,18 @@ def _problems(error: ValidationError) -> str:
     return "; ".join(problems[:_SHOWN_PROBLEMS]) + more
 
 
+MAX_CARD_BYTES: Final = 16 << 20
+"""Largest model card read (16 MiB): ImageNet-21k's class names fit in under one."""
+
+
 def read_card_bytes(artifact_dir: str) -> bytes:
     """The exact bytes of an artifact directory's card (what its signature covers)."""
     uri = storage.join(artifact_dir, CARD_FILE)
     try:
-        return storage.read_bytes(uri)
+        data = storage.read_bytes(uri, at_most=MAX_CARD_BYTES)
+        if len(data) > MAX_CARD_BYTES:
+            raise ArtifactError(f"{uri}: larger than {MAX_CARD_BYTES >> 20} MiB, so not a model card (one is a few KiB)")
+        return data
     except FileNotFoundError:
         raise ArtifactError(
             f"{uri}: no model card; --model must be the artifact directory of a finished job (<output.uri>/<job name>)"

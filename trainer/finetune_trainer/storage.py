@@ -182,13 +182,17 @@ def server_side_options(uri: str, kms_key: str | None) -> tuple[dict[str, Any], 
     return {}, {}
 
 
-def read_bytes(uri: str) -> bytes:
-    """The content of a local file or an object; FileNotFoundError when it does not exist."""
+def read_bytes(uri: str, *, at_most: int | None = None) -> bytes:
+    """The content of a local file or an object; FileNotFoundError when it does not exist. With ``at_most``, no
+    more than one byte past it, so that a caller expecting that size sees a longer file without holding it whole
+    (a link to /dev/zero, a model file swapped for something huge)."""
+    size = -1 if at_most is None else max(at_most, 0) + 1
     if not is_remote(uri):
-        return local_path(uri).read_bytes()
+        with local_path(uri).open("rb") as stream:
+            return stream.read(size)
     try:
         with _fs_open(uri, "rb") as f:
-            return bytes(f.read())
+            return bytes(f.read(size))
     except FileNotFoundError:
         raise
     except Exception as e:  # backends raise their own types (botocore, google.auth, ...)

@@ -109,7 +109,7 @@ def verify_artifacts(
         if entry is None:
             raise ArtifactError(f"{uri}: not listed in the model card, so it cannot be verified")
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, at_most=entry.size)  # longer than listed: its sha256 cannot match
         except FileNotFoundError:
             raise ArtifactError(f"{uri}: missing; the model card lists it, so the directory is incomplete") from None
         except OSError as e:
