@@ -413,7 +413,7 @@ def test_load_model_card_errors(tmp_path: Path, content: str | None, message: st
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["../../../dev/zero", "../model.pt", "/etc/passwd", "sub/model.pt", "..", ".", ""])
+@pytest.mark.parametrize("name", ["../../dev/zero", "../model.pt", "/etc/passwd", "sub/model.pt", "..", ".", ""])
 def test_a_card_may_list_only_files_of_its_own_directory(tmp_path: Path, name: str) -> None:
     """verify and predict read every name the card lists beside it: '../../dev/zero' read until memory ran out,
     '../../etc/passwd' read a file outside the artifact directory (and its sha256 said whether it was a guess)."""

@@ -329,3 +329,17 @@ def test_object_store_artifacts_round_trip(images: list[Path], capsys: pytest.Ca
     finally:
         if memory.exists("/finetune-test-bucket"):
             memory.rm("/finetune-test-bucket", recursive=True)
+
+
+def test_class_names_from_a_card_cannot_drive_the_terminal(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The names come from model.json, written by whoever handed over the model: an escape sequence (here: clear the
+    screen), a newline that forges an output line, or a name of 100,000 characters that pads every line to its width."""
+    names = ["\x1b[2J\x1b[Hcat", "dog\nimages/forged.png", "x" * 100_000]
+    run_dir = write_tiny_artifacts(tmp_path, names, INPUT, labels=[0, 1, 2, 0]).run_dir
+    assert run(run_dir, images[:1], top_k=3) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2J\\x1b[Hcat" in out
+    assert out.count("\n") == 4 and "dog\\nimages/forged.png" in out  # the image's line and its three classes
+    assert max(len(line) for line in out.splitlines() if "x" * 100 not in line) < 100

@@ -16,7 +16,7 @@ import io
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -157,6 +157,16 @@ def _top_k(model: nn.Module, inputs: list[torch.Tensor], top_k: int) -> list[lis
     return results
 
 
+_MAX_PAD: Final = 64
+"""Class names are padded to the longest, up to this width: a card's 100,000-character name would widen every line."""
+
+
+def _printable(name: str) -> str:
+    """A class name as printed: characters a terminal would act on (escape sequences, newlines, controls) written as
+    escapes, since the names come from a model card, which whoever handed over the model wrote."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
 def predict_command(args: argparse.Namespace | Any) -> int:
     """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image,
     its name and then the top-k ``label  probability`` lines. Images that cannot be read are reported and
@@ -175,7 +185,8 @@ def predict_command(args: argparse.Namespace | Any) -> int:
     except (ArtifactError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    width = max(map(len, class_names))
+    shown = [_printable(name) for name in class_names]
+    width = min(max(map(len, shown)), _MAX_PAD)
     failed = 0
     # A chunk at a time: thousands of images on the command line must not all sit in memory at once.
     for start in range(0, len(args.images), _BATCH):
@@ -190,5 +201,5 @@ def predict_command(args: argparse.Namespace | Any) -> int:
         for (path, _), top in zip(readable, tops, strict=True):
             print(path)
             for index, prob in top:
-                print(f"  {class_names[index]:<{width}}  {prob:.4f}")
+                print(f"  {shown[index]:<{width}}  {prob:.4f}")
     return 2 if failed else 0
