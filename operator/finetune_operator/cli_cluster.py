@@ -157,9 +157,12 @@ def _finish(client: FineTuneJobClient, args: argparse.Namespace, name: str, name
 def cmd_submit(args: argparse.Namespace) -> int:
     from finetune_operator import client as c
 
+    # The manifest before the credentials: its errors (exit 2) are there to fix whatever cluster it goes to. Read
+    # once (a manifest on stdin can be read only once); send validates the result again, which costs nothing.
+    document = c.job_body(args.job, overrides=args.set or ())
     client = _client(args)
     send = client.apply if args.server_side else client.create
-    job = send(args.job, namespace=args.namespace, overrides=args.set or ())
+    job = send(document, namespace=args.namespace)
     name = job.metadata.name
     if args.output in ("json", "yaml"):
         print_objects([client.get_object(name, job.metadata.namespace)], args.output, single=True)

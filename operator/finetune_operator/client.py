@@ -55,6 +55,7 @@ __all__ = [
     "JobNotFound",
     "LogsUnavailable",
     "Timeout",
+    "job_body",
     "logs_gone_reason",
 ]
 
@@ -206,6 +207,39 @@ def phase_of(obj: Mapping[str, Any]) -> str:
     return str((obj.get("status") or {}).get("phase") or "")
 
 
+def job_body(job: FineTuneJob | str | Path | Mapping[str, Any], *, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The wire object (camelCase, no status) of a model, a manifest path or a dict; Invalid when it is not a
+    valid FineTuneJob (every problem, the lines ``finetune validate`` prints). ``overrides``: ``PATH=VALUE``."""
+    if isinstance(job, FineTuneJob):
+        document: Any = job.to_wire()
+        label = f"{KIND}/{job.metadata.name}"
+    elif isinstance(job, (str, Path)):
+        label = str(job)
+        try:
+            text = decode_manifest(read_manifest(str(job)), label)
+        except OSError as exc:
+            raise Invalid(label, [f"cannot read: {exc.strerror or exc}"]) from None
+        except ManifestError as exc:
+            raise Invalid(exc.label, exc.lines) from None
+        results = list(iter_documents(text, label))
+        if len(results) != 1 or results[0].document is None:
+            lines = [line for r in results for line in r.errors] or [f"expected one {KIND}, found {len(results)}"]
+            raise Invalid(label, lines)
+        document = results[0].document
+    else:
+        document, label = dict(job), "<dict>"
+    try:
+        document = apply_overrides(document, overrides)
+    except OverrideError as exc:
+        raise Invalid(label, exc.lines) from None
+    result = validate_document(document, label)
+    if not result.ok or result.job is None:
+        raise Invalid(result.label, result.errors)
+    wire = result.job.to_wire()
+    wire.pop("status", None)
+    return wire
+
+
 class FineTuneJobClient:
     """Create, watch and manage FineTuneJobs. ``FineTuneJobClient()`` finds its credentials like kubectl does.
 
@@ -252,36 +286,8 @@ class FineTuneJobClient:
         return namespace or self.namespace
 
     def body(self, job: FineTuneJob | str | Path | Mapping[str, Any], *, overrides: Iterable[str] = ()) -> dict[str, Any]:
-        """The wire object (camelCase, no status) of a model, a manifest path or a dict; Invalid when it is not a
-        valid FineTuneJob (every problem, the lines ``finetune validate`` prints). ``overrides``: ``PATH=VALUE``."""
-        if isinstance(job, FineTuneJob):
-            document: Any = job.to_wire()
-            label = f"{KIND}/{job.metadata.name}"
-        elif isinstance(job, (str, Path)):
-            label = str(job)
-            try:
-                text = decode_manifest(read_manifest(str(job)), label)
-            except OSError as exc:
-                raise Invalid(label, [f"cannot read: {exc.strerror or exc}"]) from None
-            except ManifestError as exc:
-                raise Invalid(exc.label, exc.lines) from None
-            results = list(iter_documents(text, label))
-            if len(results) != 1 or results[0].document is None:
-                lines = [line for r in results for line in r.errors] or [f"expected one {KIND}, found {len(results)}"]
-                raise Invalid(label, lines)
-            document = results[0].document
-        else:
-            document, label = dict(job), "<dict>"
-        try:
-            document = apply_overrides(document, overrides)
-        except OverrideError as exc:
-            raise Invalid(label, exc.lines) from None
-        result = validate_document(document, label)
-        if not result.ok or result.job is None:
-            raise Invalid(result.label, result.errors)
-        wire = result.job.to_wire()
-        wire.pop("status", None)
-        return wire
+        """``job_body``: the wire object of a model, a manifest path or a dict; Invalid when it is not a valid job."""
+        return job_body(job, overrides=overrides)
 
     # ---- create, apply, read
 

@@ -318,3 +318,22 @@ def test_an_apply_answered_with_something_else_than_an_object_is_one_line(
     with pytest.raises(ApiError, match=r"^apply FineTuneJob .*: the answer is not (JSON|an object)") as info:
         client.apply(EXAMPLE)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "spec.hyperparameters.learningRate=-1"]], ids=["manifest", "override"])
+def test_submit_names_the_manifests_errors_before_any_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    """An invalid job is the user's to fix whatever cluster it goes to: exit 2 naming the field, not exit 4 for a
+    kubeconfig that is missing (which hid the manifest's errors until credentials were found)."""
+    from finetune_operator.cli import main
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    bad = yaml.safe_load(yaml.safe_dump(EXAMPLE))
+    if not extra:
+        bad["spec"]["hyperparameters"]["learningRate"] = -1
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["submit", str(path), "--kubeconfig", str(tmp_path / "no-such-kubeconfig"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "learningRate" in err and "kubeconfig" not in err
