@@ -63,6 +63,12 @@ def test_validate_missing_file() -> None:
     assert "/nonexistent/job.yaml: cannot read" in out.stderr
 
 
+def test_validate_an_empty_path_names_it() -> None:
+    out = finetune("validate", "")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ": cannot read: '' (an empty path) names no file; give a manifest's path, or - for stdin"
+
+
 def test_validate_stdin() -> None:
     out = finetune("validate", "-", stdin=(REPO / "manifests/examples/digits-cpu.yaml").read_text())
     assert out.returncode == 0 and "valid" in out.stdout

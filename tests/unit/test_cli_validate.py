@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator.api.validate import validate_document
 from tests.support.schemas import REPO
 
 LOCAL = REPO / "manifests/examples/digits-source.yaml"  # output: runs (a local directory)
@@ -62,7 +63,10 @@ def test_plain_validate_says_when_a_job_is_local_only() -> None:
         pytest.param(
             {"output": {"uri": "runs"}, "hyperparameters": {"learningRate": -1}},
             {},
-            ["spec.hyperparameters.learningRate: -1: should be greater than 0", "spec.output.uri: 'runs' is not shared"],
+            [
+                "spec.hyperparameters.learningRate: -1: should be greater than 0; accepted: > 0 and ≤ 10",
+                "spec.output.uri: 'runs' is not shared",
+            ],
             id="validation-and-policy-together",
         ),
     ],
@@ -87,3 +91,23 @@ def test_cluster_with_a_bad_operator_setting_is_a_usage_error() -> None:
     out = finetune("validate", "--cluster", str(SHARED), env={"FINETUNE_OPERATOR_MAX_WORKERS": "many"})
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error: FINETUNE_OPERATOR_MAX_WORKERS='many'") and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "line"),
+    [
+        ("learningRate", ".nan", "spec.hyperparameters.learningRate: nan is not a number; accepted: > 0 and ≤ 10"),
+        (
+            "learningRate",
+            "11",
+            "spec.hyperparameters.learningRate: 11: should be less than or equal to 10; accepted: > 0 and ≤ 10",
+        ),
+        ("epochs", "0", "spec.hyperparameters.epochs: 0: should be greater than or equal to 1; accepted: ≥ 1 and ≤ 10000"),
+    ],
+)
+def test_a_number_out_of_range_names_the_whole_range(field: str, value: str, line: str) -> None:
+    """pydantic names the one bound a value broke (NaN breaks the first checked: "should be ≤ 10" alone)."""
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
+    doc["spec"]["hyperparameters"][field] = yaml.safe_load(value)
+    result = validate_document(doc, "job.yaml")
+    assert result.errors == [line]

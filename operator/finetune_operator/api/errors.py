@@ -7,6 +7,7 @@ what would be accepted. The same text is printed by ``finetune validate``, put i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, get_args, get_origin
 
@@ -100,6 +101,20 @@ def _accepted_fields(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+_BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+_BOUND_SIGNS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+
+
+def _range(root: type[BaseModel], within: Sequence[int | str]) -> str:
+    """The bounds of the number field at ``within`` ("> 0 and ≤ 10"); empty when it has none there (a list item)."""
+    parent = _model_at(root, within[:-1])
+    field = _field(parent, str(within[-1])) if parent is not None and within else None
+    if field is None:
+        return ""
+    bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata for attr, sign in _BOUND_SIGNS if hasattr(m, attr)]
+    return " and ".join(bounds)
+
+
 def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> str:
     within: tuple[int | str, ...] = tuple(error["loc"])  # relative to root: what _model_at walks
     loc = (*prefix, *within)
@@ -139,11 +154,17 @@ def _message(root: type[BaseModel], error: Any, prefix: Sequence[str] = ()) -> s
         return f"{path}: expected an object (key: value mapping), got {quote(value)}"
     if kind == "list_type":
         return f"{path}: expected a list, got {quote(value)}"
-    # Bounds, types and lengths: pydantic's own text ("Input should be greater than 0") is precise.
+    bounds = _range(root, within) if kind in _BOUND_ERRORS else ""
+    if isinstance(value, float) and math.isnan(value) and bounds:
+        # NaN fails whichever bound is checked first: "should be less than or equal to 10" alone misleads.
+        return f"{path}: nan is not a number; accepted: {bounds}"
+    # Bounds, types and lengths: pydantic's own text ("Input should be greater than 0") is precise; a bound broken
+    # is followed by the whole range when there is another bound ("; accepted: > 0 and ≤ 10").
     shown = "" if value is _MISSING else f"{subject}{quote(value)}: "
     text = str(error["msg"])
     text = text[0].lower() + text[1:] if text else text
-    return f"{path}: {shown}{text.replace('input should', 'should')}"
+    whole = f"; accepted: {bounds}" if " and " in bounds else ""
+    return f"{path}: {shown}{text.replace('input should', 'should')}{whole}"
 
 
 def format_errors(error: ValidationError, root: type[BaseModel], prefix: Sequence[str] = ()) -> list[str]:

@@ -12,6 +12,7 @@ silently) before the document is built.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ def read_manifest(path: str) -> bytes:
     costs nothing. The one read of this module, shared by the ``finetune`` commands; OSError passes through."""
     if path == "-":
         return sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
+    if not path:  # Path("") is the working directory: "Is a directory" would name neither the value nor the fault
+        raise FileNotFoundError(errno.ENOENT, "'' (an empty path) names no file; give a manifest's path, or - for stdin")
     with Path(path).open("rb") as stream:
         return stream.read(MAX_MANIFEST_BYTES + 1)
 
