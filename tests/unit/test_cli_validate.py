@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator.api.validate import validate_document
+from finetune_operator.api.validate import iter_documents, validate_document
 from tests.support.schemas import REPO
 
 LOCAL = REPO / "manifests/examples/digits-source.yaml"  # output: runs (a local directory)
@@ -111,3 +111,25 @@ def test_a_number_out_of_range_names_the_whole_range(field: str, value: str, lin
     doc["spec"]["hyperparameters"][field] = yaml.safe_load(value)
     result = validate_document(doc, "job.yaml")
     assert result.errors == [line]
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "error"),
+    [
+        # kubectl's YAML reader (go-yaml) has no YAML 1.1 base-60 numbers: "1:30" is a string there, refused.
+        ("epochs", "1:30", "spec.hyperparameters.epochs: '1:30': should be a valid integer"),
+        # A quoted number is a string on the wire, which the API server refuses for an integer or number field.
+        ("epochs", '"10"', "spec.hyperparameters.epochs: '10': should be a valid integer"),
+        ("learningRate", '"0.01"', "spec.hyperparameters.learningRate: '0.01': should be a valid number"),
+        # Exponents are numbers to go-yaml with or without a dot (PyYAML alone read '1e-3' as a string).
+        ("learningRate", "1e-3", None),
+        ("learningRate", "2E-4", None),
+        ("epochs", "0x0a", None),
+    ],
+)
+def test_numbers_are_read_as_kubectl_reads_them(field: str, text: str, error: str | None) -> None:
+    """A manifest valid here must be valid on a cluster, where kubectl's YAML reader decides what is a number."""
+    lines = (REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text().splitlines()
+    edited = [f"{line.split(':')[0]}: {text}" if line.strip().startswith(f"{field}:") else line for line in lines]
+    (result,) = iter_documents("\n".join(edited), "job.yaml")
+    assert result.errors == ([] if error is None else [error])

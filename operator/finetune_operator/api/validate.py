@@ -13,11 +13,12 @@ silently) before the document is built.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import yaml
 from pydantic import ValidationError
@@ -74,7 +75,9 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
     if kind != KIND:
         return result  # another kind of object: its fields are not a FineTuneJob's mistakes
     try:
-        result.job = FineTuneJob.model_validate(document)
+        # Strict: a quoted number ("10") is a string on the wire, which the API server's schema refuses for a number
+        # field; converting it here would call valid a manifest the cluster refuses.
+        result.job = FineTuneJob.model_validate(document, strict=True)
     except ValidationError as exc:
         # With the apiVersion line above (pydantic's own words for it are dropped): every mistake in one pass.
         result.errors += [line for line in format_errors(exc, FineTuneJob) if not line.startswith("apiVersion: ")]
@@ -96,7 +99,27 @@ MAX_DEPTH: Final = 32
 MAX_NODES: Final = 20_000
 """Most YAML nodes (scalars, mappings, lists) in one file: a complete FineTuneJob has a few hundred."""
 # libyaml's parser when PyYAML was built with it (ten times faster), the pure-Python one otherwise; both safe loaders.
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Numbers as kubectl's YAML reader (go-yaml) reads them, so that a manifest valid here is valid on a cluster: no YAML
+# 1.1 base-60 numbers (PyYAML reads `epochs: 1:30` as 90, go-yaml as the string "1:30", which the API server refuses),
+# and exponents without a dot or with an unsigned exponent are floats (`learningRate: 1e-3`; PyYAML reads a string).
+# PyYAML's own patterns, less base 60, plus those exponents; an integer never matches the float pattern.
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_NO_BASE_60 = {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
+
+
+class _Loader(_SAFE):  # type: ignore[valid-type,misc]  # CSafeLoader is found at run time
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, _NO_BASE_60.get(tag, pattern)) for tag, pattern in resolvers]
+        for first, resolvers in _SAFE.yaml_implicit_resolvers.items()
+    }
+
+
+_LOADER: type[yaml.SafeLoader] = _Loader
 
 
 def read_manifest(path: str) -> bytes:
