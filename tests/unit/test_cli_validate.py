@@ -133,3 +133,20 @@ def test_numbers_are_read_as_kubectl_reads_them(field: str, text: str, error: st
     edited = [f"{line.split(':')[0]}: {text}" if line.strip().startswith(f"{field}:") else line for line in lines]
     (result,) = iter_documents("\n".join(edited), "job.yaml")
     assert result.errors == ([] if error is None else [error])
+
+
+def test_a_document_built_in_python_with_objects_no_manifest_holds_is_one_line() -> None:
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
+    doc["spec"]["output"]["uri"] = Path("/tmp/runs")  # what a Python caller of FineTuneJobClient.create may pass
+    result = validate_document(doc, "<dict>")
+    assert result.errors == [
+        "(document): not JSON data (PosixPath is not JSON); a FineTuneJob holds strings, numbers, booleans, lists, maps"
+    ]
+
+
+def test_yaml_timestamps_reach_validation_as_kubectl_writes_them() -> None:
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
+    doc["status"] = {"phase": "Running", "startTime": yaml.safe_load("2026-01-02T03:04:05+01:00")}
+    result = validate_document(doc, "job.yaml")
+    assert result.ok and result.job is not None and result.job.status is not None
+    assert result.job.to_wire()["status"]["startTime"] == "2026-01-02T02:04:05Z"

@@ -13,10 +13,12 @@ silently) before the document is built.
 from __future__ import annotations
 
 import errno
+import json
 import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -60,6 +62,17 @@ class ManifestError(ValueError):
         self.lines = lines
 
 
+def _as_kubectl_sends(value: Any) -> str:
+    """A YAML timestamp as kubectl's YAML reader writes it into JSON (RFC 3339, UTC); json.dumps calls this for what
+    JSON has no type for. Anything else is not YAML's: refused as JSON refuses it."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+        return moment.isoformat() + "Z"
+    if isinstance(value, date):
+        return f"{value.isoformat()}T00:00:00Z"
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def validate_document(document: Any, source: str = "<input>", index: int | None = None) -> DocumentResult:
     """Validate one parsed document as a FineTuneJob."""
     if not isinstance(document, dict):
@@ -75,9 +88,14 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
     if kind != KIND:
         return result  # another kind of object: its fields are not a FineTuneJob's mistakes
     try:
-        # Strict: a quoted number ("10") is a string on the wire, which the API server's schema refuses for a number
-        # field; converting it here would call valid a manifest the cluster refuses.
-        result.job = FineTuneJob.model_validate(document, strict=True)
+        wire = json.dumps(document, default=_as_kubectl_sends)
+    except (TypeError, ValueError) as exc:  # a dict built in Python holding objects no manifest can (a Path, a set)
+        result.errors.append(f"(document): not JSON data ({exc}); a {KIND} holds strings, numbers, booleans, lists, maps")
+        return result
+    try:
+        # As JSON, strictly: what the API server gets from kubectl. A quoted number ("10") is a string there, which its
+        # schema refuses for a number field; converting it here would call valid a manifest the cluster refuses.
+        result.job = FineTuneJob.model_validate_json(wire, strict=True)
     except ValidationError as exc:
         # With the apiVersion line above (pydantic's own words for it are dropped): every mistake in one pass.
         result.errors += [line for line in format_errors(exc, FineTuneJob) if not line.startswith("apiVersion: ")]
