@@ -391,9 +391,12 @@ CARD: dict[str, Any] = {
         ),
         (
             json.dumps({**CARD, "classNames": "abc", "architecture": {"name": 7}}),
-            "not a model card: architecture.name: Input should be a valid string; classNames: Input should be a valid list",
+            "not a model card: architecture.name: Input should be a valid string; classNames: Input should be a valid array",
         ),
-        (json.dumps({**CARD, "input": {**CARD["input"], "mean": "grey"}}), "input.mean: Input should be a valid tuple"),
+        (json.dumps({**CARD, "input": {**CARD["input"], "mean": "grey"}}), "input.mean: Input should be a valid array"),
+        # Strict: a value of the wrong JSON type is refused, not converted (true was read as an image size of 1).
+        (json.dumps({**CARD, "input": {**CARD["input"], "imageSize": True}}), "input.imageSize: Input should be a valid integer"),
+        (json.dumps({**CARD, "numClasses": "2"}), "numClasses: Input should be a valid integer"),
         (json.dumps({**CARD, "weights": {"source": "hub"}}), "weights: Input tag 'hub' found using 'source' does not match"),
         (
             json.dumps({**CARD, "metrics": {"final": {"stage": "probe"}, "best": {}, "epochs": 1}}),

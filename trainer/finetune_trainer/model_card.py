@@ -305,6 +305,7 @@ def parse_model_card(data: bytes, uri: str) -> ModelCard:
     if not isinstance(raw, dict):
         raise ArtifactError(f"{uri}: not a model card (a JSON {type(raw).__name__}, expected an object)")
     try:
-        return ModelCard.model_validate(raw)
+        # Strict, as JSON: the card is JSON, and a value of the wrong type (imageSize: true) is not quietly converted.
+        return ModelCard.model_validate_json(data, strict=True)
     except ValidationError as e:
         raise ArtifactError(f"{uri}: not a model card: {_problems(e)}") from None
