@@ -163,7 +163,7 @@ def test_a_spec_this_client_cannot_read_is_one_line_not_a_traceback() -> None:
 def test_in_a_pod_the_service_account_and_its_namespace_are_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import kubernetes.config
 
-    from finetune_operator import client as client_module
+    from finetune_operator import client_auth
 
     def incluster(client_configuration: Any) -> None:  # what load_incluster_config does with the pod's token and CA
         client_configuration.host = "https://10.0.0.1:443"
@@ -171,7 +171,7 @@ def test_in_a_pod_the_service_account_and_its_namespace_are_used(monkeypatch: py
     namespace_file = tmp_path / "namespace"
     namespace_file.write_text("ml-pipelines\n")
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", incluster)
-    monkeypatch.setattr(client_module, "_SA_NAMESPACE", namespace_file)
+    monkeypatch.setattr(client_auth, "_SA_NAMESPACE", namespace_file)
     in_pod = FineTuneJobClient()
     assert in_pod.namespace == "ml-pipelines"
     assert in_pod.api_client.configuration.host == "https://10.0.0.1:443"

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from finetune_operator.api.contract import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_operator.api.v1alpha1 import Artifacts, FineTuneJobSpec
 from finetune_trainer import artifacts as art
 from finetune_trainer import storage
 from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, TrainState, checkpoint_dir_name, read_checkpoint
@@ -58,9 +58,15 @@ def write_encrypted(output: Path, exports: list[str], *, sign: bool = False) -> 
         }
     )
     cfg = TrainerConfig(job_name="pets", spec=spec, output_root=str(output))
-    art.write_artifacts(
+    ship(cfg, build_model("resnet18", None, 3))
+    return cfg
+
+
+def ship(cfg: TrainerConfig, model: nn.Module) -> Artifacts:
+    """``write_artifacts`` of ``model`` for ``cfg``'s run: a perfect evaluation on the three classes, epoch 1."""
+    return art.write_artifacts(
         cfg.run_dir,
-        model=build_model("resnet18", None, 3),
+        model=model,
         cfg=cfg,
         class_names=CLASSES,
         input_spec=INPUT,
@@ -69,7 +75,6 @@ def write_encrypted(output: Path, exports: list[str], *, sign: bool = False) -> 
         best_epoch=1,
         checkpoint_uri=None,
     )
-    return cfg
 
 
 def test_clear_weights_are_staged_outside_the_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,17 +212,7 @@ def test_a_relaunch_publishes_other_weights_and_completes_a_publication_killed_m
 
     torch.manual_seed(1)
     other = build_model("resnet18", None, len(CLASSES))
-    shipped = art.write_artifacts(
-        run.cfg.run_dir,
-        model=other,
-        cfg=run.cfg,
-        class_names=CLASSES,
-        input_spec=INPUT,
-        evaluation=EvalResult([0, 1, 2], [0, 1, 2], CLASSES),
-        best_val_accuracy=1.0,
-        best_epoch=1,
-        checkpoint_uri=None,
-    )
+    shipped = ship(run.cfg, other)
     assert shipped.sha256 != run.artifacts.sha256
     assert verify_artifacts(str(run.run_dir)).card.files[MODEL_FILE].sha256 == shipped.sha256
 

@@ -1,0 +1,110 @@
+"""The credentials of ``FineTuneJobClient``: a pod's service account, else a kubeconfig as kubectl finds it.
+
+Owns ``load_api_client`` and the check that a kubeconfig is safe to hand to the kubernetes library
+(``kubeconfig_problem``), which reads it whole with PyYAML's recursive loader. Split from ``client`` to keep
+modules short; failures are ``ClientError`` (one line, exit 4 in the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Final
+
+import kubernetes.client
+import kubernetes.config
+import yaml
+
+from finetune_operator.client_errors import ClientError
+
+__all__ = ["MAX_KUBECONFIG_BYTES", "kubeconfig_problem", "load_api_client"]
+
+_SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+MAX_KUBECONFIG_BYTES: Final = 4 << 20
+"""Largest kubeconfig handed to the kubernetes library (4 MiB: hundreds of clusters with their certificates)."""
+_KUBECONFIG_DEPTH: Final = 64
+_KUBECONFIG_VALUES: Final = 100_000
+
+
+def kubeconfig_problem(path: str) -> str | None:
+    """What makes the kubeconfig at ``path`` unsafe to hand to the kubernetes library, which reads it whole with
+    PyYAML's recursive pure-Python loader: too big (minutes), too deep (a RecursionError dump) or aliases that expand
+    past reason (a billion laughs held gigabytes). None when it is fine, or unreadable (the library says why)."""
+    try:
+        with Path(path).expanduser().open("rb") as stream:
+            data = stream.read(MAX_KUBECONFIG_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_KUBECONFIG_BYTES:
+        return f"it is larger than {MAX_KUBECONFIG_BYTES >> 20} MiB; a kubeconfig is a few KiB"
+    # PyYAML's pure-Python parser, the library's own (iterative: only building the objects recurses), so that a file
+    # it would read is never refused here; libyaml's stops at 1,000 levels with an error that leaves the file unread.
+    try:
+        loader = yaml.SafeLoader(data)  # its reader checks the first bytes already
+    except yaml.YAMLError:
+        return None  # not text: the library's own error says so
+    # (anchor, values before the collection) per open collection; an alias counts the values of what it names.
+    open_: list[tuple[str | None, int]] = []
+    sizes: dict[str, int] = {}
+    values = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()  # type: ignore[no-untyped-call]  # types-PyYAML leaves it untyped
+            if isinstance(event, yaml.AliasEvent):
+                values += sizes.get(event.anchor or "", 1)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, before = open_.pop()
+                if anchor is not None:
+                    sizes[anchor] = values - before
+            elif isinstance(event, yaml.NodeEvent):
+                values += 1
+                if isinstance(event, yaml.CollectionStartEvent):
+                    open_.append((event.anchor, values - 1))
+                    if len(open_) > _KUBECONFIG_DEPTH:
+                        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+                        return f"nested more than {_KUBECONFIG_DEPTH} levels deep at line {line}; a kubeconfig nests five"
+                elif event.anchor is not None:
+                    sizes[event.anchor] = 1
+            if values > _KUBECONFIG_VALUES:
+                return f"it holds more than {_KUBECONFIG_VALUES} values (aliases counted in full); a kubeconfig holds hundreds"
+    except yaml.YAMLError:
+        return None  # broken YAML: the library's own error says where
+    finally:
+        loader.dispose()
+    return None
+
+
+def load_api_client(*, context: str | None = None, config_file: str | None = None) -> tuple[kubernetes.client.ApiClient, str]:
+    """(client, default namespace): the pod's service account in a pod (unless a context is asked for), else the
+    kubeconfig (``config_file``, ``KUBECONFIG``, ``~/.kube/config``) at ``context`` (None: its current one)."""
+    configuration = kubernetes.client.Configuration()
+    config: Any = kubernetes.config  # untyped functions
+    if context is None and config_file is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            namespace = _SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else "default"
+            return kubernetes.client.ApiClient(configuration=configuration), namespace or "default"
+        except config.ConfigException:
+            pass
+    path = config_file or os.environ.get("KUBECONFIG")
+    # KUBECONFIG and --kubeconfig may both list files (kubectl's PATH-like list); the library reads each in full.
+    for one in (path or "~/.kube/config").split(os.pathsep):
+        if one and (problem := kubeconfig_problem(one)):
+            raise ClientError(f"the kubeconfig {one} cannot be used: {problem}")
+    try:
+        config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
+        contexts, current = config.list_kube_config_contexts(config_file=path)
+    except (config.ConfigException, OSError) as exc:
+        raise ClientError(f"no Kubernetes credentials: not in a pod, and the kubeconfig cannot be used: {exc}") from None
+    except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        # A file that is not a kubeconfig at all (a string, a list, broken YAML, base64 that is not): the library
+        # trips over it with whatever its code meets first.
+        where = path or "~/.kube/config"
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise ClientError(
+            f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
+        ) from None
+    chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
+    namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
+    return kubernetes.client.ApiClient(configuration=configuration), str(namespace)
