@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune_operator.api.explain import UnknownFieldError, explain
 from tests.support.schemas import REPO
 
 
@@ -106,6 +107,55 @@ def test_explain_unknown_field_lists_alternatives() -> None:
     assert out.returncode == 1
     assert "field 'lr' does not exist in spec.hyperparameters" in out.stderr
     assert "learningRate" in out.stderr
+
+
+LONG = "y" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        # An empty segment was dropped: spec..x explained spec.x, spec. explained spec.
+        *(
+            (path, f"{path!r} is not a field path: it has an empty segment; accepted: field names separated by single dots")
+            for path in ("spec..model", "spec.", ".spec")
+        ),
+        (f"spec.{LONG}", "field 'yyyyyyyy"),
+        (f"spec.{LONG}.", "'spec.yyyyyyy"),
+        # metadata, a map's keys, a core/v1 object and a scalar all read "fields there: (none: a leaf)".
+        ("metadata.name", "metadata is Kubernetes' standard ObjectMeta (name, namespace, labels, annotations, ...)"),
+        ("metadata.name", "documented by `kubectl explain pods.metadata.name`"),
+        (f"metadata.{LONG}", "documented by `kubectl explain pods.metadata`"),
+        ("spec.resources.nodeSelector.gpu", "spec.resources.nodeSelector is a map (map[string]string) with free-form keys"),
+        ("spec.runtime.pod.volumes.configMap.name", "core/v1 ConfigMapVolumeSource, passed to the pods as written"),
+        ("spec.runtime.pod.affinity.nodeAffinity.x", "`kubectl explain pods.spec.affinity.nodeAffinity`"),
+        (
+            "spec.hyperparameters.epochs.max",
+            "spec.hyperparameters.epochs is a leaf of type integer: it has no fields, so no 'max'",
+        ),
+    ],
+)
+def test_explain_a_path_past_the_schema_says_what_it_reached(field: str, expected: str) -> None:
+    with pytest.raises(UnknownFieldError) as raised:
+        explain(field)
+    message = str(raised.value)
+    assert expected in message
+    assert "\n" not in message and len(message) < 300, message  # one line, the 10,000-character path shortened
+    assert "(none: a leaf)" not in message
+
+
+def test_explain_metadata_describes_object_meta() -> None:
+    assert "standard ObjectMeta" in explain("metadata") and "(no description)" not in explain("metadata")
+    assert explain("") == explain("finetunejob")  # the whole resource, as before
+
+
+def test_explain_cli_prints_one_error_line() -> None:
+    out = finetune("explain", "spec..x")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "error: 'spec..x' is not a field path: it has an empty segment; "
+        "accepted: field names separated by single dots, e.g. spec.hyperparameters.epochs"
+    ]
 
 
 def test_models_lists_weights_with_metadata() -> None:

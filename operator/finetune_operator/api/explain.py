@@ -1,19 +1,29 @@
 """``finetune explain``: documentation of a FineTuneJob field, read from the generated CRD schema.
 
 Reading the CRD (rather than the pydantic models) shows exactly what the API server enforces:
-type, default, allowed values, bounds, required sub-fields and the field's description.
+type, default, allowed values, bounds, required sub-fields and the field's description. A path that goes past
+what the schema describes (into ``metadata``, a map's keys, a Kubernetes object kept as written, a leaf) is told
+what it reached instead; paths are echoed shortened (``fields.quote``), since they are the user's.
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import Any
 
 from finetune_operator.api.crd import build_crd
+from finetune_operator.api.fields import quote
+
+_ACCEPTED = "accepted: field names separated by single dots, e.g. spec.hyperparameters.epochs"
+# The CRD declares metadata as a bare object: the API server owns it, the same ObjectMeta in every kind.
+_OBJECT_META = "Kubernetes' standard ObjectMeta (name, namespace, labels, annotations, ...), the same in every resource"
+# "… (core/v1 ConfigMapVolumeSource)." in the descriptions of the objects the operator passes to the pods as written.
+_CORE_TYPE = re.compile(r"\((core/v1 \w+)\)")
 
 
 class UnknownFieldError(KeyError):
-    """A field path that does not exist; the message lists the fields that do."""
+    """A field path that is malformed or does not exist; the message (one line) says what is there instead."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -36,7 +46,9 @@ def _type_name(schema: dict[str, Any]) -> str:
 def resolve(path: str) -> tuple[str, dict[str, Any]]:
     """``spec.hyperparameters.learningRate`` → (canonical path, schema). Case-insensitive, `[]` ignored."""
     schema = _root_schema()
-    parts = [p for p in path.replace("[]", "").split(".") if p]
+    parts = path.replace("[]", "").split(".") if path else []
+    if "" in parts:
+        raise UnknownFieldError(f"{quote(path)} is not a field path: it has an empty segment; {_ACCEPTED}")
     if parts and parts[0].lower() in ("finetunejob", "ftj", "finetunejobs"):
         parts = parts[1:]
     walked: list[str] = []
@@ -46,13 +58,34 @@ def resolve(path: str) -> tuple[str, dict[str, Any]]:
         props: dict[str, Any] = schema.get("properties", {})
         match = next((k for k in props if k.lower() == part.lower()), None)
         if match is None:
-            where = ".".join(walked) or "FineTuneJob"
-            raise UnknownFieldError(
-                f"field {part!r} does not exist in {where}; fields there: {', '.join(props) or '(none: a leaf)'}"
-            )
+            raise UnknownFieldError(_no_field(part, ".".join(walked), schema))
         walked.append(match)
         schema = props[match]
     return ".".join(walked), schema
+
+
+def _no_field(part: str, where: str, schema: dict[str, Any]) -> str:
+    """Why ``part`` is not a field of ``where``: the fields that are, or what ``where`` is when it has none."""
+    props: dict[str, Any] = schema.get("properties", {})
+    if props:
+        return f"field {quote(part)} does not exist in {where or 'FineTuneJob'}; fields there: {', '.join(props)}"
+    if where == "metadata":
+        # kubectl knows ObjectMeta's fields: pointed at the one asked for when it reads as a field name.
+        named = f"metadata.{part}" if re.fullmatch(r"[A-Za-z]\w{0,60}", part) else "metadata"
+        return f"metadata is {_OBJECT_META}, documented by `kubectl explain pods.{named}`"
+    if "additionalProperties" in schema:
+        return (
+            f"{where} is a map ({_type_name(schema)}) with free-form keys, not fields: {quote(part)} would be a key; "
+            f"`finetune explain {where}` describes its values"
+        )
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        found = _CORE_TYPE.search(schema.get("description", ""))
+        kubectl = f"; documented by `kubectl explain pods.spec.{where.removeprefix('spec.runtime.pod.')}`"
+        return (
+            f"{where} is Kubernetes' {found.group(1) if found else 'object'}, passed to the pods as written: "
+            f"finetune does not describe its fields{kubectl if where.startswith('spec.runtime.pod.') else ''}"
+        )
+    return f"{where} is a leaf of type {_type_name(schema)}: it has no fields, so no {quote(part)}"
 
 
 def _constraints(schema: dict[str, Any]) -> list[str]:
@@ -98,7 +131,10 @@ def explain(path: str = "") -> str:
         lines.append(f"PATH:        {canonical}")
     lines.extend(_constraints(schema))
     lines += ["", "DESCRIPTION:"]
-    lines += textwrap.wrap(schema.get("description", "(no description)"), 100, initial_indent="  ", subsequent_indent="  ")
+    about = schema.get("description") or (
+        f"{_OBJECT_META}, documented by `kubectl explain pods.metadata`." if canonical == "metadata" else "(no description)"
+    )
+    lines += textwrap.wrap(about, 100, initial_indent="  ", subsequent_indent="  ")
     target = schema.get("items", schema) if schema.get("type") == "array" else schema
     props: dict[str, Any] = target.get("properties", {})
     if props:
