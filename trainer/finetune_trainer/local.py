@@ -11,6 +11,7 @@ with its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.gate import check_accuracy_gate
 from finetune_trainer.local_ray import ray_address, start_ray
 
-__all__ = ["local_job", "run_command", "start_ray"]
+__all__ = ["local_job", "run_command", "start_ray", "status_path"]
 
 # Spec fields holding a path or URI, as (section, field) of spec, by their wire names.
 _URI_FIELDS = (
@@ -80,6 +81,40 @@ def _home_expanded(path: str, where: str) -> Path:
         raise TrainerError(f"{where}: {user!r} names no user of this machine (no home folder); write the path out") from None
 
 
+def status_path(flag: str | None) -> str | None:
+    """``--json-status`` as the absolute path the file sink will write, or None without the flag; TrainerError
+    when it cannot be written as the sink writes it (``storage.atomic_path``: the missing folders made, a
+    temporary file beside the target renamed over it): a directory, a device or pipe (which the rename would
+    replace), or a place where this user cannot create files. Checks only: creates nothing."""
+    if flag is None:
+        return None
+    path = Path(flag).resolve()
+    try:
+        problem = _unwritable(path, flag) if flag else "empty"
+    except OSError as e:  # a folder on the way this user may not look into
+        problem = f"cannot be checked: {e.strerror or e}"
+    if problem:
+        shown = flag if len(flag) <= 120 else flag[:117] + "..."
+        raise TrainerError(f"--json-status: {shown!r}: {problem}; accepted: a file path in a writable directory")
+    return str(path)
+
+
+def _unwritable(path: Path, flag: str) -> str | None:
+    """Why the sink could not write ``path``, or None."""
+    if path.is_dir():
+        return f"is a directory; give a file in it, e.g. {flag.rstrip('/')}/status.json"
+    if path.exists() and not path.is_file():
+        return "not a regular file (each write replaces it)"
+    folder = path.parent
+    while not folder.exists():  # the sink makes the missing folders, in the nearest one that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create files in {folder}"
+    return None
+
+
 def _preflight(cfg: TrainerConfig) -> None:
     """Checks that take a second here rather than a Ray start-up there; the workers repeat them."""
     from finetune_trainer.protect import check_keys
@@ -122,16 +157,21 @@ def _summary(result: Any) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """``finetune run``: exit 0 done, 1 invalid manifest, 2 user error."""
     try:
+        # The flags first: a second here, where Ray would find them wrong only once started (or after a timeout).
+        status_file = status_path(args.json_status)
+        address = ray_address(getattr(args, "address", None))
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         data = read_manifest(args.job)
     except OSError as e:
         print(f"error: {args.job}: cannot read: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
         job = local_job(decode_manifest(data, args.job), args.job, workers=args.workers, output=args.output)
-        status_file = str(Path(args.json_status).resolve()) if args.json_status else None
         cfg = TrainerConfig.from_job(job, sinks=["console", "file"] if status_file else ["console"], status_file=status_file)
         _preflight(cfg)
-        address = ray_address(getattr(args, "address", None))
     except ManifestError as e:
         _print_manifest_error(e)
         return 1

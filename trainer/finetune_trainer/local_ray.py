@@ -11,9 +11,12 @@ cluster is worse than a slow start.
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import logging
 import math
 import os
+import re
 from typing import Any, Final
 
 from finetune_operator.api.contract import ENV_REPORT_POLL, REPORT_POLL_SECONDS, TrainerConfig
@@ -38,14 +41,61 @@ _LOCAL_ENV: Final = {
 
 def ray_address(flag: str | None) -> str | None:
     """The running Ray to join (``--address``, else ``FINETUNE_RAY_ADDRESS``), or None for an embedded one.
-    ``local`` (either way) asks for the embedded Ray explicitly."""
+    ``local`` (either way) asks for the embedded Ray explicitly. A value Ray cannot read is a TrainerError
+    here, before Ray is imported: Ray itself says so only once it has loaded, or after a connect timeout."""
     value = (flag if flag is not None else os.environ.get(ADDRESS_ENV, "")).strip()
     if value in ("", "local"):
         return None
-    if any(c.isspace() for c in value):
+    scheme, sep, rest = value.partition("://")
+    ok = _client_address(scheme, rest) if sep else value == "auto" or _host_port(value, port_required=True)
+    if not ok:
         where = "--address" if flag is not None else ADDRESS_ENV
-        raise TrainerError(f"{where}: {value!r}: not an address; use auto, HOST:PORT or ray://HOST:PORT")
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        why = "an HTTP address (the dashboard's?), " if scheme in ("http", "https") else ""
+        raise TrainerError(f"{where}: {shown!r}: {why}not a Ray address; {_ACCEPTED}")
     return value
+
+
+# What Ray 2.60 reads as an address: ray.init takes "auto" and "local", sends `SCHEME://…` to Ray Client
+# (ray.client_builder: `ray://` or a module holding a ClientBuilder), and reads the rest with
+# services.canonicalize_bootstrap_address, whose parse_address takes HOST:PORT with an IPv6 host in brackets.
+# parse_address takes any port text (and an empty host): those fail later, in the GCS client, and are refused here.
+_ACCEPTED: Final = "accepted: auto, local, HOST:PORT ([IPv6]:PORT) or ray://HOST[:PORT]"
+_HOST: Final = re.compile(r"[\w.-]+")  # a DNS name or an IPv4 address; `_` too, as in a container's name
+
+
+def _host_port(text: str, *, port_required: bool) -> bool:
+    """Whether ``text`` is HOST:PORT (or a bare HOST when not ``port_required``), an IPv6 HOST in brackets."""
+    if text.startswith("["):
+        host, closed, port = text[1:].partition("]")
+        if not closed or not _is_ipv6(host) or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, colon, port = text.partition(":")
+        if not _HOST.fullmatch(host) or (colon and not port):
+            return False
+    if not port:
+        return not port_required
+    return port.isascii() and port.isdigit() and 0 < int(port) < 65536
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _client_address(scheme: str, inner: str) -> bool:
+    """Whether Ray Client can read ``SCHEME://INNER``: ``ray://HOST[:PORT]`` (gRPC's default port when left out),
+    or another module's ClientBuilder, found here without importing it (never http://: Ray refuses that itself)."""
+    if scheme == "ray":
+        return _host_port(inner, port_required=False)
+    if scheme in ("http", "https") or not all(part.isidentifier() for part in scheme.split(".")):
+        return False
+    return importlib.util.find_spec(scheme.split(".")[0]) is not None
 
 
 def _cores() -> int:

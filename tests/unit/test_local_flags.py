@@ -1,0 +1,191 @@
+"""``finetune run``'s ``--address`` (and ``FINETUNE_RAY_ADDRESS``) and ``--json-status``: a value that cannot work
+is refused in one line before Ray is imported or started, not seconds later (or after a connect timeout), and
+every value Ray accepts is let through. ``run_command`` runs with Ray unimportable and the training replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer import local
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.local_ray import ADDRESS_ENV, ray_address
+from tests.support.schemas import REPO
+
+DIGITS = REPO / "manifests" / "examples" / "digits-cpu.yaml"
+ACCEPTED = "accepted: auto, local, HOST:PORT ([IPv6]:PORT) or ray://HOST[:PORT]"
+
+# Every form Ray 2.60 reads as an address (ray.init: "auto"/"local", `ray://` for Ray Client, else
+# services.canonicalize_bootstrap_address: parse_address's HOST:PORT, an IPv6 host in brackets).
+GOOD_ADDRESSES = [
+    "auto",
+    "127.0.0.1:6379",
+    "localhost:6379",
+    "head-0.ray.svc.cluster.local:6379",
+    "ray_head:6379",  # a container name
+    "[::1]:6379",
+    "[fe80::1%eth0]:6379",
+    "ray://head:10001",
+    "ray://head",  # the client's default port
+    "ray://[::1]:10001",
+]
+BAD_ADDRESSES = [
+    "garbage",
+    "a b",
+    "Auto",
+    "host:",
+    ":6379",
+    "host:abc",
+    "host:0",
+    "host:70000",
+    "host:6379/x",
+    "::1:6379",  # IPv6 without brackets: Ray cannot tell the port from the address
+    "[::1]",
+    "[nope]:6379",
+    "ray://",
+    "ray://head:port",
+    "ray://a b:1",
+    "http://127.0.0.1:8265",  # the dashboard's address, not Ray's
+    "no_such_module_anywhere://head:1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_address_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+
+
+@pytest.mark.parametrize("address", GOOD_ADDRESSES)
+def test_every_address_ray_reads_is_accepted(address: str) -> None:
+    assert ray_address(address) == address
+    assert ray_address(f" {address} ") == address
+
+
+def test_the_plain_addresses_accepted_are_ones_ray_parses() -> None:
+    # Ray's own parser (compiled; imported here only, never by the code under test).
+    network_utils = pytest.importorskip("ray._common.network_utils")
+    for address in GOOD_ADDRESSES:
+        if address != "auto" and "://" not in address:
+            assert network_utils.parse_address(address) is not None, address
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_a_bad_address_is_refused_in_one_line(address: str) -> None:
+    with pytest.raises(TrainerError) as caught:
+        ray_address(address)
+    assert str(caught.value).startswith(f"--address: {address!r}: ")
+    assert str(caught.value).endswith(ACCEPTED)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_address_in_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ADDRESS_ENV, "garbage")
+    with pytest.raises(TrainerError, match=rf"^{ADDRESS_ENV}: 'garbage': not a Ray address; "):
+        ray_address(None)
+
+
+def test_a_very_long_address_is_shortened() -> None:
+    with pytest.raises(TrainerError) as caught:
+        ray_address("x" * 5000)
+    assert len(str(caught.value)) < 300
+
+
+# ------------------------------------------------------------------------------------ run_command
+class Trained:
+    """Stands in for ``local._train``: what it was called with, if it was (and whether the job's own checks ran)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, str | None]] = []
+        self.code: int | None = None  # run_command's exit status
+        self.preflight = False
+
+    def __call__(self, cfg: local.TrainerConfig, address: str | None) -> int:
+        self.calls.append((cfg.status_file, address))
+        return 0
+
+
+def run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, json_status: str | None = None, address: str | None = None
+) -> Trained:
+    trained = Trained()
+    monkeypatch.setattr(local, "_train", trained)
+    real_preflight = local._preflight
+
+    def preflight(cfg: local.TrainerConfig) -> None:
+        trained.preflight = True  # the job's checks: an imagefolder job's import torchvision, seconds
+        real_preflight(cfg)
+
+    monkeypatch.setattr(local, "_preflight", preflight)
+    monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` raises ImportError
+    args = argparse.Namespace(
+        job=str(DIGITS), workers=None, output=str(tmp_path / "out"), json_status=json_status, address=address
+    )
+    trained.code = local.run_command(args)
+    return trained
+
+
+def writable_except(denied: Path) -> object:
+    """``os.access`` as on a read-only mount at ``denied`` (root passes a chmod, so a chmod cannot test this)."""
+    real = os.access
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        return False if Path(str(path)) == denied and mode & os.W_OK else real(path, mode, **kwargs)  # type: ignore[arg-type]
+
+    return access
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("{tmp}", "is a directory; give a file in it, e.g. {tmp}/status.json"),
+        ("{tmp}/job.yaml/status.json", "{tmp}/job.yaml is not a directory"),
+        ("{tmp}/ro/status.json", "cannot create files in {tmp}/ro"),
+        ("{tmp}/ro/new/deeper/status.json", "cannot create files in {tmp}/ro"),  # the folders the writer would make
+        ("/dev/null", "not a regular file (each write replaces it)"),
+        ("", "empty"),
+    ],
+    ids=["directory", "under-a-file", "read-only-folder", "missing-folders-under-read-only", "device", "empty"],
+)
+def test_a_json_status_that_cannot_be_written_is_refused_before_ray(
+    given: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "job.yaml").write_text("x")
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", writable_except(tmp_path / "ro"))
+    value = given.format(tmp=tmp_path)
+    trained = run(monkeypatch, tmp_path, json_status=value)
+    err = capsys.readouterr().err
+    assert (trained.code, trained.calls, trained.preflight) == (2, [], False)
+    assert err == (
+        f"error: --json-status: {value!r}: {problem.format(tmp=tmp_path)}; accepted: a file path in a writable directory\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "given", ["status.json", "new/deeper/status.json", "job.yaml"], ids=["new-file", "missing-folders", "existing-file"]
+)
+def test_a_json_status_that_can_be_written_is_passed_on_and_nothing_is_created(
+    given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "job.yaml").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    trained = run(monkeypatch, tmp_path, json_status=given)
+    assert (trained.code, trained.calls) == (0, [(str(tmp_path / given), None)])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["job.yaml"]  # the writer makes the folders, not the check
+
+
+def test_a_bad_address_is_refused_before_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = run(monkeypatch, tmp_path, address="garbage")
+    assert (trained.code, trained.calls, trained.preflight) == (2, [], False)
+    assert capsys.readouterr().err == f"error: --address: 'garbage': not a Ray address; {ACCEPTED}\n"
+
+
+def test_a_good_address_is_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(monkeypatch, tmp_path, address="[::1]:6379").calls == [(None, "[::1]:6379")]
