@@ -54,6 +54,13 @@ object share 256 KiB); the spec is copied into the trainer ConfigMap (at most 1 
 each pod template of the RayJob (etcd takes about 1.5 MiB per object). 128 KiB keeps every one of them well inside its
 limit (tests/unit/test_rayjob.py renders a spec at the bound and measures)."""
 
+MAX_REVIEW_BYTES: Final = 4 * 1024 * 1024
+"""The largest AdmissionReview body the webhook reads; a longer one is answered HTTP 413 once this much is read. An
+UPDATE's review carries the object and its old self, each as large as etcd stores (``--max-request-bytes``, 1.5 MiB by
+default: labels and managed fields are not capped by count), plus a few KiB of envelope (userInfo, options): 4 MiB holds
+2 × 1.5 MiB with room to spare, and a CREATE up to the 3 MiB body the API server reads, which then gets the operator's
+own refusal (a spec that large is refused in words). aiohttp's default, 1 MiB, failed such calls opaquely."""
+
 
 def size_errors(spec: Any) -> list[str]:
     """A spec too big to store and render (see ``MAX_SPEC_BYTES``); measured before anything else is built."""

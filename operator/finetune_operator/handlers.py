@@ -40,7 +40,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
@@ -54,6 +54,9 @@ from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timi
 from finetune_operator.metrics_server import TokenReviewer, kube_reviews, serve_once
 from finetune_operator.reconcile import EventSink, Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 FTJ: Final = (GROUP, VERSION, PLURAL)
 FINALIZER: Final = "finetune.dev/finalizer"
@@ -197,6 +200,13 @@ class GuardedWebhookServer(kopf.WebhookServer):
 
         async for config in super().__call__(guarded):
             yield config
+
+    @staticmethod
+    async def _serve(fn: Any, request: web.Request) -> web.Response:
+        # Kopf makes its aiohttp Application inside __call__, with aiohttp's 1 MiB body limit and no way to set it:
+        # raised here, per request and before the body is read, to what the API server sends (MAX_REVIEW_BYTES).
+        response: web.Response = await kopf.WebhookServer._serve(fn, request.clone(client_max_size=admission.MAX_REVIEW_BYTES))
+        return response
 
 
 @kopf.on.login(registry=WEBHOOK_REGISTRY)

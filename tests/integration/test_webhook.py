@@ -297,7 +297,10 @@ def _raw(port: int, ca: bytes, body: dict[str, Any]) -> tuple[int, dict[str, Any
     try:
         connection.request("POST", f"/{naming.WEBHOOK_PATH}", body=json.dumps(body), headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
-        return answer.status, json.loads(answer.read())
+        text = answer.read()
+        # aiohttp's own refusals (413) are plain text: shown as such, not as a JSON error of the test's.
+        is_json = answer.getheader("Content-Type", "").startswith("application/json")
+        return answer.status, json.loads(text) if is_json else {"text": text.decode()}
     finally:
         connection.close()
 
@@ -325,3 +328,70 @@ def test_a_malformed_review_gets_an_admission_review_refusal(served: tuple[int, 
     response = answer["response"]
     assert response["allowed"] is False and response["status"]["message"].startswith("malformed AdmissionReview: ")
     assert response["uid"] == ("" if case == "no-request" else review["request"]["uid"])
+
+
+def _labelled(size: int) -> dict[str, Any]:
+    """The example job grown to about ``size`` bytes of JSON with labels: the API server caps each label, not their
+    number, so only etcd's request limit (1.5 MiB by default) bounds a job's size."""
+    job = _stored(EXAMPLE)
+    base = len(json.dumps(job))
+    label = ("example.com/label-000000", "v" * 40)
+    each = len(json.dumps(dict([label]))) - 1  # '"key": "value", ' in the whole
+    job["metadata"]["labels"] = {f"example.com/label-{i:06d}": "v" * 40 for i in range(max(0, size - base) // each)}
+    return job
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("operation", "size"),
+    [("CREATE", int(1.2 * MiB)), ("UPDATE", int(1.5 * MiB))],
+    ids=["create-1.2MiB", "update-2x1.5MiB"],  # an UPDATE carries the object and its old self: twice what etcd stores
+)
+def test_a_job_as_large_as_etcd_stores_gets_an_admission_review_answer(
+    served: tuple[int, bytes, OperatorSettings], operation: str, size: int
+) -> None:
+    """aiohttp's default 1 MiB body limit answered HTTP 413, a failed webhook call that refused a legitimate job."""
+    port, ca, _ = served
+    old = _labelled(size) if operation == "UPDATE" else None
+    new = _labelled(size)
+    if old is not None:
+        new["metadata"] = {**old["metadata"], "labels": {**old["metadata"]["labels"], "team": "vision"}, "resourceVersion": "2"}
+    request = admission_review(operation, new, old)
+    assert len(json.dumps(request)) > (2 * size if old else size) > MiB
+    status, answer = _raw(port, ca, request)
+    assert status == 200 and answer["kind"] == "AdmissionReview", (status, answer)
+    assert answer["response"] == {"uid": request["request"]["uid"], "allowed": True}
+
+
+def test_a_spec_of_more_than_a_mebibyte_gets_its_refusal_not_413(served: tuple[int, bytes, OperatorSettings]) -> None:
+    """What the operator says of a spec too big to render reaches kubectl: before, aiohttp answered 413 first."""
+    port, ca, settings = served
+    job = _stored(EXAMPLE)
+    job["spec"]["model"]["name"] = "x" * int(1.2 * MiB)
+    status, answer = _raw(port, ca, admission_review("CREATE", job))
+    assert status == 200 and answer["response"]["allowed"] is False, (status, answer)
+    assert answer["response"]["status"]["code"] == 422
+    assert _lines(answer["response"]) == review("CREATE", job, None, settings) != []
+
+
+def test_a_body_far_above_the_limit_is_refused_without_reading_it_all(served: tuple[int, bytes, OperatorSettings]) -> None:
+    """The server answers 413 once the body passes its limit, without waiting for the 64 MiB announced (a client that
+    sends only 5 MiB of them gets its answer, not a timeout) and without holding them; then serves on."""
+    port, ca, _ = served
+    connection = http.client.HTTPSConnection(HOST, port, context=ssl.create_default_context(cadata=ca.decode()), timeout=20)
+    try:
+        connection.putrequest("POST", f"/{naming.WEBHOOK_PATH}")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(64 * MiB))
+        connection.endheaders()
+        try:
+            for _ in range(5):
+                connection.send(b" " * MiB)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # the server stopped reading: what is asked
+        assert connection.getresponse().status == 413
+    finally:
+        connection.close()
+    assert _serving(port, ca)
