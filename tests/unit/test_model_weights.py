@@ -198,6 +198,10 @@ def _save_wider_resnet(path: Path) -> None:
     torch.save(_trained("resnet34", 3).state_dict(), path)
 
 
+def _save_long_key(path: Path) -> None:
+    torch.save({**_trained("resnet18", 3).state_dict(), "x" * 100_000: torch.zeros(1)}, path)
+
+
 def _save_module(path: Path) -> None:
     torch.save(_trained("resnet18", 3), path)
 
@@ -227,6 +231,7 @@ def _save_pickle(path: Path) -> None:
             r"does not fit resnet18 \(another architecture\?\): missing conv1\.weight, bn1\.weight, bn1\.bias, …",
         ),
         (_save_wider_resnet, r"does not fit resnet18 .*unexpected layer1\.2\.conv1\.weight"),
+        (_save_long_key, r"does not fit resnet18 .*unexpected 'x{70,}\.\.\.$"),  # the 100,000-character key was whole
         (
             _save_module,
             r"not a PyTorch state_dict or checkpoint: it pickles a torchvision\.models\.resnet\.ResNet "

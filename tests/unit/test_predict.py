@@ -167,6 +167,19 @@ def test_tampered_model_is_refused(
         ("no-model", "model.pt: missing; the model card lists it"),
         ("other-architecture", "cannot rebuild architecture 'not_a_model'"),
         ("zero-std", "std"),  # an unsigned card edited by hand: a torchvision ValueError traceback before
+        # The weights of another architecture, or of another number of classes: the line ended in torch's cut-off
+        # "Error(s) in loading state_dict for MobileNetV3:".
+        (
+            "weights-of-another-architecture",
+            "model.pt: does not match architecture mobilenet_v3_small with 3 classes: missing features.0.0.weight, "
+            "features.0.1.weight, features.0.1.bias, … (244 in all); unexpected conv1.weight, bn1.weight, bn1.bias, … "
+            "(122 in all)",
+        ),
+        (
+            "another-number-of-classes",
+            "model.pt: does not match architecture resnet18 with 4 classes: wrong shape fc.weight [3, 512]≠[4, 512], "
+            "fc.bias [3]≠[4]",
+        ),
     ],
 )
 def test_broken_artifact_directory(
@@ -183,12 +196,16 @@ def test_broken_artifact_directory(
         (copy / "model.json").unlink()
     elif damage == "no-model":
         (copy / "model.pt").unlink()
-    elif damage == "zero-std":
+    elif damage in ("zero-std", "another-number-of-classes"):
         card = json.loads((copy / "model.json").read_text())
-        card["input"]["std"] = [0.0, 0.2, 0.2]
+        if damage == "zero-std":
+            card["input"]["std"] = [0.0, 0.2, 0.2]
+        else:
+            card["classNames"].append("ferret")
         (copy / "model.json").write_text(json.dumps(card))
     else:
-        card = (copy / "model.json").read_text().replace('"name": "resnet18"', '"name": "not_a_model"', 1)
+        name = "mobilenet_v3_small" if damage == "weights-of-another-architecture" else "not_a_model"
+        card = (copy / "model.json").read_text().replace('"name": "resnet18"', f'"name": "{name}"', 1)
         (copy / "model.json").write_text(card)
     assert run(copy, images[:1]) == 2
     assert message in one_error_line(capsys.readouterr().err)

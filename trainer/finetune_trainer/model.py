@@ -15,7 +15,7 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
+from finetune_operator.api.fields import quote
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError, WeightsError, exception_line
 from finetune_trainer.verify import read_verified_file
@@ -37,6 +38,7 @@ __all__ = [
     "replace_head",
     "resolve_weights",
     "starting_weights",
+    "state_mismatch",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,7 +199,30 @@ def _strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _sample(keys: Sequence[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
+    # The keys come from a file: one of 100,000 characters is shown cut.
+    shown = [k if len(k) <= 80 else quote(k) for k in keys[:n]]
+    return ", ".join(shown) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def state_mismatch(
+    target: Mapping[str, Tensor], state: Mapping[str, Tensor], ignore: Callable[[str], bool] = lambda _: False
+) -> str:
+    """How ``state`` does not fit a model whose state_dict is ``target``, in one line ('' when it fits): the tensors it
+    lacks, those it holds beyond the model's and those of another shape, a few of each; keys ``ignore`` names may
+    be absent or of another shape. Said before loading: torch's own error is many lines."""
+    missing = [k for k in target if k not in state and not ignore(k)]
+    unexpected = [k for k in state if k not in target]
+    reshaped = [
+        f"{k} {list(state[k].shape)}≠{list(target[k].shape)}"
+        for k in target
+        if k in state and not ignore(k) and isinstance(state[k], Tensor) and state[k].shape != target[k].shape
+    ]
+    problems = [
+        f"missing {_sample(missing)}" if missing else "",
+        f"unexpected {_sample(unexpected)}" if unexpected else "",
+        f"wrong shape {_sample(reshaped, 2)}" if reshaped else "",
+    ]
+    return "; ".join(p for p in problems if p)
 
 
 def load_weights(
@@ -216,22 +241,10 @@ def load_weights(
         return key.startswith(heads)
 
     # Checkpoints from before BatchNorm counted its batches lack the counter; BatchNorm fills it in.
-    missing = [k for k in target if k not in state and not is_head(k) and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in target]
-    reshaped = [
-        f"{k} {list(state[k].shape)}≠{list(target[k].shape)}"
-        for k in target
-        if k in state and not is_head(k) and state[k].shape != target[k].shape
-    ]
-    if missing or unexpected or reshaped:
-        problems = [
-            f"missing {_sample(missing)}" if missing else "",
-            f"unexpected {_sample(unexpected)}" if unexpected else "",
-            f"wrong shape {_sample(reshaped, 2)}" if reshaped else "",
-        ]
+    problems = state_mismatch(target, state, lambda k: is_head(k) or k.endswith("num_batches_tracked"))
+    if problems:
         raise WeightsError(
-            f"weights_uri {source} does not fit {arch or type(model).__name__} (another architecture?): "
-            + "; ".join(p for p in problems if p)
+            f"weights_uri {source} does not fit {arch or type(model).__name__} (another architecture?): {problems}"
         )
     head_keys = [k for k in target if is_head(k)]
     load_head = load_head and all(k in state and state[k].shape == target[k].shape for k in head_keys)

@@ -67,7 +67,7 @@ def load_for_inference(
     an s3:// / gs:// URI), its weights from ``model.pt`` (``state_dict``) or ``model.safetensors``
     (``safetensors``). Raises ArtifactError when the card or the weights file is missing or does not match."""
     from finetune_trainer.exports import EXPORT_FILES
-    from finetune_trainer.model import build_model
+    from finetune_trainer.model import build_model, state_mismatch
 
     if weights_format not in ("state_dict", "safetensors"):
         raise ArtifactError(f"--format {weights_format!r}: accepted: state_dict (model.pt), safetensors (model.safetensors)")
@@ -89,7 +89,12 @@ def load_for_inference(
     except ValueError as e:
         raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {name!r}: {e}") from None
     try:
-        model.load_state_dict(_weights(data, uri, weights_format, name))
+        state = _weights(data, uri, weights_format, name)
+        # Checked before loading: torch's error is many lines, of which one line showed only its first.
+        problems = state_mismatch(model.state_dict(), state) if isinstance(state, dict) else ""
+        if problems:
+            raise ArtifactError(f"{uri}: does not match architecture {name} with {len(class_names)} classes: {problems}")
+        model.load_state_dict(state)
     except ArtifactError:
         raise
     except Exception as e:
