@@ -119,7 +119,12 @@ CASES: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "spec.dataset.validationSplit",
         ["not both"],
     ),
-    ("validation-split-one", {"spec.dataset.validationSplit": 1.0}, "spec.dataset.validationSplit", ["1.0", "less than 1"]),
+    (
+        "validation-split-one",
+        {"spec.dataset.validationSplit": 1.0},
+        "spec.dataset.validationSplit",
+        ["validationSplit: 1: should be less than 1"],
+    ),
     ("validation-split-zero", {"spec.dataset.validationSplit": 0}, "spec.dataset.validationSplit", ["greater than 0"]),
     ("classes-out-of-range", {"spec.dataset.classes": [3, 12]}, "spec.dataset.classes[1]", ["12", "less than or equal to 9"]),
     ("classes-repeated", {"spec.dataset.classes": [3, 3]}, "spec.dataset.classes", ["[3, 3]", "once"]),

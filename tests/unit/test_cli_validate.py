@@ -125,6 +125,23 @@ def test_a_number_out_of_range_names_the_whole_range(field: str, value: str, lin
         ("learningRate", "1e-3", None),
         ("learningRate", "2E-4", None),
         ("epochs", "0x0a", None),
+        # go-yaml reads these as a float64, and Go's JSON writes a whole float64 below 1e21 without a fraction: kubectl
+        # sends `epochs: 10`, which the API server takes for an integer field.
+        ("epochs", "10.0", None),
+        ("epochs", "1e3", None),
+        ("epochs", "08", None),  # not octal (8 is no octal digit): go-yaml falls back to the float 8
+        ("epochs", "-0.0", "spec.hyperparameters.epochs: 0: should be greater than or equal to 1; accepted: ≥ 1 and ≤ 10000"),
+        # A fraction, or an exponent at 1e21 and beyond (Go writes 1e+21), is a float there: refused for an integer field.
+        ("epochs", "10.5", "spec.hyperparameters.epochs: 10.5: should be a valid integer"),
+        ("epochs", "1e21", "spec.hyperparameters.epochs: 1e+21: should be a valid integer"),
+        # Go's integer prefixes, in either case (PyYAML read 0o17, 0X1F and 0B101 as text).
+        ("epochs", "0o17", None),
+        ("epochs", "0X1F", None),
+        ("epochs", "0B101", None),
+        ("epochs", "1_000", None),
+        # A float64 overflow is text to go-yaml: a string on the wire (PyYAML read infinity).
+        ("learningRate", "1e400", "spec.hyperparameters.learningRate: '1e400': should be a valid number"),
+        ("epochs", "9" * 5000, f"spec.hyperparameters.epochs: '{'9' * 76}...: should be a valid integer"),
     ],
 )
 def test_numbers_are_read_as_kubectl_reads_them(field: str, text: str, error: str | None) -> None:
@@ -150,3 +167,54 @@ def test_yaml_timestamps_reach_validation_as_kubectl_writes_them() -> None:
     result = validate_document(doc, "job.yaml")
     assert result.ok and result.job is not None and result.job.status is not None
     assert result.job.to_wire()["status"]["startTime"] == "2026-01-02T02:04:05Z"
+
+
+# (id, text replaced in digits-cpu.yaml, its replacement, the error lines)
+SCALARS: list[tuple[str, str, str, list[str]]] = [
+    # go-yaml v2 reads y, Y, n and N as booleans, as it does yes and no (PyYAML reads them as text).
+    ("y-is-true", "    name: resnet18", "    name: y", ["spec.model.name: true: should be a valid string"]),
+    ("N-is-false", "    name: resnet18", "    name: N", ["spec.model.name: false: should be a valid string"]),
+    # A timestamp is handed to JSON as the text written (not as RFC 3339 in UTC): a valid name, label value or label key.
+    ("date-name", "  name: digits-cpu", "  name: 2024-01-02", []),
+    ("date-label", "  name: digits-cpu", "  name: digits-cpu\n  labels: {day: 2024-01-02, 2024-01-03: x}", []),
+    ("bad-date-is-text", "  name: digits-cpu", "  name: digits-cpu\n  labels: {day: 2024-13-45}", []),
+    ("equals-is-text", "  name: digits-cpu", "  name: digits-cpu\n  annotations: {note: =}", []),
+    # sigs.k8s.io/yaml refuses a null map key ("unsupported map key"); PyYAML's None was written as "null".
+    (
+        "null-key",
+        "  name: digits-cpu",
+        "  name: digits-cpu\n  labels: {~: x}",
+        ["metadata.labels: a null key (~) is not accepted: kubectl refuses it; quote it ('null')"],
+    ),
+    # Go's JSON refuses NaN and infinities: kubectl refuses the file, even where a model would take any number.
+    (
+        "nan-status",
+        "    uri: pvc://finetune-runs/digits\n",
+        "    uri: pvc://finetune-runs/digits\nstatus:\n  progress: {loss: .nan}\n",
+        ["status.progress.loss: nan is not a number JSON can carry: kubectl refuses it; write a finite number"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "errors"), [c[1:] for c in SCALARS], ids=[c[0] for c in SCALARS])
+def test_scalars_and_keys_are_read_as_kubectl_reads_them(old: str, new: str, errors: list[str]) -> None:
+    text = (REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text()
+    assert old in text
+    (result,) = iter_documents(text.replace(old, new, 1), "job.yaml")
+    assert result.errors == errors
+
+
+@pytest.mark.parametrize(
+    ("merge", "epochs"),
+    [
+        ("    epochs: 4\n    <<: {epochs: 5}\n", 5),  # a merge after a key overwrites it in go-yaml v2
+        ("    <<: {epochs: 5}\n    epochs: 4\n", 4),
+        ("    <<: [{epochs: 5}, {epochs: 6}]\n    batchSize: 64\n", 5),  # of merged mappings, the first wins
+    ],
+)
+def test_merge_keys_are_applied_as_kubectl_applies_them(merge: str, epochs: int) -> None:
+    text = (REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text()
+    text = text.replace("    epochs: 4\n    batchSize: 64\n", merge, 1)
+    (result,) = iter_documents(text, "job.yaml")
+    assert result.job is not None, result.errors
+    assert result.job.spec.hyperparameters.epochs == epochs

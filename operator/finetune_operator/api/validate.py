@@ -7,26 +7,26 @@ A manifest is untrusted input, so whatever it holds, the answer is one line per 
 and memory, never a traceback: the text is decoded strictly (UTF-8), bounded in size, then walked as a
 stream of YAML events (no recursion, nothing built) that refuses anchors and aliases (an alias bomb is a
 few lines), nesting deeper than any FineTuneJob, too many nodes and duplicate keys (YAML keeps the last
-silently) before the document is built.
+silently) before the document is built. Scalars are read, and the document is written as JSON, as kubectl does it
+(``api.kubectl_yaml``): what is validated is what the API server would get.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
 
 from finetune_operator.api.errors import format_errors
 from finetune_operator.api.fields import quote
+from finetune_operator.api.kubectl_yaml import LOADER, as_sent, json_default
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from finetune_operator.api.versions import API_VERSION, KIND
 
@@ -62,17 +62,6 @@ class ManifestError(ValueError):
         self.lines = lines
 
 
-def _as_kubectl_sends(value: Any) -> str:
-    """A YAML timestamp as kubectl's YAML reader writes it into JSON (RFC 3339, UTC); json.dumps calls this for what
-    JSON has no type for. Anything else is not YAML's: refused as JSON refuses it."""
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
-        return moment.isoformat() + "Z"
-    if isinstance(value, date):
-        return f"{value.isoformat()}T00:00:00Z"
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def validate_document(document: Any, source: str = "<input>", index: int | None = None) -> DocumentResult:
     """Validate one parsed document as a FineTuneJob."""
     if not isinstance(document, dict):
@@ -87,11 +76,13 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
         result.errors.append(f"apiVersion: {quote(api_version)} is not accepted; expected {API_VERSION!r}")
     if kind != KIND:
         return result  # another kind of object: its fields are not a FineTuneJob's mistakes
+    unsendable: list[tuple[tuple[str | int, ...], str]] = []
     try:
-        wire = json.dumps(document, default=_as_kubectl_sends)
+        wire = json.dumps(as_sent(document, unsendable), default=json_default)
     except (TypeError, ValueError) as exc:  # a dict built in Python holding objects no manifest can (a Path, a set)
         result.errors.append(f"(document): not JSON data ({exc}); a {KIND} holds strings, numbers, booleans, lists, maps")
         return result
+    judged: set[tuple[str | int, ...]] = set()
     try:
         # As JSON, strictly: what the API server gets from kubectl. A quoted number ("10") is a string there, which its
         # schema refuses for a number field; converting it here would call valid a manifest the cluster refuses.
@@ -99,6 +90,11 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
     except ValidationError as exc:
         # With the apiVersion line above (pydantic's own words for it are dropped): every mistake in one pass.
         result.errors += [line for line in format_errors(exc, FineTuneJob) if not line.startswith("apiVersion: ")]
+        judged = {tuple(error["loc"]) for error in exc.errors(include_url=False)}
+    # What kubectl cannot send at all, unless the models said already what is wrong there (NaN for learningRate).
+    result.errors += [line for loc, line in unsendable if loc not in judged]
+    if unsendable:
+        result.job = None
     return result
 
 
@@ -116,28 +112,7 @@ MAX_DEPTH: Final = 32
 """Deepest nesting of mappings and lists accepted; a FineTuneJob nests six levels."""
 MAX_NODES: Final = 20_000
 """Most YAML nodes (scalars, mappings, lists) in one file: a complete FineTuneJob has a few hundred."""
-# libyaml's parser when PyYAML was built with it (ten times faster), the pure-Python one otherwise; both safe loaders.
-_SAFE: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# Numbers as kubectl's YAML reader (go-yaml) reads them, so that a manifest valid here is valid on a cluster: no YAML
-# 1.1 base-60 numbers (PyYAML reads `epochs: 1:30` as 90, go-yaml as the string "1:30", which the API server refuses),
-# and exponents without a dot or with an unsigned exponent are floats (`learningRate: 1e-3`; PyYAML reads a string).
-# PyYAML's own patterns, less base 60, plus those exponents; an integer never matches the float pattern.
-_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
-_FLOAT = re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-_NO_BASE_60 = {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
-
-
-class _Loader(_SAFE):  # type: ignore[valid-type,misc]  # CSafeLoader is found at run time
-    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
-        first: [(tag, _NO_BASE_60.get(tag, pattern)) for tag, pattern in resolvers]
-        for first, resolvers in _SAFE.yaml_implicit_resolvers.items()
-    }
-
-
-_LOADER: type[yaml.SafeLoader] = _Loader
+_LOADER: type[yaml.SafeLoader] = LOADER
 
 
 def read_manifest(path: str) -> bytes:
@@ -269,9 +244,6 @@ def iter_documents(text: str | bytes, source: str) -> Iterator[DocumentResult]:
         problem = exc.lines[0]
     except yaml.YAMLError as exc:
         problem = _yaml_error(exc)
-    except (ValueError, OverflowError) as exc:  # a value YAML resolves but Python refuses: 2024-13-45, a 5,000-digit integer
-        reason = " ".join(str(exc).split(";", 1)[0].split())
-        problem = f"(document): a number or date cannot be read ({reason}); quote it if it is meant as text"
     if problem:
         yield DocumentResult(source, None, None, errors=[problem])
         return
