@@ -161,6 +161,16 @@ def test_a_document_built_in_python_with_objects_no_manifest_holds_is_one_line()
     ]
 
 
+def test_a_document_built_in_python_nested_too_deep_is_one_line() -> None:
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
+    inner: dict[str, Any] = {}
+    doc["spec"]["x"] = inner
+    for _ in range(5000):  # deeper than Python's recursion limit: json.dumps raised RecursionError, a traceback
+        inner["x"] = inner = {}
+    result = validate_document(doc, "<dict>")
+    assert result.errors == ["(document): nested more than 32 levels deep; a FineTuneJob nests six"]
+
+
 def test_yaml_timestamps_reach_validation_as_kubectl_writes_them() -> None:
     doc = yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text())
     doc["status"] = {"phase": "Running", "startTime": yaml.safe_load("2026-01-02T03:04:05+01:00")}

@@ -82,6 +82,9 @@ def validate_document(document: Any, source: str = "<input>", index: int | None 
     except (TypeError, ValueError) as exc:  # a dict built in Python holding objects no manifest can (a Path, a set)
         result.errors.append(f"(document): not JSON data ({exc}); a {KIND} holds strings, numbers, booleans, lists, maps")
         return result
+    except RecursionError:  # a dict built in Python, nested beyond any manifest
+        result.errors.append(f"(document): nested more than {MAX_DEPTH} levels deep; a FineTuneJob nests six")
+        return result
     judged: set[tuple[str | int, ...]] = set()
     try:
         # As JSON, strictly: what the API server gets from kubectl. A quoted number ("10") is a string there, which its
