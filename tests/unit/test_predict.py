@@ -359,4 +359,24 @@ def test_class_names_from_a_card_cannot_drive_the_terminal(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b[2J\\x1b[Hcat" in out
     assert out.count("\n") == 4 and "dog\\nimages/forged.png" in out  # the image's line and its three classes
-    assert max(len(line) for line in out.splitlines() if "x" * 100 not in line) < 100
+    # The 100,000-character name is printed cut, 64 characters and '…' (it was printed whole).
+    assert max(len(line) for line in out.splitlines()) < 100
+    assert f"  {'x' * 64}…  " in out
+
+
+@pytest.mark.parametrize(
+    ("name", "printed"),
+    [
+        ("cat", "cat"),
+        ("x" * 64, "x" * 64),
+        ("x" * 65, "x" * 64 + "…"),
+        ("é" * 200, "é" * 64 + "…"),
+        ("x" * 60 + "\x1b[2J", "x" * 60 + "\\x1b" + "…"),  # cut between escapes, never inside one
+        ("\n" * 100, "\\n" * 32 + "…"),
+    ],
+    ids=["short", "64", "65", "wide-letters", "escape-at-the-cut", "only-escapes"],
+)
+def test_printed_class_names_are_escaped_and_cut(name: str, printed: str) -> None:
+    from finetune_trainer.predict import _printable
+
+    assert _printable(name) == printed

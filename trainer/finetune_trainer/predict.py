@@ -162,14 +162,23 @@ def _top_k(model: nn.Module, inputs: list[torch.Tensor], top_k: int) -> list[lis
     return results
 
 
-_MAX_PAD: Final = 64
-"""Class names are padded to the longest, up to this width: a card's 100,000-character name would widen every line."""
+_MAX_NAME: Final = 64
+"""Visible characters printed of a class name, escapes counted: a card's 100,000-character name is cut, then '…'."""
 
 
 def _printable(name: str) -> str:
     """A class name as printed: characters a terminal would act on (escape sequences, newlines, controls) written as
-    escapes, since the names come from a model card, which whoever handed over the model wrote."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+    escapes, since the names come from a model card, which whoever handed over the model wrote; cut past
+    ``_MAX_NAME`` (never inside an escape), so that no name widens every line or floods the terminal."""
+    shown: list[str] = []
+    size = 0
+    for c in name:
+        piece = c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        if size + len(piece) > _MAX_NAME:
+            return "".join(shown) + "…"
+        shown.append(piece)
+        size += len(piece)
+    return "".join(shown)
 
 
 def predict_command(args: argparse.Namespace | Any) -> int:
@@ -191,7 +200,7 @@ def predict_command(args: argparse.Namespace | Any) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = [_printable(name) for name in class_names]
-    width = min(max(map(len, shown)), _MAX_PAD)
+    width = max(map(len, shown))
     failed = 0
     # A chunk at a time: thousands of images on the command line must not all sit in memory at once.
     for start in range(0, len(args.images), _BATCH):
