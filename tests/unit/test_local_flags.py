@@ -189,3 +189,29 @@ def test_a_bad_address_is_refused_before_ray(
 
 def test_a_good_address_is_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run(monkeypatch, tmp_path, address="[::1]:6379").calls == [(None, "[::1]:6379")]
+
+
+def test_a_json_status_under_home_is_expanded_as_the_shell_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Quoted ('~/status.json') or from a script, the shell leaves the ~: it names the home folder, not a folder called ~.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert run(monkeypatch, tmp_path, json_status="~/status.json").calls == [(str(tmp_path / "status.json"), None)]
+
+
+def test_a_json_status_under_an_unknown_users_home_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = run(monkeypatch, tmp_path, json_status="~nosuchuser0/status.json")
+    assert (trained.code, trained.calls) == (2, [])
+    assert capsys.readouterr().err == (
+        "error: --json-status: '~nosuchuser0/status.json': '~nosuchuser0' names no user of this machine (no home folder); "
+        "write the path out\n"
+    )
+
+
+def test_a_very_long_json_status_is_shortened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = run(monkeypatch, tmp_path, json_status=str(tmp_path) + "/" + "d" * 5000)
+    assert trained.code == 2
+    assert len(capsys.readouterr().err) < 400

@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--address",
         metavar="ADDR",
-        help="join a running Ray (auto, HOST:PORT, ray://HOST:PORT) instead of starting one: saves Ray's start-up; "
-        "default FINETUNE_RAY_ADDRESS, else an embedded Ray (RAY_ADDRESS is never followed)",
+        help="join a running Ray (HOST:PORT, [IPv6]:PORT, ray://HOST[:PORT], or auto: the Ray named by RAY_ADDRESS, "
+        "else the one started on this machine) instead of starting one: saves Ray's start-up; local: an embedded Ray; "
+        "default FINETUNE_RAY_ADDRESS, else an embedded Ray (RAY_ADDRESS is followed only with auto)",
     )
     p.set_defaults(func=_run)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api.contract import TrainerConfig, resolve_uri
-from finetune_operator.api.fields import uri_scheme
+from finetune_operator.api.fields import quote, uri_scheme
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validate import ManifestError, decode_manifest, load_job, read_manifest, validate_document
 from finetune_trainer.errors import TrainerError
@@ -88,14 +88,13 @@ def status_path(flag: str | None) -> str | None:
     replace), or a place where this user cannot create files. Checks only: creates nothing."""
     if flag is None:
         return None
-    path = Path(flag).resolve()
+    path = _home_expanded(flag, f"--json-status: {quote(flag, 200)}").resolve()
     try:
         problem = _unwritable(path, flag) if flag else "empty"
     except OSError as e:  # a folder on the way this user may not look into
         problem = f"cannot be checked: {e.strerror or e}"
     if problem:
-        shown = flag if len(flag) <= 120 else flag[:117] + "..."
-        raise TrainerError(f"--json-status: {shown!r}: {problem}; accepted: a file path in a writable directory")
+        raise TrainerError(f"--json-status: {quote(flag, 200)}: {problem}; accepted: a file path in a writable directory")
     return str(path)
 
 

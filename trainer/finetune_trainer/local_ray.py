@@ -20,6 +20,7 @@ import re
 from typing import Any, Final
 
 from finetune_operator.api.contract import ENV_REPORT_POLL, REPORT_POLL_SECONDS, TrainerConfig
+from finetune_operator.api.fields import quote
 from finetune_trainer.errors import TrainerError, exception_line
 
 __all__ = ["ADDRESS_ENV", "embedded_options", "ray_address", "start_ray"]
@@ -50,9 +51,8 @@ def ray_address(flag: str | None) -> str | None:
     ok = _client_address(scheme, rest) if sep else value == "auto" or _host_port(value, port_required=True)
     if not ok:
         where = "--address" if flag is not None else ADDRESS_ENV
-        shown = value if len(value) <= 80 else value[:77] + "..."
         why = "an HTTP address (the dashboard's?), " if scheme in ("http", "https") else ""
-        raise TrainerError(f"{where}: {shown!r}: {why}not a Ray address; {_ACCEPTED}")
+        raise TrainerError(f"{where}: {quote(value)}: {why}not a Ray address; {_ACCEPTED}")
     return value
 
 
