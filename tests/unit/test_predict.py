@@ -377,6 +377,6 @@ def test_class_names_from_a_card_cannot_drive_the_terminal(
     ids=["short", "64", "65", "wide-letters", "escape-at-the-cut", "only-escapes"],
 )
 def test_printed_class_names_are_escaped_and_cut(name: str, printed: str) -> None:
-    from finetune_trainer.predict import _printable
+    from finetune_trainer.display import shown_name
 
-    assert _printable(name) == printed
+    assert shown_name(name, 64) == printed

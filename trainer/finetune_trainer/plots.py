@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Final
 
+from finetune_trainer.display import shown_name
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.metrics_log import EpochRecord
 
@@ -18,6 +19,8 @@ __all__ = ["plot_confusion_matrix", "plot_training_curves"]
 
 _STAGE_LABELS: Final = {"probe": "linear probe (frozen backbone)", "fine-tune": "fine-tune (all layers)"}
 _STAGE_SHADE: Final = {"probe": "#eef3fb", "fine-tune": "#ffffff"}
+_MAX_LABEL: Final = 32
+"""Characters of a class name on the confusion matrix's axes; the whole names are in the model card."""
 
 
 def _save(fig: Any, path: str) -> None:
@@ -134,10 +137,13 @@ def plot_confusion_matrix(result: EvalResult, path: str) -> None:
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ticks = list(range(n))
+    # Names from folder names or a card: escaped and cut, since a long one squeezed the matrix to nothing (and one of
+    # 100,000 characters took matplotlib 27 s to lay out), and a control character has no glyph.
+    names = [shown_name(name, _MAX_LABEL) for name in result.class_names]
     # Tilted labels only when upright ones would collide: long names or many classes.
-    tilt = max(map(len, result.class_names), default=0) * min(n, 40) > 60
-    ax.set_xticks(ticks, result.class_names, rotation=45 if tilt else 0, ha="right" if tilt else "center")
-    ax.set_yticks(ticks, result.class_names)
+    tilt = max(map(len, names), default=0) * min(n, 40) > 60
+    ax.set_xticks(ticks, names, rotation=45 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(ticks, names)
     if n <= 30:
         for i in range(n):
             for j in range(n):

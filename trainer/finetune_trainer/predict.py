@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from finetune_trainer import storage
+from finetune_trainer.display import shown_name
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
@@ -166,21 +167,6 @@ _MAX_NAME: Final = 64
 """Visible characters printed of a class name, escapes counted: a card's 100,000-character name is cut, then '…'."""
 
 
-def _printable(name: str) -> str:
-    """A class name as printed: characters a terminal would act on (escape sequences, newlines, controls) written as
-    escapes, since the names come from a model card, which whoever handed over the model wrote; cut past
-    ``_MAX_NAME`` (never inside an escape), so that no name widens every line or floods the terminal."""
-    shown: list[str] = []
-    size = 0
-    for c in name:
-        piece = c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-        if size + len(piece) > _MAX_NAME:
-            return "".join(shown) + "…"
-        shown.append(piece)
-        size += len(piece)
-    return "".join(shown)
-
-
 def predict_command(args: argparse.Namespace | Any) -> int:
     """``finetune predict --model DIR IMAGE... [--top-k K] [--format state_dict|safetensors]``: per image,
     its name and then the top-k ``label  probability`` lines. Images that cannot be read are reported and
@@ -199,7 +185,7 @@ def predict_command(args: argparse.Namespace | Any) -> int:
     except (ArtifactError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    shown = [_printable(name) for name in class_names]
+    shown = [shown_name(name, _MAX_NAME) for name in class_names]
     width = max(map(len, shown))
     failed = 0
     # A chunk at a time: thousands of images on the command line must not all sit in memory at once.

@@ -1,0 +1,32 @@
+"""The confusion matrix's axes show class names from folder names or a model card: escaped and cut, so that a long
+or hostile name neither squeezes the matrix to nothing nor stalls the drawing (a 100,000-character name took
+matplotlib 27 s to lay out), and a control character is written, not passed to the renderer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from finetune_trainer import plots
+from finetune_trainer.evaluation import EvalResult
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("cat", "cat"),
+        ("x" * 32, "x" * 32),
+        ("x" * 100_000, "x" * 32 + "…"),
+        ("\x1b[2Jdog", "\\x1b[2Jdog"),
+        ("a\nb", "a\\nb"),
+    ],
+    ids=["short", "at-the-width", "enormous", "escape-sequence", "newline"],
+)
+def test_confusion_matrix_labels_are_escaped_and_cut(name: str, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    plots.plot_confusion_matrix(EvalResult(y_true=[0, 1, 1], y_pred=[0, 1, 0], class_names=["ok", name]), "unused.png")
+    (ax,) = [a for a in drawn[0].axes if a.get_title().startswith("confusion matrix")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ok", label]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ok", label]

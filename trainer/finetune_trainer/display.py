@@ -1,0 +1,21 @@
+"""Names from untrusted places (a model card, a dataset's folder names) as they are shown to people: characters a
+terminal or a renderer would act on written as escapes, and cut to a width, so that no name can forge output, move
+the cursor, widen every line or stall a drawing. Used by ``finetune predict`` and the confusion matrix."""
+
+from __future__ import annotations
+
+__all__ = ["shown_name"]
+
+
+def shown_name(name: str, width: int) -> str:
+    """``name`` with unprintable characters (escape sequences, newlines, controls) written as escapes, cut past
+    ``width`` visible characters, escapes counted and never cut inside one, then '…'."""
+    shown: list[str] = []
+    size = 0
+    for c in name:
+        piece = c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        if size + len(piece) > width:
+            return "".join(shown) + "…"
+        shown.append(piece)
+        size += len(piece)
+    return "".join(shown)
