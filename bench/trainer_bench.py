@@ -221,6 +221,7 @@ def plain_worker(spec: dict[str, Any]) -> None:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
         ],
         lr=w.lr,
+        fused=True if spec.get("fused") else None,  # the trainer's kernel (optim._fusable) for rows 2e/2f, else the default
     )
     total = w.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
@@ -441,15 +442,25 @@ class PlainRun:
 
 
 def run_plain(
-    w: Workload, *, processes: int, threads: int, nice: int, wait_policy: str | None = None, checkpoints: Path | None = None
+    w: Workload,
+    *,
+    processes: int,
+    threads: int,
+    nice: int,
+    wait_policy: str | None = None,
+    checkpoints: Path | None = None,
+    fused: bool = False,
 ) -> PlainRun:
     """The plain loop, as one process or under ``torchrun --nproc_per_node=processes``, with PyTorch's
     default OpenMP wait policy unless ``wait_policy`` names one; ``checkpoints``: a fresh directory where rank 0
-    saves a checkpoint every epoch, after the evaluation (else none is written)."""
+    saves a checkpoint every epoch, after the evaluation (else none is written); ``fused``: AdamW's fused kernel,
+    as the trainer runs it, instead of PyTorch's default (foreach)."""
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
         checkpoints.mkdir(parents=True)
-    spec = json.dumps({"workload": asdict(w), "threads": threads, "checkpoints": str(checkpoints) if checkpoints else None})
+    spec = json.dumps(
+        {"workload": asdict(w), "threads": threads, "checkpoints": str(checkpoints) if checkpoints else None, "fused": fused}
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_NUM_THREADS": str(threads)}
     if wait_policy is not None:
         env["OMP_WAIT_POLICY"] = wait_policy
@@ -647,10 +658,11 @@ def measure_two_workers(w: Workload, reps: int, workdir: Path, env: dict[str, st
     plain_bn_runs: list[TrainerRun] = []
     ddp_runs: list[PlainRun] = []
     saving_runs: list[PlainRun] = []
+    fused_runs: list[PlainRun] = []
     no_precise_bn = manifest("bench-2w-plain-bn", w, workdir / "out", workers=2, cpus=1, precise_bn=False)
     for rep in range(reps):
         log(f"2 workers vs torchrun (without and with a checkpoint per epoch), repetition {rep + 1}/{reps}")
-        (t, b), (p, c) = alternate(
+        (t, b), (p, c, f) = alternate(
             rep,
             lambda: (
                 run_trainer(manifest("bench-2w", w, workdir / "out", workers=2, cpus=1), "bench-2w", workdir, env),
@@ -659,16 +671,19 @@ def measure_two_workers(w: Workload, reps: int, workdir: Path, env: dict[str, st
             lambda: (
                 run_plain(w, processes=2, threads=1, nice=nice),
                 run_plain(w, processes=2, threads=1, nice=nice, checkpoints=workdir / "torchrun-checkpoints"),
+                run_plain(w, processes=2, threads=1, nice=nice, checkpoints=workdir / "torchrun-checkpoints", fused=True),
             ),
         )
         trainer_runs.append(t)
         plain_bn_runs.append(b)
         ddp_runs.append(p)
         saving_runs.append(c)
+        fused_runs.append(f)
         log(
             f"  trainer {trainer_train_rate(t):.0f} img/s, torchrun {plain_train_rate(p):.0f} img/s; whole epoch: "
             f"trainer {w.samples / statistics.median(trainer_epoch_walls(t)):.0f}, without precise BN "
-            f"{w.samples / statistics.median(trainer_epoch_walls(b)):.0f}, torchrun + checkpoint {plain_wall_rate(c):.0f} img/s"
+            f"{w.samples / statistics.median(trainer_epoch_walls(b)):.0f}, torchrun + checkpoint {plain_wall_rate(c):.0f} img/s; "
+            f"torchrun with fused AdamW: training {plain_train_rate(f):.0f}, + checkpoint {plain_wall_rate(f):.0f} img/s"
         )
     walls = [statistics.median(trainer_epoch_walls(t)) for t in trainer_runs]
     bn_walls = [statistics.median(trainer_epoch_walls(b)) for b in plain_bn_runs]
@@ -688,6 +703,17 @@ def measure_two_workers(w: Workload, reps: int, workdir: Path, env: dict[str, st
         Row("2d. same, the trainer as configured by default (preciseBatchNorm on: forward passes over 512 images more)",
             [w.samples / s for s in walls], [plain_wall_rate(c) for c in saving_runs], "img/s")
     )  # fmt: skip
+    # The trainer runs AdamW's fused kernel (optim._fusable), which torchrun's default script does not: 2e and 2f give
+    # torchrun the same kernel, so that what is left between them is Ray Train and the trainer's loop.
+    res.rows.append(
+        Row("2e. training, like with like: Ray Train 2 workers ÷ torchrun with the trainer's fused AdamW",
+            [trainer_train_rate(t) for t in trainer_runs], [plain_train_rate(f) for f in fused_runs], "img/s")
+    )  # fmt: skip
+    res.rows.append(
+        Row("2f. whole epoch, like with like: 2c's trainer ÷ torchrun with fused AdamW, saving a checkpoint per epoch",
+            [w.samples / s for s in bn_walls], [plain_wall_rate(f) for f in fused_runs], "img/s")
+    )  # fmt: skip
+    res.details["torchrun_fused_runs"] = [[e["images"] / e["epoch_seconds"] for e in f.epochs] for f in fused_runs]
     res.details["torchrun_checkpoint_runs"] = [[e["images"] / e["epoch_seconds"] for e in c.epochs] for c in saving_runs]
     res.details["two_worker_nice"] = sorted({n for t in trainer_runs for n in t.worker_nice})
     res.details["two_worker_runs"] = [[r["imagesPerSecond"] for r in t.records] for t in trainer_runs]

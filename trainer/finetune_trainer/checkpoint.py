@@ -321,8 +321,12 @@ def restore_training(
     """Load a checkpoint's optimizer, schedule and AMP scaler (``data`` as ``read_checkpoint`` returns it)
     into those of the resumed run, whatever device and precision either ran with."""
     # The optimizer casts its floating state to each parameter's dtype and device: a CPU checkpoint
-    # resumes on a GPU (and back) once the model is on its device.
-    optimizer.load_state_dict(data["optimizer"])
+    # resumes on a GPU (and back) once the model is on its device. How the update runs (a fused kernel or torch's
+    # foreach) is this run's choice for its devices (optim._fusable), not the checkpoint's: put in its groups before
+    # the load, which places the step counters by those flags (on the parameter's device for a fused kernel).
+    kernels = {key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults}
+    saved = data["optimizer"]
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **kernels} for group in saved["param_groups"]]})
     scheduler.load_state_dict(data["scheduler"])
     # A disabled scaler (CPU, bf16 or fp32) saves {}, which an enabled one (fp16 on a GPU) refuses to
     # load: it starts from its initial scale instead, as a fresh fp16 run does.

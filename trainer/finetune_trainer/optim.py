@@ -61,9 +61,24 @@ def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) ->
         ):
             if chosen:
                 param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
+    fused = _fusable([p for group in param_groups for p in group["params"]])
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0)
-    return torch.optim.AdamW(param_groups, lr=hp.learning_rate)
+        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=hp.learning_rate, fused=fused)
+
+
+FUSED_DEVICES: Final = frozenset({"cpu", "cuda"})
+"""Where torch's fused AdamW and SGD kernels run (of the devices a job trains on)."""
+
+
+def _fusable(params: list[nn.Parameter]) -> bool | None:
+    """True (one fused kernel per step) when every parameter is a float tensor on a device that has the kernel; None,
+    torch's default (its ``foreach`` implementation), otherwise. The update is the same; fused is faster everywhere
+    torch ships it: a resnet18 step on one CPU thread took 110 ms of AdamW with ``foreach`` and 19 ms fused (SGD with
+    momentum 38 → 13 ms), a third of the whole step (bench/README.md, "Fused optimizer"); on CUDA it launches one
+    kernel where ``foreach`` launches several. Checkpoints load either way: the state is the same."""
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    return True if ok else None
 
 
 @dataclass
