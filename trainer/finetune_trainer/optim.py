@@ -75,7 +75,7 @@ def _fusable(params: list[nn.Parameter]) -> bool | None:
     """True (one fused kernel per step) when every parameter is a float tensor on a device that has the kernel; None,
     torch's default (its ``foreach`` implementation), otherwise. The update is the same; fused is faster everywhere
     torch ships it: a resnet18 step on one CPU thread took 110 ms of AdamW with ``foreach`` and 19 ms fused (SGD with
-    momentum 38 → 13 ms), a third of the whole step (bench/README.md, "Fused optimizer"); on CUDA it launches one
+    momentum 38 → 13 ms), a quarter of the whole step (bench/README.md, "Fused optimizer"); on CUDA it launches one
     kernel where ``foreach`` launches several. Checkpoints load either way: the state is the same."""
     ok = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
     return True if ok else None
