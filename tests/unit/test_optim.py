@@ -232,8 +232,9 @@ def _steps(model: Tiny, optimizer: torch.optim.Optimizer, seeds: range) -> None:
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_the_optimizer_is_fused_and_resumes_a_checkpoint_of_the_unfused_one(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One fused kernel per step where torch has one (CPU and CUDA): a quarter of a resnet18 step on a CPU thread was the unfused AdamW. The
-    update is the one torch's default (foreach) makes, and a checkpoint written before (unfused) resumes fused."""
+    """One fused kernel per step where torch has one (CPU and CUDA; the unfused AdamW was a quarter of a resnet18 step
+    on a CPU thread). The update is the one torch's default (foreach) makes, and a checkpoint written before (unfused)
+    resumes fused."""
     from finetune_trainer import optim
     from finetune_trainer.checkpoint import restore_training
 
