@@ -270,6 +270,39 @@ def test_the_optimizer_is_fused_and_resumes_a_checkpoint_of_the_unfused_one(kind
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_first_step_the_amp_scaler_skips_leaves_no_garbage_in_the_fused_state(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16's GradScaler starts at 65536 and often skips the first step (inf gradients). Fused SGD makes its momentum
+    buffers with torch.empty_like before the kernel, which then returns early on found_inf (CPU and CUDA alike): the
+    next step read uninitialised memory as momentum. Simulated here: empty_like's memory is NaN. The run must go on as
+    the unfused one does (GradScaler skips its step outright)."""
+    from finetune_trainer import optim
+
+    spec = make_spec("full", 6, optimizer=kind, learningRate=0.01, weightDecay=0.01, momentum=0.9)
+    runs = []
+    for fusable in (lambda params: None, optim._fusable):
+        torch.manual_seed(0)
+        model = Tiny()
+        with monkeypatch.context() as patch:
+            patch.setattr(optim, "_fusable", fusable)
+            optimizer = build_optimizer(spec, last_stage(spec), _groups(model, backbone=True))
+        with monkeypatch.context() as garbage:
+            garbage.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, math.nan, **kw))
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+            for seed, scale in ((0, math.inf), (1, 1.0), (2, 1.0)):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(_loss(model, seed) * scale).backward()
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+        runs.append(model.state_dict())
+    assert {g["fused"] for g in optimizer.param_groups} == {True}
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_parameters_without_a_fused_kernel_keep_torchs_default() -> None:
     from finetune_trainer.optim import _fusable
 
