@@ -63,7 +63,14 @@ def build_optimizer(spec: FineTuneJobSpec, stage: Stage, groups: ParamGroups) ->
                 param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": name + suffix})
     fused = _fusable([p for group in param_groups for p in group["params"]])
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0, fused=fused)
+        sgd = torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=hp.momentum, nesterov=hp.momentum > 0, fused=fused)
+        if fused and hp.momentum > 0:
+            # Fused SGD's first step makes its momentum buffers with torch.empty_like and the kernel returns early
+            # when fp16's GradScaler found inf gradients (its first steps often do): the next step would read that
+            # uninitialised memory as momentum. Zeros are the same first step (momentum × 0 + gradient).
+            for param in (p for group in param_groups for p in group["params"]):
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return sgd
     return torch.optim.AdamW(param_groups, lr=hp.learning_rate, fused=fused)
 
 
