@@ -143,3 +143,27 @@ def test_render_and_run_share_the_loader(tmp_path: Path, command: str, case: str
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.splitlines()[0] == f"{path}: invalid (1 error)" and fragment in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "sent"),
+    [
+        # sigs.k8s.io/yaml names a float map key strconv.FormatFloat(key, 'g', -1, 32): %g, float32's shortest digits
+        ("1e3", "1000"),
+        ("10.0", "10"),
+        ("0.1", "0.1"),
+        ("1.5e-7", "1.5e-07"),
+        ("123456789.0", "1.2345679e+08"),
+        ("3.14159265358979", "3.1415927"),
+        ("-0.0", "-0"),
+        ("1e300", ".inf"),
+        (".inf", ".inf"),
+        ("-.inf", "-.inf"),
+        (".nan", ".nan"),
+        ("0x1F", "31"),  # an integer key: its decimal digits
+    ],
+)
+def test_a_number_as_a_map_key_is_named_as_kubectl_sends_it(key: str, sent: str) -> None:
+    document = yaml.load(f"labels: {{{key}: x}}", Loader=kubectl_yaml.LOADER)
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    assert kubectl_yaml.as_sent(document, problems) == {"labels": {sent: "x"}} and problems == []
