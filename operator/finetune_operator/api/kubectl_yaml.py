@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -153,6 +154,34 @@ def _go_float(value: float) -> int | float:
     return value
 
 
+def _go_key(key: Any) -> Any:
+    """A map key as sigs.k8s.io/yaml names it in JSON: true/false, an integer's digits, a float as
+    strconv.FormatFloat(key, 'g', -1, 32) (float32's shortest digits; .inf, -.inf, .nan); text as it is."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int):
+        return str(key)
+    if not isinstance(key, float):
+        return key
+    try:
+        single = struct.unpack("f", struct.pack("f", key))[0] if math.isfinite(key) else key
+    except OverflowError:  # beyond float32: Go's conversion makes it an infinity
+        single = math.copysign(math.inf, key)
+    if not math.isfinite(single):
+        return ".nan" if math.isnan(single) else ".inf" if single > 0 else "-.inf"
+    for digits in range(1, 10):  # the fewest significant digits that read back as this float32
+        text = f"{abs(single):.{digits - 1}e}"
+        if struct.unpack("f", struct.pack("f", float(text)))[0] == abs(single):
+            break
+    mantissa, exponent = text.split("e")
+    figures, power = mantissa.replace(".", "").rstrip("0") or "0", int(exponent)
+    sign = "-" if math.copysign(1.0, single) < 0 else ""
+    if power < -4 or power >= 6:  # %e (Go's shortest 'g' switches at 1e6), two exponent digits at least
+        body = figures[0] + ("." + figures[1:] if len(figures) > 1 else "")
+        return f"{sign}{body}e{'-' if power < 0 else '+'}{abs(power):02d}"
+    return sign + f"{abs(single):.{max(len(figures) - 1 - power, 0)}f}"
+
+
 def _where(loc: tuple[str | int, ...]) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "(document)"
 
@@ -170,7 +199,7 @@ def as_sent(document: Any, problems: list[tuple[tuple[str | int, ...], str]]) ->
                         (loc, f"{_where(loc)}: a null key (~) is not accepted: kubectl refuses it; quote it ('null')")
                     )
                     continue
-                name = ("true" if key else "false") if isinstance(key, bool) else key
+                name = _go_key(key)
                 out[name] = walk(item, (*loc, str(name)))
             return out
         if isinstance(value, list):
