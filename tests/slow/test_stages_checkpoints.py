@@ -38,25 +38,36 @@ def truncate(path: Path) -> None:
 
 def test_lp_ft_fine_tunes_after_a_probe_plateau_and_ships_the_best_weights(make_config: MakeConfig) -> None:
     # minDelta 1: no epoch ever counts as an improvement, so each stage stops after 1 + patience epochs.
-    # A backbone rate of 10 wrecks fine-tuning: the best epoch is a probe epoch, far from the last one.
-    cfg = with_status_file(
-        make_config(
-            "plateau",
-            strategy={"method": "lp-ft", "probeEpochs": 3},
-            hyperparameters={"epochs": 6, "backboneLearningRate": 10, "earlyStopping": {"patience": 1, "minDelta": 1.0}},
+    # A backbone rate of 10 wrecks fine-tuning, so that the best epoch is a probe epoch, far from the last one. Wrecked
+    # is chaotic, not certain: the probe on an untrained backbone scores 0.65-0.90 and a wrecked model 0.06-0.93 (seeds
+    # 0 and 1 scored best in fine-tuning once the optimizer's kernel changed; seed 0 had held before). So seeds are
+    # tried, the one that held last first, and the behaviour is checked on the first whose best epoch is a probe one.
+    for seed in (2, 0, 1, 3, 4):
+        cfg = with_status_file(
+            make_config(
+                f"plateau-{seed}",
+                strategy={"method": "lp-ft", "probeEpochs": 3},
+                hyperparameters={
+                    "epochs": 6,
+                    "seed": seed,
+                    "backboneLearningRate": 10,
+                    "earlyStopping": {"patience": 1, "minDelta": 1.0},
+                },
+            )
         )
-    )
-    driver.run(cfg, local=True)
+        driver.run(cfg, local=True)
 
-    records = read_metrics(cfg.run_dir)
-    # The probe stops at epoch 2; fine-tuning still runs, with a fresh patience: epochs 4 and 5, not none
-    # (the plateau skipped it) nor epoch 4 alone (the probe's patience carried over).
-    assert [(r.epoch, r.stage) for r in records] == [(1, "probe"), (2, "probe"), (4, "fine-tune"), (5, "fine-tune")]
+        records = read_metrics(cfg.run_dir)
+        # The probe stops at epoch 2; fine-tuning still runs, with a fresh patience: epochs 4 and 5, not none
+        # (the plateau skipped it) nor epoch 4 alone (the probe's patience carried over).
+        assert [(r.epoch, r.stage) for r in records] == [(1, "probe"), (2, "probe"), (4, "fine-tune"), (5, "fine-tune")]
+        best = max(records, key=lambda r: (r.val_accuracy, r.epoch))
+        if best.stage == "probe":
+            break
+    assert best.stage == "probe", f"the construction failed for seeds 0-4: the best epoch is {best}"
 
     # model.pt is the best epoch's checkpoint, the one the status names, not the last epoch's weights.
     doc = status(cfg)
-    best = max(records, key=lambda r: (r.val_accuracy, r.epoch))
-    assert best.stage == "probe", f"the construction failed: the best epoch is {best}"
     assert doc["metrics"]["bestEpoch"] == best.epoch
     checkpoint = Path(doc["artifacts"]["checkpointUri"])
     assert checkpoint.name.startswith(checkpoint_dir_name(best.epoch))
