@@ -233,8 +233,7 @@ def serve(
     if review is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        folder = Path(tempfile.mkdtemp(prefix="finetune-metrics-tls-"))  # 0700: the key never leaves the pod
-        issued = _load(context, folder, tls_name, clock())
+        issued = _load(context, tls_name, clock())
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
 
         def renew() -> None:
@@ -243,7 +242,7 @@ def serve(
                 time.sleep(RENEWAL_CHECK_SECONDS)
                 if issued.renewal_due(clock()):
                     try:
-                        issued = _load(context, folder, tls_name, clock())  # new handshakes get the new certificate
+                        issued = _load(context, tls_name, clock())  # new handshakes get the new certificate
                     except Exception as e:  # a full disk: try again next hour, the current one has a month left
                         log.warning("metrics: the certificate was not renewed: %s: %s", type(e).__name__, e)
 
@@ -252,10 +251,14 @@ def serve(
     return server
 
 
-def _load(context: ssl.SSLContext, folder: Path, name: str, now: datetime) -> certificates.Issued:
+def _load(context: ssl.SSLContext, name: str, now: datetime) -> certificates.Issued:
+    """A new certificate and key for ``name`` into ``context``. ssl reads a key only from a file: it is written into a
+    private folder (0700, the file 0600) and removed once read, so that no key is left at rest (each server left its
+    key behind in the temporary folder, a new one per start)."""
     issued = certificates.issue(name, now)
-    chain = folder / "tls.pem"
-    chain.touch(mode=0o600)
-    chain.write_bytes(issued.chain)
-    context.load_cert_chain(chain)
+    with tempfile.TemporaryDirectory(prefix="finetune-metrics-tls-") as folder:
+        chain = Path(folder) / "tls.pem"
+        chain.touch(mode=0o600)
+        chain.write_bytes(issued.chain)
+        context.load_cert_chain(chain)
     return issued

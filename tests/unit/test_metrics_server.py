@@ -5,14 +5,19 @@ operator's entrypoint serving them: tests/integration/test_metrics_auth.py and t
 from __future__ import annotations
 
 import ssl
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
 import pytest
 
+from finetune_operator import metrics_server
 from finetune_operator.metrics_server import CACHE_SECONDS, CACHE_SIZE, TokenReviewer, serve
 
 USERS = {"prometheus-token": {"username": "system:serviceaccount:monitoring:prometheus"}, "other-token": {"username": "eve"}}
@@ -114,6 +119,28 @@ def test_metrics_over_https_only_to_an_allowed_token(https: str, token: str | No
     assert ("finetune_test_total" in body) is (status == 200)
     if status == 401:
         assert headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_no_key_is_left_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssl loads a key only from a file: it is removed once read, at the start and at each renewal (every server
+    left its private key in a folder of its own under /tmp, 194 of them on the development machine)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(metrics_server, "RENEWAL_CHECK_SECONDS", 0.01)
+    now = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
+    registry = prometheus_client.CollectorRegistry()
+    reviews = Reviews()
+    server = serve(0, registry, TokenReviewer(reviews.authenticate, reviews.authorize), host="127.0.0.1", clock=lambda: now[0])
+    try:
+        first = ssl.get_server_certificate(("127.0.0.1", server.server_port))
+        now[0] += timedelta(days=3650)  # past any renewal point: the next check renews
+        deadline = time.monotonic() + 10
+        while ssl.get_server_certificate(("127.0.0.1", server.server_port)) == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ssl.get_server_certificate(("127.0.0.1", server.server_port)) != first  # renewed
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_plain_http_gets_no_metrics(https: str) -> None:
