@@ -17,9 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing finetune-operator and its dependencies into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
   # torch/torchvision are pinned in pyproject.toml (trainer extra); pip finds 2.14.1/0.29.1 locally when cached.
-  # --no-compile: pip would byte-compile all ~23,500 modules it installs (torch, Ray, ...: about a minute of CPU on 2
-  # cores); Python compiles the few thousand a run imports on first import instead, and caches them the same way.
-  .venv/bin/python -m pip install -q --no-compile -e '.[operator,trainer,dev]' -c scripts/constraints.txt
+  .venv/bin/python -m pip install -q -e '.[operator,trainer,dev]' -c scripts/constraints.txt
   .venv/bin/python scripts/install_k8s_tools.py
   echo "$want" > "$stamp"
 fi
