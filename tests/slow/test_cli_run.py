@@ -46,9 +46,9 @@ def test_finetune_run_trains_a_job_end_to_end(tmp_path: Path) -> None:
     out = finetune("run", "job.yaml", "--json-status", "status.json", cwd=tmp_path, env=env)
 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # No traceback through our code. Ray's controller may print one of its own on a busy machine ("Failed to send
-    # resource request ... CPU being overloaded, safe to ignore"), which is not ours to hide.
-    assert not re.findall(r'File "[^"]*/finetune_(?:trainer|operator)/', out.stdout + out.stderr)
+    # No traceback, ours or Ray's: a warning Ray logs with one ("Failed to send resource request ... safe to ignore",
+    # on a busy machine) is one line (ray_compat.AnnouncedFixedScalingPolicy), and this job makes no such request.
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
     summary = out.stdout.strip().splitlines()[-1]
     assert summary.startswith("tiny: model.pt holds epoch ") and f"artifacts in {tmp_path}/runs/tiny" in summary
     # The console sink's per-epoch line, once (Ray forwards worker output to the driver's stdout or stderr).

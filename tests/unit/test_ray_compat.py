@@ -177,7 +177,7 @@ class _Captured(Exception):
     [
         ({"format": "fake", "imageSize": 32}, "UnannouncedFixedScalingPolicy"),
         ({"format": "imagefolder", "trainUri": "/data/train", "ingest": "mapStyle"}, "UnannouncedFixedScalingPolicy"),
-        ({"format": "imagefolder", "trainUri": "/data/train"}, "FixedScalingPolicy"),  # auto: it may stream
+        ({"format": "imagefolder", "trainUri": "/data/train"}, "AnnouncedFixedScalingPolicy"),  # auto: it may stream
     ],
     ids=["fake", "imagefolder-mapStyle", "imagefolder-auto"],
 )
@@ -218,6 +218,57 @@ def test_the_unannounced_policy_still_sizes_the_worker_group_without_the_coordin
     assert (decision.num_workers, decision.resources_per_worker) == wanted, _moved(f"decision {decision!r}")
     assert policy._coordinator_client is None  # nothing asked Ray Data's coordinator
     assert not ray.is_initialized()
+
+
+def test_a_resource_request_that_times_out_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streaming run keeps Ray Train's requests to the AutoscalingCoordinator; on a busy machine the request's
+    5-s `ray.get` times out and Ray logs a warning with the GetTimeoutError's traceback, which reached the user's
+    terminal next to the run's own lines. The policy keeps the request and the warning, in one line."""
+    from ray.exceptions import GetTimeoutError
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from finetune_trainer.driver import build_trainer
+
+    ray_compat = _ray_compat()
+    scaling = build_trainer(_config(tmp_path), local=True).scaling_config
+
+    class Coordinator:
+        class request_resources:  # an actor method's shape: .remote(...)
+            @staticmethod
+            def remote(**kwargs: object) -> object:
+                return "ref"
+
+        cancel_request = request_resources
+
+    def get(ref: object, *, timeout: float) -> object:
+        raise GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    monkeypatch.setattr(client, "get_or_create_autoscaling_coordinator", Coordinator)
+    monkeypatch.setattr(client.ray, "get", get)
+    policy = ray_compat.AnnouncedFixedScalingPolicy(scaling_config=scaling)
+    ctx = type("Ctx", (), {"run_id": "r1"})()
+    with caplog.at_level(logging.WARNING, logger=client.logger.name):
+        policy.after_controller_start(ctx)  # the request is still sent...
+        policy.before_controller_abort()
+    warnings = [r for r in caplog.records if r.name == client.logger.name]
+    assert len(warnings) == 2, _moved("the coordinator client no longer logs a failed request")
+    for record in warnings:
+        line = record.getMessage()
+        assert record.exc_info is None and record.exc_text is None and "\n" not in line, line
+        assert "GetTimeoutError" in line and "some object(s) not ready" in line, line
+    assert "Failed to send resource request for train-r1" in warnings[0].getMessage()
+
+    # Anything else the request meets keeps its traceback: that is a fault someone needs to read.
+    def broken(ref: object, *, timeout: float) -> object:
+        raise RuntimeError("coordinator died")
+
+    monkeypatch.setattr(client.ray, "get", broken)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=client.logger.name):
+        policy._send_resource_request()
+    assert [r.exc_info is not None for r in caplog.records if r.name == client.logger.name] == [True]
 
 
 def test_quieting_reaches_the_report_logger() -> None:

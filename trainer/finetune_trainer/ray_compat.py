@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from ray.exceptions import GetTimeoutError
 from ray.train.backend import Backend, BackendConfig
 
 # Private: the module whose logger writes that traceback on the worker (see user_errors_in_one_line).
@@ -32,14 +33,16 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution import context as _train_context
 
 # Private: the policy a fixed-size run gets (scaling_policy.factory), whose resource requests go to Ray
-# Data's AutoscalingCoordinator actor.
+# Data's AutoscalingCoordinator actor, and the module whose logger reports a request that failed.
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as _coordinator_client
 
 # Private: the framework tag TorchConfig reports (Ray's state export reads it).
 from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 __all__ = [
+    "AnnouncedFixedScalingPolicy",
     "DatasetsCallback",
     "FixedScalingPolicy",
     "LazyTorchConfig",
@@ -73,6 +76,33 @@ class UnannouncedFixedScalingPolicy(FixedScalingPolicy):
 
     def _cancel_resource_request(self) -> None:
         return None
+
+
+class _RequestTimeoutInOneLine(logging.Filter):
+    """Ray's warning for a resource request whose answer did not come within its 5-s ``ray.get`` (a busy
+    machine: Ray says to ignore it), without the GetTimeoutError's traceback: one line, with the error's text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, GetTimeoutError):
+            first = record.getMessage().split(". ", 1)[0].rstrip(".")
+            error = " ".join(str(exc).split())
+            record.msg, record.args = "%s (GetTimeoutError: %s); Ray sends it again, and the run goes on", (first, error)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class AnnouncedFixedScalingPolicy(FixedScalingPolicy):
+    """Ray Train's fixed-size policy, its resource requests to the AutoscalingCoordinator kept (a run that may
+    stream: Ray Data's executors learn from them what the training workers hold), with a request that times
+    out reported in one line: on a busy machine Ray's warning carried a traceback to the user's terminal."""
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        # Runs in the controller, whose logger this is, before the first request.
+        logger = _coordinator_client.logger
+        if not any(isinstance(f, _RequestTimeoutInOneLine) for f in logger.filters):
+            logger.addFilter(_RequestTimeoutInOneLine())
+        super().after_controller_start(train_run_context)
 
 
 class _TorchFuncContext:
@@ -187,7 +217,7 @@ class LocalTorchTrainer(DataParallelTrainer):
     - the datasets callback when the trainer has no ``datasets`` (ours never has: the streaming ingest
       builds its datasets on the workers): it starts a DatasetManager actor for them regardless;
     - with ``uses_ray_data=False`` (a job that never streams), the AutoscalingCoordinator requests
-      (``UnannouncedFixedScalingPolicy``)."""
+      (``UnannouncedFixedScalingPolicy``); a job that may stream keeps them (``AnnouncedFixedScalingPolicy``)."""
 
     def __init__(self, train_fn: Callable[..., Any], *, uses_ray_data: bool = True, **kwargs: Any) -> None:
         scaling = kwargs["scaling_config"]
@@ -205,8 +235,9 @@ class LocalTorchTrainer(DataParallelTrainer):
     # Private: where fit() hands the controller its scaling policy (made by create_scaling_policy).
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
         policy = controller_init_kwargs.get("scaling_policy")
-        if not self.uses_ray_data and type(policy) is FixedScalingPolicy:
-            controller_init_kwargs["scaling_policy"] = UnannouncedFixedScalingPolicy(scaling_config=policy.scaling_config)
+        if type(policy) is FixedScalingPolicy:
+            chosen = AnnouncedFixedScalingPolicy if self.uses_ray_data else UnannouncedFixedScalingPolicy
+            controller_init_kwargs["scaling_policy"] = chosen(scaling_config=policy.scaling_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
