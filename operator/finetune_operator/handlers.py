@@ -8,7 +8,8 @@ Run it with::
                                                            # FINETUNE_OPERATOR_LEADER_ELECTION=true
 
 The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINETUNE_OPERATOR_METRICS_PORT``; the API
-server calls the admission webhook (``validate``) over HTTPS on ``FINETUNE_OPERATOR_WEBHOOK_PORT``.
+server calls the admission webhook (``validate``) over HTTPS on ``FINETUNE_OPERATOR_WEBHOOK_PORT``, served by the
+server ``configure`` picks from ``webhook_server``.
 
 Each handler hands its event to ``reconcile.Reconciler`` (the rules live there, unit-tested without Kopf)
 and translates the outcome into Kopf's words: ``failures.Refused`` → ``kopf.PermanentError``;
@@ -28,23 +29,20 @@ patches on the status subresource.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextvars
 import functools
 import logging
 import socket
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 import kopf
 
-from finetune_operator import admission, metrics, naming
+from finetune_operator import admission, metrics, naming, webhook_server
 from finetune_operator.api.versions import GROUP, PLURAL, RAYJOB_GROUP, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
 from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
@@ -54,9 +52,6 @@ from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timi
 from finetune_operator.metrics_server import TokenReviewer, kube_reviews, serve_once
 from finetune_operator.reconcile import EventSink, Reconciler, log_event
 from finetune_operator.settings import OperatorSettings, SettingsError
-
-if TYPE_CHECKING:
-    from aiohttp import web
 
 FTJ: Final = (GROUP, VERSION, PLURAL)
 FINALIZER: Final = "finetune.dev/finalizer"
@@ -148,7 +143,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         how = "HTTPS, to tokens the API server allows" if reconciler.settings.metrics_auth else "plain HTTP, to anyone"
         log.info("serving Prometheus metrics on :%d/metrics (%s)", port, how)
     # Kopf refuses to start with admission handlers and no server: turned off, the webhook gets one that never listens.
-    settings.admission.server = _webhook_server(reconciler, memo) if reconciler.settings.webhook_port else _listen_nowhere
+    settings.admission.server = (
+        webhook_server.https_server(reconciler, memo) if reconciler.settings.webhook_port else webhook_server.listen_nowhere
+    )
     settings.admission.managed = None  # the chart or kustomize installs the configuration, with our choices
 
 
@@ -159,54 +156,6 @@ def _metrics_review(operator: OperatorSettings, memo: kopf.Memo) -> Callable[[st
         return None
     review = memo.get("metrics_review")
     return review if callable(review) else TokenReviewer(*kube_reviews(load_client()))
-
-
-async def _listen_nowhere(fn: Any) -> AsyncIterator[Any]:
-    """The admission "server" when FINETUNE_OPERATOR_WEBHOOK_PORT is 0: it serves nothing until the operator stops."""
-    nothing: tuple[dict[str, Any], ...] = ()
-    await asyncio.Event().wait()
-    for config in nothing:  # an async generator that yields nothing, as Kopf's servers are generators
-        yield config
-
-
-def _webhook_server(reconciler: Reconciler, memo: kopf.Memo) -> kopf.WebhookServer:
-    """Kopf's HTTPS server for ``validate``: on cert-manager's certificate when mounted, else on one of our own."""
-    operator = reconciler.settings
-    common: dict[str, Any] = {"port": operator.webhook_port, "host": operator.webhook_host}
-    if operator.webhook_cert_dir:
-        directory = Path(operator.webhook_cert_dir)
-        return GuardedWebhookServer(**common, certfile=directory / "tls.crt", pkeyfile=directory / "tls.key")
-    kube = reconciler.kube
-    if not isinstance(kube, Kube):
-        raise kopf.PermanentError("the webhook's own certificate needs a Kubernetes client to publish its CA")
-    publish = functools.partial(kube.set_webhook_ca_bundle, operator.webhook_configuration, naming.WEBHOOK_NAME)
-    tls = SelfSignedTLS(operator.webhook_host, Path(tempfile.mkdtemp(prefix="finetune-webhook-")), publish)
-    memo["webhook_tls"] = tls
-    # Certificate and key in one file (replaced atomically on renewal): Kopf restarts its server when it changes.
-    return GuardedWebhookServer(**common, certfile=tls.certfile, pkeyfile=tls.certfile, cafile=tls.cafile)
-
-
-class GuardedWebhookServer(kopf.WebhookServer):
-    """Kopf's HTTPS server, whose every answer to a JSON body is an AdmissionReview. Kopf turns a request it cannot
-    take apart (no ``request``, an ``object`` that is a list or null, ``metadata`` a string) into an HTTP 500 or 400
-    and a traceback in the log; here it is a refusal naming what is wrong, as the API server expects an answer."""
-
-    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
-        async def guarded(request: Any, **kwargs: Any) -> Any:
-            try:
-                return await fn(request, **kwargs)
-            except Exception as exc:  # what Kopf raises, or trips over, on a malformed review
-                return admission.malformed_review_answer(request, exc)
-
-        async for config in super().__call__(guarded):
-            yield config
-
-    @staticmethod
-    async def _serve(fn: Any, request: web.Request) -> web.Response:
-        # Kopf makes its aiohttp Application inside __call__, with aiohttp's 1 MiB body limit and no way to set it:
-        # raised here, per request and before the body is read, to what the API server sends (MAX_REVIEW_BYTES).
-        response: web.Response = await kopf.WebhookServer._serve(fn, request.clone(client_max_size=admission.MAX_REVIEW_BYTES))
-        return response
 
 
 @kopf.on.login(registry=WEBHOOK_REGISTRY)
