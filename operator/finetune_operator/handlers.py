@@ -19,7 +19,7 @@ deleting a job or its namespace never waits for the operator.
 
 Two or more replicas (``main`` with leader election on): every replica runs Kopf with ``WEBHOOK_REGISTRY`` (the
 webhook, the probes, liveness), and only the holder of the Lease (``leadership``) also runs Kopf with every handler
-in another thread, its webhook turned off, started and stopped by the election.
+in another thread, its webhook turned off, started and stopped by the election (``replication.leader_elector``).
 
 Handlers return None: Kopf writes nothing into the status (its progress lives in ``finetune.dev/*``
 annotations, since the structural schema would prune ``status.kopf``); status is written by merge
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import functools
 import logging
 import socket
 import threading
@@ -48,9 +47,10 @@ from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
 from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
-from finetune_operator.leadership import Fenced, LeaderElector, LeaderWork, Timing
+from finetune_operator.leadership import Fenced
 from finetune_operator.metrics_server import TokenReviewer, kube_reviews, serve_once
 from finetune_operator.reconcile import EventSink, Reconciler, log_event
+from finetune_operator.replication import leader_elector
 from finetune_operator.settings import OperatorSettings, SettingsError
 
 FTJ: Final = (GROUP, VERSION, PLURAL)
@@ -300,48 +300,6 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
     except (ApiFailure, Retry, Refused) as exc:
         # Kopf does not retry event handlers; the resync round will (a refusal is in the job's status already).
         logger.warning("could not mirror RayJob %s (retried within %ds): %s", rayjob["metadata"].get("name"), RESYNC_SECONDS, exc)
-
-
-def leader_elector(
-    settings: OperatorSettings, kube: Kube, identity: str, run_kopf: Callable[[kopf.Memo, threading.Event], None]
-) -> LeaderElector:
-    """The election of one replica: while it holds the Lease, ``run_kopf(memo, stop)`` (Kopf with every handler, its
-    webhook and metrics off) runs in a thread of its own until ``stop`` is set."""
-    timing = Timing(settings.lease_duration_seconds, settings.renew_deadline_seconds, settings.retry_period_seconds)
-
-    def reconcile(stop: threading.Event) -> None:
-        # Kopf may take a moment to stop: the resync thread asks ``leading`` before every round, and writes are fenced.
-        term = elector.term  # started by on_started: this run belongs to the term that just began
-        leading = functools.partial(elector.leads, term)
-        fenced = Fenced(kube, leading, functools.partial(elector.remaining, term))  # writes land within the lease
-        run_kopf(kopf.Memo(settings=reconciling_settings(settings), kube=fenced, leading=leading), stop)
-
-    def started() -> None:
-        metrics.take_over()
-        work.start()
-
-    def stopped() -> None:  # the jobs are the next leader's to export; late handlers of ours add none back
-        work.stop()
-        metrics.step_down()
-
-    # Stopping must end before the others may take over: what the renew deadline leaves of the lease duration.
-    work = LeaderWork(reconcile, stop_timeout=timing.lease_duration - timing.renew_deadline)
-    elector = LeaderElector(
-        kube,
-        settings.leader_election_namespace,
-        settings.leader_election_lease,
-        identity,
-        timing=timing,
-        on_started=started,
-        on_stopped=stopped,
-        healthy=lambda: work.alive,
-    )
-    return elector
-
-
-def reconciling_settings(settings: OperatorSettings) -> OperatorSettings:
-    """The leader's second Kopf: no webhook and no metrics server, which the replica's first Kopf serves."""
-    return settings.replace(webhook_port=0, metrics_port=0)
 
 
 def _run_replicated(settings: OperatorSettings, liveness: str) -> None:

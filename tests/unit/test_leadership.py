@@ -290,7 +290,7 @@ def test_a_renewal_overtaken_by_a_step_down_does_not_count() -> None:
 def test_a_standby_runs_kopf_with_the_webhook_alone() -> None:
     """``handlers.WEBHOOK_REGISTRY`` (every replica) watches nothing and reconciles nothing; the leader's Kopf serves
     neither the webhook nor metrics (the first Kopf of its process does)."""
-    from finetune_operator import handlers, naming
+    from finetune_operator import handlers, naming, replication
 
     registry = handlers.WEBHOOK_REGISTRY
     for part in (registry._changing, registry._watching, registry._spawning, registry._indexing):
@@ -298,7 +298,7 @@ def test_a_standby_runs_kopf_with_the_webhook_alone() -> None:
     assert [handler.id for handler in registry._webhooks.get_all_handlers()] == [naming.WEBHOOK_PATH]
     activities = {handler.id for handler in registry._activities.get_all_handlers()}
     assert "start_resync" not in activities and {"configure", "login"} <= activities
-    leader = handlers.reconciling_settings(OperatorSettings(leader_election=True, leader_election_namespace=NS))
+    leader = replication.reconciling_settings(OperatorSettings(leader_election=True, leader_election_namespace=NS))
     assert (leader.webhook_port, leader.metrics_port, leader.leader_election) == (0, 0, True)
 
 
