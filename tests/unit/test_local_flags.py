@@ -110,7 +110,12 @@ class Trained:
 
 
 def run(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, json_status: str | None = None, address: str | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    *,
+    json_status: str | None = None,
+    address: str | None = None,
+    output: str | None = None,
 ) -> Trained:
     trained = Trained()
     monkeypatch.setattr(local, "_train", trained)
@@ -123,7 +128,11 @@ def run(
     monkeypatch.setattr(local, "_preflight", preflight)
     monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` raises ImportError
     args = argparse.Namespace(
-        job=str(DIGITS), workers=None, output=str(tmp_path / "out"), json_status=json_status, address=address
+        job=str(DIGITS),
+        workers=None,
+        output=output or str(tmp_path / "out"),
+        json_status=json_status,
+        address=address,
     )
     trained.code = local.run_command(args)
     return trained
@@ -215,3 +224,19 @@ def test_a_very_long_json_status_is_shortened(
     trained = run(monkeypatch, tmp_path, json_status=str(tmp_path) + "/" + "d" * 5000)
     assert trained.code == 2
     assert len(capsys.readouterr().err) < 400
+
+
+@pytest.mark.parametrize(("flag", "shown"), [("json_status", "--json-status: {value!r}"), ("output", "spec.output.uri: {value}")])
+def test_a_path_through_a_loop_of_symbolic_links_is_one_line(
+    flag: str, shown: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pathlib's resolve raised RuntimeError('Symlink loop from ...'): a traceback."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    value = str(tmp_path / "a" / "x")
+    trained = run(monkeypatch, tmp_path, **{flag: value})  # type: ignore[arg-type]
+    assert (trained.code, trained.calls) == (2, [])
+    assert capsys.readouterr().err == (
+        f"error: {shown.format(value=value)}: goes through a loop of symbolic links; "
+        "accepted: a path whose links lead somewhere\n"
+    )
