@@ -64,21 +64,28 @@ def local_job(
             hint = " (pass --output DIR)" if section == "output" else ""
             raise TrainerError(f"spec.{section}.{field}: {value}: pvc:// volumes exist only in a cluster; use a local path{hint}")
         if uri_scheme(value) in (None, "file"):
-            # '~' expanded before the join: joined to the working directory first, it is a folder named '~'.
-            spec[section][field] = str((base / _home_expanded(resolve_uri(value), f"spec.{section}.{field}: {value}")).resolve())
+            spec[section][field] = str(_local_path(resolve_uri(value), base, f"spec.{section}.{field}: {value}"))
     result = validate_document(doc, source)
     if not result.ok or result.job is None:
         raise ManifestError(result.label, result.errors)
     return result.job
 
 
-def _home_expanded(path: str, where: str) -> Path:
-    """``path`` with a leading ``~`` or ``~user`` expanded; TrainerError (``where`` first) when there is no such home."""
+def _local_path(path: str, base: Path, shown: str) -> Path:
+    """``path`` as the absolute path the OS reaches: a leading ``~`` or ``~user`` expanded (joined to ``base`` first,
+    it was a folder named '~'), then joined to ``base``, its links followed; a TrainerError starting with ``shown``
+    (the field and its value) when there is no such home or the links loop."""
     try:
-        return Path(path).expanduser()
+        expanded = Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory."
         user = Path(path).parts[0]
-        raise TrainerError(f"{where}: {user!r} names no user of this machine (no home folder); write the path out") from None
+        raise TrainerError(f"{shown}: {user!r} names no user of this machine (no home folder); write the path out") from None
+    try:
+        return (base / expanded).resolve()
+    except (RuntimeError, OSError):  # "Symlink loop from ..." (RuntimeError up to Python 3.12): a traceback
+        raise TrainerError(
+            f"{shown}: goes through a loop of symbolic links; accepted: a path whose links lead somewhere"
+        ) from None
 
 
 def status_path(flag: str | None) -> str | None:
@@ -88,7 +95,7 @@ def status_path(flag: str | None) -> str | None:
     replace), or a place where this user cannot create files. Checks only: creates nothing."""
     if flag is None:
         return None
-    path = _home_expanded(flag, f"--json-status: {quote(flag, 200)}").resolve()
+    path = _local_path(flag, Path.cwd(), f"--json-status: {quote(flag, 200)}")
     try:
         problem = _unwritable(path, flag) if flag else "empty"
     except OSError as e:  # a folder on the way this user may not look into
