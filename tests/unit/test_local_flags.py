@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_operator.api.fields import quote
 from finetune_trainer import local
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.local_ray import ADDRESS_ENV, ray_address
@@ -240,3 +241,32 @@ def test_a_path_through_a_loop_of_symbolic_links_is_one_line(
         f"error: {shown.format(value=value)}: goes through a loop of symbolic links; "
         "accepted: a path whose links lead somewhere\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "given"),
+    [
+        ("json_status", "{tmp}/dir\nx"),  # is a directory: the suggested file was echoed as written
+        ("json_status", "{tmp}/file\x1b[2J/status.json"),  # under a file: the folder was echoed as written
+        ("json_status", "~" + "u" * 100_000 + "/status.json"),  # the user was echoed whole
+        ("output", "~nosuchuser0\x1b[2J\n/runs"),
+        ("output", "~" + "u" * 100_000),
+        ("output", "pvc://claim\n\x1b[2J/runs"),
+    ],
+    ids=["directory", "under-a-file", "long-user", "output-unknown-user", "output-long-user", "output-pvc"],
+)
+def test_echoed_paths_are_escaped_and_shortened(
+    flag: str, given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newline or an escape sequence in a path reached the terminal as written, and a 100,000-character user name
+    was echoed whole: every echo of the value, or of a path made from it, goes through fields.quote."""
+    (tmp_path / "dir\nx").mkdir()
+    (tmp_path / "file\x1b[2J").write_text("x")
+    value = given.format(tmp=tmp_path)
+    trained = run(monkeypatch, tmp_path, **{flag: value})  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    field = "--json-status" if flag == "json_status" else "spec.output.uri"
+    assert (trained.code, trained.calls) == (2, [])
+    assert err.startswith(f"error: {field}: {quote(value, 200)}: ")
+    assert err.count("\n") == 1 and err.endswith("\n") and err.isascii() and err[:-1].isprintable(), err
+    assert len(err) < 500
