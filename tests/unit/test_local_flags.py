@@ -152,10 +152,10 @@ def writable_except(denied: Path) -> object:
 @pytest.mark.parametrize(
     ("given", "problem"),
     [
-        ("{tmp}", "is a directory; give a file in it, e.g. {tmp}/status.json"),
-        ("{tmp}/job.yaml/status.json", "{tmp}/job.yaml is not a directory"),
-        ("{tmp}/ro/status.json", "cannot create files in {tmp}/ro"),
-        ("{tmp}/ro/new/deeper/status.json", "cannot create files in {tmp}/ro"),  # the folders the writer would make
+        ("{tmp}", "is a directory; give a file in it, e.g. '{tmp}/status.json'"),
+        ("{tmp}/job.yaml/status.json", "'{tmp}/job.yaml' is not a directory"),
+        ("{tmp}/ro/status.json", "cannot create files in '{tmp}/ro'"),
+        ("{tmp}/ro/new/deeper/status.json", "cannot create files in '{tmp}/ro'"),  # the folders the writer would make
         ("/dev/null", "not a regular file (each write replaces it)"),
         ("", "empty"),
     ],
@@ -227,9 +227,9 @@ def test_a_very_long_json_status_is_shortened(
     assert len(capsys.readouterr().err) < 400
 
 
-@pytest.mark.parametrize(("flag", "shown"), [("json_status", "--json-status: {value!r}"), ("output", "spec.output.uri: {value}")])
+@pytest.mark.parametrize(("flag", "field"), [("json_status", "--json-status"), ("output", "spec.output.uri")])
 def test_a_path_through_a_loop_of_symbolic_links_is_one_line(
-    flag: str, shown: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    flag: str, field: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """pathlib's resolve raised RuntimeError('Symlink loop from ...'): a traceback."""
     (tmp_path / "a").symlink_to(tmp_path / "b")
@@ -238,8 +238,7 @@ def test_a_path_through_a_loop_of_symbolic_links_is_one_line(
     trained = run(monkeypatch, tmp_path, **{flag: value})  # type: ignore[arg-type]
     assert (trained.code, trained.calls) == (2, [])
     assert capsys.readouterr().err == (
-        f"error: {shown.format(value=value)}: goes through a loop of symbolic links; "
-        "accepted: a path whose links lead somewhere\n"
+        f"error: {field}: {value!r}: goes through a loop of symbolic links; accepted: a path whose links lead somewhere\n"
     )
 
 

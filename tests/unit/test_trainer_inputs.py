@@ -362,7 +362,9 @@ def test_local_job_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("written", ["~no-such-user-here/runs", "file://~no-such-user-here/runs"])
 def test_a_home_folder_of_no_user_is_one_line(tmp_path: Path, written: str) -> None:
     """pathlib's expanduser raised RuntimeError('Could not determine home directory.'): a traceback."""
-    with pytest.raises(TrainerError, match=rf"^spec\.output\.uri: {written}: '~no-such-user-here' names no user of this machine"):
+    with pytest.raises(
+        TrainerError, match=rf"^spec\.output\.uri: '{written}': '~no-such-user-here' names no user of this machine"
+    ):
         local_job(JOB.replace("OUT", written), "job.yaml", cwd=tmp_path)
 
 
@@ -373,7 +375,7 @@ def test_local_job_revalidates_the_overrides(tmp_path: Path) -> None:
 
 
 def test_local_job_refuses_pvc(tmp_path: Path) -> None:
-    with pytest.raises(TrainerError, match=r"spec\.output\.uri: pvc://claim/out: .*--output DIR"):
+    with pytest.raises(TrainerError, match=r"spec\.output\.uri: 'pvc://claim/out': .*--output DIR"):
         local_job(JOB.replace("OUT", "pvc://claim/out"), "job.yaml", cwd=tmp_path)
 
 

@@ -62,9 +62,11 @@ def local_job(
             continue
         if uri_scheme(value) == "pvc":
             hint = " (pass --output DIR)" if section == "output" else ""
-            raise TrainerError(f"spec.{section}.{field}: {value}: pvc:// volumes exist only in a cluster; use a local path{hint}")
+            raise TrainerError(
+                f"spec.{section}.{field}: {quote(value, 200)}: pvc:// volumes exist only in a cluster; use a local path{hint}"
+            )
         if uri_scheme(value) in (None, "file"):
-            spec[section][field] = str(_local_path(resolve_uri(value), base, f"spec.{section}.{field}: {value}"))
+            spec[section][field] = str(_local_path(resolve_uri(value), base, f"spec.{section}.{field}: {quote(value, 200)}"))
     result = validate_document(doc, source)
     if not result.ok or result.job is None:
         raise ManifestError(result.label, result.errors)
@@ -79,7 +81,7 @@ def _local_path(path: str, base: Path, shown: str) -> Path:
         expanded = Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory."
         user = Path(path).parts[0]
-        raise TrainerError(f"{shown}: {user!r} names no user of this machine (no home folder); write the path out") from None
+        raise TrainerError(f"{shown}: {quote(user)} names no user of this machine (no home folder); write the path out") from None
     try:
         return (base / expanded).resolve()
     except (RuntimeError, OSError):  # "Symlink loop from ..." (RuntimeError up to Python 3.12): a traceback
@@ -106,18 +108,18 @@ def status_path(flag: str | None) -> str | None:
 
 
 def _unwritable(path: Path, flag: str) -> str | None:
-    """Why the sink could not write ``path``, or None."""
+    """Why the sink could not write ``path``, or None; the paths in it quoted, as they hold the user's text."""
     if path.is_dir():
-        return f"is a directory; give a file in it, e.g. {flag.rstrip('/')}/status.json"
+        return f"is a directory; give a file in it, e.g. {quote(flag.rstrip('/') + '/status.json', 200)}"
     if path.exists() and not path.is_file():
         return "not a regular file (each write replaces it)"
     folder = path.parent
     while not folder.exists():  # the sink makes the missing folders, in the nearest one that exists
         folder = folder.parent
     if not folder.is_dir():
-        return f"{folder} is not a directory"
+        return f"{quote(str(folder), 200)} is not a directory"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot create files in {folder}"
+        return f"cannot create files in {quote(str(folder), 200)}"
     return None
 
 
