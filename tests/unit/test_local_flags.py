@@ -96,6 +96,15 @@ def test_a_very_long_address_is_shortened() -> None:
     assert len(str(caught.value)) < 300
 
 
+def test_an_address_naming_a_module_loaded_without_a_spec_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """find_spec raised ValueError('__main__.__spec__ is None') for `__main__://head:1` under the `finetune` script
+    (a traceback); such a module holds no Ray ClientBuilder."""
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # as under a console script
+    with pytest.raises(TrainerError) as caught:
+        ray_address("__main__://head:1")
+    assert str(caught.value) == f"--address: '__main__://head:1': not a Ray address; {ACCEPTED}"
+
+
 # ------------------------------------------------------------------------------------ run_command
 class Trained:
     """Stands in for ``local._train``: what it was called with, if it was (and whether the job's own checks ran)."""
