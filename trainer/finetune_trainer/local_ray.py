@@ -95,7 +95,10 @@ def _client_address(scheme: str, inner: str) -> bool:
         return _host_port(inner, port_required=False)
     if scheme in ("http", "https") or not all(part.isidentifier() for part in scheme.split(".")):
         return False
-    return importlib.util.find_spec(scheme.split(".")[0]) is not None
+    try:
+        return importlib.util.find_spec(scheme.split(".")[0]) is not None
+    except (ImportError, ValueError):  # a module loaded without a spec (__main__ under a script): no ClientBuilder
+        return False
 
 
 def _cores() -> int:
