@@ -4,6 +4,7 @@ matplotlib 27 s to lay out), and a control character is written, not passed to t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,3 +31,17 @@ def test_confusion_matrix_labels_are_escaped_and_cut(name: str, label: str, monk
     (ax,) = [a for a in drawn[0].axes if a.get_title().startswith("confusion matrix")]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["ok", label]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["ok", label]
+
+
+@pytest.mark.parametrize("name", [r"$\foo$", "$x^{$", "$a$"], ids=["unknown-command", "unclosed-group", "valid-math"])
+def test_a_class_name_with_dollar_signs_is_drawn_as_written(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib read a label between two '$' as mathtext: a folder named '$\\foo$' failed the run's artifacts with
+    ValueError at savefig (a traceback), and '$a$' was drawn as an italic a."""
+    drawn: list[Any] = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), real_save(fig, path)))
+    plots.plot_confusion_matrix(EvalResult(y_true=[0, 1], y_pred=[0, 1], class_names=["ok", name]), str(tmp_path / "cm.png"))
+    assert (tmp_path / "cm.png").stat().st_size > 0
+    (ax,) = [a for a in drawn[0].axes if a.get_title().startswith("confusion matrix")]
+    for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        assert not label.get_parse_math(), label.get_text()
