@@ -142,8 +142,9 @@ def plot_confusion_matrix(result: EvalResult, path: str) -> None:
     names = [shown_name(name, _MAX_LABEL) for name in result.class_names]
     # Tilted labels only when upright ones would collide: long names or many classes.
     tilt = max(map(len, names), default=0) * min(n, 40) > 60
-    ax.set_xticks(ticks, names, rotation=45 if tilt else 0, ha="right" if tilt else "center")
-    ax.set_yticks(ticks, names)
+    # As written, not mathtext: a name between two '$' ('$\foo$', a legal folder name) failed savefig.
+    ax.set_xticks(ticks, names, rotation=45 if tilt else 0, ha="right" if tilt else "center", parse_math=False)
+    ax.set_yticks(ticks, names, parse_math=False)
     if n <= 30:
         for i in range(n):
             for j in range(n):
