@@ -259,6 +259,9 @@ def test_a_resource_request_that_times_out_is_one_line_not_a_traceback(
         assert record.exc_info is None and record.exc_text is None and "\n" not in line, line
         assert "GetTimeoutError" in line and "some object(s) not ready" in line, line
     assert "Failed to send resource request for train-r1" in warnings[0].getMessage()
+    assert "sends it again" not in warnings[1].getMessage(), warnings[1].getMessage()  # a cancel is not sent again...
+    assert "Failed to cancel resource request for train-r1" in warnings[1].getMessage()
+    assert "expire after the timeout" in warnings[1].getMessage()  # ...it expires, as Ray's message says
 
     # Anything else the request meets keeps its traceback: that is a fault someone needs to read.
     def broken(ref: object, *, timeout: float) -> object:
