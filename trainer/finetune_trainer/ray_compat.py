@@ -85,9 +85,14 @@ class _RequestTimeoutInOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, GetTimeoutError):
-            first = record.getMessage().split(". ", 1)[0].rstrip(".")
+            first, _, rest = record.getMessage().partition(". ")
             error = " ".join(str(exc).split())
-            record.msg, record.args = "%s (GetTimeoutError: %s); Ray sends it again, and the run goes on", (first, error)
+            # A request is sent again; a cancel is not: it expires, as the rest of Ray's message says.
+            rest = rest.split(". ", 1)[0].rstrip(".")
+            after = (
+                "Ray sends it again, and the run goes on" if first.startswith("Failed to send") else rest[:1].lower() + rest[1:]
+            )
+            record.msg, record.args = "%s (GetTimeoutError: %s); %s", (first.rstrip("."), error, after or "the run goes on")
             record.exc_info = record.exc_text = None
         return True
 
