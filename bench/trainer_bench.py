@@ -26,6 +26,9 @@ What runs (resnet18 at 32×32 on torchvision ``FakeData``, augmentation ``none``
 4. **Cold start of ``finetune run``**: from ``Popen`` to the start of the first training step. It comes
    with 1 and 2; ``--only 4`` takes it alone (1 worker, trainer runs only, no baseline), the cheap way to
    follow start-up work, and adds the same run joining a Ray already running (``finetune run --address``).
+   Beside the wall time it gives the CPU time every process of the run spent by that first step (the run's
+   own tree, and for the joined row the running Ray's too, sampled every 0.25 s from ``/proc`` and
+   interpolated), and that CPU divided by the machine's cores: the wall time no scheduling can beat.
 
 How each number is taken:
 
@@ -67,6 +70,7 @@ Run from the repository root: ``.venv/bin/python bench/trainer_bench.py`` (about
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -301,6 +305,7 @@ class TrainerRun:
     status: list[Event]
     first_metrics_at: float | None
     worker_nice: list[int]
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list)
 
     def status_at(self, stage: str, epoch: int | None = None) -> float | None:
         for e in self.status:
@@ -361,12 +366,54 @@ def ray_train_worker_nice(root: int) -> list[int]:
     return found
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+CPU_SAMPLE_SECONDS = 0.25
+
+
+def tree_cpu_seconds(roots: Sequence[int]) -> float:
+    """User + system CPU of the live processes under (and including) ``roots``, from one pass over ``/proc``."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        # After the parenthesised name: state, ppid (index 1), ..., utime (11), stime (12).
+        children.setdefault(int(fields[1]), []).append(pid)
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def interpolate(samples: Sequence[tuple[float, float]], at: float) -> float | None:
+    """The value of a sampled, increasing series at time ``at`` (None outside the samples)."""
+    for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+        if t0 <= at <= t1:
+            return v0 if t1 == t0 else v0 + (v1 - v0) * (at - t0) / (t1 - t0)
+    return None
+
+
 class Watcher(threading.Thread):
     """Polls the status file and metrics.jsonl of a run every 10 ms and records each new version."""
 
-    def __init__(self, status_file: Path, metrics_file: Path, root_pid: int) -> None:
+    def __init__(self, status_file: Path, metrics_file: Path, root_pid: int, cpu_roots: Sequence[int] = ()) -> None:
         super().__init__(daemon=True)
         self.status_file, self.metrics_file, self.root_pid = status_file, metrics_file, root_pid
+        self.cpu_roots = [root_pid, *cpu_roots]
+        # (time, CPU seconds of the run's processes since launch) every CPU_SAMPLE_SECONDS until epoch 1 is seen.
+        self.cpu_samples: list[tuple[float, float]] = []
+        self._cpu_base = tree_cpu_seconds(cpu_roots)  # a running Ray's CPU before this run
         self.events: list[Event] = []
         self.first_metrics_at: float | None = None
         self.worker_nice: list[int] = []
@@ -374,7 +421,11 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         last: int | None = None
+        self.cpu_samples.append((time.time(), 0.0))
         while not self.stop.wait(POLL_SECONDS):
+            now = time.time()
+            if self.first_metrics_at is None and now - self.cpu_samples[-1][0] >= CPU_SAMPLE_SECONDS:
+                self.cpu_samples.append((now, tree_cpu_seconds(self.cpu_roots) - self._cpu_base))
             try:
                 st = self.status_file.stat()
             except FileNotFoundError:
@@ -399,8 +450,9 @@ class Watcher(threading.Thread):
                 self.first_metrics_at = st.st_mtime_ns / 1e9 if len(lines) == 1 else float("nan")
 
 
-def run_trainer(job: str, name: str, workdir: Path, env: dict[str, str]) -> TrainerRun:
-    """``finetune run`` on ``job`` (a manifest) in a fresh output directory, watched from outside."""
+def run_trainer(job: str, name: str, workdir: Path, env: dict[str, str], cpu_roots: Sequence[int] = ()) -> TrainerRun:
+    """``finetune run`` on ``job`` (a manifest) in a fresh output directory, watched from outside; ``cpu_roots``:
+    other processes whose CPU counts as the run's (a running Ray it joins)."""
     path = workdir / f"{name}.yaml"
     path.write_text(job)
     out = workdir / "out"
@@ -414,7 +466,7 @@ def run_trainer(job: str, name: str, workdir: Path, env: dict[str, str]) -> Trai
         proc = subprocess.Popen(
             [FINETUNE, "run", str(path), "--json-status", str(status)], stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
-        watcher = Watcher(status, run_dir / "metrics.jsonl", proc.pid)
+        watcher = Watcher(status, run_dir / "metrics.jsonl", proc.pid, cpu_roots)
         watcher.start()
         rc = proc.wait()
         wall = time.time() - spawned_at
@@ -432,6 +484,7 @@ def run_trainer(job: str, name: str, workdir: Path, env: dict[str, str]) -> Trai
         status=watcher.events,
         first_metrics_at=None if first is None or first != first else first,
         worker_nice=watcher.worker_nice,
+        cpu_samples=watcher.cpu_samples,
     )
 
 
@@ -794,7 +847,7 @@ def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str
             a, b = alternate(
                 rep,
                 lambda: run_trainer(job, "bench-1w", workdir, env),
-                lambda: run_trainer(job, "bench-1w", workdir, joined),
+                lambda: run_trainer(job, "bench-1w", workdir, joined, cpu_roots=[holder.pid]),
             )
             runs["1 worker"].append(a)
             runs["1 worker, joining a running Ray"].append(b)
@@ -805,7 +858,7 @@ def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str
 
 
 def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
-    total, ray_up, ready = [], [], []
+    total, ray_up, ready, cpu = [], [], [], []
     for r in runs:
         first, starting = r.first_step_at, r.status_at("starting")
         if first is None or starting is None:
@@ -813,7 +866,10 @@ def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
         total.append(first - r.spawned_at)
         ray_up.append(starting - r.spawned_at)
         ready.append(first - starting)
-    return {"to_first_step": total, "to_worker_loop": ray_up, "worker_loop_to_first_step": ready}
+        spent = interpolate(r.cpu_samples, first)
+        if spent is not None:
+            cpu.append(spent)
+    return {"to_first_step": total, "to_worker_loop": ray_up, "worker_loop_to_first_step": ready, "cpu_to_first_step": cpu}
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -919,6 +975,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"4. cold start of `finetune run` ({label}): {spread(c['to_first_step'])} s to the first training step "
                 f"(Ray + worker up {spread(c['to_worker_loop'])} s, then data + model {spread(c['worker_loop_to_first_step'])} s)"
             )
+            if c["cpu_to_first_step"]:
+                cores = len(os.sched_getaffinity(0))
+                floor = [v / cores for v in c["cpu_to_first_step"]]
+                print(
+                    f"   CPU of the run's processes by then {spread(c['cpu_to_first_step'])} s: on {cores} cores no "
+                    f"scheduling starts the first step before {spread(floor)} s"
+                )
     if "plain_cold_start_s" in res.details:
         print(f"   for scale: plain loop process start to first step {spread(res.details['plain_cold_start_s'])} s")
     if "probe_caching_pass_s" in res.details:
