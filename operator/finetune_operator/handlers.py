@@ -49,9 +49,10 @@ from finetune_operator.k8s import Kube
 from finetune_operator.kubeclient import load_client
 from finetune_operator.leadership import Fenced
 from finetune_operator.metrics_server import TokenReviewer, kube_reviews, serve_once
-from finetune_operator.reconcile import EventSink, Reconciler, log_event
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.replication import leader_elector
 from finetune_operator.settings import OperatorSettings, SettingsError
+from finetune_operator.status_writer import EventSink, log_event
 
 FTJ: Final = (GROUP, VERSION, PLURAL)
 FINALIZER: Final = "finetune.dev/finalizer"

@@ -15,7 +15,8 @@ The rules:
   ``runPolicy.suspend``; with a Kueue ``queueName`` through Kueue's Workload (``suspension``).
 - **suspend_changed**: the RayJob's ``spec.suspend`` follows the user's flag (idempotent).
 - **mirror**: ``status.map_status`` writes the RayJob's state into the job's status subresource, with an
-  Event on every phase change. ``resync`` does the same every minute, so a missed watch event heals.
+  Event on every phase change (the writing, its 409 retries and its Events: ``status_writer``). ``resync`` does
+  the same every minute, so a missed watch event heals.
 - **diagnose**: at every resync, a job whose RayJob waits for its Ray cluster (``diagnosis.is_stuck``) gets its
   pods and Warning Events read (``stuck.StuckReader``): what holds it up goes into ``ClusterReady=False`` and the
   message, with a Warning Event once per reason. Running and finished jobs cost no read.
@@ -37,36 +38,20 @@ from finetune_operator import metrics, naming, suspension
 from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
-from finetune_operator.diagnosis import Diagnosis, diagnosis_event
+from finetune_operator.diagnosis import Diagnosis
 from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
 from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.status import (
-    blocked_status,
-    failed_status,
-    lost_rayjob_status,
-    map_status,
-    phase_event,
-    provisioning_status,
-)
+from finetune_operator.status import blocked_status, failed_status, lost_rayjob_status
+from finetune_operator.status_writer import CONFLICT_ATTEMPTS, EventSink, StatusApi, StatusWriter, log_event
 from finetune_operator.stuck import PodsAndEvents, StuckReader
 
 log = logging.getLogger(__name__)
 
-EVENT_MESSAGE_MAX = 1000
-CONFLICT_ATTEMPTS = 5
-"""Status writes per mirror when each meets a 409 (client-go's ``retry.DefaultRetry`` makes 5 too): a job whose
-status other writers keep changing (the create handler, the trainer's progress) is re-read and re-decided."""
 
-EventSink = Callable[[Mapping[str, Any], str, str, str], None]
-"""``emit(object, type, reason, message)``: records a Kubernetes Event about ``object``."""
-
-
-class KubeApi(PodsAndEvents, Protocol):
+class KubeApi(StatusApi, PodsAndEvents, Protocol):
     """The API calls the rules make (``k8s.Kube``); each raises ``failures.ApiFailure`` naming the object."""
-
-    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]: ...
 
@@ -75,15 +60,6 @@ class KubeApi(PodsAndEvents, Protocol):
     def create_or_get(self, obj: Mapping[str, Any], *, read_back: bool = True) -> tuple[dict[str, Any] | None, bool]: ...
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def patch_status(
-        self, kind: str, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
-    ) -> dict[str, Any]: ...
-
-
-def log_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """The event sink outside a running operator (scripts, tests): a log line."""
-    log.info("event %s %s on %s: %s", type_, reason, (obj.get("metadata") or {}).get("name"), message)
 
 
 class Reconciler:
@@ -102,6 +78,7 @@ class Reconciler:
         self.emit = emit
         self.clock = clock
         self.stuck = StuckReader(kube)
+        self.writer = StatusWriter(kube, emit=emit, clock=clock)
 
     # ------------------------------------------------------------------------------- job events
     def reconcile(self, body: Mapping[str, Any]) -> None:
@@ -114,17 +91,17 @@ class Reconciler:
             admitted = admit(parent.body, self.settings)
         except AdmissionError as exc:
             if (running := self._started(parent)) is not None:  # admitted under laxer rules: follow it, never fail it
-                self._emit(parent.body, "Warning", "NoLongerValid", "; ".join(exc.lines))
+                self.writer.emit(parent.body, "Warning", "NoLongerValid", "; ".join(exc.lines))
                 self.mirror(parent, running)
                 return
-            self._write_status(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
-            self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
+            self.writer.write(parent, failed_status("InvalidSpec", exc.lines, parent.generation, self.clock(), parent.status))
+            self.writer.emit(parent.body, "Warning", "InvalidSpec", "; ".join(exc.lines))
             raise Refused(f"{KIND} {parent.namespace}/{parent.name} is invalid: " + "; ".join(exc.lines)) from exc
         if not self._still_there(parent):
             return
         rayjob, created = self._ensure(parent, admitted, fresh=not parent.rayjob_name)
         if created:
-            self._emit(parent.body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
+            self.writer.emit(parent.body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
         self.mirror(parent, rayjob, record=True)
 
     def _still_there(self, parent: ParentJob) -> bool:
@@ -243,8 +220,8 @@ class Reconciler:
                 self.mirror(parent, running, diagnosis=self.stuck.diagnose(running))
             else:  # its RayJob is gone (never recreated against today's rules), or it was never admitted at all
                 lines = [*exc.lines, "no RayJob of this job exists, so none is started under the operator's current rules"]
-                self._write_status(parent, failed_status("InvalidSpec", lines, parent.generation, self.clock(), parent.status))
-                self._emit(parent.body, "Warning", "InvalidSpec", "; ".join(lines))
+                self.writer.write(parent, failed_status("InvalidSpec", lines, parent.generation, self.clock(), parent.status))
+                self.writer.emit(parent.body, "Warning", "InvalidSpec", "; ".join(lines))
             return
         rayjob, created = self._ensure(parent, admitted, fresh=False)
         if created:
@@ -252,7 +229,7 @@ class Reconciler:
                 f"RayJob {rayjob['metadata']['name']} was deleted while the job was {parent.phase}; "
                 "recreated it, training resumes from the last checkpoint"
             )
-            self._emit(parent.body, "Warning", "RayJobRecreated", message)
+            self.writer.emit(parent.body, "Warning", "RayJobRecreated", message)
         self.mirror(parent, rayjob, diagnosis=self.stuck.diagnose(rayjob))
 
     def _started(self, parent: ParentJob) -> dict[str, Any] | None:
@@ -315,7 +292,7 @@ class Reconciler:
         """The RayJob's suspension follows the job's (``suspension.align``: through Kueue for a queued job)."""
         rayjob, announced = suspension.align(self.kube, rayjob, wanted)
         if announced is not None:
-            self._emit(about, "Normal", *announced)
+            self.writer.emit(about, "Normal", *announced)
         return rayjob
 
     def _ensure(self, parent: ParentJob, admitted: AdmittedJob, *, fresh: bool) -> tuple[dict[str, Any], bool]:
@@ -331,10 +308,10 @@ class Reconciler:
         except Conflict as exc:
             if parent.rayjob_name:
                 if exc.kind == RAYJOB_KIND:  # its RayJob is gone and another object has its name: say so
-                    self._write_status(
+                    self.writer.write(
                         parent, lost_rayjob_status(exc.reason, str(exc), parent.generation, self.clock(), parent.status)
                     )
-                self._emit(parent.body, "Warning", exc.reason, str(exc))
+                self.writer.emit(parent.body, "Warning", exc.reason, str(exc))
                 raise Retry(str(exc), OWNED_RETRY_SECONDS) from exc
             self._give_up(parent, exc.reason, str(exc))
             raise AssertionError("unreachable") from exc  # _give_up raises
@@ -344,80 +321,27 @@ class Reconciler:
                 raise
             reason, message, permanent = verdict
             if parent.rayjob_name:
-                self._emit(parent.body, "Warning", reason, message)
+                self.writer.emit(parent.body, "Warning", reason, message)
                 raise
             if permanent:
                 self._give_up(parent, reason, message)
-            self._write_status(parent, blocked_status(reason, message, parent.generation, self.clock(), parent.status))
+            self.writer.write(parent, blocked_status(reason, message, parent.generation, self.clock(), parent.status))
             raise
 
     def _give_up(self, parent: ParentJob, reason: str, message: str) -> None:
         """Fail a valid job that can never start as it is; raises ``Refused``."""
-        self._write_status(
-            parent, failed_status(reason, [message], parent.generation, self.clock(), parent.status, invalid=False)
-        )
-        self._emit(parent.body, "Warning", reason, message)
+        self.writer.write(parent, failed_status(reason, [message], parent.generation, self.clock(), parent.status, invalid=False))
+        self.writer.emit(parent.body, "Warning", reason, message)
         raise Refused(f"{KIND} {parent.namespace}/{parent.name}: {message}")
 
     def mirror(
         self, parent: ParentJob, rayjob: Mapping[str, Any], *, record: bool = False, diagnosis: Diagnosis | None = None
     ) -> None:
-        """Bring the job's status in line with the RayJob's, in one status patch; ``record``: also record the
-        RayJob's name (and Provisioning, Validated) when the job has no ``rayJobName`` yet; ``diagnosis``: why its
-        cluster is not up (None: not looked, ``status.map_status`` keeps the last one).
-
-        The patch carries the job's resourceVersion as a precondition; on 409 the job is read again and the
-        decision taken anew (up to ``CONFLICT_ATTEMPTS`` writes), so that two writers racing (an event and a handler)
-        never undo each other, and a busy job is not left for the resync round (a minute) after two conflicts.
-        """
-        for attempt in range(CONFLICT_ATTEMPTS):
-            patch: dict[str, Any] = {}
-            # Recorded on the first status, and put right when the status names another (``ensure_children``).
-            if (record and not parent.rayjob_name) or parent.rayjob_name not in (None, "", rayjob["metadata"]["name"]):
-                patch = provisioning_status(rayjob["metadata"]["name"], parent.generation, self.clock(), parent.status)
-            mirrored = map_status(
-                rayjob.get("status"),
-                {**parent.status, **patch},
-                parent.observed_generation(rayjob),
-                self.clock(),
-                suspend=parent.suspend,
-                rayjob_suspend=(rayjob.get("spec") or {}).get("suspend"),
-                diagnosis=diagnosis,
-            )
-            try:
-                self._write_status(parent, {**patch, **mirrored})
-                return
-            except ApiFailure as exc:
-                if exc.status != 409 or attempt == CONFLICT_ATTEMPTS - 1:
-                    raise
-            fresh = self.kube.read(KIND, parent.namespace, parent.name)
-            if fresh is None or fresh["metadata"].get("uid") != parent.uid:
-                return
-            parent = ParentJob.of(fresh)
-            # The RayJob may have moved on too: deciding on the old one could send the phase backwards.
-            current = self.kube.read(RAYJOB_KIND, parent.namespace, rayjob["metadata"]["name"])
-            if current is not None:
-                rayjob = current
-
-    def _write_status(self, parent: ParentJob, patch: Mapping[str, Any]) -> None:
-        current = parent.status
-        if not patch:
-            metrics.record_phase(parent.uid, current.get("phase"))
-            return
-        version = parent.meta.get("resourceVersion")
-        self.kube.patch_status(KIND, parent.namespace, parent.name, patch, resource_version=version)
-        old, new = current.get("phase"), patch.get("phase", current.get("phase"))
-        announced = phase_event(old, new, str(patch.get("message") or current.get("message") or ""))
-        for event in (announced, diagnosis_event(current, patch)):
-            if event is not None:
-                self._emit(parent.body, *event)
-        metrics.record_phase(parent.uid, new)
-
-    def _emit(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        self.emit(obj, type_, reason, message[:EVENT_MESSAGE_MAX])
+        """Bring the job's status in line with the RayJob's (``status_writer.StatusWriter.mirror``)."""
+        self.writer.mirror(parent, rayjob, record=record, diagnosis=diagnosis)
 
 
-__all__ = ["CONFLICT_ATTEMPTS", "EventSink", "KubeApi", "Reconciler", "log_event"]
+__all__ = ["CONFLICT_ATTEMPTS", "KubeApi", "Reconciler"]  # CONFLICT_ATTEMPTS: status_writer's, the tests read it here
 
 
 def _controlled(rayjob: Mapping[str, Any] | None, uid: str | None) -> bool:

@@ -163,7 +163,7 @@ class FakeKube:
 
 
 class Events(list[tuple[str, str, str]]):
-    """An event sink (``reconcile.EventSink``) that keeps (type, reason, message) of every Event."""
+    """An event sink (``status_writer.EventSink``) that keeps (type, reason, message) of every Event."""
 
     def __call__(self, obj: Any, type_: str, reason: str, message: str) -> None:
         self.append((type_, reason, message))

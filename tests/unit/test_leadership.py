@@ -16,6 +16,7 @@ from finetune_operator.failures import ApiFailure, Retry
 from finetune_operator.leadership import GONE, Action, Fenced, LeaderElector, Observed, Timing, decide, record_of
 from finetune_operator.reconcile import KubeApi
 from finetune_operator.settings import OperatorSettings, SettingsError
+from finetune_operator.status_writer import StatusApi
 from finetune_operator.stuck import PodsAndEvents
 from finetune_operator.suspension import WorkloadApi
 from tests.support.fake_kube import FakeKube
@@ -302,7 +303,7 @@ def test_a_standby_runs_kopf_with_the_webhook_alone() -> None:
     assert (leader.webhook_port, leader.metrics_port, leader.leader_election) == (0, 0, True)
 
 
-@pytest.mark.parametrize("protocol", [KubeApi, PodsAndEvents, WorkloadApi])
+@pytest.mark.parametrize("protocol", [KubeApi, StatusApi, PodsAndEvents, WorkloadApi])
 def test_the_fenced_client_has_every_call_the_reconciler_makes(protocol: type) -> None:
     """The leader's reconciler speaks only through ``Fenced``: a call it lacks fails only on a cluster, at run time."""
     calls = {name for name in vars(protocol) if not name.startswith("_")}
