@@ -264,3 +264,32 @@ def test_a_stalled_api_server_is_a_503_within_the_review_timeout(monkeypatch: py
         assert answers == [503]
     finally:
         listener.close()
+
+
+def _disk_full(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize(("owner", "step"), [(metrics_server.certificates, "issue"), (Path, "write_bytes")])
+def test_a_first_certificate_that_fails_closes_the_bound_port(owner: Any, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port is bound before the first certificate is made: a failure there left it bound (a leaked socket), and
+    Kopf's retry of the start-up handler met 'address already in use' on the same port for as long as it lived."""
+    bound: list[Any] = []
+
+    class Recorded(metrics_server._Server):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            bound.append(self)
+
+    monkeypatch.setattr(metrics_server, "_Server", Recorded)
+    registry = prometheus_client.CollectorRegistry()
+    reviews = Reviews()
+    with monkeypatch.context() as failing:
+        failing.setattr(owner, step, _disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            serve(0, registry, TokenReviewer(reviews.authenticate, reviews.authorize), host="127.0.0.1")
+    assert len(bound) == 1
+    assert bound[0].socket.fileno() == -1  # ``bound`` keeps the server alive: nothing but serve closes its socket
+    server = serve(bound[0].server_port, registry, TokenReviewer(reviews.authenticate, reviews.authorize), host="127.0.0.1")
+    server.shutdown()
+    server.server_close()
