@@ -233,8 +233,12 @@ def serve(
     if review is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        issued = _load(context, tls_name, clock())
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        try:
+            issued = _load(context, tls_name, clock())
+            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        except BaseException:  # the port is bound already: left open, a retry would meet 'address already in use'
+            server.server_close()
+            raise
 
         def renew() -> None:
             nonlocal issued
