@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,7 @@ def run(
     json_status: str | None = None,
     address: str | None = None,
     output: str | None = None,
+    job: str | None = None,
 ) -> Trained:
     trained = Trained()
     monkeypatch.setattr(local, "_train", trained)
@@ -138,7 +140,7 @@ def run(
     monkeypatch.setattr(local, "_preflight", preflight)
     monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` raises ImportError
     args = argparse.Namespace(
-        job=str(DIGITS),
+        job=job or str(DIGITS),
         workers=None,
         output=output or str(tmp_path / "out"),
         json_status=json_status,
@@ -278,3 +280,51 @@ def test_echoed_paths_are_escaped_and_shortened(
     assert err.startswith(f"error: {field}: {quote(value, 200)}: ")
     assert err.count("\n") == 1 and err.endswith("\n") and err.isascii() and err[:-1].isprintable(), err
     assert len(err) < 500
+
+
+# ------------------------------------------------------------------------------ a deleted working directory
+GONE = "error: the working directory no longer exists (deleted while this shell was in it); cd to a folder that exists\n"
+
+
+@pytest.fixture
+def gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory deleted under the process (``rm -rf`` of the folder a shell is in): os.getcwd raises."""
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    folder.rmdir()
+    return folder
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"json_status": "status.json"},  # status_path: a relative path taken from the working directory
+        {"json_status": "/tmp/status.json"},
+        {"output": "runs"},  # local_job: the manifest's and the flags' relative paths
+        {},  # every path absolute: Ray's ray.init still reads the working directory (the driver's sys.path)
+        {"job": "job.yaml"},  # a relative manifest: 'cannot read: No such file or directory' hid why
+    ],
+    ids=["json-status-relative", "json-status-absolute", "output-relative", "all-absolute", "job-relative"],
+)
+def test_a_deleted_working_directory_is_one_line_before_ray(
+    flags: dict[str, str], gone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Path.cwd() raised FileNotFoundError out of status_path and local_job: a traceback."""
+    trained = run(monkeypatch, tmp_path, **flags)  # type: ignore[arg-type]
+    assert (trained.code, trained.calls, trained.preflight) == (2, [], False)
+    assert capsys.readouterr().err == GONE
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: local.status_path("status.json"),
+        lambda: local.local_job(DIGITS.read_text(), str(DIGITS), output="runs"),
+    ],
+    ids=["status_path", "local_job"],
+)
+def test_the_commands_parts_say_so_too(call: Any, gone: Path) -> None:
+    with pytest.raises(TrainerError) as caught:
+        call()
+    assert f"error: {caught.value}\n" == GONE
