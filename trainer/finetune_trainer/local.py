@@ -24,7 +24,7 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.gate import check_accuracy_gate
 from finetune_trainer.local_ray import ray_address, start_ray
 
-__all__ = ["local_job", "run_command", "start_ray", "status_path"]
+__all__ = ["local_job", "run_command", "start_ray", "status_path", "working_directory"]
 
 # Spec fields holding a path or URI, as (section, field) of spec, by their wire names.
 _URI_FIELDS = (
@@ -34,6 +34,18 @@ _URI_FIELDS = (
     ("dataset", "cacheDir"),
     ("output", "uri"),
 )
+
+
+def working_directory() -> Path:
+    """The current directory, against which the manifest's and the flags' relative paths are taken (and which
+    ``ray.init`` reads for the driver's ``sys.path``); a TrainerError when it was deleted under the shell, where
+    ``os.getcwd`` raises FileNotFoundError (a traceback). The one place ``finetune run`` asks for it."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise TrainerError(
+            "the working directory no longer exists (deleted while this shell was in it); cd to a folder that exists"
+        ) from None
 
 
 def _print_manifest_error(e: ManifestError) -> None:
@@ -55,7 +67,7 @@ def local_job(
         spec.setdefault("resources", {})["workers"] = workers
     if output is not None:
         spec["output"]["uri"] = output
-    base = cwd or Path.cwd()
+    base = cwd or working_directory()
     for section, field in _URI_FIELDS:
         value = spec.get(section, {}).get(field)
         if value is None:
@@ -97,7 +109,7 @@ def status_path(flag: str | None) -> str | None:
     replace), or a place where this user cannot create files. Checks only: creates nothing."""
     if flag is None:
         return None
-    path = _local_path(flag, Path.cwd(), f"--json-status: {quote(flag, 200)}")
+    path = _local_path(flag, working_directory(), f"--json-status: {quote(flag, 200)}")
     try:
         problem = _unwritable(path, flag) if flag else "empty"
     except OSError as e:  # a folder on the way this user may not look into
@@ -165,6 +177,7 @@ def _summary(result: Any) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """``finetune run``: exit 0 done, 1 invalid manifest, 2 user error."""
     try:
+        working_directory()  # first: every relative path needs it, and so does ray.init (a missing one: a traceback)
         # The flags first: a second here, where Ray would find them wrong only once started (or after a timeout).
         status_file = status_path(args.json_status)
         address = ray_address(getattr(args, "address", None))
