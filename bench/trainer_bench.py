@@ -306,6 +306,7 @@ class TrainerRun:
     first_metrics_at: float | None
     worker_nice: list[int]
     cpu_samples: list[tuple[float, float]] = field(default_factory=list)
+    cpu_by_kind: list[tuple[float, dict[str, float]]] = field(default_factory=list)
 
     def status_at(self, stage: str, epoch: int | None = None) -> float | None:
         for e in self.status:
@@ -370,8 +371,9 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 CPU_SAMPLE_SECONDS = 0.25
 
 
-def tree_cpu_seconds(roots: Sequence[int]) -> float:
-    """User + system CPU of the live processes under (and including) ``roots``, from one pass over ``/proc``."""
+def tree_cpu(roots: Sequence[int]) -> dict[str, float]:
+    """User + system CPU of the live processes under (and including) ``roots``, by kind of process (``label``),
+    from one pass over ``/proc``."""
     children: dict[int, list[int]] = {}
     cpu: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
@@ -385,15 +387,48 @@ def tree_cpu_seconds(roots: Sequence[int]) -> float:
         # After the parenthesised name: state, ppid (index 1), ..., utime (11), stime (12).
         children.setdefault(int(fields[1]), []).append(pid)
         cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
-    total, todo, seen = 0.0, list(roots), set()
+    out: dict[str, float] = {}
+    todo, seen = list(roots), set()
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in seen or pid not in cpu:
             continue
         seen.add(pid)
-        total += cpu.get(pid, 0.0)
+        kind = label(pid)
+        out[kind] = out.get(kind, 0.0) + cpu[pid]
         todo.extend(children.get(pid, ()))
-    return total
+    return out
+
+
+def tree_cpu_seconds(roots: Sequence[int]) -> float:
+    return sum(tree_cpu(roots).values())
+
+
+def label(pid: int) -> str:
+    try:
+        return kind_of([a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a])
+    except OSError:
+        return "?"
+
+
+def kind_of(argv: Sequence[str]) -> str:
+    """What a process of a run is, from its command line: Ray's title for its workers (``ray::TrainController``,
+    ``ray::IDLE``), else the program, or the script a Python runs (``raylet``, ``gcs_server``, ``agent.py``)."""
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    program = Path(argv[0]).name
+    if program.startswith("python"):
+        for i, arg in enumerate(argv[1:], 1):
+            if arg == "-c":
+                return f"{program} -c"
+            if arg == "-m":
+                return argv[i + 1] if i + 1 < len(argv) else program
+            if not arg.startswith("-"):
+                return Path(arg).name
+        return program
+    return program
 
 
 def interpolate(samples: Sequence[tuple[float, float]], at: float) -> float | None:
@@ -411,9 +446,11 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.status_file, self.metrics_file, self.root_pid = status_file, metrics_file, root_pid
         self.cpu_roots = [root_pid, *cpu_roots]
-        # (time, CPU seconds of the run's processes since launch) every CPU_SAMPLE_SECONDS until epoch 1 is seen.
+        # (time, CPU seconds of the run's processes since launch) every CPU_SAMPLE_SECONDS until epoch 1 is seen,
+        # and the same by kind of process.
         self.cpu_samples: list[tuple[float, float]] = []
-        self._cpu_base = tree_cpu_seconds(cpu_roots)  # a running Ray's CPU before this run
+        self.cpu_by_kind: list[tuple[float, dict[str, float]]] = []
+        self._cpu_base = tree_cpu(cpu_roots)  # a running Ray's CPU before this run
         self.events: list[Event] = []
         self.first_metrics_at: float | None = None
         self.worker_nice: list[int] = []
@@ -425,7 +462,10 @@ class Watcher(threading.Thread):
         while not self.stop.wait(POLL_SECONDS):
             now = time.time()
             if self.first_metrics_at is None and now - self.cpu_samples[-1][0] >= CPU_SAMPLE_SECONDS:
-                self.cpu_samples.append((now, tree_cpu_seconds(self.cpu_roots) - self._cpu_base))
+                kinds = tree_cpu(self.cpu_roots)
+                spent = {k: v - self._cpu_base.get(k, 0.0) for k, v in kinds.items()}
+                self.cpu_samples.append((now, sum(spent.values())))
+                self.cpu_by_kind.append((now, spent))
             try:
                 st = self.status_file.stat()
             except FileNotFoundError:
@@ -485,6 +525,7 @@ def run_trainer(job: str, name: str, workdir: Path, env: dict[str, str], cpu_roo
         first_metrics_at=None if first is None or first != first else first,
         worker_nice=watcher.worker_nice,
         cpu_samples=watcher.cpu_samples,
+        cpu_by_kind=watcher.cpu_by_kind,
     )
 
 
@@ -857,8 +898,13 @@ def measure_cold_start(w: Workload, reps: int, workdir: Path, env: dict[str, str
         holder.wait()
 
 
+CPU_OF = "cpu of "
+"""Prefix of cold_start's keys holding one kind of process's CPU by the first step."""
+
+
 def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
     total, ray_up, ready, cpu = [], [], [], []
+    by_kind: dict[str, list[float]] = {}
     for r in runs:
         first, starting = r.first_step_at, r.status_at("starting")
         if first is None or starting is None:
@@ -869,7 +915,17 @@ def cold_start(runs: list[TrainerRun]) -> dict[str, list[float]]:
         spent = interpolate(r.cpu_samples, first)
         if spent is not None:
             cpu.append(spent)
-    return {"to_first_step": total, "to_worker_loop": ray_up, "worker_loop_to_first_step": ready, "cpu_to_first_step": cpu}
+        # By kind of process: the last sample before the first step (up to CPU_SAMPLE_SECONDS early).
+        before = [kinds for at, kinds in r.cpu_by_kind if at <= first]
+        for kind, seconds in (before[-1] if before else {}).items():
+            by_kind.setdefault(f"{CPU_OF}{kind}", []).append(seconds)
+    return {
+        "to_first_step": total,
+        "to_worker_loop": ray_up,
+        "worker_loop_to_first_step": ready,
+        "cpu_to_first_step": cpu,
+        **dict(sorted(by_kind.items(), key=lambda kv: -statistics.median(kv[1]))),
+    }
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -946,7 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "2" in only:
             cold["2 workers"] = cold_start(measure_two_workers(w, args.reps, workdir, env, args.baseline_nice, res))
         if "4" in only and "1" not in only:
-            cold |= {label: cold_start(runs) for label, runs in measure_cold_start(w, args.reps, workdir, env).items()}
+            cold |= {which: cold_start(runs) for which, runs in measure_cold_start(w, args.reps, workdir, env).items()}
         if "3" in only:
             measure_probe(Workload(samples=args.samples, epochs=args.probe_epochs), args.reps, workdir, env, res)
     finally:
@@ -969,10 +1025,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(print_table(res.rows))
     print()
-    for label, c in cold.items():
+    for which, c in cold.items():
         if c["to_first_step"]:
             print(
-                f"4. cold start of `finetune run` ({label}): {spread(c['to_first_step'])} s to the first training step "
+                f"4. cold start of `finetune run` ({which}): {spread(c['to_first_step'])} s to the first training step "
                 f"(Ray + worker up {spread(c['to_worker_loop'])} s, then data + model {spread(c['worker_loop_to_first_step'])} s)"
             )
             if c["cpu_to_first_step"]:
@@ -982,6 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"   CPU of the run's processes by then {spread(c['cpu_to_first_step'])} s: on {cores} cores no "
                     f"scheduling starts the first step before {spread(floor)} s"
                 )
+                kinds = [f"{k[len(CPU_OF) :]} {statistics.median(v):.2g}" for k, v in c.items() if k.startswith(CPU_OF)]
+                print(f"   of which, by kind of process (median s): {', '.join(kinds)}")
     if "plain_cold_start_s" in res.details:
         print(f"   for scale: plain loop process start to first step {spread(res.details['plain_cold_start_s'])} s")
     if "probe_caching_pass_s" in res.details:

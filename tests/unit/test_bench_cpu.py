@@ -69,3 +69,22 @@ def test_the_cpu_at_the_first_step_is_interpolated_between_samples(
 ) -> None:
     got = _bench().interpolate(samples, at)
     assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        (["ray::TrainController.run"], "ray::TrainController"),
+        (["ray::RayTrainWorker.__init__ extra"], "ray::RayTrainWorker"),
+        (["ray::IDLE"], "ray::IDLE"),
+        (["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_ip_address=1"], "raylet"),
+        (["/usr/bin/python3.11", "-u", "/venv/site-packages/ray/dashboard/agent.py", "--head"], "agent.py"),
+        (["/venv/bin/python", "/venv/bin/finetune", "run", "job.yaml"], "finetune"),
+        (["/venv/bin/python", "-c", "import sys, time, ray\nray.init()"], "python -c"),
+        (["/venv/bin/python", "-u", "-m", "finetune_operator.cli", "run"], "finetune_operator.cli"),
+        (["/venv/bin/python"], "python"),
+        ([], "?"),
+    ],
+)
+def test_each_process_of_a_run_is_named_by_its_kind(argv: list[str], kind: str) -> None:
+    assert _bench().kind_of(argv) == kind
