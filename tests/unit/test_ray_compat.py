@@ -50,23 +50,49 @@ def _report_logger_is_named_after_its_file() -> bool:
 
 
 def _lazy_config_mirrors_torch_config() -> bool:
+    import inspect
+
+    from ray.train._internal import utils as train_utils
     from ray.train.backend import Backend
+    from ray.train.torch import config
     from ray.train.torch.config import TorchConfig, _TorchBackend
 
     ray_compat = _ray_compat()
     ours, theirs = ray_compat.LazyTorchConfig(backend="gloo"), TorchConfig(backend="gloo")
-    lazy = ray_compat._LazyTorchBackend
+    lazy = ray_compat._WorkerSideTorchBackend
+    steps = ray_compat.WORKER_STEPS
     return (
         [(f.name, f.default) for f in dataclasses.fields(ours)] == [(f.name, f.default) for f in dataclasses.fields(theirs)]
         and ours.to_dict() == theirs.to_dict()
         and ours.framework == theirs.framework
         and (lazy.share_cuda_visible_devices, lazy.has_replica_groups)
         == (_TorchBackend.share_cuda_visible_devices, _TorchBackend.has_replica_groups)
-        # Ray's backend still does its work in these hooks, and the lazy one hands on every hook Ray's overrides
-        # (a hook it did not would be Backend's no-op in local runs).
-        and all(m in vars(_TorchBackend) for m in ("on_start", "on_training_start", "on_shutdown"))
-        and {m for m, v in vars(_TorchBackend).items() if callable(v) and hasattr(Backend, m)} <= set(vars(lazy))
+        # Ray's backend does its work in exactly these hooks (on_training_start: only for Ray Train v1's worker
+        # group); a hook it adds would be Backend's no-op in local runs.
+        and {m for m, v in vars(_TorchBackend).items() if callable(v) and hasattr(Backend, m)}
+        == {"on_start", "on_training_start", "on_shutdown"}
+        # The worker-side steps on_worker runs are still Ray's, with the keywords it passes.
+        and all(
+            callable(fn := getattr(config, step, None)) and set(keywords) <= set(inspect.signature(fn).parameters)
+            for step, keywords in steps.items()
+        )
+        and callable(getattr(train_utils, "get_address_and_port", None))
     )
+
+
+def test_the_mirror_check_sees_ray_rename_a_worker_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.torch import config
+
+    assert _lazy_config_mirrors_torch_config()
+    monkeypatch.delattr(config, "_setup_torch_process_group")
+    assert not _lazy_config_mirrors_torch_config()
+
+
+def test_the_mirror_check_sees_ray_change_a_worker_steps_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.torch import config
+
+    monkeypatch.setattr(config, "_shutdown_torch", lambda destroy: None)
+    assert not _lazy_config_mirrors_torch_config()
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,13 @@ external package only as a whole (``ray``), so no contract can say it. Written a
 
 from __future__ import annotations
 
-import importlib
 import logging
+import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from ray.exceptions import GetTimeoutError
 from ray.train.backend import Backend, BackendConfig
@@ -124,33 +123,78 @@ class _TorchFuncContext:
         return bool(self._inner.__exit__(kind, exc, tb))  # type: ignore[no-untyped-call]
 
 
-class _LazyTorchBackend(Backend):
-    """Ray's torch backend (``_TorchBackend``, private), imported when the worker group starts."""
+def on_worker(step: str, /, **kwargs: Any) -> Any:
+    """Run ``step``, a function of Ray's torch backend module (``ray.train.torch.config``, private), on a training
+    worker: that module imports torch at its top, which the worker does anyway and the controller need not."""
+    from ray.train.torch import config
+
+    return getattr(config, step)(**kwargs)
+
+
+# The steps of Ray's torch backend (_TorchBackend) that run on the workers, by the names and keywords on_worker
+# passes them; tests/unit/test_ray_compat.py checks them against the pinned Ray.
+WORKER_STEPS: Final = {
+    "_set_torch_distributed_env_vars": (),
+    "_setup_torch_process_group": ("backend", "world_rank", "world_size", "init_method", "timeout_s"),
+    "_shutdown_torch": ("destroy_process_group",),
+}
+
+
+def _set_master(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+class _WorkerSideTorchBackend(Backend):
+    """Ray's torch backend as the controller drives it, with torch imported on the workers alone: the same steps as
+    Ray's ``_TorchBackend`` for CPU and GPU workers (rank 0's address and a free port, the torch.distributed
+    variables, the process group; its teardown), each step Ray's own function run there through ``on_worker``.
+    Ray's backend module imports torch at its top, which cost the controller 2 s of CPU on the path to the first
+    step of a local run (bench/README.md, "The cold start's CPU floor"). TPUs are not offered in local runs."""
 
     # As Ray's: the workers on one node see all of that node's GPUs, which DDP needs.
     share_cuda_visible_devices: bool = True
 
-    @staticmethod
-    def _torch() -> Any:
-        if _torch_import is not None:
-            _torch_import.join()  # a torch import under way in this process's thread (see LazyTorchConfig)
-        try:
-            # Private: Ray Train's torch backend; its module imports torch.
-            from ray.train.torch.config import _TorchBackend
-        except BaseException as e:
-            # After a failed import in the thread, this one may fail only on what it left half-imported:
-            # the thread's error is the cause worth reading.
-            raise e from _torch_import_error
-        return _TorchBackend()
-
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
-        self._torch().on_start(worker_group, backend_config)
+        import ray
+        from ray.train._internal.utils import get_address_and_port
 
-    def on_training_start(self, worker_group: Any, backend_config: Any) -> None:
-        self._torch().on_training_start(worker_group, backend_config)
+        addr, port = worker_group.execute_single(0, get_address_and_port)
+        if backend_config.init_method == "env":
+            worker_group.execute(_set_master, addr=addr, port=port)
+            url = "env://"
+        elif backend_config.init_method == "tcp":
+            url = f"tcp://[{addr}]:{port}" if ":" in addr else f"tcp://{addr}:{port}"
+        else:
+            raise ValueError(f"init_method {backend_config.init_method!r}: accepted: env, tcp")
+        worker_group.execute(on_worker, "_set_torch_distributed_env_vars")
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")  # as Ray's, for CPU and GPU workers
+        size = len(worker_group)
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    on_worker,
+                    "_setup_torch_process_group",
+                    backend=backend,
+                    world_rank=rank,
+                    world_size=size,
+                    init_method=url,
+                    timeout_s=backend_config.timeout_s,
+                )
+                for rank in range(size)
+            ]
+        )
 
     def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
-        self._torch().on_shutdown(worker_group, backend_config)
+        import ray
+
+        futures = worker_group.execute_async(on_worker, "_shutdown_torch", destroy_process_group=len(worker_group) > 1)
+        timeout = float(os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", 30))  # Ray's variable and default
+        try:
+            ray.get(futures, timeout=timeout)
+        except GetTimeoutError:
+            logging.getLogger(__name__).warning("the torch process group's shutdown timed out after %g s", timeout)
 
 
 @dataclass
@@ -158,8 +202,8 @@ class LazyTorchConfig(BackendConfig):
     """Ray's ``TorchConfig`` without importing torch where it is defined: ``ray.train.torch.config`` imports
     torch at its top, so the driver building a TorchTrainer and the controller unpickling its config each
     spent 2-3 s of a local run's start importing torch, on the path to the first step (bench/README.md,
-    "Start-up"). Torch is imported where it is used: by the controller when the worker group starts (to set
-    up the process group), and on the workers. Same fields and meaning as TorchConfig's."""
+    "Start-up"). Torch is imported on the workers alone, which train with it (``_WorkerSideTorchBackend``). Same
+    fields and meaning as TorchConfig's."""
 
     backend: str | None = None
     init_method: str = "env"
@@ -167,7 +211,7 @@ class LazyTorchConfig(BackendConfig):
 
     @property
     def backend_cls(self) -> type:
-        return _LazyTorchBackend
+        return _WorkerSideTorchBackend
 
     @property
     def train_func_context(self) -> type:
@@ -179,36 +223,6 @@ class LazyTorchConfig(BackendConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickled: this is the controller (or a worker), which will need torch when the worker group starts.
-        self.__dict__.update(state)
-        _import_torch_soon()
-
-
-_torch_import: threading.Thread | None = None
-_torch_import_lock = threading.Lock()
-_torch_import_error: BaseException | None = None
-
-
-def _import_torch_quietly() -> None:
-    global _torch_import_error
-    try:
-        importlib.import_module("torch")
-    except BaseException as e:  # raised where the backend imports it (_LazyTorchBackend._torch), as its cause
-        _torch_import_error = e
-
-
-def _import_torch_soon() -> None:
-    """Start importing torch in a thread of this process: the controller gets its config as its actor starts,
-    then starts the workers and waits for them (seconds); importing torch meanwhile takes the backend's import
-    off the path to the first step. Torch alone: it imports nothing of Ray, so it cannot meet this process's
-    own imports of Ray modules halfway."""
-    global _torch_import
-    with _torch_import_lock:
-        if _torch_import is None:
-            _torch_import = threading.Thread(target=_import_torch_quietly, name="import-torch", daemon=True)
-            _torch_import.start()
 
 
 class LocalTorchTrainer(DataParallelTrainer):
