@@ -128,6 +128,11 @@ traced to what the operator does with it (docs/platform.md, "RBAC"). No wildcard
   verbs: ["list"]
 {{- end }}
 
+{{/* The metrics Service: a DNS-1035 label like the webhook's, hence the same cut (a long release made it 70 long). */}}
+{{- define "finetune-operator.metricsName" -}}
+{{- printf "%s-metrics" (include "finetune-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
 {{/*
 The admission webhook's names (templates/webhook*.yaml): the Service (a DNS-1035 label, hence the cut), the host
 name the API server calls and the certificate names, and the directory where a cert-manager Secret is mounted.
