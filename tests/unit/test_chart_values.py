@@ -14,6 +14,7 @@ import pytest
 
 from finetune_operator.api.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE, QUALIFIED_NAME
 from tests.support import k8s_tools
+from tests.support.pod_security import restricted_violations
 from tests.support.schemas import REPO
 
 CHART = REPO / "charts" / "finetune-operator"
@@ -88,3 +89,83 @@ def test_name_overrides_that_make_invalid_names_are_refused(override: str, field
     returncode, stderr, _ = helm(RELEASE, NAMESPACE, override)
     assert returncode != 0, f"--set {override} was accepted"
     assert field in stderr, stderr
+
+
+# ------------------------------------------------------------------------------------------ pod security
+def pods(objects: tuple[dict[str, Any], ...]) -> dict[str, tuple[Mapping[str, Any], Mapping[str, str] | None]]:
+    """The operator's pod and the `helm test` pod: (spec, annotations) by kind."""
+    found = {}
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            template = obj["spec"]["template"]
+            found["Deployment"] = (template["spec"], template["metadata"].get("annotations"))
+        elif obj["kind"] == "Pod":
+            found["Pod"] = (obj["spec"], obj["metadata"].get("annotations"))
+    return found
+
+
+APPARMOR = "podAnnotations.container\\.apparmor\\.security\\.beta\\.kubernetes\\.io/operator"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (("securityContext.privileged=true",), "privileged"),
+        (("securityContext.allowPrivilegeEscalation=true",), "allowPrivilegeEscalation"),
+        (("securityContext.allowPrivilegeEscalation=null",), "allowPrivilegeEscalation"),
+        (("securityContext.runAsNonRoot=false",), "runAsNonRoot"),
+        (("podSecurityContext.runAsNonRoot=false",), "runAsNonRoot"),
+        (("securityContext.runAsNonRoot=null", "podSecurityContext.runAsNonRoot=null"), "runAsNonRoot"),
+        (("securityContext.runAsUser=0",), "runAsUser"),
+        (("podSecurityContext.runAsUser=0",), "runAsUser"),
+        (("securityContext.capabilities.add={NET_ADMIN}",), "add"),
+        (("securityContext.capabilities.drop=null",), "drop"),
+        (("securityContext.capabilities.drop={NET_RAW}",), "drop"),
+        (("securityContext.seccompProfile.type=Unconfined",), "type"),
+        (("podSecurityContext.seccompProfile.type=Unconfined",), "type"),
+        (("securityContext.seccompProfile=null", "podSecurityContext.seccompProfile=null"), "seccompProfile"),
+        (("securityContext.procMount=Unmasked",), "procMount"),
+        (("securityContext.seLinuxOptions.type=spc_t",), "type"),
+        (("podSecurityContext.seLinuxOptions.user=root",), "user"),
+        (("securityContext.appArmorProfile.type=Unconfined",), "type"),
+        (("securityContext.windowsOptions.hostProcess=true",), "hostProcess"),
+        (("podSecurityContext.sysctls[0].name=kernel.msgmax", "@podSecurityContext.sysctls[0].value=65536"), "name"),
+        (("securityContext=null",), "securityContext"),
+        ((f"{APPARMOR}=unconfined",), "apparmor"),
+    ],
+)
+def test_security_context_overrides_that_break_the_restricted_profile_are_refused(overrides: tuple[str, ...], field: str) -> None:
+    """A platform team's namespace enforcing "restricted" would refuse the pods only after `helm install` had
+    succeeded (the ReplicaSet's events): the chart refuses such values itself, naming the field."""
+    returncode, stderr, objects = helm(RELEASE, NAMESPACE, *overrides)
+    violations = {kind: restricted_violations(*pod) for kind, pod in pods(objects).items()}
+    assert returncode != 0, f"--set {' '.join(overrides)} was accepted: {violations}"
+    assert field in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # OpenShift's restricted-v2 SCC picks the UID, GID and fsGroup from the namespace's range.
+        (
+            "securityContext.runAsUser=null",
+            "securityContext.runAsGroup=null",
+            "podSecurityContext.runAsUser=null",
+            "podSecurityContext.runAsGroup=null",
+            "podSecurityContext.fsGroup=null",
+        ),
+        ("podSecurityContext=null",),  # the container's context alone meets the profile
+        ("securityContext.seccompProfile=null",),  # the pod's seccompProfile covers the container
+        ("securityContext.runAsNonRoot=null",),  # so does the pod's runAsNonRoot
+        ("securityContext.capabilities.add={NET_BIND_SERVICE}", "securityContext.runAsUser=1001"),
+        ("podSecurityContext.sysctls[0].name=net.ipv4.ip_unprivileged_port_start", "@podSecurityContext.sysctls[0].value=0"),
+        ("securityContext.seLinuxOptions.type=container_t", "securityContext.appArmorProfile.type=RuntimeDefault"),
+        (f"{APPARMOR}=runtime/default",),
+    ],
+)
+def test_security_context_overrides_within_the_restricted_profile_render(overrides: tuple[str, ...]) -> None:
+    returncode, stderr, objects = helm(RELEASE, NAMESPACE, *overrides)
+    assert returncode == 0, stderr
+    found = pods(objects)
+    assert set(found) == {"Deployment", "Pod"}
+    assert {kind: restricted_violations(*pod) for kind, pod in found.items()} == {"Deployment": [], "Pod": []}

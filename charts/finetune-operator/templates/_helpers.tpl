@@ -60,6 +60,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+What values.schema.json cannot say field by field about the "restricted" Pod Security profile: runAsNonRoot and a
+seccompProfile may be on the pod or the container, but on one of them. The schema refuses every value that loosens it.
+*/}}
+{{- define "finetune-operator.restricted" -}}
+{{- $pod := .Values.podSecurityContext | default dict }}
+{{- $container := .Values.securityContext | default dict }}
+{{- if not (or $pod.runAsNonRoot $container.runAsNonRoot) }}
+{{- fail "securityContext.runAsNonRoot and podSecurityContext.runAsNonRoot are both unset; expected true on one of them (the restricted Pod Security profile)" }}
+{{- end }}
+{{- if not (or $pod.seccompProfile $container.seccompProfile) }}
+{{- fail "securityContext.seccompProfile and podSecurityContext.seccompProfile are both unset; expected {type: RuntimeDefault} on one of them (the restricted Pod Security profile)" }}
+{{- end }}
+{{- end }}
+
 {{/* The RayJobs' default trainer image: same release line as the operator unless overridden. */}}
 {{- define "finetune-operator.trainerImage" -}}
 {{- default (printf "ghcr.io/finetune-operator/trainer:%s" .Chart.AppVersion) .Values.settings.trainerImage }}
