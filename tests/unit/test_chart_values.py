@@ -169,3 +169,37 @@ def test_security_context_overrides_within_the_restricted_profile_render(overrid
     found = pods(objects)
     assert set(found) == {"Deployment", "Pod"}
     assert {kind: restricted_violations(*pod) for kind, pod in found.items()} == {"Deployment": [], "Pod": []}
+
+
+# ------------------------------------------------------------------------------------------ extra labels
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        # A key the chart sets itself rendered twice in one mapping (invalid YAML the API server refuses) and, on the
+        # pod, would move it out of its Deployment's selector.
+        ("podLabels.app\\.kubernetes\\.io/name=operator", "podLabels"),
+        ("podLabels.app\\.kubernetes\\.io/instance=prod", "podLabels"),
+        ("podLabels.app\\.kubernetes\\.io/component=controller", "podLabels"),
+        ("metrics.serviceMonitor.labels.app\\.kubernetes\\.io/part-of=monitoring", "labels"),
+        ("grafanaDashboard.labels.app\\.kubernetes\\.io/component=grafana", "labels"),
+        # What the API server refuses in a label, refused before anything is installed.
+        ("podLabels.team name=a", "podLabels"),
+        ("podLabels.team=a b", "podLabels"),
+        ("podLabels.team=" + "x" * 64, "podLabels"),
+        ("metrics.serviceMonitor.labels.release=kube prometheus", "labels"),
+    ],
+)
+def test_extra_labels_the_api_server_would_refuse_are_refused(override: str, field: str) -> None:
+    returncode, stderr, _ = helm(RELEASE, NAMESPACE, *EVERYTHING, override)
+    assert returncode != 0, f"--set {override} was accepted"
+    assert field in stderr, stderr
+
+
+def test_dashboard_without_labels_renders() -> None:
+    """``grafanaDashboard.labels: null`` (a sidecar selecting by folder annotation) rendered ``null`` into the
+    ConfigMap's labels: a YAML parse error."""
+    returncode, stderr, objects = helm(RELEASE, NAMESPACE, "grafanaDashboard.enabled=true", "grafanaDashboard.labels=null")
+    assert returncode == 0, stderr
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert "grafana_dashboard" not in configmap["metadata"]["labels"]
+    assert name_problems(configmap) == []
