@@ -203,3 +203,35 @@ def test_dashboard_without_labels_renders() -> None:
     (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
     assert "grafana_dashboard" not in configmap["metadata"]["labels"]
     assert name_problems(configmap) == []
+
+
+# ------------------------------------------------------------------------------------ ports, disruptions
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        # The operator's servers would meet 'address already in use' and crash-loop, after a successful install.
+        (("metrics.port=8081",), "metrics.port"),  # the image's fixed liveness port
+        (("metrics.port=9443",), "metrics.port"),  # the webhook's
+        (("webhook.port=8081",), "webhook.port"),
+        (("webhook.port=8080",), "webhook.port"),  # the metrics port
+        # A budget of 0 blocks every node drain for ever, though one replica is all the operator needs.
+        (("podDisruptionBudget.maxUnavailable=0",), "maxUnavailable"),
+    ],
+)
+def test_values_the_operator_cannot_run_with_are_refused(overrides: tuple[str, ...], field: str) -> None:
+    returncode, stderr, _ = helm(RELEASE, NAMESPACE, *overrides)
+    assert returncode != 0, f"--set {' '.join(overrides)} was accepted"
+    assert field in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("metrics.port=9443", "webhook.enabled=false"), ("metrics.port=9090", "webhook.port=8443")],
+)
+def test_ports_of_their_own_render(overrides: tuple[str, ...]) -> None:
+    returncode, stderr, objects = helm(RELEASE, NAMESPACE, *overrides)
+    assert returncode == 0, stderr
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = [port["containerPort"] for port in container["ports"]]
+    assert len(ports) == len(set(ports)), ports
