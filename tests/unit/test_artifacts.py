@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -433,21 +434,67 @@ def test_a_card_with_a_negative_size_is_refused(tmp_path: Path) -> None:
         load_model_card(str(tmp_path))
 
 
-@pytest.mark.parametrize("swapped", ["model.pt", "model.json"])
-def test_a_file_swapped_for_an_endless_one_is_read_no_further_than_the_card_allows(
+@pytest.mark.parametrize("swapped", ["model.pt", "model.json", "model.json.sig"])
+def test_a_file_swapped_for_an_endless_one_is_refused_unread(
     written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path, swapped: str
 ) -> None:
-    """An artifact directory someone hands over with model.pt (or the card) linked to /dev/zero: verify and predict
-    read it until memory ran out (std::bad_alloc). Now at most the size the card lists (16 MiB for the card)."""
+    """An artifact directory someone hands over with model.pt (or the card, or its signature) linked to /dev/zero:
+    verify and predict read it until memory ran out (std::bad_alloc; the signature had no bound at all). A device is
+    no plain file: refused before a byte of it is read."""
+    copy = copy_of(written, tmp_path)
+    (copy / swapped).unlink(missing_ok=True)
+    (copy / swapped).symlink_to("/dev/zero")
+    message = "a character device, not a plain file"
+    with pytest.raises(ArtifactError, match=re.escape(f"{copy / swapped}: cannot read: {message}")):
+        verify_artifacts(str(copy), read=["model.pt"])
+
+
+def copy_of(written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path) -> Path:
+    """A copy of the artifact directory, to damage."""
     copy = tmp_path / "artifacts"
     copy.mkdir()
     for path in run_dir(written).iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
-    (copy / swapped).unlink()
-    (copy / swapped).symlink_to("/dev/zero")
-    message = "does not match the model card's" if swapped == "model.pt" else "larger than 16 MiB, so not a model card"
+    return copy
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("swapped", ["model.pt", "model.json", "model.json.sig"])
+def test_a_file_swapped_for_a_fifo_is_refused_not_waited_on(
+    written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path, swapped: str
+) -> None:
+    """A FIFO under an artifact's name (someone who can write the shared volume): opening it waited for a writer
+    for ever, and `finetune verify` or `predict` with it."""
+    copy = copy_of(written, tmp_path)
+    (copy / swapped).unlink(missing_ok=True)
+    os.mkfifo(copy / swapped)
+    with pytest.raises(ArtifactError, match=re.escape(f"{copy / swapped}: cannot read: a FIFO, not a plain file")):
+        verify_artifacts(str(copy), read=["model.pt"])
+
+
+@pytest.mark.parametrize("size", [10**15, 2**64])
+def test_a_card_listing_a_huge_size_reads_no_more_than_the_file_holds(
+    written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path, size: int
+) -> None:
+    """The size a card lists bounds what is read; it was also what Python allocated up front (MemoryError, and
+    OverflowError past 2**63: tracebacks). A file whose bytes match but whose size does not is refused too."""
+    copy = copy_of(written, tmp_path)
+    card = json.loads((copy / "model.json").read_text())
+    card["files"]["model.pt"]["bytes"] = size
+    (copy / "model.json").write_text(json.dumps(card))
+    held = (copy / "model.pt").stat().st_size
+    message = f"{copy / 'model.pt'}: {held} bytes, but the model card lists {size}"
     with pytest.raises(ArtifactError, match=re.escape(message)):
         verify_artifacts(str(copy), read=["model.pt"])
+
+
+def test_a_signature_file_too_large_to_be_one_is_not_read_whole(
+    written: tuple[TrainerConfig, nn.Module, Artifacts], tmp_path: Path
+) -> None:
+    copy = copy_of(written, tmp_path)
+    (copy / "model.json.sig").write_bytes(b" " * ((64 << 10) + 1))
+    with pytest.raises(ArtifactError, match=re.escape("model.json.sig: larger than 64 KiB, so not a signature file")):
+        verify_artifacts(str(copy))
 
 
 def test_least_card_loads(tmp_path: Path) -> None:

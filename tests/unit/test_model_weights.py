@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -269,3 +271,16 @@ def test_pvc_uri_asks_for_the_mounted_path() -> None:
 
 def test_weights_error_is_a_value_error() -> None:
     assert issubclass(WeightsError, ValueError)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("make", "kind"), [(os.mkfifo, "a FIFO"), (lambda p: p.symlink_to("/dev/zero"), "a character device")])
+def test_a_weights_file_that_is_no_plain_file_is_refused_unread(
+    tmp_path: Path, make: Callable[[Path], object], kind: str
+) -> None:
+    """A weightsUri on a shared volume that someone swapped for a FIFO (the job waited for a writer for ever) or a
+    link to /dev/zero (read until memory ran out: no card beside it bounds the size)."""
+    path = tmp_path / "weights.pt"
+    make(path)
+    with pytest.raises(WeightsError, match=re.escape(f"weights_uri {path}: cannot read {path}: {kind}, not a plain file")):
+        load_state_dict_file(str(path))

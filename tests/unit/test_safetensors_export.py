@@ -114,6 +114,7 @@ def test_safetensors_of_another_architecture_is_refused(
     save_file(load_file(copy / "model.safetensors"), str(copy / "model.safetensors"), metadata={"architecture": "vgg11"})
     card = json.loads((copy / "model.json").read_text())
     card["files"]["model.safetensors"]["sha256"] = storage.sha256_file(copy / "model.safetensors")
+    card["files"]["model.safetensors"]["bytes"] = (copy / "model.safetensors").stat().st_size
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="metadata names architecture 'vgg11' but the model card 'resnet18'"):
         load_for_inference(str(copy), "safetensors")

@@ -82,7 +82,7 @@ from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
 from finetune_trainer.protect import keyring_for, protection_of, seal_staged, server_side_key, sign_staged, signing_key_for
 from finetune_trainer.sealing import is_sealed_file, sealed_key_id
 from finetune_trainer.signing import SIGNATURE_FILE, SignatureError, public_key_id, verify_card
-from finetune_trainer.verify import verify_artifacts
+from finetune_trainer.verify import read_signature_file, verify_artifacts
 
 __all__ = ["RunFacts", "unwrap_model", "write_artifacts"]
 
@@ -290,7 +290,7 @@ def _already_published(run_dir: str, card: ModelCard, weights: str, signing: Ed2
             # verify_artifacts checks a signature only with the verifier's keys, which the trainer has not: a
             # signature missing, or left by a publication killed before its card, is repaired by publishing again.
             public = signing.public_key()
-            signature = storage.read_bytes(storage.join(run_dir, SIGNATURE_FILE))
+            signature = read_signature_file(run_dir)
             verify_card(read_card_bytes(run_dir), signature, {public_key_id(public): public}, storage.join(run_dir, CARD_FILE))
     except (ArtifactError, SignatureError, OSError):
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from finetune_trainer.errors import exception_line
 
 __all__ = [
     "HashingWriter",
+    "NotAFile",
     "StorageError",
     "atomic_directory",
     "atomic_path",
@@ -30,6 +32,7 @@ __all__ = [
     "join",
     "list_sizes",
     "local_path",
+    "open_regular",
     "parent",
     "read_bytes",
     "read_text",
@@ -77,9 +80,42 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class NotAFile(OSError):
+    """A path that names something other than a plain file (a FIFO, a device, a socket): refused before a byte is
+    read, since reading one can block for ever (a FIFO with no writer) or never end (a link to /dev/zero)."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` open for reading when it is a plain file (links followed); NotAFile (IsADirectoryError for a
+    directory) when it is anything else, its message saying what it is, without the path (callers name it).
+    Opened without blocking, so that a FIFO is refused rather than waited on, and checked on the open descriptor,
+    so that nothing swapped in between the check and the read is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError("a directory, not a plain file")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "something else")
+            raise NotAFile(f"{kind}, not a plain file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -188,8 +224,10 @@ def read_bytes(uri: str, *, at_most: int | None = None) -> bytes:
     (a link to /dev/zero, a model file swapped for something huge)."""
     size = -1 if at_most is None else max(at_most, 0) + 1
     if not is_remote(uri):
-        with local_path(uri).open("rb") as stream:
-            return stream.read(size)
+        with open_regular(local_path(uri)) as stream:
+            # No more than the file holds (and one byte to see it grew): Python allocates what read() is asked for
+            # up front, and a card may list any size (10**15: MemoryError; 2**64: OverflowError).
+            return stream.read(size if size < 0 else min(size, os.fstat(stream.fileno()).st_size + 1))
     try:
         with _fs_open(uri, "rb") as f:
             return bytes(f.read(size))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 from finetune_trainer import storage
 from finetune_trainer.errors import ArtifactError
@@ -40,7 +41,10 @@ from finetune_trainer.signing import (
     require_signed as signed_required,
 )
 
-__all__ = ["Verified", "read_verified_file", "verify_artifacts"]
+__all__ = ["Verified", "read_signature_file", "read_verified_file", "verify_artifacts"]
+
+_MAX_SIGNATURE: Final = 64 << 10
+"""Largest signature file read (64 KiB): one is about 200 bytes."""
 
 
 @dataclass
@@ -54,10 +58,20 @@ class Verified:
     signed_by: str | None = None
 
 
+def read_signature_file(artifact_dir: str) -> bytes:
+    """The bytes of ``artifact_dir``'s signature file; FileNotFoundError without one, ArtifactError (or an OSError)
+    when it cannot be one: no more than ``_MAX_SIGNATURE`` bytes of it are read."""
+    uri = storage.join(artifact_dir, SIGNATURE_FILE)
+    signature = storage.read_bytes(uri, at_most=_MAX_SIGNATURE)
+    if len(signature) > _MAX_SIGNATURE:
+        raise ArtifactError(f"{uri}: larger than {_MAX_SIGNATURE >> 10} KiB, so not a signature file (one is about 200 bytes)")
+    return signature
+
+
 def _signature(artifact_dir: str, card_bytes: bytes, required: bool) -> tuple[str | None, str]:
     uri = storage.join(artifact_dir, SIGNATURE_FILE)
     try:
-        signature = storage.read_bytes(uri)
+        signature = read_signature_file(artifact_dir)
     except FileNotFoundError:
         if required:
             raise ArtifactError(
@@ -120,7 +134,8 @@ def verify_artifacts(
                 f"{uri}: sha256 {actual[:12]}… does not match the model card's {entry.sha256[:12]}…; "
                 "the file was modified, truncated or comes from another run"
             )
-        line = f"sha256 {name}: ok ({len(data)} bytes)"
+        stored = len(data)
+        line = f"sha256 {name}: ok ({stored} bytes)"
         if entry.encryption_key_id is not None:
             try:
                 # Only the files asked for are kept in the clear; the others are authenticated chunk by chunk.
@@ -132,6 +147,8 @@ def verify_artifacts(
             except SealError as e:
                 raise ArtifactError(str(e)) from None
             line += f"; decrypts with key id {entry.encryption_key_id}"
+        if stored != entry.size:  # the bytes the card vouches for, under a size it got wrong
+            raise ArtifactError(f"{uri}: {stored} bytes, but the model card lists {entry.size}; the card was edited")
         verified.checks.append(line)
         if name in wanted:
             verified.contents[name] = data
