@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +126,25 @@ def test_best_checkpoint_names_the_lineage_it_was_written_in() -> None:
 
 
 # ------------------------------------------------------------------------------------- checksums
+def swap(path: Path, make: Callable[[Path], object]) -> None:
+    path.unlink()
+    make(path)
+
+
+def write_raw(directory: Path, content: object) -> None:
+    """``content`` as the checkpoint file, with its checksum: a forged file, since nothing else authenticates one."""
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    (directory / CHECKPOINT_FILE).write_bytes(buffer.getvalue())
+    (directory / CHECKSUM_FILE).write_text(hashlib.sha256(buffer.getvalue()).hexdigest() + "\n")
+
+
+def forge(directory: Path, **parts: object) -> None:
+    """The checkpoint in ``directory`` with ``parts`` replaced (the fingerprint kept)."""
+    content = torch.load(directory / CHECKPOINT_FILE, weights_only=True)
+    write_raw(directory, {**content, **parts})
+
+
 def test_a_checkpoint_reads_back_with_its_checksum(tmp_path: Path) -> None:
     state = TrainState(epoch=3, stage="probe", best_val_accuracy=0.5, best_epoch=2)
     model = save(tmp_path, state)
@@ -164,8 +185,29 @@ def flip_a_weight(directory: Path) -> None:
             lambda d: ((d / CHECKSUM_FILE).unlink(), truncate(d)),
             r"^checkpoint ckpt: checkpoint\.pt is unreadable: RuntimeError: ",
         ),
+        # What someone who can write the run's volume may put there; each was a hang, unbounded memory or a traceback.
+        (lambda d: swap(d / CHECKPOINT_FILE, os.mkfifo), r"^checkpoint ckpt: checkpoint\.pt is unreadable: NotAFile: a FIFO, "),
+        (
+            lambda d: ((d / CHECKSUM_FILE).unlink(), swap(d / CHECKPOINT_FILE, os.mkfifo)),
+            r"^checkpoint ckpt: checkpoint\.pt is unreadable: NotAFile: a FIFO, ",
+        ),
+        (
+            lambda d: swap(d / CHECKSUM_FILE, lambda p: p.symlink_to("/dev/zero")),
+            r"^checkpoint ckpt: cannot read checkpoint\.sha256: NotAFile: a character device, not a plain file$",
+        ),
+        (
+            lambda d: ((d / CHECKSUM_FILE).unlink(), (d / CHECKPOINT_FILE).write_text("root:x:0:0:root:/root:/bin/bash\n")),
+            r"^checkpoint ckpt: checkpoint\.pt is unreadable: \w+",
+        ),
+        (lambda d: write_raw(d, [1, 2]), r"^checkpoint ckpt: checkpoint\.pt holds a list, not a checkpoint$"),
+        (lambda d: forge(d, train_state="x"), r"is not a checkpoint of this trainer \(train state: a str\)$"),
+        (lambda d: forge(d, train_state={"nope": 1}), r"\(train state: unknown key 'nope'\)$"),
+        (lambda d: forge(d, train_state={"epoch": "x" * 10**6}), r"\(train state: epoch 'x{40,}\.\.\.\)$"),
+        (lambda d: forge(d, train_state={"stopped_early": 1}), r"\(train state: stopped_early 1\)$"),
+        (lambda d: forge(d, model=None), r"is not a checkpoint of this trainer \(model: a NoneType\)$"),
     ],
 )
+@pytest.mark.timeout(30)
 def test_a_damaged_checkpoint_is_corrupt_in_one_line(tmp_path: Path, damage: Callable[[Path], object], message: str) -> None:
     directory = tmp_path / "ckpt"
     save(directory, TrainState(epoch=1))
@@ -274,6 +316,15 @@ def test_a_checkpoint_of_another_spec_is_not_skipped_but_refused(tmp_path: Path)
     write_run(run, 2)
     with pytest.raises(TrainerError, match="holds checkpoints of a different spec"):
         resume_from(latest_of(run, 2), "another", str(run))
+
+
+def test_a_forged_fingerprint_is_shown_shortened(tmp_path: Path) -> None:
+    """A checkpoint's fingerprint is the file's to say: a megabyte of it was the whole message."""
+    save(tmp_path, TrainState(epoch=1))
+    forge(tmp_path, fingerprint="f" * 10**6)
+    with pytest.raises(TrainerError, match=r"\(fingerprint 'f{40,}\.\.\., this job fp-1\)") as raised:
+        read_checkpoint(tmp_path, FP, "runs/x")
+    assert len(str(raised.value)) < 400
 
 
 def test_read_weights_of_a_named_checkpoint(tmp_path: Path) -> None:

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import pickle
-import zipfile
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,10 +38,11 @@ from typing import Any, BinaryIO, Final, cast
 import torch
 import torch.utils.serialization
 
+from finetune_operator.api.fields import quote
 from finetune_trainer import storage
 from finetune_trainer.errors import TrainerError, exception_line
 from finetune_trainer.model import StartingWeights, head_module_names
-from finetune_trainer.sealing import Keyring, is_sealed_file, seal_file, unseal_bytes
+from finetune_trainer.sealing import MAGIC, Keyring, is_sealed, seal_file, unseal_bytes
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -199,51 +199,106 @@ def read_checkpoint(
     ``FINETUNE_ENCRYPTION_KEY`` keyring decrypts it) or is in the clear while ``encrypted`` is asked for."""
     path = Path(directory) / CHECKPOINT_FILE
     name = name or Path(directory).name
+    expected = _expected_checksum(Path(directory), name)
     try:
-        expected = (Path(directory) / CHECKSUM_FILE).read_text().strip()
-    except FileNotFoundError:
-        expected = None  # written before checksums: torch.load's own checks are all there is
-    except OSError as e:
-        raise CorruptCheckpoint(f"checkpoint {name}: cannot read {CHECKSUM_FILE}: {exception_line(e)}") from None
-    try:
-        if expected is not None and (found := storage.sha256_file(path)) != expected:
-            raise CorruptCheckpoint(
-                f"checkpoint {name}: {CHECKPOINT_FILE} has sha256 {found[:12]}…, written as {expected[:12]}… "
-                f"({path.stat().st_size} bytes; truncated or altered)"
-            )
-        source: Path | io.BytesIO = path
-        if is_sealed_file(path):
-            if expected is None:
-                # Every sealed checkpoint was written with its checksum (sealing came after checksums): without one it
-                # is an incomplete copy (Ray's copy into the run dir killed between the two files, the data maybe cut
-                # short), whose decryption failure would be taken for a key problem below and stop the run.
-                raise CorruptCheckpoint(
-                    f"checkpoint {name}: {CHECKPOINT_FILE} is encrypted but has no {CHECKSUM_FILE} (an incomplete copy)"
-                )
-            # The checksum matched, so a failure here is the key (missing, wrong): a TrainerError that stops
-            # the run in one line, never a silent fallback to an older checkpoint or a fresh start.
-            # A checkpoint sealed as another one (an older one copied over it) stops the run too: a store someone
-            # tampers with is not one to fall back in silently.
-            label, bind = f"checkpoint {name}/{CHECKPOINT_FILE}", checkpoint_binding(name)
-            source = io.BytesIO(unseal_bytes(path.read_bytes(), Keyring.from_env(), label, expect=bind))
-        elif encrypted:
-            raise TrainerError(
-                f"checkpoint {name}: {CHECKPOINT_FILE} is not encrypted, but spec.output.encryption.clientSide is true; "
-                "refusing a checkpoint this job did not write (delete it, or turn encryption off)"
-            )
-        # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
-        # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
-        data: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # Opened once, a plain file only: a FIFO in its place waited for a writer for ever, /dev/zero was hashed for ever.
+        with storage.open_regular(path) as f:
+            data = _load(f, name, expected, encrypted)
+    except TrainerError:  # CorruptCheckpoint, or a key problem (SealError), said in one line already
+        raise
+    except Exception as e:  # torch.load's legacy reader of a stray file raises anything (IndexError for a text file)
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is unreadable: {exception_line(e)}") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} holds a {type(data).__name__}, not a checkpoint")
     found_fp = data.get("fingerprint")
     if found_fp != fingerprint:
         raise TrainerError(
-            f"output: {run_dir} holds checkpoints of a different spec (fingerprint {found_fp}, this job {fingerprint}); "
+            f"output: {run_dir} holds checkpoints of a different spec (fingerprint {quote(found_fp)}, this job {fingerprint}); "
             "a relaunch resumes only the same training spec: delete that folder, or rename the job or change output.uri"
         )
-    data["train_state"] = TrainState(**data["train_state"])
+    data["train_state"] = _train_state(data, name)
     return data
+
+
+def _expected_checksum(directory: Path, name: str) -> str | None:
+    """The checksum file's sha256, None without one (written before checksums: torch.load's own checks are all there
+    is); read to 128 bytes at most (a link to /dev/zero was read until memory ran out)."""
+    try:
+        raw = storage.read_bytes(str(directory / CHECKSUM_FILE), at_most=128)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CorruptCheckpoint(f"checkpoint {name}: cannot read {CHECKSUM_FILE}: {exception_line(e)}") from None
+    return raw.decode("utf-8", "replace").strip()
+
+
+def _load(f: BinaryIO, name: str, expected: str | None, encrypted: bool) -> Any:
+    """What the open checkpoint file ``f`` holds, its checksum checked (``expected``) and decrypted when sealed."""
+    if expected is not None and (found := storage.sha256_stream(f)) != expected:
+        raise CorruptCheckpoint(
+            f"checkpoint {name}: {CHECKPOINT_FILE} has sha256 {found[:12]}…, written as {expected[:12]}… "
+            f"({os.fstat(f.fileno()).st_size} bytes; truncated or altered)"
+        )
+    f.seek(0)
+    source: BinaryIO | io.BytesIO = f
+    if is_sealed(f.read(len(MAGIC))):
+        if expected is None:
+            # Every sealed checkpoint was written with its checksum (sealing came after checksums): without one it
+            # is an incomplete copy (Ray's copy into the run dir killed between the two files, the data maybe cut
+            # short), whose decryption failure would be taken for a key problem below and stop the run.
+            raise CorruptCheckpoint(
+                f"checkpoint {name}: {CHECKPOINT_FILE} is encrypted but has no {CHECKSUM_FILE} (an incomplete copy)"
+            )
+        # The checksum matched, so a failure here is the key (missing, wrong): a TrainerError that stops
+        # the run in one line, never a silent fallback to an older checkpoint or a fresh start.
+        # A checkpoint sealed as another one (an older one copied over it) stops the run too: a store someone
+        # tampers with is not one to fall back in silently.
+        f.seek(0)
+        label, bind = f"checkpoint {name}/{CHECKPOINT_FILE}", checkpoint_binding(name)
+        source = io.BytesIO(unseal_bytes(f.read(), Keyring.from_env(), label, expect=bind))
+    elif encrypted:
+        raise TrainerError(
+            f"checkpoint {name}: {CHECKPOINT_FILE} is not encrypted, but spec.output.encryption.clientSide is true; "
+            "refusing a checkpoint this job did not write (delete it, or turn encryption off)"
+        )
+    f.seek(0)
+    # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
+    # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def _train_state(data: dict[str, Any], name: str) -> TrainState:
+    """The checkpoint's TrainState; CorruptCheckpoint when what it holds is not one (a hand-made file of the right
+    fingerprint: a KeyError or TypeError traceback, later or at once)."""
+    raw = data.get("train_state")
+    fields = {f.name: f for f in dataclasses.fields(TrainState)}
+    problem = "" if isinstance(raw, dict) else f"train state: a {type(raw).__name__}"
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        field = fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            problem = f"train state: unknown key {quote(key)}"
+        elif not _fits(value, field.type):
+            problem = f"train state: {key} {quote(value)}"
+    for part in ("model", "optimizer", "scheduler", "scaler"):
+        if not problem and not isinstance(data.get(part), dict):
+            problem = f"{part}: a {type(data.get(part)).__name__}"
+    if problem:
+        raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is not a checkpoint of this trainer ({problem})")
+    return TrainState(**cast(dict[str, Any], raw))
+
+
+def _fits(value: object, annotation: object) -> bool:
+    """Whether ``value`` fits a TrainState field annotated ``annotation`` (a string: ``from __future__ import annotations``)."""
+    text = str(annotation)
+    if value is None:
+        return "None" in text
+    if isinstance(value, bool):
+        return text.startswith("bool")
+    if isinstance(value, int):
+        return text.startswith(("int", "float"))
+    if isinstance(value, float):
+        return text.startswith("float")
+    return isinstance(value, str) and text.startswith("str")
 
 
 def stored_weights(model: torch.nn.Module, frozen_from: StartingWeights | None) -> tuple[dict[str, Any], dict[str, str] | None]:

@@ -40,6 +40,7 @@ __all__ = [
     "server_side_options",
     "sha256_bytes",
     "sha256_file",
+    "sha256_stream",
     "upload_file",
     "write_bytes",
     "write_text",
@@ -114,10 +115,15 @@ def open_regular(path: str | Path) -> BinaryIO:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open_regular(path) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    """The sha256 of what is left to read of ``f``."""
+    digest = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
