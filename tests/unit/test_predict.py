@@ -167,6 +167,8 @@ def test_tampered_model_is_refused(
         ("no-model", "model.pt: missing; the model card lists it"),
         ("other-architecture", "cannot rebuild architecture 'not_a_model'"),
         ("zero-std", "std"),  # an unsigned card edited by hand: a torchvision ValueError traceback before
+        # Four means for the three channels predict feeds: a RuntimeError traceback at the first image.
+        ("mean-of-four", "input.mean: 4 values; accepted: 1 (every channel) or 3 (R, G, B)"),
         # The weights of another architecture, or of another number of classes: the line ended in torch's cut-off
         # "Error(s) in loading state_dict for MobileNetV3:".
         (
@@ -196,10 +198,12 @@ def test_broken_artifact_directory(
         (copy / "model.json").unlink()
     elif damage == "no-model":
         (copy / "model.pt").unlink()
-    elif damage in ("zero-std", "another-number-of-classes"):
+    elif damage in ("zero-std", "mean-of-four", "another-number-of-classes"):
         card = json.loads((copy / "model.json").read_text())
         if damage == "zero-std":
             card["input"]["std"] = [0.0, 0.2, 0.2]
+        elif damage == "mean-of-four":
+            card["input"]["mean"] = [0.5, 0.5, 0.5, 0.5]
         else:
             card["classNames"].append("ferret")
         (copy / "model.json").write_text(json.dumps(card))

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from finetune_operator.api.base import WireModel
 
 __all__ = ["InputSpec"]
+
+
+def _per_channel(values: tuple[float, ...]) -> tuple[float, ...]:
+    # Normalize takes one value for every channel or one per RGB channel: 2 or 4 failed on the first image, a traceback.
+    if len(values) not in (1, 3):
+        raise PydanticCustomError(
+            "channels", "{count} values; accepted: 1 (every channel) or 3 (R, G, B)", {"count": len(values)}
+        )
+    return values
 
 
 class InputSpec(WireModel):
@@ -28,8 +38,14 @@ class InputSpec(WireModel):
     # Bounded: a card is read back from storage, and a zero std or size failed deep in torchvision with a traceback.
     image_size: Annotated[int, Field(ge=1, le=16384)]
     resize_size: Annotated[int, Field(ge=1, le=16384)]
-    mean: Annotated[tuple[Annotated[float, Field(allow_inf_nan=False)], ...], Field(min_length=1, max_length=4)]
-    std: Annotated[tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...], Field(min_length=1, max_length=4)]
+    mean: Annotated[
+        tuple[Annotated[float, Field(allow_inf_nan=False)], ...], Field(min_length=1, max_length=4), AfterValidator(_per_channel)
+    ]
+    std: Annotated[
+        tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...],
+        Field(min_length=1, max_length=4),
+        AfterValidator(_per_channel),
+    ]
     interpolation: str
     grayscale_to_rgb: bool
     # The same for every torchvision classifier; recorded for consumers other than `finetune predict`.
