@@ -166,6 +166,7 @@ def test_tampered_model_is_refused(
         ("no-card", "no model card; --model must be the artifact directory of a finished job"),
         ("no-model", "model.pt: missing; the model card lists it"),
         ("other-architecture", "cannot rebuild architecture 'not_a_model'"),
+        ("long-architecture", "cannot rebuild architecture 'xxxxxxxx"),  # and the line is short (below): it was 2 MB
         ("zero-std", "std"),  # an unsigned card edited by hand: a torchvision ValueError traceback before
         # Four means for the three channels predict feeds: a RuntimeError traceback at the first image.
         ("mean-of-four", "input.mean: 4 values; accepted: 1 (every channel) or 3 (R, G, B)"),
@@ -208,11 +209,15 @@ def test_broken_artifact_directory(
             card["classNames"].append("ferret")
         (copy / "model.json").write_text(json.dumps(card))
     else:
-        name = "mobilenet_v3_small" if damage == "weights-of-another-architecture" else "not_a_model"
+        name = {"weights-of-another-architecture": "mobilenet_v3_small", "long-architecture": "x" * 10**6}.get(
+            damage, "not_a_model"
+        )
         card = (copy / "model.json").read_text().replace('"name": "resnet18"', f'"name": "{name}"', 1)
         (copy / "model.json").write_text(card)
     assert run(copy, images[:1]) == 2
-    assert message in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line
+    assert len(line) < 600
 
 
 def test_unreadable_images_are_named_and_the_rest_predicted(

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from finetune_operator.api.fields import quote
 from finetune_trainer import storage
 from finetune_trainer.display import shown_name
 from finetune_trainer.errors import ArtifactError, exception_line
@@ -88,7 +89,11 @@ def load_for_inference(
     try:
         model = build_model(name, None, len(class_names))
     except ValueError as e:
-        raise ArtifactError(f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {name!r}: {e}") from None
+        # Both name the card's value, which may be a megabyte long: shortened.
+        reason = quote(str(e), 120).strip("'")
+        raise ArtifactError(
+            f"{storage.join(artifact_dir, CARD_FILE)}: cannot rebuild architecture {quote(name)}: {reason}"
+        ) from None
     try:
         state = _weights(data, uri, weights_format, name)
         # Checked before loading: torch's error is many lines, of which one line showed only its first.
