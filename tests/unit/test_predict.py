@@ -170,6 +170,10 @@ def test_tampered_model_is_refused(
         ("zero-std", "std"),  # an unsigned card edited by hand: a torchvision ValueError traceback before
         # Four means for the three channels predict feeds: a RuntimeError traceback at the first image.
         ("mean-of-four", "input.mean: 4 values; accepted: 1 (every channel) or 3 (R, G, B)"),
+        # Past what a FineTuneJob can set (dataset.imageSize ≤ 1024): ~3 GB per image, a torch allocation traceback.
+        ("huge-image-size", "input.imageSize: 16384; accepted: 1 to 1024 (the most dataset.imageSize allows)"),
+        # 1171 = round(1024 × 342/299): Inception V3's preset, the largest resize/crop ratio of the catalog.
+        ("huge-resize-size", "input.resizeSize: 1172; accepted: 1 to 1171 (dataset.imageSize 1024 scaled by"),
         # The weights of another architecture, or of another number of classes: the line ended in torch's cut-off
         # "Error(s) in loading state_dict for MobileNetV3:".
         (
@@ -199,12 +203,16 @@ def test_broken_artifact_directory(
         (copy / "model.json").unlink()
     elif damage == "no-model":
         (copy / "model.pt").unlink()
-    elif damage in ("zero-std", "mean-of-four", "another-number-of-classes"):
+    elif damage in ("zero-std", "mean-of-four", "huge-image-size", "huge-resize-size", "another-number-of-classes"):
         card = json.loads((copy / "model.json").read_text())
         if damage == "zero-std":
             card["input"]["std"] = [0.0, 0.2, 0.2]
         elif damage == "mean-of-four":
             card["input"]["mean"] = [0.5, 0.5, 0.5, 0.5]
+        elif damage == "huge-image-size":
+            card["input"]["imageSize"] = 16384
+        elif damage == "huge-resize-size":
+            card["input"]["resizeSize"] = 1172
         else:
             card["classNames"].append("ferret")
         (copy / "model.json").write_text(json.dumps(card))

@@ -19,12 +19,15 @@ import torchvision
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
+from finetune_operator.api.catalog import load_catalog
 from finetune_operator.api.contract import TrainerConfig
+from finetune_operator.api.training import MAX_IMAGE_SIZE
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.validate import ManifestError, load_job
 from finetune_trainer.checkpoint import TrainState, read_checkpoint
 from finetune_trainer.data import build_datasets, build_input_spec, check_dataset
 from finetune_trainer.errors import TrainerError, WeightsError, exception_line, find_user_error, one_line
+from finetune_trainer.inputs import InputSpec
 from finetune_trainer.local import local_job
 from finetune_trainer.model import build_model
 from tests.support.checkpoints import save_checkpoint
@@ -87,6 +90,18 @@ def test_eval_preset_comes_from_the_named_weights(tmp_path: Path) -> None:
     spec = build_input_spec(cfg)
     assert (spec.image_size, spec.resize_size, spec.interpolation) == (224, 232, "bilinear")
     assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_every_preset_at_the_largest_image_size_makes_a_card_predict_reads(tmp_path: Path) -> None:
+    """The card's size bounds (InputSpec) are what the trainer can write: none of its own cards is refused."""
+    scalable = [(m.name, w.member) for m in load_catalog().values() if not m.fixed_input_size for w in m.weights]
+    resizes = set()
+    for name, weights in scalable:
+        cfg = config(tmp_path, {"format": "fake", "imageSize": MAX_IMAGE_SIZE}, model={"name": name, "weights": weights})
+        spec = build_input_spec(cfg)
+        assert InputSpec.model_validate_json(spec.model_dump_json(by_alias=True), strict=True) == spec
+        resizes.add(spec.resize_size)
+    assert max(resizes) == 1171  # inception_v3's 342/299 at 1024: the bound is reached, not loose
 
 
 # -------------------------------------------------------------------------------------- imagefolder

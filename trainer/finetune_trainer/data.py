@@ -70,10 +70,9 @@ def build_input_spec(cfg: TrainerConfig) -> InputSpec:
     grey = spec.dataset.format == "digits"
     info = catalog.load_catalog().get(spec.model.name)
     weights = info.resolve_weights(spec.model.weights) if info is not None and spec.model.weights else None
-    if weights is not None and weights.crop_size and weights.resize_size:
-        # Keep the preset's resize/crop ratio (232/224 for ResNet50 V2) at the job's image size.
-        resize = round(size * weights.resize_size[0] / weights.crop_size[0])
-        mean, std, mode = tuple(weights.mean), tuple(weights.std), weights.interpolation
+    preset = weights.resize_for(size) if weights is not None else None
+    if weights is not None and preset is not None:
+        resize, mean, std, mode = preset, tuple(weights.mean), tuple(weights.std), weights.interpolation
     else:
         resize, mean, std, mode = size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     return InputSpec(image_size=size, resize_size=resize, mean=mean, std=std, interpolation=mode, grayscale_to_rgb=grey)

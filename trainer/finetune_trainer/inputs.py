@@ -12,7 +12,9 @@ from typing import Annotated
 from pydantic import AfterValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from finetune_operator.api import catalog
 from finetune_operator.api.base import WireModel
+from finetune_operator.api.training import MAX_IMAGE_SIZE
 
 __all__ = ["InputSpec"]
 
@@ -26,6 +28,29 @@ def _per_channel(values: tuple[float, ...]) -> tuple[float, ...]:
     return values
 
 
+# Sizes are bounded by what the trainer can write: imageSize is the job's dataset.imageSize, resizeSize that scaled by a
+# weights preset's resize/crop ratio (1 to 342/299). A hand-edited imageSize of 16384 made predict allocate ~3 GB per
+# image and die in torch with a traceback. The least stays 1: a tiny image costs nothing (tests write 8×8 cards).
+def _image_size(value: int) -> int:
+    if not 1 <= value <= MAX_IMAGE_SIZE:
+        raise PydanticCustomError(
+            "size", "{value}; accepted: 1 to {most} (the most dataset.imageSize allows)", {"value": value, "most": MAX_IMAGE_SIZE}
+        )
+    return value
+
+
+def _resize_size(value: int) -> int:
+    most = catalog.largest_resize(MAX_IMAGE_SIZE)
+    if not 1 <= value <= most:
+        raise PydanticCustomError(
+            "size",
+            "{value}; accepted: 1 to {most} (dataset.imageSize {image} scaled by the largest resize/crop ratio of the "
+            "weights presets)",
+            {"value": value, "most": most, "image": MAX_IMAGE_SIZE},
+        )
+    return value
+
+
 class InputSpec(WireModel):
     """Resize the short side to ``resize_size``, centre-crop ``image_size``, scale to [0, 1], normalise
     with ``mean``/``std``; grayscale data is replicated to RGB. The tensor the model takes is then
@@ -36,8 +61,8 @@ class InputSpec(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     # Bounded: a card is read back from storage, and a zero std or size failed deep in torchvision with a traceback.
-    image_size: Annotated[int, Field(ge=1, le=16384)]
-    resize_size: Annotated[int, Field(ge=1, le=16384)]
+    image_size: Annotated[int, AfterValidator(_image_size)]
+    resize_size: Annotated[int, AfterValidator(_resize_size)]
     mean: Annotated[
         tuple[Annotated[float, Field(allow_inf_nan=False)], ...], Field(min_length=1, max_length=4), AfterValidator(_per_channel)
     ]

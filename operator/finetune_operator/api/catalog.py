@@ -43,6 +43,12 @@ class WeightsInfo:
         """The enum member alone: ``IMAGENET1K_V2``."""
         return self.name.split(".", 1)[1]
 
+    def resize_for(self, image_size: int) -> int | None:
+        """The preset's resize/crop ratio (232/224 for ResNet50 V2) kept at ``image_size``; None without a preset."""
+        if not (self.crop_size and self.resize_size):
+            return None
+        return round(image_size * self.resize_size[0] / self.crop_size[0])
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -123,6 +129,12 @@ def load_catalog() -> dict[str, ModelInfo]:
 def catalog_torchvision_version() -> str:
     raw = json.loads(resources.files(__package__).joinpath("catalog.json").read_text())
     return str(raw["torchvision"])
+
+
+def largest_resize(image_size: int) -> int:
+    """The largest short side any weights' preset resizes to before cropping ``image_size`` (at least ``image_size``)."""
+    scaled = (w.resize_for(image_size) for m in load_catalog().values() for w in m.weights)
+    return max([image_size, *(r for r in scaled if r is not None)])
 
 
 def model_names() -> list[str]:

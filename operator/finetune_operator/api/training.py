@@ -4,7 +4,7 @@ user-facing (the CRD schema and ``finetune explain`` read them)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -13,6 +13,8 @@ from finetune_operator.api.base import WireModel
 from finetune_operator.api.fields import Problems, check_uri, fail, fields_only, quote, uri_scheme
 
 UriStr = Annotated[str, Field(min_length=1, max_length=2048)]
+# The largest dataset.imageSize; it also bounds the sizes a model card may ask `finetune predict` for (finetune_trainer.inputs).
+MAX_IMAGE_SIZE: Final = 1024
 Method = Literal["linear-probe", "partial", "full", "lp-ft"]
 
 
@@ -107,7 +109,7 @@ class DatasetSpec(WireModel):
     max_per_class: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
     """Cap on training images per class (few-shot transfer); the held-out validation set is not capped."""
 
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 224
+    image_size: Annotated[int, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
     """Side of the square image the model sees, in pixels. Fixed-input models take exactly their weights' size (`finetune models`,
     INPUT), e.g. 384 for vit_b_16 with IMAGENET1K_SWAG_E2E_V1 and 224 without torchvision weights."""
 
