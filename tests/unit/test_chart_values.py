@@ -224,6 +224,41 @@ def test_values_the_operator_cannot_run_with_are_refused(overrides: tuple[str, .
     assert field in stderr, stderr
 
 
+# ------------------------------------------------------------------------------------------ scrape timing
+MONITOR = "metrics.serviceMonitor"
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "accepted"),
+    [
+        ("30s", "10s", True),
+        ("30s", "30s", True),  # Prometheus refuses only a timeout greater than the interval
+        ("1m", "59s", True),
+        ("1m30s", "90s", True),
+        ("2s", "1500ms", True),
+        ("1h", "59m59s", True),
+        ("30s", "31s", False),
+        ("1m", "1m1s", False),
+        ("1m30s", "2m", False),
+        ("500ms", "1s", False),
+        ("10s", "1h", False),
+    ],
+)
+def test_a_scrape_timeout_longer_than_the_interval_is_refused(interval: str, timeout: str, accepted: bool) -> None:
+    """The Prometheus Operator drops such a ServiceMonitor (a log line in its pod), so the operator was never scraped."""
+    returncode, stderr, objects = helm(
+        RELEASE, NAMESPACE, f"{MONITOR}.enabled=true", f"{MONITOR}.interval={interval}", f"{MONITOR}.scrapeTimeout={timeout}"
+    )
+    if accepted:
+        assert returncode == 0, stderr
+        (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
+        assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == timeout
+    else:
+        assert returncode != 0, f"scrapeTimeout {timeout} with interval {interval} was accepted"
+        (line,) = [line for line in stderr.splitlines() if "scrapeTimeout" in line]
+        assert f"{MONITOR}.scrapeTimeout: {timeout} is longer than {MONITOR}.interval {interval};" in line
+
+
 @pytest.mark.parametrize(
     "overrides",
     [("metrics.port=9443", "webhook.enabled=false"), ("metrics.port=9090", "webhook.port=8443")],

@@ -172,3 +172,16 @@ secure must stay the default then.
 {{- define "finetune-operator.metricsAuth" -}}
 {{- ne (toString .Values.metrics.auth) "false" -}}
 {{- end }}
+
+{{/*
+A Prometheus duration in milliseconds, as a string. values.schema.json admits only runs of [0-9]+(ms|s|m|h) (1m30s,
+1500ms), so each value that reaches here is read whole; Prometheus's d, w and y never get this far.
+*/}}
+{{- define "finetune-operator.durationMs" -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" . -1 -}}
+{{- $unit := regexReplaceAll "^[0-9]+" . "" -}}
+{{- $total = add $total (mul (regexFind "^[0-9]+" . | atoi) (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
