@@ -322,7 +322,7 @@ def test_a_forged_fingerprint_is_shown_shortened(tmp_path: Path) -> None:
     """A checkpoint's fingerprint is the file's to say: a megabyte of it was the whole message."""
     save(tmp_path, TrainState(epoch=1))
     forge(tmp_path, fingerprint="f" * 10**6)
-    with pytest.raises(TrainerError, match=r"\(fingerprint 'f{40,}\.\.\., this job fp-1\)") as raised:
+    with pytest.raises(TrainerError, match=r"\(fingerprint 'f{40,}\.\.\., this job 'fp-1'\)") as raised:
         read_checkpoint(tmp_path, FP, "runs/x")
     assert len(str(raised.value)) < 400
 

@@ -333,7 +333,8 @@ def test_checkpoint_of_another_spec_is_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, torch.nn.Linear(2, 2), state, "aaaa")
 
     assert read_checkpoint(tmp_path, "aaaa", "runs/x")["train_state"] == state
-    with pytest.raises(TrainerError, match=r"runs/x holds checkpoints of a different spec \(fingerprint 'aaaa', this job 'bbbb'\)"):
+    different = r"runs/x holds checkpoints of a different spec \(fingerprint 'aaaa', this job 'bbbb'\)"
+    with pytest.raises(TrainerError, match=different):
         read_checkpoint(tmp_path, "bbbb", "runs/x")
 
 

@@ -213,7 +213,8 @@ def read_checkpoint(
     found_fp = data.get("fingerprint")
     if found_fp != fingerprint:
         raise TrainerError(
-            f"output: {run_dir} holds checkpoints of a different spec (fingerprint {quote(found_fp)}, this job {quote(fingerprint)}); "
+            f"output: {run_dir} holds checkpoints of a different spec "
+            f"(fingerprint {quote(found_fp)}, this job {quote(fingerprint)}); "
             "a relaunch resumes only the same training spec: delete that folder, or rename the job or change output.uri"
         )
     data["train_state"] = _train_state(data, name)
