@@ -428,3 +428,54 @@ def test_the_checkpoints_fingerprint_does_not_depend_on_the_number_of_workers(tm
     assert (on_two[2].batch_size, on_three[2].batch_size) == (64, 66)  # the premise: plans differ
     assert on_two[1].spec_fingerprint() != on_three[1].spec_fingerprint()
     assert on_two[0] == on_three[0] == cfg.spec_fingerprint()
+
+
+class _RecordingGroup:
+    """A worker group of two that records the process-group URL the backend sends, running nothing."""
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+        self.urls: list[object] = []
+
+    def __len__(self) -> int:
+        return 2
+
+    def get_resources_per_worker(self) -> dict[str, float]:
+        return {"CPU": 1.0}
+
+    def execute(self, func: object, *args: object, **kwargs: object) -> list[None]:
+        return [None, None]
+
+    def execute_single(self, rank: int, func: object, *args: object, **kwargs: object) -> tuple[str, int]:
+        return self.addr, 29500
+
+    def execute_single_async(self, rank: int, func: object, *args: object, **kwargs: object) -> int:
+        self.urls.append(kwargs["init_method"])
+        return rank
+
+
+@pytest.mark.parametrize(
+    ("init_method", "addr", "url"),
+    [
+        ("env", "10.0.0.7", "env://"),
+        ("tcp", "10.0.0.7", "tcp://10.0.0.7:29500"),
+        ("tcp", "fd00::7", "tcp://[fd00::7]:29500"),  # an IPv6 node: the host in brackets, as in any URL
+    ],
+)
+def test_the_process_group_url_follows_the_init_method(
+    monkeypatch: pytest.MonkeyPatch, init_method: str, addr: str, url: str
+) -> None:
+    ray_compat = _ray_compat()
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
+    config = ray_compat.LazyTorchConfig(backend="gloo", init_method=init_method)
+    group = _RecordingGroup(addr)
+    config.backend_cls().on_start(group, config)
+    assert group.urls == [url, url]
+
+
+def test_an_init_method_torch_cannot_use_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray_compat = _ray_compat()
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
+    config = ray_compat.LazyTorchConfig(backend="gloo", init_method="file")
+    with pytest.raises(ValueError, match="init_method 'file': accepted: env, tcp"):
+        config.backend_cls().on_start(_RecordingGroup("10.0.0.7"), config)
