@@ -67,6 +67,7 @@ EXPECTED_KINDS = {
     "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
     "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA, METRICS_AUTH),
     "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA, METRICS_AUTH),
+    "networkpolicy-pinned": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA, METRICS_AUTH),
     "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE, HA, METRICS_AUTH),
     "custom-image": _plus(BASE_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
     "webhook-certmanager": _plus(BASE_KINDS, CERT_MANAGER, {"Issuer": 1}, HA, METRICS_AUTH),
@@ -485,6 +486,17 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         assert ingress_ports == {"metrics", "healthz"} | ({"webhook"} if values_of(variant)["webhook"]["enabled"] else set())
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if values_of(v)["networkPolicy"]["enabled"]])
+def test_network_policy_egress_goes_only_where_the_values_say(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    """Egress: the API server's ports and DNS, each to the given peers (any address when none are given)."""
+    values = values_of(variant)["networkPolicy"]
+    api, dns = one(operator_objects(renders[variant]), "NetworkPolicy")["spec"]["egress"]
+    assert {p["port"] for p in api["ports"]} == set(values["apiServerPorts"])
+    assert api.get("to") == ([{"ipBlock": {"cidr": cidr}} for cidr in values["apiServerCIDRs"]] or None)
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns.get("to") == (values["dnsTo"] or None)
+
+
 # ---------------------------------------------------------------------------------- values schema
 @pytest.mark.parametrize(
     ("override", "message"),
@@ -501,6 +513,11 @@ def test_selectors_match_the_operator_pod(renders: dict[str, list[dict[str, Any]
         ("settings.rayAuthMode=off", "rayAuthMode"),
         ("settings.trainerUid=0", "trainerUid"),
         ("settings.jobNetworkPolicy=maybe", "jobNetworkPolicy"),
+        ("networkPolicy.apiServerCIDRs={10.96.0.1}", "apiServerCIDRs/0"),
+        ("networkPolicy.apiServerCIDRs={10.96.0.0/33}", "apiServerCIDRs/0"),
+        ("networkPolicy.apiServerCIDRs={kubernetes.default}", "apiServerCIDRs/0"),
+        ("networkPolicy.dnsTo[0].podSelector.matchLabel.k8s-app=kube-dns", "matchLabel"),
+        ("networkPolicy.metricsFrom[0].ipBlock.cidr=10.0.0.1", "metricsFrom/0/ipBlock/cidr"),
         ("settings.kuberayPodLabels={app}", "kuberayPodLabels"),
         ("settings.kuberayNamespace=Kube_Ray", "kuberayNamespace"),
         ("webhook.failurePolicy=Never", "failurePolicy"),
