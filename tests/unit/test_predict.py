@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -290,10 +291,10 @@ def test_decoded_images_are_not_held_while_the_next_are_read(
     opened: list[weakref.ref[Image.Image]] = []
     original = predict_module._open_image
 
-    def open_image(path: str) -> Image.Image:
+    def open_image(path: str, *rest: Any) -> Image.Image:
         gc.collect()
         assert [ref for ref in opened if ref() is not None] == [], "a decoded image is still held"
-        image = original(path)
+        image = original(path, *rest)
         opened.append(weakref.ref(image))
         return image
 

@@ -5,7 +5,8 @@ names in output order, and the evaluation transforms the model was validated wit
 ``model.pt`` or, with ``--format safetensors``, from ``model.safetensors`` (no pickle at all); either is
 verified (``verify``: the card's signature, the file's sha256, decryption when it is encrypted) before it
 is loaded, so a truncated or swapped file is reported as such rather than as a puzzling shape error.
-User errors (missing directory, bad image) are one line on stderr and exit status 2; called by
+An image whose short-side resize would be too large (``image_bounds``: a 1×100,000 strip) is refused from
+its header. User errors (missing directory, bad image) are one line on stderr and exit status 2; called by
 ``finetune_trainer.cli``.
 """
 
@@ -21,11 +22,13 @@ from typing import Any, Final, cast
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
+from torchvision.transforms import v2 as T
 
 from finetune_operator.api.fields import quote
 from finetune_trainer import storage
 from finetune_trainer.display import shown_name
 from finetune_trainer.errors import ArtifactError, exception_line
+from finetune_trainer.image_bounds import OversizedImage, check_resize, short_side_resize
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.model_card import CARD_FILE, MODEL_FILE, load_model_card
 from finetune_trainer.verify import verify_artifacts
@@ -40,13 +43,13 @@ def image_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     run's own evaluation transform (``data.eval_transform``), so that predict and validation cannot drift."""
     from finetune_trainer.data import eval_transform
 
-    pipeline = eval_transform(spec)
+    # A Compose, not a closure over one: the readers find its resize there (image_bounds.short_side_resize).
+    return cast(Callable[[Image.Image], torch.Tensor], T.Compose([_rgb, *eval_transform(spec).transforms]))
 
-    def transform(image: Image.Image) -> torch.Tensor:
-        # RGB first: palette, RGBA and 16-bit files would otherwise reach Normalize with 1, 2 or 4 channels.
-        return cast(torch.Tensor, pipeline(image.convert("RGB")))
 
-    return transform
+def _rgb(image: Image.Image) -> Image.Image:
+    # RGB first: palette, RGBA and 16-bit files would otherwise reach Normalize with 1, 2 or 4 channels.
+    return image.convert("RGB")
 
 
 def _weights(data: bytes, uri: str, weights_format: str, card_architecture: str) -> dict[str, torch.Tensor]:
@@ -113,12 +116,14 @@ def load_for_inference(
     return model.eval(), transform, class_names
 
 
-def _open_image(path: str) -> Image.Image:
+def _open_image(path: str, resize: int | None = None) -> Image.Image:
     try:
         # Past MAX_IMAGE_PIXELS PIL only warns (a two-line dump) and decodes it anyway (a 12 KB PNG of 100 Mpx: 2 GB).
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                # From the header, before decoding: a 1x100000 PNG of a few KB resized to 232 was 5.4 Gpx (16 GB).
+                check_resize(image.size, resize)
                 image.load()
                 loaded: Image.Image = image  # Pillow's context manager is typed loosely
                 return loaded
@@ -126,6 +131,8 @@ def _open_image(path: str) -> Image.Image:
         raise ArtifactError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path}: is a directory, not an image") from None
+    except OversizedImage as e:
+        raise ArtifactError(f"{path}: {e}") from None
     except (
         UnidentifiedImageError,
         OSError,
@@ -142,7 +149,7 @@ def _open_image(path: str) -> Image.Image:
 def _read_input(path: str, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """The model's input for the image at ``path``: its decoded pixels are let go at once, so that a batch holds
     small tensors, never 32 decoded photos (32 copies of one small 81 Mpx PNG took 8 GB)."""
-    image = _open_image(path)
+    image = _open_image(path, short_side_resize(transform))
     try:
         return transform(image)
     finally:
@@ -152,7 +159,11 @@ def _read_input(path: str, transform: Callable[[Image.Image], torch.Tensor]) -> 
 def predict(
     model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], images: list[Image.Image], top_k: int
 ) -> list[list[tuple[int, float]]]:
-    """For each image, the ``top_k`` (class index, probability) pairs, most probable first."""
+    """For each image, the ``top_k`` (class index, probability) pairs, most probable first; ``OversizedImage`` (a
+    ValueError) for an image too large once resized (``image_bounds``), before any is transformed."""
+    resize = short_side_resize(transform)
+    for image in images:
+        check_resize(image.size, resize)
     return _top_k(model, [transform(im) for im in images], top_k)
 
 
