@@ -259,7 +259,9 @@ def _image_folders(
     classes = class_folders("trainUri", ds.train_uri, root)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
-    full = ImageFiles(scan_images("trainUri", ds.train_uri, root, classes), train_transform(spec, ds.augmentation))
+    # An image too large once resized to the job's resize size is skipped as an unreadable one (image_bounds).
+    scanned = scan_images("trainUri", ds.train_uri, root, classes, spec.resize_size)
+    full = ImageFiles(scanned, train_transform(spec, ds.augmentation))
     # Before the split: an attempt must split what the first one did, and each worker what rank 0 does.
     check_listing(cfg, full.samples, root, agree, resuming=resuming)
     labels = list(full.targets)
@@ -268,7 +270,7 @@ def _image_folders(
         assert ds.validation_uri is not None
         val_root = _local_root(ds.validation_uri, ds.cache_dir)
         same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
-        val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes)
+        val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes, spec.resize_size)
         # Each worker evaluates every world-th image of its own scan: the scans must be rank 0's, or images are
         # evaluated twice and others never.
         agree_with_rank_zero("validationUri", val_samples, val_root, agree)

@@ -8,7 +8,7 @@ and far under PIL's limit, became 232×23,200,000 (5.4 Gpx, 16 GB) and exhausted
 in training alike. Bounding what the resize makes by PIL's own limit keeps the largest image a transform holds as
 large as the largest one PIL decodes, whatever the shape: a 100:1 panorama passes at 232 (5.4 Mpx), a 1×100,000
 strip does not; the limit follows ``Image.MAX_IMAGE_PIXELS`` when it is changed (None: no limit, as in PIL).
-Used by ``predict``.
+Used by ``image_folder`` (the map-style scan and reads, the streaming decode), ``gpu_decode`` and ``predict``.
 """
 
 from __future__ import annotations

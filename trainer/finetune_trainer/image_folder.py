@@ -5,8 +5,9 @@ Labels index the class list computed here, never a second listing: torchvision's
 lists classes its own way (a ``.thumbs/`` folder becomes a class and shifts every label). Dot files and
 dot folders are not data (``.thumbs/``, ``.ipynb_checkpoints/``, macOS ``._x.png`` AppleDouble files)
 and are skipped everywhere. A file PIL cannot identify is skipped and counted when the folder is
-scanned; more than ``MAX_UNREADABLE_FRACTION`` of them fails the job, naming one. A file that passes
-the scan but cannot be decoded later (truncated after its header) fails when read, naming the file.
+scanned, as is one whose resize would be too large (``image_bounds``: a 1×100,000 strip); more than
+``MAX_UNREADABLE_FRACTION`` of them fails the job, naming one. A file that passes the scan but cannot be decoded
+later (truncated after its header) fails when read, naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_bounds import check_resize, short_side_resize
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -103,20 +105,24 @@ def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
     raise AssertionError("unreachable")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An RGB PIL image from a file's bytes (decoded now, not lazily); raises one of ``READ_ERRORS``."""
+def decode_image(data: bytes, resize: int | None = None) -> Image.Image:
+    """An RGB PIL image from a file's bytes (decoded now, not lazily); raises one of ``READ_ERRORS``, among them
+    ``image_bounds.OversizedImage``, from the header, before decoding, when resizing its short side to ``resize``
+    would be too large."""
     with Image.open(io.BytesIO(data)) as img:
+        check_resize(img.size, resize)
         rgb: Image.Image = img.convert("RGB")
     return rgb
 
 
-def load_image(path: str) -> Image.Image:
-    """An RGB PIL image; a file PIL cannot decode is a user error naming that file."""
+def load_image(path: str, resize: int | None = None) -> Image.Image:
+    """An RGB PIL image; a file PIL cannot decode, or too large once resized (``decode_image``), is a user error
+    naming that file."""
     data = fetch(path)
     if data is None:
         raise TrainerError(f"dataset: cannot read image {path}: no such file")
     try:
-        return decode_image(data)
+        return decode_image(data, resize)
     except READ_ERRORS as e:
         raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
 
@@ -209,23 +215,27 @@ def same_classes(train: list[str], val: list[str]) -> None:
         )
 
 
-def _unreadable(path: str) -> str | None:
-    """Why PIL cannot identify ``path`` (its header only: decoding every image would double the reads)."""
+def _unreadable(path: str, resize: int | None = None) -> str | None:
+    """Why PIL cannot identify ``path``, or why its resize would be too large (its header only: decoding every image
+    would double the reads)."""
     try:
-        with Image.open(path):
+        with Image.open(path) as img:
+            check_resize(img.size, resize)
             return None
     except READ_ERRORS as e:
         return str(e) or type(e).__name__
 
 
-def scan_images(field: str, uri: str, root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+def scan_images(field: str, uri: str, root: str, classes: Sequence[str], resize: int | None = None) -> list[tuple[str, int]]:
     """``(path, label)`` of every readable image under ``root``'s class folders, label = index in ``classes``.
 
-    Unreadable files are skipped and counted (a warning); more than ``MAX_UNREADABLE_FRACTION`` of
-    them, or a class left without a readable image, is a TrainerError naming ``dataset.<field>``."""
+    Unreadable files, and those too large once their short side is resized to ``resize`` (``image_bounds``; the
+    job's resize size: one scan serves training and validation), are skipped and counted (a warning); more than
+    ``MAX_UNREADABLE_FRACTION`` of them, or a class left without a readable image, is a TrainerError naming
+    ``dataset.<field>``."""
     found = [(path, label) for label, name in enumerate(classes) for path in _image_files(Path(root) / name)]
     with ThreadPoolExecutor(_SCAN_THREADS) as pool:
-        problems = list(pool.map(_unreadable, [path for path, _ in found]))
+        problems = list(pool.map(_unreadable, [path for path, _ in found], [resize] * len(found)))
     bad = [(path, problem) for (path, _), problem in zip(found, problems, strict=True) if problem is not None]
     samples = [sample for sample, problem in zip(found, problems, strict=True) if problem is None]
     if bad:
@@ -256,7 +266,8 @@ class ImageFiles(Dataset[tuple[Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(load_image(path)), label
+        # Refused from the header when the transform's resize would be too large (a TrainerError naming the file).
+        return self.transform(load_image(path, short_side_resize(self.transform))), label
 
 
 class StreamedImages(ImageFiles):

@@ -32,6 +32,7 @@ from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.gpu_decode import decode_on_device, transform_on_device
+from finetune_trainer.image_bounds import short_side_resize
 from finetune_trainer.image_folder import READ_ERRORS, StreamedImages, decode_image, fetch, read_file
 from finetune_trainer.normalize import BatchNormalize
 from finetune_trainer.sample_rows import PositionRows, SampleTable, pieces
@@ -110,13 +111,13 @@ class Decoder:
     epoch: int | None
     raw: bool = False
 
-    def _one(self, path: str, key: int) -> Tensor | None:
+    def _one(self, path: str, key: int, resize: int | None) -> Tensor | None:
         data = fetch(path, read_file)  # a storage error: retried, then the job fails naming the file
         if data is None:
             return None
         try:
-            image = decode_image(data)
-        except READ_ERRORS:  # a file that cannot be decoded: skipped and counted
+            image = decode_image(data, resize)
+        except READ_ERRORS:  # a file that cannot be decoded, or too large once resized: skipped and counted
             return None
         if self.epoch is None:
             return self.transform(image)
@@ -157,7 +158,8 @@ class Decoder:
             data = np.empty(len(paths), dtype=object)
             data[:] = [self._bytes(p) for p in paths]
             return {"data": data, "path": np.asarray(paths, dtype=object), "label": batch["label"], "key": batch["key"]}
-        images = [self._one(path, int(key)) for path, key in zip(paths, batch["key"], strict=True)]
+        resize = short_side_resize(self.transform)  # an image too large once resized is refused from its header
+        images = [self._one(path, int(key), resize) for path, key in zip(paths, batch["key"], strict=True)]
         filled, labels, bad = fill_unreadable(images, batch["label"], paths, train=self.epoch is not None)
         blank = Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))  # shapes the placeholders of a block with nothing readable
         if filled is None:
@@ -396,7 +398,7 @@ class StreamSource:
     ) -> dict[str, Any]:
         """``jpegDecode: gpu``: a batch of file bytes decoded and transformed on this worker's ``device``."""
         paths = [str(p) for p in batch["path"]]
-        decoded = decode_on_device(list(batch["data"]), device)
+        decoded = decode_on_device(list(batch["data"]), device, short_side_resize(transform))
         filled, labels, bad = fill_unreadable(decoded, batch["label"], paths, train=epoch is not None)
         if filled is None:
             blank = torch.zeros((3, BLANK_SIDE, BLANK_SIDE), dtype=torch.uint8, device=device)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.image_bounds import short_side_resize
 from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, fetch
 
 __all__ = ["BLANK_SIDE", "EARLY_CHECK", "Unreadable", "blank_images", "clearly_over", "fill_unreadable", "readable_batches"]
@@ -144,7 +145,7 @@ class _ReadOrNone(Dataset[tuple[Tensor | None, int, str]]):
         if data is None:
             return None, label, path
         try:
-            image = decode_image(data)
+            image = decode_image(data, short_side_resize(self.images.transform))  # too large once resized: skipped
         except READ_ERRORS:
             return None, label, path
         return self.images.transform(image), label, ""
