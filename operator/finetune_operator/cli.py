@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from finetune_operator import __version__, cli_cluster
 from finetune_operator.api import catalog
 from finetune_operator.api.crd import render_crd_yaml
-from finetune_operator.api.explain import UnknownFieldError, explain
+from finetune_operator.api.explain import ACCEPTED_PATHS, UnknownFieldError, explain
+from finetune_operator.api.fields import quote
 from finetune_operator.api.validate import iter_documents, read_manifest
+from finetune_operator.api.versions import KIND
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -88,6 +90,14 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    # No FIELD.PATH explains the whole resource; an empty one (a shell variable that was unset) is a mistake, as kubectl
+    # explain says of an empty type, not a way to ask for the whole.
+    if args.field is not None and not args.field.strip():
+        print(
+            f"error: FIELD.PATH {quote(args.field)} names no field; {ACCEPTED_PATHS}, or no FIELD.PATH for the whole {KIND}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         sys.stdout.write(explain(args.field or ""))
     except UnknownFieldError as exc:

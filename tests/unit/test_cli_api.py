@@ -158,6 +158,17 @@ def test_explain_cli_prints_one_error_line() -> None:
     ]
 
 
+@pytest.mark.parametrize("field", ["", "  "], ids=["empty", "blank"])
+def test_explain_an_empty_field_path_is_one_error_line(field: str) -> None:
+    """kubectl explain refuses an empty path; `finetune explain ""` explained the whole resource (as no path does)."""
+    out = finetune("explain", field)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"error: FIELD.PATH {field!r} names no field; accepted: field names separated by single dots, "
+        "e.g. spec.hyperparameters.epochs, or no FIELD.PATH for the whole FineTuneJob"
+    ]
+
+
 def test_models_lists_weights_with_metadata() -> None:
     out = finetune("models", "--family", "resnet")
     assert out.returncode == 0

@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator.api.crd import build_crd
 from finetune_operator.api.fields import quote
 
-_ACCEPTED = "accepted: field names separated by single dots, e.g. spec.hyperparameters.epochs"
+ACCEPTED_PATHS = "accepted: field names separated by single dots, e.g. spec.hyperparameters.epochs"
 # The CRD declares metadata as a bare object: the API server owns it, the same ObjectMeta in every kind.
 _OBJECT_META = "Kubernetes' standard ObjectMeta (name, namespace, labels, annotations, ...), the same in every resource"
 # "… (core/v1 ConfigMapVolumeSource)." in the descriptions of the objects the operator passes to the pods as written.
@@ -48,7 +48,7 @@ def resolve(path: str) -> tuple[str, dict[str, Any]]:
     schema = _root_schema()
     parts = path.replace("[]", "").split(".") if path else []
     if "" in parts:
-        raise UnknownFieldError(f"{quote(path)} is not a field path: it has an empty segment; {_ACCEPTED}")
+        raise UnknownFieldError(f"{quote(path)} is not a field path: it has an empty segment; {ACCEPTED_PATHS}")
     if parts and parts[0].lower() in ("finetunejob", "ftj", "finetunejobs"):
         parts = parts[1:]
     walked: list[str] = []
