@@ -4,18 +4,22 @@ the cursor, widen every line or stall a drawing. Used by ``finetune predict`` an
 
 from __future__ import annotations
 
+from finetune_operator.api.fields import display_width
+
 __all__ = ["shown_name"]
 
 
 def shown_name(name: str, width: int) -> str:
     """``name`` with unprintable characters (escape sequences, newlines, controls) written as escapes, cut past
-    ``width`` visible characters, escapes counted and never cut inside one, then '…'."""
+    ``width`` terminal columns (a wide CJK character takes two, a combining mark none), escapes counted and never cut
+    inside one, then '…'."""
     shown: list[str] = []
     size = 0
     for c in name:
         piece = c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-        if size + len(piece) > width:
+        columns = display_width(piece)
+        if size + columns > width:
             return "".join(shown) + "…"
         shown.append(piece)
-        size += len(piece)
+        size += columns
     return "".join(shown)

@@ -14,7 +14,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator.api.catalog import suggest
-from finetune_operator.api.fields import PATTERN_MEANINGS, quote
+from finetune_operator.api.fields import PATTERN_MEANINGS, quote, shorten
 
 _MISSING = object()
 
@@ -30,7 +30,7 @@ def _path(loc: Sequence[int | str], extra: str | None = None, map_keys: frozense
             # A map key such as nvidia.com/gpu.product: its dots must not read as nesting.
             parts[-1] = f"{parts[-1]}[{quote(item, 64)}]"
         else:
-            parts.append(item if len(item) <= 64 else item[:61] + "...")
+            parts.append(shorten(item, 64))
     if extra:
         parts.extend(extra.split("."))
     return ".".join(parts) or "(document)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import reprlib
+import unicodedata
 from typing import Any, NoReturn
 
 from pydantic import ValidationError, ValidationInfo
@@ -147,7 +148,33 @@ def quote(value: object, limit: int = 80) -> str:
     items and levels deep, and a huge integer is described, never converted (Python refuses 4,300+ digits).
     """
     text = repr(value[: limit + 1]) if isinstance(value, str) else _plain(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(text, limit)
+
+
+def display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for an East-Asian wide or full-width character, none for a
+    combining mark, one for the rest. For what people read only: Kubernetes counts a name's characters, not columns."""
+    return sum(_columns(c) for c in text)
+
+
+def _columns(c: str) -> int:
+    if c < "\u0300":  # ASCII and Latin-1: one column each, without a table lookup
+        return 1
+    if unicodedata.category(c) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` when it takes at most ``limit`` columns (``display_width``), else cut to end in '...' within them."""
+    if len(text) <= limit // 2 or display_width(text) <= limit:
+        return text
+    budget = limit - 3
+    for end, c in enumerate(text):
+        budget -= _columns(c)
+        if budget < 0:
+            return text[:end] + "..."
+    return text
 
 
 class _Shortened(reprlib.Repr):

@@ -25,7 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 from finetune_operator.api.errors import format_errors
-from finetune_operator.api.fields import quote
+from finetune_operator.api.fields import quote, shorten
 from finetune_operator.api.kubectl_yaml import LOADER, as_sent, json_default
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from finetune_operator.api.versions import API_VERSION, KIND
@@ -214,9 +214,8 @@ def _child(stack: list[_Frame], event: yaml.NodeEvent) -> str | None:
         if key is not None and key in parent.keys:
             outer = "".join(frame.step() for frame in stack[:-1]).lstrip(".")
             path = f"{outer}.{key}" if outer else key
-            path = path if len(path) <= 120 else path[:117] + "..."
             return (
-                f"{path}: the key {quote(key)} is repeated at line {line} (first at line {parent.keys[key]}); "
+                f"{shorten(path, 120)}: the key {quote(key)} is repeated at line {line} (first at line {parent.keys[key]}); "
                 "YAML would keep only the last: write each key once"
             )
         if key is not None:
