@@ -50,6 +50,12 @@ HOSTILE: list[tuple[str, str | bytes, str]] = [
     ("python-tag", "!!python/object/apply:os.system ['echo owned']\n", "could not determine a constructor"),
     ("nul", "a: \x00\n", "not valid YAML at character 4"),
     ("unhashable-key", "? [a, b]\n: c\n", "not valid YAML"),
+    # kubectl splits a file on lines starting with '---' and refuses one with more than a comment after it (PyYAML
+    # reads '--- {a: 1}' as a document): 'error parsing job.yaml: invalid Yaml document separator: {a: 1}'.
+    ("flow-on-separator", "--- {a: 1}\n", "the document separator at line 1 has '{a: 1}' after '---'"),
+    ("flow-on-second-separator", BASE + "--- {a: 1}\n", "the document separator at line 33 has '{a: 1}' after '---'"),
+    ("tag-on-separator", "--- !!map\n" + BASE, "line 1 has '!!map' after '---'"),
+    ("four-dashes", BASE + "----\n" + BASE, "line 33 has '-' after '---'"),
 ]
 
 
@@ -83,8 +89,15 @@ def test_load_job_raises_the_same_line(content: str | bytes, fragment: str) -> N
 
 @pytest.mark.parametrize(
     "content",
-    [BASE, BASE.encode(), b"\xef\xbb\xbf" + BASE.encode(), BASE.replace("\n", "\r\n")],
-    ids=["str", "bytes", "bom", "crlf"],
+    [
+        BASE,
+        BASE.encode(),
+        b"\xef\xbb\xbf" + BASE.encode(),
+        BASE.replace("\n", "\r\n"),
+        "--- # the job\n" + BASE + "---\n",
+        ("---  \n" + BASE).replace("\n", "\r\n"),
+    ],
+    ids=["str", "bytes", "bom", "crlf", "separators-with-a-comment", "separator-with-spaces-crlf"],
 )
 def test_ordinary_manifests_still_load(content: str | bytes) -> None:
     assert load_job(content, "job.yaml").metadata.name == "digits-cpu"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -166,10 +167,22 @@ def _where(event: yaml.Event) -> str:
     return f"line {mark.line + 1}" if mark is not None else "an unknown line"
 
 
+# kubectl (apimachinery's YAMLReader) cuts a file into documents at every line that starts with '---', and refuses the
+# file when anything but spaces or a comment follows on that line; PyYAML reads '--- {a: 1}' as a document.
+_SEPARATOR = re.compile(r"^---[^\S\n]*([^\s#].*)$", re.MULTILINE)
+
+
 def _stream_problem(text: str) -> str | None:
     """The first thing that makes ``text`` unsafe or ambiguous to build, walking its events; None when it is fine."""
     if len(text) > MAX_MANIFEST_BYTES:
         return f"(document): the text is larger than {MAX_MANIFEST_BYTES // 1024} KiB; a FineTuneJob manifest is a few KiB"
+    separator = _SEPARATOR.search(text)
+    if separator:
+        line = text.count("\n", 0, separator.start()) + 1
+        return (
+            f"(document): the document separator at line {line} has {quote(separator.group(1).strip(), 60)} after '---', "
+            "which kubectl refuses (invalid Yaml document separator); start the document on the next line"
+        )
     loader = _LOADER(text)
     stack: list[_Frame] = []
     nodes = 0
