@@ -94,6 +94,14 @@ def controller_of(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def controls(uid: str | None, rayjob: Mapping[str, Any] | None) -> bool:
+    """Whether ``rayjob`` is the job ``uid``'s: controlled by it and labelled with its uid (a renamed copy keeps both,
+    which is why its name is checked by whoever asks)."""
+    if rayjob is None or uid is None or (controller_of(rayjob) or {}).get("uid") != uid:
+        return False
+    return (rayjob["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID) == uid
+
+
 def check_owner(existing: Mapping[str, Any], admitted: AdmittedJob) -> None:
     """An existing child is ours only when this job's uid controls it; what else it can be decides what to do.
 

@@ -40,7 +40,7 @@ from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
 from finetune_operator.diagnosis import Diagnosis
 from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
-from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of
+from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of, controls
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import blocked_status, failed_status, lost_rayjob_status
@@ -237,7 +237,7 @@ class Reconciler:
         operator admitted the job. Its status is none (the trainer's Role may patch it: ``Validated=True`` or a
         ``rayJobName`` there could have been written by a stale pod of a deleted namesake)."""
         rayjob = self.kube.read(RAYJOB_KIND, parent.namespace, parent.rayjob_name or naming.rayjob_name(parent.name))
-        return rayjob if _controlled(rayjob, parent.uid) else None
+        return rayjob if controls(parent.uid, rayjob) else None
 
     def ensure_children(
         self, admitted: AdmittedJob, *, fresh: bool = True, parent: ParentJob | None = None
@@ -257,7 +257,7 @@ class Reconciler:
         recorded = parent.rayjob_name if parent is not None else None
         if recorded and recorded != children.rayjob["metadata"]["name"]:
             legacy = self.kube.read(RAYJOB_KIND, admitted.metadata.namespace or "", recorded)
-            if _controlled(legacy, admitted.metadata.uid):
+            if controls(admitted.metadata.uid, legacy):
                 children.rayjob["metadata"]["name"] = recorded
         running = (
             None if fresh else self.kube.read(RAYJOB_KIND, admitted.metadata.namespace or "", children.rayjob["metadata"]["name"])
@@ -342,11 +342,3 @@ class Reconciler:
 
 
 __all__ = ["CONFLICT_ATTEMPTS", "KubeApi", "Reconciler"]  # CONFLICT_ATTEMPTS: status_writer's, the tests read it here
-
-
-def _controlled(rayjob: Mapping[str, Any] | None, uid: str | None) -> bool:
-    """Whether ``rayjob`` is the job ``uid``'s: controlled by it and labelled with its uid (a renamed copy keeps both,
-    which is why its name is checked by whoever asks)."""
-    if rayjob is None or uid is None or (controller_of(rayjob) or {}).get("uid") != uid:
-        return False
-    return (rayjob["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID) == uid

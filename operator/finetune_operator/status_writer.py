@@ -24,7 +24,7 @@ from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
 from finetune_operator.diagnosis import Diagnosis, diagnosis_event
 from finetune_operator.failures import ApiFailure
-from finetune_operator.ownership import ParentJob
+from finetune_operator.ownership import ParentJob, controls
 from finetune_operator.status import map_status, phase_event, provisioning_status
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,11 @@ class StatusWriter:
             if fresh is None or fresh["metadata"].get("uid") != parent.uid:
                 return
             parent = ParentJob.of(fresh)
-            # The RayJob may have moved on too: deciding on the old one could send the phase backwards.
+            # The RayJob may have moved on too: deciding on the old one could send the phase backwards. One the job
+            # does not control now has its name (it was replaced): never decide on that, converge reports it.
             current = self.kube.read(RAYJOB_KIND, parent.namespace, rayjob["metadata"]["name"])
+            if current is not None and not controls(parent.uid, current):
+                return
             if current is not None:
                 rayjob = current
 
