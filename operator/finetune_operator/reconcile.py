@@ -16,7 +16,8 @@ The rules:
 - **suspend_changed**: the RayJob's ``spec.suspend`` follows the user's flag (idempotent).
 - **mirror**: ``status.map_status`` writes the RayJob's state into the job's status subresource, with an
   Event on every phase change (the writing, its 409 retries and its Events: ``status_writer``). ``resync`` does
-  the same every minute, so a missed watch event heals.
+  the same every minute, so a missed watch event heals; a job that never got its children is started by it at
+  ``failures.retry_delay``'s pace, as Kopf retries it (``_start_late``).
 - **diagnose**: at every resync, a job whose RayJob waits for its Ray cluster (``diagnosis.is_stuck``) gets its
   pods and Warning Events read (``stuck.StuckReader``): what holds it up goes into ``ClusterReady=False`` and the
   message, with a Warning Event once per reason. Running and finished jobs cost no read.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from finetune_operator import metrics, naming, suspension
@@ -39,7 +40,7 @@ from finetune_operator.admission import AdmissionError, AdmittedJob, admit
 from finetune_operator.api import timestamps
 from finetune_operator.api.versions import KIND, RAYJOB_KIND
 from finetune_operator.diagnosis import Diagnosis
-from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict
+from finetune_operator.failures import ApiFailure, Conflict, Refused, Retry, api_failure_verdict, retry_delay
 from finetune_operator.ownership import OWNED_RETRY_SECONDS, ParentJob, check_owner, controller_of, controls
 from finetune_operator.rayjob import build_children
 from finetune_operator.settings import OperatorSettings
@@ -79,6 +80,7 @@ class Reconciler:
         self.clock = clock
         self.stuck = StuckReader(kube)
         self.writer = StatusWriter(kube, emit=emit, clock=clock)
+        self._late_starts: dict[str, tuple[int, datetime]] = {}  # uid: (failed starts, not before); ``_start_late``
 
     # ------------------------------------------------------------------------------- job events
     def reconcile(self, body: Mapping[str, Any]) -> None:
@@ -131,9 +133,27 @@ class Reconciler:
         if parent.finished or parent.deleting:
             return
         if not parent.rayjob_name:  # never got its children (a handler Kopf dropped, a failure): start it now
-            self.reconcile(body)
+            self._start_late(parent)
             return
         self.converge(parent)
+
+    def _start_late(self, parent: ParentJob) -> None:
+        """``reconcile`` a job that never got its children, from the resync round, at ``failures.retry_delay``'s pace.
+
+        Such a job is usually blocked (KubeRay missing, RBAC, a throttled API server) and Kopf's handler retries it
+        at growing delays already: a round that started it anew every minute, with a POST per child, would undo
+        that back-off for every blocked job at once. A job whose last start here failed waits out its delay.
+        """
+        uid = str(parent.uid)
+        failures, not_before = self._late_starts.get(uid, (0, None))
+        if not_before is not None and self.clock() < not_before:
+            return
+        try:
+            self.reconcile(parent.body)
+        except (ApiFailure, Retry) as exc:
+            self._late_starts[uid] = (failures + 1, self.clock() + timedelta(seconds=retry_delay(failures, exc)))
+            raise
+        self._late_starts.pop(uid, None)
 
     def resync_all(self, namespaces: tuple[str, ...] = ()) -> int:
         """``resync`` every job in ``namespaces`` (empty: all), one LIST each; the jobs it could not resync.
@@ -171,6 +191,7 @@ class Reconciler:
                     log.warning("resync of %s %s/%s failed: %s", KIND, meta.get("namespace"), meta.get("name"), exc)
         if complete:
             metrics.JOB_SERIES.prune(live, mark)
+            self._late_starts = {uid: due for uid, due in self._late_starts.items() if uid in live}
         return failed
 
     # ---------------------------------------------------------------------------- RayJob events

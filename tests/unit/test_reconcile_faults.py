@@ -7,11 +7,14 @@ made. tests/unit/test_reconcile.py tables the rules themselves; tests/integratio
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from finetune_operator import naming
+from finetune_operator.failures import ApiFailure
 from finetune_operator.ownership import ParentJob
 from finetune_operator.reconcile import Reconciler
 from tests.support.fake_kube import FakeKube
-from tests.unit.test_reconcile import RUNNING, created, job, status
+from tests.unit.test_reconcile import NOW, RUNNING, SETTINGS, created, job, status
 
 
 def test_a_retried_status_write_never_mirrors_a_foreign_rayjob_of_the_same_name(kube: FakeKube, rec: Reconciler) -> None:
@@ -30,3 +33,28 @@ def test_a_retried_status_write_never_mirrors_a_foreign_rayjob_of_the_same_name(
     rec.mirror(stale, ours)
     assert status(kube)["phase"] != "Failed"
     assert kube.count("patch_status", "FineTuneJob") == 3  # the trainer's, ours refused (409); none decided on theirs
+
+
+def test_the_resync_starts_a_blocked_job_at_a_growing_pace_not_every_round(kube: FakeKube) -> None:
+    """KubeRay is not installed: the job never gets its RayJob. Kopf's handler retries it at growing delays (30 s, 60 s,
+    ... 600 s), but the resync round (every minute) started it again each time: six POSTs and six GETs per job and
+    minute, for ever, whatever the back-off (1,000 such jobs: 200 requests a second). It keeps to the same delays."""
+    clock = [NOW]
+    rec = Reconciler(kube, SETTINGS, clock=lambda: clock[0])
+    kube.faults[("create", "RayJob")] = ApiFailure(
+        "create RayJob team/x", 404, "HTTP 404 Not Found", kind="RayJob", verb="create"
+    )
+    created(kube, job())
+    tried = []
+    for minute in range(10):  # ten rounds, a minute apart
+        clock[0] = NOW + timedelta(minutes=minute)
+        before = kube.count("create", "RayJob")
+        rec.resync_all()
+        if kube.count("create", "RayJob") > before:
+            tried.append(minute)
+    assert status(kube)["phase"] == "Pending"
+    assert tried == [0, 1, 2, 4, 8]  # retry_delay's 30, 60, 120, 240 s: each round at or after it
+    del kube.faults[("create", "RayJob")]  # KubeRay installed: started within the delay it is at (480 s)
+    clock[0] = NOW + timedelta(minutes=16)
+    rec.resync_all()
+    assert status(kube)["phase"] == "Provisioning"
