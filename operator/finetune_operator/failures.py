@@ -66,8 +66,9 @@ def api_failure_verdict(exc: ApiFailure) -> tuple[str, str, bool] | None:
     """(condition reason, message, permanent?) for a failed API call, or None to retry quietly.
 
     People must act on these, so the status says so: KubeRay missing (its API is not served), RBAC that
-    forbids a call, a policy (an admission webhook) that rejects a child. 400/422 never heal by retrying:
-    the job fails. A 409, a 429 and server errors are the API's own trouble: back off without a word.
+    forbids a call, a policy (an admission webhook) that rejects a child, or a webhook that does not answer (a 500
+    that lasts as long as the webhook is down). 400/422 never heal by retrying: the job fails. A 409, a 429 and
+    other server errors are the API's own trouble: back off without a word.
     """
     what = f"{exc.verb or 'call'} {exc.kind or 'object'}"
     if exc.status in (403, 404) and ("is being terminated" in exc.detail or 'namespaces "' in exc.detail):
@@ -84,6 +85,12 @@ def api_failure_verdict(exc: ApiFailure) -> tuple[str, str, bool] | None:
         if "admission webhook" in exc.detail or "denied the request" in exc.detail:
             return "RejectedByPolicy", f"a cluster policy refused to {what}: {exc.detail}", False
         return "Forbidden", f"the operator is not allowed to {what} ({exc.detail}); grant it in the operator's RBAC", False
+    if exc.status == 500 and "failed calling webhook" in exc.detail:  # failurePolicy Fail, the webhook down: not passing
+        return (
+            "WebhookUnavailable",
+            f"an admission webhook did not answer, so the API server refused to {what}: {exc.detail}",
+            False,
+        )
     if exc.status in (400, 422):
         return "RejectedByAPI", f"the API server refused to {what}: {exc.detail}", True
     return None

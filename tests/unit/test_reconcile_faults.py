@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from finetune_operator import naming
-from finetune_operator.failures import ApiFailure
+from finetune_operator.failures import ApiFailure, retry_delay
 from finetune_operator.ownership import ParentJob
 from finetune_operator.reconcile import Reconciler
 from tests.support.fake_kube import FakeKube
@@ -57,4 +59,27 @@ def test_the_resync_starts_a_blocked_job_at_a_growing_pace_not_every_round(kube:
     del kube.faults[("create", "RayJob")]  # KubeRay installed: started within the delay it is at (480 s)
     clock[0] = NOW + timedelta(minutes=16)
     rec.resync_all()
+    assert status(kube)["phase"] == "Provisioning"
+
+
+WEBHOOK_DOWN = (
+    'HTTP 500 Internal Server Error: Internal error occurred: failed calling webhook "validate.kyverno.svc-fail": failed '
+    'to call webhook: Post "https://kyverno-svc.kyverno.svc:443/validate/fail?timeout=10s": context deadline exceeded'
+)
+
+
+def test_an_admission_webhook_that_does_not_answer_is_said(kube: FakeKube, rec: Reconciler) -> None:
+    """A policy engine's webhook is down (failurePolicy Fail): the API server answers every create with 500. That was
+    taken for the API server's own passing trouble and retried without a word: the job showed no phase at all, for as
+    long as the webhook stayed down. It waits in Pending saying which webhook, and retries at the slower pace."""
+    kube.faults[("create", "RayJob")] = ApiFailure("create RayJob team/x", 500, WEBHOOK_DOWN, kind="RayJob", verb="create")
+    with pytest.raises(ApiFailure) as failure:
+        rec.reconcile(created(kube, job()))
+    assert retry_delay(0, failure.value) == 30.0  # people fix webhooks slowly, as RBAC
+    st = status(kube)
+    ready = next(c for c in st["conditions"] if c["type"] == "ClusterReady")
+    assert (st["phase"], ready["reason"]) == ("Pending", "WebhookUnavailable")
+    assert 'failed calling webhook "validate.kyverno.svc-fail"' in st["message"] and "\n" not in st["message"]
+    del kube.faults[("create", "RayJob")]
+    rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
     assert status(kube)["phase"] == "Provisioning"
