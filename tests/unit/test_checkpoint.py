@@ -180,10 +180,10 @@ def flip_a_weight(directory: Path) -> None:
         (flip_last_byte, r"^checkpoint ckpt: checkpoint\.pt has sha256 .* truncated or altered\)$"),
         (flip_a_weight, r"^checkpoint ckpt: checkpoint\.pt has sha256 .* truncated or altered\)$"),
         (lambda d: (d / CHECKPOINT_FILE).unlink(), r"^checkpoint ckpt: checkpoint\.pt is unreadable: FileNotFoundError: "),
-        # Written before checksums: torch.load's own error, as one line of ours.
+        # Written before checksums: cut short, a zip archive without its directory (at the end).
         (
             lambda d: ((d / CHECKSUM_FILE).unlink(), truncate(d)),
-            r"^checkpoint ckpt: checkpoint\.pt is unreadable: RuntimeError: ",
+            r"^checkpoint ckpt: checkpoint\.pt is a zip archive whose directory cannot be read \(truncated or damaged: ",
         ),
         # What someone who can write the run's volume may put there; each was a hang, unbounded memory or a traceback.
         (lambda d: swap(d / CHECKPOINT_FILE, os.mkfifo), r"^checkpoint ckpt: checkpoint\.pt is unreadable: NotAFile: a FIFO, "),

@@ -4,6 +4,7 @@ missing files and unreadable images give one clear line and exit status 2, never
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metri
 from finetune_trainer.model_card import load_model_card
 from finetune_trainer.predict import image_transform, load_for_inference, predict_command
 from tests.support.tiny_model import write_tiny_artifacts
+from tests.support.torch_files import bomb, never_loaded
 
 CLASSES = ["cat", "dog", "hamster-long-name"]
 INPUT = InputSpec(
@@ -158,6 +160,30 @@ def test_tampered_model_is_refused(
     line = one_error_line(captured.err)
     assert re.fullmatch(
         rf"error: {re.escape(str(copy / 'model.pt'))}: sha256 \w+… does not match the model card's \w+…; .*", line
+    )
+
+
+def test_a_model_pt_that_would_inflate_is_refused_before_torch_load(
+    model_dir: tuple[Path, nn.Module],
+    images: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unsigned card lists whatever sha256 the file has: a model.pt whose entry inflates to GBs in torch.load."""
+    copy = tmp_path / "pets"
+    shutil.copytree(model_dir[0], copy)
+    data = bomb()
+    (copy / "model.pt").write_bytes(data)
+    card = json.loads((copy / "model.json").read_text())
+    card["files"]["model.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (copy / "model.json").write_text(json.dumps(card))
+    monkeypatch.setattr(torch, "load", never_loaded)
+    assert run(copy, images[:1]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {copy / 'model.pt'}: a zip archive with a compressed entry ('archive/data/0': ")
+    assert line.endswith(
+        "accepted: torch.save's own archive, its entries stored uncompressed, adding up to no more than the file"
     )
 
 

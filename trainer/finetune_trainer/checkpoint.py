@@ -262,7 +262,11 @@ def _load(f: BinaryIO, name: str, expected: str | None, encrypted: bool) -> Any:
             f"checkpoint {name}: {CHECKPOINT_FILE} is not encrypted, but spec.output.encryption.clientSide is true; "
             "refusing a checkpoint this job did not write (delete it, or turn encryption off)"
         )
-    f.seek(0)
+    try:
+        # Before torch.load: a hostile run dir can hold a file (and its checksum) that inflates to many GB.
+        storage.check_torch_archive(source)
+    except storage.UnsafeArchive as e:
+        raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is {e}") from None
     # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
     # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
     return torch.load(source, map_location="cpu", weights_only=True)

@@ -171,10 +171,14 @@ def _load_failure(e: BaseException) -> str:
 def load_state_dict_file(uri: str) -> dict[str, Tensor]:
     """The state_dict in a file (a path, file://, or s3:// / gs:// through fsspec) holding either a plain
     state_dict or a trainer checkpoint with it under ``model``; wrapper prefixes (``module.``) removed."""
-    data = _read_weights(uri)
+    source = io.BytesIO(_read_weights(uri))
+    try:
+        storage.check_torch_archive(source)  # a file from elsewhere may inflate to many GB in torch.load
+    except storage.UnsafeArchive as e:
+        raise WeightsError(f"weights_uri {uri}: {e}") from None
     try:
         # weights_only: a checkpoint from elsewhere must not be able to run code when unpickled.
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"weights_uri {uri}: not a PyTorch state_dict or checkpoint: {_load_failure(e)}") from None
     if isinstance(obj, Mapping):

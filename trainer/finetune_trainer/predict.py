@@ -61,8 +61,14 @@ def _weights(data: bytes, uri: str, weights_format: str, card_architecture: str)
         if named is not None and named != card_architecture:
             raise ArtifactError(f"{uri}: its metadata names architecture {named!r} but the model card {card_architecture!r}")
         return state
+    source = io.BytesIO(data)
+    try:
+        # Verified is not vouched for: an unsigned card lists whatever sha256 the file has, and it may inflate to GBs.
+        storage.check_torch_archive(source)
+    except storage.UnsafeArchive as e:
+        raise ArtifactError(f"{uri}: {e}") from None
     # weights_only: unpickling a model file must never run code.
-    return cast(dict[str, torch.Tensor], torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return cast(dict[str, torch.Tensor], torch.load(source, map_location="cpu", weights_only=True))
 
 
 def load_for_inference(

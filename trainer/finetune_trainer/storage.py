@@ -3,7 +3,9 @@
 Local paths get atomic writes (a temporary file in the same directory, then ``os.replace``) so that a
 reader — `finetune predict`, a status watcher, a resumed run — never sees half a file. Object stores
 go through fsspec, imported only when a remote URI is actually used; their single-object PUTs are
-atomic already. Used by ``artifacts``, ``progress`` and ``predict``.
+atomic already. Reading what someone else may have written is bounded here too: a plain file only
+(``open_regular``), no more than asked (``read_bytes``), and no zip archive that expands when torch.load
+reads it (``check_torch_archive``). Used by ``artifacts``, ``progress``, ``checkpoint`` and ``predict``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import uuid
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from finetune_operator.api.fields import quote
 from finetune_trainer.errors import exception_line
 
 __all__ = [
     "HashingWriter",
     "NotAFile",
     "StorageError",
+    "UnsafeArchive",
     "atomic_directory",
     "atomic_path",
     "atomic_write_bytes",
+    "check_torch_archive",
     "file_names",
     "is_remote",
     "join",
@@ -112,6 +119,55 @@ def open_regular(path: str | Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+class UnsafeArchive(ValueError):
+    """A file torch.load would read as a zip archive (torch.save's format) that is not one torch.save writes: one
+    line saying what it is and what is accepted, without the file's name (callers name it)."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+"""How torch.load tells torch.save's zip format from its legacy pickle format: the file's first four bytes."""
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, NotImplementedError, EOFError, struct.error)
+"""What zipfile raises reading a damaged central directory (ValueError: a name not in UTF-8; NotImplementedError:
+an unknown zip version); an OSError of the stream itself is no verdict on the archive and goes to the caller."""
+
+_ACCEPTED = "accepted: torch.save's own archive, its entries stored uncompressed, adding up to no more than the file"
+
+
+def check_torch_archive(stream: BinaryIO) -> None:
+    """UnsafeArchive when ``stream`` (seekable, the whole file from its start) is a zip archive that could expand
+    as torch.load reads it: an entry that is compressed, or entries that add up to more than the file (torch.load
+    allocates each record's unpacked size from the central directory and inflates it: a 300 KB file of deflated
+    zeros took 300 MB, a larger one many GB). torch.save stores every entry as it is, so its files pass. Reads the
+    central directory only, decompressing nothing; anything else (torch's legacy format, which is a plain pickle
+    and cannot be compressed) passes, for torch.load to judge. Leaves ``stream`` at its start."""
+    stream.seek(0)
+    if stream.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+        stream.seek(0)
+        return
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    try:
+        with zipfile.ZipFile(stream) as archive:  # a stream it was given: closing the archive leaves it open
+            entries = archive.infolist()
+    except _ZIP_ERRORS as e:
+        # Unchecked, it is refused: miniz, torch's reader, may read a directory zipfile does not.
+        raise UnsafeArchive(
+            f"a zip archive whose directory cannot be read (truncated or damaged: {exception_line(e)[:120]}); {_ACCEPTED}"
+        ) from None
+    finally:
+        stream.seek(0)
+    packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise UnsafeArchive(
+            f"a zip archive with a compressed entry ({quote(packed.filename, 60)}: {packed.compress_size} bytes "
+            f"unpacking to {packed.file_size}); {_ACCEPTED}"
+        )
+    total = sum(e.file_size for e in entries)
+    if total > size:
+        raise UnsafeArchive(f"a zip archive whose entries add up to {total} bytes, more than its own {size}; {_ACCEPTED}")
 
 
 def sha256_file(path: str | Path) -> str:
