@@ -1,11 +1,15 @@
 """torch.save files read back from where someone else can write (a checkpoint, a weightsUri file, an unsigned
 model.pt): a zip archive that would inflate in torch.load is refused before torch.load sees it, at each place that
-loads one (``storage.check_torch_archive``)."""
+loads one (``storage.check_torch_archive``); and ``read_checkpoint`` calls corrupt only what a damaged file makes
+torch.load raise, so that a MemoryError or a bug stops the run instead of falling back to an older checkpoint."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import pickle
+import random
 import re
 import zipfile
 from collections.abc import Callable
@@ -13,16 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch._utils import _rebuild_parameter
 
 from finetune_trainer import storage
-from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, CorruptCheckpoint, read_checkpoint
+from finetune_trainer.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, CorruptCheckpoint, TrainState, read_checkpoint
 from finetune_trainer.errors import WeightsError
 from finetune_trainer.model import load_state_dict_file
-from tests.support.torch_files import BOMB_BYTES, bomb, claiming, legacy, never_loaded, rezipped, saved
+from tests.support.checkpoints import save_checkpoint
+from tests.support.torch_files import BOMB_BYTES, Call, bomb, claiming, legacy, legacy_header, never_loaded, rezipped, saved
 
 FP = "fp-1"
 STATE = {"weight": torch.arange(6.0)}
 _ACCEPTED = "accepted: torch.save's own archive, its entries stored uncompressed, adding up to no more than the file"
+
+
+def other_members() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    return buffer.getvalue()
 
 
 def deflated(data: bytes) -> bytes:
@@ -94,3 +108,75 @@ def test_each_load_of_a_file_from_outside_refuses_a_bomb_before_torch_load(
     with pytest.raises(error, match=message.format(path=re.escape(str(path)))) as raised:
         read(path)
     assert re.search(rf"; {re.escape(_ACCEPTED)}$", str(raised.value))
+
+
+# ------------------------------------------------------------------- what read_checkpoint calls corrupt
+class Stranger:
+    """A class of this test module: a weights_only unpickler refuses to import it."""
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize(
+    ("make", "raised"),
+    [
+        (lambda: random.Random(0).randbytes(4096), "UnpicklingError"),
+        (lambda: b"", "EOFError"),
+        (lambda: b"hello\n", "KeyError"),  # 'h' reads the pickle memo, which is empty
+        (lambda: b"root:x:0:0:root:/root:/bin/bash\n", "IndexError"),
+        (lambda: pickle.dumps(Stranger()), "UnpicklingError"),
+        (other_members, r"RuntimeError: \[enforce fail at inline_container\.cc:\d+\] \. file in archive is not in a subdir"),
+        (lambda: rezipped(saved(STATE), lambda n, c: (b"middle" if n.endswith("byteorder") else c, 0)), "ValueError"),
+        (lambda: saved({"x": Call(collections.OrderedDict, 5)}), "TypeError"),
+        (lambda: saved({"x": Call(_rebuild_parameter, 5, True, collections.OrderedDict())}), "AttributeError"),
+        (lambda: legacy(STATE)[:-5], "RuntimeError: unexpected EOF"),
+        (lambda: legacy_header() + b"\x80\x02X\x01", "error: unpack requires a buffer of 4 bytes"),  # struct.error
+        (lambda: legacy_header() + b"\x80\x02X\x02\x00\x00\x00\xff\xfe.", "UnicodeDecodeError"),
+        (lambda: legacy_header() + pickle.dumps({}, protocol=2) + pickle.dumps(["k"], protocol=2), "AssertionError"),
+    ],
+    ids=[
+        "random-bytes",
+        "empty",
+        "text",
+        "passwd",
+        "pickle-of-a-class",
+        "zip-of-other-members",
+        "zip-byteorder",
+        "forged-ordereddict",
+        "forged-parameter",
+        "legacy-truncated",
+        "legacy-cut-pickle",
+        "legacy-bad-utf8",
+        "legacy-missing-storage",
+    ],
+)
+@pytest.mark.timeout(30)
+def test_what_a_damaged_file_makes_torch_load_raise_is_corrupt(tmp_path: Path, make: Callable[[], bytes], raised: str) -> None:
+    write(tmp_path / "ckpt", make())
+    with pytest.raises(CorruptCheckpoint, match=rf"^checkpoint ckpt: checkpoint\.pt is unreadable: {raised}") as info:
+        read_checkpoint(tmp_path / "ckpt", FP, "runs/x")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        # c10's CPU allocator: memory, not the file (torch.save's archive allocates no more than the file holds).
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        NameError("name 'x' is not defined"),  # a bug
+    ],
+    ids=type,
+)
+def test_what_is_no_damage_stops_the_run_instead_of_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    save_checkpoint(tmp_path / "ckpt", nn.Linear(4, 3), TrainState(epoch=1), FP)
+
+    def load(*_args: object, **_kwargs: object) -> object:
+        raise error
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(type(error)) as raised:
+        read_checkpoint(tmp_path / "ckpt", FP, "runs/x")
+    assert raised.value is error

@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +68,17 @@ _FORMAT: Final = 1
 
 class CorruptCheckpoint(TrainerError):
     """A checkpoint that cannot be used: missing, truncated, or not what was written (one line)."""
+
+
+_DAMAGED: Final = (
+    pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, TypeError, AttributeError, AssertionError,
+    struct.error,
+)  # fmt: skip
+"""What torch.load (weights_only) raised on damaged or forged files (random bytes, text, an empty file, truncated and
+bit-flipped checkpoints of both formats, zips of other members, pickles of other objects or of torch's own rebuild
+functions called with forged arguments), besides an OSError (read_checkpoint's, as a file that cannot be read): the
+types a damaged checkpoint is known by. Anything else (MemoryError, a bug's NameError) is no verdict on the file and
+stops the run rather than falling back to an older checkpoint."""
 
 
 @dataclass
@@ -204,9 +217,7 @@ def read_checkpoint(
         # Opened once, a plain file only: a FIFO in its place waited for a writer for ever, /dev/zero was hashed for ever.
         with storage.open_regular(path) as f:
             data = _load(f, name, expected, encrypted)
-    except TrainerError:  # CorruptCheckpoint, or a key problem (SealError), said in one line already
-        raise
-    except Exception as e:  # torch.load's legacy reader of a stray file raises anything (IndexError for a text file)
+    except OSError as e:  # missing, a directory or a FIFO (open_regular), a read that failed
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is unreadable: {exception_line(e)}") from None
     if not isinstance(data, dict):
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} holds a {type(data).__name__}, not a checkpoint")
@@ -267,9 +278,15 @@ def _load(f: BinaryIO, name: str, expected: str | None, encrypted: bool) -> Any:
         storage.check_torch_archive(source)
     except storage.UnsafeArchive as e:
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is {e}") from None
-    # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
-    # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
-    return torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data; loading it must not be able to run code. map_location:
+        # tensors saved on a GPU load anywhere; restore_training and load_state_dict move them.
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except _DAMAGED as e:
+        # c10's CPU allocator fails with a RuntimeError: memory running out, as a MemoryError is, not a damaged file.
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            raise
+        raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is unreadable: {exception_line(e)}") from None
 
 
 def _train_state(data: dict[str, Any], name: str) -> TrainState:
