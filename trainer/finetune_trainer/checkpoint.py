@@ -71,13 +71,13 @@ class CorruptCheckpoint(TrainerError):
 
 
 _DAMAGED: Final = (
-    pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, TypeError, AttributeError, AssertionError,
-    struct.error,
+    pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, TypeError, AttributeError, struct.error,
 )  # fmt: skip
-"""What torch.load (weights_only) raised on damaged or forged files (random bytes, text, an empty file, truncated and
-bit-flipped checkpoints of both formats, zips of other members, pickles of other objects or of torch's own rebuild
+"""What torch.load (weights_only) raised on damaged or forged archives (random bytes, text or a cut pickle as the
+archive's data.pkl, zips of other members, bit-flipped checkpoints, pickles of other objects or of torch's own rebuild
 functions called with forged arguments), besides an OSError (read_checkpoint's, as a file that cannot be read): the
-types a damaged checkpoint is known by. Anything else (MemoryError, a bug's NameError) is no verdict on the file and
+types a damaged checkpoint is known by. Anything that is no archive is refused before (``storage.check_torch_archive``).
+Anything else (MemoryError, a bug's NameError or AssertionError) is no verdict on the file and
 stops the run rather than falling back to an older checkpoint."""
 
 
@@ -275,7 +275,7 @@ def _load(f: BinaryIO, name: str, expected: str | None, encrypted: bool) -> Any:
         )
     try:
         # Before torch.load: a hostile run dir can hold a file (and its checksum) that inflates to many GB.
-        storage.check_torch_archive(source)
+        storage.check_torch_archive(source, legacy=False)  # the trainer writes archives only
     except storage.UnsafeArchive as e:
         raise CorruptCheckpoint(f"checkpoint {name}: {CHECKPOINT_FILE} is {e}") from None
     try:

@@ -136,16 +136,20 @@ an unknown zip version); an OSError of the stream itself is no verdict on the ar
 _ACCEPTED = "accepted: torch.save's own archive, its entries stored uncompressed, adding up to no more than the file"
 
 
-def check_torch_archive(stream: BinaryIO) -> None:
+def check_torch_archive(stream: BinaryIO, *, legacy: bool = True) -> None:
     """UnsafeArchive when ``stream`` (seekable, the whole file from its start) is a zip archive that could expand
     as torch.load reads it: an entry that is compressed, or entries that add up to more than the file (torch.load
     allocates each record's unpacked size from the central directory and inflates it: a 300 KB file of deflated
     zeros took 300 MB, a larger one many GB). torch.save stores every entry as it is, so its files pass. Reads the
     central directory only, decompressing nothing; anything else (torch's legacy format, which is a plain pickle
-    and cannot be compressed) passes, for torch.load to judge. Leaves ``stream`` at its start."""
+    and cannot be compressed) passes, for torch.load to judge, unless ``legacy`` is False: a file only the trainer
+    writes (a checkpoint) is always an archive, and torch's legacy reader of a forged one allocates whatever storage
+    size it claims. Leaves ``stream`` at its start."""
     stream.seek(0)
     if stream.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
         stream.seek(0)
+        if not legacy:
+            raise UnsafeArchive(f"not a zip archive (it does not start with {_ZIP_MAGIC!r}); {_ACCEPTED}")
         return
     size = stream.seek(0, os.SEEK_END)
     stream.seek(0)
