@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kopf
+from aiohttp import web
 
 from finetune_operator import admission, naming
 from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.k8s import Kube
 from finetune_operator.reconcile import Reconciler
-
-if TYPE_CHECKING:
-    from aiohttp import web
 
 
 async def listen_nowhere(fn: Any) -> AsyncIterator[Any]:
@@ -68,7 +67,17 @@ class GuardedWebhookServer(kopf.WebhookServer):
 
     @staticmethod
     async def _serve(fn: Any, request: web.Request) -> web.Response:
-        # Kopf makes its aiohttp Application inside __call__, with aiohttp's 1 MiB body limit and no way to set it:
-        # raised here, per request and before the body is read, to what the API server sends (MAX_REVIEW_BYTES).
-        response: web.Response = await kopf.WebhookServer._serve(fn, request.clone(client_max_size=admission.MAX_REVIEW_BYTES))
-        return response
+        # Kopf's own _serve reads the body under aiohttp's 1 MiB limit (Kopf makes its Application inside __call__,
+        # with no way to set it) and knows only JSONDecodeError: a body nested past Python's recursion limit, or not
+        # UTF-8, was an HTTP 500 and a traceback. Read and parsed here; Kopf's part starts at ``fn``.
+        request = request.clone(client_max_size=admission.MAX_REVIEW_BYTES)  # the API server's largest, before reading
+        body = await request.read()
+        try:
+            review = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            detail = (str(exc).splitlines() or [""])[0][:200]
+            say = f"the request body is not a JSON AdmissionReview: {type(exc).__name__}: {detail}\n"
+            return web.Response(status=400, text=say)
+        sslpeer = request.transport.get_extra_info("peercert") if request.transport else None
+        answer = await fn(review, webhook=request.match_info.get("id"), sslpeer=sslpeer, headers=dict(request.headers))
+        return web.json_response(answer)
