@@ -14,7 +14,7 @@ import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import kopf
 from aiohttp import web
@@ -23,6 +23,11 @@ from finetune_operator import admission, naming
 from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.k8s import Kube
 from finetune_operator.reconcile import Reconciler
+
+READ_SECONDS: Final = 10.0
+"""How long a review's body may take to arrive once its headers have: the API server sends it at once and gives up on
+the webhook after ``timeoutSeconds`` (at most 30). Kopf restarts its server on a renewed certificate and first waits up
+to a minute for requests in flight, its port closed: a client that never finished a body would take the webhook away."""
 
 
 async def listen_nowhere(fn: Any) -> AsyncIterator[Any]:
@@ -71,7 +76,10 @@ class GuardedWebhookServer(kopf.WebhookServer):
         # with no way to set it) and knows only JSONDecodeError: a body nested past Python's recursion limit, or not
         # UTF-8, was an HTTP 500 and a traceback. Read and parsed here; Kopf's part starts at ``fn``.
         request = request.clone(client_max_size=admission.MAX_REVIEW_BYTES)  # the API server's largest, before reading
-        body = await request.read()
+        try:  # aiohttp's keep-alive timer does not run while a request is handled: nothing else ends this read
+            body = await asyncio.wait_for(request.read(), READ_SECONDS)
+        except asyncio.TimeoutError:
+            return web.Response(status=408, text=f"the request body did not arrive within {READ_SECONDS:g} seconds\n")
         try:
             review = json.loads(body)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

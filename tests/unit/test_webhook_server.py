@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator import certificates
+from finetune_operator import certificates, webhook_server
 from finetune_operator.webhook_server import GuardedWebhookServer
 
 HOST = "localhost"
@@ -49,13 +51,19 @@ class Served:
                 ready.set()
 
         self.task = self.loop.create_task(serve())
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
         assert ready.wait(10), "the webhook server did not start"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         with contextlib.suppress(asyncio.CancelledError):
             self.loop.run_until_complete(self.task)
+        left = asyncio.all_tasks(self.loop)  # connections the test left open
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        self.loop.close()
 
     def connect(self, ca: bytes | None = None) -> ssl.SSLSocket:
         context = ssl.create_default_context(cadata=(ca or self.issued.ca).decode())
@@ -63,6 +71,7 @@ class Served:
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(10)
 
 
 @pytest.fixture
@@ -79,11 +88,14 @@ def request(body: bytes, length: int | None = None) -> bytes:
 
 
 def answer(connection: ssl.SSLSocket) -> tuple[int, str]:
-    """The status and body of the server's answer, read until it closes the connection."""
+    """The status and body of the server's answer (as long as its Content-Length: aiohttp may linger before closing)."""
     data = b""
-    while chunk := connection.recv(65536):
+    while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length and (chunk := connection.recv(65536)):
+        body += chunk
     return int(head.split()[1]), body.decode()
 
 
@@ -104,3 +116,42 @@ def test_a_body_that_is_not_json_gets_one_line_and_no_500(served: Served, body: 
     assert status == 400, text
     assert text.startswith(f"the request body is not a JSON AdmissionReview: {says}: ") and text.count("\n") == 1, text
     assert served.calls == []
+
+
+def test_a_body_that_never_arrives_is_answered_408_at_the_deadline(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing bounded the body's read: a client announcing 100 bytes and sending 1 held its task (and up to
+    MAX_REVIEW_BYTES buffered) for ever; the keep-alive timer does not run while a request is being handled."""
+    monkeypatch.setattr(webhook_server, "READ_SECONDS", 1.0, raising=False)
+    connection = served.connect()
+    connection.sendall(request(b"{", length=100))
+    started = time.monotonic()
+    status, text = answer(connection)
+    assert status == 408 and text == "the request body did not arrive within 1 seconds\n", text
+    assert time.monotonic() - started < 5
+    assert served.calls == []
+
+
+def test_a_renewed_certificate_is_served_without_waiting_for_a_dawdling_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kopf restarts its server on new certificate files and first waits up to 60 s for requests in flight, its port
+    closed meanwhile: one client that never finished its body took the webhook away for a minute at each renewal."""
+    monkeypatch.setattr(webhook_server, "READ_SECONDS", 1.0, raising=False)
+    served = Served(tmp_path, file_check_interval=0.2)
+    try:
+        dawdling = served.connect()
+        dawdling.sendall(request(b"{", length=100))
+        time.sleep(0.5)  # in the handler, reading
+        renewed = certificates.issue(HOST, datetime.now(timezone.utc))
+        served.certfile.write_bytes(renewed.chain)
+        started = time.monotonic()
+        while time.monotonic() - started < 15:
+            with contextlib.suppress(OSError):
+                connection = served.connect(renewed.ca)
+                connection.sendall(request(b"{}"))
+                if answer(connection)[0] == 200:
+                    break
+            time.sleep(0.2)
+        assert time.monotonic() - started < 5, "the webhook was away while a client dawdled"
+    finally:
+        served.stop()
