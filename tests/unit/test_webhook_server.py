@@ -155,3 +155,56 @@ def test_a_renewed_certificate_is_served_without_waiting_for_a_dawdling_client(
         assert time.monotonic() - started < 5, "the webhook was away while a client dawdled"
     finally:
         served.stop()
+
+
+def closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``connection`` within ``seconds`` (an answer on it counts as not closed)."""
+    connection.settimeout(seconds)
+    try:
+        return connection.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset, or a TLS alert: closed too
+        return True
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every connection held its TLS buffers (about 300 KiB) for aiohttp's keep-alive hour: some 2,000 idle ones from
+    any pod took the operator past its 512 MiB limit. Beyond MAX_CONNECTIONS one is closed once its handshake is done."""
+    monkeypatch.setattr(webhook_server, "MAX_CONNECTIONS", 4, raising=False)
+    served = Served(tmp_path)
+    try:
+        held = [served.connect() for _ in range(4)]
+        one_more = served.connect()
+        assert closed_within(one_more, 3)
+        for connection in held:
+            connection.close()
+        time.sleep(0.5)
+        connection = served.connect()
+        connection.sendall(request(b"{}"))
+        assert answer(connection)[0] == 200
+    finally:
+        served.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [("IDLE_SECONDS", b"POST /validate HTTP/1.1\r\nHost: x\r\nX-Slow: aaaa"), ("HANDSHAKE_SECONDS", None)],
+    ids=["headers-never-finished", "never-says-hello"],
+)
+def test_a_connection_that_never_makes_a_request_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, says: bytes | None
+) -> None:
+    """An unfinished request was kept for aiohttp's keep-alive hour (3630 s), a connection without a TLS hello for
+    asyncio's minute: each a slot and its buffers."""
+    monkeypatch.setattr(webhook_server, setting, 1.0, raising=False)
+    served = Served(tmp_path)
+    try:
+        if says is None:
+            connection: socket.socket = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        else:
+            connection = served.connect()
+            connection.sendall(says)
+        assert closed_within(connection, 4)
+    finally:
+        served.stop()
