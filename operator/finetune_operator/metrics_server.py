@@ -7,7 +7,8 @@ authenticates (a TokenReview) and authorises to ``get`` the non-resource URL ``/
 as the chart's ``metrics-reader`` ClusterRole grants it. Without a token: 401; a token not allowed: 403; the API
 server unreachable: 503. Why: the per-job series name every tenant's jobs (namespace, name, phase), and a plain
 HTTP port is open to every pod of the cluster. Answers are kept ``CACHE_SECONDS`` per token (a Prometheus scrapes
-every few seconds; each review is an API request), at most ``CACHE_SIZE`` tokens.
+every few seconds; each review is an API request), at most ``CACHE_SIZE`` tokens; tokens never allowed before are
+reviewed at most ``REVIEWS_PER_SECOND`` (429 beyond).
 
 Without ``auth``: plain HTTP, for a cluster that puts its own authenticating proxy or mesh in front.
 """
@@ -49,6 +50,12 @@ MAX_CONNECTIONS: Final = 16
 REVIEW_TIMEOUT: Final = (5, 10)
 """(connect, read) seconds of a review's request to the API server: a stalled API server is a 503, not a hung scrape."""
 UNAVAILABLE: Final = 503
+TOO_MANY: Final = 429
+REVIEWS_PER_SECOND: Final = 5
+REVIEW_BURST: Final = 10
+"""Reviews of tokens never allowed before, at most (a token bucket; client-go's default rate for a client): each is an
+API request on the operator's ServiceAccount, and a flood of made-up tokens from any pod would have the API server
+throttle the operator's own requests. Beyond it: 429, nothing asked. A token allowed before is always reviewed."""
 
 Authenticate = Callable[[str], Mapping[str, Any] | None]
 """A bearer token → the user the API server says it is (TokenReview's ``status.user``), None when it is no one."""
@@ -66,6 +73,7 @@ class TokenReviewer:
         self._allowed: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._refused: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._budget, self._budget_at = float(REVIEW_BURST), clock()
 
     def __call__(self, token: str) -> int:
         key = hashlib.sha256(token.encode()).hexdigest()  # the token itself is never kept
@@ -76,6 +84,8 @@ class TokenReviewer:
                 if cached is not None and cached[1] > now:
                     answers.move_to_end(key)
                     return cached[0]
+            if key not in self._allowed and not self._spend(now):  # a scraper's expired answer is renewed regardless
+                return TOO_MANY
         try:
             user = self.authenticate(token)
             status = 401 if user is None else (200 if self.authorize(user) else 403)
@@ -90,6 +100,15 @@ class TokenReviewer:
             while len(answers) > CACHE_SIZE:
                 answers.popitem(last=False)
         return status
+
+    def _spend(self, now: float) -> bool:
+        """Take one review from the bucket (refilled at ``REVIEWS_PER_SECOND``, up to ``REVIEW_BURST``); False if empty."""
+        self._budget = min(float(REVIEW_BURST), self._budget + (now - self._budget_at) * REVIEWS_PER_SECOND)
+        self._budget_at = now
+        if self._budget < 1:
+            return False
+        self._budget -= 1
+        return True
 
 
 def kube_reviews(api_client: Any) -> tuple[Authenticate, Authorize]:
@@ -123,10 +142,11 @@ def kube_reviews(api_client: Any) -> tuple[Authenticate, Authorize]:
     return authenticate, authorize
 
 
-_REASONS: Final = {401: "Unauthorized", 403: "Forbidden", UNAVAILABLE: "Service Unavailable"}
+_REASONS: Final = {401: "Unauthorized", 403: "Forbidden", TOO_MANY: "Too Many Requests", UNAVAILABLE: "Service Unavailable"}
 _SAY: Final = {
     401: b"a bearer token is required (a ServiceAccount allowed to get the non-resource URL /metrics)\n",
     403: b"this token may not get the non-resource URL /metrics (bind the metrics-reader ClusterRole)\n",
+    TOO_MANY: b"too many new tokens to review at once; try again in a second\n",
     UNAVAILABLE: b"the API server could not review the token; try again\n",
 }
 
@@ -143,6 +163,8 @@ def metrics_app(registry: CollectorRegistry, review: Callable[[str], int] | None
                 headers = [("Content-Type", "text/plain; charset=utf-8")]
                 if status == 401:
                     headers.append(("WWW-Authenticate", 'Bearer realm="finetune-operator metrics"'))
+                elif status == TOO_MANY:
+                    headers.append(("Retry-After", "1"))
                 start_response(f"{status} {_REASONS[status]}", headers)
                 return [_SAY[status]]
         return exposition(environ, start_response)  # type: ignore[no-any-return]

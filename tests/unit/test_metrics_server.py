@@ -18,7 +18,7 @@ import prometheus_client
 import pytest
 
 from finetune_operator import metrics_server
-from finetune_operator.metrics_server import CACHE_SECONDS, CACHE_SIZE, TokenReviewer, serve
+from finetune_operator.metrics_server import CACHE_SECONDS, CACHE_SIZE, REVIEW_BURST, REVIEWS_PER_SECOND, TokenReviewer, serve
 
 USERS = {"prometheus-token": {"username": "system:serviceaccount:monitoring:prometheus"}, "other-token": {"username": "eve"}}
 READERS = {"system:serviceaccount:monitoring:prometheus"}
@@ -67,6 +67,7 @@ def test_answers_expire_and_the_cache_is_bounded() -> None:
     reviewer("prometheus-token")
     assert reviews.calls.count("TokenReview") == 2
     for i in range(CACHE_SIZE + 10):  # a flood of made-up tokens cannot grow it without end
+        now[0] += 1  # within the review rate
         reviewer(f"forged-{i}")
     assert len(reviewer._refused) == CACHE_SIZE
 
@@ -188,6 +189,31 @@ def test_a_flood_of_made_up_tokens_cannot_push_the_scrapers_answer_out() -> None
     before = len(reviews.calls)
     assert reviewer("prometheus-token") == 200
     assert len(reviews.calls) == before  # still cached: refused tokens are kept apart
+
+
+def test_a_flood_of_made_up_tokens_is_reviewed_at_a_bounded_rate() -> None:
+    """Each unknown token cost a TokenReview, as fast as any pod could send them: the operator's own requests then met
+    the API server's throttling of its ServiceAccount. Beyond the rate a token is 429, unreviewed; one allowed before
+    is reviewed again whatever the flood, so that the scraper's expired answer is renewed."""
+    now = [0.0]
+    reviews = Reviews()
+    reviewer = TokenReviewer(reviews.authenticate, reviews.authorize, clock=lambda: now[0])
+    assert reviewer("prometheus-token") == 200
+    now[0] += CACHE_SECONDS + 1
+    answers = [reviewer(f"forged-{i}") for i in range(100)]
+    assert answers.count(401) == reviews.calls.count("TokenReview") - 1 == REVIEW_BURST
+    assert answers.count(429) == 100 - REVIEW_BURST
+    assert reviewer("prometheus-token") == 200 and reviews.calls.count("TokenReview") == REVIEW_BURST + 2
+    now[0] += 1
+    assert [reviewer(f"later-{i}") for i in range(100)].count(401) == REVIEWS_PER_SECOND
+
+
+def test_beyond_the_review_rate_a_scraper_is_told_to_come_back() -> None:
+    app = metrics_server.metrics_app(prometheus_client.CollectorRegistry(), lambda token: 429)
+    started: list[Any] = []
+    body = b"".join(app({"HTTP_AUTHORIZATION": "Bearer new-token"}, lambda status, headers: started.append((status, headers))))
+    assert started == [("429 Too Many Requests", [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")])]
+    assert body == b"too many new tokens to review at once; try again in a second\n"
 
 
 def _tls(port: int) -> ssl.SSLSocket:
