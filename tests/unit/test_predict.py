@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from finetune_operator.api.fields import display_width
 from finetune_trainer.inputs import InputSpec
 from finetune_trainer.metrics_log import EpochRecord, append_metrics, read_metrics
 from finetune_trainer.model_card import load_model_card
@@ -94,6 +95,20 @@ def test_prints_top_k_labels_with_sorted_probabilities(
         assert sum(probs) <= 1 + 1e-3  # printed with 4 decimals
         if top_k >= len(CLASSES):
             assert sum(probs) == pytest.approx(1, abs=1e-3)
+
+
+def test_probabilities_line_up_whatever_the_class_names_widths(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Wide (CJK) names take two terminal columns a character: padded by characters, their probabilities came out
+    further right than an ASCII name's."""
+    names = ["猫", "dog", "仓鼠仓鼠"]
+    run_dir = write_tiny_artifacts(tmp_path / "out", names, INPUT, labels=[0, 1, 2, 0]).run_dir
+    assert run(run_dir, [images[0]], 3) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(rows) == 3
+    # Every probability is printed as 0.dddd: the rows line up when each takes the same columns.
+    assert len({display_width(row) for row in rows}) == 1, rows
 
 
 def test_probabilities_are_the_models(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from finetune_operator.api.fields import display_width
 
-__all__ = ["shown_name"]
+__all__ = ["padded", "shown_name"]
 
 
 def shown_name(name: str, width: int) -> str:
@@ -23,3 +23,9 @@ def shown_name(name: str, width: int) -> str:
         shown.append(piece)
         size += columns
     return "".join(shown)
+
+
+def padded(shown: str, width: int) -> str:
+    """``shown`` (a ``shown_name``) padded with spaces to ``width`` terminal columns, so that what follows lines up
+    whatever its characters' widths (``str.ljust`` counts characters: a column of wide names came out ragged)."""
+    return shown + " " * max(0, width - display_width(shown))

@@ -24,9 +24,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from finetune_operator.api.fields import quote
+from finetune_operator.api.fields import display_width, quote
 from finetune_trainer import storage
-from finetune_trainer.display import shown_name
+from finetune_trainer.display import padded, shown_name
 from finetune_trainer.errors import ArtifactError, exception_line
 from finetune_trainer.image_bounds import OversizedImage, check_resize, short_side_resize
 from finetune_trainer.inputs import InputSpec
@@ -208,7 +208,7 @@ def predict_command(args: argparse.Namespace | Any) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = [shown_name(name, _MAX_NAME) for name in class_names]
-    width = max(map(len, shown))
+    width = max(map(display_width, shown))
     failed = 0
     # A chunk at a time: thousands of images on the command line must not all sit in memory at once.
     for start in range(0, len(args.images), _BATCH):
@@ -223,5 +223,5 @@ def predict_command(args: argparse.Namespace | Any) -> int:
         for (path, _), top in zip(readable, tops, strict=True):
             print(path)
             for index, prob in top:
-                print(f"  {shown[index]:<{width}}  {prob:.4f}")
+                print(f"  {padded(shown[index], width)}  {prob:.4f}")
     return 2 if failed else 0
