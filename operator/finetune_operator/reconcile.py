@@ -231,8 +231,9 @@ class Reconciler:
     # ------------------------------------------------------------------------------------ rules
     def converge(self, parent: ParentJob) -> None:
         """Check every child of an admitted, live job: recreate what is gone (a deleted RayJob included, see the
-        module docstring), refuse what is not ours, then mirror the RayJob."""
-        if parent.finished or not parent.rayjob_name:
+        module docstring), refuse what is not ours, then mirror the RayJob. Not for a job being deleted: its children
+        go with it (a RayJob's DELETED event can read the job live, then again as a `kubectl delete` begins)."""
+        if parent.finished or parent.deleting or not parent.rayjob_name:
             return
         try:
             admitted = admit(parent.body, self.settings)

@@ -83,3 +83,29 @@ def test_an_admission_webhook_that_does_not_answer_is_said(kube: FakeKube, rec: 
     del kube.faults[("create", "RayJob")]
     rec.reconcile(kube.get("FineTuneJob", "team", "job"))  # type: ignore[arg-type]
     assert status(kube)["phase"] == "Provisioning"
+
+
+def test_a_rayjob_deleted_while_its_job_starts_being_deleted_is_not_recreated(
+    kube: FakeKube, rec: Reconciler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RayJob's DELETED event reads the job (live), mirrors the RayJob's last status, then reads the job again to
+    recreate the RayJob. A `kubectl delete` of the job between the two reads: the second read sees it going, and a
+    new RayJob (a new Ray cluster, for a job being deleted) must not be made."""
+    rec.reconcile(created(kube, job()))
+    name = naming.rayjob_name("job")
+    rayjob = kube.objects.pop(("RayJob", "team", name))
+    reads = {"FineTuneJob": 0}
+    read = kube.read
+
+    def read_then_delete(kind: str, namespace: str, obj_name: str) -> dict[str, object] | None:
+        if kind == "FineTuneJob":
+            reads[kind] += 1
+            if reads[kind] == 2:  # the user deletes the job now (its finalizers hold it a moment)
+                kube.objects[("FineTuneJob", namespace, obj_name)]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return read(kind, namespace, obj_name)
+
+    monkeypatch.setattr(kube, "read", read_then_delete)
+    rec.rayjob_changed("DELETED", rayjob)
+    assert reads["FineTuneJob"] >= 2  # the event's path did read the job twice, the second time as it went
+    assert kube.get("RayJob", "team", name) is None
+    assert kube.count("create", "RayJob") == 1  # the first, by the create handler; none for the going job
