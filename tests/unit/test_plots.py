@@ -45,3 +45,24 @@ def test_a_class_name_with_dollar_signs_is_drawn_as_written(name: str, tmp_path:
     (ax,) = [a for a in drawn[0].axes if a.get_title().startswith("confusion matrix")]
     for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
         assert not label.get_parse_math(), label.get_text()
+
+
+@pytest.mark.parametrize(
+    ("names", "tilted"),
+    [
+        (["cat", "dog", "fox", "owl"], False),
+        (["catcatcatcatcatcat", "dog", "fox", "owl"], True),  # 18 columns × 4 classes: upright labels collide
+        (["猫猫猫猫猫猫猫猫猫", "狗", "狐", "鸮"], True),  # 9 wide characters are 18 columns, as wide as the row above
+    ],
+    ids=["short", "long", "wide"],
+)
+def test_labels_are_tilted_when_upright_ones_would_collide(
+    names: list[str], tilted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the labels collide is a matter of columns on the page: a wide (CJK) character takes two, and counting
+    characters left nine of them upright over one another."""
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    plots.plot_confusion_matrix(EvalResult(y_true=[0, 1, 2, 3], y_pred=[0, 1, 2, 3], class_names=names), "unused.png")
+    (ax,) = [a for a in drawn[0].axes if a.get_title().startswith("confusion matrix")]
+    assert {label.get_rotation() for label in ax.get_xticklabels()} == ({45.0} if tilted else {0.0})

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Final
 
+from finetune_operator.api.fields import display_width
 from finetune_trainer.display import shown_name
 from finetune_trainer.evaluation import EvalResult
 from finetune_trainer.metrics_log import EpochRecord
@@ -141,7 +142,7 @@ def plot_confusion_matrix(result: EvalResult, path: str) -> None:
     # 100,000 characters took matplotlib 27 s to lay out), and a control character has no glyph.
     names = [shown_name(name, _MAX_LABEL) for name in result.class_names]
     # Tilted labels only when upright ones would collide: long names or many classes.
-    tilt = max(map(len, names), default=0) * min(n, 40) > 60
+    tilt = max(map(display_width, names), default=0) * min(n, 40) > 60  # columns: a wide character takes two
     # As written, not mathtext: a name between two '$' ('$\foo$', a legal folder name) failed savefig.
     ax.set_xticks(ticks, names, rotation=45 if tilt else 0, ha="right" if tilt else "center", parse_math=False)
     ax.set_yticks(ticks, names, parse_math=False)
