@@ -17,6 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 # Vendored with their source, version and licence (tests/data/kuberay-v1.7.0/README.md).
 KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay-v1.7.0"
+# The chart's ServiceMonitor is checked against the Prometheus Operator's own CRD (its README says which release).
+PROMETHEUS_OPERATOR_SCHEMAS = REPO / "tests" / "data" / "prometheus-operator-v0.93.0"
 
 
 def crd_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
@@ -34,6 +36,10 @@ def load_crd_schema(path: Path, version: str) -> dict[str, Any]:
 
 def kuberay_schema(plural: str = "rayjobs") -> dict[str, Any]:
     return load_crd_schema(KUBERAY_SCHEMAS / f"ray.io_{plural}.yaml", "v1")
+
+
+def servicemonitor_schema() -> dict[str, Any]:
+    return load_crd_schema(PROMETHEUS_OPERATOR_SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml", "v1")
 
 
 def to_jsonschema(node: Any) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.schemas import KUBERAY_SCHEMAS, REPO
+from tests.support.schemas import KUBERAY_SCHEMAS, PROMETHEUS_OPERATOR_SCHEMAS, REPO
 
 
 @pytest.mark.parametrize("folder", ["operator", "trainer"])
@@ -106,10 +106,16 @@ def test_outside_reference_detector(relative: str, text: str, bad: bool) -> None
     assert bool(outside_references(REPO / relative, text)) is bad
 
 
-@pytest.mark.parametrize("name", ["ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"])
-def test_vendored_kuberay_crds_are_the_released_files(name: str) -> None:
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [
+        (KUBERAY_SCHEMAS, "ray.io_rayjobs.yaml"),
+        (KUBERAY_SCHEMAS, "ray.io_rayclusters.yaml"),
+        (PROMETHEUS_OPERATOR_SCHEMAS, "monitoring.coreos.com_servicemonitors.yaml"),
+    ],
+)
+def test_vendored_crds_are_the_released_files(folder: Path, name: str) -> None:
     """The checksums recorded in the vendored folder's README (with the source, version and licence)."""
-    folder = KUBERAY_SCHEMAS
     readme = (folder / "README.md").read_text()
     digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
     assert f"`{name}` {digest}" in readme, f"{name} differs from the release recorded in {folder / 'README.md'}"
