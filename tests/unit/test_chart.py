@@ -56,6 +56,8 @@ CERT_MANAGER = WEBHOOK_KINDS | {"Certificate": 1}
 HA = {"Role": 1, "RoleBinding": 1, "PodDisruptionBudget": 1}
 # /metrics behind token reviews (metrics.auth, the default): the reviews' ClusterRole and binding, and metrics-reader.
 METRICS_AUTH = {"ClusterRole": 2, "ClusterRoleBinding": 1}
+# The ServiceMonitor's own token (metrics.serviceMonitor.tokenSecret.create): its ServiceAccount, Secret and binding.
+METRICS_SCRAPER = {"ServiceAccount": 1, "Secret": 1, "ClusterRoleBinding": 1}
 
 
 def _plus(*parts: dict[str, int]) -> dict[str, int]:
@@ -66,6 +68,7 @@ EXPECTED_KINDS = {
     "default": _plus(BASE_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
     "namespaced": _plus(NAMESPACED_KINDS, OWN_CERTIFICATE, HA, METRICS_AUTH),
     "servicemonitor": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA, METRICS_AUTH),
+    "servicemonitor-token": _plus(BASE_KINDS, OWN_CERTIFICATE, {"ServiceMonitor": 1}, HA, METRICS_AUTH, METRICS_SCRAPER),
     "networkpolicy": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA, METRICS_AUTH),
     "networkpolicy-pinned": _plus(BASE_KINDS, OWN_CERTIFICATE, {"NetworkPolicy": 1}, HA, METRICS_AUTH),
     "nocrds": _plus({k: v for k, v in BASE_KINDS.items() if k != "CustomResourceDefinition"}, OWN_CERTIFICATE, HA, METRICS_AUTH),
@@ -126,9 +129,9 @@ def without_platform(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Everything but the admission webhook's objects (tests/unit/test_webhook_install.py checks those), the Lease's
-    RBAC (test_leader_election_rbac_is_the_lease_alone), /metrics' (test_metrics_rbac_is_the_token_reviews_alone) and
-    PLATFORM_COMPONENTS."""
-    aside = ("webhook", "leader-election", "metrics-auth", *PLATFORM_COMPONENTS)
+    RBAC (test_leader_election_rbac_is_the_lease_alone), /metrics' (test_metrics_rbac_is_the_token_reviews_alone), the
+    ServiceMonitor's own token (tests/unit/test_chart_servicemonitor.py) and PLATFORM_COMPONENTS."""
+    aside = ("webhook", "leader-election", "metrics-auth", "metrics-scraper", *PLATFORM_COMPONENTS)
     return [obj for obj in objects if obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in aside]
 
 
@@ -443,10 +446,17 @@ def test_metrics_rbac_is_the_token_reviews_alone(renders: dict[str, list[dict[st
         "name": f"{FULLNAME}-metrics-auth",
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    token = values_of(variant)["metrics"]["serviceMonitor"]["tokenSecret"]
+    secret = token["name"] or (f"{FULLNAME}-metrics-token" if token["create"] else "")
+    credentials = (
+        {"authorization": {"type": "Bearer", "credentials": {"name": secret, "key": token["key"]}}}
+        if secret
+        else {"bearerTokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}
+    )
     for monitor in monitors:
         (endpoint,) = monitor["spec"]["endpoints"]
         assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"insecureSkipVerify": True}
-        assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        assert {k: v for k, v in endpoint.items() if k in ("authorization", "bearerTokenFile")} == credentials
 
 
 def test_replicas_without_leader_election_fail_to_render() -> None:

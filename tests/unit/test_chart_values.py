@@ -22,6 +22,7 @@ RELEASE, NAMESPACE = "ft", "finetune-system"
 # Every optional object on, so that each template's names and labels are checked.
 EVERYTHING = (
     "metrics.serviceMonitor.enabled=true",
+    "metrics.serviceMonitor.tokenSecret.create=true",
     "networkPolicy.enabled=true",
     "grafanaDashboard.enabled=true",
 )

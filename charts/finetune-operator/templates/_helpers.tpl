@@ -174,6 +174,25 @@ secure must stay the default then.
 {{- end }}
 
 {{/*
+The Secret whose token the ServiceMonitor sends (metrics.serviceMonitor.tokenSecret): the one named, the one the chart
+creates, or empty for Prometheus's own token (bearerTokenFile). `default dict`: an upgrade with --reuse-values from a
+release before the value has none, and keeps the token it had.
+*/}}
+{{- define "finetune-operator.metricsTokenSecret" -}}
+{{- $token := .Values.metrics.serviceMonitor.tokenSecret | default dict }}
+{{- if $token.create }}
+{{- default (printf "%s-metrics-token" (include "finetune-operator.fullname" .)) $token.name }}
+{{- else }}
+{{- $token.name | default "" }}
+{{- end }}
+{{- end }}
+
+{{/* The ServiceAccount of the token the chart creates (metrics.serviceMonitor.tokenSecret.create). */}}
+{{- define "finetune-operator.metricsScraperName" -}}
+{{- printf "%s-metrics-scraper" (include "finetune-operator.fullname" .) }}
+{{- end }}
+
+{{/*
 A Prometheus duration in milliseconds, as a string. values.schema.json admits only runs of [0-9]+(ms|s|m|h) (1m30s,
 1500ms), so each value that reaches here is read whole; Prometheus's d, w and y never get this far.
 */}}
