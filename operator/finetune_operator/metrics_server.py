@@ -15,10 +15,8 @@ Without ``auth``: plain HTTP, for a cluster that puts its own authenticating pro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import socket
 import ssl
 import tempfile
 import threading
@@ -28,12 +26,12 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from finetune_operator import certificates
+from finetune_operator.bounded_http import BoundedServer, QuietHandler
 
 __all__ = ["CACHE_SECONDS", "CACHE_SIZE", "METRICS_PATH", "TokenReviewer", "kube_reviews", "metrics_app", "serve", "serve_once"]
 
@@ -172,57 +170,10 @@ def metrics_app(registry: CollectorRegistry, review: Callable[[str], int] | None
     return app
 
 
-class _Quiet(WSGIRequestHandler):
-    """One request, in its own thread: the TLS handshake happens here, under ``timeout``, not in the accepting thread,
-    where one connection that never says hello would stop every scrape."""
+class _Server(BoundedServer):
+    """``bounded_http``'s server with the bounds of /metrics."""
 
-    timeout = CONNECTION_SECONDS
-
-    def setup(self) -> None:
-        super().setup()  # applies ``timeout`` to the connection
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per scrape is noise; refusals are the scraper's to report
-
-
-class _Server(ThreadingWSGIServer):
-    """At most ``MAX_CONNECTIONS`` at once, each closed ``CONNECTION_SECONDS`` after it was accepted: a socket timeout
-    alone bounds each read, and a client sending a byte at a time, or many clients saying nothing, would hold threads
-    in the operator's process for ever."""
-
-    request_queue_size = 128  # the listen backlog: socketserver's 5 drops a burst's connections into SYN retries
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            request.close()  # no TLS goodbye: the handshake never happened
-            return
-        deadline = threading.Timer(CONNECTION_SECONDS, _close, args=(request,))
-        deadline.daemon = True
-        deadline.start()
-
-        def served() -> None:
-            try:
-                self.process_request_thread(request, client_address)
-            finally:
-                deadline.cancel()
-                self.slots.release()
-
-        threading.Thread(target=served, name="metrics-request", daemon=True).start()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("metrics: a connection from %s failed", client_address, exc_info=True)  # a failed handshake, a reset
-
-
-def _close(connection: Any) -> None:
-    """End ``connection`` from another thread: its reads and writes fail at once, and its thread finishes."""
-    with contextlib.suppress(OSError):  # closed already
-        connection.shutdown(socket.SHUT_RDWR)
+    max_connections, connection_seconds = MAX_CONNECTIONS, CONNECTION_SECONDS
 
 
 _served: list[int] = []
@@ -251,7 +202,8 @@ def serve(
 ) -> ThreadingWSGIServer:
     """Start serving ``registry`` on ``host:port`` in a daemon thread; HTTPS behind ``review`` when it is given, on a
     certificate for ``tls_name`` renewed before it expires. Returns the server (``server_port``; ``shutdown()``)."""
-    server = make_server(host, port, metrics_app(registry, review), _Server, handler_class=_Quiet)
+    server = _Server((host, port), QuietHandler)
+    server.set_app(metrics_app(registry, review))
     if review is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2

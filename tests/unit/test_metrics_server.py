@@ -230,7 +230,7 @@ def test_a_client_dripping_its_request_is_cut_off_at_the_deadline(https: str, mo
 
     from finetune_operator import metrics_server
 
-    monkeypatch.setattr(metrics_server, "CONNECTION_SECONDS", 1.0)
+    monkeypatch.setattr(metrics_server._Server, "connection_seconds", 1.0)
     started = time.monotonic()
     answer = _drip(_tls(int(https.split(":")[1])), until=started + 4)
     assert not answer.startswith(b"HTTP/1.0 200"), answer[:40]
