@@ -2,14 +2,14 @@
 
 Run it with::
 
-    kopf run -m finetune_operator.handlers --standalone --all-namespaces \\
-        --liveness=http://0.0.0.0:8081/healthz            # or --namespace=NS (repeatable)
     python -m finetune_operator.handlers --all-namespaces  # the image's entry point; leader election when
                                                            # FINETUNE_OPERATOR_LEADER_ELECTION=true
+    kopf run -m finetune_operator.handlers --standalone --all-namespaces  # or --namespace=NS (repeatable)
 
-The chart probes ``/healthz`` on 8081; Prometheus scrapes ``/metrics`` on ``FINETUNE_OPERATOR_METRICS_PORT``; the API
-server calls the admission webhook (``validate``) over HTTPS on ``FINETUNE_OPERATOR_WEBHOOK_PORT``, served by the
-server ``configure`` picks from ``webhook_server``.
+The chart probes ``/healthz`` on 8081 (``--liveness``), served by ``liveness``, not by Kopf (whose ``--liveness``
+answers the probe handlers' results to anyone): only ``ok`` or ``not ok``. Prometheus scrapes ``/metrics`` on
+``FINETUNE_OPERATOR_METRICS_PORT``; the API server calls the admission webhook (``validate``) over HTTPS on
+``FINETUNE_OPERATOR_WEBHOOK_PORT``, served by the server ``configure`` picks from ``webhook_server``.
 
 Each handler hands its event to ``reconcile.Reconciler`` (the rules live there, unit-tested without Kopf)
 and translates the outcome into Kopf's words: ``failures.Refused`` → ``kopf.PermanentError``;
@@ -18,7 +18,7 @@ FineTuneJob deleted: the children go with their owner references. The operator p
 deleting a job or its namespace never waits for the operator.
 
 Two or more replicas (``main`` with leader election on): every replica runs Kopf with ``WEBHOOK_REGISTRY`` (the
-webhook, the probes, liveness), and only the holder of the Lease (``leadership``) also runs Kopf with every handler
+webhook and liveness), and only the holder of the Lease (``leadership``) also runs Kopf with every handler
 in another thread, its webhook turned off, started and stopped by the election (``replication.leader_elector``).
 
 Handlers return None: Kopf writes nothing into the status (its progress lives in ``finetune.dev/*``
@@ -29,6 +29,8 @@ patches on the status subresource.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import contextvars
 import logging
 import socket
@@ -41,7 +43,7 @@ from typing import Any, Final, cast
 
 import kopf
 
-from finetune_operator import admission, metrics, naming, webhook_server
+from finetune_operator import admission, liveness, metrics, naming, webhook_server
 from finetune_operator.api.versions import GROUP, PLURAL, RAYJOB_GROUP, RAYJOB_PLURAL, RAYJOB_VERSION, VERSION
 from finetune_operator.certificates import SelfSignedTLS
 from finetune_operator.failures import ApiFailure, Refused, Retry, retry_delay
@@ -164,12 +166,6 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """Credentials as Kopf's default registry finds them (kubeconfig or the pod's service account): a registry of our
     own starts with none."""
     return kopf.login_via_client(**kwargs)
-
-
-@kopf.on.probe(id="jobs", registry=WEBHOOK_REGISTRY)
-@kopf.on.probe(id="jobs")
-def jobs_probe(**_: Any) -> int:
-    return metrics.job_count()
 
 
 @kopf.on.resume(*FTJ)
@@ -303,7 +299,22 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kop
         logger.warning("could not mirror RayJob %s (retried within %ds): %s", rayjob["metadata"].get("name"), RESYNC_SECONDS, exc)
 
 
-def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
+def _run_kopf(alive: liveness.KopfAlive, **options: Any) -> None:
+    """``kopf.run(**options)``, ``alive`` following it (``liveness``): our /healthz instead of Kopf's, which answered
+    the probe handlers' results to anyone and kept every connection an hour."""
+
+    async def operate() -> None:
+        alive.attach(asyncio.get_running_loop())
+        try:
+            await kopf.operator(ready_flag=alive.ready, **options)
+        finally:
+            alive.detach()
+
+    with contextlib.suppress(asyncio.CancelledError):  # as kopf.run
+        asyncio.run(operate())
+
+
+def _run_replicated(settings: OperatorSettings, alive: liveness.KopfAlive) -> None:
     kube = Kube(load_client())
     identity = settings.leader_election_identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     scope: dict[str, Any] = {"clusterwide": not settings.namespaces, "namespaces": settings.namespaces}
@@ -315,9 +326,7 @@ def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
     campaign = threading.Thread(target=elector.run, args=(stop,), name="finetune-election", daemon=True)
     campaign.start()
     try:  # until SIGTERM: then the campaign steps down (the reconciling Kopf stops) and releases the Lease
-        kopf.run(
-            registry=WEBHOOK_REGISTRY, standalone=True, liveness_endpoint=liveness, memo=kopf.Memo(settings=settings), **scope
-        )
+        _run_kopf(alive, registry=WEBHOOK_REGISTRY, standalone=True, memo=kopf.Memo(settings=settings), **scope)
     finally:
         stop.set()
         campaign.join()
@@ -326,28 +335,36 @@ def _run_replicated(settings: OperatorSettings, liveness: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune_operator.handlers``: Kopf with namespaces, liveness and logging from the settings."""
     parser = argparse.ArgumentParser(prog="python -m finetune_operator.handlers", description="Run the FineTuneJob operator.")
-    parser.add_argument("--liveness", default=LIVENESS, metavar="URL", help=f"liveness endpoint (default: {LIVENESS})")
+    parser.add_argument(
+        "--liveness", default=LIVENESS, metavar="URL", help=f"liveness endpoint, empty for none (default: {LIVENESS})"
+    )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", action="append", default=[], metavar="NS", help="watch NS (repeatable)")
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     args = parser.parse_args(argv)
+    alive = liveness.KopfAlive()
     try:
         settings = OperatorSettings.from_env()
         if args.namespace or args.all_namespaces:  # the arguments, as for `kopf run`, win over the variable
             settings = settings.replace(namespaces=tuple(args.namespace))
-    except SettingsError as exc:
+        where = liveness.endpoint(args.liveness) if args.liveness else None
+    except (SettingsError, liveness.LivenessError) as exc:
         raise SystemExit(f"finetune-operator: {exc}") from exc
     logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.leader_election:
-        _run_replicated(settings, args.liveness)
-        return
-    kopf.run(
-        standalone=True,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=args.liveness,
-        memo=kopf.Memo(settings=settings),
-    )
+    try:
+        server = None if where is None else liveness.serve(where, alive)
+    except liveness.LivenessError as exc:
+        raise SystemExit(f"finetune-operator: {exc}") from exc
+    try:
+        if settings.leader_election:
+            _run_replicated(settings, alive)
+        else:
+            memo = kopf.Memo(settings=settings)
+            _run_kopf(alive, standalone=True, clusterwide=not settings.namespaces, namespaces=settings.namespaces, memo=memo)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 if __name__ == "__main__":
