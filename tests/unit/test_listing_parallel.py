@@ -178,14 +178,35 @@ def test_class_folders_are_listed_at_the_same_time_and_no_more_than_the_bound(
     assert classes == [f"c{k:02d}" for k in range(12)] and len(samples) == 12
 
 
-def test_a_class_folder_deleted_between_the_two_listings_is_left_out(memory_folder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = memory_folder.find
+def test_a_class_folder_deleted_between_the_two_listings_is_left_out(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted after the prefix was listed: s3fs's ``find`` of it gives [], as a listing made after would."""
+    s3.client.put_object(Bucket="listing", Key="gone/cat/1.png", Body=b"x")
+    s3.client.put_object(Bucket="listing", Key="gone/dog/1.png", Body=b"x")
+    fs, _ = fsspec.core.url_to_fs("s3://listing/gone")
+    real = fs.find
 
     def find(path: str, *args: Any, **kwargs: Any) -> Any:
-        if path.endswith("/c03"):
-            raise FileNotFoundError(path)
+        if path.endswith("/dog"):
+            s3.client.delete_object(Bucket="listing", Key="gone/dog/1.png")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(memory_folder, "find", find)
-    classes, _ = listing._list_remote("trainUri", "memory://overlap/ds")
-    assert classes == [f"c{k:02d}" for k in range(12) if k != 3]
+    monkeypatch.setattr(fs, "find", find)
+    assert outcome("s3://listing/gone") == (["cat"], [("s3://listing/gone/cat/1.png", 0)])
+
+
+def test_a_class_folder_whose_listing_fails_with_not_found_fails_the_listing(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 404 (NoSuchBucket: the bucket deleted, a proxy's 404) on a class folder's listing, which s3fs raises as
+    FileNotFoundError: the class must not vanish from the classes (every label after it would shift)."""
+    fs, _ = fsspec.core.url_to_fs("s3://listing/ok")
+    real = fs._call_s3
+
+    async def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("Prefix", "")).startswith("ok/cat/"):
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}}, method)
+        return await real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", call_s3)
+    got = outcome("s3://listing/ok")
+    assert isinstance(got, str), got
+    assert re.match(r"^dataset\.trainUri: s3://listing/ok: cannot list: .*listing/ok/cat.*bucket does not exist$", got), got
+    assert "\n" not in got

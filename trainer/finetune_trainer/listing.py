@@ -128,10 +128,14 @@ def _find_all(fs: Any, prefix: str) -> list[str]:
 
 
 def _find_folder(fs: Any, folder: str) -> list[str]:
+    """``fs.find(folder)``; [] for a folder deleted since the prefix was listed (as if listed after). A
+    FileNotFoundError is no such folder: the store failing this listing (NoSuchBucket, a 404 of a proxy), re-raised as
+    another error, for ``_remote_listing`` to report rather than read as no objects: the class would vanish and
+    every label after it shift."""
     try:
         return [str(p) for p in fs.find(folder)]
-    except FileNotFoundError:  # deleted since the prefix was listed: as if it had been listed after
-        return []
+    except FileNotFoundError as e:
+        raise OSError(f"listing {folder}: {exception_line(e)}") from e
 
 
 def _list_remote(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]]:
