@@ -154,3 +154,49 @@ def test_an_imagefolder_dataset_on_s3_loads_from_the_cache(s3: tuple[object, Get
     image, label = val[0]
     assert tuple(image.shape) == (3, 16, 16) and label in (0, 1)
     assert len(gets.paths) == 8
+
+
+# Layouts an S3 console or another tenant makes, read by both ingest paths: the console's "Create folder" leaves a
+# zero-byte ``cat/`` object; an object may share its name with a folder; a dot segment is a dot folder.
+LAYOUTS = {
+    "directory-markers": ["cat/", "cat/1.png", "dog/", "dog/2.png", "emu/"],
+    "object-and-folder": ["cat/b", "cat/b/c.png", "cat/1.png", "dog/1.png"],
+    "dot-segment": ["cat/1.png", "cat/./2.png", "dog/1.png"],
+    "dot-files-only": ["cat/1.png", "dog/.DS_Store"],
+    "beside-and-hidden": ["cat/1.png", "notes.txt", ".cache/x.png", "cat/.thumbs/t.png", "cat/readme.md", "dog/1.png"],
+}
+
+
+@pytest.mark.parametrize("keys", list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_the_download_gives_the_classes_and_images_the_listing_gives_and_fetches_no_other_object(
+    s3: tuple[object, GetCounter], tmp_path: Path, keys: list[str]
+) -> None:
+    from finetune_trainer.errors import TrainerError
+    from finetune_trainer.listing import list_image_folder
+
+    client, gets = s3
+    uri = f"s3://{BUCKET}/{tmp_path.name}/layout"
+    for key in keys:
+        client.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/layout/{key}", Body=b"" if key.endswith("/") else b"x")  # type: ignore[attr-defined]
+
+    def listed() -> object:
+        try:
+            classes, samples = list_image_folder("trainUri", uri)
+        except TrainerError as e:
+            return str(e).replace(uri, "ROOT").rpartition(" holds")[0]
+        return classes, [(path.removeprefix(uri + "/"), label) for path, label in samples]
+
+    def downloaded() -> object:
+        root = fetch_to_cache(uri, str(tmp_path / "cache"))
+        with pytest.MonkeyPatch.context() as mp:  # the map-style path's listing, of the local copy
+            mp.setattr("finetune_trainer.listing.is_object_store", lambda _: False)
+            mp.setattr("finetune_trainer.listing.resolve_uri", lambda _: root)
+            try:
+                classes, samples = list_image_folder("trainUri", uri)
+            except TrainerError as e:
+                return str(e).replace(root, "ROOT").replace(uri, "ROOT").rpartition(" holds")[0]
+        return classes, [(str(Path(path).relative_to(root)), label) for path, label in samples]
+
+    assert downloaded() == listed()
+    images = [k for k in keys if k.endswith(".png") and "/." not in k and k.count("/") >= 1 and not k.startswith(".")]
+    assert sorted(p.rsplit("/layout/", 1)[1] for p in gets.paths) == sorted(images)

@@ -3,7 +3,8 @@
 The bytes are fsspec's business: a ``filecache`` (``WholeFileCacheFileSystem``) over the store, with
 ``check_files`` on, holds one local copy per object and fetches it again when the object's key in the
 listing (``ukey``: ETag, modification time, size) changed. What the dataset reader needs is a folder tree,
-so each sync also lays out a *view*: a folder of symbolic links into the cache, named by a digest of the
+so each sync also lays out a *view*: a folder of symbolic links into the cache, one per image as the streaming
+path's listing reads the keys (``image_folder.listed_object``: nothing else is downloaded), named by a digest of the
 URI and of every object's path, ETag/mtime and size. A changed, added or deleted object changes the
 digest, so a changed dataset is never served stale; an unchanged one reuses its view after a single
 listing, downloading nothing.
@@ -28,6 +29,7 @@ from typing import Any, Final
 
 from finetune_operator.api.contract import resolve_uri
 from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.image_folder import listed_object
 
 __all__ = ["COMPLETE_MARKER", "cache_root", "fetch_to_cache"]
 
@@ -62,22 +64,44 @@ def _listing(fs: Any, prefix: str, uri: str) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _wanted(prefix: str, files: list[str]) -> tuple[set[str], list[tuple[str, str]]]:
+    """(class folders, (object, its path in the view) of each image) as ``listing`` reads the keys
+    (``image_folder.listed_object``): nothing else is downloaded. Laid out as they are, the console's ``cat/`` folder
+    markers, an object named like a folder (``a/b`` beside ``a/b/c.png``) or a dot file would cost the download or
+    disk, and a ``.`` or ``..`` segment would make an image the streaming path leaves out (or climb out of the view)."""
+    classes: set[str] = set()
+    images: list[tuple[str, str]] = []
+    for path in files:
+        seen = listed_object(path[len(prefix) :])
+        if seen is not None:
+            classes.add(seen[0][0])
+            if seen[1]:
+                images.append((path, "/".join(seen[0])))
+    return classes, images
+
+
 def _fill_view(cached: Any, fs: Any, prefix: str, files: list[str], view: Path) -> None:
-    """Bring every file into fsspec's cache (downloading only the missing or changed) and link it into ``view``."""
+    """Bring every image into fsspec's cache (downloading only the missing or changed) and link it into ``view``,
+    beside a folder for each class (one holding no image is the listing's error to report, as on a local folder)."""
     from fsspec.core import OpenFile, OpenFiles
 
-    for start in range(0, len(files), _BATCH):
-        batch = files[start : start + _BATCH]
-        opened = cached.open_many(OpenFiles([OpenFile(cached, p, mode="rb") for p in batch], mode="rb", fs=cached))
-        for path, handle in zip(batch, opened, strict=True):
+    classes, images = _wanted(prefix, files)
+    for name in classes:
+        (view / name).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(images), _BATCH):
+        batch = images[start : start + _BATCH]
+        opened = cached.open_many(OpenFiles([OpenFile(cached, p, mode="rb") for p, _ in batch], mode="rb", fs=cached))
+        for (_, rel), handle in zip(batch, opened, strict=True):
             local = handle.name
             handle.close()
-            rel = path[len(prefix) :].lstrip("/")
-            if not rel or ".." in Path(rel).parts:
-                continue  # the prefix itself as an object, or a key that would climb out of the view
             link = view / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(local)
+            try:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(local)
+            except (FileExistsError, NotADirectoryError):
+                # Two keys for one path ('cat//a.png' and 'cat/a.png'), or an image named like a folder of others
+                # ('a.png' and 'a.png/b.png'): the first is kept.
+                continue
 
 
 def fetch_to_cache(uri: str, cache_dir: str | None) -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "image_files",
     "is_hidden",
     "is_image_name",
+    "listed_object",
     "load_image",
     "read_file",
     "same_classes",
@@ -135,6 +136,17 @@ def is_hidden(name: str) -> bool:
 def is_image_name(name: str) -> bool:
     """A file name that counts as an image: one of ``IMG_EXTENSIONS`` (any case), not a dot file."""
     return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def listed_object(relative: str) -> tuple[list[str], bool] | None:
+    """How these rules read an object store's key, ``relative`` to the dataset's prefix: None for a key in no class
+    folder (beside the class folders, a dot folder, the console's ``cat/`` folder marker); else its segments, the
+    class folder first, and whether it is an image of that class (an image name, no dot folder on the way: ``.``
+    and ``..`` segments are dot folders). For the listings that come back flat: ``listing``'s and ``download_cache``'s."""
+    parts = relative.strip("/").split("/")
+    if len(parts) < 2 or is_hidden(parts[0]):
+        return None
+    return parts, not any(is_hidden(p) for p in parts[1:-1]) and is_image_name(parts[-1])
 
 
 def walk_order(relative_parts: Sequence[str]) -> tuple[tuple[int, str], ...]:

@@ -28,8 +28,7 @@ from finetune_trainer.image_folder import (
     IMG_EXTENSIONS,
     class_folders,
     image_files,
-    is_hidden,
-    is_image_name,
+    listed_object,
     walk,
     walk_order,
 )
@@ -143,11 +142,12 @@ def _list_remote(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]
     folders: set[str] = set()
     by_class: dict[str, list[tuple[tuple[tuple[int, str], ...], str]]] = {}
     for path in found:
-        parts = path[len(prefix) :].strip("/").split("/")
-        if len(parts) < 2 or is_hidden(parts[0]):
+        seen = listed_object(path[len(prefix) :])
+        if seen is None:
             continue  # a file beside the class folders, or a dot folder: not a class
+        parts, image = seen
         folders.add(parts[0])
-        if any(is_hidden(p) for p in parts[1:-1]) or not is_image_name(parts[-1]):
+        if not image:
             continue
         by_class.setdefault(parts[0], []).append((walk_order(parts[1:]), fs.unstrip_protocol(path)))
     if not found:
