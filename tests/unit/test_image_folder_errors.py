@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -217,3 +219,53 @@ def test_a_class_folder_linking_back_to_the_dataset_is_not_a_class(tmp_path: Pat
     classes, samples = list_image_folder("trainUri", str(tmp_path))
     assert classes == ["cat", "dog"]
     assert sorted((os.path.basename(p), label) for p, label in samples) == [("a.png", 0), ("b.png", 1)]
+
+
+# ------------------------------------------------------------------------------------------------ not a plain file
+def _within(seconds: float, fifo: Path, call: Callable[[], object]) -> object:
+    """``call()``'s result, or a failure after ``seconds`` if it blocks on ``fifo`` (then released, by opening the
+    FIFO's other end, so that the thread ends)."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"blocked on the FIFO {fifo} for {seconds} s")
+    assert result, "the call raised"
+    return result[0]
+
+
+def _raises(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        try:
+            call()
+        except TrainerError as e:
+            return str(e)
+        return "no error"
+
+    return run
+
+
+# A FIFO named like an image (or a link to one, or to /dev/zero, on a pvc another tenant writes to): opened like a
+# file, a FIFO blocks the scan or a decode task for ever and /dev/zero is read until memory runs out.
+READERS: dict[str, Callable[[list[str], Path], Callable[[], object]]] = {
+    "map-style-scan": lambda paths, root: lambda: [p for p, _ in scan_images("trainUri", str(root), str(root), ["cat"])],
+    "streaming-decoder": lambda paths, root: lambda: list(Decoder(_UINT8, seed=0, epoch=1)(_rows(paths))["bad"]),
+    "map-style-read": lambda paths, root: _raises(lambda: load_image(paths[-1])),
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS), ids=list(READERS))
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path: Path, reader: str) -> None:
+    paths = [_png(tmp_path / "cat" / f"{i}.png", i) for i in range(120)]
+    fifo = tmp_path / "cat" / "z-fifo.png"
+    os.mkfifo(fifo)
+    got = _within(10, fifo, READERS[reader]([*paths, str(fifo)], tmp_path))
+    expected = {
+        "map-style-scan": sorted(paths),  # skipped and counted, as an unreadable file
+        "streaming-decoder": [""] * len(paths) + [str(fifo)],
+        "map-style-read": f"dataset: cannot read image {fifo}: no such plain file",
+    }
+    assert got == expected[reader]

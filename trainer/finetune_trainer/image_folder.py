@@ -28,6 +28,7 @@ from torchvision import datasets
 
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.image_bounds import check_resize, short_side_resize
+from finetune_trainer.storage import NotAFile, open_regular
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -67,7 +68,9 @@ READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError, 
 def read_file(path: str) -> bytes:
     """The bytes of a local file or of an object-store URI (fsspec: s3's endpoint and credentials from the environment)."""
     if "://" not in path:
-        with open(path, "rb") as f:
+        # A plain file only (NotAFile otherwise): a FIFO named like an image would block here for ever, a link to
+        # /dev/zero be read until memory runs out.
+        with open_regular(path) as f:
             return f.read()
     import fsspec
 
@@ -87,14 +90,15 @@ READ_RETRY_DELAYS: Final = (0.5, 2.0, 8.0)
 
 def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
     """``read(path)``, telling a storage error from a missing file: None when the file is gone
-    (``FileNotFoundError``, deleted after the listing: skipped and counted like an undecodable file); any other
+    (``FileNotFoundError``, deleted after the listing) or no plain file (``NotAFile``, a directory): skipped and
+    counted like an undecodable file; any other
     ``OSError`` (a reset connection, throttling, expired credentials, a permission) is retried after each of
     ``READ_RETRY_DELAYS``, then a one-line TrainerError naming the file: counting it as a corrupt image would
     silently swap training images and tell the user to fix files that are fine."""
     for delay in (*READ_RETRY_DELAYS, None):
         try:
             return read(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotAFile, IsADirectoryError):
             return None
         except OSError as e:
             if delay is None:
@@ -121,7 +125,7 @@ def load_image(path: str, resize: int | None = None) -> Image.Image:
     naming that file."""
     data = fetch(path)
     if data is None:
-        raise TrainerError(f"dataset: cannot read image {path}: no such file")
+        raise TrainerError(f"dataset: cannot read image {path}: no such plain file")
     try:
         return decode_image(data, resize)
     except READ_ERRORS as e:
@@ -231,7 +235,7 @@ def _unreadable(path: str, resize: int | None = None) -> str | None:
     """Why PIL cannot identify ``path``, or why its resize would be too large (its header only: decoding every image
     would double the reads)."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:  # a FIFO or a device: unreadable, not waited on
             check_resize(img.size, resize)
             return None
     except READ_ERRORS as e:
