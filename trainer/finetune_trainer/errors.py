@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ArtifactError", "TrainerError", "WeightsError", "exception_line", "find_user_error", "one_line"]
+__all__ = ["ArtifactError", "TrainerError", "WeightsError", "exception_line", "find_user_error", "one_line", "printable"]
 
 # How a TrainerError (or a WeightsError) appears inside a wrapped, multi-line message: the last line
 # of a traceback, "finetune_trainer.errors.TrainerError: dataset.trainUri: …".
@@ -31,6 +31,14 @@ class WeightsError(ValueError):
 
 class ArtifactError(ValueError):
     """Artifacts that cannot be written or read as asked; the message is one line, fit for a job status."""
+
+
+def printable(name: str) -> str:
+    """``name`` (a path, a folder or file name from a dataset) with each character that is not printable (a newline,
+    another control character, U+2028, an invisible one) written as its escape, for a one-line message: anyone who
+    can write to a dataset names its files, and ``_INNER`` keeps only the first line of a message that comes back
+    wrapped (a DataLoader worker's, Ray's)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def exception_line(e: BaseException) -> str:

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import TrainerError, printable
 from finetune_trainer.image_bounds import check_resize, short_side_resize
 from finetune_trainer.storage import NotAFile, open_regular
 
@@ -104,7 +104,8 @@ def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
             if delay is None:
                 tries = len(READ_RETRY_DELAYS) + 1
                 raise TrainerError(
-                    f"dataset: cannot read {path} from its storage ({tries} tries): {type(e).__name__}: {e}"
+                    f"dataset: cannot read {printable(path)} from its storage ({tries} tries): "
+                    f"{type(e).__name__}: {printable(str(e))}"
                 ) from None
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -125,11 +126,11 @@ def load_image(path: str, resize: int | None = None) -> Image.Image:
     naming that file."""
     data = fetch(path)
     if data is None:
-        raise TrainerError(f"dataset: cannot read image {path}: no such plain file")
+        raise TrainerError(f"dataset: cannot read image {printable(path)}: no such plain file")
     try:
         return decode_image(data, resize)
     except READ_ERRORS as e:
-        raise TrainerError(f"dataset: cannot read image {path}: {e}") from None
+        raise TrainerError(f"dataset: cannot read image {printable(path)}: {printable(str(e))}") from None
 
 
 def is_hidden(name: str) -> bool:
@@ -216,7 +217,7 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
     for name in classes:
         if next(_image_files(path / name), None) is None:
             raise TrainerError(
-                f"dataset.{field}: class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                f"dataset.{field}: class folder {printable(str(path / name))} holds no images ({', '.join(IMG_EXTENSIONS)}); "
                 "add some or remove it"
             )
     return classes
@@ -255,7 +256,7 @@ def scan_images(field: str, uri: str, root: str, classes: Sequence[str], resize:
     bad = [(path, problem) for (path, _), problem in zip(found, problems, strict=True) if problem is not None]
     samples = [sample for sample, problem in zip(found, problems, strict=True) if problem is None]
     if bad:
-        example = f"e.g. {bad[0][0]}: {bad[0][1]}"
+        example = printable(f"e.g. {bad[0][0]}: {bad[0][1]}")
         if len(bad) > MAX_UNREADABLE_FRACTION * len(found):
             raise TrainerError(
                 f"dataset.{field}: {len(bad)} of {len(found)} image files under {uri} cannot be read ({example}); "
@@ -265,7 +266,9 @@ def scan_images(field: str, uri: str, root: str, classes: Sequence[str], resize:
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
         folder = Path(root) / empty[0]
-        raise TrainerError(f"dataset.{field}: class folder {folder} holds no readable images; add some or remove it")
+        raise TrainerError(
+            f"dataset.{field}: class folder {printable(str(folder))} holds no readable images; add some or remove it"
+        )
     return samples
 
 

@@ -23,7 +23,7 @@ from typing import Any, Final
 from finetune_operator.api.contract import resolve_uri
 from finetune_operator.api.fields import uri_scheme
 from finetune_operator.api.v1alpha1 import DatasetSpec
-from finetune_trainer.errors import TrainerError, exception_line
+from finetune_trainer.errors import TrainerError, exception_line, printable
 from finetune_trainer.image_folder import (
     IMG_EXTENSIONS,
     class_folders,
@@ -158,8 +158,8 @@ def _list_remote(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]
     for name in classes:
         if name not in by_class:
             raise TrainerError(
-                f"dataset.{field}: class folder {uri.rstrip('/')}/{name} holds no images ({', '.join(IMG_EXTENSIONS)}); "
-                "add some or remove it"
+                f"dataset.{field}: class folder {uri.rstrip('/')}/{printable(name)} holds no images "
+                f"({', '.join(IMG_EXTENSIONS)}); add some or remove it"
             )
     samples = [(path, label) for label, name in enumerate(classes) for _, path in sorted(by_class[name])]
     return classes, samples

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_trainer.errors import TrainerError
+from finetune_trainer.errors import TrainerError, printable
 from finetune_trainer.image_bounds import short_side_resize
 from finetune_trainer.image_folder import MAX_UNREADABLE_FRACTION, READ_ERRORS, StreamedImages, decode_image, fetch
 
@@ -55,7 +55,7 @@ def fill_unreadable(
     good = [i for i, image in enumerate(images) if image is not None]
     if not good:
         if train:
-            raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be decoded (e.g. {paths[0]})")
+            raise TrainerError(f"dataset: none of the {len(paths)} images of a batch can be decoded (e.g. {printable(paths[0])})")
         return None, labels, bad
     first = cast(Tensor, images[good[0]])
     filled: list[Tensor] = []
@@ -100,7 +100,7 @@ class Unreadable:
     @staticmethod
     def _error(bad: int, seen: int, examples: list[str]) -> TrainerError:
         return TrainerError(
-            f"dataset: {bad} of {seen} images read cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])}); "
+            f"dataset: {bad} of {seen} images read cannot be decoded (e.g. {printable(', '.join(examples[:_EXAMPLES]))}); "
             f"at most {MAX_UNREADABLE_FRACTION:.0%} may be, and they are skipped: fix or remove them"
         )
 
@@ -126,7 +126,8 @@ class Unreadable:
             raise self._error(bad, seen, examples)
         if bad and not self.warned:
             self.warned = True
-            return f"dataset: skipped {bad} of {seen} images that cannot be decoded (e.g. {', '.join(examples[:_EXAMPLES])})"
+            shown = printable(", ".join(examples[:_EXAMPLES]))
+            return f"dataset: skipped {bad} of {seen} images that cannot be decoded (e.g. {shown})"
         return None
 
 
