@@ -1,17 +1,24 @@
 """Class folder and file names another tenant can write: a control character in a name still gives a one-line
-error (the whole line survives a DataLoader worker's or Ray's re-raise, after which the first line only is kept)."""
+error (the whole line survives a DataLoader worker's or Ray's re-raise, after which the first line only is kept);
+two class folders whose names are one name in two Unicode forms (NFC and NFD 'é': they look the same everywhere)
+are refused, on a local folder and on S3 alike, and a validation class in the other form than the training one is
+named as such."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from finetune_trainer.errors import TrainerError, find_user_error
-from finetune_trainer.image_folder import class_folders, scan_images
+from finetune_trainer.image_folder import class_folders, same_classes, scan_images
 from finetune_trainer.listing import list_image_folder
+from tests.support.s3 import s3_server
+
+NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
 
 
 def _error(call: object) -> str:
@@ -58,3 +65,23 @@ def test_a_control_character_in_a_name_keeps_the_error_on_one_line(
     )
     found = find_user_error(wrapped)
     assert found is not None and str(found) == message
+
+
+def test_twin_class_folders_on_a_local_folder_are_refused(tmp_path: Path) -> None:
+    root = _tree(tmp_path, [f"{NFC}/1.png", f"{NFD}/2.png", "dog/3.png"])
+    message = _error(lambda: list_image_folder("trainUri", root))
+    assert message.startswith("dataset.trainUri: class folders ") and "\\xe9" in message and "\\u0301" in message, message
+
+
+def test_twin_class_folders_on_s3_are_refused() -> None:
+    with s3_server("twins") as s3:
+        for key in (f"t/{NFC}/1.png", f"t/{NFD}/2.png", "t/dog/3.png"):
+            s3.client.put_object(Bucket="twins", Key=key, Body=b"x")
+        message = _error(lambda: list_image_folder("trainUri", "s3://twins/t"))
+    assert message.startswith("dataset.trainUri: class folders ") and "\\xe9" in message and "\\u0301" in message, message
+
+
+def test_a_validation_class_in_the_other_unicode_form_is_named_as_such() -> None:
+    message = _error(lambda: same_classes(["bird", NFC], ["bird", NFD]))
+    assert message.startswith("dataset.validationUri: its classes differ from dataset.trainUri's")
+    assert "'caf\\xe9'" in message and "'cafe\\u0301'" in message, message

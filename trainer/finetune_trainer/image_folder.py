@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from finetune_operator.api.fields import shorten
 from finetune_trainer.errors import TrainerError, printable
 from finetune_trainer.image_bounds import check_resize, short_side_resize
 from finetune_trainer.storage import NotAFile, open_regular
@@ -45,6 +47,7 @@ __all__ = [
     "is_image_name",
     "listed_object",
     "load_image",
+    "one_form_each",
     "read_file",
     "same_classes",
     "scan_images",
@@ -204,6 +207,20 @@ def _loops(root: Path, name: str) -> bool:
     return False
 
 
+def one_form_each(field: str, uri: str, classes: Sequence[str]) -> None:
+    """TrainerError (one line) when two class folders are one name in two Unicode forms (NFC and NFD 'é', as macOS
+    and a Linux client write it): they look the same in every listing, log and model card, yet are two classes,
+    each with half the images. Case-only twins ('Cat', 'cat') are two names, and two classes, as on every store."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if other != name:
+            raise TrainerError(
+                f"dataset.{field}: class folders {shorten(ascii(other), 80)} and {shorten(ascii(name), 80)} under {uri} "
+                "are one name in two Unicode forms (they look the same); merge them into one folder, or rename one"
+            )
+
+
 def class_folders(field: str, uri: str, root: str) -> list[str]:
     """The class folder names under ``root``, sorted; dot folders are not classes; each must hold an image."""
     path = Path(root)
@@ -214,6 +231,7 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name) and not _loops(path, e.name))
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
+    one_form_each(field, uri, classes)
     for name in classes:
         if next(_image_files(path / name), None) is None:
             raise TrainerError(
@@ -226,9 +244,17 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
 def same_classes(train: list[str], val: list[str]) -> None:
     if val != train:
         missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        forms = {unicodedata.normalize("NFC", name): name for name in extra}
+        twin = next(((name, forms[key]) for name in missing if (key := unicodedata.normalize("NFC", name)) in forms), None)
+        # Else 'missing ['é'], extra ['é']': the difference is in how the name is written, which only escapes show.
+        how = (
+            f" ({shorten(ascii(twin[0]), 80)} is written {shorten(ascii(twin[1]), 80)} there: another Unicode form)"
+            if twin
+            else ""
+        )
         raise TrainerError(
             f"dataset.validationUri: its classes differ from dataset.trainUri's: "
-            f"missing {missing or 'none'}, extra {extra or 'none'}; both need the same class folders"
+            f"missing {missing or 'none'}, extra {extra or 'none'}{how}; both need the same class folders"
         )
 
 

@@ -29,6 +29,7 @@ from finetune_trainer.image_folder import (
     class_folders,
     image_files,
     listed_object,
+    one_form_each,
     walk,
     walk_order,
 )
@@ -155,6 +156,7 @@ def _list_remote(field: str, uri: str) -> tuple[list[str], list[tuple[str, int]]
     classes = sorted(folders)
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
+    one_form_each(field, uri, classes)
     for name in classes:
         if name not in by_class:
             raise TrainerError(
