@@ -85,3 +85,9 @@ def test_a_validation_class_in_the_other_unicode_form_is_named_as_such() -> None
     message = _error(lambda: same_classes(["bird", NFC], ["bird", NFD]))
     assert message.startswith("dataset.validationUri: its classes differ from dataset.trainUri's")
     assert "'caf\\xe9'" in message and "'cafe\\u0301'" in message, message
+
+
+def test_validation_classes_that_differ_by_the_thousand_give_a_short_line() -> None:
+    message = _error(lambda: same_classes([f"a{i:05d}" for i in range(50_000)], [f"b{i:05d}" for i in range(50_000)]))
+    assert len(message) < 400 and "\n" not in message, message[:300]
+    assert message.startswith("dataset.validationUri: its classes differ from dataset.trainUri's: missing ['a00000', ")

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from finetune_operator.api.fields import shorten
+from finetune_operator.api.fields import quote, shorten
 from finetune_trainer.errors import TrainerError, printable
 from finetune_trainer.image_bounds import check_resize, short_side_resize
 from finetune_trainer.storage import NotAFile, open_regular
@@ -254,7 +254,8 @@ def same_classes(train: list[str], val: list[str]) -> None:
         )
         raise TrainerError(
             f"dataset.validationUri: its classes differ from dataset.trainUri's: "
-            f"missing {missing or 'none'}, extra {extra or 'none'}{how}; both need the same class folders"
+            f"missing {quote(missing) if missing else 'none'}, extra {quote(extra) if extra else 'none'}{how}; "
+            "both need the same class folders"
         )
 
 
