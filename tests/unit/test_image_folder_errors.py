@@ -11,6 +11,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -269,3 +270,40 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path: Path, rea
         "map-style-read": f"dataset: cannot read image {fifo}: no such plain file",
     }
     assert got == expected[reader]
+
+
+# ------------------------------------------------------------------------------------------------ unlistable folders
+LISTERS: dict[str, Callable[[Path], object]] = {
+    "listing": lambda root: list_image_folder("trainUri", str(root))[1],
+    "map-style-scan": lambda root: scan_images("trainUri", str(root), str(root), ["cat", "dog"]),
+}
+FOLDER_ERRORS = {
+    # A sub-folder of another uid with mode 0700 on a pvc (the trainer runs as non-root), an NFS hiccup.
+    "permission": (PermissionError(13, "Permission denied"), r"^dataset: cannot list .*/cat/sub: Permission denied; "),
+    "io-error": (OSError(5, "Input/output error"), r"^dataset: cannot list .*/cat/sub: Input/output error; "),
+    "deleted-meanwhile": (FileNotFoundError(2, "No such file or directory"), None),  # as if listed after
+}
+
+
+@pytest.mark.parametrize("lister", list(LISTERS), ids=list(LISTERS))
+@pytest.mark.parametrize(("error", "expected"), list(FOLDER_ERRORS.values()), ids=list(FOLDER_ERRORS))
+def test_a_folder_that_cannot_be_listed_fails_in_one_line_rather_than_losing_its_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lister: str, error: OSError, expected: str | None
+) -> None:
+    for name in ("cat/a.png", "cat/sub/b.png", "dog/c.png"):
+        _png(tmp_path / name, 1, size=4)
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path).endswith("/cat/sub"):
+            raise type(error)(error.errno, error.strerror, os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    if expected is None:
+        got = LISTERS[lister](tmp_path)
+        assert sorted(os.path.relpath(p, tmp_path) for p, _ in got) == ["cat/a.png", "dog/c.png"]  # type: ignore[attr-defined]
+        return
+    with pytest.raises(TrainerError, match=expected) as info:
+        LISTERS[lister](tmp_path)
+    assert "\n" not in str(info.value)

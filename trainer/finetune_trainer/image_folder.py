@@ -164,12 +164,25 @@ def walk_order(relative_parts: Sequence[str]) -> tuple[tuple[int, str], ...]:
     return (*((1, folder) for folder in folders), (0, name))
 
 
+def _unlistable(error: OSError) -> None:
+    """``os.walk``'s ``onerror``: a folder it cannot list (another uid's 0700 folder on a pvc, an NFS error) is a
+    TrainerError naming it, not left out with its images (``os.walk``'s default, silent). One deleted (or replaced by
+    a file) since its parent was listed is left out, as if listed after; a missing or file root is its caller's to report."""
+    if isinstance(error, FileNotFoundError | NotADirectoryError):
+        return
+    raise TrainerError(
+        f"dataset: cannot list {printable(str(error.filename))}: {printable(error.strerror or str(error))}; "
+        "its images would be left out: make it readable to the trainer, or remove it"
+    ) from None
+
+
 def walk(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(folder)`` top-down with links followed, dot folders left out, sub-folders sorted, and no folder
+    """``os.walk(folder)`` top-down with links followed, dot folders left out, sub-folders sorted, a folder it cannot
+    list a TrainerError (``_unlistable``), and no folder
     walked twice: a link back to a folder above it (``cat/up -> ..``, a loop that would list every image ~40 times
     and give the other classes' images this class's label) or to one already walked is not followed (a warning)."""
     seen = {os.path.realpath(folder)}
-    for current, dirs, files in os.walk(folder, followlinks=True):
+    for current, dirs, files in os.walk(folder, onerror=_unlistable, followlinks=True):
         here = os.path.realpath(current)
         kept = []
         for name in sorted(d for d in dirs if not is_hidden(d)):
