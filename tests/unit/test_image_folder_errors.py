@@ -307,3 +307,20 @@ def test_a_folder_that_cannot_be_listed_fails_in_one_line_rather_than_losing_its
     with pytest.raises(TrainerError, match=expected) as info:
         LISTERS[lister](tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_dataset_folder_that_cannot_be_listed_is_one_line_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _png(tmp_path / "cat" / "a.png", 1, size=4)
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(tmp_path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(TrainerError, match=r"^dataset\.trainUri: .*: cannot list: Permission denied; ") as info:
+        list_image_folder("trainUri", str(tmp_path))
+    assert "\n" not in str(info.value)

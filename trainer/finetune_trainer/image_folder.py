@@ -241,7 +241,13 @@ def class_folders(field: str, uri: str, root: str) -> list[str]:
         raise TrainerError(f"dataset.{field}: {uri}: no such directory")
     if not path.is_dir():
         raise TrainerError(f"dataset.{field}: {uri} is a file; expected a folder with one sub-folder per class")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name) and not _loops(path, e.name))
+    try:
+        entries = list(os.scandir(path))
+    except OSError as e:  # not readable to the trainer's uid (a pvc written by another), an NFS error
+        raise TrainerError(
+            f"dataset.{field}: {uri}: cannot list: {printable(e.strerror or str(e))}; make it readable to the trainer"
+        ) from None
+    classes = sorted(e.name for e in entries if e.is_dir() and not is_hidden(e.name) and not _loops(path, e.name))
     if not classes:
         raise TrainerError(f"dataset.{field}: {uri} holds no class folders; expected one sub-folder per class")
     one_form_each(field, uri, classes)
