@@ -200,3 +200,33 @@ def test_the_download_gives_the_classes_and_images_the_listing_gives_and_fetches
     assert downloaded() == listed()
     images = [k for k in keys if k.endswith(".png") and "/." not in k and k.count("/") >= 1 and not k.startswith(".")]
     assert sorted(p.rsplit("/layout/", 1)[1] for p in gets.paths) == sorted(images)
+
+
+@pytest.mark.parametrize("field", ["trainUri", "validationUri"])
+def test_a_download_error_names_the_dataset_field(s3: tuple[object, GetCounter], tmp_path: Path, field: str) -> None:
+    import io
+
+    from PIL import Image
+
+    from finetune_operator.api.contract import TrainerConfig
+    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+    from finetune_trainer.data import build_datasets
+    from finetune_trainer.errors import TrainerError
+
+    client, _ = s3
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    for key in ("ant/0.png", "ant/1.png", "bee/0.png", "bee/1.png"):
+        client.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/ok/{key}", Body=png.getvalue())  # type: ignore[attr-defined]
+    ok, missing = f"s3://{BUCKET}/{tmp_path.name}/ok", f"s3://{BUCKET}/{tmp_path.name}/missing"
+    uris = {"trainUri": missing, "validationUri": ok} if field == "trainUri" else {"trainUri": ok, "validationUri": missing}
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "resnet18"},
+            "dataset": {**uris, "cacheDir": str(tmp_path / "cache"), "imageSize": 16, "ingest": "mapStyle"},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(TrainerError) as info:
+        build_datasets(TrainerConfig(job_name="j", spec=spec, output_root=str(tmp_path / "out")))
+    assert str(info.value) == f"dataset.{field}: {missing}: no such prefix (no objects under it)"

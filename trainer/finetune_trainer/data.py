@@ -214,8 +214,8 @@ def _fake(cfg: TrainerConfig, spec: InputSpec) -> tuple[LabelledDataset, Labelle
 
 
 # ----------------------------------------------------------------------------------------- imagefolder
-def _local_root(uri: str, cache_dir: str | None) -> str:
-    return fetch_to_cache(uri, cache_dir) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
+def _local_root(field: str, uri: str, cache_dir: str | None) -> str:
+    return fetch_to_cache(uri, cache_dir, field) if uri_scheme(uri) in _OBJECT_STORES else resolve_uri(uri)
 
 
 def _choose(cfg: TrainerConfig, labels: list[int]) -> tuple[list[int], list[int] | None]:
@@ -255,7 +255,7 @@ def _image_folders(
 ) -> tuple[LabelledDataset, LabelledDataset, list[str]]:
     ds = cfg.spec.dataset
     assert ds.train_uri is not None  # the API requires trainUri for imagefolder
-    root = _local_root(ds.train_uri, ds.cache_dir)
+    root = _local_root("trainUri", ds.train_uri, ds.cache_dir)
     classes = class_folders("trainUri", ds.train_uri, root)
     _check_num_classes(ds, cfg.spec.model.num_classes, classes, "dataset.trainUri")
     # Labels index the classes listed above, not a listing of ImageFolder's own (see image_folder).
@@ -268,7 +268,7 @@ def _image_folders(
     train_idx, val_idx = _choose(cfg, labels)
     if val_idx is None:
         assert ds.validation_uri is not None
-        val_root = _local_root(ds.validation_uri, ds.cache_dir)
+        val_root = _local_root("validationUri", ds.validation_uri, ds.cache_dir)
         same_classes(classes, class_folders("validationUri", ds.validation_uri, val_root))
         val_samples = scan_images("validationUri", ds.validation_uri, val_root, classes, spec.resize_size)
         # Each worker evaluates every world-th image of its own scan: the scans must be rank 0's, or images are

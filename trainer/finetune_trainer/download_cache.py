@@ -49,7 +49,7 @@ def _version(info: dict[str, Any]) -> list[str]:
     return [f"{k}={info[k]}" for k in _VERSION_KEYS if info.get(k) is not None] + [f"size={info.get('size')}"]
 
 
-def _listing(fs: Any, prefix: str, uri: str) -> dict[str, dict[str, Any]]:
+def _listing(fs: Any, prefix: str, where: str) -> dict[str, dict[str, Any]]:
     """Every object under ``prefix`` as the store lists it now. fsspec's listing cache is dropped whole first:
     ``invalidate_cache(prefix)`` keeps the entries of sub-folders, from which ``ukey`` would then read an
     object's old ETag and keep serving its old copy."""
@@ -60,7 +60,7 @@ def _listing(fs: Any, prefix: str, uri: str) -> dict[str, dict[str, Any]]:
         found = {}
     files = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
     if not files:
-        raise TrainerError(f"dataset: {uri}: no such prefix (no objects under it)")
+        raise TrainerError(f"{where}: no such prefix (no objects under it)")
     return files
 
 
@@ -104,25 +104,26 @@ def _fill_view(cached: Any, fs: Any, prefix: str, files: list[str], view: Path) 
                 continue
 
 
-def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
+def fetch_to_cache(uri: str, cache_dir: str | None, field: str | None = None) -> str:
     """The local folder holding the objects under ``uri`` as they are now, downloaded at most once per node
-    and object version (see the module docstring)."""
+    and object version (see the module docstring). ``field``: the ``dataset`` field errors name (``trainUri``)."""
     root = cache_root(cache_dir)
+    where = f"dataset.{field}: {uri}" if field else f"dataset: {uri}"
     try:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:
-        raise TrainerError(f"dataset: {uri}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
+        raise TrainerError(f"{where}: reading it needs fsspec with s3fs or gcsfs ({e})") from None
     except Exception as e:  # a malformed URI or backend options
-        raise TrainerError(f"dataset: {uri}: cannot open: {exception_line(e)}") from e
+        raise TrainerError(f"{where}: cannot open: {exception_line(e)}") from e
     prefix = path.rstrip("/")
     name = hashlib.sha256(uri.encode()).hexdigest()[:16]
     (root / "locks").mkdir(parents=True, exist_ok=True)
     with open(root / "locks" / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         try:
-            files = _listing(fs, prefix, uri)
+            files = _listing(fs, prefix, where)
             digest = hashlib.sha256(uri.encode())
             for p in sorted(files):
                 digest.update(json.dumps([p[len(prefix) :], _version(files[p])]).encode())
@@ -150,7 +151,7 @@ def fetch_to_cache(uri: str, cache_dir: str | None) -> str:
         except TrainerError:
             raise
         except FileNotFoundError:
-            raise TrainerError(f"dataset: {uri}: no such prefix") from None
+            raise TrainerError(f"{where}: no such prefix") from None
         except Exception as e:  # each backend raises its own (botocore, google.auth, ...)
-            raise TrainerError(f"dataset: {uri}: download failed: {exception_line(e)}") from e
+            raise TrainerError(f"{where}: download failed: {exception_line(e)}") from e
     return str(view)
