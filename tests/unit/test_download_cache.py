@@ -230,3 +230,20 @@ def test_a_download_error_names_the_dataset_field(s3: tuple[object, GetCounter],
     with pytest.raises(TrainerError) as info:
         build_datasets(TrainerConfig(job_name="j", spec=spec, output_root=str(tmp_path / "out")))
     assert str(info.value) == f"dataset.{field}: {missing}: no such prefix (no objects under it)"
+
+
+def test_an_enormous_object_is_not_downloaded_and_is_counted_unreadable(
+    s3: tuple[object, GetCounter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object over MAX_IMAGE_FILE_BYTES (lowered here to 4 bytes) is not copied onto the node's disk: an empty
+    file stands in for it, which the map-style scan skips and counts as it would the object."""
+    from finetune_trainer import image_folder
+
+    client, gets = s3
+    monkeypatch.setattr(image_folder, "MAX_IMAGE_FILE_BYTES", 5, raising=False)  # the fixture's objects: 5 bytes each
+    client.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/train/dog/big.png", Body=b"x" * 6)  # type: ignore[attr-defined]
+    root = fetch_to_cache(uri_of(tmp_path), str(tmp_path / "cache"))
+    assert tree(root)["dog/big.png"] == b""
+    assert tree(root)["dog/0.png"] == b"dog-0"
+    assert f"/{BUCKET}/{tmp_path.name}/train/dog/big.png" not in gets.paths
+    assert len(gets.paths) == len(OBJECTS)

@@ -267,7 +267,7 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path: Path, rea
     expected = {
         "map-style-scan": sorted(paths),  # skipped and counted, as an unreadable file
         "streaming-decoder": [""] * len(paths) + [str(fifo)],
-        "map-style-read": f"dataset: cannot read image {fifo}: no such plain file",
+        "map-style-read": f"dataset: cannot read image {fifo}: no such plain file, or over 536,870,912 bytes",
     }
     assert got == expected[reader]
 
@@ -324,3 +324,54 @@ def test_a_dataset_folder_that_cannot_be_listed_is_one_line_naming_the_field(
     with pytest.raises(TrainerError, match=r"^dataset\.trainUri: .*: cannot list: Permission denied; ") as info:
         list_image_folder("trainUri", str(tmp_path))
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ enormous files
+@pytest.fixture
+def small_bound(monkeypatch: pytest.MonkeyPatch) -> int:
+    """MAX_IMAGE_FILE_BYTES lowered to 4 KiB: the tests' 'enormous' files stay small on disk."""
+    monkeypatch.setattr(image_folder, "MAX_IMAGE_FILE_BYTES", 4096, raising=False)
+    return 4096
+
+
+def _padded_png(path: Path, size: int) -> str:
+    """A valid PNG followed by zeros up to ``size`` bytes (PIL reads past the IEND chunk's end nothing)."""
+    _png(path, 3)
+    with open(path, "ab") as f:
+        f.truncate(size)
+    return str(path)
+
+
+BIG_READERS: dict[str, Callable[[list[str], Path], Callable[[], object]]] = {
+    **READERS,
+    "fetch": lambda paths, root: lambda: [image_folder.fetch(p) is None for p in paths],
+}
+
+
+@pytest.mark.parametrize("reader", list(BIG_READERS), ids=list(BIG_READERS))
+def test_an_enormous_file_named_like_an_image_is_skipped_not_read_whole(
+    tmp_path: Path, reader: str, small_bound: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read whole before decoding, a file of many GB named x.jpg took a loader or decode task's memory with it."""
+    paths = [_png(tmp_path / "cat" / f"{i}.png", i, size=4) for i in range(120)]
+    big = _padded_png(tmp_path / "cat" / "z-big.png", small_bound + 1)
+    got = BIG_READERS[reader]([*paths, big], tmp_path)()
+    expected = {
+        "map-style-scan": sorted(paths),  # skipped and counted, as an unreadable file
+        "streaming-decoder": [""] * len(paths) + [big],
+        "map-style-read": f"dataset: cannot read image {big}: no such plain file, or over 4,096 bytes",
+        "fetch": [False] * len(paths) + [True],
+    }
+    assert got == expected[reader]
+
+
+def test_an_enormous_object_is_skipped_not_read_whole(small_bound: int, tmp_path: Path) -> None:
+    """The same on an object store, through the code a cluster runs (s3fs against a real S3 API)."""
+    with s3_server("data") as s3:
+        small, big = _png(tmp_path / "small.png", 1), _padded_png(tmp_path / "big.png", small_bound + 1)
+        s3.client.put_object(Bucket="data", Key="cat/small.png", Body=Path(small).read_bytes())
+        s3.client.put_object(Bucket="data", Key="cat/big.png", Body=Path(big).read_bytes())
+        assert image_folder.fetch("s3://data/cat/small.png") == Path(small).read_bytes()
+        assert image_folder.fetch("s3://data/cat/big.png") is None
+        with pytest.raises(image_folder.TooLargeFile, match=r"big\.png: over 4,096 bytes$"):
+            image_folder.read_file("s3://data/cat/big.png")

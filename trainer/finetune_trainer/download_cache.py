@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from finetune_operator.api.contract import resolve_uri
+from finetune_trainer import image_folder
 from finetune_trainer.errors import TrainerError, exception_line
 from finetune_trainer.image_folder import listed_object
 
@@ -80,14 +81,23 @@ def _wanted(prefix: str, files: list[str]) -> tuple[set[str], list[tuple[str, st
     return classes, images
 
 
-def _fill_view(cached: Any, fs: Any, prefix: str, files: list[str], view: Path) -> None:
+def _fill_view(cached: Any, fs: Any, prefix: str, files: dict[str, dict[str, Any]], view: Path) -> None:
     """Bring every image into fsspec's cache (downloading only the missing or changed) and link it into ``view``,
-    beside a folder for each class (one holding no image is the listing's error to report, as on a local folder)."""
+    beside a folder for each class (one holding no image is the listing's error to report, as on a local folder).
+    An object over ``MAX_IMAGE_FILE_BYTES`` is not downloaded: an empty file stands in for it, which the scan skips
+    and counts as unreadable, as it would the object itself."""
     from fsspec.core import OpenFile, OpenFiles
 
-    classes, images = _wanted(prefix, files)
+    classes, wanted = _wanted(prefix, sorted(files))
     for name in classes:
         (view / name).mkdir(parents=True, exist_ok=True)
+    images = []
+    for path, rel in wanted:
+        if (files[path].get("size") or 0) > image_folder.MAX_IMAGE_FILE_BYTES:
+            (view / rel).parent.mkdir(parents=True, exist_ok=True)
+            (view / rel).touch()
+        else:
+            images.append((path, rel))
     for start in range(0, len(images), _BATCH):
         batch = images[start : start + _BATCH]
         opened = cached.open_many(OpenFiles([OpenFile(cached, p, mode="rb") for p, _ in batch], mode="rb", fs=cached))
@@ -142,7 +152,7 @@ def fetch_to_cache(uri: str, cache_dir: str | None, field: str | None = None) ->
             cached.load_cache()
             staging = view.with_name(f".{view.name}.{uuid.uuid4().hex[:8]}")
             try:
-                _fill_view(cached, fs, prefix, sorted(files), staging)
+                _fill_view(cached, fs, prefix, files, staging)
                 (staging / COMPLETE_MARKER).touch()
                 shutil.rmtree(view, ignore_errors=True)  # an incomplete view from a process that died
                 os.replace(staging, view)

@@ -34,11 +34,13 @@ from finetune_trainer.storage import NotAFile, open_regular
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "MAX_IMAGE_FILE_BYTES",
     "MAX_UNREADABLE_FRACTION",
     "READ_ERRORS",
     "READ_RETRY_DELAYS",
     "ImageFiles",
     "StreamedImages",
+    "TooLargeFile",
     "class_folders",
     "decode_image",
     "fetch",
@@ -68,13 +70,40 @@ _SCAN_THREADS: Final = 8
 READ_ERRORS: Final = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+MAX_IMAGE_FILE_BYTES: Final = 512 << 20
+"""The largest image file read: past it a file is skipped and counted like an undecodable one (``TooLargeFile``).
+Read whole into memory before decoding, a file of many GB named ``x.jpg`` took a loader or decode task's memory with
+it; 512 MiB holds any image PIL agrees to decode (``MAX_IMAGE_PIXELS``, ~89 Mpx: 268 MB as 8-bit RGB, uncompressed)."""
+
+
+class TooLargeFile(ValueError):
+    """An image file over ``MAX_IMAGE_FILE_BYTES``: skipped and counted, never read whole, never retried."""
+
+
+def _over_the_bound() -> str:
+    return f"over {MAX_IMAGE_FILE_BYTES:,} bytes"
+
+
+def _bounded_read(f: Any, path: str) -> bytes:
+    """The whole of ``f``, refused (``TooLargeFile``) past ``MAX_IMAGE_FILE_BYTES`` from its size when the file gives
+    one, else once one byte more than that has been read."""
+    size = getattr(f, "size", None)  # fsspec's files know it from the listing or a HEAD
+    if size is None and hasattr(f, "fileno"):
+        size = os.fstat(f.fileno()).st_size
+    data = f.read(MAX_IMAGE_FILE_BYTES + 1) if size is None or size <= MAX_IMAGE_FILE_BYTES else b""
+    if (size is not None and size > MAX_IMAGE_FILE_BYTES) or len(data) > MAX_IMAGE_FILE_BYTES:
+        raise TooLargeFile(f"{printable(path)}: {_over_the_bound()}")
+    return bytes(data)
+
+
 def read_file(path: str) -> bytes:
-    """The bytes of a local file or of an object-store URI (fsspec: s3's endpoint and credentials from the environment)."""
+    """The bytes of a local file or of an object-store URI (fsspec: s3's endpoint and credentials from the environment),
+    at most ``MAX_IMAGE_FILE_BYTES`` of them (``TooLargeFile`` past it)."""
     if "://" not in path:
         # A plain file only (NotAFile otherwise): a FIFO named like an image would block here for ever, a link to
         # /dev/zero be read until memory runs out.
         with open_regular(path) as f:
-            return f.read()
+            return _bounded_read(f, path)
     import fsspec
 
     # Through the protocol's filesystem, not fsspec.open / url_to_fs: both read '::' as URL chaining, and an object
@@ -84,7 +113,7 @@ def read_file(path: str) -> bytes:
     options = fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(path)
     fs = fsspec.filesystem(protocol, **options)
     with fs.open(path, "rb") as f:
-        return bytes(f.read())
+        return _bounded_read(f, path)
 
 
 READ_RETRY_DELAYS: Final = (0.5, 2.0, 8.0)
@@ -93,15 +122,15 @@ READ_RETRY_DELAYS: Final = (0.5, 2.0, 8.0)
 
 def fetch(path: str, read: Callable[[str], bytes] = read_file) -> bytes | None:
     """``read(path)``, telling a storage error from a missing file: None when the file is gone
-    (``FileNotFoundError``, deleted after the listing) or no plain file (``NotAFile``, a directory): skipped and
-    counted like an undecodable file; any other
+    (``FileNotFoundError``, deleted after the listing), no plain file (``NotAFile``, a directory) or too large
+    (``TooLargeFile``): skipped and counted like an undecodable file; any other
     ``OSError`` (a reset connection, throttling, expired credentials, a permission) is retried after each of
     ``READ_RETRY_DELAYS``, then a one-line TrainerError naming the file: counting it as a corrupt image would
     silently swap training images and tell the user to fix files that are fine."""
     for delay in (*READ_RETRY_DELAYS, None):
         try:
             return read(path)
-        except (FileNotFoundError, NotAFile, IsADirectoryError):
+        except (FileNotFoundError, NotAFile, IsADirectoryError, TooLargeFile):
             return None
         except OSError as e:
             if delay is None:
@@ -129,7 +158,7 @@ def load_image(path: str, resize: int | None = None) -> Image.Image:
     naming that file."""
     data = fetch(path)
     if data is None:
-        raise TrainerError(f"dataset: cannot read image {printable(path)}: no such plain file")
+        raise TrainerError(f"dataset: cannot read image {printable(path)}: no such plain file, or {_over_the_bound()}")
     try:
         return decode_image(data, resize)
     except READ_ERRORS as e:
@@ -279,10 +308,12 @@ def same_classes(train: list[str], val: list[str]) -> None:
 
 
 def _unreadable(path: str, resize: int | None = None) -> str | None:
-    """Why PIL cannot identify ``path``, or why its resize would be too large (its header only: decoding every image
-    would double the reads)."""
+    """Why PIL cannot identify ``path``, or why it or its resize would be too large (its header only: decoding every
+    image would double the reads)."""
     try:
         with open_regular(path) as f, Image.open(f) as img:  # a FIFO or a device: unreadable, not waited on
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_FILE_BYTES:  # never read whole (read_file)
+                return _over_the_bound()
             check_resize(img.size, resize)
             return None
     except READ_ERRORS as e:
