@@ -90,6 +90,24 @@ def _api_detail(exc: ApiException) -> tuple[str, list[str]]:
     return message, lines or [message]
 
 
+def _answer(what: str, data: bytes) -> dict[str, Any]:
+    """The JSON object an API server answered ``what`` with; ApiError saying what came instead (a proxy's page)."""
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, cut short, or nested past Python's recursion limit
+        raise ApiError(
+            f"{what}: the answer is not JSON ({bytes(data[:80])!r}); is the kubeconfig's server a Kubernetes API server, "
+            "or a proxy's page in the way?",
+            None,
+        ) from None
+    if not isinstance(answer, dict):
+        raise ApiError(
+            f"{what}: the answer is not an object ({str(answer)[:80]!r}); is the kubeconfig's server a Kubernetes API server?",
+            None,
+        )
+    return answer
+
+
 def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
     """The typed job of an object the API server returned (server-written metadata such as resourceVersion dropped;
     status fields of a newer operator are ignored, a status this version cannot read is left out: reading never fails)."""
@@ -174,10 +192,11 @@ class FineTuneJobClient:
 
     # ---- plumbing
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """One request; its failure as a typed error naming ``what`` (``get FineTuneJob ns/name``)."""
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One request; the JSON object it answers (read here: the library's own reader let a proxy's HTML page, a cut
+        body or an answer that is no object through as a traceback); its failure as a typed error naming ``what``."""
         try:
-            return fn(*args, _request_timeout=(5.0, 30.0), **kwargs)
+            data = fn(*args, _request_timeout=(5.0, 30.0), _preload_content=False, **kwargs).data
         except ApiException as exc:
             message, lines = _api_detail(exc)
             if exc.status == 404:
@@ -190,6 +209,7 @@ class FineTuneJobClient:
             raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}", exc.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+        return _answer(what, data)
 
     def _ns(self, namespace: str | None) -> str:
         return namespace or self.namespace
@@ -232,20 +252,11 @@ class FineTuneJobClient:
         wire, ns, meta = self._placed(job, namespace, overrides)
         fn = self.custom.patch_namespaced_custom_object
         what = f"apply {KIND} {ns}/{meta['name']}"
-        # Raw response: the generated client maps only HTTP 200 to a body, and an apply that creates answers 201.
-        kwargs: dict[str, Any] = {"field_manager": field_manager, "_content_type": _APPLY, "_preload_content": False}
+        # The generated client maps only HTTP 200 to a body, and an apply that creates answers 201: _call reads it raw.
+        kwargs: dict[str, Any] = {"field_manager": field_manager, "_content_type": _APPLY}
         if force:
             kwargs["force"] = True
-        response = self._call(what, fn, GROUP, VERSION, ns, PLURAL, meta["name"], wire, **kwargs)
-        try:
-            answer = json.loads(response.data)
-        except ValueError:  # a proxy's HTML page with a 200, say: the apply may have happened, its answer is not JSON
-            raise ApiError(
-                f"{what}: the answer is not JSON ({bytes(response.data[:80])!r}); check with finetune get", None
-            ) from None
-        if not isinstance(answer, dict):
-            raise ApiError(f"{what}: the answer is not an object; check with finetune get", None)
-        return to_job(answer)
+        return to_job(self._call(what, fn, GROUP, VERSION, ns, PLURAL, meta["name"], wire, **kwargs))
 
     def get_object(self, name: str, namespace: str | None = None) -> dict[str, Any]:
         """The object as the API server returns it (metadata and status in full)."""
@@ -276,7 +287,8 @@ class FineTuneJobClient:
             ns = self._ns(namespace)
             fn = self.custom.list_namespaced_custom_object
             found = self._call(f"list {KIND} {ns}", fn, GROUP, VERSION, ns, PLURAL, **kwargs)
-        items = [dict(item) for item in found.get("items") or []]
+        items = found.get("items")
+        items = [dict(item) for item in items if isinstance(item, dict)] if isinstance(items, list) else []
         return [item for item in items if phase is None or phase_of(item) == phase]
 
     def list(

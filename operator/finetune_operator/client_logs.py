@@ -64,6 +64,9 @@ def _listed(core: kubernetes.client.CoreV1Api, what: str, fn: Any, namespace: st
         raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}", exc.status) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+    except ValueError as exc:  # the library's reader (JSON, then typed models) refused the answer: a proxy's page, say
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise ApiError(f"{what}: the answer is not a list the API server would send ({detail})", None) from None
     return core.api_client.sanitize_for_serialization(found)  # untyped
 
 

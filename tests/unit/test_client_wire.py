@@ -314,7 +314,7 @@ def test_an_apply_answered_with_something_else_than_an_object_is_one_line(
 
     from finetune_operator.client_errors import ApiError
 
-    monkeypatch.setattr(client, "_call", lambda *args, **kwargs: SimpleNamespace(data=data))
+    monkeypatch.setattr(client.custom, "patch_namespaced_custom_object", lambda *args, **kwargs: SimpleNamespace(data=data))
     with pytest.raises(ApiError, match=r"^apply FineTuneJob .*: the answer is not (JSON|an object)") as info:
         client.apply(EXAMPLE)
     assert "\n" not in str(info.value)

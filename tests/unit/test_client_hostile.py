@@ -1,0 +1,142 @@
+"""The ``finetune`` cluster verbs against a hostile or broken API server: a real local HTTP server answers every
+request as the test says (a proxy's HTML page, a cut body, JSON that is no object, fields of the wrong type). Each
+verb must end in one line on stderr naming the request and an exit code: never a traceback, never a hang."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_operator.cli import main
+
+pytestmark = pytest.mark.timeout(30)
+
+JOB: dict[str, Any] = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "j", "namespace": "ns", "creationTimestamp": "2024-01-01T00:00:00Z"},
+    "spec": {"model": {"name": "resnet18"}},
+}
+
+
+class Api:
+    """Answers every request with ``status``, ``headers`` and ``body``; ``requests``: (method, path, headers) seen."""
+
+    def __init__(self) -> None:
+        self.status, self.headers, self.body = 200, {"Content-Type": "application/json"}, b"{}"
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                api.requests.append((self.command, self.path, dict(self.headers)))
+                self.send_response(api.status)
+                for key, value in api.headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(api.body)))
+                self.end_headers()
+                self.wfile.write(api.body)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def answer(self, body: Any, status: int = 200, content_type: str = "application/json", **headers: str) -> None:
+        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.status, self.headers = status, {"Content-Type": content_type, **headers}
+
+
+def kubeconfig(path: Path, server: str, user: dict[str, Any] | None = None) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ns"}}],
+                "clusters": [{"name": "k", "cluster": {"server": server}}],
+                "users": [{"name": "u", "user": {"token": "SECRET"} if user is None else user}],
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    server = Api()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", server.url)))
+    yield server
+    server.http.shutdown()
+    server.http.server_close()
+
+
+def one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """(exit code, the one line on stderr) of ``finetune ARGV``; fails on a traceback or more lines."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return code, err.strip()
+
+
+VERBS = {
+    "get": (["get", "j"], "get FineTuneJob ns/j"),
+    "list": (["list"], "list FineTuneJob ns"),
+    "describe": (["describe", "j"], "get FineTuneJob ns/j"),
+    "logs": (["logs", "j"], "get FineTuneJob ns/j"),
+    "suspend": (["suspend", "j"], "suspend FineTuneJob ns/j"),
+    "delete": (["delete", "j"], "delete FineTuneJob ns/j"),
+}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "text/html", "the answer is not JSON"),
+        (b'{"metadata": {"name": ', "application/json", "the answer is not JSON"),
+        (b"[" * 100_000, "application/json", "the answer is not JSON"),
+        ([1, 2], "application/json", "the answer is not an object"),
+        (None, "application/json", "the answer is not an object"),
+        ("a string", "application/json", "the answer is not an object"),
+    ],
+    ids=["html", "cut", "deep", "list", "null", "string"],
+)
+def test_an_answer_that_is_no_json_object_is_one_line(
+    api: Api, capsys: pytest.CaptureFixture[str], verb: str, body: Any, content_type: str, said: str
+) -> None:
+    """A proxy's error page with a 200, a cut body or a JSON list was a ValueError, TypeError or AttributeError dump."""
+    api.answer(body, content_type=content_type)
+    argv, what = VERBS[verb]
+    code, err = one_line(argv, capsys)
+    assert code == 4 and err.startswith(f"error: {what}: {said}")
+
+
+@pytest.mark.parametrize(
+    ("verb", "said"),
+    [("logs", "list pods ns/batch.kubernetes.io/job-name="), ("describe", "list events ns/j")],
+)
+def test_pods_or_events_answered_with_something_else_is_one_line(
+    api: Api, capsys: pytest.CaptureFixture[str], verb: str, said: str
+) -> None:
+    """The job reads fine, the pod or Event list that follows does not: the library's typed reader raised a pydantic
+    ValidationError with its multi-line dump."""
+    api.answer(JOB)
+    code, err = one_line([verb, "j"], capsys)
+    assert code == 4 and err.startswith(f"error: {said}") and "the answer is not a list the API server would send" in err
