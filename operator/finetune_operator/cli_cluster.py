@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import yaml
 
 from finetune_operator.api.job_status import Phase
+from finetune_operator.client_errors import at, mapping_at
 
 if TYPE_CHECKING:
     from finetune_operator.client import FineTuneJobClient
@@ -94,7 +95,7 @@ def _run(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 
 def _age(obj: Mapping[str, Any], now: datetime) -> str:
-    created = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
+    created = str(at(obj, "metadata", "creationTimestamp") or "")
     try:
         seconds = int((now - datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)).total_seconds())
     except ValueError:
@@ -106,23 +107,23 @@ def _age(obj: Mapping[str, Any], now: datetime) -> str:
 
 
 def _row(obj: Mapping[str, Any], wide: bool, with_ns: bool, now: datetime) -> list[str]:
-    spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    progress, metrics = status.get("progress") or {}, status.get("metrics") or {}
+    # Every field through ``at``: a field of the wrong type (a string where an object belongs) shows as it is or "-".
+    progress, metrics = mapping_at(obj, "status", "progress"), mapping_at(obj, "status", "metrics")
     acc = metrics.get("bestValAccuracy", metrics.get("valAccuracy"))
     row = [
-        str(obj["metadata"]["name"]),
-        str(status.get("phase") or "-"),
-        str((spec.get("model") or {}).get("name") or "-"),
+        str(at(obj, "metadata", "name") or "-"),
+        str(at(obj, "status", "phase") or "-"),
+        str(at(obj, "spec", "model", "name") or "-"),
         f"{progress['epoch']}/{progress.get('totalEpochs', '?')}" if progress.get("epoch") is not None else "-",
         f"{acc:.4f}" if isinstance(acc, (int, float)) else "-",
         _age(obj, now),
     ]
     if with_ns:
-        row.insert(0, str(obj["metadata"].get("namespace") or ""))
+        row.insert(0, str(at(obj, "metadata", "namespace") or ""))
     if wide:
-        method = (spec.get("strategy") or {}).get("method") or "lp-ft"
-        workers = (spec.get("resources") or {}).get("workers") or 1
-        row += [str(method), str(workers), str(status.get("rayJobName") or "-"), str(status.get("message") or "")]
+        method = at(obj, "spec", "strategy", "method") or "lp-ft"
+        workers = at(obj, "spec", "resources", "workers") or 1
+        row += [str(method), str(workers), str(at(obj, "status", "rayJobName") or "-"), str(at(obj, "status", "message") or "")]
     return row
 
 
@@ -240,30 +241,33 @@ def describe(client: FineTuneJobClient, name: str) -> str:
     from finetune_operator import client as c
 
     obj = client.get_object(name)
-    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
-    lines = [f"Name:        {meta['name']}", f"Namespace:   {meta.get('namespace')}"]
+    # Every field through ``at``: a field of the wrong type (a string where an object belongs) shows as it is or "-".
+    meta, status = mapping_at(obj, "metadata"), mapping_at(obj, "status")
+    lines = [f"Name:        {meta.get('name')}", f"Namespace:   {meta.get('namespace')}"]
     lines.append(f"Created:     {meta.get('creationTimestamp')}")
-    model = spec.get("model") or {}
+    model = mapping_at(obj, "spec", "model")
     lines.append(f"Model:       {model.get('name')} ({model.get('weights') or model.get('weightsUri') or 'random init'})")
     lines.append(f"Phase:       {status.get('phase') or '-'}")
     lines.append(f"Message:     {status.get('message') or '-'}")
-    if progress := status.get("progress"):
-        epoch, total, stage = progress.get("epoch"), progress.get("totalEpochs"), progress.get("stage")
-        lines.append(f"Progress:    epoch {epoch}/{total}, {progress.get('percent', 0):g}% ({stage})")
-    if metrics := status.get("metrics"):
+    if progress := mapping_at(status, "progress"):
+        epoch, total, stage, percent = (progress.get(k) for k in ("epoch", "totalEpochs", "stage", "percent"))
+        shown_percent = f"{percent:g}" if isinstance(percent, (int, float)) else str(percent or 0)
+        lines.append(f"Progress:    epoch {epoch}/{total}, {shown_percent}% ({stage})")
+    if metrics := mapping_at(status, "metrics"):
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         lines.append("Metrics:     " + ", ".join(shown))
     lines.append("Conditions:")
     lines.append(f"  {'TYPE':<13}{'STATUS':<8}{'REASON':<26}MESSAGE")
-    for cond in status.get("conditions") or []:
-        kind, state, reason = cond.get("type", ""), cond.get("status", ""), cond.get("reason", "")
-        lines.append(f"  {kind:<13}{state:<8}{reason:<26}{cond.get('message', '')}")
+    conditions = status.get("conditions")
+    for cond in conditions if isinstance(conditions, list) else []:
+        kind, state, reason, said = (str(at(cond, k) or "") for k in ("type", "status", "reason", "message"))
+        lines.append(f"  {kind:<13}{state:<8}{reason:<26}{said}")
     lines.append("Artifacts:")
-    artifacts = status.get("artifacts") or {}
+    artifacts = mapping_at(status, "artifacts")
     for key in ("modelUri", "modelCardUri", "checkpointUri"):
         if artifacts.get(key):
             lines.append(f"  {key}: {artifacts[key]}")
-    for fmt, uri in (artifacts.get("exports") or {}).items():
+    for fmt, uri in mapping_at(artifacts, "exports").items():
         lines.append(f"  exports.{fmt}: {uri}")
     if (protection := protection_line(artifacts.get("protection"))) is not None:
         lines.append(f"  protection: {protection}")

@@ -39,6 +39,8 @@ from finetune_operator.client_errors import (
     JobNotFound,
     LogsUnavailable,
     Timeout,
+    at,
+    mapping_at,
 )
 from finetune_operator.client_logs import Event, LogSource, events_of, log_lines, log_source, logs_gone_reason
 from finetune_operator.client_watch import DENIED, Backoff, denied, follow
@@ -64,12 +66,12 @@ _MERGE: Final = "application/merge-patch+json"
 _APPLY: Final = "application/apply-patch+yaml"
 
 
-def _own_cluster(name: str, status: Mapping[str, Any]) -> tuple[str, str | None]:
+def _own_cluster(name: str, obj: Mapping[str, Any]) -> tuple[str, str | None]:
     """(RayJob name, Ray cluster name) whose pods hold job ``name``'s output: the RayJob the operator makes under the
     job's own name, never one its status names (the job's trainer may write the status, and a name written there
     showed another job's pods), and a cluster only when KubeRay named it after that RayJob."""
     rayjob = naming.rayjob_name(name)
-    cluster = status.get("rayClusterName")
+    cluster = at(obj, "status", "rayClusterName")
     return rayjob, cluster if isinstance(cluster, str) and cluster.startswith(f"{rayjob}-") else None
 
 
@@ -111,12 +113,12 @@ def _answer(what: str, data: bytes) -> dict[str, Any]:
 def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
     """The typed job of an object the API server returned (server-written metadata such as resourceVersion dropped;
     status fields of a newer operator are ignored, a status this version cannot read is left out: reading never fails)."""
-    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in ObjectMeta.model_fields}
+    meta = {k: v for k, v in mapping_at(obj, "metadata").items() if k in ObjectMeta.model_fields}
     status: FineTuneJobStatus | None = None
-    if obj.get("status"):
+    if found := mapping_at(obj, "status"):
         known = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
         try:
-            status = FineTuneJobStatus.model_validate({k: v for k, v in obj["status"].items() if k in known})
+            status = FineTuneJobStatus.model_validate({k: v for k, v in found.items() if k in known})
         except ValidationError:
             status = None
     try:
@@ -131,7 +133,7 @@ def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
 
 
 def phase_of(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("status") or {}).get("phase") or "")
+    return str(at(obj, "status", "phase") or "")
 
 
 def job_body(job: FineTuneJob | str | Path | Mapping[str, Any], *, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -341,14 +343,14 @@ class FineTuneJobClient:
     def log_source(self, name: str, namespace: str | None = None) -> LogSource | None:
         """The pod holding the trainer's output now (KubeRay's submitter, else the head), None when it is gone."""
         ns = self._ns(namespace)
-        return log_source(self.core, ns, *_own_cluster(name, self.get_object(name, ns).get("status") or {}))
+        return log_source(self.core, ns, *_own_cluster(name, self.get_object(name, ns)))
 
     def logs(self, name: str, follow: bool = False, *, namespace: str | None = None) -> Iterator[str]:
         """The trainer's output, line by line; ``follow``: until it ends. LogsUnavailable (saying where the results
         are instead) when no pod holds it: not started yet, or deleted by KubeRay after the job."""
         ns = self._ns(namespace)
         obj = self.get_object(name, ns)
-        source = log_source(self.core, ns, *_own_cluster(name, obj.get("status") or {}))
+        source = log_source(self.core, ns, *_own_cluster(name, obj))
         if source is None:
             raise LogsUnavailable(f"{KIND} {ns}/{name}: {logs_gone_reason(obj)}")
         return log_lines(self.core, source, follow=follow)
@@ -389,6 +391,9 @@ class FineTuneJobClient:
         last, reached = follow(self.custom, lambda: self.get_object(name, ns), name, ns, timeout, done, backoff=Backoff())
         if reached and last is not None:
             return last
-        job = to_job(last) if last is not None else None
+        try:
+            job = to_job(last) if last is not None else None
+        except ClientError:  # an object this client cannot type (a server off the CRD's schema): the timeout still holds
+            job = None
         phase = phase_of(last) if last is not None else "unknown"
         raise Timeout(f"{KIND} {ns}/{name}: still {phase or 'without a phase'} after {timeout:g}s", job)

@@ -1,12 +1,32 @@
-"""The typed errors of ``FineTuneJobClient`` (``finetune_operator.client``), in a leaf so that its helpers share them.
+"""The typed errors of ``FineTuneJobClient`` (``finetune_operator.client``), in a leaf so that its helpers share them,
+and ``at``, how they all read a field of an object the API server sent (which may be of any shape).
 
-Every one carries a one-line message meant for a person; the ``finetune`` cluster verbs map each to an exit code.
+Every error carries a one-line message meant for a person; the ``finetune`` cluster verbs map each to an exit code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.versions import KIND
+
+
+def at(obj: Any, *path: str) -> Any:
+    """``obj[path[0]][path[1]]...``, None where a key is missing or a step is no object: a server's (or a proxy's, or a
+    newer operator's) object may hold a string where an object belongs, and showing it must not fail."""
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def mapping_at(obj: Any, *path: str) -> Mapping[str, Any]:
+    """``at(obj, *path)`` when it is an object, else an empty one."""
+    found = at(obj, *path)
+    return found if isinstance(found, Mapping) else {}
 
 
 class ClientError(Exception):

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import KIND
-from finetune_operator.client_errors import ApiError, LogsUnavailable
+from finetune_operator.client_errors import ApiError, LogsUnavailable, at
 from finetune_operator.security import SUBMITTER_CONTAINER
 
 JOB_NAME_LABELS: Final = ("batch.kubernetes.io/job-name", "job-name")  # the second: clusters before Kubernetes 1.27
@@ -237,17 +237,15 @@ def events_of(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> l
 
 def logs_gone_reason(obj: Mapping[str, Any]) -> str:
     """Why no pod holds a job's output, and where its results are instead."""
-    status = obj.get("status") or {}
-    phase = str(status.get("phase") or "")
+    phase = str(at(obj, "status", "phase") or "")
     if phase in TERMINAL_PHASES:
-        artifacts = status.get("artifacts") or {}
-        where = artifacts.get("modelCardUri") or artifacts.get("modelUri")
-        output = ((obj.get("spec") or {}).get("output") or {}).get("uri")
-        ns, name = (obj.get("metadata") or {}).get("namespace"), (obj.get("metadata") or {}).get("name")
+        where = at(obj, "status", "artifacts", "modelCardUri") or at(obj, "status", "artifacts", "modelUri")
+        output = at(obj, "spec", "output", "uri")
+        ns, name = at(obj, "metadata", "namespace"), at(obj, "metadata", "name")
         results = where or (f"{output}/{ns}/{name}/" if output else "the job's output.uri")
         return (
             f"the job is {phase} and KubeRay has deleted its Ray pods (shutdownAfterJobFinishes, the TTL); "
             f"its per-epoch log (metrics.jsonl) and model card are under {results}; "
-            f"status.message: {status.get('message') or '-'}"
+            f"status.message: {at(obj, 'status', 'message') or '-'}"
         )
     return f"the job is {phase or 'new'}: its Ray pods are not running yet; try again once it is Running"

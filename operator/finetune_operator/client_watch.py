@@ -23,7 +23,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.versions import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.client_errors import AccessDenied, ApiError, JobNotFound
+from finetune_operator.client_errors import AccessDenied, ApiError, JobNotFound, at
 
 WATCH_SECONDS: Final = 60  # one watch request at most this long: a silently dead connection is noticed
 HEALTHY_SECONDS: Final = 5.0  # a watch open this long did not "fail at once", even if nothing changed meanwhile
@@ -82,7 +82,7 @@ def follow(
     followed: list[str] = []  # the uid of the job first seen: a job of the same name made since is another job
 
     def same_job(obj: Mapping[str, Any]) -> dict[str, Any]:
-        uid = str((obj.get("metadata") or {}).get("uid") or "")
+        uid = str(at(obj, "metadata", "uid") or "")
         if not followed:
             followed.append(uid)
         elif uid and uid != followed[0]:
@@ -108,7 +108,7 @@ def follow(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return last, False
-        rv = str((last.get("metadata") or {}).get("resourceVersion") or "")
+        rv = str(at(last, "metadata", "resourceVersion") or "")
         seconds = max(1, min(WATCH_SECONDS, int(remaining + 0.999)))
         # The server ends the watch after ``seconds``; a silent one (a proxy that holds it) is given up 2 s later, so
         # --timeout is kept within 2 s (it was 10).

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from finetune_operator.cli import main
+from tests.support.schemas import REPO
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,10 +28,11 @@ JOB: dict[str, Any] = {
 
 
 class Api:
-    """Answers every request with ``status``, ``headers`` and ``body``; ``requests``: (method, path, headers) seen."""
+    """Answers each request as ``answer`` said for the longest part of its path given there (``""``: any request);
+    ``requests``: (method, path, headers) seen."""
 
     def __init__(self) -> None:
-        self.status, self.headers, self.body = 200, {"Content-Type": "application/json"}, b"{}"
+        self.replies: dict[str, tuple[int, dict[str, str], bytes]] = {"": (200, {"Content-Type": "application/json"}, b"{}")}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         api = self
 
@@ -39,12 +42,13 @@ class Api:
             def answer(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 api.requests.append((self.command, self.path, dict(self.headers)))
-                self.send_response(api.status)
-                for key, value in api.headers.items():
+                status, headers, body = api.replies[max((p for p in api.replies if p in self.path), key=len)]
+                self.send_response(status)
+                for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(api.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(api.body)
+                self.wfile.write(body)
 
             do_GET = do_POST = do_PATCH = do_DELETE = answer
 
@@ -56,9 +60,11 @@ class Api:
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
-    def answer(self, body: Any, status: int = 200, content_type: str = "application/json", **headers: str) -> None:
-        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.status, self.headers = status, {"Content-Type": content_type, **headers}
+    def answer(
+        self, body: Any, status: int = 200, content_type: str = "application/json", path: str = "", **headers: str
+    ) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.replies[path] = (status, {"Content-Type": content_type, **headers}, data)
 
 
 def kubeconfig(path: Path, server: str, user: dict[str, Any] | None = None) -> Path:
@@ -140,3 +146,59 @@ def test_pods_or_events_answered_with_something_else_is_one_line(
     api.answer(JOB)
     code, err = one_line([verb, "j"], capsys)
     assert code == 4 and err.startswith(f"error: {said}") and "the answer is not a list the API server would send" in err
+
+
+GOOD: dict[str, Any] = {
+    **yaml.safe_load((REPO / "manifests" / "examples" / "digits-cpu.yaml").read_text()),
+    "metadata": {"name": "j", "namespace": "ns", "creationTimestamp": "2024-01-01T00:00:00Z", "uid": "u1"},
+}
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [["get", "j", "-o", "wide"], ["list", "-o", "wide"], ["list", "-A"], ["describe", "j"], ["logs", "j"]],
+    ids=lambda verb: "-".join(verb),
+)
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metadata": "x"},
+        {"metadata": {"namespace": "ns"}},  # no name
+        {"spec": {**GOOD["spec"], "model": "x", "strategy": [1], "resources": "x"}},
+        {"status": "x"},
+        {"status": [1]},
+        {"status": {"phase": "Running", "conditions": "x", "progress": "x", "metrics": [1]}},
+        {"status": {"phase": 5, "conditions": [{"type": None, "status": 1, "reason": {}}, "x"]}},
+        {"status": {"progress": {"epoch": 1, "percent": "x"}, "metrics": {"valAccuracy": "high"}}},
+        {"status": {"phase": "Succeeded", "artifacts": "x"}},
+        {"status": {"phase": "Failed", "artifacts": {"exports": [1], "protection": "x"}, "message": {"a": 1}}},
+    ],
+    ids=[
+        "metadata-string", "no-name", "spec-parts-wrong", "status-string", "status-list", "status-parts-strings",
+        "phase-number-condition-nulls", "percent-string", "artifacts-string", "exports-list",
+    ],
+)  # fmt: skip
+def test_a_job_whose_fields_have_the_wrong_type_is_shown_as_it_is(
+    api: Api, capsys: pytest.CaptureFixture[str], verb: list[str], change: dict[str, Any]
+) -> None:
+    """A FineTuneJob from a server that does not hold to the CRD's schema (a proxy, a hand-made server, a CRD of
+    another version): each field is shown as it is or as "-"; it was an AttributeError, KeyError or TypeError dump."""
+    job = {**GOOD, **change}
+    api.answer(job, path="/finetunejobs/j")
+    api.answer({"kind": "FineTuneJobList", "items": [job]}, path="/finetunejobs")
+    api.answer({"kind": "List", "items": []}, path="/pods")
+    api.answer({"kind": "List", "items": []}, path="/events")
+    code = main(verb)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and len(err.splitlines()) <= 1, err
+    assert code == (4 if verb[0] == "logs" else 0), err  # logs: "no pod holds the output" (LogsUnavailable)
+    assert bool(out) == (verb[0] != "logs")  # the job shown, whatever its fields hold
+
+
+@pytest.mark.parametrize("change", [{"metadata": "x"}, {"status": "x"}])
+def test_waiting_on_a_job_whose_fields_have_the_wrong_type_times_out_in_one_line(
+    api: Api, capsys: pytest.CaptureFixture[str], change: dict[str, Any]
+) -> None:
+    api.answer({**GOOD, **change})
+    code, err = one_line(["wait", "j", "--timeout", "1s"], capsys)
+    assert code == 3 and err.startswith("error: FineTuneJob ns/j: still "), err
