@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import kubernetes.client
 import kubernetes.config
+import urllib3
 import yaml
 
 from finetune_operator.client_errors import ClientError
@@ -23,6 +24,9 @@ _SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/names
 
 MAX_KUBECONFIG_BYTES: Final = 4 << 20
 """Largest kubeconfig handed to the kubernetes library (4 MiB: hundreds of clusters with their certificates)."""
+RETRIES: Final = urllib3.util.Retry(total=3, respect_retry_after_header=False)
+"""How a request is sent again: a failed connection or read is (urllib3's default), an answer is never; its default also
+slept a 429's or 503's Retry-After out, however long it said (1e9 s hung the CLI), and read a bad one as a dead server."""
 _KUBECONFIG_DEPTH: Final = 64
 _KUBECONFIG_VALUES: Final = 100_000
 
@@ -79,6 +83,7 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
     """(client, default namespace): the pod's service account in a pod (unless a context is asked for), else the
     kubeconfig (``config_file``, ``KUBECONFIG``, ``~/.kube/config``) at ``context`` (None: its current one)."""
     configuration = kubernetes.client.Configuration()
+    configuration.retries = RETRIES
     config: Any = kubernetes.config  # untyped functions
     if context is None and config_file is None:
         try:

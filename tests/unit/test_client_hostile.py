@@ -202,3 +202,17 @@ def test_waiting_on_a_job_whose_fields_have_the_wrong_type_times_out_in_one_line
     api.answer({**GOOD, **change})
     code, err = one_line(["wait", "j", "--timeout", "1s"], capsys)
     assert code == 3 and err.startswith("error: FineTuneJob ns/j: still "), err
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("verb", ["get", "delete"])
+@pytest.mark.parametrize(("status", "retry_after"), [(429, "1000000000"), (503, "86400"), (429, "1e9"), (429, "soon")], ids=str)
+def test_a_retry_after_is_not_slept_on(
+    api: Api, capsys: pytest.CaptureFixture[str], verb: str, status: int, retry_after: str
+) -> None:
+    """urllib3's default retry slept a GET's or DELETE's 429/503 Retry-After out, however long it said (a hang without
+    end), and an unreadable one ("soon") was reported as "the API server cannot be reached"."""
+    api.answer({"kind": "Status", "message": "slow down"}, status=status, **{"Retry-After": retry_after})
+    code, err = one_line([verb, "j"], capsys)
+    assert code == 4 and err.startswith(f"error: {verb} FineTuneJob ns/j: HTTP {status} ")
+    assert len(api.requests) == 1
