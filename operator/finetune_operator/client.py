@@ -208,6 +208,9 @@ class FineTuneJobClient:
                 raise Invalid(what, lines) from None
             if exc.status in DENIED:
                 raise denied(what, exc) from None
+            if 300 <= exc.status < 400:  # not followed (client_auth.RETRIES)
+                where = (exc.headers or {}).get("Location") or "elsewhere"
+                message = f"the server redirects to {where}; an API server does not: check the kubeconfig's server URL"
             raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}", exc.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None

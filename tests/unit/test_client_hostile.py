@@ -216,3 +216,33 @@ def test_a_retry_after_is_not_slept_on(
     code, err = one_line([verb, "j"], capsys)
     assert code == 4 and err.startswith(f"error: {verb} FineTuneJob ns/j: HTTP {status} ")
     assert len(api.requests) == 1
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Api]:
+    """Another server (another host, 127.0.0.2) that a redirect points to."""
+    server = Api()
+    server.http.shutdown()
+    server.http.server_close()
+    server.http = ThreadingHTTPServer(("127.0.0.2", 0), server.http.RequestHandlerClass)
+    server.http.daemon_threads = True
+    threading.Thread(target=server.http.serve_forever, daemon=True).start()
+    server.answer(JOB)
+    yield server
+    server.http.shutdown()
+    server.http.server_close()
+
+
+@pytest.mark.parametrize("verb", [["get", "j"], ["suspend", "j"], ["delete", "j"]], ids=lambda verb: verb[0])
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed(
+    api: Api, elsewhere: Api, capsys: pytest.CaptureFixture[str], verb: list[str], status: int
+) -> None:
+    """urllib3 followed it: a 307 or 308 sent the PATCH or DELETE, body and all, to whatever host it named, and the
+    other host's answer was shown as the job. An API server never redirects: the kubeconfig's server URL is wrong."""
+    target = f"http://127.0.0.2:{elsewhere.http.server_address[1]}/login"
+    api.answer(b"", status=status, Location=target)
+    code, err = one_line(verb, capsys)
+    assert code == 4 and err.startswith(f"error: {verb[0]} FineTuneJob ns/j: HTTP {status} ")
+    assert f"redirects to {target}" in err
+    assert elsewhere.requests == []
