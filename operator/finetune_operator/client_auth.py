@@ -80,6 +80,35 @@ def kubeconfig_problem(path: str) -> str | None:
     return None
 
 
+def _clean_token(configuration: kubernetes.client.Configuration) -> None:
+    """The bearer token trimmed as kubectl trims a token file (``echo $TOKEN > token`` ends it with a newline, which
+    http.client refused with a ValueError dump); ClientError when a control character is left inside."""
+    token = configuration.api_key.get("BearerToken")
+    if not isinstance(token, str):
+        return
+    scheme, _, value = token.partition(" ")
+    value = value.strip()
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ClientError(
+            "the kubeconfig's user token holds a line break or another control character; "
+            "write the token alone (token or tokenFile), or log in again"
+        )
+    configuration.api_key["BearerToken"] = f"{scheme} {value}"
+
+
+def _trimmed_tokens(configuration: kubernetes.client.Configuration) -> None:
+    """``_clean_token`` now and after each refresh: the library sets the token again before every request."""
+    hook = configuration.refresh_api_key_hook
+    if hook is not None:
+
+        def refresh(c: kubernetes.client.Configuration) -> None:
+            hook(c)
+            _clean_token(c)
+
+        configuration.refresh_api_key_hook = refresh
+    _clean_token(configuration)
+
+
 def load_api_client(*, context: str | None = None, config_file: str | None = None) -> tuple[kubernetes.client.ApiClient, str]:
     """(client, default namespace): the pod's service account in a pod (unless a context is asked for), else the
     kubeconfig (``config_file``, ``KUBECONFIG``, ``~/.kube/config``) at ``context`` (None: its current one)."""
@@ -111,6 +140,7 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         raise ClientError(
             f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
         ) from None
+    _trimmed_tokens(configuration)
     chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
     namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
     return kubernetes.client.ApiClient(configuration=configuration), str(namespace)

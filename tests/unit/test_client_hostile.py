@@ -246,3 +246,32 @@ def test_a_redirect_is_not_followed(
     assert code == 4 and err.startswith(f"error: {verb[0]} FineTuneJob ns/j: HTTP {status} ")
     assert f"redirects to {target}" in err
     assert elsewhere.requests == []
+
+
+def _authorization(api: Api) -> str | None:
+    return next((v for k, v in api.requests[-1][2].items() if k.lower() == "authorization"), None)
+
+
+@pytest.mark.parametrize(
+    "user",
+    [{"token": "abc\n"}, {"token": " abc \r\n"}, {"tokenFile": "token"}],
+    ids=["token", "token-crlf", "token-file"],
+)
+def test_a_token_ending_with_a_newline_is_trimmed_as_kubectl_does(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], user: dict[str, str]
+) -> None:
+    """``echo $TOKEN > token`` writes a newline after it: the header was 'Bearer abc\\n', a ValueError dump."""
+    (tmp_path / "token").write_text("abc\n")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", api.url, user)))
+    api.answer(GOOD)
+    assert main(["get", "j"]) == 0, capsys.readouterr().err
+    assert _authorization(api) == "Bearer abc"
+
+
+def test_a_token_with_a_line_break_inside_is_one_line(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", api.url, {"token": "abc\r\nX-Evil: 1"})))
+    code, err = one_line(["get", "j"], capsys)
+    assert code == 4 and "token" in err and "control character" in err
+    assert api.requests == []
