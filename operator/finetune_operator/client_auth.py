@@ -96,17 +96,26 @@ def _clean_token(configuration: kubernetes.client.Configuration) -> None:
     configuration.api_key["BearerToken"] = f"{scheme} {value}"
 
 
-def _trimmed_tokens(configuration: kubernetes.client.Configuration) -> None:
-    """``_clean_token`` now and after each refresh: the library sets the token again before every request."""
+def _clean_host(configuration: kubernetes.client.Configuration) -> None:
+    """``server: host:6443`` as kubectl reads it, TLS; urllib3 spoke plain HTTP to it, the token in clear."""
+    if configuration.host and "://" not in configuration.host:
+        configuration.host = f"https://{configuration.host}"
+
+
+def _kept_clean(configuration: kubernetes.client.Configuration) -> None:
+    """``_clean_token`` and ``_clean_host`` now and after each refresh: with a token, the library sets the token and
+    the host again from the kubeconfig before every request."""
     hook = configuration.refresh_api_key_hook
     if hook is not None:
 
         def refresh(c: kubernetes.client.Configuration) -> None:
             hook(c)
             _clean_token(c)
+            _clean_host(c)
 
         configuration.refresh_api_key_hook = refresh
     _clean_token(configuration)
+    _clean_host(configuration)
 
 
 def load_api_client(*, context: str | None = None, config_file: str | None = None) -> tuple[kubernetes.client.ApiClient, str]:
@@ -140,7 +149,7 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         raise ClientError(
             f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
         ) from None
-    _trimmed_tokens(configuration)
+    _kept_clean(configuration)
     chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
     namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
     return kubernetes.client.ApiClient(configuration=configuration), str(namespace)

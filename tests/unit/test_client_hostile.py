@@ -275,3 +275,15 @@ def test_a_token_with_a_line_break_inside_is_one_line(
     code, err = one_line(["get", "j"], capsys)
     assert code == 4 and "token" in err and "control character" in err
     assert api.requests == []
+
+
+def test_a_server_without_a_scheme_is_https_as_for_kubectl(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``server: host:6443``: kubectl speaks TLS to it; urllib3 took it for plain HTTP, sent the token in clear and
+    printed a FutureWarning with its source line."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", api.url.removeprefix("http://"))))
+    api.answer(GOOD)
+    code, err = one_line(["get", "j"], capsys)  # the test server speaks plain HTTP: the TLS handshake fails
+    assert code == 4 and "HTTPSConnectionPool" in err and "SSL" in err
+    assert api.requests == []  # no request in clear, no token
