@@ -120,11 +120,13 @@ def follow(
                 field_selector=f"metadata.name={name}", resource_version=rv, timeout_seconds=seconds,
                 allow_watch_bookmarks=True, _request_timeout=(5.0, seconds + 2.0),
             ):  # fmt: skip
-                delivered += 1
-                kind, obj = event.get("type"), event.get("object")
+                # Only a change of the job counts as delivered: a line that is not JSON (None here), a BOOKMARK or
+                # a type no API server sends, then the end, was watched again at once, dozens of times a second.
+                kind, obj = at(event, "type"), at(event, "object")
                 if kind == "DELETED":
                     raise JobNotFound(f"{KIND} {ns}/{name} was deleted")
                 if kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
+                    delivered += 1
                     last = same_job(obj)
                     if done(obj):
                         return obj, True

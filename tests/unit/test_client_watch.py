@@ -57,16 +57,7 @@ def test_failed_watches_back_off_and_a_watch_that_delivered_resets_it(monkeypatc
     ScriptedWatch.rounds = ["fail", "fail", "fail", "events", "fail", "done"]
     pauses: list[float] = []
     read = lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Pending"}}  # noqa: E731
-    last, reached = follow(
-        SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]  # the scripted watch calls nothing
-        read,
-        "j",
-        "ns",
-        3600,
-        lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
-        backoff=Backoff(rng=lambda: 1.0),
-        sleep=pauses.append,
-    )
+    last, reached = _until_succeeded(read, pauses.append)
     assert reached and last is not None and last["status"]["phase"] == "Succeeded"
     assert pauses == [0.25, 0.5, 1.0, 0.25]  # growing; none after the watch that delivered; then from the start
 
@@ -104,8 +95,8 @@ def test_an_error_event_the_library_cannot_read_is_watched_past(monkeypatch: pyt
     assert reached and last is not None
 
 
-def _until_succeeded(read: Any) -> Any:
-    """``follow`` of job ns/j until it Succeeded, over the scripted watch (it calls nothing), without pauses."""
+def _until_succeeded(read: Any, sleep: Any = lambda seconds: None) -> Any:
+    """``follow`` of job ns/j until it Succeeded, over the scripted watch (it calls nothing); ``sleep`` gets the pauses."""
     return follow(
         SimpleNamespace(list_namespaced_custom_object=None),  # type: ignore[arg-type]
         read,
@@ -114,5 +105,35 @@ def _until_succeeded(read: Any) -> Any:
         3600,
         lambda obj: (obj.get("status") or {}).get("phase") == "Succeeded",
         backoff=Backoff(rng=lambda: 1.0),
-        sleep=lambda seconds: None,
+        sleep=sleep,
     )
+
+
+class NoiseWatch(ScriptedWatch):
+    """A watch that sends what is no change of the job, then ends at once: a line that is not JSON (the library
+    yields None for it), a BOOKMARK, an event of a type no API server sends."""
+
+    NOISE: ClassVar[dict[str, Any]] = {
+        "garbage": None,
+        "bookmark": {"type": "BOOKMARK", "object": {"kind": "FineTuneJob", "metadata": {"resourceVersion": "9"}}},
+        "unknown": {"type": "WHAT", "object": {"metadata": {"name": "j"}, "status": {"phase": "Succeeded"}}},
+    }
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        round_ = ScriptedWatch.rounds.pop(0)
+        if round_ == "done":
+            yield {"type": "MODIFIED", "object": {"metadata": {"name": "j"}, "status": {"phase": "Succeeded"}}}
+        else:
+            yield NoiseWatch.NOISE[round_]
+
+
+def test_a_watch_that_sends_only_noise_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-JSON line was an AttributeError dump; a server that sent one BOOKMARK and closed was watched again at
+    once, dozens of times a second for the whole --timeout (a BOOKMARK 'delivered' and reset the back-off)."""
+    monkeypatch.setattr(kubernetes.watch, "Watch", NoiseWatch)
+    ScriptedWatch.rounds = ["garbage", "bookmark", "unknown", "bookmark", "done"]
+    pauses: list[float] = []
+    read = lambda: {"metadata": {"name": "j", "resourceVersion": "1"}, "status": {"phase": "Running"}}  # noqa: E731
+    last, reached = _until_succeeded(read, pauses.append)
+    assert reached and last is not None
+    assert pauses == [0.25, 0.5, 1.0, 2.0]  # the unknown type's Succeeded is not taken for the job's
