@@ -8,6 +8,7 @@ modules short; failures are ``ClientError`` (one line, exit 4 in the CLI).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,7 +17,7 @@ import kubernetes.config
 import urllib3
 import yaml
 
-from finetune_operator.client_errors import ClientError
+from finetune_operator.client_errors import ClientError, at
 
 __all__ = ["MAX_KUBECONFIG_BYTES", "kubeconfig_problem", "load_api_client"]
 
@@ -28,6 +29,13 @@ RETRIES: Final = urllib3.util.Retry(total=3, redirect=False, respect_retry_after
 """How a request is sent again: a failed connection or read is (urllib3's default), an answer is never; its default also
 slept a 429's or 503's Retry-After out, however long it said (1e9 s hung the CLI), and read a bad one as a dead server.
 A redirect is not followed (an API server never sends one): a 307 sent a PATCH or DELETE, body and all, to any host."""
+MAX_REFERENCED_BYTES: Final = 1 << 20
+"""Largest token, certificate or key file a kubeconfig may name (1 MiB: a certificate chain is a few KiB)."""
+# The files a kubeconfig names that the library reads whole: (section, entry key, fields).
+_FILE_FIELDS: Final = (
+    ("users", "user", ("tokenFile", "client-certificate", "client-key")),
+    ("clusters", "cluster", ("certificate-authority",)),
+)
 _KUBECONFIG_DEPTH: Final = 64
 _KUBECONFIG_VALUES: Final = 100_000
 
@@ -77,6 +85,28 @@ def kubeconfig_problem(path: str) -> str | None:
         return None  # broken YAML: the library's own error says where
     finally:
         loader.dispose()
+    return _named_file_problem(yaml.safe_load(data), Path(path).expanduser().parent)
+
+
+def _named_file_problem(document: Any, base: Path) -> str | None:
+    """What makes a file the kubeconfig names unsafe to read whole: a FIFO hung the CLI for ever, /dev/zero filled the
+    memory. A file that is missing is no problem here (the library says so, when that entry is the one used)."""
+    for section, inner, fields in _FILE_FIELDS:
+        entries = at(document, section)
+        for entry in entries if isinstance(entries, list) else []:
+            for field in fields:
+                name = at(entry, inner, field)
+                if not isinstance(name, str) or not name:
+                    continue
+                try:
+                    info = (base / Path(name).expanduser()).stat()
+                except OSError:
+                    continue
+                where = f"{section[:-1]} {at(entry, 'name')}'s {field} {name}"
+                if not stat.S_ISREG(info.st_mode):
+                    return f"{where} is not a regular file (a pipe or a device); name the file that holds it"
+                if info.st_size > MAX_REFERENCED_BYTES:
+                    return f"{where} is larger than {MAX_REFERENCED_BYTES >> 20} MiB; a token or certificate is a few KiB"
     return None
 
 

@@ -5,6 +5,7 @@ verb must end in one line on stderr naming the request and an exit code: never a
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -287,3 +288,35 @@ def test_a_server_without_a_scheme_is_https_as_for_kubectl(
     code, err = one_line(["get", "j"], capsys)  # the test server speaks plain HTTP: the TLS handshake fails
     assert code == 4 and "HTTPSConnectionPool" in err and "SSL" in err
     assert api.requests == []  # no request in clear, no token
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("section", "field", "target"),
+    [
+        ("users", "tokenFile", "fifo"),
+        ("users", "tokenFile", "/dev/zero"),
+        ("users", "client-certificate", "fifo"),
+        ("clusters", "certificate-authority", "/dev/zero"),
+    ],
+)
+def test_a_named_file_that_is_a_pipe_or_a_device_is_one_line(
+    api: Api,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    section: str,
+    field: str,
+    target: str,
+) -> None:
+    """A tokenFile that is a FIFO hung the CLI for ever (the library reads it whole); /dev/zero filled the memory."""
+    os.mkfifo(tmp_path / "fifo")
+    path = kubeconfig(tmp_path / "kubeconfig", api.url)
+    document = json.loads(path.read_text())
+    entry = document[section][0]["user" if section == "users" else "cluster"]
+    entry[field] = target  # relative: to the kubeconfig's folder
+    path.write_text(json.dumps(document))
+    code, err = one_line(["get", "j"], capsys)
+    assert code == 4 and err.startswith(f"error: the kubeconfig {path} cannot be used: ")
+    assert f"'s {field} {target} is not a regular file" in err
+    assert api.requests == []
