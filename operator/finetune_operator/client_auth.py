@@ -7,6 +7,7 @@ modules short; failures are ``ClientError`` (one line, exit 4 in the CLI).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -148,6 +149,18 @@ def _kept_clean(configuration: kubernetes.client.Configuration) -> None:
     _clean_host(configuration)
 
 
+class _Said(logging.Handler):
+    """The errors the library logs while it loads credentials: an exec plugin's failure is only logged (on a logging
+    set up on the spot, "ERROR:root:..."), and the requests then went without credentials."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def load_api_client(*, context: str | None = None, config_file: str | None = None) -> tuple[kubernetes.client.ApiClient, str]:
     """(client, default namespace): the pod's service account in a pod (unless a context is asked for), else the
     kubeconfig (``config_file``, ``KUBECONFIG``, ``~/.kube/config``) at ``context`` (None: its current one)."""
@@ -166,6 +179,8 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
     for one in (path or "~/.kube/config").split(os.pathsep):
         if one and (problem := kubeconfig_problem(one)):
             raise ClientError(f"the kubeconfig {one} cannot be used: {problem}")
+    said, root = _Said(), logging.getLogger()
+    root.addHandler(said)
     try:
         config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
         contexts, current = config.list_kube_config_contexts(config_file=path)
@@ -179,6 +194,13 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         raise ClientError(
             f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
         ) from None
+    finally:
+        root.removeHandler(said)
+    if said.lines:
+        first = (said.lines[0].splitlines() or [""])[0][:300]
+        raise ClientError(
+            f"the kubeconfig's user cannot be logged in: its exec plugin said: {first}; run the plugin by hand to see why"
+        )
     _kept_clean(configuration)
     chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
     namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"

@@ -5,6 +5,7 @@ verb must end in one line on stderr naming the request and an exit code: never a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -320,3 +321,28 @@ def test_a_named_file_that_is_a_pipe_or_a_device_is_one_line(
     assert code == 4 and err.startswith(f"error: the kubeconfig {path} cannot be used: ")
     assert f"'s {field} {target} is not a regular file" in err
     assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("script", "said"),
+    [
+        ("echo 'token expired, run login' >&2; exit 3", "exec: process returned 3. token expired, run login"),
+        ("echo 'not json'", "exec: failed to decode process output"),
+        ("echo '[1, 2]'", "exec: malformed response"),
+    ],
+    ids=["fails", "garbage", "not-an-object"],
+)
+def test_an_exec_plugin_that_fails_is_one_line_and_nothing_is_sent(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str, said: str
+) -> None:
+    """The library logged the plugin's failure ("ERROR:root:..." through a logging set up on the spot) and sent the
+    request without credentials: two lines, the second a 401 saying to log in again, whatever the plugin said."""
+    plugin = tmp_path / "plugin"
+    plugin.write_text(f"#!/bin/sh\n{script}\n")
+    plugin.chmod(0o755)
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin)}}
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", api.url, user)))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh `finetune` process
+    code, err = one_line(["get", "j"], capsys)
+    assert code == 4 and err.startswith("error: the kubeconfig's user cannot be logged in: its exec plugin said: ")
+    assert said in err and api.requests == []
