@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -64,6 +65,7 @@ FIELD_MANAGER: Final = "finetune-client"
 TERMINAL: Final = ("Succeeded", "Failed")
 _MERGE: Final = "application/merge-patch+json"
 _APPLY: Final = "application/apply-patch+yaml"
+REQUEST_TIMEOUT: Final = (5.0, 30.0)  # (connect, read) seconds of one request
 
 
 def _own_cluster(name: str, obj: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -198,7 +200,8 @@ class FineTuneJobClient:
         """One request; the JSON object it answers (read here: the library's own reader let a proxy's HTML page, a cut
         body or an answer that is no object through as a traceback); its failure as a typed error naming ``what``."""
         try:
-            data = fn(*args, _request_timeout=(5.0, 30.0), _preload_content=False, **kwargs).data
+            kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+            data = fn(*args, _preload_content=False, **kwargs).data
         except ApiException as exc:
             message, lines = _api_detail(exc)
             if exc.status == 404:
@@ -263,12 +266,13 @@ class FineTuneJobClient:
             kwargs["force"] = True
         return to_job(self._call(what, fn, GROUP, VERSION, ns, PLURAL, meta["name"], wire, **kwargs))
 
-    def get_object(self, name: str, namespace: str | None = None) -> dict[str, Any]:
-        """The object as the API server returns it (metadata and status in full)."""
+    def get_object(self, name: str, namespace: str | None = None, *, seconds: float | None = None) -> dict[str, Any]:
+        """The object as the API server returns it (metadata and status in full); ``seconds``: at most this long."""
         ns = self._ns(namespace)
-        return dict(
-            self._call(f"get {KIND} {ns}/{name}", self.custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name)
-        )
+        fn, timeout = self.custom.get_namespaced_custom_object, REQUEST_TIMEOUT
+        if seconds is not None:
+            timeout = (min(timeout[0], seconds), min(timeout[1], seconds))
+        return self._call(f"get {KIND} {ns}/{name}", fn, GROUP, VERSION, ns, PLURAL, name, _request_timeout=timeout)
 
     def get(self, name: str, namespace: str | None = None) -> FineTuneJob:
         """The job, typed; JobNotFound when there is none."""
@@ -391,7 +395,10 @@ class FineTuneJobClient:
 
     def _follow(self, name: str, ns: str, timeout: float, done: Any) -> dict[str, Any]:
         """Read, then watch until ``done(obj)`` (``client_watch.follow``); Timeout after ``timeout`` seconds."""
-        last, reached = follow(self.custom, lambda: self.get_object(name, ns), name, ns, timeout, done, backoff=Backoff())
+        deadline = time.monotonic() + timeout
+        # A read never outlasts the wait by more than the 2 s a watch may (a silent server held the first one 30 s).
+        read = lambda: self.get_object(name, ns, seconds=max(1.0, deadline - time.monotonic() + 2.0))  # noqa: E731
+        last, reached = follow(self.custom, read, name, ns, timeout, done, backoff=Backoff())
         if reached and last is not None:
             return last
         try:

@@ -26,9 +26,10 @@ _SA_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/names
 
 MAX_KUBECONFIG_BYTES: Final = 4 << 20
 """Largest kubeconfig handed to the kubernetes library (4 MiB: hundreds of clusters with their certificates)."""
-RETRIES: Final = urllib3.util.Retry(total=3, redirect=False, respect_retry_after_header=False)
-"""How a request is sent again: a failed connection or read is (urllib3's default), an answer is never; its default also
-slept a 429's or 503's Retry-After out, however long it said (1e9 s hung the CLI), and read a bad one as a dead server.
+RETRIES: Final = urllib3.util.Retry(total=3, read=0, redirect=False, respect_retry_after_header=False)
+"""How a request is sent again: a failed connection is (urllib3's default); a request sent is not, nor one answered.
+urllib3's default slept a 429's or 503's Retry-After out, however long it said (1e9 s hung the CLI), read a bad one as a
+dead server, and sent a request a silent server did not answer three times more (a 30 s read timeout was two minutes).
 A redirect is not followed (an API server never sends one): a 307 sent a PATCH or DELETE, body and all, to any host."""
 MAX_REFERENCED_BYTES: Final = 1 << 20
 """Largest token, certificate or key file a kubeconfig may name (1 MiB: a certificate chain is a few KiB)."""

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +37,7 @@ class Api:
     def __init__(self) -> None:
         self.replies: dict[str, tuple[int, dict[str, str], bytes]] = {"": (200, {"Content-Type": "application/json"}, b"{}")}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.closing = threading.Event()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +47,9 @@ class Api:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 api.requests.append((self.command, self.path, dict(self.headers)))
                 status, headers, body = api.replies[max((p for p in api.replies if p in self.path), key=len)]
+                if status == 0:  # silent: the connection open, no byte of an answer, until the test ends
+                    api.closing.wait(30)
+                    return
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -91,6 +96,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", server.url)))
     yield server
+    server.closing.set()
     server.http.shutdown()
     server.http.server_close()
 
@@ -346,3 +352,27 @@ def test_an_exec_plugin_that_fails_is_one_line_and_nothing_is_sent(
     code, err = one_line(["get", "j"], capsys)
     assert code == 4 and err.startswith("error: the kubeconfig's user cannot be logged in: its exec plugin said: ")
     assert said in err and api.requests == []
+
+
+@pytest.mark.timeout(20)
+def test_a_silent_server_ends_wait_at_its_timeout(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that takes the request and never answers: the first read of `wait --timeout 2s` waited its 30 s read
+    timeout four times (urllib3 sent it again three times), two minutes."""
+    api.answer(b"", status=0)
+    started = time.monotonic()
+    code, err = one_line(["wait", "j", "--timeout", "2s"], capsys)
+    assert code == 3 and err == "error: FineTuneJob ns/j: still unknown after 2s"
+    assert time.monotonic() - started < 8
+
+
+@pytest.mark.timeout(20)
+def test_a_request_a_silent_server_does_not_answer_is_not_sent_again(
+    api: Api, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_operator import client
+
+    monkeypatch.setattr(client, "REQUEST_TIMEOUT", (5.0, 1.0))
+    api.answer(b"", status=0)
+    code, err = one_line(["get", "j"], capsys)
+    assert code == 4 and err.startswith("error: get FineTuneJob ns/j: the API server cannot be reached: ") and "timed out" in err
+    assert len(api.requests) == 1
