@@ -42,6 +42,7 @@ from finetune_operator.client_errors import (
     Timeout,
     at,
     mapping_at,
+    unreachable,
 )
 from finetune_operator.client_logs import Event, LogSource, events_of, log_lines, log_source, logs_gone_reason
 from finetune_operator.client_watch import DENIED, Backoff, denied, follow
@@ -216,7 +217,7 @@ class FineTuneJobClient:
                 message = f"the server redirects to {where}; an API server does not: check the kubeconfig's server URL"
             raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}", exc.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+            raise unreachable(what, exc, self.api_client.configuration.host) from None
         return _answer(what, data)
 
     def _ns(self, namespace: str | None) -> str:

@@ -6,6 +6,7 @@ Every error carries a one-line message meant for a person; the ``finetune`` clus
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,6 +76,20 @@ class ApiError(ClientError):
 
 class AccessDenied(ApiError):
     """The API server refused the credentials (401) or this user may not do it (403): retrying cannot help."""
+
+
+def unreachable(what: str, exc: BaseException, host: str) -> ApiError:
+    """The one line of a request that got no answer from ``host``: a TLS failure said as one, with what to check
+    (urllib3's nested repr of MaxRetryError, SSLError and SSLCertVerificationError said neither), else urllib3's words."""
+    reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the cause
+    for cause in (reason, *getattr(reason, "args", ())):
+        if isinstance(cause, ssl.SSLError):
+            return ApiError(
+                f"{what}: TLS with the API server {host} failed ({cause}); check the kubeconfig's certificate-authority "
+                "(or certificate-authority-data) for that cluster, and its server URL",
+                None,
+            )
+    return ApiError(f"{what}: the API server cannot be reached: {exc}", None)
 
 
 class LogsUnavailable(ClientError):

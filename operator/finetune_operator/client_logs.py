@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.v1alpha1 import TERMINAL_PHASES
 from finetune_operator.api.versions import KIND
-from finetune_operator.client_errors import ApiError, LogsUnavailable, at
+from finetune_operator.client_errors import ApiError, LogsUnavailable, at, unreachable
 from finetune_operator.security import SUBMITTER_CONTAINER
 
 JOB_NAME_LABELS: Final = ("batch.kubernetes.io/job-name", "job-name")  # the second: clusters before Kubernetes 1.27
@@ -63,7 +63,7 @@ def _listed(core: kubernetes.client.CoreV1Api, what: str, fn: Any, namespace: st
     except ApiException as exc:
         raise ApiError(f"{what}: HTTP {exc.status} {exc.reason}", exc.status) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ApiError(f"{what}: the API server cannot be reached: {exc}", None) from None
+        raise unreachable(what, exc, core.api_client.configuration.host) from None
     except ValueError as exc:  # the library's reader (JSON, then typed models) refused the answer: a proxy's page, say
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise ApiError(f"{what}: the answer is not a list the API server would send ({detail})", None) from None
@@ -200,7 +200,7 @@ def _read(core: kubernetes.client.CoreV1Api, source: LogSource, query: dict[str,
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise _Silent(exc) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ApiError(f"{_what(source)}: the API server cannot be reached: {exc}", None) from None
+        raise unreachable(_what(source), exc, core.api_client.configuration.host) from None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""
     try:

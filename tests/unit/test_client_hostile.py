@@ -376,3 +376,30 @@ def test_a_request_a_silent_server_does_not_answer_is_not_sent_again(
     code, err = one_line(["get", "j"], capsys)
     assert code == 4 and err.startswith("error: get FineTuneJob ns/j: the API server cannot be reached: ") and "timed out" in err
     assert len(api.requests) == 1
+
+
+def test_a_server_certificate_the_kubeconfig_does_not_trust_is_one_line_saying_what_to_check(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A self-signed certificate, or one of another cluster: the line was urllib3's nested repr of MaxRetryError,
+    SSLError and SSLCertVerificationError, and said neither that TLS failed nor what to check."""
+    import base64
+    import ssl
+    from datetime import datetime, timezone
+
+    from finetune_operator import certificates
+
+    now = datetime.now(timezone.utc)
+    served, other = certificates.issue("127.0.0.1", now), certificates.issue("127.0.0.1", now)
+    (tmp_path / "chain.pem").write_bytes(served.chain)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "chain.pem")
+    api.http.socket = context.wrap_socket(api.http.socket, server_side=True)
+    path = kubeconfig(tmp_path / "kubeconfig", api.url.replace("http://", "https://"))
+    document = json.loads(path.read_text())
+    document["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(other.ca).decode()
+    path.write_text(json.dumps(document))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    code, err = one_line(["get", "j"], capsys)
+    assert code == 4 and err.startswith("error: get FineTuneJob ns/j: TLS with the API server https://127.0.0.1:")
+    assert "certificate verify failed" in err and "certificate-authority" in err and "HTTPSConnectionPool" not in err
