@@ -99,18 +99,13 @@ def _answer(what: str, data: bytes) -> dict[str, Any]:
     """The JSON object an API server answered ``what`` with; ApiError saying what came instead (a proxy's page)."""
     try:
         answer = json.loads(data)
+        shown = "" if isinstance(answer, dict) else f"not an object ({str(answer)[:80]!r})"
     except (ValueError, RecursionError):  # not JSON, not UTF-8, cut short, or nested past Python's recursion limit
-        raise ApiError(
-            f"{what}: the answer is not JSON ({bytes(data[:80])!r}); is the kubeconfig's server a Kubernetes API server, "
-            "or a proxy's page in the way?",
-            None,
-        ) from None
-    if not isinstance(answer, dict):
-        raise ApiError(
-            f"{what}: the answer is not an object ({str(answer)[:80]!r}); is the kubeconfig's server a Kubernetes API server?",
-            None,
-        )
-    return answer
+        answer, shown = None, f"not JSON ({bytes(data[:80])!r})"
+    if shown:
+        hint = "is the kubeconfig's server a Kubernetes API server, or a proxy's page in the way?"
+        raise ApiError(f"{what}: the answer is {shown}; {hint}", None)
+    return dict(answer)
 
 
 def to_job(obj: Mapping[str, Any]) -> FineTuneJob:
