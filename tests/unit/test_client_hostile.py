@@ -293,7 +293,7 @@ def test_a_server_without_a_scheme_is_https_as_for_kubectl(
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", api.url.removeprefix("http://"))))
     api.answer(GOOD)
     code, err = one_line(["get", "j"], capsys)  # the test server speaks plain HTTP: the TLS handshake fails
-    assert code == 4 and "HTTPSConnectionPool" in err and "SSL" in err
+    assert code == 4 and "TLS with the API server https://127.0.0.1:" in err
     assert api.requests == []  # no request in clear, no token
 
 
