@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any, Final
 
@@ -176,10 +177,38 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         except config.ConfigException:
             pass
     path = config_file or os.environ.get("KUBECONFIG")
-    # KUBECONFIG and --kubeconfig may both list files (kubectl's PATH-like list); the library reads each in full.
-    for one in (path or "~/.kube/config").split(os.pathsep):
-        if one and (problem := kubeconfig_problem(one)):
-            raise ClientError(f"the kubeconfig {one} cannot be used: {problem}")
+    with tempfile.TemporaryDirectory(prefix="finetune-kubeconfig-") as scratch:
+        # KUBECONFIG and --kubeconfig may both list files (kubectl's PATH-like list); the library reads each in full.
+        files: list[str] = []
+        for one in (path or "~/.kube/config").split(os.pathsep):
+            copy = _copy_of_pipe(one, Path(scratch) / str(len(files))) if one else None
+            if one and (problem := kubeconfig_problem(copy or one)):
+                raise ClientError(f"the kubeconfig {one} cannot be used: {problem}")
+            files.append(copy or one)
+        loaded = os.pathsep.join(files) if files != (path or "~/.kube/config").split(os.pathsep) else path
+        contexts, current = _load(configuration, loaded, context, path or "~/.kube/config")
+    _kept_clean(configuration)
+    chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
+    namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
+    return kubernetes.client.ApiClient(configuration=configuration), str(namespace)
+
+
+def _copy_of_pipe(path: str, copy: Path) -> str | None:
+    """A copy of the kubeconfig at ``path`` when it is a pipe (``--kubeconfig <(vault read ...)``, /dev/stdin), else
+    None: it is read here and twice by the library, and a pipe gives its content once ("file is empty")."""
+    try:
+        if stat.S_ISREG((source := Path(path).expanduser()).stat().st_mode):
+            return None
+        with source.open("rb") as stream:
+            copy.write_bytes(stream.read(MAX_KUBECONFIG_BYTES + 1))
+    except OSError:
+        return None  # missing, a folder: the library says so
+    return str(copy)
+
+
+def _load(configuration: kubernetes.client.Configuration, path: str | None, context: str | None, where: str) -> Any:
+    """The library's load of the kubeconfig(s) at ``path`` into ``configuration``: (contexts, current context)."""
+    config: Any = kubernetes.config  # untyped functions
     said, root = _Said(), logging.getLogger()
     root.addHandler(said)
     try:
@@ -190,7 +219,6 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
     except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as exc:
         # A file that is not a kubeconfig at all (a string, a list, broken YAML, base64 that is not): the library
         # trips over it with whatever its code meets first.
-        where = path or "~/.kube/config"
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise ClientError(
             f"the kubeconfig {where} cannot be used: it is not a valid kubeconfig ({type(exc).__name__}: {detail})"
@@ -202,7 +230,4 @@ def load_api_client(*, context: str | None = None, config_file: str | None = Non
         raise ClientError(
             f"the kubeconfig's user cannot be logged in: its exec plugin said: {first}; run the plugin by hand to see why"
         )
-    _kept_clean(configuration)
-    chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
-    namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
-    return kubernetes.client.ApiClient(configuration=configuration), str(namespace)
+    return contexts, current

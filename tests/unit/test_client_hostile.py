@@ -403,3 +403,20 @@ def test_a_server_certificate_the_kubeconfig_does_not_trust_is_one_line_saying_w
     code, err = one_line(["get", "j"], capsys)
     assert code == 4 and err.startswith("error: get FineTuneJob ns/j: TLS with the API server https://127.0.0.1:")
     assert "certificate verify failed" in err and "certificate-authority" in err and "HTTPSConnectionPool" not in err
+
+
+@pytest.mark.timeout(15)
+def test_a_kubeconfig_from_a_pipe_is_read_once(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--kubeconfig <(vault read ...)`` (kubectl takes it): the file was read three times, and a pipe gives its
+    content once: "Invalid kube-config. /dev/fd/63 file is empty"."""
+    text = kubeconfig(tmp_path / "kubeconfig", api.url).read_bytes()
+    readable, writable = os.pipe()
+    threading.Thread(target=lambda: (os.write(writable, text), os.close(writable)), daemon=True).start()
+    api.answer(GOOD)
+    try:
+        assert main(["get", "j", "--kubeconfig", f"/dev/fd/{readable}"]) == 0, capsys.readouterr().err
+    finally:
+        os.close(readable)
+    assert len(api.requests) == 1
